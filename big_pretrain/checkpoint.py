@@ -1,0 +1,110 @@
+"""Orbax checkpoints of the train state and the Grain iterator, saved together.
+
+Saving the iterator position beside the model is what makes a resumed run see
+exactly the batches it would have seen (the rng needs no saving: it is folded
+from the step). Saves are asynchronous; a finished stage waits for them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+STATE_ITEM = 'state'
+DATA_ITEM = 'data'
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose tree or shapes do not fit the model being restored."""
+
+
+def tree_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{'params/encoder/...': shape} for every array-like leaf of `tree`."""
+  leaves = jax.tree_util.tree_leaves_with_path(
+      tree, is_leaf=lambda x: hasattr(x, 'shape') and not isinstance(x, dict))
+  return {
+      '/'.join(_key_name(k) for k in path): tuple(leaf.shape)
+      for path, leaf in leaves if hasattr(leaf, 'shape')
+  }
+
+
+def _key_name(key) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def check_shapes_fit(saved: dict, expected: dict, where: str) -> None:
+  """Raises CheckpointMismatchError listing missing, unexpected and mis-shaped paths."""
+  missing = sorted(set(expected) - set(saved))
+  unexpected = sorted(set(saved) - set(expected))
+  mismatched = [
+      f'  {path}: checkpoint {saved[path]} vs model {expected[path]}'
+      for path in sorted(set(saved) & set(expected)) if saved[path] != expected[path]
+  ]
+  if not (missing or unexpected or mismatched):
+    return
+  lines = [f'The checkpoint {where} does not fit the model of this config.']
+  if mismatched:
+    lines += ['Shapes that differ:'] + mismatched[:20]
+  if missing:
+    lines += ['In the model but not the checkpoint:'] + [f'  {p}' for p in missing[:20]]
+  if unexpected:
+    lines += ['In the checkpoint but not the model:'] + [f'  {p}' for p in unexpected[:20]]
+  lines.append('If you changed the model or optimiser, start in a new --workdir; nothing '
+               'was modified.')
+  raise CheckpointMismatchError('\n'.join(lines))
+
+
+class Checkpointer:
+  """The train state and data iterator of one stage, in `directory`."""
+
+  def __init__(self, directory: str, checkpoint_config):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=checkpoint_config.every_steps,
+        max_to_keep=checkpoint_config.keep,
+        enable_async_checkpointing=checkpoint_config.async_save,
+        create=True)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=(STATE_ITEM, DATA_ITEM),
+        item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
+                       DATA_ITEM: grain.checkpoint.CheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state, data_iterator, force: bool = False) -> bool:
+    """Saves if `step` is on the interval (or `force`); returns whether it did."""
+    return self._manager.save(
+        step, force=force,
+        args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardSave(state),
+            DATA_ITEM: grain.checkpoint.CheckpointSave(data_iterator),
+        }))
+
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    """Restores the state (sharded as `abstract_state`) and, if given, the iterator."""
+    saved = self._manager.item_metadata(step)[STATE_ITEM]
+    check_shapes_fit(tree_shapes(saved), tree_shapes(abstract_state),
+                     f'{self.directory} (step {step})')
+    items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    logging.info('Restored step %d from %s', step, self.directory)
+    return restored[STATE_ITEM]
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()

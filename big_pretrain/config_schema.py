@@ -1,0 +1,141 @@
+"""The schema of a stage config, and its validation before any compute.
+
+Config files start from `stage_config(objective)`, which holds every key with
+its default; `validate_stage_config` rejects keys the schema does not know
+(a typo silently ignored can cost a week of TPU time) and names them.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import ml_collections
+
+from big_pretrain import sharding as sharding_lib
+from big_pretrain.data.pipeline import default_data_config
+from big_pretrain.evaluators import evaluator_defaults, evaluator_names
+from big_pretrain.objectives import objective_defaults, objective_names
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names the key and the fix."""
+
+
+def model_defaults() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      variant='B/16',
+      use_cls_token=True,
+      pool='cls',              # 'cls' | 'gap'
+      posemb='sincos',         # 'sincos' (fixed) | 'learned'
+      dtype='float32',         # compute dtype; parameters stay float32
+      scan=False,              # nn.scan over layers: faster compiles for deep models
+      remat='none',            # 'none' | 'full' | 'dots' | 'dots_no_batch'
+      attention_impl=ml_collections.FieldReference(None, field_type=str),  # None | 'xla' | 'cudnn'
+  ))
+
+
+def optim_defaults() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name='adamw',
+      lr_per_256=1.5e-4,       # peak lr = lr_per_256 * batch_size / 256
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.05,
+      warmup_steps=1000,
+      end_lr_fraction=0.0,
+      clip_grad_norm=ml_collections.FieldReference(None, field_type=float),  # None: no clipping
+  ))
+
+
+def stage_config(objective: str) -> ml_collections.ConfigDict:
+  """A complete stage config for `objective`, every key at its default."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.total_steps = 1000
+  config.batch_size = 256             # global, over all processes and devices
+  config.model = model_defaults()
+  config.objective = objective_defaults(objective)
+  config.data = default_data_config()
+  config.optim = optim_defaults()
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.sharding_rules = ml_collections.ConfigDict()  # logical name -> mesh axes overrides
+  config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
+  config.log = ml_collections.ConfigDict(dict(every_steps=50))
+  config.evals = ml_collections.ConfigDict()  # name -> evaluator config with a `kind`
+  return config
+
+
+def _unknown_key_error(path: str, key: str, known) -> ConfigError:
+  close = difflib.get_close_matches(key, list(known), n=3)
+  hint = f' Did you mean {", ".join(repr(c) for c in close)}?' if close else ''
+  return ConfigError(
+      f'Unknown config key {path}.{key}.{hint} Known keys under {path}: '
+      f'{", ".join(sorted(known))}.')
+
+
+def _check_against(config, schema, path: str) -> None:
+  for key in config.keys():
+    if key not in schema:
+      raise _unknown_key_error(path, key, schema.keys())
+    expected, value = schema[key], config[key]
+    if isinstance(expected, ml_collections.ConfigDict):
+      if not isinstance(value, (ml_collections.ConfigDict, dict)):
+        raise ConfigError(f'{path}.{key} must be a group of keys, got {value!r}.')
+      _check_against(value, expected, f'{path}.{key}')
+    elif expected is not None and value is not None:
+      _check_type(f'{path}.{key}', expected, value)
+
+
+def _check_type(path: str, expected, value) -> None:
+  numeric = (int, float)
+  if isinstance(expected, bool) != isinstance(value, bool):
+    raise ConfigError(f'{path}={value!r}: expected a {type(expected).__name__}.')
+  if isinstance(expected, numeric) and isinstance(value, numeric):
+    if isinstance(expected, int) and not isinstance(value, int):
+      raise ConfigError(f'{path}={value!r}: expected a whole number.')
+    return
+  if isinstance(expected, (tuple, list)) and isinstance(value, (tuple, list)):
+    return
+  if type(expected) is not type(value):
+    raise ConfigError(
+        f'{path}={value!r}: expected a {type(expected).__name__} like {expected!r}.')
+
+
+def validate_stage_config(config, path: str = 'config') -> None:
+  """Raises ConfigError naming the first unknown or ill-typed key, or missing data."""
+  objective = config.get('objective', {}).get('name')
+  if objective not in objective_names():
+    raise ConfigError(
+        f'{path}.objective.name={objective!r}: choose one of {objective_names()}.')
+  schema = stage_config(objective)
+  free_form = ('sharding_rules', 'evals')
+  _check_against(
+      {k: v for k, v in config.items() if k not in free_form},
+      {k: v for k, v in schema.items() if k not in free_form} | {k: None for k in free_form},
+      path)
+  logical_names = dict(sharding_lib.DEFAULT_LOGICAL_AXIS_RULES)
+  for name in config.get('sharding_rules', {}).keys():
+    if name not in logical_names:
+      raise _unknown_key_error(f'{path}.sharding_rules', name, logical_names)
+  for name, eval_config in config.get('evals', {}).items():
+    kind = eval_config.get('kind')
+    if kind not in evaluator_names():
+      raise ConfigError(
+          f'{path}.evals.{name}.kind={kind!r}: choose one of {evaluator_names()}.')
+    _check_against(eval_config, evaluator_defaults(kind), f'{path}.evals.{name}')
+  _check_data_is_given(config.data, path)
+  if config.batch_size <= 0 or config.total_steps <= 0:
+    raise ConfigError(f'{path}.batch_size and {path}.total_steps must be positive.')
+
+
+def _check_data_is_given(data, path: str) -> None:
+  if data.source == 'synthetic':
+    return
+  if not data.get('path'):
+    raise ConfigError(
+        f'{path}.data.path is not set, and {path}.data.source={data.source!r} needs it. '
+        'Point it at your data, e.g. --config.data.path=/data/imagenet/train (a folder '
+        'of class subfolders of JPEG/PNG images, optional .txt captions beside them), '
+        'or try the embedded synthetic data with the ":demo" config variant '
+        '(e.g. --config=configs/mae.py:demo).')

@@ -1,0 +1,1 @@
+"""Input data: random-access sources, image transforms and the Grain pipeline."""

@@ -1,0 +1,49 @@
+"""The MAE decoder: a light transformer that reconstructs every patch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from big_pretrain.models.patches import sincos_2d_position_embedding
+from big_pretrain.models.vit import Transformer, dense
+
+
+class MAEDecoder(nn.Module):
+  """Encoded visible tokens (cls first) -> per-patch pixel predictions (B, L, p*p*3).
+
+  dense D -> width; append (L - K) copies of one learned mask token; unshuffle
+  with ids_restore; add the fixed sin-cos decoder position embedding; blocks;
+  LN; dense -> p*p*3; drop cls.
+  """
+  width: int
+  depth: int
+  num_heads: int
+  patch_dim: int
+  mlp_ratio: int = 4
+  dtype: Any = jnp.float32
+  scan: bool = False
+  remat: str = 'none'
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, encoded, ids_restore, grid_hw: tuple[int, int]):
+    batch, num_patches = ids_restore.shape
+    x = dense(self.width, ('embed', None), self.dtype, name='embed')(encoded)
+    mask_token = self.param('mask_token', nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), (None, None, None)), (1, 1, self.width))
+    num_masked = num_patches + 1 - x.shape[1]
+    patches = jnp.concatenate(
+        [x[:, 1:], jnp.broadcast_to(mask_token, (batch, num_masked, self.width)).astype(x.dtype)],
+        axis=1)
+    patches = jnp.take_along_axis(patches, ids_restore[..., None], axis=1)
+    posemb = sincos_2d_position_embedding(self.width, *grid_hw)
+    patches = patches + jnp.asarray(posemb, x.dtype)[None]
+    x = jnp.concatenate([x[:, :1], patches], axis=1)
+    x = Transformer(
+        self.depth, self.num_heads, self.mlp_ratio * self.width, self.dtype,
+        self.scan, self.remat, self.attention_impl, name='transformer')(x)
+    pred = dense(self.patch_dim, ('embed', None), self.dtype, name='predict')(x)
+    return pred[:, 1:]

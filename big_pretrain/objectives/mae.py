@@ -1,0 +1,135 @@
+"""MAE: masked autoencoder pre-training (METHODS.md section 2).
+
+75% of the patches are dropped per example; the encoder sees only the
+visible ones; a light decoder reconstructs the normalised pixels of every
+patch; the loss counts the masked patches only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from big_pretrain.models.decoders import MAEDecoder
+from big_pretrain.models.masking import random_masking
+from big_pretrain.models.patches import denormalize_images, normalize_images, patchify, unpatchify
+from big_pretrain.models.vit import VisionTransformer, compute_dtype, vit_from_config
+from big_pretrain.objectives.base import Objective
+
+NORM_PIX_EPSILON = 1e-6
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`config.objective` keys for MAE, with the paper's defaults."""
+  return ml_collections.ConfigDict(dict(
+      name='mae',
+      mask_ratio=0.75,
+      norm_pix_loss=True,
+      decoder_width=512,
+      decoder_depth=8,
+      decoder_heads=16,
+  ))
+
+
+def normalize_patches(patches: jax.Array) -> jax.Array:
+  """Per-patch norm-pix target: (t - mean) / sqrt(var + 1e-6), unbiased variance (ddof=1)."""
+  mean = patches.mean(axis=-1, keepdims=True)
+  var = patches.var(axis=-1, keepdims=True, ddof=1)
+  return (patches - mean) / jnp.sqrt(var + NORM_PIX_EPSILON)
+
+
+def masked_patch_loss(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean over pixels of the squared error per patch, then the mean over masked patches."""
+  per_patch = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
+  return jnp.sum(per_patch * mask) / jnp.sum(mask)
+
+
+class MAEModel(nn.Module):
+  """Encoder on the visible patches + decoder over all patches."""
+  encoder: VisionTransformer
+  decoder_width: int
+  decoder_depth: int
+  decoder_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, mask_rng, mask_ratio):
+    grid = images.shape[1] // self.encoder.patch_size
+    masking = random_masking(mask_rng, images.shape[0], grid * grid, mask_ratio)
+    encoded = self.encoder(images, keep_indices=masking.keep_indices)['tokens']
+    pred = MAEDecoder(
+        self.decoder_width, self.decoder_depth, self.decoder_heads,
+        patch_dim=self.encoder.patch_size ** 2 * 3, dtype=self.dtype,
+        scan=self.encoder.scan, remat=self.encoder.remat,
+        attention_impl=self.encoder.attention_impl, name='decoder',
+    )(encoded, masking.ids_restore, (grid, grid))
+    return pred, masking
+
+
+class MAE(Objective):
+  name = 'mae'
+
+  def __init__(self, config):
+    super().__init__(config)
+    objective = config.objective
+    self.mask_ratio = objective.mask_ratio
+    self.norm_pix_loss = objective.norm_pix_loss
+    self.model = MAEModel(
+        # The parent module names it 'encoder': the subtree later stages take.
+        encoder=vit_from_config(config.model),
+        decoder_width=objective.decoder_width, decoder_depth=objective.decoder_depth,
+        decoder_heads=objective.decoder_heads, dtype=compute_dtype(config.model.dtype))
+
+  @property
+  def patch_size(self) -> int:
+    return self.model.encoder.patch_size
+
+  def init_params(self, rng):
+    return self.model.init({'params': rng}, self.dummy_images(), rng, self.mask_ratio)['params']
+
+  def predict(self, params, images, rng):
+    """Normalised images -> (predictions (B, L, p*p*3), RandomMask, target patches)."""
+    pred, masking = self.model.apply({'params': params}, images, rng, self.mask_ratio)
+    target = patchify(images, self.patch_size)
+    if self.norm_pix_loss:
+      target = normalize_patches(target)
+    return pred, masking, target
+
+  def loss(self, params, batch, rng, train=True):
+    del train  # MAE masks at evaluation too: the loss is only defined with a mask.
+    pred, masking, target = self.predict(params, normalize_images(batch['image']), rng)
+    loss = masked_patch_loss(pred, target, masking.mask)
+    return loss, {'loss': loss}
+
+  def visualize(self, params, images, rng):
+    """Panels for the reconstruction grid, each (B, H, W, 3) in [0, 1].
+
+    'reconstruction' un-normalises the norm-pix prediction with the TRUE patch
+    statistics, as the MAE paper's figures do; that leaks each patch's mean and
+    variance, so the normalised target and prediction are shown beside it.
+    """
+    images = normalize_images(images)
+    pred, masking, target = self.predict(params, images, rng)
+    pred = pred.astype(jnp.float32)
+    patches = patchify(images, self.patch_size)
+    if self.norm_pix_loss:
+      mean = patches.mean(axis=-1, keepdims=True)
+      std = jnp.sqrt(patches.var(axis=-1, keepdims=True, ddof=1) + NORM_PIX_EPSILON)
+      reconstructed = pred * std + mean
+    else:
+      reconstructed = pred
+    mask = masking.mask[..., None]
+    to_image = lambda p: denormalize_images(unpatchify(p, self.patch_size))
+    # Normalised patches are ~N(0, 1): show them as 0.5 +- 0.25 per unit.
+    show_normalised = lambda p: jnp.clip(unpatchify(p, self.patch_size) * 0.25 + 0.5, 0, 1)
+    return {
+        'input': denormalize_images(images),
+        'masked': to_image(patches * (1 - mask)),
+        'reconstruction': to_image(patches * (1 - mask) + reconstructed * mask),
+        'target_normalised': show_normalised(target),
+        'prediction_normalised': show_normalised(pred * mask + target * (1 - mask)),
+    }

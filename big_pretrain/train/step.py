@@ -1,0 +1,85 @@
+"""The train state, created already sharded, and the one jitted train step.
+
+Nothing here knows which objective it trains: the objective supplies
+`init_params` and `loss`; the step differentiates, clips, updates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from big_pretrain import sharding as sharding_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedTrainer:
+  """Everything the loop needs to create, restore and step a sharded state."""
+  mesh: Mesh
+  rules: tuple
+  abstract_state: TrainState      # ShapeDtypeStructs carrying their shardings.
+  state_shardings: TrainState     # NamedSharding per leaf.
+  init_state: Callable[[jax.Array], TrainState]
+  train_step: Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
+
+
+def build_trainer(objective, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                  mesh: Mesh, rules) -> ShardedTrainer:
+  """eval_shape(init) -> logical specs -> shardings -> jit(init, out_shardings)."""
+
+  def init_boxed(rng):
+    params = objective.init_params(rng)
+    # Optimiser moments mirror the boxed parameters, so they inherit their axes.
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  with sharding_lib.activate(mesh, rules):
+    boxed_shapes = jax.eval_shape(init_boxed, jax.random.key(0))
+    logical_specs = nn.get_partition_spec(boxed_shapes)
+    state_shardings = sharding_lib.logical_to_shardings(logical_specs, mesh, rules)
+  abstract_state = jax.tree_util.tree_map(
+      lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+      nn.meta.unbox(boxed_shapes), state_shardings)
+
+  init_fn = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=state_shardings)
+
+  def init_state(rng):
+    with sharding_lib.activate(mesh, rules):
+      return init_fn(rng)
+
+  def step_fn(state: TrainState, batch: dict, base_rng: jax.Array):
+    # Per-step rng from the step number: nothing to save, resume is exact.
+    rng = jax.random.fold_in(base_rng, state.step)
+    grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+    (loss, metrics), grads = grad_fn(state.params, batch, rng, True)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   learning_rate=schedule(state.step))
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  replicated = sharding_lib.replicated(mesh)
+  jitted_step = jax.jit(
+      step_fn,
+      in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh), replicated),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=(0,))
+
+  def train_step(state, batch, base_rng):
+    with sharding_lib.activate(mesh, rules):
+      return jitted_step(state, batch, base_rng)
+
+  return ShardedTrainer(mesh, rules, abstract_state, state_shardings, init_state, train_step)

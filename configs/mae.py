@@ -1,0 +1,56 @@
+"""MAE pre-training (He et al., 2021).
+
+  python main.py --config=configs/mae.py --workdir=DIR --config.data.path=/data/imagenet/train
+      The paper's recipe: ViT-L/16, mask ratio 0.75, batch 4096, AdamW
+      (0.9, 0.95), wd 0.05, lr 1.5e-4 per 256, 40 warmup epochs + cosine,
+      800 epochs of ImageNet-1k, RandomResizedCrop(224, 0.2-1) + flip.
+  python main.py --config=configs/mae.py:demo --workdir=DIR
+      A tiny MAE on the embedded synthetic shapes, minutes on a CPU.
+"""
+
+from big_pretrain.config_schema import stage_config
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def steps_for_epochs(epochs: float, dataset_size: int, batch_size: int) -> int:
+  return int(round(epochs * dataset_size / batch_size))
+
+
+def get_config(arg: str | None = None):
+  config = stage_config('mae')
+  config.model.variant = 'L/16'
+  config.model.dtype = 'bfloat16'
+  config.batch_size = 4096
+  config.total_steps = steps_for_epochs(800, IMAGENET_TRAIN_IMAGES, config.batch_size)
+  config.optim.lr_per_256 = 1.5e-4
+  config.optim.weight_decay = 0.05
+  config.optim.b2 = 0.95
+  config.optim.warmup_steps = steps_for_epochs(40, IMAGENET_TRAIN_IMAGES, config.batch_size)
+  config.data.source = 'image_folder'
+  config.data.path = None  # Required: e.g. --config.data.path=/data/imagenet/train
+  config.data.image_size = 224
+  config.data.crop_scale = (0.2, 1.0)
+  config.checkpoint.every_steps = 1000
+  config.evals.reconstruction = dict(kind='reconstruction', every_steps=10_000, num_images=8)
+
+  if arg == 'demo':
+    config.model.variant = 'mu/8'
+    config.model.dtype = 'float32'
+    config.objective.decoder_width = 64
+    config.objective.decoder_depth = 2
+    config.objective.decoder_heads = 4
+    config.batch_size = 64
+    config.total_steps = 300
+    config.optim.lr_per_256 = 1.5e-3
+    config.optim.warmup_steps = 30
+    config.data.source = 'synthetic'
+    config.data.num_examples = 20_000
+    config.data.source_image_size = 64
+    config.data.image_size = 32
+    config.checkpoint.every_steps = 100
+    config.log.every_steps = 25
+    config.evals.reconstruction.every_steps = 100
+  elif arg:
+    raise ValueError(f'configs/mae.py: unknown variant {arg!r}; use no argument or "demo".')
+  return config

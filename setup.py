@@ -1,0 +1,18 @@
+"""big_pretrain: billion-scale vision pretraining (MAE, WSP, FLIP, AIM) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+
+def pinned_requirements():
+  with open('requirements.txt') as f:
+    return [line.strip() for line in f if line.strip() and not line.startswith('#')]
+
+
+setup(
+    name='big_pretrain',
+    version='0.1.0',
+    description='Vision Transformer pretraining with MAE, WSP, FLIP and AIM on TPU pods and GPUs.',
+    packages=find_packages(include=['big_pretrain', 'big_pretrain.*']),
+    python_requires='>=3.10',
+    install_requires=[r for r in pinned_requirements() if not r.startswith('pytest')],
+)

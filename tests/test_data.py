@@ -1,0 +1,340 @@
+"""Tests for big_pretrain.data: sources, transforms and the Grain input pipeline."""
+
+import io
+import json
+import logging
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from big_pretrain.data import pipeline
+from big_pretrain.data import sources
+from big_pretrain.data import transforms
+
+IMAGE_SIZE = 32
+
+
+def make_mesh(shape=(1, 1, 1)):
+  num_devices = int(np.prod(shape))
+  return jax.make_mesh(
+      shape, ('data', 'fsdp', 'tensor'),
+      axis_types=(jax.sharding.AxisType.Auto,) * 3,
+      devices=jax.devices()[:num_devices])
+
+
+def small_config(**overrides):
+  config = pipeline.default_data_config()
+  config.num_examples = 200
+  config.source_image_size = 48
+  config.image_size = IMAGE_SIZE
+  config.num_threads = 2
+  config.prefetch_buffer_size = 16
+  config.update(overrides)
+  return config
+
+
+def take(data_pipeline, num_batches):
+  return [data_pipeline.next_local_numpy() for _ in range(num_batches)]
+
+
+def read_until_exhausted(data_pipeline):
+  batches = []
+  while True:
+    try:
+      batches.append(data_pipeline.next_local_numpy())
+    except StopIteration:
+      return batches
+
+
+def assert_batches_equal(expected, actual):
+  assert len(expected) == len(actual)
+  for want, got in zip(expected, actual):
+    assert want.keys() == got.keys()
+    for key in want:
+      np.testing.assert_array_equal(want[key], got[key])
+
+
+# --- SyntheticShapes ----------------------------------------------------------
+
+def test_synthetic_example_is_a_function_of_seed_and_index():
+  first, second = sources.SyntheticShapes(50, 48, seed=3), sources.SyntheticShapes(50, 48, seed=3)
+  for index in (0, 7, 49):
+    a, b = first[index], second[index]
+    np.testing.assert_array_equal(a['image'], b['image'])
+    assert (a['label'], a['caption'], a['hashtags']) == (b['label'], b['caption'], b['hashtags'])
+  other_seed = sources.SyntheticShapes(50, 48, seed=4)
+  assert not np.array_equal(first[7]['image'], other_seed[7]['image'])
+
+
+def test_synthetic_examples_differ_between_indices():
+  source = sources.SyntheticShapes(20, 48)
+  images = [source[i]['image'] for i in range(20)]
+  for i in range(20):
+    for j in range(i + 1, 20):
+      assert not np.array_equal(images[i], images[j]), (i, j)
+
+
+def test_synthetic_example_format_and_caption_match_label():
+  source = sources.SyntheticShapes(300, 40)
+  assert source.num_classes == len(sources.SHAPE_NAMES) >= 8
+  assert source.class_names == list(sources.SHAPE_NAMES)
+  colour_names = {name for name, _ in sources.PALETTE}
+  size_names = {name for name, _ in sources.SIZES}
+  labels = []
+  for index in range(len(source)):
+    example = source[index]
+    assert example['image'].shape == (40, 40, 3) and example['image'].dtype == np.uint8
+    shape_name = source.class_names[example['label']]
+    shape_tag, colour_tag, size_tag, background_tag = example['hashtags']
+    assert shape_tag == f'#{shape_name}'
+    assert colour_tag[1:] in colour_names and size_tag[1:] in size_names
+    assert background_tag.endswith('_background')
+    assert background_tag[1:-len('_background')] != colour_tag[1:]
+    assert example['caption'] == (
+        f'a {size_tag[1:]} {colour_tag[1:]} {shape_name} on a'
+        f' {background_tag[1:-len("_background")]} background')
+    labels.append(example['label'])
+  assert set(labels) == set(range(source.num_classes))
+
+
+def test_synthetic_colour_and_size_vary_within_a_class():
+  source = sources.SyntheticShapes(400, 32)
+  circles = [source[i] for i in range(len(source)) if source[i]['label'] == 0]
+  assert len({example['hashtags'][1] for example in circles}) >= 5
+  assert len({example['hashtags'][2] for example in circles}) == len(sources.SIZES)
+
+
+def test_synthetic_images_are_textured_and_show_the_shape_colour():
+  source = sources.SyntheticShapes(10, 64)
+  palette = dict(sources.PALETTE)
+  for index in range(len(source)):
+    example = source[index]
+    pixels = example['image'].reshape(-1, 3).astype(np.int32)
+    assert len(np.unique(pixels, axis=0)) > 100  # Noise and gradient, not flat.
+    shape_colour = np.array(palette[example['hashtags'][1][1:]])
+    near_shape_colour = np.abs(pixels - shape_colour).sum(axis=1) < 40
+    assert 0.01 < near_shape_colour.mean() < 0.7
+
+
+# --- Transforms ---------------------------------------------------------------
+
+def test_random_resized_crop_shape_and_determinism():
+  image = sources.SyntheticShapes(1, 64)[0]['image'][:, :50]  # Non-square input.
+  crops = [
+      transforms.random_resized_crop(image, np.random.default_rng(seed), IMAGE_SIZE)
+      for seed in (0, 0, 1)
+  ]
+  assert crops[0].shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and crops[0].dtype == np.uint8
+  np.testing.assert_array_equal(crops[0], crops[1])
+  assert not np.array_equal(crops[0], crops[2])
+
+
+def test_random_resized_crop_falls_back_to_centre_crop_for_extreme_aspect():
+  image = np.zeros((4, 200, 3), np.uint8)
+  crop = transforms.random_resized_crop(image, np.random.default_rng(0), 16, scale=(0.9, 1.0))
+  assert crop.shape == (16, 16, 3)
+
+
+def test_center_crop_resize_and_flip():
+  image = np.arange(30 * 40 * 3, dtype=np.uint8).reshape(30, 40, 3)
+  assert transforms.center_crop_resize(image, 16).shape == (16, 16, 3)
+  flips = {transforms.random_horizontal_flip(image, np.random.default_rng(seed)).tobytes()
+           for seed in range(20)}
+  assert flips == {image.tobytes(), image[:, ::-1].tobytes()}
+
+
+@pytest.mark.parametrize('mode, suffix', [('RGB', '.png'), ('RGB', '.jpg'), ('L', '.png'),
+                                          ('RGBA', '.png'), ('P', '.png')])
+def test_decode_image_gives_uint8_rgb(tmp_path, mode, suffix):
+  path = tmp_path / f'image{suffix}'
+  Image.new(mode, (20, 12)).save(path)
+  image = transforms.decode_image(str(path))
+  assert image.shape == (12, 20, 3) and image.dtype == np.uint8
+
+
+def test_decode_image_rejects_garbage_and_truncated_files(tmp_path):
+  garbage = tmp_path / 'garbage.jpg'
+  garbage.write_bytes(np.random.default_rng(0).bytes(500))
+  truncated = tmp_path / 'truncated.jpg'
+  truncated.write_bytes(_truncated_jpeg_bytes())
+  with Image.open(truncated) as lazily_opened:  # PIL only notices when decoding.
+    assert lazily_opened.size == (48, 40)
+  for path in (garbage, truncated):
+    with pytest.raises(transforms.CorruptImageError, match=path.name):
+      transforms.decode_image(str(path))
+
+
+# --- Pipeline on synthetic data -----------------------------------------------
+
+def test_pipeline_yields_sharded_global_batches():
+  data = pipeline.InputPipeline(small_config(), global_batch_size=8, mesh=make_mesh())
+  batch = next(data)
+  assert set(batch) == {'image', 'label'}
+  assert isinstance(batch['image'], jax.Array)
+  assert batch['image'].shape == (8, IMAGE_SIZE, IMAGE_SIZE, 3)
+  assert batch['image'].dtype == np.uint8
+  assert batch['label'].shape == (8,) and batch['label'].dtype == np.int32
+  assert batch['image'].sharding.spec == jax.sharding.PartitionSpec(('data', 'fsdp'))
+  assert np.all((np.asarray(batch['label']) >= 0) & (np.asarray(batch['label']) < data.num_classes))
+  assert data.class_names == list(sources.SHAPE_NAMES)
+
+
+def test_pipeline_shards_batch_over_data_and_fsdp():
+  mesh = make_mesh((4, 2, 1))
+  data = pipeline.InputPipeline(small_config(), global_batch_size=16, mesh=mesh)
+  twin = pipeline.InputPipeline(small_config(), global_batch_size=16, mesh=mesh)
+  batch = next(data)
+  shards = batch['image'].addressable_shards
+  assert len(shards) == 8
+  assert all(shard.data.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) for shard in shards)
+  assert all(shard.data.shape == (2,) for shard in batch['label'].addressable_shards)
+  np.testing.assert_array_equal(np.asarray(batch['image']), twin.next_local_numpy()['image'])
+
+
+def test_pipeline_rejects_batch_not_divisible_by_batch_devices():
+  with pytest.raises(ValueError, match='divisible'):
+    pipeline.InputPipeline(small_config(), global_batch_size=12, mesh=make_mesh((4, 2, 1)))
+
+
+def test_pipeline_resumes_exactly_from_saved_state():
+  config = small_config()
+  data = pipeline.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), seed=5)
+  take(data, 3)
+  # Orbax stores the state as JSON (grain.checkpoint.CheckpointSave).
+  state = json.loads(json.dumps(data.grain_iterator.get_state()))
+  expected = take(data, 2)
+
+  resumed = pipeline.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), seed=5)
+  resumed.grain_iterator.set_state(state)
+  assert_batches_equal(expected, take(resumed, 2))
+
+
+def test_run_seed_changes_order_and_augmentation():
+  config = small_config()
+  first = pipeline.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), seed=0)
+  second = pipeline.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), seed=1)
+  assert not np.array_equal(first.next_local_numpy()['image'], second.next_local_numpy()['image'])
+
+
+def test_train_pipeline_reshuffles_each_epoch():
+  config = small_config(num_examples=16)
+  data = pipeline.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
+  epoch_labels = [np.concatenate([b['label'] for b in take(data, 2)]) for _ in range(2)]
+  # Same multiset of examples per epoch, different order.
+  np.testing.assert_array_equal(np.sort(epoch_labels[0]), np.sort(epoch_labels[1]))
+  assert not np.array_equal(epoch_labels[0], epoch_labels[1])
+
+
+def test_eval_pipeline_reads_one_epoch_in_order():
+  config = small_config(num_examples=24)
+  data = pipeline.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), train=False)
+  labels = np.concatenate([batch['label'] for batch in read_until_exhausted(data)])
+  np.testing.assert_array_equal(labels, np.arange(24) % len(sources.SHAPE_NAMES))
+
+
+# --- Image folder -------------------------------------------------------------
+
+def _truncated_jpeg_bytes():
+  """A JPEG cut in half: its header is intact, so only decoding the pixels fails."""
+  data = _jpeg_bytes()
+  return data[:len(data) // 2]
+
+
+def _jpeg_bytes(size=(48, 40)):
+  pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format='JPEG', quality=90)
+  return buffer.getvalue()
+
+
+VALID_IMAGES_PER_CLASS = 4
+
+
+@pytest.fixture(name='image_folder')
+def fixture_image_folder(tmp_path):
+  """2 classes x 4 valid images (PNG/JPEG, RGB/grey/RGBA, various sizes) + 2 broken files."""
+  root = tmp_path / 'images'
+  rng = np.random.default_rng(0)
+  for class_name in ('cats', 'dogs'):
+    (root / class_name).mkdir(parents=True)
+    for i in range(VALID_IMAGES_PER_CLASS):
+      pixels = rng.integers(0, 256, (30 + 4 * i, 40, 3), dtype=np.uint8)
+      image = Image.fromarray(pixels)
+      if i == 1:
+        image = image.convert('L')
+      if i == 2:
+        image = image.convert('RGBA')
+      image.save(root / class_name / f'{class_name}{i}.{"jpg" if i == 0 else "png"}')
+  (root / 'cats' / 'cats0.txt').write_text('a fluffy cat #cat #cute\n')
+  (root / 'cats' / 'notes.md').write_text('not an image')
+  (root / 'dogs' / 'broken.jpg').write_bytes(rng.bytes(300))
+  (root / 'dogs' / 'truncated.jpg').write_bytes(_truncated_jpeg_bytes())
+  return root
+
+
+def test_image_folder_lists_classes_captions_and_hashtags(image_folder):
+  source = sources.ImageFolder(str(image_folder))
+  assert source.class_names == ['cats', 'dogs'] and source.num_classes == 2
+  assert len(source) == 2 * VALID_IMAGES_PER_CLASS + 2
+  examples = [source[i] for i in range(len(source))]
+  assert [e['label'] for e in examples] == [0] * 4 + [1] * 6
+  assert examples[0]['image_path'].endswith('cats0.jpg')
+  assert examples[0]['caption'] == 'a fluffy cat #cat #cute'
+  assert examples[0]['hashtags'] == ['#cat', '#cute']
+  assert examples[1]['caption'] == '' and examples[1]['hashtags'] == []
+
+
+def test_eval_pipeline_skips_and_counts_corrupt_images(image_folder, caplog):
+  config = small_config(source='image_folder', path=str(image_folder))
+  data = pipeline.InputPipeline(config, global_batch_size=4, mesh=make_mesh(), train=False)
+  with caplog.at_level(logging.WARNING):
+    batches = read_until_exhausted(data)
+  labels = np.concatenate([batch['label'] for batch in batches])
+  assert len(labels) == 2 * VALID_IMAGES_PER_CLASS
+  assert np.bincount(labels).tolist() == [VALID_IMAGES_PER_CLASS] * 2
+  assert all(batch['image'].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3) for batch in batches)
+  assert data.corrupt_images_skipped == 2
+  assert 'broken.jpg' in caplog.text and 'truncated.jpg' in caplog.text
+
+
+def test_train_pipeline_skips_corrupt_images_and_resumes_the_count(image_folder):
+  config = small_config(source='image_folder', path=str(image_folder))
+  data = pipeline.InputPipeline(config, global_batch_size=4, mesh=make_mesh())
+  take(data, 2)  # One epoch's worth of valid images.
+  state = data.grain_iterator.get_state()
+  count_at_save = data.corrupt_images_skipped
+  expected = take(data, 3)
+  assert data.corrupt_images_skipped >= 2  # Read at least one full epoch by now.
+
+  resumed = pipeline.InputPipeline(config, global_batch_size=4, mesh=make_mesh())
+  resumed.grain_iterator.set_state(state)
+  assert resumed.corrupt_images_skipped == count_at_save
+  assert_batches_equal(expected, take(resumed, 3))
+  assert resumed.corrupt_images_skipped == data.corrupt_images_skipped
+
+
+def test_missing_image_folder_names_the_path(tmp_path):
+  missing = str(tmp_path / 'no_such_folder')
+  config = small_config(source='image_folder', path=missing)
+  with pytest.raises(FileNotFoundError, match='no_such_folder') as error:
+    pipeline.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
+  assert missing in str(error.value) and 'config.data.path' in str(error.value)
+
+
+def test_image_folder_source_without_path_says_what_to_set():
+  with pytest.raises(ValueError, match='config.data.path'):
+    sources.build_source(small_config(source='image_folder'))
+
+
+def test_image_folder_without_images_names_folder_and_extensions(tmp_path):
+  (tmp_path / 'empty_class').mkdir()
+  with pytest.raises(ValueError, match='.jpg') as error:
+    sources.ImageFolder(str(tmp_path))
+  assert str(tmp_path) in str(error.value)
+
+
+def test_unknown_source_lists_valid_names():
+  with pytest.raises(ValueError, match="'synthetic', 'image_folder'"):
+    sources.build_source(small_config(source='imagenet'))
