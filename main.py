@@ -6,11 +6,19 @@
 Any config key can be overridden on the command line (--config.total_steps=20).
 """
 
+import logging as std_logging
+import os
+import runpy
+import sys
+
+# clu's writers import TensorFlow; keep its C++ start-up banner off the console.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from big_pretrain import pipeline
-from big_pretrain.config_schema import ConfigError, validate_stage_config
+from big_pretrain.config_schema import ConfigError, unknown_key_in, validate_stage_config
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file; its get_config(arg) reads the part after ":".',
@@ -19,10 +27,52 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and res
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+# Libraries whose INFO lines (per-save Orbax chatter, backend probing) would
+# bury the training log; their warnings and errors still show.
+_CHATTY_LIBRARIES = ('/orbax/', '/grain/', '/jax/_src/', '/etils/')
+
+
+class _QuietLibraryInfo(std_logging.Filter):
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or not any(
+        lib in record.pathname for lib in _CHATTY_LIBRARIES)
+
+
+def parse_flags(argv):
+  """absl flag parsing, with a plain message for an override of an unknown key."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError):
+    # ml_collections raised while applying a --config.KEY=VALUE override:
+    # load the config file alone to name the override whose key it lacks.
+    config = _load_config_file(argv)
+    for override in (arg for arg in argv[1:] if arg.startswith('--config.')):
+      error = unknown_key_in(config, override[len('--config.'):].split('=')[0])
+      if error:
+        sys.exit(f'Bad command-line override {override}: {error}')
+    raise
+
+
+def _load_config_file(argv):
+  """get_config(arg) of the --config=path[:arg] in argv."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      spec = arg[len('--config='):]
+    elif arg == '--config' and i + 1 < len(argv):
+      spec = argv[i + 1]
+    else:
+      continue
+    path, _, variant = spec.partition(':')
+    return runpy.run_path(path)['get_config'](variant or None)
+  raise app.UsageError('--config=path/to/config.py[:variant] is required.')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraryInfo())
   config = _CONFIG.value
   try:
     validate_stage_config(config)  # before any device is touched
@@ -32,4 +82,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -27,16 +27,9 @@ def tree_shapes(tree) -> dict[str, tuple[int, ...]]:
   leaves = jax.tree_util.tree_leaves_with_path(
       tree, is_leaf=lambda x: hasattr(x, 'shape') and not isinstance(x, dict))
   return {
-      '/'.join(_key_name(k) for k in path): tuple(leaf.shape)
+      jax.tree_util.keystr(path, simple=True, separator='/'): tuple(leaf.shape)
       for path, leaf in leaves if hasattr(leaf, 'shape')
   }
-
-
-def _key_name(key) -> str:
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
 
 
 def check_shapes_fit(saved: dict, expected: dict, where: str) -> None:

@@ -74,6 +74,17 @@ def _unknown_key_error(path: str, key: str, known) -> ConfigError:
       f'{", ".join(sorted(known))}.')
 
 
+def unknown_key_in(config, dotted_key: str) -> ConfigError | None:
+  """The error for `dotted_key` ('model.varient') if `config` has no such key, else None."""
+  node, path = config, 'config'
+  for key in dotted_key.split('.'):
+    if not hasattr(node, 'keys') or key not in node:
+      known = node.keys() if hasattr(node, 'keys') else []
+      return _unknown_key_error(path, key, known)
+    node, path = node[key], f'{path}.{key}'
+  return None
+
+
 def _check_against(config, schema, path: str) -> None:
   for key in config.keys():
     if key not in schema:

@@ -109,12 +109,12 @@ def describe_param_shardings(params, max_rows: int = 12) -> str:
       leaf.addressable_shards[0].data.nbytes for _, leaf in leaves
       if hasattr(leaf, 'addressable_shards'))
   rows = sorted(leaves, key=lambda item: -item[1].size)[:max_rows]
-  lines = [f'{"parameter":<56} {"shape":<18} {"spec":<30} {"MiB/device":>10}']
+  lines = [f'{"parameter":<60} {"shape":<18} {"spec":<30} {"MiB/device":>10}']
   for path, leaf in rows:
     spec = getattr(leaf.sharding, 'spec', '?')
     shard_bytes = leaf.addressable_shards[0].data.nbytes
     lines.append(
-        f'{jax.tree_util.keystr(path)[:56]:<56} {str(leaf.shape):<18} '
+        f'{jax.tree_util.keystr(path, simple=True, separator="/"):<60} {str(leaf.shape):<18} '
         f'{str(spec):<30} {shard_bytes / 2**20:>10.2f}')
   lines.append(
       f'{len(leaves)} parameter arrays, {total / 2**20:.1f} MiB in all, '

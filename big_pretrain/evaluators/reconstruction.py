@@ -53,8 +53,8 @@ class ReconstructionEvaluator(Evaluator):
       self._visualize = jax.jit(self.objective.visualize)
     with sharding_lib.activate(self.trainer.mesh, self.trainer.rules):
       panels = self._visualize(params, images, jax.random.key(self.stage_config.seed))
-    panels = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
-              [:self.eval_config.num_images] for k, v in panels.items()}
+    panels = {k: np.asarray(multihost_utils.process_allgather(panels[k], tiled=True))
+              [:self.eval_config.num_images] for k in self.objective.visualization_panels}
     grid = panels_to_grid(panels)
     if jax.process_index() == 0:
       os.makedirs(self.workdir, exist_ok=True)

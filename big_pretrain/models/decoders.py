@@ -12,7 +12,7 @@ from big_pretrain.models.vit import Transformer, dense
 
 
 class MAEDecoder(nn.Module):
-  """Encoded visible tokens (cls first) -> per-patch pixel predictions (B, L, p*p*3).
+  """Encoded visible tokens (cls first, if any) -> per-patch pixel predictions (B, L, p*p*3).
 
   dense D -> width; append (L - K) copies of one learned mask token; unshuffle
   with ids_restore; add the fixed sin-cos decoder position embedding; blocks;
@@ -22,6 +22,7 @@ class MAEDecoder(nn.Module):
   depth: int
   num_heads: int
   patch_dim: int
+  num_prefix_tokens: int = 1  # 1 when the encoder prepends a cls token, else 0
   mlp_ratio: int = 4
   dtype: Any = jnp.float32
   scan: bool = False
@@ -34,16 +35,17 @@ class MAEDecoder(nn.Module):
     x = dense(self.width, ('embed', None), self.dtype, name='embed')(encoded)
     mask_token = self.param('mask_token', nn.with_logical_partitioning(
         nn.initializers.normal(0.02), (None, None, None)), (1, 1, self.width))
-    num_masked = num_patches + 1 - x.shape[1]
+    prefix, visible = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
+    num_masked = num_patches - visible.shape[1]
     patches = jnp.concatenate(
-        [x[:, 1:], jnp.broadcast_to(mask_token, (batch, num_masked, self.width)).astype(x.dtype)],
+        [visible, jnp.broadcast_to(mask_token, (batch, num_masked, self.width)).astype(x.dtype)],
         axis=1)
     patches = jnp.take_along_axis(patches, ids_restore[..., None], axis=1)
     posemb = sincos_2d_position_embedding(self.width, *grid_hw)
     patches = patches + jnp.asarray(posemb, x.dtype)[None]
-    x = jnp.concatenate([x[:, :1], patches], axis=1)
+    x = jnp.concatenate([prefix, patches], axis=1)
     x = Transformer(
         self.depth, self.num_heads, self.mlp_ratio * self.width, self.dtype,
         self.scan, self.remat, self.attention_impl, name='transformer')(x)
     pred = dense(self.patch_dim, ('embed', None), self.dtype, name='predict')(x)
-    return pred[:, 1:]
+    return pred[:, self.num_prefix_tokens:]

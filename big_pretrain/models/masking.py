@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-
+import flax
 import jax
 import jax.numpy as jnp
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class RandomMask:
   keep_indices: jax.Array  # (B, len_keep) int32: visible patches, in shuffled order.
   ids_restore: jax.Array   # (B, L) int32: unshuffles [visible, masked] to raster order.

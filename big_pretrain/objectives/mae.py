@@ -63,7 +63,7 @@ class MAEModel(nn.Module):
     encoded = self.encoder(images, keep_indices=masking.keep_indices)['tokens']
     pred = MAEDecoder(
         self.decoder_width, self.decoder_depth, self.decoder_heads,
-        patch_dim=self.encoder.patch_size ** 2 * 3, dtype=self.dtype,
+        num_prefix_tokens=int(self.encoder.use_cls_token), patch_dim=self.encoder.patch_size ** 2 * 3, dtype=self.dtype,
         scan=self.encoder.scan, remat=self.encoder.remat,
         attention_impl=self.encoder.attention_impl, name='decoder',
     )(encoded, masking.ids_restore, (grid, grid))
@@ -72,6 +72,9 @@ class MAEModel(nn.Module):
 
 class MAE(Objective):
   name = 'mae'
+  # Column order of the reconstruction grid (jit returns dict keys sorted).
+  visualization_panels = ('input', 'masked', 'reconstruction', 'target_normalised',
+                          'prediction_normalised')
 
   def __init__(self, config):
     super().__init__(config)

@@ -67,7 +67,7 @@ def build_trainer(objective, tx: optax.GradientTransformation, schedule: optax.S
     (loss, metrics), grads = grad_fn(state.params, batch, rng, True)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=schedule(state.step))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

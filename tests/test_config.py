@@ -1,0 +1,104 @@
+"""Configs: every bad key is named before any compute; the recipes validate."""
+
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from big_pretrain.config_schema import ConfigError, stage_config, validate_stage_config
+from configs import mae as mae_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_demo_config_is_valid():
+  validate_stage_config(mae_config.get_config('demo'))
+
+
+def test_paper_recipe_is_mae_l16_and_asks_for_data():
+  config = mae_config.get_config()
+  assert config.model.variant == 'L/16'
+  assert config.batch_size == 4096
+  assert config.objective.mask_ratio == 0.75
+  with pytest.raises(ConfigError, match=r'config\.data\.path is not set.*:demo'):
+    validate_stage_config(config)
+  config.data.path = '/data/imagenet/train'
+  validate_stage_config(config)
+
+
+@pytest.mark.parametrize('dotted, suggestion', [
+    ('totl_steps', 'total_steps'),
+    ('model.varient', 'variant'),
+    ('objective.mask_ration', 'mask_ratio'),
+    ('optim.weight_decy', 'weight_decay'),
+])
+def test_unknown_key_is_named_with_a_suggestion(dotted, suggestion):
+  config = mae_config.get_config('demo')
+  *parents, leaf = dotted.split('.')
+  node = config
+  for parent in parents:
+    node = node[parent]
+  node.unlock()
+  node[leaf] = 1
+  with pytest.raises(ConfigError, match=rf'config\.{dotted}\b.*{suggestion}'):
+    validate_stage_config(config)
+
+
+def test_wrong_type_is_named():
+  # A config built by hand (not from stage_config) has no type safety of its own.
+  config = ml_collections.ConfigDict(mae_config.get_config('demo').to_dict(), type_safe=False)
+  config.total_steps = 'many'
+  with pytest.raises(ConfigError, match=r'config\.total_steps'):
+    validate_stage_config(config)
+
+
+def test_unknown_objective_evaluator_and_sharding_rule_are_named():
+  config = mae_config.get_config('demo')
+  config.objective.name = 'mea'
+  with pytest.raises(ConfigError, match=r"objective\.name='mea'.*mae"):
+    validate_stage_config(config)
+  config = mae_config.get_config('demo')
+  config.evals.reconstruction.kind = 'recon'
+  with pytest.raises(ConfigError, match=r"evals\.reconstruction\.kind='recon'"):
+    validate_stage_config(config)
+  config = mae_config.get_config('demo')
+  config.evals.reconstruction.unlock()
+  config.evals.reconstruction.num_imgs = 4
+  with pytest.raises(ConfigError, match=r'evals\.reconstruction\.num_imgs.*num_images'):
+    validate_stage_config(config)
+  config = mae_config.get_config('demo')
+  config.sharding_rules.embedding = 'fsdp'
+  with pytest.raises(ConfigError, match=r'sharding_rules\.embedding.*embed'):
+    validate_stage_config(config)
+
+
+def _run_main(args, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run(
+      [sys.executable, 'main.py', f'--workdir={tmp_path / "workdir"}', *args],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_main_rejects_a_mistyped_override_before_any_compute(tmp_path):
+  result = _run_main(['--config=configs/mae.py:demo', '--config.totl_steps=3'], tmp_path)
+  assert result.returncode != 0
+  assert 'config.totl_steps' in result.stderr and "'total_steps'" in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not (tmp_path / 'workdir').exists()
+
+
+def test_main_rejects_a_config_file_with_an_unknown_key(tmp_path):
+  config_file = tmp_path / 'typo.py'
+  config_file.write_text(
+      'from configs.mae import get_config as base\n'
+      'def get_config(arg=None):\n'
+      '  config = base("demo")\n'
+      '  config.optim.unlock()\n'
+      '  config.optim.learning_rate = 0.1\n'
+      '  return config\n')
+  result = _run_main([f'--config={config_file}'], tmp_path)
+  assert result.returncode != 0
+  assert 'config.optim.learning_rate' in result.stderr
+  assert not (tmp_path / 'workdir').exists()

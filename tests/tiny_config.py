@@ -1,0 +1,29 @@
+"""The tiny MAE stage config the tests train (2 layers, width 64, 32x32, patch 8)."""
+
+from big_pretrain.config_schema import stage_config
+
+
+def tiny_mae_config(**overrides):
+  config = stage_config('mae')
+  config.model.variant = 'mu/8'
+  config.objective.decoder_width = 32
+  config.objective.decoder_depth = 1
+  config.objective.decoder_heads = 4
+  config.batch_size = 16
+  config.total_steps = 6
+  config.optim.lr_per_256 = 1e-3
+  config.optim.warmup_steps = 2
+  config.data.source = 'synthetic'
+  config.data.num_examples = 256
+  config.data.source_image_size = 32
+  config.data.image_size = 32
+  config.data.num_threads = 2
+  config.checkpoint.every_steps = 2
+  config.log.every_steps = 2
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
