@@ -13,6 +13,7 @@ import sys
 
 # clu's writers import TensorFlow; keep its C++ start-up banner off the console.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # TF only writes summaries here
 
 from absl import app, flags, logging
 from ml_collections import config_flags

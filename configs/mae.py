@@ -41,16 +41,16 @@ def get_config(arg: str | None = None):
     config.objective.decoder_depth = 2
     config.objective.decoder_heads = 4
     config.batch_size = 64
-    config.total_steps = 300
-    config.optim.lr_per_256 = 1.5e-3
-    config.optim.warmup_steps = 30
+    config.total_steps = 1000
+    config.optim.lr_per_256 = 4e-3
+    config.optim.warmup_steps = 50
     config.data.source = 'synthetic'
     config.data.num_examples = 20_000
     config.data.source_image_size = 64
     config.data.image_size = 32
     config.checkpoint.every_steps = 100
-    config.log.every_steps = 25
-    config.evals.reconstruction.every_steps = 100
+    config.log.every_steps = 50
+    config.evals.reconstruction.every_steps = 500
   elif arg:
     raise ValueError(f'configs/mae.py: unknown variant {arg!r}; use no argument or "demo".')
   return config

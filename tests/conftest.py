@@ -9,6 +9,7 @@ import tempfile
 # All of this must happen before JAX is imported anywhere.
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 # -O0 code generation: compiles ~3x faster; the tiny test models run fast anyway.
 os.environ.setdefault(
     'XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0')

@@ -71,7 +71,11 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   start_step = checkpointer.latest_step()
   if start_step is not None:
     state = checkpointer.restore(start_step, trainer.abstract_state, data.grain_iterator)
-    logging.info('Resuming at step %d of %d.', start_step, config.total_steps)
+    if start_step >= config.total_steps:
+      logging.info('This stage finished at step %d: nothing to do (a new --workdir starts '
+                   'afresh).', start_step)
+    else:
+      logging.info('Resuming at step %d of %d.', start_step, config.total_steps)
   else:
     state = trainer.init_state(init_rng)
     start_step = 0
