@@ -29,15 +29,12 @@ from typing import Any
 from absl import logging
 import grain
 import jax
-from jax.sharding import NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
 
+from big_pretrain import sharding as sharding_lib
 from big_pretrain.data import sources
 from big_pretrain.data import transforms
-
-# The batch dimension is split over these mesh axes.
-BATCH_MESH_AXES = ('data', 'fsdp')
 
 # Fields that go to the device. Strings (caption, hashtags) stay on the host.
 DEVICE_FEATURES = ('image', 'label')
@@ -170,10 +167,6 @@ def _derive_seed(*seeds: int) -> int:
   return int(np.random.SeedSequence([int(s) for s in seeds]).generate_state(1)[0])
 
 
-def _num_batch_shards(mesh: jax.sharding.Mesh) -> int:
-  return int(np.prod([mesh.shape[axis] for axis in BATCH_MESH_AXES]))
-
-
 class InputPipeline:
   """Iterates over global batches ``{'image': uint8 (B, S, S, 3), 'label': int32 (B,)}``.
 
@@ -197,7 +190,7 @@ class InputPipeline:
       seed: int = 0,
   ):
     process_count = jax.process_count()
-    batch_shards = _num_batch_shards(mesh)
+    batch_shards = sharding_lib.num_batch_shards(mesh)
     if global_batch_size <= 0 or global_batch_size % process_count:
       raise ValueError(
           f'global_batch_size={global_batch_size} must be a positive multiple of'
@@ -206,11 +199,11 @@ class InputPipeline:
     if global_batch_size % batch_shards:
       raise ValueError(
           f'global_batch_size={global_batch_size} must be divisible by the'
-          f' {batch_shards} devices along mesh axes {BATCH_MESH_AXES} (mesh shape'
+          f' {batch_shards} devices along mesh axes {sharding_lib.BATCH_AXES} (mesh shape'
           f' {dict(mesh.shape)}), which split the batch dimension.')
 
     self._source = sources.build_source(data_config)
-    self._sharding = NamedSharding(mesh, PartitionSpec(BATCH_MESH_AXES))
+    self._sharding = sharding_lib.batch_sharding(mesh)
     self._skipped = SkippedExampleCounter()
     per_process_batch = global_batch_size // process_count
 
