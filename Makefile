@@ -16,10 +16,10 @@ $(INSTALLED): requirements.txt setup.py
 	$(VENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $(INSTALLED)
 
-# MAE on the embedded synthetic data, CPU-sized. Run it again to resume (or to
+# MAE -> WSP on the embedded synthetic data, CPU-sized. Run it again to resume (or to
 # see that it is finished); `make clean-demo` starts over.
 demo: $(INSTALLED)
-	TF_CPP_MIN_LOG_LEVEL=2 $(VENV)/bin/python main.py --config=configs/mae.py:demo --workdir=$(DEMO_WORKDIR)
+	TF_CPP_MIN_LOG_LEVEL=2 $(VENV)/bin/python main.py --config=configs/mae_then_wsp.py:demo --workdir=$(DEMO_WORKDIR)
 
 test: $(INSTALLED)
 	TF_CPP_MIN_LOG_LEVEL=2 $(VENV)/bin/python -m pytest -q tests

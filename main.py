@@ -19,7 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from big_pretrain import pipeline
-from big_pretrain.config_schema import ConfigError, unknown_key_in, validate_stage_config
+from big_pretrain.config_schema import ConfigError, unknown_key_in, validate_config
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file; its get_config(arg) reads the part after ":".',
@@ -76,7 +76,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraryInfo())
   config = _CONFIG.value
   try:
-    validate_stage_config(config)  # before any device is touched
+    validate_config(config)  # before any device is touched
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
   pipeline.run(config, _WORKDIR.value)

@@ -13,6 +13,7 @@ setup(
     version='0.1.0',
     description='Vision Transformer pretraining with MAE, WSP, FLIP and AIM on TPU pods and GPUs.',
     packages=find_packages(include=['big_pretrain', 'big_pretrain.*']),
+    package_data={'big_pretrain.data': ['vocabularies/*.txt']},
     python_requires='>=3.10',
     install_requires=[r for r in pinned_requirements() if not r.startswith('pytest')],
 )

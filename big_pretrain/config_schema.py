@@ -13,12 +13,9 @@ import ml_collections
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data.pipeline import default_data_config
+from big_pretrain.errors import ConfigError
 from big_pretrain.evaluators import evaluator_defaults, evaluator_names
-from big_pretrain.objectives import objective_defaults, objective_names
-
-
-class ConfigError(ValueError):
-  """A config that cannot run; the message names the key and the fix."""
+from big_pretrain.objectives import objective_class, objective_defaults, objective_names
 
 
 def model_defaults() -> ml_collections.ConfigDict:
@@ -63,6 +60,13 @@ def stage_config(objective: str) -> ml_collections.ConfigDict:
   config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
   config.log = ml_collections.ConfigDict(dict(every_steps=50))
   config.evals = ml_collections.ConfigDict()  # name -> evaluator config with a `kind`
+  # Start from an earlier stage's (or any) checkpoint: only the `take` subtrees
+  # of params are read; the rest is initialised fresh.
+  config.init_from = ml_collections.ConfigDict(dict(
+      stage=ml_collections.config_dict.placeholder(str),       # an earlier stage of config.stages
+      checkpoint=ml_collections.config_dict.placeholder(str),  # or a checkpoint path
+      take=('encoder',),
+  ))
   return config
 
 
@@ -129,15 +133,61 @@ def validate_stage_config(config, path: str = 'config') -> None:
   for name in config.get('sharding_rules', {}).keys():
     if name not in logical_names:
       raise _unknown_key_error(f'{path}.sharding_rules', name, logical_names)
-  for name, eval_config in config.get('evals', {}).items():
-    kind = eval_config.get('kind')
-    if kind not in evaluator_names():
-      raise ConfigError(
-          f'{path}.evals.{name}.kind={kind!r}: choose one of {evaluator_names()}.')
-    _check_against(eval_config, evaluator_defaults(kind), f'{path}.evals.{name}')
   _check_data_is_given(config.data, path)
+  for name, eval_config in config.get('evals', {}).items():
+    _check_evaluator(eval_config, config.data, f'{path}.evals.{name}')
   if config.batch_size <= 0 or config.total_steps <= 0:
     raise ConfigError(f'{path}.batch_size and {path}.total_steps must be positive.')
+  if config.init_from.stage and config.init_from.checkpoint:
+    raise ConfigError(f'{path}.init_from: give stage or checkpoint, not both.')
+  objective_class(objective).check_config(config, path)
+
+
+def validate_config(config) -> None:
+  """A single stage config, or a chain: `config.stages.<name>` in order."""
+  if 'stages' not in config:
+    validate_stage_config(config)
+    if config.init_from.stage:
+      raise ConfigError(
+          f'config.init_from.stage={config.init_from.stage!r} names a stage, but this config '
+          'has no config.stages. Use config.init_from.checkpoint=PATH instead.')
+    return
+  for key in config.keys():
+    if key != 'stages':
+      raise _unknown_key_error('config', key, ['stages'])
+  if not config.stages:
+    raise ConfigError('config.stages is empty: give at least one stage.')
+  earlier = []
+  for name, stage in config.stages.items():
+    path = f'config.stages.{name}'
+    validate_stage_config(stage, path)
+    source = stage.init_from.stage
+    if source and source not in earlier:
+      raise ConfigError(
+          f'{path}.init_from.stage={source!r} must name an earlier stage; the stages '
+          f'before {name!r} are {earlier}.')
+    earlier.append(name)
+
+
+def _check_evaluator(eval_config, stage_data, path: str) -> None:
+  kind = eval_config.get('kind')
+  if kind not in evaluator_names():
+    raise ConfigError(f'{path}.kind={kind!r}: choose one of {evaluator_names()}.')
+  schema = evaluator_defaults(kind)
+  # `*_data` groups override keys of config.data for the evaluator's splits.
+  data_groups = [key for key in schema.keys() if key.endswith('_data')]
+  for key in data_groups:
+    schema[key] = default_data_config()
+  _check_against(eval_config, schema, path)
+  for key in data_groups:
+    data = stage_data.copy_and_resolve_references()
+    data.update(evaluator_defaults(kind)[key].to_dict())
+    data.update(dict(eval_config.get(key, {})))
+    if data.source == 'image_folder' and data.split == 'test' and not data.test_path:
+      raise ConfigError(
+          f'{path} evaluates on a held-out split, but config.data.test_path is not set. '
+          'Point it at held-out images (a folder of class subfolders, e.g. ImageNet val), '
+          f'or set {path}.{key}.test_path.')
 
 
 def _check_data_is_given(data, path: str) -> None:

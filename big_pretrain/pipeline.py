@@ -1,9 +1,98 @@
-"""Runs a config: a single stage now; ordered stages chain through checkpoints."""
+"""Runs a config: one stage, or `config.stages` in order, chained through checkpoints.
+
+Each stage trains in its own subfolder of the workdir. A finished stage is
+skipped, an interrupted one resumes from its last checkpoint, and a stage
+with `init_from.stage` starts from that earlier stage's final checkpoint
+(only the `init_from.take` subtrees; the rest fresh). The same command run
+again after a crash or preemption therefore carries on where it stopped.
+"""
 
 from __future__ import annotations
 
-from big_pretrain.train.loop import StageResult, train_stage
+import json
+import os
+
+from absl import logging
+
+from big_pretrain import transfer
+from big_pretrain.checkpoint import Checkpointer
+from big_pretrain.config_schema import validate_config
+from big_pretrain.train.loop import train_stage
 
 
-def run(config, workdir: str) -> StageResult:
-  return train_stage(config, workdir)
+def stage_workdirs(config, workdir: str) -> dict[str, str]:
+  """Stage name -> its folder; a single-stage config trains in `workdir` itself."""
+  if 'stages' not in config:
+    return {'main': workdir}
+  return {name: os.path.join(workdir, name) for name in config.stages}
+
+
+def _stage_configs(config) -> dict:
+  return {'main': config} if 'stages' not in config else dict(config.stages.items())
+
+
+def _stage_finished(stage_config, stage_dir: str) -> bool:
+  if not os.path.isdir(os.path.join(stage_dir, 'checkpoints')):
+    return False
+  checkpointer = Checkpointer(os.path.join(stage_dir, 'checkpoints'), stage_config.checkpoint)
+  latest = checkpointer.latest_step()
+  checkpointer.close()
+  return latest is not None and latest >= stage_config.total_steps
+
+
+def _initialiser(init_from, workdir: str):
+  """params -> params with the taken subtrees from the source checkpoint, or None."""
+  if not (init_from.stage or init_from.checkpoint):
+    return None
+  source = (os.path.join(workdir, init_from.stage, 'checkpoints') if init_from.stage
+            else init_from.checkpoint)
+  take = tuple(init_from.take)
+
+  def initialise(params):
+    # Resolved only when the stage starts fresh: a resumed stage never reads it.
+    return transfer.load_into(params, transfer.resolve_checkpoint_dir(source), take)
+
+  return initialise
+
+
+def run(config, workdir: str) -> dict[str, dict]:
+  """Trains every unfinished stage in order; returns {stage: evaluator results}."""
+  validate_config(config)
+  stage_dirs = stage_workdirs(config, workdir)
+  for name, stage_config in _stage_configs(config).items():
+    stage_dir = stage_dirs[name]
+    if _stage_finished(stage_config, stage_dir):
+      logging.info('Stage %r finished earlier (%s): skipping it.', name, stage_dir)
+      continue
+    logging.info('Stage %r: training in %s.', name, stage_dir)
+    result = train_stage(stage_config, stage_dir,
+                         initialise=_initialiser(stage_config.init_from, workdir))
+    if not result.finished:
+      logging.info('Stage %r stopped at step %d; run the same command to resume.',
+                   name, result.state.step)
+      break
+  results = collect_eval_results(stage_dirs)
+  print(format_eval_results(results))
+  return results
+
+
+def collect_eval_results(stage_dirs: dict[str, str]) -> dict[str, dict]:
+  results = {}
+  for name, stage_dir in stage_dirs.items():
+    path = os.path.join(stage_dir, 'eval_results.json')
+    if os.path.exists(path):
+      with open(path) as f:
+        results[name] = json.load(f)
+  return results
+
+
+def format_eval_results(results: dict[str, dict]) -> str:
+  lines = ['', f'{"stage":<10} {"step":>7}  {"evaluator":<16} {"metric":<16} {"value":>10}']
+  for stage, stage_results in results.items():
+    step = stage_results.get('step', '')
+    for evaluator, scalars in stage_results.items():
+      if evaluator == 'step':
+        continue
+      for metric, value in scalars.items():
+        lines.append(f'{stage:<10} {step:>7}  {evaluator:<16} {metric:<16} {value:>10.4f}')
+  return '\n'.join(lines) if len(lines) > 2 else '(no evaluator results yet)'

@@ -25,6 +25,9 @@ def test_paper_recipe_is_mae_l16_and_asks_for_data():
   with pytest.raises(ConfigError, match=r'config\.data\.path is not set.*:demo'):
     validate_stage_config(config)
   config.data.path = '/data/imagenet/train'
+  with pytest.raises(ConfigError, match=r'evals\.reconstruction .*config\.data\.test_path'):
+    validate_stage_config(config)  # the reconstruction grid shows held-out images
+  config.data.test_path = '/data/imagenet/val'
   validate_stage_config(config)
 
 

@@ -6,6 +6,7 @@ Per process::
     .shuffle(seed)                        # train only; reshuffled every epoch
     .repeat(None)                         # train only; eval reads one epoch
     [process_index::process_count]
+    .map(add_label_ids)                   # only when config.labels.vocabulary is set (WSP)
     .random_map(decode, crop, flip)       # eval: .map(decode, centre crop)
     .to_iter_dataset(ReadOptions(...))    # decoding runs in num_threads threads
     -> skip and count corrupt images
@@ -33,15 +34,19 @@ import ml_collections
 import numpy as np
 
 from big_pretrain import sharding as sharding_lib
+from big_pretrain.data import labels as labels_lib
 from big_pretrain.data import sources
 from big_pretrain.data import transforms
 
 # Fields that go to the device. Strings (caption, hashtags) stay on the host.
 DEVICE_FEATURES = ('image', 'label')
+# Added to DEVICE_FEATURES when config.labels.vocabulary is set: the WSP labels.
+LABEL_IDS_FEATURE = 'label_ids'
 
 # Independent random streams derived from the seeds.
 _SHUFFLE_STREAM = 0
 _AUGMENT_STREAM = 1
+_EVAL_SHUFFLE_STREAM = 2
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -49,6 +54,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.source = 'synthetic'  # One of sources.SOURCE_NAMES.
   config.path = ml_collections.config_dict.placeholder(str)  # image_folder only.
+  # Held-out images for evaluators (image_folder only; synthetic data draws a
+  # disjoint 'test' stream from the same generator).
+  config.test_path = ml_collections.config_dict.placeholder(str)
+  config.split = 'train'  # 'train' | 'test': which of the two a pipeline reads.
   config.num_examples = 50_000  # synthetic only.
   config.source_image_size = 64  # synthetic only: size of the generated images.
   config.seed = 0  # Dataset seed: synthetic content, shuffle order, augmentation.
@@ -57,7 +66,27 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.flip = True  # Random horizontal flips (train only).
   config.num_threads = 8  # Grain threads decoding and augmenting images.
   config.prefetch_buffer_size = 64  # Examples prepared ahead, per process.
+  # WSP labels: hashtags mapped to a fixed vocabulary (see big_pretrain.data.labels).
+  config.labels = ml_collections.ConfigDict(dict(
+      # A vocabulary file; None: no WSP labels (no 'label_ids' in batches).
+      vocabulary=ml_collections.config_dict.placeholder(str),
+      # Width of the 'label_ids' rows; an example with more labels keeps the lowest ids.
+      max_labels_per_example=16,
+      use_caption_words=False,  # Also map every caption word, not only hashtags.
+  ))
   return config
+
+
+def device_feature_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The fields of every batch: DEVICE_FEATURES, plus 'label_ids' when WSP labels are on."""
+  if _label_vocabulary_path(data_config):
+    return DEVICE_FEATURES + (LABEL_IDS_FEATURE,)
+  return DEVICE_FEATURES
+
+
+def _label_vocabulary_path(data_config: ml_collections.ConfigDict) -> str | None:
+  # .get: configs written before WSP labels existed have no 'labels' group.
+  return (data_config.get('labels') or {}).get('vocabulary')
 
 
 # --- Per-example steps -------------------------------------------------------
@@ -101,9 +130,45 @@ def prepare_for_eval(
   return {**example, 'image': transforms.center_crop_resize(example['image'], image_size)}
 
 
-def select_device_features(example: dict[str, Any]) -> dict[str, np.ndarray]:
-  """Keeps the numeric fields that are batched and sent to the device."""
-  return {'image': example['image'], 'label': np.int32(example['label'])}
+def add_label_ids(
+    example: dict[str, Any],
+    *,
+    vocabulary: labels_lib.LabelVocabulary,
+    max_labels_per_example: int,
+    use_caption_words: bool,
+) -> dict[str, Any]:
+  """Adds 'label_ids': int32 (max_labels_per_example,), the sorted WSP label ids padded with -1.
+
+  An example with no known label keeps an all -1 row: the WSP objective leaves
+  it out of the loss and counts it, rather than the pipeline silently dropping it.
+  """
+  label_ids = vocabulary.encode(example.get('hashtags') or (), example.get('caption') or '',
+                                use_caption_words=use_caption_words)
+  return {**example,
+          LABEL_IDS_FEATURE: labels_lib.pad_label_ids(label_ids, max_labels_per_example)}
+
+
+def select_device_features(
+    example: dict[str, Any], feature_names: tuple[str, ...] = DEVICE_FEATURES
+) -> dict[str, np.ndarray]:
+  """Keeps the numeric fields that are batched and sent to the device (see device_feature_names)."""
+  features = {name: example[name] for name in feature_names}
+  features['label'] = np.int32(features['label'])  # Sources give a Python int.
+  return features
+
+
+def _load_label_vocabulary(
+    data_config: ml_collections.ConfigDict) -> labels_lib.LabelVocabulary | None:
+  """The WSP label vocabulary of config.labels, or None when it is not set."""
+  path = _label_vocabulary_path(data_config)
+  if not path:
+    return None
+  max_labels = data_config.labels.max_labels_per_example
+  if not isinstance(max_labels, int) or max_labels < 1:
+    raise ValueError(
+        f'config.data.labels.max_labels_per_example={max_labels!r} must be a positive'
+        ' integer: the width of the padded label_ids rows.')
+  return labels_lib.LabelVocabulary.from_file(path)
 
 
 # --- Skipping corrupt examples ------------------------------------------------
@@ -170,6 +235,10 @@ def _derive_seed(*seeds: int) -> int:
 class InputPipeline:
   """Iterates over global batches ``{'image': uint8 (B, S, S, 3), 'label': int32 (B,)}``.
 
+  With ``config.labels.vocabulary`` set, batches also hold ``'label_ids'``: int32
+  ``(B, max_labels_per_example)``, each example's WSP label ids padded with -1
+  (all -1 for an example with no known label).
+
   ``B`` is ``global_batch_size``; each process loads its own
   ``B / process_count`` examples and the batch dimension is sharded over the
   mesh axes ('data', 'fsdp'). Images stay uint8: the model normalises on the
@@ -203,6 +272,8 @@ class InputPipeline:
           f' {dict(mesh.shape)}), which split the batch dimension.')
 
     self._source = sources.build_source(data_config)
+    # Loaded once here; every example is encoded with the same vocabulary.
+    self._label_vocabulary = _load_label_vocabulary(data_config)
     self._sharding = sharding_lib.batch_sharding(mesh)
     self._skipped = SkippedExampleCounter()
     per_process_batch = global_batch_size // process_count
@@ -211,7 +282,18 @@ class InputPipeline:
     if train:
       dataset = dataset.shuffle(seed=_derive_seed(data_config.seed, seed, _SHUFFLE_STREAM))
       dataset = dataset.repeat(None)
+    else:
+      # A fixed order, independent of the run's seed, so evaluations compare
+      # across runs; shuffled so the first N examples span every class (image
+      # folders are listed class by class).
+      dataset = dataset.shuffle(seed=_derive_seed(data_config.seed, _EVAL_SHUFFLE_STREAM))
     dataset = dataset[jax.process_index()::process_count]
+    if self._label_vocabulary is not None:
+      dataset = dataset.map(functools.partial(
+          add_label_ids,
+          vocabulary=self._label_vocabulary,
+          max_labels_per_example=data_config.labels.max_labels_per_example,
+          use_caption_words=data_config.labels.use_caption_words))
     if train:
       dataset = dataset.random_map(
           functools.partial(
@@ -226,7 +308,8 @@ class InputPipeline:
         num_threads=data_config.num_threads,
         prefetch_buffer_size=data_config.prefetch_buffer_size))
     iter_dataset = SkipCorruptExamplesIterDataset(iter_dataset, self._skipped)
-    iter_dataset = iter_dataset.map(select_device_features)
+    iter_dataset = iter_dataset.map(functools.partial(
+        select_device_features, feature_names=device_feature_names(data_config)))
     iter_dataset = iter_dataset.batch(per_process_batch, drop_remainder=True)
     self._iterator = iter_dataset.__iter__()
 
@@ -253,6 +336,11 @@ class InputPipeline:
   def corrupt_images_skipped(self) -> int:
     """Unreadable images skipped so far by this process (a file counts once per epoch read)."""
     return self._skipped.count
+
+  @property
+  def label_vocabulary(self) -> labels_lib.LabelVocabulary | None:
+    """The WSP label vocabulary ('label_ids' index its labels), or None when WSP labels are off."""
+    return self._label_vocabulary
 
   @property
   def num_classes(self) -> int:

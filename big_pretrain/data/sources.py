@@ -109,16 +109,23 @@ _NOISE_STD = 6.0
 _GRADIENT_AMPLITUDE = 20.0
 
 
+SPLITS = ('train', 'test')
+
+
 class SyntheticShapes:
   """Coloured shapes on textured backgrounds, generated from the example index.
 
   Needs no files or network. The label is the shape (``index % num_classes``,
   so classes are exactly balanced); colour, size, position and background are
   drawn independently of it, so only the shape identity predicts the label.
-  Example ``i`` is a pure function of ``(seed, i)``.
+  Example ``i`` is a pure function of ``(seed, split, i)``: the 'test' split
+  draws from a separate random stream, so it never repeats a training image.
   """
 
-  def __init__(self, num_examples: int, image_size: int = 64, seed: int = 0):
+  def __init__(self, num_examples: int, image_size: int = 64, seed: int = 0,
+               split: str = 'train'):
+    if split not in SPLITS:
+      raise ValueError(f'Unknown split {split!r}; choose one of {SPLITS}.')
     if num_examples <= 0:
       raise ValueError(f'num_examples must be positive, got {num_examples}.')
     if image_size < 16:
@@ -128,6 +135,8 @@ class SyntheticShapes:
     self._num_examples = num_examples
     self._image_size = image_size
     self._seed = seed
+    # The training stream is (seed, index), the test stream (seed, index, 1).
+    self._stream = () if split == 'train' else (SPLITS.index(split),)
     # Pixel-centre coordinates, shared by every example.
     self._ys, self._xs = np.mgrid[0:image_size, 0:image_size].astype(np.float32) + 0.5
     colours = np.array([rgb for _, rgb in PALETTE], dtype=np.int32)
@@ -151,7 +160,7 @@ class SyntheticShapes:
     if not 0 <= index < self._num_examples:
       raise IndexError(
           f'Index {index} out of range for SyntheticShapes of length {self._num_examples}.')
-    rng = np.random.default_rng((self._seed, index))
+    rng = np.random.default_rng((self._seed, index, *self._stream))
     size = self._image_size
 
     label = index % len(_SHAPES)
@@ -267,12 +276,20 @@ SOURCE_NAMES = ('synthetic', 'image_folder')
 
 def build_source(data_config) -> SyntheticShapes | ImageFolder:
   """Builds the source named by ``data_config.source``."""
+  split = data_config.get('split', 'train')
   if data_config.source == 'synthetic':
     return SyntheticShapes(
         num_examples=data_config.num_examples,
         image_size=data_config.source_image_size,
-        seed=data_config.seed)
+        seed=data_config.seed,
+        split=split)
   if data_config.source == 'image_folder':
+    if split == 'test':
+      if not data_config.get('test_path'):
+        raise ValueError(
+            "Evaluators need a held-out split: set config.data.test_path to a folder of"
+            " class subfolders (e.g. ImageNet's val), separate from config.data.path.")
+      return ImageFolder(data_config.test_path)
     if not data_config.path:
       raise ValueError(
           "config.data.source='image_folder' needs config.data.path: set it to a"

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import types
 
+from big_pretrain.evaluators import knn
+from big_pretrain.evaluators import linear_probe
 from big_pretrain.evaluators import reconstruction
 
 _REGISTRY = types.MappingProxyType({
+    'knn': knn.KnnEvaluator,
+    'linear_probe': linear_probe.LinearProbeEvaluator,
     'reconstruction': reconstruction.ReconstructionEvaluator,
 })
 

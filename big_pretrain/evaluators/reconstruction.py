@@ -26,7 +26,9 @@ class ReconstructionEvaluator(Evaluator):
 
   @staticmethod
   def default_config():
-    return ml_collections.ConfigDict(dict(kind='reconstruction', every_steps=0, num_images=8))
+    return ml_collections.ConfigDict(dict(
+        kind='reconstruction', every_steps=0, num_images=8,
+        test_data=ml_collections.ConfigDict(dict(split='test'))))  # overrides of config.data
 
   def __init__(self, *args):
     super().__init__(*args)
@@ -42,7 +44,10 @@ class ReconstructionEvaluator(Evaluator):
     if self._images is None:
       shards = sharding_lib.num_batch_shards(self.trainer.mesh) * jax.process_count()
       batch = math.ceil(self.eval_config.num_images / shards) * shards
-      pipeline = InputPipeline(self.stage_config.data, global_batch_size=batch,
+      data = self.stage_config.data.copy_and_resolve_references()
+      data.update(self.default_config().test_data.to_dict())
+      data.update(dict(self.eval_config.get('test_data', {})))
+      pipeline = InputPipeline(data, global_batch_size=batch,
                                mesh=self.trainer.mesh, train=False, seed=self.stage_config.seed)
       self._images = next(pipeline)['image']
     return self._images

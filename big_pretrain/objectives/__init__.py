@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import types
 
-from big_pretrain.objectives import mae
+from big_pretrain.objectives import mae, wsp
 
 # Read-only: a name maps to (Objective class, default config factory).
 _REGISTRY = types.MappingProxyType({
     'mae': (mae.MAE, mae.default_config),
+    'wsp': (wsp.WSP, wsp.default_config),
 })
 
 
@@ -20,6 +21,10 @@ def objective_defaults(name: str):
   if name not in _REGISTRY:
     raise ValueError(f'Unknown objective {name!r}; choose one of {objective_names()}.')
   return _REGISTRY[name][1]()
+
+
+def objective_class(name: str):
+  return _REGISTRY[name][0]
 
 
 def build_objective(config):

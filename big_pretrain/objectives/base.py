@@ -12,6 +12,8 @@ import abc
 import jax
 import jax.numpy as jnp
 
+from big_pretrain.models.patches import normalize_images
+
 
 class Objective(abc.ABC):
   """Base class; subclasses set `name` and implement `init_params` and `loss`."""
@@ -20,6 +22,10 @@ class Objective(abc.ABC):
 
   def __init__(self, config):
     self.config = config  # The full stage config (read-only by convention).
+
+  @classmethod
+  def check_config(cls, config, path: str) -> None:
+    """Objective-specific config checks, run before any compute (raise ConfigError)."""
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -36,3 +42,12 @@ class Objective(abc.ABC):
   @abc.abstractmethod
   def loss(self, params, batch: dict, rng: jax.Array, train: bool = True):
     """Returns (scalar loss, dict of scalar metrics)."""
+
+  def encode(self, params, images: jax.Array) -> dict:
+    """Frozen-feature view for evaluators: the unmasked encoder on uint8 images.
+
+    Returns the ViT's dict: 'pooled' (B, D), 'patch_tokens' (B, L, D), 'tokens'.
+    Every objective keeps its ViT under params['encoder'] and as `self.model.encoder`.
+    """
+    return self.model.encoder.apply(
+        {'params': params['encoder']}, normalize_images(images))

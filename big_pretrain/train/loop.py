@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -36,12 +37,14 @@ class StageResult:
   eval_results: dict              # evaluator name -> scalars of its last run
 
 
-def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | None = None
-                ) -> StageResult:
+def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | None = None,
+                initialise: Callable[[dict], dict] | None = None) -> StageResult:
   """Trains one stage in `workdir`, resuming from its latest checkpoint if any.
 
   `stop_after_steps` stops early (after saving a checkpoint), as a preempted
-  run would; the same call without it resumes exactly.
+  run would; the same call without it resumes exactly. `initialise` maps fresh
+  parameters to the starting ones (e.g. an MAE encoder); it is used only when
+  the stage has no checkpoint of its own yet.
   """
   # --- Config: validated before anything is computed.
   validate_stage_config(config)
@@ -78,6 +81,8 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
       logging.info('Resuming at step %d of %d.', start_step, config.total_steps)
   else:
     state = trainer.init_state(init_rng)
+    if initialise is not None:
+      state = state.replace(params=initialise(state.params))
     start_step = 0
   logging.info('Parameters:\n%s', sharding_lib.describe_param_shardings(state.params))
 

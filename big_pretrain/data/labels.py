@@ -1,0 +1,417 @@
+"""The label vocabulary of weakly-supervised pretraining (WSP).
+
+WSP labels an image with the hashtags of its text (optionally every word of
+its caption), mapped to a fixed vocabulary; the targets are multi-hot and an
+example with no label in the vocabulary is left out of the loss.
+
+Tags are compared after normalisation (``normalize_tag``): surrounding
+whitespace and one leading '#' are removed, the tag is lowercased, and
+punctuation at both ends is stripped, so '#Circle', 'circle' and 'Circle!'
+are the same tag.
+
+Vocabulary file format (UTF-8, one label per line)::
+
+  # Shapes first. This line is a comment.
+  circle: round, disc
+  square
+
+  triangle: #trigon
+
+* Label ids are the indices of the label lines, counting from 0; comment and
+  blank lines do not count. Files written by ``LabelVocabulary.write`` have no
+  comments or blank lines, so there the line index is the label id.
+* ``label: tag1, tag2`` maps the hashtags ``tag1`` and ``tag2`` to ``label``
+  (synonyms are comma-separated, a '#' before them is optional). A label always
+  maps to itself.
+* Labels and synonyms are normalised when read, so they can never contain ':'
+  or ',' (the separators) nor start with '#'.
+* A blank line, or a line whose first non-space character is '#' followed by a
+  space, a tab or the end of the line, is a comment. '#circle' (no space) is the
+  label 'circle' written as a hashtag, not a comment.
+* A label given twice, or a hashtag mapped to two labels, is an error that
+  names both lines.
+
+Build a vocabulary from a data source's hashtags::
+
+  python -m big_pretrain.data.labels build --source=image_folder \\
+      --path=/data/images --min_count=5 --max_size=30000 --output=vocab.txt
+
+Labels are ordered by how many examples carry them (most frequent first, ties
+alphabetically), so low ids are the common labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import string
+import sys
+import unicodedata
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from big_pretrain.data import sources
+
+# Pads the 'label_ids' rows the pipeline sends to the device; never a label id.
+PADDING_LABEL_ID = -1
+
+# The format's separators: a tag containing one cannot be written to a file.
+_SEPARATORS = (':', ',', '\n', '\r')
+
+# How `big_pretrain/data/vocabularies/synthetic_shapes.txt` was built (the
+# tests rebuild it with these flags to check it is still in sync with sources.py).
+SYNTHETIC_VOCABULARY_BUILD_FLAGS = (
+    '--source=synthetic', '--num_examples=2000', '--min_count=1', '--max_size=1000')
+
+
+def synthetic_vocabulary_path() -> str:
+  """The shipped vocabulary of every hashtag the synthetic shapes source emits.
+
+  Rebuild it after changing the synthetic source with::
+
+    python -m big_pretrain.data.labels build --source=synthetic --num_examples=2000 \\
+        --min_count=1 --max_size=1000 --output=big_pretrain/data/vocabularies/synthetic_shapes.txt
+  """
+  return os.path.join(os.path.dirname(__file__), 'vocabularies', 'synthetic_shapes.txt')
+
+
+# --- Normalisation ------------------------------------------------------------
+
+def _is_punctuation_or_space(character: str) -> bool:
+  # Unicode punctuation too ('…', '“'), plus ASCII symbols such as '$' or '+'.
+  return (character in string.punctuation or character.isspace()
+          or unicodedata.category(character).startswith('P'))
+
+
+def normalize_tag(tag: str) -> str:
+  """'#Circle!' -> 'circle': strips one leading '#', lowercases, strips punctuation at the ends.
+
+  Returns '' for a tag with nothing but punctuation; '' is never a label.
+  """
+  tag = tag.strip()
+  if tag.startswith('#'):
+    tag = tag[1:]
+  tag = tag.lower()
+  start, end = 0, len(tag)
+  while start < end and _is_punctuation_or_space(tag[start]):
+    start += 1
+  while end > start and _is_punctuation_or_space(tag[end - 1]):
+    end -= 1
+  return tag[start:end]
+
+
+def _candidate_tags(hashtags: Iterable[str], caption: str, use_caption_words: bool) -> set[str]:
+  """The distinct non-empty normalised tags of one example's text."""
+  texts = list(hashtags)
+  if use_caption_words:
+    texts.extend(caption.split())
+  return {tag for tag in map(normalize_tag, texts) if tag}
+
+
+def example_tags(example: Mapping[str, Any], use_caption_words: bool = False) -> set[str]:
+  """The distinct normalised tags of a source example ('hashtags', and 'caption' words if asked)."""
+  return _candidate_tags(example.get('hashtags') or (), example.get('caption') or '',
+                         use_caption_words)
+
+
+def _storable(tag: str) -> bool:
+  return not any(separator in tag for separator in _SEPARATORS)
+
+
+# --- The vocabulary -----------------------------------------------------------
+
+class LabelVocabulary:
+  """Maps normalised hashtags (labels and their synonyms) to label ids.
+
+  Args:
+    labels: the label names; label ``i`` has id ``i``. Names are normalised.
+    synonyms: label name -> hashtags that also map to that label.
+    locations: where each label was defined (e.g. "line 3 of vocab.txt"),
+      used in error messages; defaults to "labels[i]".
+
+  Raises:
+    ValueError: a label is empty after normalisation, contains ':' or ',', is
+      given twice, or a hashtag maps to two labels; the message names where.
+  """
+
+  def __init__(self, labels: Sequence[str],
+               synonyms: Mapping[str, Iterable[str]] | None = None,
+               *, locations: Sequence[str] | None = None):
+    labels = list(labels)
+    synonyms = dict(synonyms or {})
+    if locations is None:
+      locations = [f'labels[{index}]' for index in range(len(labels))]
+    if len(locations) != len(labels):
+      raise ValueError(f'Got {len(locations)} locations for {len(labels)} labels.')
+    unknown = sorted(set(synonyms) - set(labels))
+    if unknown:
+      raise ValueError(
+          f'Synonyms are given for {unknown}, which are not among the labels;'
+          ' key synonyms by the label name exactly as it appears in `labels`.')
+
+    self._labels: list[str] = []
+    self._synonyms: dict[str, tuple[str, ...]] = {}
+    self._ids: dict[str, int] = {}
+    # Where each tag was defined, for naming both sides of a conflict.
+    defined_at: dict[str, str] = {}
+    for label_id, (raw_label, location) in enumerate(zip(labels, locations)):
+      label = self._checked_name(raw_label, 'label', location)
+      if label in self._ids:
+        other = self._labels[self._ids[label]]
+        if other == label:
+          raise ValueError(
+              f'{location}: label {label!r} is already defined at {defined_at[label]}.'
+              ' Remove one of them; list other spellings as synonyms ("label: tag1, tag2").')
+        raise ValueError(
+            f'{location}: label {label!r} is already a synonym of {other!r}'
+            f' ({defined_at[label]}). A hashtag can map to one label only: remove it'
+            ' from one of the two lines.')
+      self._labels.append(label)
+      self._ids[label] = label_id
+      defined_at[label] = location
+
+      label_synonyms = []
+      for raw_synonym in synonyms.get(raw_label, ()):
+        synonym = self._checked_name(raw_synonym, f'synonym of {label!r}', location)
+        if synonym == label or synonym in label_synonyms:
+          continue  # Repeating a tag of the same label is harmless.
+        if synonym in self._ids:
+          other = self._labels[self._ids[synonym]]
+          raise ValueError(
+              f'{location}: synonym {synonym!r} of {label!r} already maps to label'
+              f' {other!r} ({defined_at[synonym]}). A hashtag can map to one label only:'
+              ' remove it from one of the two lines.')
+        label_synonyms.append(synonym)
+        self._ids[synonym] = label_id
+        defined_at[synonym] = location
+      if label_synonyms:
+        self._synonyms[label] = tuple(label_synonyms)
+
+  @staticmethod
+  def _checked_name(raw: str, role: str, location: str) -> str:
+    name = normalize_tag(raw)
+    if not name:
+      raise ValueError(
+          f'{location}: {role} {raw!r} is empty once normalised (a leading "#",'
+          ' case and punctuation at the ends are stripped); give it letters or digits.')
+    if not _storable(name):
+      raise ValueError(
+          f'{location}: {role} {name!r} contains one of {_SEPARATORS}, which separate'
+          ' labels and synonyms in vocabulary files; remove that character.')
+    return name
+
+  @classmethod
+  def from_file(cls, path: str) -> LabelVocabulary:
+    """Reads a vocabulary file (format in the module docstring)."""
+    try:
+      with open(path, encoding='utf-8-sig') as file:  # -sig: tolerate a byte order mark.
+        lines = file.read().splitlines()
+    except FileNotFoundError:
+      raise FileNotFoundError(
+          f'Label vocabulary file {path!r} does not exist. Build one from your data with'
+          f' `python -m big_pretrain.data.labels build --source=image_folder'
+          f' --path=DATA_DIR --output={path}` (or --source=synthetic), or use the'
+          ' shipped synthetic one, big_pretrain.data.labels.synthetic_vocabulary_path().'
+      ) from None
+    except UnicodeDecodeError as error:
+      raise ValueError(
+          f'Label vocabulary file {path!r} is not UTF-8 ({error}); save it as UTF-8.') from None
+
+    labels, synonyms, locations = [], {}, []
+    for line_number, line in enumerate(lines, start=1):
+      text = line.strip()
+      if not text or _is_comment(text):
+        continue
+      label, _, synonyms_text = text.partition(':')
+      labels.append(label)
+      # Empty entries (a trailing comma) are ignored.
+      synonyms[label] = [s for s in synonyms_text.split(',') if s.strip()]
+      locations.append(f'line {line_number} of {path}')
+    if not labels:
+      raise ValueError(
+          f'Label vocabulary file {path!r} has no labels (only blank or comment lines).'
+          ' Rebuild it with `python -m big_pretrain.data.labels build ... --output=PATH`.')
+    if len(set(labels)) != len(labels):
+      # The same raw text twice: the synonyms dict keeps one; report the duplicate line.
+      first_line = {}
+      for label, location in zip(labels, locations):
+        if label in first_line:
+          raise ValueError(
+              f'{location}: label {normalize_tag(label)!r} is already defined at'
+              f' {first_line[label]}. Remove one of them; list other spellings as'
+              ' synonyms ("label: tag1, tag2").')
+        first_line[label] = location
+    return cls(labels, synonyms, locations=locations)
+
+  def write(self, path: str) -> None:
+    """Writes the vocabulary in the file format, one label per line in id order."""
+    lines = [label + (': ' + ', '.join(self._synonyms[label]) if label in self._synonyms else '')
+             for label in self._labels]
+    directory = os.path.dirname(path)
+    if directory:
+      os.makedirs(directory, exist_ok=True)
+    # Write then rename, so a reader never sees half a vocabulary.
+    temporary_path = f'{path}.tmp'
+    with open(temporary_path, 'w', encoding='utf-8') as file:
+      file.write(''.join(line + '\n' for line in lines))
+    os.replace(temporary_path, path)
+
+  @property
+  def labels(self) -> list[str]:
+    """The label names; the label with id i is labels[i]."""
+    return list(self._labels)
+
+  @property
+  def synonyms(self) -> dict[str, tuple[str, ...]]:
+    """Label name -> the other hashtags mapped to it (labels without synonyms are left out)."""
+    return dict(self._synonyms)
+
+  def __len__(self) -> int:
+    return len(self._labels)
+
+  def label_id(self, tag: str) -> int | None:
+    """The id of the label `tag` (a label or a synonym, normalised first) maps to, or None."""
+    return self._ids.get(normalize_tag(tag))
+
+  def encode(self, hashtags: Iterable[str], caption: str = '',
+             use_caption_words: bool = False) -> list[int]:
+    """Sorted, distinct ids of the known labels among `hashtags` (and the caption's words if asked)."""
+    tags = _candidate_tags(hashtags, caption, use_caption_words)
+    return sorted({self._ids[tag] for tag in tags if tag in self._ids})
+
+  def __eq__(self, other: object) -> bool:
+    if not isinstance(other, LabelVocabulary):
+      return NotImplemented
+    return self._labels == other._labels and self._synonyms == other._synonyms
+
+  def __repr__(self) -> str:
+    preview = ', '.join(self._labels[:5]) + (', ...' if len(self._labels) > 5 else '')
+    return f'LabelVocabulary({len(self)} labels: {preview})'
+
+
+def _is_comment(stripped_line: str) -> bool:
+  # '# note' and '#' are comments; '#circle' is a label written as a hashtag.
+  return stripped_line.startswith('#') and (len(stripped_line) == 1 or stripped_line[1].isspace())
+
+
+def pad_label_ids(label_ids: Sequence[int], length: int) -> np.ndarray:
+  """int32 (length,): the sorted ids, padded with PADDING_LABEL_ID, keeping the lowest ids if too many.
+
+  Labels are numbered most frequent first, so truncation keeps the common labels.
+  """
+  row = np.full((length,), PADDING_LABEL_ID, np.int32)
+  kept = sorted(label_ids)[:length]
+  row[:len(kept)] = kept
+  return row
+
+
+def build_vocabulary(examples: Iterable[Mapping[str, Any]], min_count: int, max_size: int,
+                     use_caption_words: bool = False) -> LabelVocabulary:
+  """The most common normalised tags of `examples`, most frequent first.
+
+  A tag's count is the number of examples carrying it (a tag repeated in one
+  caption counts once). Keeps tags seen in at least `min_count` examples, at
+  most `max_size` of them; ties are broken alphabetically, so the result is
+  deterministic. Tags containing ':' or ',' (e.g. URLs among caption words)
+  cannot be written to a vocabulary file and are never kept.
+  """
+  if min_count < 1:
+    raise ValueError(f'min_count must be at least 1, got {min_count}.')
+  if max_size < 1:
+    raise ValueError(f'max_size must be at least 1, got {max_size}.')
+  counts = collections.Counter()
+  for example in examples:
+    counts.update(example_tags(example, use_caption_words))
+  frequent = sorted(
+      (tag for tag, count in counts.items() if count >= min_count and _storable(tag)),
+      key=lambda tag: (-counts[tag], tag))
+  return LabelVocabulary(frequent[:max_size])
+
+
+# --- Command line -------------------------------------------------------------
+
+def _argument_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='python -m big_pretrain.data.labels',
+      description='Label vocabularies for weakly-supervised pretraining (WSP).')
+  commands = parser.add_subparsers(dest='command', required=True)
+  build = commands.add_parser(
+      'build', help="Count a source's hashtags and write the most frequent as a vocabulary.")
+  build.add_argument('--source', required=True, choices=sources.SOURCE_NAMES)
+  build.add_argument('--path', help='image_folder: the folder of class subfolders.')
+  build.add_argument(
+      '--num_examples', type=int, default=None,
+      help='synthetic: how many examples to read (default: config.data.num_examples).'
+      ' image_folder: read only N images, evenly spaced over the sorted files so every'
+      ' class is represented (default: all).')
+  # Synthetic hashtags are drawn before anything that depends on the image size,
+  # so the smallest images give the same tags, fastest.
+  build.add_argument('--source_image_size', type=int, default=16,
+                     help='synthetic: size of the generated images (does not change the tags).')
+  build.add_argument('--seed', type=int, default=0, help='synthetic: the dataset seed.')
+  build.add_argument('--min_count', type=int, default=1,
+                     help='Keep tags carried by at least this many examples.')
+  build.add_argument('--max_size', type=int, default=1000,
+                     help='Keep at most this many labels, the most frequent.')
+  build.add_argument('--use_caption_words', action='store_true',
+                     help="Count every word of the caption as well as its hashtags.")
+  build.add_argument('--output', required=True, help='Where to write the vocabulary file.')
+  return parser
+
+
+def _read_texts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict[str, Any]]:
+  """The 'hashtags' and 'caption' of the examples to count (images are dropped at once)."""
+  from big_pretrain.data import pipeline  # Not at the top: pipeline imports this module.
+
+  data_config = pipeline.default_data_config()
+  data_config.source = args.source
+  data_config.seed = args.seed
+  data_config.source_image_size = args.source_image_size
+  if args.source == 'image_folder':
+    if not args.path:
+      parser.error('--source=image_folder needs --path=DIR, a folder of class subfolders.')
+    data_config.path = args.path
+  if args.num_examples is not None:
+    if args.num_examples < 1:
+      parser.error(f'--num_examples must be positive, got {args.num_examples}.')
+    if args.source == 'synthetic':
+      data_config.num_examples = args.num_examples
+  source = sources.build_source(data_config)
+  indices = range(len(source))
+  if args.num_examples is not None and args.num_examples < len(source):
+    indices = np.unique(np.linspace(0, len(source) - 1, args.num_examples).astype(int))
+  texts = []
+  for index in indices:
+    example = source[int(index)]
+    texts.append({'hashtags': list(example.get('hashtags') or ()),
+                  'caption': example.get('caption') or ''})
+  return texts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = _argument_parser()
+  args = parser.parse_args(argv)
+  texts = _read_texts(args, parser)
+  vocabulary = build_vocabulary(texts, min_count=args.min_count, max_size=args.max_size,
+                                use_caption_words=args.use_caption_words)
+  distinct_tags = set().union(*(example_tags(t, args.use_caption_words) for t in texts))
+  print(f'Read {len(texts)} examples from the {args.source} source, with'
+        f' {len(distinct_tags)} distinct tags.')
+  if not len(vocabulary):
+    print(f'No tag is carried by --min_count={args.min_count} examples; nothing written.'
+          ' Lower --min_count, read more examples, or add --use_caption_words.',
+          file=sys.stderr)
+    return 1
+  unlabelled = sum(
+      not vocabulary.encode(t['hashtags'], t['caption'], args.use_caption_words) for t in texts)
+  print(f'{unlabelled} of {len(texts)} examples have no label in the vocabulary'
+        ' (WSP leaves them out of the loss).')
+  vocabulary.write(args.output)
+  print(f'Wrote {len(vocabulary)} labels to {args.output}.')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,178 @@
+"""Initialising a stage from an earlier stage's checkpoint (MAE -> WSP).
+
+Only the taken subtrees (e.g. the encoder) are read from disk (Orbax partial
+restore); they are converted to the target's layout (scanned <-> unrolled
+layers, learned position embeddings resampled to a new patch grid), checked
+against the fresh parameters' shapes (a mismatch names the parameter and both
+shapes), and copied bit-exactly. Everything not taken (the WSP head) keeps its
+fresh initialisation; what is not needed (the MAE decoder) is never read.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from big_pretrain.checkpoint import STATE_ITEM, CheckpointMismatchError, check_shapes_fit
+
+_BLOCK = re.compile(r'^block_(\d+)$')
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+  """A step directory from a step dir, a checkpoints dir or a stage workdir (latest step)."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, STATE_ITEM)):
+    return path
+  for candidate in (path, os.path.join(path, 'checkpoints')):
+    steps = [int(d) for d in os.listdir(candidate) if d.isdigit()] if os.path.isdir(candidate) else []
+    if steps:
+      return os.path.join(candidate, str(max(steps)))
+  raise FileNotFoundError(
+      f'No checkpoint found at {path}: expected a step folder holding "{STATE_ITEM}/", or a '
+      'folder of such step folders. Point init_from.checkpoint at one, or init_from.stage '
+      'at an earlier stage of this config.')
+
+
+def _nested_get(tree: dict, keys: tuple[str, ...]):
+  for key in keys:
+    tree = tree[key]
+  return tree
+
+
+def read_subtrees(step_dir: str, take: tuple[str, ...]) -> dict:
+  """{name: numpy tree} for each params/<name> in `take`, reading nothing else."""
+  checkpointer = ocp.PyTreeCheckpointer()
+  state_dir = os.path.join(step_dir, STATE_ITEM)
+  metadata = checkpointer.metadata(state_dir).item_metadata.tree
+  missing = [name for name in take if name not in metadata.get('params', {})]
+  if missing:
+    raise CheckpointMismatchError(
+        f'The checkpoint {step_dir} has no params/{missing[0]} to take; it holds '
+        f'params/{{{", ".join(sorted(metadata.get("params", {})))}}}. Fix init_from.take.')
+  wanted = {'params': {name: metadata['params'][name] for name in take}}
+  restore_args = jax.tree_util.tree_map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+  restored = checkpointer.restore(
+      state_dir, args=ocp.args.PyTreeRestore(
+          item=wanted, restore_args=restore_args, partial_restore=True))
+  return restored['params']
+
+
+def scanned_to_unrolled(tree: dict) -> dict:
+  """{'blocks': leaves with a leading layer axis} -> {'block_0': ..., 'block_1': ...}, recursively."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {}
+  for key, value in tree.items():
+    if key == 'blocks':
+      depth = jax.tree_util.tree_leaves(value)[0].shape[0]
+      for layer in range(depth):
+        out[f'block_{layer}'] = jax.tree_util.tree_map(lambda x, i=layer: x[i], value)
+    else:
+      out[key] = scanned_to_unrolled(value)
+  return out
+
+
+def unrolled_to_scanned(tree: dict) -> dict:
+  """The inverse of `scanned_to_unrolled`."""
+  if not isinstance(tree, dict):
+    return tree
+  layers = sorted((int(m.group(1)), k) for k in tree if (m := _BLOCK.match(k)))
+  out = {k: unrolled_to_scanned(v) for k, v in tree.items() if not _BLOCK.match(k)}
+  if layers:
+    if [i for i, _ in layers] != list(range(len(layers))):
+      raise CheckpointMismatchError(f'Layers {[k for _, k in layers]} are not 0..N-1.')
+    out['blocks'] = jax.tree_util.tree_map(
+        lambda *xs: np.stack(xs), *[tree[k] for _, k in layers])
+  return out
+
+
+def _is_scanned(tree) -> bool:
+  if not isinstance(tree, dict):
+    return False
+  return 'blocks' in tree or any(_is_scanned(v) for v in tree.values())
+
+
+def _is_unrolled(tree) -> bool:
+  if not isinstance(tree, dict):
+    return False
+  return any(_BLOCK.match(k) for k in tree) or any(_is_unrolled(v) for v in tree.values())
+
+
+def match_layer_layout(source: dict, target_like: dict) -> dict:
+  """Converts `source` to the scanned/unrolled layout of `target_like`."""
+  if _is_scanned(source) and _is_unrolled(target_like):
+    return scanned_to_unrolled(source)
+  if _is_unrolled(source) and _is_scanned(target_like):
+    return unrolled_to_scanned(source)
+  return source
+
+
+def resample_position_embedding(posemb: np.ndarray, num_tokens: int) -> np.ndarray:
+  """(1, gh*gw, D) learned embedding -> (1, num_tokens, D) by bilinear resizing of the grid.
+
+  A constant embedding stays constant; same size is returned unchanged.
+  """
+  old_tokens = posemb.shape[1]
+  if old_tokens == num_tokens:
+    return posemb
+  old_grid, new_grid = int(round(np.sqrt(old_tokens))), int(round(np.sqrt(num_tokens)))
+  if old_grid ** 2 != old_tokens or new_grid ** 2 != num_tokens:
+    raise CheckpointMismatchError(
+        f'pos_embedding: cannot resample {old_tokens} tokens to {num_tokens}: '
+        'only square patch grids are supported.')
+  grid = posemb.reshape(old_grid, old_grid, -1)
+  resized = jax.image.resize(grid, (new_grid, new_grid, grid.shape[-1]), method='bilinear')
+  logging.info('Resampled pos_embedding from a %dx%d to a %dx%d grid.',
+               old_grid, old_grid, new_grid, new_grid)
+  return np.asarray(resized, posemb.dtype).reshape(1, num_tokens, -1)
+
+
+def _resample_position_embeddings(source: dict, target_like: dict) -> dict:
+  if not isinstance(source, dict):
+    return source
+  out = {}
+  for key, value in source.items():
+    target_value = target_like.get(key) if isinstance(target_like, dict) else None
+    if key == 'pos_embedding' and target_value is not None:
+      out[key] = resample_position_embedding(value, target_value.shape[1])
+    else:
+      out[key] = _resample_position_embeddings(value, target_value)
+  return out
+
+
+def adapt_subtree(source: dict, target: dict, where: str) -> dict:
+  """Layout conversion + resampling, then an exact structure and shape check."""
+  adapted = _resample_position_embeddings(match_layer_layout(source, target), target)
+  check_shapes_fit(_shapes(adapted), _shapes(target), where)
+  return adapted
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  return {jax.tree_util.keystr(path, simple=True, separator='/'): tuple(np.shape(leaf))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def load_into(fresh_params: dict, step_dir: str, take: tuple[str, ...]) -> dict:
+  """`fresh_params` with each subtree in `take` replaced by the checkpoint's, same shardings."""
+  subtrees = read_subtrees(step_dir, take)
+  params = dict(fresh_params)
+  for name in take:
+    if name not in fresh_params:
+      raise CheckpointMismatchError(
+          f'init_from.take names {name!r}, which this model does not have; it has '
+          f'{sorted(fresh_params)}.')
+    adapted = adapt_subtree(subtrees[name], fresh_params[name], f'{step_dir} params/{name}')
+    # Each device takes its own slice of the host copy (safe with several hosts).
+    params[name] = jax.tree_util.tree_map(
+        lambda value, fresh: jax.make_array_from_callback(
+            fresh.shape, fresh.sharding, lambda index, v=np.asarray(value, fresh.dtype): v[index]),
+        adapted, fresh_params[name])
+    logging.info('Initialised params/%s from %s (%d arrays).', name, step_dir,
+                 len(jax.tree_util.tree_leaves(adapted)))
+  return params

@@ -1,0 +1,31 @@
+"""MAE pre-pretraining, then WSP initialised from the MAE encoder (MAWS).
+
+  python main.py --config=configs/mae_then_wsp.py --workdir=DIR \
+      --config.stages.mae.data.path=/data/ig/train \
+      --config.stages.wsp.data.path=/data/ig/train \
+      --config.stages.wsp.data.labels.vocabulary=/data/ig/vocab.txt
+  python main.py --config=configs/mae_then_wsp.py:demo --workdir=DIR   # CPU, embedded data
+
+The MAE stage is configs/mae.py, the WSP stage configs/wsp.py with
+`init_from.stage='mae'`: its encoder starts from MAE's final checkpoint (the
+decoder and mask token are dropped, the head is fresh). MAWS finds about one
+epoch of MAE enough; gains grow with model size. Each stage trains in
+DIR/<stage>; run the same command again to resume where it stopped.
+"""
+
+import ml_collections
+
+from configs import mae, wsp
+
+
+def get_config(arg: str | None = None):
+  config = ml_collections.ConfigDict()
+  config.stages = ml_collections.ConfigDict()
+  config.stages.mae = mae.get_config(arg)
+  config.stages.wsp = wsp.get_config(arg)
+  config.stages.wsp.init_from.stage = 'mae'
+  config.stages.wsp.init_from.take = ('encoder',)
+  # Both stages probe their encoder the same way, so the numbers compare.
+  for name in ('linear_probe', 'knn'):
+    config.stages.mae.evals[name] = config.stages.wsp.evals[name].to_dict()
+  return config

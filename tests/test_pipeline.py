@@ -1,0 +1,97 @@
+"""Stages in order: skip finished ones, resume the interrupted one, chain through checkpoints."""
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from big_pretrain import pipeline
+from big_pretrain.config_schema import ConfigError, validate_config
+from big_pretrain.train import loop
+from configs import mae_then_wsp
+from test_transfer import tiny_wsp_config
+from tiny_config import tiny_mae_config
+
+
+def tiny_chain():
+  config = ml_collections.ConfigDict()
+  config.stages = ml_collections.ConfigDict()
+  config.stages.mae = tiny_mae_config(total_steps=2)
+  config.stages.wsp = tiny_wsp_config()
+  config.stages.wsp.total_steps = 4
+  config.stages.wsp.checkpoint.every_steps = 2
+  config.stages.wsp.init_from.stage = 'mae'
+  return config
+
+
+def test_chain_resumes_the_interrupted_stage_and_does_not_redo_the_first(tmp_path, monkeypatch):
+  calls = []
+  real_train_stage = loop.train_stage
+
+  def interrupted_wsp(config, workdir, **kwargs):
+    calls.append(os.path.basename(workdir))
+    if workdir.endswith('wsp'):
+      kwargs['stop_after_steps'] = 2  # as if killed after step 2 of WSP
+    return real_train_stage(config, workdir, **kwargs)
+
+  monkeypatch.setattr(pipeline, 'train_stage', interrupted_wsp)
+  pipeline.run(tiny_chain(), str(tmp_path))
+  assert calls == ['mae', 'wsp']
+  assert max(int(d) for d in os.listdir(tmp_path / 'wsp' / 'checkpoints')) == 2
+
+  calls.clear()
+  results = []
+
+  def recording(config, workdir, **kwargs):
+    calls.append(os.path.basename(workdir))
+    results.append(real_train_stage(config, workdir, **kwargs))
+    return results[-1]
+
+  monkeypatch.setattr(pipeline, 'train_stage', recording)
+  pipeline.run(tiny_chain(), str(tmp_path))
+  assert calls == ['wsp']  # MAE was finished: not run again
+  assert results[0].steps_run == 2 and results[0].finished  # WSP went on from step 2
+
+  calls.clear()
+  pipeline.run(tiny_chain(), str(tmp_path))
+  assert calls == []  # everything finished
+
+
+def test_wsp_starts_from_the_mae_encoder(tmp_path, monkeypatch):
+  config = tiny_chain()
+  config.stages.wsp.optim.lr_per_256 = 0.0  # WSP leaves the weights where they started
+  config.stages.wsp.optim.weight_decay = 0.0
+  finals = {}
+  real_train_stage = loop.train_stage
+
+  def keep_final(config, workdir, **kwargs):
+    result = real_train_stage(config, workdir, **kwargs)
+    finals[os.path.basename(workdir)] = jax.device_get(result.state.params)
+    return result
+
+  monkeypatch.setattr(pipeline, 'train_stage', keep_final)
+  pipeline.run(config, str(tmp_path))
+  jax.tree_util.tree_map(np.testing.assert_array_equal,
+                         finals['wsp']['encoder'], finals['mae']['encoder'])
+
+
+def test_chain_config_names_a_stage_that_is_not_earlier():
+  config = tiny_chain()
+  config.stages.wsp.init_from.stage = 'maw'
+  with pytest.raises(ConfigError, match=r"stages\.wsp\.init_from\.stage='maw'.*\['mae'\]"):
+    validate_config(config)
+  config = tiny_chain()
+  config.unlock()
+  config.stagse = 1
+  with pytest.raises(ConfigError, match=r'config\.stagse.*stages'):
+    validate_config(config)
+
+
+def test_shipped_chain_configs_validate():
+  validate_config(mae_then_wsp.get_config('demo'))
+  recipe = mae_then_wsp.get_config()
+  assert recipe.stages.mae.model.variant == 'L/16' and recipe.stages.wsp.init_from.stage == 'mae'
+  with pytest.raises(ConfigError, match=r'stages\.mae\.data\.path is not set'):
+    validate_config(recipe)

@@ -1,0 +1,121 @@
+"""MAE -> WSP: the encoder is copied bit-exactly, layouts convert, shapes are checked."""
+
+import jax
+import numpy as np
+import pytest
+
+from big_pretrain import transfer
+from big_pretrain.checkpoint import CheckpointMismatchError
+from big_pretrain.config_schema import stage_config
+from big_pretrain.data.labels import synthetic_vocabulary_path
+from big_pretrain.objectives import build_objective
+from big_pretrain.train.loop import train_stage
+from tiny_config import tiny_mae_config
+
+
+def tiny_wsp_config(**model):
+  config = stage_config('wsp')
+  config.model.variant = 'mu/8'
+  config.model.update(model)
+  config.data.update(source='synthetic', num_examples=256, source_image_size=32, image_size=32)
+  config.data.labels.vocabulary = synthetic_vocabulary_path()
+  config.batch_size = 16
+  config.total_steps = 2
+  return config
+
+
+def _fresh_wsp_params(config):
+  from big_pretrain import sharding as sharding_lib
+  from big_pretrain.train.optim import make_optimizer, make_schedule
+  from big_pretrain.train.step import build_trainer
+  mesh = sharding_lib.make_mesh(config.mesh)
+  schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
+  trainer = build_trainer(build_objective(config), make_optimizer(config.optim, schedule),
+                          schedule, mesh, sharding_lib.logical_axis_rules(config))
+  return trainer.init_state(jax.random.key(1)).params
+
+
+@pytest.fixture(scope='module')
+def mae_run(tmp_path_factory):
+  """A tiny MAE trained 2 steps (scanned layers), and its final parameters."""
+  workdir = tmp_path_factory.mktemp('mae')
+  result = train_stage(tiny_mae_config(total_steps=2, **{'model.scan': True}), str(workdir))
+  return str(workdir), jax.device_get(result.state.params)
+
+
+@pytest.mark.parametrize('scan', [True, False])
+def test_mae_to_wsp_copies_every_encoder_tensor_bit_exactly(mae_run, scan):
+  workdir, mae_params = mae_run
+  config = tiny_wsp_config(scan=scan)
+  fresh = _fresh_wsp_params(config)
+  loaded = transfer.load_into(fresh, transfer.resolve_checkpoint_dir(workdir), ('encoder',))
+  assert set(loaded) == {'encoder', 'head'}  # no decoder, no mask token
+  expected = mae_params['encoder'] if scan else transfer.scanned_to_unrolled(mae_params['encoder'])
+  got = jax.device_get(loaded['encoder'])
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(expected)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got, expected)
+  # The head keeps its fresh (zero) initialisation; shardings are the fresh ones.
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(loaded['head']),
+                         jax.device_get(fresh['head']))
+  for new, old in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(fresh)):
+    assert new.sharding == old.sharding
+
+
+def test_a_shape_mismatch_names_the_parameter_and_both_shapes(mae_run):
+  workdir, _ = mae_run
+  fresh = _fresh_wsp_params(tiny_wsp_config(variant='mu/4'))  # patch 4 instead of 8
+  with pytest.raises(CheckpointMismatchError,
+                     match=r'patch_embed/kernel: checkpoint \(8, 8, 3, 64\) vs model \(4, 4, 3, 64\)'):
+    transfer.load_into(fresh, transfer.resolve_checkpoint_dir(workdir), ('encoder',))
+
+
+def test_taking_a_subtree_the_checkpoint_lacks_is_named(mae_run):
+  workdir, _ = mae_run
+  fresh = _fresh_wsp_params(tiny_wsp_config())
+  with pytest.raises(CheckpointMismatchError, match=r'params/head'):
+    transfer.load_into(fresh, transfer.resolve_checkpoint_dir(workdir), ('head',))
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    transfer.resolve_checkpoint_dir(str(tmp_path))
+
+
+def test_position_embedding_resampling_keeps_a_constant_constant():
+  constant = np.full((1, 16, 8), 0.37, np.float32)
+  resampled = transfer.resample_position_embedding(constant, 64)
+  assert resampled.shape == (1, 64, 8)
+  np.testing.assert_allclose(resampled, 0.37, rtol=1e-6)
+  ramp = np.arange(16, dtype=np.float32).reshape(1, 16, 1)
+  assert transfer.resample_position_embedding(ramp, 16) is ramp  # same grid: untouched
+  with pytest.raises(CheckpointMismatchError, match='square'):
+    transfer.resample_position_embedding(constant, 60)
+
+
+def test_learned_position_embedding_is_resampled_on_load(tmp_path):
+  mae = train_stage(tiny_mae_config(total_steps=1, **{'model.posemb': 'learned'}), str(tmp_path))
+  wsp = tiny_wsp_config(posemb='learned')
+  wsp.data.image_size = 64  # 8x8 patch grid instead of 4x4
+  loaded = transfer.load_into(_fresh_wsp_params(wsp), transfer.resolve_checkpoint_dir(str(tmp_path)),
+                              ('encoder',))
+  old = np.asarray(mae.state.params['encoder']['pos_embedding'])
+  new = np.asarray(loaded['encoder']['pos_embedding'])
+  assert new.shape == (1, 64, 64)
+  np.testing.assert_allclose(new, transfer.resample_position_embedding(old, 64))
+
+
+def test_scanned_unrolled_round_trip():
+  rng = np.random.default_rng(0)
+  scanned = {'patch_embed': {'kernel': rng.normal(size=(2, 3))},
+             'transformer': {'blocks': {'mlp': {'kernel': rng.normal(size=(4, 5, 6)),
+                                                'bias': rng.normal(size=(4, 6))}},
+                             'norm': {'scale': rng.normal(size=(5,))}}}
+  unrolled = transfer.scanned_to_unrolled(scanned)
+  assert sorted(unrolled['transformer']) == ['block_0', 'block_1', 'block_2', 'block_3', 'norm']
+  np.testing.assert_array_equal(unrolled['transformer']['block_2']['mlp']['kernel'],
+                                scanned['transformer']['blocks']['mlp']['kernel'][2])
+  back = transfer.unrolled_to_scanned(unrolled)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, back, scanned)
+  assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(scanned)
+  again = transfer.scanned_to_unrolled(back)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, again, unrolled)
