@@ -40,7 +40,7 @@ def _stage_finished(stage_config, stage_dir: str) -> bool:
   return latest is not None and latest >= stage_config.total_steps
 
 
-def _initialiser(init_from, workdir: str):
+def initialiser_from(init_from, workdir: str):
   """params -> params with the taken subtrees from the source checkpoint, or None."""
   if not (init_from.stage or init_from.checkpoint):
     return None
@@ -66,7 +66,7 @@ def run(config, workdir: str) -> dict[str, dict]:
       continue
     logging.info('Stage %r: training in %s.', name, stage_dir)
     result = train_stage(stage_config, stage_dir,
-                         initialise=_initialiser(stage_config.init_from, workdir))
+                         initialise=initialiser_from(stage_config.init_from, workdir))
     if not result.finished:
       logging.info('Stage %r stopped at step %d; run the same command to resume.',
                    name, result.state.step)

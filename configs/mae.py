@@ -9,6 +9,7 @@
 """
 
 from big_pretrain.config_schema import stage_config
+from big_pretrain.evaluators import evaluator_config
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -32,7 +33,7 @@ def get_config(arg: str | None = None):
   config.data.image_size = 224
   config.data.crop_scale = (0.2, 1.0)
   config.checkpoint.every_steps = 1000
-  config.evals.reconstruction = dict(kind='reconstruction', every_steps=10_000, num_images=8)
+  config.evals.reconstruction = evaluator_config('reconstruction', every_steps=10_000)
 
   if arg == 'demo':
     config.model.variant = 'mu/8'

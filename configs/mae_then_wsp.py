@@ -27,5 +27,5 @@ def get_config(arg: str | None = None):
   config.stages.wsp.init_from.take = ('encoder',)
   # Both stages probe their encoder the same way, so the numbers compare.
   for name in ('linear_probe', 'knn'):
-    config.stages.mae.evals[name] = config.stages.wsp.evals[name].to_dict()
+    config.stages.mae.evals[name] = config.stages.wsp.evals[name].copy_and_resolve_references()
   return config

@@ -10,6 +10,7 @@
 
 from big_pretrain.config_schema import stage_config
 from big_pretrain.data.labels import synthetic_vocabulary_path
+from big_pretrain.evaluators import evaluator_config
 
 
 def get_config(arg: str | None = None):
@@ -29,8 +30,8 @@ def get_config(arg: str | None = None):
   config.data.image_size = 224
   config.data.crop_scale = (0.08, 1.0)      # WSP uses the classification crop range.
   config.checkpoint.every_steps = 1000
-  config.evals.linear_probe = dict(kind='linear_probe', every_steps=10_000)
-  config.evals.knn = dict(kind='knn', every_steps=10_000)
+  config.evals.linear_probe = evaluator_config('linear_probe', every_steps=10_000)
+  config.evals.knn = evaluator_config('knn', every_steps=10_000)
 
   if arg == 'demo':
     config.model.variant = 'mu/8'

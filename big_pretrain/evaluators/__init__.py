@@ -27,9 +27,23 @@ def evaluator_defaults(kind: str):
   return _REGISTRY[kind].default_config()
 
 
+def evaluator_config(kind: str, **overrides):
+  """The full config of an evaluator: its defaults, with `overrides` applied.
+
+  Config files use this so every key exists and can be overridden on the
+  command line (--config.evals.knn.k=5).
+  """
+  if kind not in _REGISTRY:
+    raise ValueError(f'Unknown evaluator kind {kind!r}; choose one of {evaluator_names()}.')
+  config = _REGISTRY[kind].default_config()
+  config.update(overrides)
+  return config
+
+
 def build_evaluators(stage_config, objective, trainer, workdir):
-  """One evaluator per entry of config.evals, in declaration order."""
+  """One evaluator per entry of config.evals, in declaration order; missing keys take defaults."""
   return [
-      _REGISTRY[eval_config.kind](name, eval_config, stage_config, objective, trainer, workdir)
+      _REGISTRY[eval_config.kind](name, evaluator_config(**eval_config),
+                                  stage_config, objective, trainer, workdir)
       for name, eval_config in stage_config.evals.items()
   ]

@@ -35,6 +35,7 @@ class StageResult:
   finished: bool                  # reached config.total_steps
   last_metrics: dict              # the training metrics of the last log interval
   eval_results: dict              # evaluator name -> scalars of its last run
+  history: list                   # (step, metrics) of every log interval of this call
 
 
 def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | None = None,
@@ -96,7 +97,7 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   eval_results = {}
 
   # --- Steps.
-  pending_metrics, last_metrics = [], {}
+  pending_metrics, last_metrics, history = [], {}, []
   interval_start, interval_steps = time.perf_counter(), 0
   step = start_step
   steps_run = 0
@@ -117,6 +118,7 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
       last_metrics['steps_per_sec'] = interval_steps / elapsed
       last_metrics['data/corrupt_images_skipped'] = data.corrupt_images_skipped
       writer.write_scalars(step, last_metrics)
+      history.append((step, last_metrics))
       pending_metrics, interval_start, interval_steps = [], time.perf_counter(), 0
     for evaluator in evaluators:
       if evaluator.due(step, final):
@@ -137,7 +139,8 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   if eval_results and jax.process_index() == 0:
     with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
       json.dump({'step': step, **eval_results}, f, indent=2)
-  return StageResult(state, steps_run, step >= config.total_steps, last_metrics, eval_results)
+  return StageResult(state, steps_run, step >= config.total_steps, last_metrics, eval_results,
+                     history)
 
 
 def _mean_metrics(metrics_list: list[dict]) -> dict:
