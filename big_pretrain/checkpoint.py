@@ -72,9 +72,6 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
-
   def save(self, step: int, state, data_iterator, force: bool = False) -> bool:
     """Saves if `step` is on the interval (or `force`); returns whether it did."""
     return self._manager.save(

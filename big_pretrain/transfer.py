@@ -38,12 +38,6 @@ def resolve_checkpoint_dir(path: str) -> str:
       'at an earlier stage of this config.')
 
 
-def _nested_get(tree: dict, keys: tuple[str, ...]):
-  for key in keys:
-    tree = tree[key]
-  return tree
-
-
 def read_subtrees(step_dir: str, take: tuple[str, ...]) -> dict:
   """{name: numpy tree} for each params/<name> in `take`, reading nothing else."""
   checkpointer = ocp.PyTreeCheckpointer()

@@ -62,3 +62,17 @@ def test_stable_for_large_logits():
   logits = jnp.array([[1e4, -1e4, 0.0]])
   per_example, _ = soft_target_cross_entropy(logits, jnp.array([[1, -1]]))
   assert np.isfinite(per_example).all() and float(per_example[0]) == 2e4
+
+
+def test_wsp_config_without_a_vocabulary_is_refused_before_compute(tmp_path):
+  import pytest
+  from big_pretrain.config_schema import validate_config
+  from big_pretrain.errors import ConfigError
+  from configs import wsp
+  config = wsp.get_config('demo')
+  config.data.labels.vocabulary = None
+  with pytest.raises(ConfigError, match=r'labels\.vocabulary is not set.*labels build'):
+    validate_config(config)
+  config.data.labels.vocabulary = str(tmp_path)  # a folder, not a file
+  with pytest.raises(ConfigError, match=r'is not a file'):
+    validate_config(config)
