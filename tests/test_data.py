@@ -345,3 +345,17 @@ def test_image_folder_without_images_names_folder_and_extensions(tmp_path):
 def test_unknown_source_lists_valid_names():
   with pytest.raises(ValueError, match="'synthetic', 'image_folder'"):
     sources.build_source(small_config(source='imagenet'))
+
+
+def test_synthetic_colour_label_names_the_shape_colour_in_the_caption():
+  shapes = sources.SyntheticShapes(50, 32)
+  colours = sources.SyntheticShapes(50, 32, label='colour')
+  assert colours.class_names == [name for name, _ in sources.PALETTE]
+  for index in range(50):
+    shape_example, colour_example = shapes[index], colours[index]
+    np.testing.assert_array_equal(shape_example['image'], colour_example['image'])  # same pixels
+    colour_name = colours.class_names[colour_example['label']]
+    assert shape_example['caption'].split()[2] == colour_name  # 'a large red circle on ...'
+  assert len({colours[i]['label'] for i in range(50)}) > 5
+  with pytest.raises(ValueError, match='colour'):
+    sources.SyntheticShapes(10, 32, label='size')

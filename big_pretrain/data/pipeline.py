@@ -7,6 +7,7 @@ Per process::
     .repeat(None)                         # train only; eval reads one epoch
     [process_index::process_count]
     .map(add_label_ids)                   # only when config.labels.vocabulary is set (WSP)
+    .map(add_text_tokens)                 # only when config.text.tokenizer is set (FLIP)
     .random_map(decode, crop, flip)       # eval: .map(decode, centre crop)
     .to_iter_dataset(ReadOptions(...))    # decoding runs in num_threads threads
     -> skip and count corrupt images
@@ -36,12 +37,15 @@ import numpy as np
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data import labels as labels_lib
 from big_pretrain.data import sources
+from big_pretrain.data import tokenizer as tokenizer_lib
 from big_pretrain.data import transforms
 
 # Fields that go to the device. Strings (caption, hashtags) stay on the host.
 DEVICE_FEATURES = ('image', 'label')
 # Added to DEVICE_FEATURES when config.labels.vocabulary is set: the WSP labels.
 LABEL_IDS_FEATURE = 'label_ids'
+# Added to DEVICE_FEATURES when config.text.tokenizer is set: the tokenised caption.
+TEXT_TOKENS_FEATURE = 'text_tokens'
 
 # Independent random streams derived from the seeds.
 _SHUFFLE_STREAM = 0
@@ -60,6 +64,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.split = 'train'  # 'train' | 'test': which of the two a pipeline reads.
   config.num_examples = 50_000  # synthetic only.
   config.source_image_size = 64  # synthetic only: size of the generated images.
+  config.synthetic_label = 'shape'  # synthetic only: the class label, 'shape' or 'colour'.
   config.seed = 0  # Dataset seed: synthetic content, shuffle order, augmentation.
   config.image_size = 224  # Model input size after crop + resize.
   config.crop_scale = (0.2, 1.0)  # RandomResizedCrop area fraction range.
@@ -74,14 +79,24 @@ def default_data_config() -> ml_collections.ConfigDict:
       max_labels_per_example=16,
       use_caption_words=False,  # Also map every caption word, not only hashtags.
   ))
+  # Captions for image-text objectives (FLIP), see big_pretrain.data.tokenizer.
+  config.text = ml_collections.ConfigDict(dict(
+      # A word vocabulary file or a SentencePiece .model; None: no text (no 'text_tokens').
+      tokenizer=ml_collections.config_dict.placeholder(str),
+      # Width of the 'text_tokens' rows: <bos> + caption + <eos>, padded or truncated.
+      max_length=32,
+  ))
   return config
 
 
 def device_feature_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The fields of every batch: DEVICE_FEATURES, plus 'label_ids' when WSP labels are on."""
+  """DEVICE_FEATURES, plus 'label_ids' if WSP labels are on and 'text_tokens' if text is."""
+  names = DEVICE_FEATURES
   if _label_vocabulary_path(data_config):
-    return DEVICE_FEATURES + (LABEL_IDS_FEATURE,)
-  return DEVICE_FEATURES
+    names += (LABEL_IDS_FEATURE,)
+  if tokenizer_lib.configured_tokenizer_path(data_config):
+    names += (TEXT_TOKENS_FEATURE,)
+  return names
 
 
 def _label_vocabulary_path(data_config: ml_collections.ConfigDict) -> str | None:
@@ -148,6 +163,18 @@ def add_label_ids(
           LABEL_IDS_FEATURE: labels_lib.pad_label_ids(label_ids, max_labels_per_example)}
 
 
+def add_text_tokens(
+    example: dict[str, Any], *, tokenizer: tokenizer_lib.Tokenizer, max_length: int
+) -> dict[str, Any]:
+  """Adds 'text_tokens': int32 (max_length,), the caption tokenised, padded or truncated.
+
+  An example without a caption gets <bos> <eos> and padding, rather than being
+  dropped: the objective sees it, and so do its metrics.
+  """
+  return {**example,
+          TEXT_TOKENS_FEATURE: tokenizer.tokenize(example.get('caption') or '', max_length)}
+
+
 def select_device_features(
     example: dict[str, Any], feature_names: tuple[str, ...] = DEVICE_FEATURES
 ) -> dict[str, np.ndarray]:
@@ -169,6 +196,20 @@ def _load_label_vocabulary(
         f'config.data.labels.max_labels_per_example={max_labels!r} must be a positive'
         ' integer: the width of the padded label_ids rows.')
   return labels_lib.LabelVocabulary.from_file(path)
+
+
+def _load_text_tokenizer(
+    data_config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer | None:
+  """The tokenizer of config.text, or None when it is not set."""
+  path = tokenizer_lib.configured_tokenizer_path(data_config)
+  if not path:
+    return None
+  max_length = data_config.text.max_length
+  if not isinstance(max_length, int) or max_length < 2:
+    raise ValueError(
+        f'config.data.text.max_length={max_length!r} must be an integer of at least 2: the'
+        ' width of the text_tokens rows, which hold <bos> and <eos> (32 in FLIP).')
+  return tokenizer_lib.load_tokenizer(path)
 
 
 # --- Skipping corrupt examples ------------------------------------------------
@@ -237,7 +278,9 @@ class InputPipeline:
 
   With ``config.labels.vocabulary`` set, batches also hold ``'label_ids'``: int32
   ``(B, max_labels_per_example)``, each example's WSP label ids padded with -1
-  (all -1 for an example with no known label).
+  (all -1 for an example with no known label). With ``config.text.tokenizer``
+  set, they hold ``'text_tokens'``: int32 ``(B, max_length)``, each example's
+  caption tokenised (see ``Tokenizer.tokenize``).
 
   ``B`` is ``global_batch_size``; each process loads its own
   ``B / process_count`` examples and the batch dimension is sharded over the
@@ -274,6 +317,7 @@ class InputPipeline:
     self._source = sources.build_source(data_config)
     # Loaded once here; every example is encoded with the same vocabulary.
     self._label_vocabulary = _load_label_vocabulary(data_config)
+    self._text_tokenizer = _load_text_tokenizer(data_config)
     self._sharding = sharding_lib.batch_sharding(mesh)
     self._skipped = SkippedExampleCounter()
     per_process_batch = global_batch_size // process_count
@@ -294,6 +338,10 @@ class InputPipeline:
           vocabulary=self._label_vocabulary,
           max_labels_per_example=data_config.labels.max_labels_per_example,
           use_caption_words=data_config.labels.use_caption_words))
+    if self._text_tokenizer is not None:
+      dataset = dataset.map(functools.partial(
+          add_text_tokens, tokenizer=self._text_tokenizer,
+          max_length=data_config.text.max_length))
     if train:
       dataset = dataset.random_map(
           functools.partial(
@@ -341,6 +389,11 @@ class InputPipeline:
   def label_vocabulary(self) -> labels_lib.LabelVocabulary | None:
     """The WSP label vocabulary ('label_ids' index its labels), or None when WSP labels are off."""
     return self._label_vocabulary
+
+  @property
+  def text_tokenizer(self) -> tokenizer_lib.Tokenizer | None:
+    """The tokenizer of 'text_tokens', or None when text is off."""
+    return self._text_tokenizer
 
   @property
   def num_classes(self) -> int:

@@ -11,11 +11,15 @@ import types
 from big_pretrain.evaluators import knn
 from big_pretrain.evaluators import linear_probe
 from big_pretrain.evaluators import reconstruction
+from big_pretrain.evaluators import retrieval
+from big_pretrain.evaluators import zero_shot
 
 _REGISTRY = types.MappingProxyType({
     'knn': knn.KnnEvaluator,
     'linear_probe': linear_probe.LinearProbeEvaluator,
     'reconstruction': reconstruction.ReconstructionEvaluator,
+    'retrieval': retrieval.RetrievalEvaluator,
+    'zero_shot': zero_shot.ZeroShotEvaluator,
 })
 
 

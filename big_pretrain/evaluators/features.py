@@ -89,6 +89,37 @@ def extract_features(encode, params, data_config, *, num_examples: int, batch_si
     (features (N, D) float32, labels (N,) int32, class_names of the split's
     source), identical on every process; N = num_examples unless the split is smaller.
   """
+  features, labels, class_names = extract_outputs(
+      lambda params, batch: encode(params, batch['image']), params, data_config,
+      num_examples=num_examples, batch_size=batch_size, mesh=mesh, rules=rules,
+      culprit=culprit)
+  seen = len(np.unique(labels))
+  if seen < len(class_names):
+    logging.warning(
+        '%s: the %d %r examples read cover only %d of %d classes, so the accuracy only '
+        'measures those. Eval pipelines read in order, and image folders are sorted by '
+        'class: raise the number of examples to cover every class.',
+        culprit, len(labels), data_config.split, seen, len(class_names))
+  return features.astype(np.float32), labels, class_names
+
+
+def extract_outputs(apply_fn, params, data_config, *, num_examples: int, batch_size: int,
+                    mesh, rules, culprit: str = 'features'):
+  """`apply_fn`'s outputs on the first `num_examples` examples of `data_config`'s split.
+
+  As `extract_features`, for any function of the whole batch (e.g. image and
+  text embeddings of the same examples).
+
+  Args:
+    apply_fn: `(params, batch) -> pytree of (B, ...) arrays`, batch-sharded; `batch`
+      is the pipeline's dict of global arrays ('image', 'label', ...). Usually jitted.
+    params, data_config, num_examples, batch_size, mesh, rules, culprit: as in
+      `extract_features`.
+
+  Returns:
+    (outputs: the pytree of (N, ...) numpy arrays, labels (N,) int32, class_names),
+    identical on every process.
+  """
   if num_examples <= 0:
     raise ValueError(f'{culprit}: num_examples must be positive, got {num_examples}.')
   shards = sharding_lib.num_batch_shards(mesh) * jax.process_count()
@@ -116,24 +147,17 @@ def extract_features(encode, params, data_config, *, num_examples: int, batch_si
 
   # Eval pipelines neither shuffle nor augment, so no seed is needed.
   pipeline = InputPipeline(data_config, global_batch_size=global_batch, mesh=mesh, train=False)
-  features, labels = [], []
+  outputs, labels = [], []
   for _ in range(num_batches):
     batch = next(pipeline)
     with sharding_lib.activate(mesh, rules):
-      batch_features = encode(params, batch['image'])
-    # Gathered on every process: each fits the same probe on the same data.
-    features.append(np.asarray(multihost_utils.process_allgather(batch_features, tiled=True)))
+      batch_outputs = apply_fn(params, batch)
+    # Gathered on every process: each scores (or fits a probe on) the same data.
+    outputs.append(multihost_utils.process_allgather(batch_outputs, tiled=True))
     labels.append(np.asarray(multihost_utils.process_allgather(batch['label'], tiled=True)))
-  features = np.concatenate(features)[:num_examples].astype(np.float32)
+  outputs = jax.tree.map(lambda *rows: np.concatenate(rows)[:num_examples], *outputs)
   labels = np.concatenate(labels)[:num_examples].astype(np.int32)
-  seen = len(np.unique(labels))
-  if seen < pipeline.num_classes:
-    logging.warning(
-        '%s: the %d %r examples read cover only %d of %d classes, so the accuracy only '
-        'measures those. Eval pipelines read in order, and image folders are sorted by '
-        'class: raise the number of examples to cover every class.',
-        culprit, len(labels), data_config.split, seen, pipeline.num_classes)
-  return features, labels, pipeline.class_names
+  return outputs, labels, pipeline.class_names
 
 
 @dataclasses.dataclass(frozen=True)

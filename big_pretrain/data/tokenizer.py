@@ -1,0 +1,552 @@
+"""Text tokenizers for image-text pretraining (FLIP): captions -> fixed-length int32 ids.
+
+Two kinds, with one interface (``Tokenizer``), chosen by ``load_tokenizer`` from
+the file name:
+
+* A word-level vocabulary (``WordTokenizer``, any file not ending in ``.model``),
+  built from a source's captions by the command below, needs no download. A
+  vocabulary for the embedded synthetic data ships with the package
+  (``synthetic_tokenizer_path()``).
+* A SentencePiece model you already have (``SentencePieceTokenizer``, a file
+  ending in ``.model``), if the ``sentencepiece`` package is installed. Set
+  ``config.data.text.tokenizer=/path/to/spm.model``; nothing is downloaded.
+
+Word tokenizer ids::
+
+  0 <pad>   pads rows up to max_length
+  1 <bos>   starts every text: the text tower reads its embedding at position 0
+  2 <eos>   ends every text (also a truncated one, see Tokenizer.tokenize)
+  3 <unk>   any word not in the vocabulary
+  4...      the words, most frequent first (ties alphabetically)
+
+Vocabulary file format (UTF-8): one token per line, the line index is the id.
+The first four lines are exactly ``<pad>``, ``<bos>``, ``<eos>``, ``<unk>``; every
+other line is one normalised word (see ``split_words``); no blank lines.
+
+Normalisation (word tokenizer): NFKC, lowercase, then split into runs of word
+characters (letters, digits, '_') and single punctuation marks, whitespace
+dropped: "A red, Circle!" -> ['a', 'red', ',', 'circle', '!']. ``decode``
+joins tokens with single spaces, so ``decode(encode(t)) == normalize_text(t)``
+whenever every word of ``t`` is in the vocabulary.
+
+Build a word vocabulary from a data source's captions::
+
+  python -m big_pretrain.data.tokenizer build --source=image_folder \\
+      --path=/data/images --min_count=5 --max_size=30000 --output=tokenizer.txt
+
+Training records the tokenizer in its workdir (``record_tokenizer``), so a
+checkpoint is always evaluated with the tokenizer it was trained with.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import collections
+import filecmp
+import os
+import re
+import shutil
+import sys
+import unicodedata
+from typing import Iterable, Sequence
+
+import jax
+import numpy as np
+
+from big_pretrain.data import labels as labels_lib
+from big_pretrain.data import sources
+
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = '<pad>', '<bos>', '<eos>', '<unk>'
+# Their ids are their positions: the first four lines of every vocabulary file.
+SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
+
+# Runs of word characters, or one punctuation mark / symbol on its own.
+_WORD_OR_PUNCTUATION = re.compile(r'\w+|[^\w\s]')
+
+# A file with this suffix is a SentencePiece model; anything else a word vocabulary.
+SENTENCEPIECE_SUFFIX = '.model'
+# Where record_tokenizer copies the tokenizer inside a workdir, by kind.
+RECORDED_WORD_TOKENIZER = 'tokenizer.txt'
+RECORDED_SENTENCEPIECE_TOKENIZER = 'tokenizer.model'
+
+# How `big_pretrain/data/vocabularies/synthetic_captions_tokenizer.txt` was built
+# (the tests rebuild it with these flags to check it is still in sync with sources.py).
+SYNTHETIC_TOKENIZER_BUILD_FLAGS = (
+    '--source=synthetic', '--num_examples=2000', '--min_count=1', '--max_size=1000')
+
+
+def synthetic_tokenizer_path() -> str:
+  """The shipped word vocabulary of every word the synthetic captions use.
+
+  Rebuild it after changing the synthetic source with::
+
+    python -m big_pretrain.data.tokenizer build --source=synthetic --num_examples=2000 \\
+        --min_count=1 --max_size=1000 \\
+        --output=big_pretrain/data/vocabularies/synthetic_captions_tokenizer.txt
+  """
+  return os.path.join(os.path.dirname(__file__), 'vocabularies',
+                      'synthetic_captions_tokenizer.txt')
+
+
+# --- Normalisation ------------------------------------------------------------
+
+def split_words(text: str) -> list[str]:
+  """'A red, Circle!' -> ['a', 'red', ',', 'circle', '!'] (see the module docstring)."""
+  return _WORD_OR_PUNCTUATION.findall(unicodedata.normalize('NFKC', text).lower())
+
+
+def normalize_text(text: str) -> str:
+  """The text a word tokenizer round-trips: its words and punctuation joined by single spaces."""
+  return ' '.join(split_words(text))
+
+
+# --- The interface ------------------------------------------------------------
+
+class Tokenizer(abc.ABC):
+  """Text <-> ids, and fixed-length int32 rows for the text tower."""
+
+  @property
+  @abc.abstractmethod
+  def vocab_size(self) -> int:
+    """Ids lie in [0, vocab_size)."""
+
+  @property
+  @abc.abstractmethod
+  def pad_id(self) -> int:
+    """Fills rows past the end of the text."""
+
+  @property
+  @abc.abstractmethod
+  def bos_id(self) -> int | None:
+    """Starts every encoded text; None if the tokenizer has none."""
+
+  @property
+  @abc.abstractmethod
+  def eos_id(self) -> int | None:
+    """Ends every encoded text; None if the tokenizer has none."""
+
+  @abc.abstractmethod
+  def encode(self, text: str) -> list[int]:
+    """[bos] + the text's ids + [eos], not padded or truncated."""
+
+  @abc.abstractmethod
+  def decode(self, ids: Iterable[int]) -> str:
+    """The text of `ids`, without <pad>, <bos> and <eos>."""
+
+  def tokenize(self, text: str, max_length: int) -> np.ndarray:
+    """int32 (max_length,): ``encode(text)`` padded with pad_id, or truncated.
+
+    A text too long keeps its first ``max_length - 1`` ids (so <bos> stays at
+    position 0) and ends with <eos> in the last position: every row then has
+    exactly one <bos> and one <eos>, and a tower that reads either still finds it.
+    """
+    _check_max_length(max_length)
+    ids = self.encode(text)
+    if len(ids) > max_length:
+      ids = ids[:max_length]
+      if self.eos_id is not None:
+        ids[-1] = self.eos_id
+    row = np.full((max_length,), self.pad_id, np.int32)
+    row[:len(ids)] = ids
+    return row
+
+  def tokenize_batch(self, texts: Sequence[str], max_length: int) -> np.ndarray:
+    """int32 (len(texts), max_length): one ``tokenize`` row per text."""
+    _check_max_length(max_length)
+    if isinstance(texts, str):
+      raise TypeError('tokenize_batch takes a sequence of texts; for one text use tokenize.')
+    rows = [self.tokenize(text, max_length) for text in texts]
+    return np.stack(rows) if rows else np.zeros((0, max_length), np.int32)
+
+
+def _check_max_length(max_length: int) -> None:
+  if not isinstance(max_length, (int, np.integer)) or isinstance(max_length, bool) or (
+      max_length < 2):
+    raise ValueError(
+        f'max_length={max_length!r} must be an integer of at least 2, room for <bos> and'
+        ' <eos> (config.data.text.max_length; 32 in FLIP).')
+
+
+# --- Word tokenizer -----------------------------------------------------------
+
+class WordTokenizer(Tokenizer):
+  """A fixed word vocabulary; see the module docstring for ids and normalisation.
+
+  Args:
+    words: the words, in id order from 4 (the special tokens come first and
+      are not listed). Each must be one normalised token.
+    locations: where each word was defined (e.g. "line 7 of tokenizer.txt"),
+      used in error messages; defaults to "words[i]".
+
+  Raises:
+    ValueError: a word is a special token, not a single normalised token, or
+      given twice; the message names where.
+  """
+
+  def __init__(self, words: Sequence[str], *, locations: Sequence[str] | None = None):
+    words = list(words)
+    if locations is None:
+      locations = [f'words[{index}]' for index in range(len(words))]
+    if len(locations) != len(words):
+      raise ValueError(f'Got {len(locations)} locations for {len(words)} words.')
+    self._tokens = list(SPECIAL_TOKENS)
+    self._ids = {token: token_id for token_id, token in enumerate(SPECIAL_TOKENS)}
+    defined_at = {}
+    for word, location in zip(words, locations):
+      if word in SPECIAL_TOKENS:
+        raise ValueError(
+            f'{location}: {word!r} is a special token; they take ids 0-3 and are never'
+            ' listed among the words.')
+      if split_words(word) != [word]:
+        raise ValueError(
+            f'{location}: {word!r} is not one normalised token (it splits into'
+            f' {split_words(word)}), so no text would ever produce it. Write lowercase'
+            ' words or single punctuation marks, one per line.')
+      if word in defined_at:
+        raise ValueError(
+            f'{location}: {word!r} is already listed at {defined_at[word]}. Remove one:'
+            ' ids are line positions, so a duplicate would shadow an id.')
+      defined_at[word] = location
+      self._ids[word] = len(self._tokens)
+      self._tokens.append(word)
+
+  @classmethod
+  def from_file(cls, path: str) -> WordTokenizer:
+    """Reads a vocabulary file (format in the module docstring)."""
+    try:
+      with open(path, encoding='utf-8-sig') as file:  # -sig: tolerate a byte order mark.
+        lines = file.read().splitlines()
+    except FileNotFoundError:
+      raise FileNotFoundError(
+          f'Tokenizer file {path!r} does not exist. Build one from your captions with'
+          ' `python -m big_pretrain.data.tokenizer build --source=image_folder'
+          f' --path=DATA_DIR --output={path}` (or --source=synthetic), or use the shipped'
+          ' synthetic one, big_pretrain.data.tokenizer.synthetic_tokenizer_path().'
+      ) from None
+    except UnicodeDecodeError as error:
+      raise ValueError(
+          f'Tokenizer file {path!r} is not UTF-8 ({error}); save it as UTF-8, or give a'
+          f' SentencePiece model a name ending in {SENTENCEPIECE_SUFFIX!r}.') from None
+    header = lines[:len(SPECIAL_TOKENS)]
+    if header != list(SPECIAL_TOKENS):
+      raise ValueError(
+          f'Tokenizer file {path!r} starts with {header}, but a word vocabulary starts with'
+          f' the lines {list(SPECIAL_TOKENS)} (ids 0-3). Rebuild it with `python -m'
+          ' big_pretrain.data.tokenizer build ... --output=PATH`; a SentencePiece model'
+          f' needs a name ending in {SENTENCEPIECE_SUFFIX!r}.')
+    words = lines[len(SPECIAL_TOKENS):]
+    for line_number, word in enumerate(words, start=len(SPECIAL_TOKENS) + 1):
+      if not word.strip():
+        raise ValueError(
+            f'Line {line_number} of tokenizer file {path!r} is blank. Remove it: ids are'
+            ' line positions, so a blank line would shift every later id.')
+    locations = [f'line {number} of {path}'
+                 for number in range(len(SPECIAL_TOKENS) + 1, len(lines) + 1)]
+    return cls(words, locations=locations)
+
+  def write(self, path: str) -> None:
+    """Writes the vocabulary file, one token per line in id order."""
+    directory = os.path.dirname(path)
+    if directory:
+      os.makedirs(directory, exist_ok=True)
+    # Write then rename, so a reader never sees half a vocabulary.
+    temporary_path = f'{path}.tmp'
+    with open(temporary_path, 'w', encoding='utf-8') as file:
+      file.write(''.join(token + '\n' for token in self._tokens))
+    os.replace(temporary_path, path)
+
+  @property
+  def tokens(self) -> list[str]:
+    """Every token; the token with id i is tokens[i]."""
+    return list(self._tokens)
+
+  @property
+  def words(self) -> list[str]:
+    """The tokens after the special ones."""
+    return self._tokens[len(SPECIAL_TOKENS):]
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self._tokens)
+
+  @property
+  def pad_id(self) -> int:
+    return PAD_ID
+
+  @property
+  def bos_id(self) -> int:
+    return BOS_ID
+
+  @property
+  def eos_id(self) -> int:
+    return EOS_ID
+
+  @property
+  def unk_id(self) -> int:
+    return UNK_ID
+
+  def token_id(self, word: str) -> int:
+    """The id of one normalised token, or UNK_ID."""
+    return self._ids.get(word, UNK_ID)
+
+  def encode(self, text: str) -> list[int]:
+    return [BOS_ID, *(self.token_id(word) for word in split_words(text)), EOS_ID]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Tokens joined by spaces; <pad>, <bos>, <eos> dropped, an unknown word shown as <unk>."""
+    tokens = []
+    for token_id in ids:
+      token_id = int(token_id)
+      if not 0 <= token_id < len(self._tokens):
+        raise ValueError(
+            f'Token id {token_id} is outside this vocabulary of {len(self._tokens)} tokens:'
+            ' the ids come from a different tokenizer.')
+      if token_id not in (PAD_ID, BOS_ID, EOS_ID):
+        tokens.append(self._tokens[token_id])
+    return ' '.join(tokens)
+
+  def __eq__(self, other: object) -> bool:
+    if not isinstance(other, WordTokenizer):
+      return NotImplemented
+    return self._tokens == other._tokens
+
+  def __repr__(self) -> str:
+    preview = ', '.join(self.words[:5]) + (', ...' if len(self.words) > 5 else '')
+    return f'WordTokenizer({self.vocab_size} tokens: {preview})'
+
+
+def build_tokenizer(captions: Iterable[str], min_count: int, max_size: int) -> WordTokenizer:
+  """The most frequent normalised words of `captions`, most frequent first.
+
+  A word's count is its number of occurrences. Keeps words seen at least
+  `min_count` times, at most `max_size` of them (besides the 4 special
+  tokens); ties are broken alphabetically, so the result is deterministic.
+  """
+  if min_count < 1:
+    raise ValueError(f'min_count must be at least 1, got {min_count}.')
+  if max_size < 1:
+    raise ValueError(f'max_size must be at least 1, got {max_size}.')
+  counts = collections.Counter()
+  for caption in captions:
+    counts.update(split_words(caption))
+  frequent = sorted((word for word, count in counts.items() if count >= min_count),
+                    key=lambda word: (-counts[word], word))
+  return WordTokenizer(frequent[:max_size])
+
+
+# --- SentencePiece ------------------------------------------------------------
+
+class SentencePieceTokenizer(Tokenizer):
+  """A SentencePiece model with the Tokenizer interface; its own normalisation applies.
+
+  <bos>, <eos> and <pad> are the model's. A model trained without a pad piece
+  (SentencePiece's default) pads with id 0, which such models give to <unk>:
+  train with ``--pad_id=0 --bos_id=1 --eos_id=2 --unk_id=3`` to get the word
+  tokenizer's layout and keep padding distinct. A model without <bos> or <eos>
+  just leaves them out, so position 0 then holds the first piece.
+  """
+
+  def __init__(self, path: str):
+    try:
+      import sentencepiece  # Optional: only SentencePiece models need it.
+    except ImportError:
+      raise ImportError(
+          f'Tokenizer {path!r} is a SentencePiece model, but the sentencepiece package is'
+          ' not installed: `pip install sentencepiece` (requirements.txt pins the tested'
+          ' version), or use a word vocabulary built with `python -m'
+          ' big_pretrain.data.tokenizer build`.') from None
+    if not os.path.isfile(path):
+      raise FileNotFoundError(
+          f'SentencePiece model {path!r} does not exist. Set config.data.text.tokenizer to'
+          ' the .model file written by spm_train.')
+    try:
+      self._processor = sentencepiece.SentencePieceProcessor(model_file=path)
+    except (OSError, RuntimeError) as error:
+      raise ValueError(
+          f'{path!r} could not be read as a SentencePiece model ({error}). Only files'
+          f' ending in {SENTENCEPIECE_SUFFIX!r} are read as SentencePiece models; rename a'
+          ' word vocabulary to .txt.') from None
+    self._path = path
+    # -1: the model has no such piece.
+    self._bos_id = _present(self._processor.bos_id())
+    self._eos_id = _present(self._processor.eos_id())
+    self._pad_id = _present(self._processor.pad_id())
+    if self._pad_id is None:
+      self._pad_id = 0
+
+  @property
+  def vocab_size(self) -> int:
+    return int(self._processor.get_piece_size())
+
+  @property
+  def pad_id(self) -> int:
+    return self._pad_id
+
+  @property
+  def bos_id(self) -> int | None:
+    return self._bos_id
+
+  @property
+  def eos_id(self) -> int | None:
+    return self._eos_id
+
+  def encode(self, text: str) -> list[int]:
+    ids = list(self._processor.encode(text, out_type=int))
+    return ([self._bos_id] if self._bos_id is not None else []) + ids + (
+        [self._eos_id] if self._eos_id is not None else [])
+
+  def decode(self, ids: Iterable[int]) -> str:
+    dropped = {self._pad_id, self._bos_id, self._eos_id}
+    return self._processor.decode([int(i) for i in ids if int(i) not in dropped])
+
+  def __repr__(self) -> str:
+    return f'SentencePieceTokenizer({self._path!r}, {self.vocab_size} pieces)'
+
+
+def _present(piece_id: int) -> int | None:
+  return None if piece_id < 0 else int(piece_id)
+
+
+# --- Loading, and recording in a workdir --------------------------------------
+
+def load_tokenizer(path: str) -> Tokenizer:
+  """A SentencePiece model for a '.model' file, else a word vocabulary file."""
+  if not path:
+    raise ValueError(
+        'No tokenizer given: set config.data.text.tokenizer to a word vocabulary (e.g.'
+        ' big_pretrain.data.tokenizer.synthetic_tokenizer_path(), or one built with'
+        ' `python -m big_pretrain.data.tokenizer build`) or a SentencePiece .model file.')
+  if path.endswith(SENTENCEPIECE_SUFFIX):
+    return SentencePieceTokenizer(path)
+  return WordTokenizer.from_file(path)
+
+
+def configured_tokenizer_path(data_config) -> str | None:
+  """config.data.text.tokenizer, or None when text is off."""
+  # .get: configs written before text support existed have no 'text' group.
+  return (data_config.get('text') or {}).get('tokenizer')
+
+
+def _recorded_name(path: str) -> str:
+  return (RECORDED_SENTENCEPIECE_TOKENIZER if path.endswith(SENTENCEPIECE_SUFFIX)
+          else RECORDED_WORD_TOKENIZER)
+
+
+def recorded_tokenizer_path(workdir: str) -> str | None:
+  """The tokenizer `record_tokenizer` copied into `workdir`, or None if there is none."""
+  for name in (RECORDED_WORD_TOKENIZER, RECORDED_SENTENCEPIECE_TOKENIZER):
+    path = os.path.join(workdir, name)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def evaluation_tokenizer_path(data_config, workdir: str | None) -> str | None:
+  """The tokenizer recorded in `workdir` (the one trained with) if any, else the configured one."""
+  recorded = recorded_tokenizer_path(workdir) if workdir else None
+  return recorded or configured_tokenizer_path(data_config)
+
+
+def record_tokenizer(data_config, workdir: str) -> str | None:
+  """Copies the configured tokenizer into `workdir` (process 0 writes); returns the copy's path.
+
+  The copy is ``workdir/tokenizer.txt`` (word vocabulary) or
+  ``workdir/tokenizer.model`` (SentencePiece). Returns None when
+  config.data.text.tokenizer is unset. A workdir that already records a
+  different tokenizer is an error: its checkpoints' text embeddings index that
+  one's ids.
+  """
+  path = configured_tokenizer_path(data_config)
+  if not path:
+    return None
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'config.data.text.tokenizer={path!r} is not a file. Build a word vocabulary with'
+        f' `python -m big_pretrain.data.tokenizer build ... --output={path}`, or point it at'
+        ' a SentencePiece .model file.')
+  recorded = os.path.join(workdir, _recorded_name(path))
+  if jax.process_index() == 0:
+    existing = recorded_tokenizer_path(workdir)
+    if existing is not None:
+      if os.path.abspath(existing) == os.path.abspath(path):
+        return recorded  # The config already points at the recorded copy.
+      if existing != recorded or not filecmp.cmp(path, existing, shallow=False):
+        raise ValueError(
+            f'{workdir!r} was trained with the tokenizer recorded in {existing!r}, which'
+            f' differs from config.data.text.tokenizer={path!r}. Its checkpoints index that'
+            ' tokenizer\'s ids: set config.data.text.tokenizer to the recorded file, or'
+            ' train in a new --workdir.')
+      return recorded
+    os.makedirs(workdir, exist_ok=True)
+    temporary_path = f'{recorded}.tmp'  # Then rename: readers never see half a file.
+    shutil.copyfile(path, temporary_path)
+    os.replace(temporary_path, recorded)
+  return recorded
+
+
+# --- Command line -------------------------------------------------------------
+
+def _argument_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='python -m big_pretrain.data.tokenizer',
+      description='Word vocabularies for the text tower of image-text pretraining (FLIP).')
+  commands = parser.add_subparsers(dest='command', required=True)
+  build = commands.add_parser(
+      'build', help="Count a source's caption words and write the most frequent as a vocabulary.")
+  build.add_argument('--source', required=True, choices=sources.SOURCE_NAMES)
+  build.add_argument('--path', help='image_folder: the folder of class subfolders (captions'
+                     ' are .txt files beside the images).')
+  build.add_argument(
+      '--num_examples', type=int, default=None,
+      help='synthetic: how many examples to read (default: config.data.num_examples).'
+      ' image_folder: read only N images, evenly spaced over the sorted files so every'
+      ' class is represented (default: all).')
+  # Synthetic captions are drawn before anything that depends on the image size,
+  # so the smallest images give the same captions, fastest.
+  build.add_argument('--source_image_size', type=int, default=16,
+                     help='synthetic: size of the generated images (does not change the captions).')
+  build.add_argument('--seed', type=int, default=0, help='synthetic: the dataset seed.')
+  build.add_argument('--min_count', type=int, default=1,
+                     help='Keep words seen at least this many times.')
+  build.add_argument('--max_size', type=int, default=30000,
+                     help='Keep at most this many words (besides the 4 special tokens).')
+  build.add_argument('--output', required=True, help='Where to write the vocabulary file.')
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = _argument_parser()
+  args = parser.parse_args(argv)
+  if args.min_count < 1 or args.max_size < 1:
+    parser.error(f'--min_count and --max_size must be positive, got {args.min_count} and'
+                 f' {args.max_size}.')
+  # The label vocabulary command selects examples from the same flags: share its reader.
+  texts = labels_lib._read_texts(args, parser)  # pylint: disable=protected-access
+  captions = [text['caption'] for text in texts]
+  without_caption = sum(not caption.strip() for caption in captions)
+  counts = collections.Counter(word for caption in captions for word in split_words(caption))
+  print(f'Read {len(captions)} captions from the {args.source} source, with'
+        f' {len(counts)} distinct words.')
+  if without_caption:
+    print(f'{without_caption} examples have no caption (image folders read it from a .txt'
+          ' file with the image\'s name).', file=sys.stderr)
+  tokenizer = build_tokenizer(captions, min_count=args.min_count, max_size=args.max_size)
+  if not tokenizer.words:
+    print(f'No word occurs --min_count={args.min_count} times; nothing written. Lower'
+          ' --min_count or read more examples (do the images have .txt captions?).',
+          file=sys.stderr)
+    return 1
+  known = set(tokenizer.words)
+  unknown_occurrences = sum(count for word, count in counts.items() if word not in known)
+  print(f'{unknown_occurrences} of {sum(counts.values())} word occurrences are not in the'
+        ' vocabulary (they become <unk>).')
+  tokenizer.write(args.output)
+  print(f'Wrote {len(tokenizer.words)} words (+ {len(SPECIAL_TOKENS)} special tokens) to'
+        f' {args.output}.')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,118 @@
+"""Image-text retrieval recall on held-out images and their captions (FLIP, CLIP).
+
+The first `test_examples` images of the held-out split and their captions are
+embedded; each image ranks all the captions by cosine similarity (image ->
+text) and each caption ranks all the images (text -> image). Recall@k is the
+fraction of queries whose own pair (the caption of that image, the image of
+that caption) is among the k best. Reports `image_to_text_recall@1`, `@5` and
+`text_to_image_recall@1`, `@5`.
+
+Only the paired index counts as a hit, as in the standard COCO / Flickr
+protocol. Where captions repeat (the synthetic captions describe shape, colour,
+size and background, so many images share one), the other images with the
+same caption are equally right answers that still count as misses: the recall
+is then a lower bound on "a correct caption is among the k best". Ties are
+broken towards the lower index, as a stable sort would.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+from big_pretrain.data import pipeline as pipeline_lib
+from big_pretrain.evaluators.base import EvalResult
+from big_pretrain.evaluators.features import extract_outputs
+from big_pretrain.evaluators.zero_shot import ImageTextEvaluator
+
+DEFAULT_RECALL_KS = (1, 5)
+
+
+def paired_ranks(similarities: np.ndarray) -> np.ndarray:
+  """(N,): for each row, how many candidates rank above its paired candidate (the diagonal).
+
+  A candidate ranks above the pair if it is more similar, or equally similar and
+  at a lower index (a stable sort's order). Rank 0: the pair comes first.
+  """
+  similarities = np.asarray(similarities)
+  if similarities.ndim != 2 or similarities.shape[0] != similarities.shape[1]:
+    raise ValueError(f'similarities must be a square (N, N) matrix; got {similarities.shape}.')
+  paired = np.diagonal(similarities)[:, None]
+  index = np.arange(len(similarities))
+  ahead = (similarities > paired) | ((similarities == paired) & (index[None, :] < index[:, None]))
+  return ahead.sum(axis=1)
+
+
+def retrieval_recalls(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
+                      ks: Sequence[int] = DEFAULT_RECALL_KS) -> dict[str, float]:
+  """Image->text and text->image recall@k; image i's caption is text i.
+
+  Forms the (N, N) similarity matrix, so N is meant to be a few thousand at most.
+
+  Returns:
+    {'image_to_text_recall@k': ..., 'text_to_image_recall@k': ...} for each k.
+  """
+  images = np.asarray(image_embeddings, np.float32)
+  texts = np.asarray(text_embeddings, np.float32)
+  if images.ndim != 2 or images.shape != texts.shape or not len(images):
+    raise ValueError(
+        f'Need non-empty (N, E) image and text embeddings of the same shape, one caption '
+        f'per image; got {images.shape} and {texts.shape}.')
+  if not ks or any(k < 1 for k in ks):
+    raise ValueError(f'ks={tuple(ks)} must be positive integers such as {DEFAULT_RECALL_KS}.')
+  similarities = images @ texts.T  # Rows: images; columns: captions.
+  image_to_text = paired_ranks(similarities)
+  text_to_image = paired_ranks(similarities.T)
+  scalars = {}
+  for k in ks:
+    scalars[f'image_to_text_recall@{k}'] = float(np.mean(image_to_text < k))
+    scalars[f'text_to_image_recall@{k}'] = float(np.mean(text_to_image < k))
+  return scalars
+
+
+class RetrievalEvaluator(ImageTextEvaluator):
+
+  @staticmethod
+  def default_config():
+    return ml_collections.ConfigDict(dict(
+        kind='retrieval',
+        every_steps=0,
+        test_examples=512,  # Held-out image-caption pairs; each query ranks all of them.
+        batch_size=256,     # Global; rounded up to a multiple of the batch shards.
+        # Overrides of config.data keys for the held-out split (e.g. test_data.test_path).
+        test_data=ml_collections.ConfigDict(dict(split='test')),
+    ))
+
+  @functools.cached_property
+  def _embed_pairs(self):
+    embed_images, embed_texts = self.embed_images, self.embed_texts
+
+    def embed_pairs(params, batch):
+      text_tokens = batch[pipeline_lib.TEXT_TOKENS_FEATURE]
+      return {'image': embed_images(params, batch['image']),
+              'text': embed_texts(params, text_tokens),
+              'text_tokens': text_tokens}  # Kept to count the examples without a caption.
+    return embed_pairs
+
+  def _warn_about_missing_captions(self, text_tokens: np.ndarray) -> None:
+    tokenizer = self.tokenizer
+    specials = [i for i in (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
+                if i is not None]
+    empty = int(np.all(np.isin(text_tokens, specials), axis=1).sum())
+    if empty:
+      logging.warning(
+          '%s: %d of %d held-out examples have no caption, so retrieval cannot find them. '
+          'Image folders read captions from a .txt file beside each image.',
+          self._culprit('test_data'), empty, len(text_tokens))
+
+  def run(self, params, step):
+    outputs, _, _ = extract_outputs(
+        self._embed_pairs, params, self.test_data_config(),
+        num_examples=self.eval_config.test_examples, batch_size=self.eval_config.batch_size,
+        mesh=self.trainer.mesh, rules=self.trainer.rules, culprit=self._culprit('test_data'))
+    self._warn_about_missing_captions(outputs['text_tokens'])
+    return EvalResult(scalars=retrieval_recalls(outputs['image'], outputs['text']))

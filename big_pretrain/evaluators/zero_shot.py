@@ -1,0 +1,265 @@
+"""Zero-shot classification with an image-text model (FLIP, CLIP).
+
+As in CLIP (Radford et al., 2021): every class name is written into each of
+the `prompts` ("a photo of a {}."), the prompts are embedded by the text tower,
+and a class's embedding is the mean of its L2-normalised prompt embeddings,
+normalised again. Each held-out image is assigned the class whose embedding is
+most cosine-similar to the image's. Reports `accuracy` and, beside it,
+`chance` = 1 / number of classes.
+
+Class names come from the split's source (image folders: the subfolder names,
+'_' read as a space), or from `class_names` in the evaluator config, e.g.
+readable names for ImageNet's wnid folders. Names whose words are not in a
+word tokenizer's vocabulary become <unk> and are logged: zero-shot accuracy on
+them means little.
+
+`ImageTextEvaluator` here is the base of this and the retrieval evaluator: the
+tokenizer the model was trained with, the objective's jitted embeddings, and
+embedding host token rows in sharded batches.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from big_pretrain import sharding as sharding_lib
+from big_pretrain.data import tokenizer as tokenizer_lib
+from big_pretrain.evaluators.base import EvalResult, Evaluator
+from big_pretrain.evaluators.features import extract_features, round_up, split_data_config
+from big_pretrain.evaluators.knn import l2_normalize
+
+DEFAULT_PROMPTS = ('a photo of a {}.', 'a {}.', 'an image of a {}.')
+# Where a prompt takes the class name.
+CLASS_NAME_SLOT = '{}'
+
+
+# --- Pure functions -------------------------------------------------------------
+
+def readable_class_name(name: str) -> str:
+  """'golden_retriever' -> 'golden retriever': folder names use '_' for spaces."""
+  return ' '.join(name.replace('_', ' ').split())
+
+
+def class_prompts(class_names: Sequence[str], prompts: Sequence[str]) -> list[str]:
+  """Every prompt filled with every class name, class-major: row c * len(prompts) + p.
+
+  Raises:
+    ValueError: no prompts, or a prompt without exactly one '{}'.
+  """
+  if isinstance(prompts, str) or not prompts:
+    raise ValueError(
+        f'prompts={prompts!r} must be a non-empty sequence of templates such as '
+        f'{DEFAULT_PROMPTS}.')
+  for prompt in prompts:
+    if not isinstance(prompt, str) or prompt.count(CLASS_NAME_SLOT) != 1:
+      raise ValueError(
+          f'Prompt {prompt!r} must contain {CLASS_NAME_SLOT!r} exactly once, where the class'
+          " name goes, e.g. 'a photo of a {}.'.")
+  # replace, not format: other braces in a prompt are kept as written.
+  return [prompt.replace(CLASS_NAME_SLOT, name) for name in class_names for prompt in prompts]
+
+
+def class_text_embeddings(prompt_embeddings: np.ndarray, num_prompts: int) -> np.ndarray:
+  """(C, E): the normalised mean of each class's normalised prompt embeddings.
+
+  Args:
+    prompt_embeddings: (C * num_prompts, E), class-major as `class_prompts` orders them.
+    num_prompts: P, the prompts per class.
+  """
+  prompt_embeddings = np.asarray(prompt_embeddings, np.float32)
+  if prompt_embeddings.ndim != 2 or num_prompts < 1 or len(prompt_embeddings) % num_prompts:
+    raise ValueError(
+        f'prompt_embeddings {prompt_embeddings.shape} must be (C * num_prompts, E) with '
+        f'num_prompts={num_prompts}.')
+  per_class = l2_normalize(prompt_embeddings).reshape(-1, num_prompts,
+                                                      prompt_embeddings.shape[1])
+  return l2_normalize(per_class.mean(axis=1))
+
+
+def zero_shot_predictions(image_embeddings: np.ndarray, class_embeddings: np.ndarray) -> np.ndarray:
+  """(N,): the class most cosine-similar to each image (ties: the lower class id)."""
+  image_embeddings = l2_normalize(image_embeddings)
+  class_embeddings = l2_normalize(class_embeddings)
+  if image_embeddings.shape[1] != class_embeddings.shape[1]:
+    raise ValueError(
+        f'Image embeddings {image_embeddings.shape} and class embeddings '
+        f'{class_embeddings.shape} differ in width: the towers must project to the same size.')
+  return (image_embeddings @ class_embeddings.T).argmax(axis=1)
+
+
+# --- Device helpers ---------------------------------------------------------------
+
+def embed_token_rows(embed_texts, params, tokens: np.ndarray, *, pad_id: int, batch_size: int,
+                     mesh, rules) -> np.ndarray:
+  """`embed_texts(params, tokens)` over host token rows, in batch-sharded global batches.
+
+  Args:
+    embed_texts: jitted `(params, int32 (B, L)) -> (B, E)`, batch-sharded.
+    tokens: int32 (N, L), identical on every process (e.g. tokenised prompts).
+    pad_id: fills the rows that complete the last batch (their outputs are dropped).
+    batch_size: requested global batch; rounded up to a multiple of the batch shards.
+
+  Returns:
+    (N, E) float32, identical on every process.
+  """
+  tokens = np.asarray(tokens, np.int32)
+  if tokens.ndim != 2 or not len(tokens):
+    raise ValueError(f'tokens must be a non-empty (N, L) array; got shape {tokens.shape}.')
+  # One fixed batch shape, so the text tower compiles once.
+  global_batch = round_up(min(batch_size, len(tokens)), sharding_lib.num_batch_shards(mesh))
+  sharding = sharding_lib.batch_sharding(mesh)
+  embeddings = []
+  for start in range(0, len(tokens), global_batch):
+    rows = tokens[start:start + global_batch]
+    rows = np.pad(rows, ((0, global_batch - len(rows)), (0, 0)), constant_values=pad_id)
+    # Every process holds all rows and fills the shards on its own devices.
+    batch = jax.make_array_from_callback(rows.shape, sharding, rows.__getitem__)
+    with sharding_lib.activate(mesh, rules):
+      batch_embeddings = embed_texts(params, batch)
+    embeddings.append(multihost_utils.process_allgather(batch_embeddings, tiled=True))
+  return np.concatenate(embeddings)[:len(tokens)].astype(np.float32)
+
+
+class ImageTextEvaluator(Evaluator):
+  """Base of the evaluators of an image-text objective (see the module docstring).
+
+  The objective provides `embed_images(params, uint8 images) -> (B, E)` and
+  `embed_texts(params, int32 tokens) -> (B, E)`, both L2-normalised.
+  """
+
+  def __init__(self, *args):
+    super().__init__(*args)
+    for key in ('test_examples', 'batch_size'):
+      if self.eval_config[key] <= 0:
+        raise ValueError(f'{self._culprit(key)}={self.eval_config[key]} must be positive.')
+    missing = [method for method in ('embed_images', 'embed_texts')
+               if not callable(getattr(self.objective, method, None))]
+    if missing:
+      raise ValueError(
+          f'config.evals.{self.name}: kind {self.eval_config.kind!r} needs an image-text '
+          f'objective (FLIP); {type(self.objective).__name__} has no {" or ".join(missing)}. '
+          'Remove this evaluator, or train an image-text objective.')
+    if not tokenizer_lib.configured_tokenizer_path(self.stage_config.data):
+      raise ValueError(
+          f'config.evals.{self.name} embeds text, but config.data.text.tokenizer is not set. '
+          'Set it to the tokenizer the model trains with, e.g. '
+          'big_pretrain.data.tokenizer.synthetic_tokenizer_path() for the synthetic data.')
+
+  def _culprit(self, key: str) -> str:
+    return f'config.evals.{self.name}.{key}'
+
+  @functools.cached_property
+  def tokenizer_path(self) -> str:
+    """The tokenizer recorded in the workdir (the one trained with) if any, else the configured."""
+    return tokenizer_lib.evaluation_tokenizer_path(self.stage_config.data, self.workdir)
+
+  @functools.cached_property
+  def tokenizer(self) -> tokenizer_lib.Tokenizer:
+    return tokenizer_lib.load_tokenizer(self.tokenizer_path)
+
+  @property
+  def max_length(self) -> int:
+    return self.stage_config.data.text.max_length
+
+  def test_data_config(self) -> ml_collections.ConfigDict:
+    """The held-out split's data config, tokenising captions with `tokenizer_path`."""
+    data_config = split_data_config(
+        self.stage_config.data, self.eval_config.test_data,
+        num_examples=self.eval_config.test_examples, culprit=self._culprit('test_data'))
+    data_config.text.tokenizer = self.tokenizer_path
+    return data_config
+
+  def _batch_sharded_jit(self, function):
+    return jax.jit(function, out_shardings=sharding_lib.batch_sharding(self.trainer.mesh))
+
+  @functools.cached_property
+  def embed_images(self):
+    """Jitted `(params, uint8 images) -> (B, E) float32`, reused by every run."""
+    objective = self.objective
+    return self._batch_sharded_jit(
+        lambda params, images: objective.embed_images(params, images).astype(jnp.float32))
+
+  @functools.cached_property
+  def embed_texts(self):
+    """Jitted `(params, int32 tokens) -> (B, E) float32`, reused by every run."""
+    objective = self.objective
+    return self._batch_sharded_jit(
+        lambda params, tokens: objective.embed_texts(params, tokens).astype(jnp.float32))
+
+
+class ZeroShotEvaluator(ImageTextEvaluator):
+
+  @staticmethod
+  def default_config():
+    return ml_collections.ConfigDict(dict(
+        kind='zero_shot',
+        every_steps=0,
+        test_examples=1024,  # First images of the held-out split that are classified.
+        batch_size=256,      # Global; rounded up to a multiple of the batch shards.
+        prompts=DEFAULT_PROMPTS,  # Templates; '{}' takes the class name.
+        # Readable class names in class-id order; None: the source's (folder names).
+        class_names=ml_collections.config_dict.placeholder(tuple),
+        # Overrides of config.data keys for the held-out split (e.g. test_data.test_path).
+        test_data=ml_collections.ConfigDict(dict(split='test')),
+    ))
+
+  def __init__(self, *args):
+    super().__init__(*args)
+    class_prompts(['class'], self.eval_config.prompts)  # Reject bad prompts before any compute.
+
+  def class_names(self, source_class_names: Sequence[str]) -> list[str]:
+    """The names written into the prompts, one per class id."""
+    configured = self.eval_config.class_names
+    if configured is None:
+      return [readable_class_name(name) for name in source_class_names]
+    if len(configured) != len(source_class_names):
+      raise ValueError(
+          f'{self._culprit("class_names")} has {len(configured)} names, but the held-out '
+          f'split has {len(source_class_names)} classes ({list(source_class_names)[:5]}...). '
+          'Give one name per class, in the order of the sorted class folders.')
+    return list(configured)
+
+  def _warn_about_unknown_words(self, class_names: Sequence[str]) -> None:
+    tokenizer = self.tokenizer
+    if not isinstance(tokenizer, tokenizer_lib.WordTokenizer):
+      return  # SentencePiece spells any word out of pieces.
+    unknown = [name for name in class_names
+               if any(tokenizer.token_id(word) == tokenizer.unk_id
+                      for word in tokenizer_lib.split_words(name))]
+    if unknown:
+      logging.warning(
+          '%s: %d of %d class names have words outside the tokenizer %s (they become <unk>), '
+          'e.g. %s. Give readable names in %s, or a tokenizer built from captions that use them.',
+          self._culprit('class_names'), len(unknown), len(class_names), self.tokenizer_path,
+          unknown[:5], self._culprit('class_names'))
+
+  def class_embeddings(self, params, class_names: Sequence[str]) -> np.ndarray:
+    """(C, E): each class's prompt embeddings averaged (see `class_text_embeddings`)."""
+    prompts = tuple(self.eval_config.prompts)
+    tokens = self.tokenizer.tokenize_batch(class_prompts(class_names, prompts), self.max_length)
+    prompt_embeddings = embed_token_rows(
+        self.embed_texts, params, tokens, pad_id=self.tokenizer.pad_id,
+        batch_size=self.eval_config.batch_size, mesh=self.trainer.mesh, rules=self.trainer.rules)
+    return class_text_embeddings(prompt_embeddings, len(prompts))
+
+  def run(self, params, step):
+    image_embeddings, labels, source_class_names = extract_features(
+        self.embed_images, params, self.test_data_config(),
+        num_examples=self.eval_config.test_examples, batch_size=self.eval_config.batch_size,
+        mesh=self.trainer.mesh, rules=self.trainer.rules, culprit=self._culprit('test_data'))
+    class_names = self.class_names(source_class_names)
+    self._warn_about_unknown_words(class_names)
+    class_embeddings = self.class_embeddings(params, class_names)
+    predictions = zero_shot_predictions(image_embeddings, class_embeddings)
+    return EvalResult(scalars={
+        'accuracy': float(np.mean(predictions == labels)),
+        'chance': 1.0 / len(class_names),
+    })
