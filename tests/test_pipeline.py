@@ -10,7 +10,7 @@ import pytest
 from big_pretrain import pipeline
 from big_pretrain.config_schema import ConfigError, validate_config
 from big_pretrain.train import loop
-from configs import mae_then_wsp
+from configs import flip, mae_then_wsp
 from test_transfer import tiny_wsp_config
 from tiny_config import tiny_mae_config
 
@@ -94,4 +94,19 @@ def test_shipped_chain_configs_validate():
   recipe = mae_then_wsp.get_config()
   assert recipe.stages.mae.model.variant == 'L/16' and recipe.stages.wsp.init_from.stage == 'mae'
   with pytest.raises(ConfigError, match=r'stages\.mae\.data\.path is not set'):
+    validate_config(recipe)
+
+
+def test_flip_config_is_a_masked_then_unmasked_chain():
+  validate_config(flip.get_config('demo'))
+  recipe = flip.get_config()
+  pretrain, unmasked = recipe.stages.pretrain, recipe.stages.unmasked
+  assert pretrain.objective.mask_ratio == 0.5 and unmasked.objective.mask_ratio == 0.0
+  assert unmasked.optim.lr_per_256 < pretrain.optim.lr_per_256
+  assert unmasked.init_from.stage == 'pretrain' and 'text_encoder' in unmasked.init_from.take
+  assert pretrain.objective.temperature_init == 0.07 and pretrain.data.text.max_length == 32
+  with pytest.raises(ConfigError, match=r'stages\.pretrain\.data\.path is not set'):
+    validate_config(recipe)
+  recipe.stages.pretrain.data.update(path='/data/train', test_path='/data/val')
+  with pytest.raises(ConfigError, match=r'data\.text\.tokenizer is not set'):
     validate_config(recipe)

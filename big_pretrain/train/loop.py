@@ -22,6 +22,7 @@ from big_pretrain import sharding as sharding_lib
 from big_pretrain.checkpoint import Checkpointer
 from big_pretrain.config_schema import validate_stage_config
 from big_pretrain.data.pipeline import InputPipeline
+from big_pretrain.data.tokenizer import record_tokenizer
 from big_pretrain.evaluators import build_evaluators
 from big_pretrain.objectives import build_objective
 from big_pretrain.train.optim import make_optimizer, make_schedule
@@ -53,6 +54,8 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
+  # The checkpoints' text embeddings index this tokenizer's ids: keep it beside them.
+  record_tokenizer(config.data, workdir)
 
   # --- Mesh and sharding rules.
   mesh = sharding_lib.make_mesh(config.mesh, devices)

@@ -1,0 +1,47 @@
+"""The FLIP text tower: a transformer over caption tokens.
+
+Token + learned position embeddings, the same pre-LN blocks as the ViT
+(bidirectional, padding masked out), final LN, and the embedding read at the
+first position (the <bos> token every caption starts with).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from big_pretrain.models.vit import Transformer
+
+class TextTransformer(nn.Module):
+  vocab_size: int
+  width: int
+  depth: int
+  num_heads: int
+  max_length: int
+  pad_id: int = 0  # the tokenizer's padding id: masked out of attention
+  mlp_ratio: int = 4
+  dtype: Any = jnp.float32
+  scan: bool = False
+  remat: str = 'none'
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, tokens):
+    """tokens: int32 (B, T) with T <= max_length, pad_id after the text -> (B, width)."""
+    if tokens.shape[1] > self.max_length:
+      raise ValueError(f'Text of {tokens.shape[1]} tokens exceeds max_length={self.max_length}.')
+    x = nn.Embed(
+        self.vocab_size, self.width, dtype=self.dtype, name='token_embedding',
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), ('vocab', 'embed')))(tokens)
+    posemb = self.param('pos_embedding', nn.with_logical_partitioning(
+        nn.initializers.normal(0.01), (None, 'tokens', 'embed')), (1, self.max_length, self.width))
+    x = x + posemb[:, :tokens.shape[1]].astype(self.dtype)
+    # Every query may attend to every real (non-padding) token.
+    mask = (tokens != self.pad_id)[:, None, None, :]
+    x = Transformer(
+        self.depth, self.num_heads, self.mlp_ratio * self.width, self.dtype,
+        self.scan, self.remat, self.attention_impl, name='transformer')(x, mask)
+    return x[:, 0]

@@ -1,0 +1,160 @@
+"""FLIP: image-text contrastive learning with most image patches dropped (METHODS.md 4).
+
+In training, a fraction `mask_ratio` of each image's patches is dropped
+before the image encoder (MAE's per-example masking), which is where FLIP's
+speed comes from; at evaluation nothing is dropped. Image embedding: mean of
+the output tokens -> dense (no bias) -> L2 normalise; text embedding: the
+text tower's first position -> dense (no bias) -> L2 normalise. The loss is
+CLIP's symmetric InfoNCE over the GLOBAL batch with a learnable temperature.
+
+Global batch, exact gradients: the step is one jit over global arrays, so
+`image_embeddings @ text_embeddings.T` pairs every example with every other
+on every device; XLA inserts the all-gathers, and they are differentiated
+like any other op. Nothing is gathered without gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import linen as nn
+
+from big_pretrain.data.tokenizer import load_tokenizer
+from big_pretrain.errors import ConfigError
+from big_pretrain.models.masking import random_masking
+from big_pretrain.models.patches import normalize_images
+from big_pretrain.models.text import TextTransformer
+from big_pretrain.models.vit import VisionTransformer, compute_dtype, dense, vit_from_config
+from big_pretrain.objectives.base import Objective
+
+MAX_LOGIT_SCALE = 100.0
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`config.objective` keys for FLIP, with the paper's defaults."""
+  return ml_collections.ConfigDict(dict(
+      name='flip',
+      mask_ratio=0.5,          # 0 for the final unmasked tuning stage
+      embed_dim=512,
+      text_width=512,
+      text_depth=12,
+      text_heads=8,
+      temperature_init=0.07,   # logit scale starts at 1 / 0.07
+  ))
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def logit_scale_from(theta: jax.Array) -> jax.Array:
+  """s = exp(clip(theta, 0, ln 100)): the learnable scale, capped at 100."""
+  return jnp.exp(jnp.clip(theta, 0.0, math.log(MAX_LOGIT_SCALE)))
+
+
+def contrastive_loss(image_embeddings, text_embeddings, logit_scale):
+  """CLIP's symmetric InfoNCE: 1/2 [CE(rows) + CE(cols)], the diagonal as targets.
+
+  Both inputs are L2-normalised (N, E); the log-softmax is the stable one.
+  Returns (loss, image->text top-1 accuracy within the batch).
+  """
+  logits = logit_scale * image_embeddings @ text_embeddings.T
+  logits = nn.with_logical_constraint(logits, ('batch', None))
+  targets = jnp.arange(logits.shape[0])
+  image_to_text = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  text_to_image = optax.softmax_cross_entropy_with_integer_labels(logits.T, targets)
+  loss = 0.5 * (image_to_text.mean() + text_to_image.mean())
+  accuracy = jnp.mean(jnp.argmax(logits, axis=1) == targets)
+  return loss, accuracy
+
+
+class FLIPModel(nn.Module):
+  """Image tower (params['encoder']), text tower, two projections, the temperature."""
+  encoder: VisionTransformer
+  text_encoder: TextTransformer
+  embed_dim: int
+  temperature_init: float
+
+  def setup(self):
+    self.image_projection = dense(self.embed_dim, ('embed', None), self.encoder.dtype,
+                                  use_bias=False)
+    self.text_projection = dense(self.embed_dim, ('embed', None), self.encoder.dtype,
+                                 use_bias=False)
+    self.logit_scale = self.param(
+        'logit_scale', nn.with_logical_partitioning(
+            nn.initializers.constant(math.log(1 / self.temperature_init)), ()), ())
+
+  def embed_images(self, images, keep_indices=None):
+    """Normalised images (and the visible patches, in training) -> (B, E) unit vectors."""
+    tokens = self.encoder(images, keep_indices=keep_indices)['patch_tokens']
+    return l2_normalize(self.image_projection(tokens.mean(axis=1)))
+
+  def embed_texts(self, tokens):
+    return l2_normalize(self.text_projection(self.text_encoder(tokens)))
+
+  def __call__(self, images, tokens, keep_indices=None):
+    return (self.embed_images(images, keep_indices), self.embed_texts(tokens),
+            logit_scale_from(self.logit_scale))
+
+
+class FLIP(Objective):
+  name = 'flip'
+
+  @classmethod
+  def check_config(cls, config, path):
+    if not config.data.text.tokenizer:
+      raise ConfigError(
+          f'{path}.data.text.tokenizer is not set: FLIP needs a tokenizer for the captions. '
+          'Build one with `python -m big_pretrain.data.tokenizer build --source=image_folder '
+          '--path=DATA_DIR --output=tokenizer.txt`, or give a SentencePiece .model file.')
+    if not 0.0 <= config.objective.mask_ratio < 1.0:
+      raise ConfigError(f'{path}.objective.mask_ratio={config.objective.mask_ratio}: '
+                        'must be in [0, 1).')
+
+  def __init__(self, config):
+    super().__init__(config)
+    objective = config.objective
+    self.mask_ratio = objective.mask_ratio
+    self.max_length = config.data.text.max_length
+    tokenizer = load_tokenizer(config.data.text.tokenizer)
+    self.model = FLIPModel(
+        encoder=vit_from_config(config.model),
+        text_encoder=TextTransformer(
+            vocab_size=tokenizer.vocab_size, width=objective.text_width,
+            depth=objective.text_depth, num_heads=objective.text_heads,
+            max_length=self.max_length, pad_id=tokenizer.pad_id,
+            dtype=compute_dtype(config.model.dtype),
+            scan=config.model.scan, remat=config.model.remat,
+            attention_impl=config.model.attention_impl),
+        embed_dim=objective.embed_dim, temperature_init=objective.temperature_init)
+
+  def init_params(self, rng):
+    tokens = jnp.zeros((1, self.max_length), jnp.int32)
+    return self.model.init({'params': rng}, self.dummy_images(), tokens)['params']
+
+  def _keep_indices(self, rng, images, train):
+    """Per-example random visible patches in training; None (all patches) otherwise."""
+    if not train or self.mask_ratio == 0:
+      return None
+    grid = images.shape[1] // self.model.encoder.patch_size
+    return random_masking(rng, images.shape[0], grid * grid, self.mask_ratio).keep_indices
+
+  def loss(self, params, batch, rng, train=True):
+    images = normalize_images(batch['image'])
+    image_embeddings, text_embeddings, logit_scale = self.model.apply(
+        {'params': params}, images, batch['text_tokens'], self._keep_indices(rng, images, train))
+    loss, accuracy = contrastive_loss(image_embeddings, text_embeddings, logit_scale)
+    return loss, {'loss': loss, 'logit_scale': logit_scale, 'batch_accuracy': accuracy}
+
+  def embed_images(self, params, images):
+    """(B, E) unit image embeddings, no patches dropped (for evaluators)."""
+    return self.model.apply({'params': params}, normalize_images(images),
+                            method=FLIPModel.embed_images)
+
+  def embed_texts(self, params, text_tokens):
+    return self.model.apply({'params': params}, text_tokens, method=FLIPModel.embed_texts)
