@@ -339,18 +339,7 @@ def _argument_parser() -> argparse.ArgumentParser:
   commands = parser.add_subparsers(dest='command', required=True)
   build = commands.add_parser(
       'build', help="Count a source's hashtags and write the most frequent as a vocabulary.")
-  build.add_argument('--source', required=True, choices=sources.SOURCE_NAMES)
-  build.add_argument('--path', help='image_folder: the folder of class subfolders.')
-  build.add_argument(
-      '--num_examples', type=int, default=None,
-      help='synthetic: how many examples to read (default: config.data.num_examples).'
-      ' image_folder: read only N images, evenly spaced over the sorted files so every'
-      ' class is represented (default: all).')
-  # Synthetic hashtags are drawn before anything that depends on the image size,
-  # so the smallest images give the same tags, fastest.
-  build.add_argument('--source_image_size', type=int, default=16,
-                     help='synthetic: size of the generated images (does not change the tags).')
-  build.add_argument('--seed', type=int, default=0, help='synthetic: the dataset seed.')
+  sources.add_source_arguments(build)
   build.add_argument('--min_count', type=int, default=1,
                      help='Keep tags carried by at least this many examples.')
   build.add_argument('--max_size', type=int, default=1000,
@@ -361,39 +350,10 @@ def _argument_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _read_texts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict[str, Any]]:
-  """The 'hashtags' and 'caption' of the examples to count (images are dropped at once)."""
-  from big_pretrain.data import pipeline  # Not at the top: pipeline imports this module.
-
-  data_config = pipeline.default_data_config()
-  data_config.source = args.source
-  data_config.seed = args.seed
-  data_config.source_image_size = args.source_image_size
-  if args.source == 'image_folder':
-    if not args.path:
-      parser.error('--source=image_folder needs --path=DIR, a folder of class subfolders.')
-    data_config.path = args.path
-  if args.num_examples is not None:
-    if args.num_examples < 1:
-      parser.error(f'--num_examples must be positive, got {args.num_examples}.')
-    if args.source == 'synthetic':
-      data_config.num_examples = args.num_examples
-  source = sources.build_source(data_config)
-  indices = range(len(source))
-  if args.num_examples is not None and args.num_examples < len(source):
-    indices = np.unique(np.linspace(0, len(source) - 1, args.num_examples).astype(int))
-  texts = []
-  for index in indices:
-    example = source[int(index)]
-    texts.append({'hashtags': list(example.get('hashtags') or ()),
-                  'caption': example.get('caption') or ''})
-  return texts
-
-
 def main(argv: Sequence[str] | None = None) -> int:
   parser = _argument_parser()
   args = parser.parse_args(argv)
-  texts = _read_texts(args, parser)
+  texts = sources.read_source_texts(args, parser)
   vocabulary = build_vocabulary(texts, min_count=args.min_count, max_size=args.max_size,
                                 use_caption_words=args.use_caption_words)
   distinct_tags = set().union(*(example_tags(t, args.use_caption_words) for t in texts))

@@ -62,7 +62,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   # disjoint 'test' stream from the same generator).
   config.test_path = ml_collections.config_dict.placeholder(str)
   config.split = 'train'  # 'train' | 'test': which of the two a pipeline reads.
-  config.num_examples = 50_000  # synthetic only.
+  config.num_examples = sources.DEFAULT_SYNTHETIC_EXAMPLES  # synthetic only.
   config.source_image_size = 64  # synthetic only: size of the generated images.
   config.synthetic_label = 'shape'  # synthetic only: the class label, 'shape' or 'colour'.
   config.seed = 0  # Dataset seed: synthetic content, shuffle order, augmentation.

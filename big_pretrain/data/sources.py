@@ -6,11 +6,13 @@ the pipeline, where a corrupt file can be skipped instead of crashing a run.
 
 from __future__ import annotations
 
+import argparse
 import pathlib
 import re
 from typing import Any, Callable, Sequence
 
 from absl import logging
+import ml_collections
 import numpy as np
 
 # --- Synthetic shapes --------------------------------------------------------
@@ -307,3 +309,47 @@ def build_source(data_config) -> SyntheticShapes | ImageFolder:
   raise ValueError(
       f'Unknown data source {data_config.source!r}; config.data.source must be one'
       f' of {", ".join(repr(name) for name in SOURCE_NAMES)}.')
+
+
+# --- Reading a source's texts (the vocabulary and tokenizer build commands) ---
+DEFAULT_SYNTHETIC_EXAMPLES = 50_000
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+  """The flags that pick the examples a build command reads."""
+  parser.add_argument('--source', required=True, choices=SOURCE_NAMES)
+  parser.add_argument('--path', help='image_folder: the folder of class subfolders (captions'
+                      ' are .txt files beside the images).')
+  parser.add_argument(
+      '--num_examples', type=int, default=None,
+      help=f'synthetic: how many examples to read (default: {DEFAULT_SYNTHETIC_EXAMPLES}).'
+      ' image_folder: read only N images, evenly spaced over the sorted files so every'
+      ' class is represented (default: all).')
+  # Synthetic texts are drawn before anything that depends on the image size,
+  # so the smallest images give the same texts, fastest.
+  parser.add_argument('--source_image_size', type=int, default=16,
+                      help='synthetic: size of the generated images (does not change the texts).')
+  parser.add_argument('--seed', type=int, default=0, help='synthetic: the dataset seed.')
+
+
+def read_source_texts(args: argparse.Namespace,
+                      parser: argparse.ArgumentParser) -> list[dict[str, Any]]:
+  """The 'hashtags' and 'caption' of the examples picked by `add_source_arguments` flags."""
+  if args.source == 'image_folder' and not args.path:
+    parser.error('--source=image_folder needs --path=DIR, a folder of class subfolders.')
+  if args.num_examples is not None and args.num_examples < 1:
+    parser.error(f'--num_examples must be positive, got {args.num_examples}.')
+  synthetic_examples = (args.num_examples if args.source == 'synthetic' and args.num_examples
+                        else DEFAULT_SYNTHETIC_EXAMPLES)
+  source = build_source(ml_collections.ConfigDict(dict(
+      source=args.source, path=args.path, seed=args.seed, split='train',
+      num_examples=synthetic_examples, source_image_size=args.source_image_size)))
+  indices = range(len(source))
+  if args.num_examples is not None and args.num_examples < len(source):
+    indices = np.unique(np.linspace(0, len(source) - 1, args.num_examples).astype(int))
+  texts = []
+  for index in indices:
+    example = source[int(index)]
+    texts.append({'hashtags': list(example.get('hashtags') or ()),
+                  'caption': example.get('caption') or ''})
+  return texts

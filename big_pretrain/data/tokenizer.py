@@ -54,7 +54,6 @@ from typing import Iterable, Sequence
 import jax
 import numpy as np
 
-from big_pretrain.data import labels as labels_lib
 from big_pretrain.data import sources
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = '<pad>', '<bos>', '<eos>', '<unk>'
@@ -495,19 +494,7 @@ def _argument_parser() -> argparse.ArgumentParser:
   commands = parser.add_subparsers(dest='command', required=True)
   build = commands.add_parser(
       'build', help="Count a source's caption words and write the most frequent as a vocabulary.")
-  build.add_argument('--source', required=True, choices=sources.SOURCE_NAMES)
-  build.add_argument('--path', help='image_folder: the folder of class subfolders (captions'
-                     ' are .txt files beside the images).')
-  build.add_argument(
-      '--num_examples', type=int, default=None,
-      help='synthetic: how many examples to read (default: config.data.num_examples).'
-      ' image_folder: read only N images, evenly spaced over the sorted files so every'
-      ' class is represented (default: all).')
-  # Synthetic captions are drawn before anything that depends on the image size,
-  # so the smallest images give the same captions, fastest.
-  build.add_argument('--source_image_size', type=int, default=16,
-                     help='synthetic: size of the generated images (does not change the captions).')
-  build.add_argument('--seed', type=int, default=0, help='synthetic: the dataset seed.')
+  sources.add_source_arguments(build)
   build.add_argument('--min_count', type=int, default=1,
                      help='Keep words seen at least this many times.')
   build.add_argument('--max_size', type=int, default=30000,
@@ -522,8 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.min_count < 1 or args.max_size < 1:
     parser.error(f'--min_count and --max_size must be positive, got {args.min_count} and'
                  f' {args.max_size}.')
-  # The label vocabulary command selects examples from the same flags: share its reader.
-  texts = labels_lib._read_texts(args, parser)  # pylint: disable=protected-access
+  texts = sources.read_source_texts(args, parser)
   captions = [text['caption'] for text in texts]
   without_caption = sum(not caption.strip() for caption in captions)
   counts = collections.Counter(word for caption in captions for word in split_words(caption))
