@@ -87,12 +87,12 @@ def collect_eval_results(stage_dirs: dict[str, str]) -> dict[str, dict]:
 
 
 def format_eval_results(results: dict[str, dict]) -> str:
-  lines = ['', f'{"stage":<10} {"step":>7}  {"evaluator":<16} {"metric":<16} {"value":>10}']
+  lines = ['', f'{"stage":<10} {"step":>7}  {"evaluator":<24} {"metric":<26} {"value":>8}']
   for stage, stage_results in results.items():
     step = stage_results.get('step', '')
     for evaluator, scalars in stage_results.items():
       if evaluator == 'step':
         continue
       for metric, value in scalars.items():
-        lines.append(f'{stage:<10} {step:>7}  {evaluator:<16} {metric:<16} {value:>10.4f}')
+        lines.append(f'{stage:<10} {step:>7}  {evaluator:<24} {metric:<26} {value:>8.4f}')
   return '\n'.join(lines) if len(lines) > 2 else '(no evaluator results yet)'

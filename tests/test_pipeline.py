@@ -10,7 +10,7 @@ import pytest
 from big_pretrain import pipeline
 from big_pretrain.config_schema import ConfigError, validate_config
 from big_pretrain.train import loop
-from configs import flip, mae_then_wsp
+from configs import aim, aim_then_wsp, flip, mae_then_wsp
 from test_transfer import tiny_wsp_config
 from tiny_config import tiny_mae_config
 
@@ -110,3 +110,14 @@ def test_flip_config_is_a_masked_then_unmasked_chain():
   recipe.stages.pretrain.data.update(path='/data/train', test_path='/data/val')
   with pytest.raises(ConfigError, match=r'data\.text\.tokenizer is not set'):
     validate_config(recipe)
+
+
+def test_aim_configs_validate_and_chain_into_wsp():
+  validate_config(aim.get_config('demo'))
+  validate_config(aim_then_wsp.get_config('demo'))
+  recipe = aim.get_config()
+  assert recipe.model.variant == '600M/14' and not recipe.model.use_cls_token
+  assert recipe.evals.attentive_probe.num_last_blocks == 6
+  chain = aim_then_wsp.get_config('demo')
+  assert chain.stages.wsp.init_from.stage == 'aim'
+  assert chain.stages.wsp.model.variant == chain.stages.aim.model.variant

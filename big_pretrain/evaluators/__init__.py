@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import types
 
+from big_pretrain.evaluators import attentive_probe
 from big_pretrain.evaluators import knn
 from big_pretrain.evaluators import linear_probe
 from big_pretrain.evaluators import reconstruction
@@ -15,6 +16,7 @@ from big_pretrain.evaluators import retrieval
 from big_pretrain.evaluators import zero_shot
 
 _REGISTRY = types.MappingProxyType({
+    'attentive_probe': attentive_probe.AttentiveProbeEvaluator,
     'knn': knn.KnnEvaluator,
     'linear_probe': linear_probe.LinearProbeEvaluator,
     'reconstruction': reconstruction.ReconstructionEvaluator,

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from big_pretrain.models.patches import sincos_2d_position_embedding
-from big_pretrain.models.vit import Transformer, dense
+from big_pretrain.models.vit import MlpBlock, Transformer, dense, layer_norm
 
 
 class MAEDecoder(nn.Module):
@@ -49,3 +49,25 @@ class MAEDecoder(nn.Module):
         self.scan, self.remat, self.attention_impl, name='transformer')(x)
     pred = dense(self.patch_dim, ('embed', None), self.dtype, name='predict')(x)
     return pred[:, self.num_prefix_tokens:]
+
+
+class AIMHead(nn.Module):
+  """AIM's prediction head: per-patch MLP blocks (no attention), then pixels.
+
+  dense D -> width; `depth` residual blocks x += MLP(LN(x)); LN; dense -> p*p*3.
+  Each patch is processed independently, so the head cannot look ahead.
+  """
+  width: int
+  depth: int
+  patch_dim: int
+  mlp_ratio: int = 4
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = dense(self.width, ('embed', None), self.dtype, name='embed')(x)
+    for block in range(self.depth):
+      x = x + MlpBlock(self.mlp_ratio * self.width, self.dtype, name=f'mlp_{block}')(
+          layer_norm(self.dtype, name=f'norm_{block}')(x))
+    x = layer_norm(self.dtype, name='norm')(x)
+    return dense(self.patch_dim, ('embed', None), self.dtype, name='predict')(x)

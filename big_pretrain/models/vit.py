@@ -29,6 +29,11 @@ VIT_SIZES = {
     'H': (1280, 32, 16),
     'g': (1408, 40, 16),
     '2B': (2560, 24, 32),
+    # AIM's trunks (width over depth; heads our choice, head_dim 128).
+    '600M': (1536, 24, 12),
+    '1B': (2048, 24, 16),
+    '3B': (3072, 24, 24),
+    '7B': (4096, 32, 32),
 }
 
 # Names of the remat policies a config may choose.
@@ -152,6 +157,8 @@ class EncoderBlock(nn.Module):
         layer_norm(self.dtype, name='norm1')(x), mask)
     x = x + MlpBlock(self.mlp_dim, self.dtype, name='mlp')(
         layer_norm(self.dtype, name='norm2')(x))
+    # Recorded only when the caller makes 'intermediates' mutable (probes).
+    self.sow('intermediates', 'output', x)
     return x
 
 
@@ -187,7 +194,8 @@ class Transformer(nn.Module):
                            prevent_cse=not self.scan)
     if self.scan:
       stack = nn.scan(
-          block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
+          block_cls, variable_axes={'params': 0, 'intermediates': 0},
+          split_rngs={'params': True},
           in_axes=nn.broadcast, length=self.depth,
           metadata_params={nn.PARTITION_NAME: 'layers'})
       x, _ = stack(**block_kwargs, name='blocks')(x, mask)
@@ -263,6 +271,14 @@ class VisionTransformer(nn.Module):
     else:
       raise ValueError(f"Unknown pool {self.pool!r}; choose 'cls' or 'gap'.")
     return {'tokens': x, 'patch_tokens': patch_tokens, 'pooled': pooled}
+
+
+def stacked_block_outputs(intermediates) -> jax.Array:
+  """The sown block outputs of a Transformer's 'intermediates' -> (depth, B, T, D)."""
+  if 'blocks' in intermediates:
+    return intermediates['blocks']['output'][0]
+  depth = len([k for k in intermediates if k.startswith('block_')])
+  return jnp.stack([intermediates[f'block_{i}']['output'][0] for i in range(depth)])
 
 
 def vit_from_config(model_config) -> VisionTransformer:

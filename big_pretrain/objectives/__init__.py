@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import types
 
-from big_pretrain.objectives import flip, mae, wsp
+from big_pretrain.objectives import aim, flip, mae, wsp
 
 # Read-only: a name maps to (Objective class, default config factory).
 _REGISTRY = types.MappingProxyType({
     'mae': (mae.MAE, mae.default_config),
     'wsp': (wsp.WSP, wsp.default_config),
     'flip': (flip.FLIP, flip.default_config),
+    'aim': (aim.AIM, aim.default_config),
 })
 
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from big_pretrain.models.patches import normalize_images
+from big_pretrain.models.vit import stacked_block_outputs
 
 
 class Objective(abc.ABC):
@@ -43,11 +44,22 @@ class Objective(abc.ABC):
   def loss(self, params, batch: dict, rng: jax.Array, train: bool = True):
     """Returns (scalar loss, dict of scalar metrics)."""
 
-  def encode(self, params, images: jax.Array) -> dict:
+  def encode(self, params, images: jax.Array, num_last_blocks: int = 0) -> dict:
     """Frozen-feature view for evaluators: the unmasked encoder on uint8 images.
 
-    Returns the ViT's dict: 'pooled' (B, D), 'patch_tokens' (B, L, D), 'tokens'.
+    Returns the ViT's dict: 'pooled' (B, D), 'patch_tokens' (B, L, D), 'tokens';
+    with `num_last_blocks` = k > 0 also 'last_blocks_mean' (B, L, D), the mean
+    of the last k blocks' patch-token outputs (AIM's attentive-probe features).
     Every objective keeps its ViT under params['encoder'] and as `self.model.encoder`.
     """
-    return self.model.encoder.apply(
-        {'params': params['encoder']}, normalize_images(images))
+    encoder = self.model.encoder
+    if not num_last_blocks:
+      return encoder.apply({'params': params['encoder']}, normalize_images(images))
+    outputs, variables = encoder.apply(
+        {'params': params['encoder']}, normalize_images(images), mutable=['intermediates'])
+    blocks = stacked_block_outputs(variables['intermediates']['transformer'])
+    if not 0 < num_last_blocks <= blocks.shape[0]:
+      raise ValueError(f'num_last_blocks={num_last_blocks}: the encoder has {blocks.shape[0]}.')
+    prefix = 1 if encoder.use_cls_token else 0
+    outputs['last_blocks_mean'] = blocks[-num_last_blocks:, :, prefix:].mean(axis=0)
+    return outputs

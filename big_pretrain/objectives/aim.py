@@ -1,0 +1,113 @@
+"""AIM: autoregressive image pretraining with prefix-causal attention (METHODS.md 5).
+
+Patches in raster order; position i predicts patch i+1. Per example a prefix
+length P ~ U{1..L-1}: query i may attend key j iff j < P or j <= i, so the
+prefix is seen bidirectionally (as at evaluation, where attention is fully
+bidirectional) and the rest causally. Prefix patches are never targets: each
+example has L - P targets, patches P..L-1, predicted from positions P-1..L-2.
+The loss is MAE's per-patch normalised pixel MSE on those targets only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from big_pretrain.errors import ConfigError
+from big_pretrain.models.decoders import AIMHead
+from big_pretrain.models.patches import normalize_images, patchify
+from big_pretrain.models.vit import VisionTransformer, compute_dtype, vit_from_config
+from big_pretrain.objectives.base import Objective
+from big_pretrain.objectives.mae import normalize_patches
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`config.objective` keys for AIM (the paper's head: 12 MLP blocks of width 2048)."""
+  return ml_collections.ConfigDict(dict(
+      name='aim',
+      head_width=2048,
+      head_depth=12,
+      norm_pix_loss=True,
+  ))
+
+
+def sample_prefix_lengths(rng: jax.Array, batch_size: int, num_patches: int) -> jax.Array:
+  """P ~ U{1, ..., L-1} per example."""
+  return jax.random.randint(rng, (batch_size,), 1, num_patches)
+
+
+def prefix_causal_mask(prefix_lengths: jax.Array, num_patches: int) -> jax.Array:
+  """(B, 1, L, L) bool: query i may attend key j iff j < P or j <= i."""
+  query = jnp.arange(num_patches)[:, None]
+  key = jnp.arange(num_patches)[None, :]
+  in_prefix = key[None] < prefix_lengths[:, None, None]
+  return (in_prefix | (key <= query)[None])[:, None]
+
+
+def target_weights(prefix_lengths: jax.Array, num_patches: int) -> jax.Array:
+  """(B, L-1): 1 where target patch t = 1..L-1 is predicted (t >= P), else 0. Sums to L - P."""
+  targets = jnp.arange(1, num_patches)
+  return (targets[None] >= prefix_lengths[:, None]).astype(jnp.float32)
+
+
+def next_patch_loss(pred: jax.Array, target: jax.Array, prefix_lengths: jax.Array) -> jax.Array:
+  """Position i predicts patch i+1; per-patch MSE averaged over the L - P targets of each example."""
+  num_patches = target.shape[1]
+  per_patch = jnp.mean(jnp.square(pred[:, :-1].astype(jnp.float32) - target[:, 1:]), axis=-1)
+  weights = target_weights(prefix_lengths, num_patches)
+  return jnp.sum(per_patch * weights) / jnp.sum(weights)
+
+
+class AIMModel(nn.Module):
+  """Trunk (params['encoder'], no cls token) + per-patch MLP head."""
+  encoder: VisionTransformer
+  head_width: int
+  head_depth: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, attention_mask):
+    tokens = self.encoder(images, attention_mask=attention_mask)['patch_tokens']
+    return AIMHead(self.head_width, self.head_depth, self.encoder.patch_size ** 2 * 3,
+                   dtype=self.dtype, name='head')(tokens)
+
+
+class AIM(Objective):
+  name = 'aim'
+
+  @classmethod
+  def check_config(cls, config, path):
+    if config.model.use_cls_token:
+      raise ConfigError(f'{path}.model.use_cls_token must be False for AIM: its trunk has no '
+                        "cls token (set model.pool='gap' too).")
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.norm_pix_loss = config.objective.norm_pix_loss
+    self.model = AIMModel(
+        encoder=vit_from_config(config.model), head_width=config.objective.head_width,
+        head_depth=config.objective.head_depth, dtype=compute_dtype(config.model.dtype))
+
+  @property
+  def num_patches(self) -> int:
+    return (self.config.data.image_size // self.model.encoder.patch_size) ** 2
+
+  def init_params(self, rng):
+    return self.model.init({'params': rng}, self.dummy_images(), None)['params']
+
+  def loss(self, params, batch, rng, train=True):
+    del train  # The prefix-causal mask defines the loss; evaluation probes run bidirectionally.
+    images = normalize_images(batch['image'])
+    batch_size, num_patches = images.shape[0], self.num_patches
+    prefix_lengths = sample_prefix_lengths(rng, batch_size, num_patches)
+    pred = self.model.apply({'params': params}, images,
+                            prefix_causal_mask(prefix_lengths, num_patches))
+    target = patchify(images, self.model.encoder.patch_size)
+    if self.norm_pix_loss:
+      target = normalize_patches(target)
+    loss = next_patch_loss(pred, target, prefix_lengths)
+    return loss, {'loss': loss, 'mean_prefix_length': prefix_lengths.mean()}
