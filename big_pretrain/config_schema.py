@@ -45,6 +45,12 @@ def optim_defaults() -> ml_collections.ConfigDict:
   ))
 
 
+def use_embedded_demo_data(config) -> None:
+  """Points a stage at the embedded synthetic data at the CPU demo size (`:demo` configs)."""
+  config.data.update(source='synthetic', num_examples=20_000, source_image_size=64,
+                     image_size=32)
+
+
 def stage_config(objective: str) -> ml_collections.ConfigDict:
   """A complete stage config for `objective`, every key at its default."""
   config = ml_collections.ConfigDict()

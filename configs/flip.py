@@ -13,7 +13,7 @@ Each stage trains in DIR/<stage>; run the same command again to resume.
 
 import ml_collections
 
-from big_pretrain.config_schema import stage_config
+from big_pretrain.config_schema import stage_config, use_embedded_demo_data
 from big_pretrain.data.tokenizer import synthetic_tokenizer_path
 from big_pretrain.evaluators import evaluator_config
 
@@ -58,10 +58,7 @@ def masked_stage(arg):
     config.optim.lr_per_256 = 2e-3
     config.optim.weight_decay = 0.05
     config.optim.warmup_steps = 50
-    config.data.source = 'synthetic'
-    config.data.num_examples = 20_000
-    config.data.source_image_size = 64
-    config.data.image_size = 32
+    use_embedded_demo_data(config)
     config.data.crop_scale = (0.8, 1.0)
     config.data.text.tokenizer = synthetic_tokenizer_path()
     config.data.text.max_length = 16

@@ -8,7 +8,7 @@
       A tiny MAE on the embedded synthetic shapes, minutes on a CPU.
 """
 
-from big_pretrain.config_schema import stage_config
+from big_pretrain.config_schema import stage_config, use_embedded_demo_data
 from big_pretrain.evaluators import evaluator_config
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -45,10 +45,7 @@ def get_config(arg: str | None = None):
     config.total_steps = 1000
     config.optim.lr_per_256 = 4e-3
     config.optim.warmup_steps = 50
-    config.data.source = 'synthetic'
-    config.data.num_examples = 20_000
-    config.data.source_image_size = 64
-    config.data.image_size = 32
+    use_embedded_demo_data(config)
     config.checkpoint.every_steps = 100
     config.log.every_steps = 50
     config.evals.reconstruction.every_steps = 500

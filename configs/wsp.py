@@ -8,7 +8,7 @@
       A tiny WSP on the embedded synthetic shapes and their hashtags.
 """
 
-from big_pretrain.config_schema import stage_config
+from big_pretrain.config_schema import stage_config, use_embedded_demo_data
 from big_pretrain.data.labels import synthetic_vocabulary_path
 from big_pretrain.evaluators import evaluator_config
 
@@ -41,10 +41,7 @@ def get_config(arg: str | None = None):
     config.optim.lr_per_256 = 1e-3
     config.optim.weight_decay = 0.05
     config.optim.warmup_steps = 50
-    config.data.source = 'synthetic'
-    config.data.num_examples = 20_000
-    config.data.source_image_size = 64
-    config.data.image_size = 32
+    use_embedded_demo_data(config)
     config.data.crop_scale = (0.35, 1.0)
     config.data.labels.vocabulary = synthetic_vocabulary_path()
     config.checkpoint.every_steps = 100
