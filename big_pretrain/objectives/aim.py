@@ -6,6 +6,9 @@ prefix is seen bidirectionally (as at evaluation, where attention is fully
 bidirectional) and the rest causally. Prefix patches are never targets: each
 example has L - P targets, patches P..L-1, predicted from positions P-1..L-2.
 The loss is MAE's per-patch normalised pixel MSE on those targets only.
+
+(choice) The paper's trunk drops biases; ours keeps the shared ViT blocks'
+biases, so one encoder serves every objective and transfers between them.
 """
 
 from __future__ import annotations
