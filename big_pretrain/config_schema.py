@@ -14,7 +14,7 @@ import ml_collections
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data.pipeline import default_data_config
 from big_pretrain.errors import ConfigError
-from big_pretrain.evaluators import evaluator_defaults, evaluator_names
+from big_pretrain.evaluators import evaluator_config, evaluator_defaults, evaluator_names
 from big_pretrain.objectives import objective_class, objective_defaults, objective_names
 
 
@@ -185,10 +185,10 @@ def _check_evaluator(eval_config, stage_data, path: str) -> None:
   for key in data_groups:
     schema[key] = default_data_config()
   _check_against(eval_config, schema, path)
+  merged = evaluator_config(**eval_config)  # what the evaluator will run with
   for key in data_groups:
     data = stage_data.copy_and_resolve_references()
-    data.update(evaluator_defaults(kind)[key].to_dict())
-    data.update(dict(eval_config.get(key, {})))
+    data.update(merged[key].to_dict())
     if data.source == 'image_folder' and data.split == 'test' and not data.test_path:
       raise ConfigError(
           f'{path} evaluates on a held-out split, but config.data.test_path is not set. '

@@ -8,7 +8,6 @@ summary and as a PNG in the workdir.
 
 from __future__ import annotations
 
-import math
 import os
 
 import jax
@@ -20,6 +19,7 @@ from PIL import Image
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data.pipeline import InputPipeline
 from big_pretrain.evaluators.base import EvalResult, Evaluator
+from big_pretrain.evaluators.features import round_up, split_data_config
 
 
 class ReconstructionEvaluator(Evaluator):
@@ -43,10 +43,9 @@ class ReconstructionEvaluator(Evaluator):
     """The first images of the evaluation split, the same at every run."""
     if self._images is None:
       shards = sharding_lib.num_batch_shards(self.trainer.mesh) * jax.process_count()
-      batch = math.ceil(self.eval_config.num_images / shards) * shards
-      data = self.stage_config.data.copy_and_resolve_references()
-      data.update(self.default_config().test_data.to_dict())
-      data.update(dict(self.eval_config.get('test_data', {})))
+      batch = round_up(self.eval_config.num_images, shards)
+      data = split_data_config(self.stage_config.data, self.eval_config.test_data,
+                               culprit=f'config.evals.{self.name}.test_data')
       pipeline = InputPipeline(data, global_batch_size=batch,
                                mesh=self.trainer.mesh, train=False, seed=self.stage_config.seed)
       self._images = next(pipeline)['image']
