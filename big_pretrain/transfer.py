@@ -18,7 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from big_pretrain.checkpoint import STATE_ITEM, CheckpointMismatchError, check_shapes_fit
+from big_pretrain.checkpoint import (STATE_ITEM, CheckpointMismatchError, check_shapes_fit,
+                                     tree_shapes)
 
 _BLOCK = re.compile(r'^block_(\d+)$')
 
@@ -143,13 +144,8 @@ def _resample_position_embeddings(source: dict, target_like: dict) -> dict:
 def adapt_subtree(source: dict, target: dict, where: str) -> dict:
   """Layout conversion + resampling, then an exact structure and shape check."""
   adapted = _resample_position_embeddings(match_layer_layout(source, target), target)
-  check_shapes_fit(_shapes(adapted), _shapes(target), where)
+  check_shapes_fit(tree_shapes(adapted), tree_shapes(target), where)
   return adapted
-
-
-def _shapes(tree) -> dict[str, tuple[int, ...]]:
-  return {jax.tree_util.keystr(path, simple=True, separator='/'): tuple(np.shape(leaf))
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def load_into(fresh_params: dict, step_dir: str, take: tuple[str, ...]) -> dict:
