@@ -101,28 +101,26 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
 
   # --- Steps.
   pending_metrics, last_metrics, history = [], {}, []
-  interval_start, interval_steps = time.perf_counter(), 0
+  interval_start = time.perf_counter()
   step = start_step
-  steps_run = 0
   while step < config.total_steps:
     batch = next(data)
     state, metrics = trainer.train_step(state, batch, step_rng)
     step += 1
-    steps_run += 1
-    interval_steps += 1
     pending_metrics.append(metrics)  # fetched at log time: no host sync per step
     progress(step)
     final = step == config.total_steps
-    stopping = stop_after_steps is not None and steps_run >= stop_after_steps
+    stopping = stop_after_steps is not None and step - start_step >= stop_after_steps
     if step % config.log.every_steps == 0 or final or stopping:
       last_metrics = _mean_metrics(jax.device_get(pending_metrics))
       elapsed = time.perf_counter() - interval_start
+      interval_steps = len(pending_metrics)
       last_metrics['images_per_sec'] = interval_steps * config.batch_size / elapsed
       last_metrics['steps_per_sec'] = interval_steps / elapsed
       last_metrics['data/corrupt_images_skipped'] = data.corrupt_images_skipped
       writer.write_scalars(step, last_metrics)
       history.append((step, last_metrics))
-      pending_metrics, interval_start, interval_steps = [], time.perf_counter(), 0
+      pending_metrics, interval_start = [], time.perf_counter()
     for evaluator in evaluators:
       if evaluator.due(step, final):
         result = evaluator.run(state.params, step)
@@ -142,8 +140,8 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   if eval_results and jax.process_index() == 0:
     with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
       json.dump({'step': step, **eval_results}, f, indent=2)
-  return StageResult(state, steps_run, step >= config.total_steps, last_metrics, eval_results,
-                     history)
+  return StageResult(state, step - start_step, step >= config.total_steps, last_metrics,
+                     eval_results, history)
 
 
 def _mean_metrics(metrics_list: list[dict]) -> dict:
