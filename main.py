@@ -18,7 +18,7 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # TF only writes summaries 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from big_pretrain import pipeline
+from big_pretrain import distributed, pipeline
 from big_pretrain.config_schema import ConfigError, unknown_key_in, validate_config
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -26,6 +26,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and results go.')
 flags.mark_flags_as_required(['config', 'workdir'])
+# Several hosts: every host runs the same command. TPU pods, SLURM and Open MPI
+# are detected; elsewhere give the three values below on every host.
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'auto', distributed.MODES,
+    'auto: join other processes when a cluster is detected or the flags below are given.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, reachable from every process.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's index, 0-based.")
 
 
 # Libraries whose INFO lines (per-save Orbax chatter, backend probing) would
@@ -78,6 +87,11 @@ def main(argv):
   try:
     validate_config(config)  # before any device is touched
   except ConfigError as e:
+    raise app.UsageError(str(e)) from None
+  try:
+    distributed.initialize(_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+                           num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  except ValueError as e:
     raise app.UsageError(str(e)) from None
   pipeline.run(config, _WORKDIR.value)
 

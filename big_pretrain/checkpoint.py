@@ -7,7 +7,9 @@ from the step). Saves are asynchronous; a finished stage waits for them.
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 
 import grain
 import jax
@@ -88,10 +90,29 @@ class Checkpointer:
                      f'{self.directory} (step {step})')
     items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
+      self._check_process_count(step)
       items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     logging.info('Restored step %d from %s', step, self.directory)
     return restored[STATE_ITEM]
+
+  def _check_process_count(self, step: int) -> None:
+    """The data position is saved per process: a different process count cannot resume it."""
+    data_files = glob.glob(os.path.join(self.directory, str(step), DATA_ITEM, 'process_*-of-*'))
+    saved_counts = {int(match.group(1)) for path in data_files
+                    if (match := re.search(r'-of-(\d+)', os.path.basename(path)))}
+    if not saved_counts or saved_counts == {jax.process_count()}:
+      return
+    saved = max(saved_counts)
+    def processes(n):
+      return f'{n} process' + ('es' if n != 1 else '')
+    raise CheckpointMismatchError(
+        f'The checkpoint {self.directory} (step {step}) was written by {processes(saved)}, '
+        f'and this run has {processes(jax.process_count())}. The model state would fit, but '
+        'each process saved its own position in the data stream, so only the same number '
+        f'of processes can resume exactly: run with {processes(saved)}. To continue from '
+        'these weights with another layout instead, start a new --workdir with '
+        f'config.init_from.checkpoint={self.directory!r}. Nothing was modified.')
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()

@@ -27,3 +27,12 @@ def tiny_mae_config(**overrides):
       target = target[parent]
     target[leaf] = value
   return config
+
+
+def tiny_multiprocess_config():
+  """The tiny MAE stage over a 2x2 (data, fsdp) mesh: 2 processes x 2 devices, or 1 x 4."""
+  config = tiny_mae_config(batch_size=8, total_steps=4)
+  config.mesh.update(data=2, fsdp=2, tensor=1)
+  config.data.num_examples = 64
+  config.log.every_steps = 1
+  return config

@@ -4,11 +4,11 @@ Per process::
 
   MapDataset.source(source)
     .shuffle(seed)                        # train only; reshuffled every epoch
-    .repeat(None)                         # train only; eval reads one epoch
-    [process_index::process_count]
+    .repeat(None)                         # train only; eval reads one epoch of whole batches
     .map(add_label_ids)                   # only when config.labels.vocabulary is set (WSP)
     .map(add_text_tokens)                 # only when config.text.tokenizer is set (FLIP)
     .random_map(decode, crop, flip)       # eval: .map(decode, centre crop)
+    -> ProcessShare                       # this process's rows of every global batch
     .to_iter_dataset(ReadOptions(...))    # decoding runs in num_threads threads
     -> skip and count corrupt images
     .map(select_device_features)
@@ -18,8 +18,9 @@ and each per-process batch becomes a global ``jax.Array`` whose batch dimension
 is sharded over the mesh axes ('data', 'fsdp').
 
 All randomness (shuffle order, crops, flips) is a deterministic function of the
-seeds and the element index, so restoring ``grain_iterator``'s state resumes
-the exact same stream of batches.
+seeds and the element's global index, so restoring ``grain_iterator``'s state
+resumes the exact same stream of batches, and a run on N processes sees the
+same global batches, row for row, as a run on one.
 """
 
 from __future__ import annotations
@@ -266,6 +267,40 @@ class SkipCorruptExamplesIterDataset(grain.IterDataset):
     return 'SkipCorruptExamplesIterDataset'
 
 
+# --- Splitting batches between processes -------------------------------------
+
+class ProcessShare(grain.MapDataset):
+  """One process's rows of every global batch, in order.
+
+  Global batch b holds elements [b*G, (b+1)*G) of the parent, G = count * L;
+  process i reads rows [i*L, (i+1)*L) of each. Concatenating the processes'
+  batches therefore gives exactly the global batch a single process would read.
+  """
+
+  def __init__(self, parent: grain.MapDataset, rows_per_batch: int, process_index: int,
+               process_count: int):
+    super().__init__(parent)
+    self._rows = rows_per_batch
+    self._process_index = process_index
+    self._process_count = process_count
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._process_count
+
+  def parent_index(self, index: int) -> int:
+    batch, row = divmod(int(index), self._rows)
+    return (batch * self._process_count + self._process_index) * self._rows + row
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self.parent_index(index)]
+
+  def __str__(self) -> str:
+    return (f'ProcessShare(process {self._process_index} of {self._process_count},'
+            f' {self._rows} rows per batch)')
+
+
 # --- The pipeline ------------------------------------------------------------
 
 def _derive_seed(*seeds: int) -> int:
@@ -331,7 +366,9 @@ class InputPipeline:
       # across runs; shuffled so the first N examples span every class (image
       # folders are listed class by class).
       dataset = dataset.shuffle(seed=_derive_seed(data_config.seed, _EVAL_SHUFFLE_STREAM))
-    dataset = dataset[jax.process_index()::process_count]
+      # Whole global batches only, so every process reads the same number of
+      # batches and none waits at the end of the epoch for a batch that never comes.
+      dataset = dataset[:len(dataset) // global_batch_size * global_batch_size]
     if self._label_vocabulary is not None:
       dataset = dataset.map(functools.partial(
           add_label_ids,
@@ -352,6 +389,10 @@ class InputPipeline:
           seed=_derive_seed(data_config.seed, seed, _AUGMENT_STREAM))
     else:
       dataset = dataset.map(functools.partial(prepare_for_eval, image_size=data_config.image_size))
+    # After the random maps, so an example's crop depends on its global index
+    # alone, not on how many processes share the run. Lazy: each process only
+    # decodes its own rows.
+    dataset = ProcessShare(dataset, per_process_batch, jax.process_index(), process_count)
     iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=data_config.num_threads,
         prefetch_buffer_size=data_config.prefetch_buffer_size))

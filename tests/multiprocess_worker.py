@@ -1,0 +1,64 @@
+"""One process of a multi-process run on 127.0.0.1, started by tests/test_multiprocess.py.
+
+  python tests/multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR TASK
+
+TASK 'data': writes the image hashes of every row this process loads, for the
+train pipeline's first batches and for one epoch of the eval pipeline.
+TASK 'train' / 'resume': trains the tiny MAE stage of tiny_multiprocess_config
+in WORKDIR/stage ('train' stops after 2 steps, as a preempted run would) and
+writes the losses it logged. Output: WORKDIR/<TASK>_process_<id>.json.
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__))]
+
+from big_pretrain import distributed  # noqa: E402  (sys.path first)
+
+TRAIN_BATCHES_CHECKED = 3
+
+
+def image_hashes(batch) -> list[str]:
+  return [hashlib.sha1(image.tobytes()).hexdigest()[:16] for image in batch['image']]
+
+
+def main(process_id: int, num_processes: int, port: int, workdir: str, task: str) -> None:
+  distributed.initialize('on', coordinator_address=f'127.0.0.1:{port}',
+                         num_processes=num_processes, process_id=process_id,
+                         initialization_timeout_s=60)
+  import jax  # noqa: PLC0415  (after the distributed runtime)
+  from big_pretrain import sharding as sharding_lib  # noqa: PLC0415
+  from big_pretrain.data.pipeline import InputPipeline  # noqa: PLC0415
+  from big_pretrain.train.loop import train_stage  # noqa: PLC0415
+  from tiny_config import tiny_multiprocess_config  # noqa: PLC0415
+
+  config = tiny_multiprocess_config()
+  result = {'pid': os.getpid(), 'process_index': jax.process_index(),
+            'process_count': jax.process_count(), 'device_count': jax.device_count()}
+  if task == 'data':
+    mesh = sharding_lib.make_mesh(config.mesh)
+    train = InputPipeline(config.data, global_batch_size=config.batch_size, mesh=mesh,
+                          seed=config.seed)
+    result['train_rows'] = [image_hashes(train.next_local_numpy())
+                            for _ in range(TRAIN_BATCHES_CHECKED)]
+    eval_data = config.data.copy_and_resolve_references()
+    eval_data.split = 'test'
+    evaluation = InputPipeline(eval_data, global_batch_size=config.batch_size, mesh=mesh,
+                               train=False)
+    # Each eval batch feeds a collective: a process with a batch more than the
+    # others would hang there, so the counts must be equal.
+    result['eval_rows'] = [image_hashes(batch) for batch in iter(evaluation.next_local_numpy, None)]
+  else:
+    stage = train_stage(config, os.path.join(workdir, 'stage'),
+                        stop_after_steps=2 if task == 'train' else None)
+    result['losses'] = {step: metrics['loss'] for step, metrics in stage.history}
+    result['final_step'] = int(stage.state.step)
+  with open(os.path.join(workdir, f'{task}_process_{process_id}.json'), 'w') as f:
+    json.dump(result, f)
+
+
+if __name__ == '__main__':
+  main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])

@@ -1,0 +1,163 @@
+"""Two real processes on 127.0.0.1 (jax.distributed, CPU collectives) against one.
+
+Each launch starts tests/multiprocess_worker.py twice with 2 CPU devices each;
+the reference runs in this process on 4 of its 8 devices, with the same
+(data=2, fsdp=2) mesh and global batch.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from big_pretrain import sharding as sharding_lib
+from big_pretrain.data.pipeline import InputPipeline
+from big_pretrain.train.loop import train_stage
+from tiny_config import tiny_multiprocess_config
+
+WORKER = os.path.join(os.path.dirname(__file__), 'multiprocess_worker.py')
+NUM_PROCESSES = 2
+DEVICES_PER_PROCESS = 2
+LAUNCH_TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _worker_env() -> dict:
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(DEVICES_PER_PROCESS))
+  env['XLA_FLAGS'] = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
+                            env.get('XLA_FLAGS', ''))
+  return env
+
+
+def launch(task: str, workdir: str) -> list[dict]:
+  """Runs TASK in NUM_PROCESSES worker processes; returns their results, by process id.
+
+  Every child is killed (its whole process group) if any fails or the launch
+  runs out of time, so a hung collective cannot outlive the test.
+  """
+  port = _free_port()
+  logs, children = [], []
+  try:
+    for process_id in range(NUM_PROCESSES):
+      log_path = os.path.join(workdir, f'{task}_process_{process_id}.log')
+      logs.append(log_path)
+      with open(log_path, 'w') as log:
+        children.append(subprocess.Popen(
+            [sys.executable, WORKER, str(process_id), str(NUM_PROCESSES), str(port), workdir,
+             task],
+            env=_worker_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while any(child.poll() is None for child in children):
+      failed = [c for c in children if c.poll() not in (None, 0)]
+      if failed or time.monotonic() > deadline:
+        break
+      time.sleep(0.2)
+    codes = [child.poll() for child in children]
+    if codes != [0] * NUM_PROCESSES:
+      tails = '\n'.join(f'--- {path}\n' + open(path).read()[-3000:] for path in logs)
+      pytest.fail(f'{task}: worker exit codes {codes} (None: timed out after '
+                  f'{LAUNCH_TIMEOUT_S} s).\n{tails}')
+  finally:
+    for child in children:
+      if child.poll() is None:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+  results = []
+  for process_id in range(NUM_PROCESSES):
+    with open(os.path.join(workdir, f'{task}_process_{process_id}.json')) as f:
+      results.append(json.load(f))
+  return results
+
+
+def _hashes(images) -> list[str]:
+  return [hashlib.sha1(image.tobytes()).hexdigest()[:16] for image in images]
+
+
+@pytest.fixture(scope='module')
+def four_devices():
+  return jax.devices()[:NUM_PROCESSES * DEVICES_PER_PROCESS]
+
+
+def test_each_process_reads_its_rows_of_the_single_process_batches(tmp_path, four_devices):
+  workers = launch('data', str(tmp_path))
+  assert [w['process_count'] for w in workers] == [2, 2]
+  assert [w['device_count'] for w in workers] == [4, 4]
+
+  config = tiny_multiprocess_config()
+  mesh = sharding_lib.make_mesh(config.mesh, four_devices)
+  train = InputPipeline(config.data, global_batch_size=config.batch_size, mesh=mesh,
+                        seed=config.seed)
+  for step, worker_rows in enumerate(zip(*(w['train_rows'] for w in workers))):
+    single = _hashes(train.next_local_numpy()['image'])
+    # Process 0 holds the first half of every global batch, process 1 the second.
+    assert worker_rows[0] + worker_rows[1] == single, f'train batch {step}'
+
+  eval_data = config.data.copy_and_resolve_references()
+  eval_data.split = 'test'
+  single_eval = [_hashes(batch['image']) for batch in iter(InputPipeline(
+      eval_data, global_batch_size=config.batch_size, mesh=mesh, train=False
+  ).next_local_numpy, None)]
+  # 64 examples, global batch 8: 8 batches each, none left over for one process alone.
+  assert len(workers[0]['eval_rows']) == len(workers[1]['eval_rows']) == len(single_eval) == 8
+  rows = [set(sum(w['eval_rows'], [])) for w in workers]
+  assert not rows[0] & rows[1], 'the processes read overlapping examples'
+  assert rows[0] | rows[1] == set(sum(single_eval, []))
+
+
+@pytest.fixture(scope='module')
+def two_process_run(tmp_path_factory):
+  """Two processes train 2 steps and stop; two new ones resume to step 4."""
+  workdir = str(tmp_path_factory.mktemp('two_processes'))
+  stopped = launch('train', workdir)
+  resumed = launch('resume', workdir)
+  return workdir, stopped, resumed
+
+
+def test_two_processes_train_like_one_and_resume_exactly(two_process_run, tmp_path,
+                                                         four_devices):
+  workdir, stopped, resumed = two_process_run
+  assert [w['final_step'] for w in stopped] == [2, 2]
+  assert [w['final_step'] for w in resumed] == [4, 4]
+  # The metrics are global: both processes log the same losses.
+  assert stopped[0]['losses'] == stopped[1]['losses']
+  assert resumed[0]['losses'] == resumed[1]['losses']
+  two_process_losses = [loss for w in (stopped[0], resumed[0]) for loss in w['losses'].values()]
+
+  reference = train_stage(tiny_multiprocess_config(), str(tmp_path / 'one_process'),
+                          devices=four_devices)
+  one_process_losses = [metrics['loss'] for _, metrics in reference.history]
+  assert len(two_process_losses) == len(one_process_losses) == 4
+  np.testing.assert_allclose(two_process_losses, one_process_losses, rtol=1e-5)
+  assert one_process_losses[0] != one_process_losses[-1]
+
+
+def test_only_process_zero_writes_logs(two_process_run):
+  workdir, stopped, resumed = two_process_run
+  events = sorted(glob.glob(os.path.join(workdir, 'stage', 'events.out.tfevents.*')))
+  # One events file per launch, each named after process 0's pid.
+  assert len(events) == 2, events
+  assert {int(path.split('.')[-3]) for path in events} == {stopped[0]['pid'], resumed[0]['pid']}
+  assert os.path.exists(os.path.join(workdir, 'stage', 'config.json'))
+
+
+def test_restoring_with_another_process_count_says_why(two_process_run):
+  workdir, _, _ = two_process_run
+  config = tiny_multiprocess_config()
+  config.total_steps = 6
+  with pytest.raises(ValueError, match=r'2 processes.*1 process'):
+    train_stage(config, os.path.join(workdir, 'stage'), devices=jax.devices()[:4])
