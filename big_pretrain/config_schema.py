@@ -189,16 +189,29 @@ def _check_evaluator(eval_config, stage_data, path: str) -> None:
   for key in data_groups:
     data = stage_data.copy_and_resolve_references()
     data.update(merged[key].to_dict())
-    if data.source == 'image_folder' and data.split == 'test' and not data.test_path:
+    if (data.source in ('image_folder', 'array_record') and data.split == 'test'
+        and not data.test_path):
       raise ConfigError(
           f'{path} evaluates on a held-out split, but config.data.test_path is not set. '
-          'Point it at held-out images (a folder of class subfolders, e.g. ImageNet val), '
-          f'or set {path}.{key}.test_path.')
+          'Point it at held-out images (a folder of class subfolders, e.g. ImageNet val, or '
+          f'its converted ArrayRecord folder), or set {path}.{key}.test_path.')
 
 
 def _check_data_is_given(data, path: str) -> None:
   if data.source == 'synthetic':
     return
+  if data.source == 'tfds':
+    if not data.get('tfds_name'):
+      raise ConfigError(
+          f"{path}.data.tfds_name is not set, and {path}.data.source='tfds' needs it: the name "
+          "of a TFDS dataset prepared with file_format='array_record' (`tfds build NAME "
+          '--file_format=array_record`), with --config.data.tfds_data_dir=ITS_DATA_DIR.')
+    return
+  if data.source == 'array_record' and not data.get('path'):
+    raise ConfigError(
+        f"{path}.data.path is not set, and {path}.data.source='array_record' needs it. Point "
+        'it at a folder written by `python -m big_pretrain.data.convert --input=IMAGES_OR_TARS '
+        '--output=DIR`, e.g. --config.data.path=DIR.')
   if not data.get('path'):
     raise ConfigError(
         f'{path}.data.path is not set, and {path}.data.source={data.source!r} needs it. '

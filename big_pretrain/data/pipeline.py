@@ -58,10 +58,22 @@ def default_data_config() -> ml_collections.ConfigDict:
   """The schema and defaults of ``config.data``."""
   config = ml_collections.ConfigDict()
   config.source = 'synthetic'  # One of sources.SOURCE_NAMES.
-  config.path = ml_collections.config_dict.placeholder(str)  # image_folder only.
-  # Held-out images for evaluators (image_folder only; synthetic data draws a
-  # disjoint 'test' stream from the same generator).
+  # image_folder: a folder of class subfolders. array_record: a folder of shards
+  # written by `python -m big_pretrain.data.convert` (or a glob of shards).
+  config.path = ml_collections.config_dict.placeholder(str)
+  # Held-out images for evaluators (image_folder and array_record, as `path`;
+  # synthetic data draws a disjoint 'test' stream from the same generator; tfds
+  # reads tfds_test_split).
   config.test_path = ml_collections.config_dict.placeholder(str)
+  # tfds only: a TFDS dataset prepared with file_format='array_record' (random access).
+  config.tfds_name = ml_collections.config_dict.placeholder(str)  # e.g. 'imagenet2012'.
+  config.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # None: TFDS's default.
+  config.tfds_train_split = 'train'  # Any TFDS split spec, e.g. 'train[:90%]'.
+  config.tfds_test_split = 'validation'  # What evaluators read as the held-out split.
+  config.tfds_image_key = 'image'  # The image feature (encoded or decoded).
+  # The integer label feature (a ClassLabel names the classes); None or absent: -1.
+  config.tfds_label_key = ml_collections.FieldReference('label', field_type=str)
+  config.tfds_caption_key = ml_collections.config_dict.placeholder(str)  # A text feature, or None.
   config.split = 'train'  # 'train' | 'test': which of the two a pipeline reads.
   config.num_examples = sources.DEFAULT_SYNTHETIC_EXAMPLES  # synthetic only.
   config.source_image_size = 64  # synthetic only: size of the generated images.
@@ -108,11 +120,20 @@ def _label_vocabulary_path(data_config: ml_collections.ConfigDict) -> str | None
 # --- Per-example steps -------------------------------------------------------
 
 def _with_decoded_image(example: dict[str, Any]) -> dict[str, Any] | transforms.SkippedExample:
-  """Adds the decoded 'image' (sources may give a path instead), or marks the example skipped."""
+  """Adds the decoded 'image', or marks the example skipped.
+
+  Sources give the pixels ('image'), a file to read ('image_path'), or the
+  encoded bytes of a record ('image_bytes', named in warnings by its 'key').
+  """
   if 'image' in example:
     return example
   try:
-    image = transforms.decode_image(example['image_path'])
+    if 'image_bytes' in example:
+      example = dict(example)
+      encoded = example.pop('image_bytes')  # Not kept: the prefetch buffer holds pixels only.
+      image = transforms.decode_image_bytes(encoded, name=example.get('key') or '<unnamed record>')
+    else:
+      image = transforms.decode_image(example['image_path'])
   except transforms.CorruptImageError as error:
     return transforms.SkippedExample(path=error.path, reason=error.reason)
   return {**example, 'image': image}

@@ -7,6 +7,8 @@ the pipeline, where a corrupt file can be skipped instead of crashing a run.
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import pathlib
 import re
 from typing import Any, Callable, Sequence
@@ -14,6 +16,8 @@ from typing import Any, Callable, Sequence
 from absl import logging
 import ml_collections
 import numpy as np
+
+from big_pretrain.data import transforms
 
 # --- Synthetic shapes --------------------------------------------------------
 # Masks take coordinates normalised to the shape's half-extent (the shape's
@@ -280,11 +284,341 @@ class ImageFolder:
     }
 
 
+# --- ArrayRecord shards ---------------------------------------------------------
+# Written by `python -m big_pretrain.data.convert`: each record is a serialized
+# tf.train.Example holding the original encoded image and its text and label.
+ARRAY_RECORD_SUFFIX = '.array_record'
+ARRAY_RECORD_METADATA = 'metadata.json'
+ARRAY_RECORD_FORMAT = 'big_pretrain.array_record'
+ARRAY_RECORD_FORMAT_VERSION = 1
+_CONVERT_HINT = (
+    'Convert an image folder or webdataset tar shards with `python -m big_pretrain.data.convert'
+    ' --input=DIR_OR_TARS --output=DIR`, then set config.data.path=DIR.')
+
+
+def _example_proto():
+  """tf.train.Example, the protobuf class only (no TensorFlow ops run; imported on first use)."""
+  from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
+  return example_pb2.Example
+
+
+def encode_record(image_bytes: bytes, caption: str, label: int, key: str) -> bytes:
+  """One ArrayRecord record: a serialized tf.train.Example (see ArrayRecordSource)."""
+  example = _example_proto()()
+  feature = example.features.feature
+  feature['image'].bytes_list.value.append(bytes(image_bytes))
+  feature['caption'].bytes_list.value.append(caption.encode('utf-8'))
+  feature['label'].int64_list.value.append(int(label))
+  feature['key'].bytes_list.value.append(key.encode('utf-8'))
+  return example.SerializeToString(deterministic=True)
+
+
+def decode_record(record: bytes, example_class=None) -> dict[str, Any]:
+  """The example of an `encode_record` record; raises ValueError if it is not one."""
+  example_class = example_class or _example_proto()
+  try:
+    feature = example_class.FromString(record).features.feature
+  except Exception as error:  # pylint: disable=broad-exception-caught  # protobuf's DecodeError
+    raise ValueError(f'not a serialized tf.train.Example ({type(error).__name__}: {error})'
+                     ) from error
+  if 'image' not in feature or not feature['image'].bytes_list.value:
+    raise ValueError(
+        "a tf.train.Example without an 'image' bytes feature (features:"
+        f' {sorted(feature.keys())})')
+
+  def text(name: str) -> str:
+    values = feature[name].bytes_list.value if name in feature else ()
+    return values[0].decode('utf-8', errors='replace') if values else ''
+
+  labels = feature['label'].int64_list.value if 'label' in feature else ()
+  return {'image_bytes': feature['image'].bytes_list.value[0],
+          'label': int(labels[0]) if labels else -1,
+          'caption': text('caption'),
+          'key': text('key')}
+
+
+def read_array_record_metadata(directory: str | pathlib.Path) -> dict[str, Any] | None:
+  """The converter's metadata.json in ``directory``, or None if there is none."""
+  metadata_path = pathlib.Path(directory) / ARRAY_RECORD_METADATA
+  try:
+    text = metadata_path.read_text(encoding='utf-8')
+  except FileNotFoundError:
+    return None
+  try:
+    metadata = json.loads(text)
+  except json.JSONDecodeError as error:
+    raise ValueError(f'{str(metadata_path)!r} is not valid JSON ({error}). {_CONVERT_HINT}'
+                     ) from error
+  version = metadata.get('format_version')
+  if metadata.get('format') != ARRAY_RECORD_FORMAT or version != ARRAY_RECORD_FORMAT_VERSION:
+    raise ValueError(
+        f'{str(metadata_path)!r} is not metadata of this version of the converter (format'
+        f' {metadata.get("format")!r} version {version!r}; expected {ARRAY_RECORD_FORMAT!r}'
+        f' version {ARRAY_RECORD_FORMAT_VERSION}). {_CONVERT_HINT}')
+  return metadata
+
+
+def _array_record_shards(path: str | Sequence[str]) -> tuple[list[str], dict[str, Any] | None]:
+  """The shard files of ``path`` (a converted folder, a glob, a shard or a list), and metadata.
+
+  The metadata is that of the converted folder, or of the folder that holds
+  all the shards, when it has a metadata.json; None otherwise.
+  """
+  if not isinstance(path, (str, pathlib.Path)):
+    shards = [str(pathlib.Path(p).expanduser()) for p in path]
+    if not shards:
+      raise ValueError(f'Empty list of ArrayRecord shards. {_CONVERT_HINT}')
+    for shard in shards:
+      if not pathlib.Path(shard).is_file():
+        raise FileNotFoundError(f'ArrayRecord shard {shard!r} does not exist. {_CONVERT_HINT}')
+  else:
+    root = pathlib.Path(path).expanduser()
+    if glob.has_magic(str(root)):
+      shards = sorted(glob.glob(str(root)))
+      if not shards:
+        raise FileNotFoundError(
+            f'No ArrayRecord shard matches {str(path)!r}. Set config.data.path to a folder'
+            f' written by the converter, or a glob of its shards. {_CONVERT_HINT}')
+    elif root.is_dir():
+      return _converted_folder_shards(root)
+    elif root.is_file():
+      shards = [str(root)]
+    else:
+      raise FileNotFoundError(
+          f'ArrayRecord path {str(path)!r} does not exist. Set config.data.path to a folder'
+          f' of ArrayRecord shards. {_CONVERT_HINT}')
+  folders = {pathlib.Path(shard).parent for shard in shards}
+  return shards, read_array_record_metadata(folders.pop()) if len(folders) == 1 else None
+
+
+def _converted_folder_shards(root: pathlib.Path) -> tuple[list[str], dict[str, Any]]:
+  """The shards listed in a converted folder's metadata.json, checked to be all there."""
+  metadata = read_array_record_metadata(root)
+  if metadata is None:
+    if any(root.glob(f'*{ARRAY_RECORD_SUFFIX}*')):
+      raise ValueError(
+          f'{str(root)!r} holds ArrayRecord shards but no {ARRAY_RECORD_METADATA}: the'
+          ' conversion did not finish (the converter writes it last). Run the converter'
+          ' again with --overwrite, or give config.data.path as a glob of the shards'
+          f' ({str(root / ("*" + ARRAY_RECORD_SUFFIX))!r}) to read them as they are.')
+    raise FileNotFoundError(
+        f'No ArrayRecord shards (*{ARRAY_RECORD_SUFFIX}) in {str(root)!r}. {_CONVERT_HINT}')
+  shards = [str(root / shard['file']) for shard in metadata.get('shards') or ()]
+  if not shards:
+    raise ValueError(f'{str(root / ARRAY_RECORD_METADATA)!r} lists no shards. {_CONVERT_HINT}')
+  missing = [shard for shard in shards if not pathlib.Path(shard).is_file()]
+  if missing:
+    raise FileNotFoundError(
+        f'{len(missing)} of the {len(shards)} shards listed in'
+        f' {str(root / ARRAY_RECORD_METADATA)!r} are missing (first: {missing[0]!r}). Copy'
+        f' the whole folder, or convert again. {_CONVERT_HINT}')
+  return shards, {**metadata, 'folder': str(root)}
+
+
+class ArrayRecordSource:
+  """ArrayRecord shards of encoded images with caption and label, Grain's random-access format.
+
+  ``path`` is a folder written by ``python -m big_pretrain.data.convert`` (its
+  ``metadata.json`` lists the shards and class names), a glob of shards, one
+  shard, or a list of shards. Examples are in shard order, records in file
+  order. Images are not decoded here: examples hold the encoded 'image_bytes',
+  and the pipeline decodes them, skipping and counting corrupt images as it
+  does image files.
+  """
+
+  def __init__(self, path: str | Sequence[str]):
+    import grain  # pylint: disable=g-import-not-at-top  # Only needed here; slow to import.
+    shards, metadata = _array_record_shards(path)
+    try:
+      self._records = grain.sources.ArrayRecordDataSource(shards)
+    except (RuntimeError, ValueError) as error:
+      raise ValueError(
+          f'Cannot read the ArrayRecord shards {_describe_shards(shards, error)}. {_CONVERT_HINT}'
+      ) from error
+    self._shards = shards
+    self._example_class = _example_proto()
+    if metadata is None:
+      logging.warning('No %s beside the ArrayRecord shards %s: no class names, num_classes=0.',
+                      ARRAY_RECORD_METADATA, shards[0])
+      metadata = {}
+    self._class_names = [str(name) for name in metadata.get('class_names') or ()]
+    self._num_classes = int(metadata.get('num_classes', len(self._class_names)))
+    if not len(self._records):  # pylint: disable=g-explicit-length-test
+      raise ValueError(f'The ArrayRecord shards {shards[:3]} hold no records. {_CONVERT_HINT}')
+    if 'folder' in metadata and metadata.get('num_examples') != len(self._records):
+      raise ValueError(
+          f'{str(pathlib.Path(metadata["folder"]) / ARRAY_RECORD_METADATA)!r} says'
+          f' {metadata.get("num_examples")} examples, but its shards hold {len(self._records)}:'
+          f' the folder changed after the conversion. Convert again. {_CONVERT_HINT}')
+    self[0]  # pylint: disable=pointless-statement  # Fails now if these are not our records.
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  @property
+  def class_names(self) -> list[str]:
+    """The image folder's class names; '0', '1', ... when the labels came without names."""
+    return self._class_names or [str(label) for label in range(self._num_classes)]
+
+  @property
+  def num_classes(self) -> int:
+    return self._num_classes
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = self._records[int(index)]
+    try:
+      example = decode_record(record, self._example_class)
+    except ValueError as error:
+      raise ValueError(
+          f'Record {int(index)} ({self._where(int(index))}) is {error}. ArrayRecord sources read'
+          f' the records written by the converter. {_CONVERT_HINT}') from error
+    example['hashtags'] = _HASHTAG.findall(example['caption'])
+    return example
+
+  def _where(self, index: int) -> str:
+    """The shard and position of a record, for error messages."""
+    try:  # A private helper of array_record's data source; only used to name the file.
+      reader, position = self._records._reader_idx_and_position(index)  # pylint: disable=protected-access
+      return f'position {position} of {self._shards[reader]}'
+    except Exception:  # pylint: disable=broad-exception-caught
+      return f'in one of {self._shards[:3]}{"..." if len(self._shards) > 3 else ""}'
+
+
+def _describe_shards(shards: Sequence[str], error: Exception) -> str:
+  """Names the first shard that array_record cannot open (its own message may not)."""
+  # pylint: disable-next=g-import-not-at-top
+  from array_record.python import array_record_module
+  for shard in shards:
+    try:
+      reader = array_record_module.ArrayRecordReader(shard)
+      usable = reader.ok()
+      reader.close()
+    except Exception:  # pylint: disable=broad-exception-caught
+      usable = False
+    if not usable or pathlib.Path(shard).stat().st_size == 0:
+      return f'{shard!r} (not an ArrayRecord file: {error})'
+  return f'{list(shards[:3])}{"..." if len(shards) > 3 else ""} ({error})'
+
+
+# --- TFDS ----------------------------------------------------------------------
+
+def _import_tfds():
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as error:
+    raise ImportError(
+        "config.data.source='tfds' needs tensorflow-datasets: pip install -r requirements.txt"
+    ) from error
+  return tfds
+
+
+class TfdsSource:
+  """A TFDS dataset read with random access (`tfds.data_source`): ArrayRecord files only.
+
+  The dataset must already be prepared in ``data_dir`` with
+  ``file_format='array_record'``; nothing is downloaded. Encoded images are
+  passed on undecoded ('image_bytes') so the pipeline decodes them and skips
+  corrupt ones; image features that are plain arrays are passed as pixels.
+  """
+
+  def __init__(self, name: str, split: str = 'train', data_dir: str | None = None, *,
+               image_key: str = 'image', label_key: str | None = 'label',
+               caption_key: str | None = None, split_key: str = 'tfds_train_split'):
+    tfds = _import_tfds()
+    build_command = (
+        f'`tfds build {name} --data_dir=DATA_DIR --file_format=array_record` (or'
+        " builder.download_and_prepare(file_format='array_record')), and set"
+        ' config.data.tfds_data_dir=DATA_DIR.')
+    prepare_hint = f'Prepare it first, in ArrayRecord format: {build_command}'
+    where = f'data_dir {data_dir!r}' if data_dir else "TFDS's default data_dir"
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as error:
+      raise FileNotFoundError(
+          f'TFDS dataset {name!r} is neither prepared in {where} nor a registered dataset'
+          f' (config.data.tfds_name). {prepare_hint}') from error
+    if not builder.is_prepared():
+      raise FileNotFoundError(
+          f'TFDS dataset {name!r} is not prepared in {where} (nothing is downloaded).'
+          f' {prepare_hint}')
+    features = builder.info.features
+    if image_key not in features:
+      raise ValueError(
+          f'TFDS dataset {name!r} has no feature {image_key!r} (config.data.tfds_image_key);'
+          f' its features are {sorted(features.keys())}.')
+    if caption_key and caption_key not in features:
+      raise ValueError(
+          f'TFDS dataset {name!r} has no feature {caption_key!r} (config.data.tfds_caption_key);'
+          f' its features are {sorted(features.keys())}.')
+    if label_key and label_key not in features:
+      logging.warning('TFDS dataset %r has no label feature %r: every label is -1.',
+                      name, label_key)
+      label_key = None
+    decoders = None
+    if isinstance(features[image_key], tfds.features.Image):
+      decoders = {image_key: tfds.decode.SkipDecoding()}  # The pipeline decodes.
+    try:
+      self._data = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                    decoders=decoders)
+    except NotImplementedError as error:  # Prepared, but as TFRecords: no random access.
+      file_format = getattr(builder.info.file_format, 'value', builder.info.file_format)
+      raise ValueError(
+          f'TFDS dataset {name!r} in {where} was prepared as {file_format}, which has no'
+          ' random access; Grain needs ArrayRecord. Prepare it again (in another data_dir,'
+          f' or after deleting this one): {build_command}') from error
+    except ValueError as error:
+      if 'split' not in str(error).lower():
+        raise
+      raise ValueError(
+          f'TFDS dataset {name!r}: bad split {split!r} (config.data.{split_key}): {error}'
+      ) from error
+
+    self._name, self._split = name, split
+    self._image_key, self._label_key, self._caption_key = image_key, label_key, caption_key
+    label_feature = features[label_key] if label_key else None
+    self._class_names = list(getattr(label_feature, 'names', None) or ())
+    self._num_classes = int(getattr(label_feature, 'num_classes', None) or 0)
+
+  def __len__(self) -> int:
+    return len(self._data)
+
+  @property
+  def class_names(self) -> list[str]:
+    return self._class_names or [str(label) for label in range(self._num_classes)]
+
+  @property
+  def num_classes(self) -> int:
+    return self._num_classes
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    features = self._data[index]
+    image = features[self._image_key]
+    example = {'key': f'{self._name}/{self._split}[{index}]'}
+    if isinstance(image, (bytes, np.bytes_)):
+      example['image_bytes'] = bytes(image)
+    else:
+      example['image'] = transforms.to_rgb(image)
+    example['label'] = int(features[self._label_key]) if self._label_key else -1
+    caption = features[self._caption_key] if self._caption_key else ''
+    if isinstance(caption, (bytes, np.bytes_)):
+      caption = bytes(caption).decode('utf-8', errors='replace')
+    example['caption'] = str(caption).strip()
+    example['hashtags'] = _HASHTAG.findall(example['caption'])
+    return example
+
+
 # --- Dispatch -----------------------------------------------------------------
-SOURCE_NAMES = ('synthetic', 'image_folder')
+SOURCE_NAMES = ('synthetic', 'image_folder', 'array_record', 'tfds')
+_PATH_SOURCES = {
+    'image_folder': ('a folder of class subfolders', ImageFolder),
+    'array_record': ('a folder of ArrayRecord shards written by `python -m'
+                     ' big_pretrain.data.convert`', ArrayRecordSource),
+}
+Source = SyntheticShapes | ImageFolder | ArrayRecordSource | TfdsSource
 
 
-def build_source(data_config) -> SyntheticShapes | ImageFolder:
+def build_source(data_config) -> Source:
   """Builds the source named by ``data_config.source``."""
   split = data_config.get('split', 'train')
   if data_config.source == 'synthetic':
@@ -294,18 +628,33 @@ def build_source(data_config) -> SyntheticShapes | ImageFolder:
         seed=data_config.seed,
         split=split,
         label=data_config.get('synthetic_label', 'shape'))
-  if data_config.source == 'image_folder':
+  if data_config.source in _PATH_SOURCES:
+    what, source_class = _PATH_SOURCES[data_config.source]
     if split == 'test':
       if not data_config.get('test_path'):
         raise ValueError(
-            "Evaluators need a held-out split: set config.data.test_path to a folder of"
-            " class subfolders (e.g. ImageNet's val), separate from config.data.path.")
-      return ImageFolder(data_config.test_path)
+            'Evaluators need a held-out split: set config.data.test_path to'
+            f" {what} (e.g. ImageNet's val), separate from config.data.path.")
+      return source_class(data_config.test_path)
     if not data_config.path:
       raise ValueError(
-          "config.data.source='image_folder' needs config.data.path: set it to a"
-          " folder of class subfolders, or use source='synthetic'.")
-    return ImageFolder(data_config.path)
+          f'config.data.source={data_config.source!r} needs config.data.path: set it to'
+          f" {what}, or use source='synthetic'.")
+    return source_class(data_config.path)
+  if data_config.source == 'tfds':
+    if not data_config.get('tfds_name'):
+      raise ValueError(
+          "config.data.source='tfds' needs config.data.tfds_name: the name of a TFDS dataset"
+          " prepared with file_format='array_record' (and config.data.tfds_data_dir).")
+    split_key = 'tfds_test_split' if split == 'test' else 'tfds_train_split'
+    return TfdsSource(
+        data_config.tfds_name,
+        split=data_config.get(split_key) or ('validation' if split == 'test' else 'train'),
+        data_dir=data_config.get('tfds_data_dir'),
+        image_key=data_config.get('tfds_image_key') or 'image',
+        label_key=data_config.get('tfds_label_key', 'label'),
+        caption_key=data_config.get('tfds_caption_key'),
+        split_key=split_key)
   raise ValueError(
       f'Unknown data source {data_config.source!r}; config.data.source must be one'
       f' of {", ".join(repr(name) for name in SOURCE_NAMES)}.')
@@ -319,31 +668,43 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
   """The flags that pick the examples a build command reads."""
   parser.add_argument('--source', required=True, choices=SOURCE_NAMES)
   parser.add_argument('--path', help='image_folder: the folder of class subfolders (captions'
-                      ' are .txt files beside the images).')
+                      ' are .txt files beside the images). array_record: the folder written by'
+                      ' `python -m big_pretrain.data.convert`, or a glob of its shards.')
   parser.add_argument(
       '--num_examples', type=int, default=None,
       help=f'synthetic: how many examples to read (default: {DEFAULT_SYNTHETIC_EXAMPLES}).'
-      ' image_folder: read only N images, evenly spaced over the sorted files so every'
+      ' Other sources: read only N examples, evenly spaced over the source so every'
       ' class is represented (default: all).')
   # Synthetic texts are drawn before anything that depends on the image size,
   # so the smallest images give the same texts, fastest.
   parser.add_argument('--source_image_size', type=int, default=16,
                       help='synthetic: size of the generated images (does not change the texts).')
   parser.add_argument('--seed', type=int, default=0, help='synthetic: the dataset seed.')
+  parser.add_argument('--tfds_name', help='tfds: the dataset, prepared in ArrayRecord format.')
+  parser.add_argument('--tfds_data_dir', help="tfds: where it is prepared (default: TFDS's).")
+  parser.add_argument('--tfds_split', default='train', help='tfds: the split to read.')
+  parser.add_argument('--tfds_caption_key', help='tfds: the text feature holding captions.')
 
 
 def read_source_texts(args: argparse.Namespace,
                       parser: argparse.ArgumentParser) -> list[dict[str, Any]]:
   """The 'hashtags' and 'caption' of the examples picked by `add_source_arguments` flags."""
-  if args.source == 'image_folder' and not args.path:
-    parser.error('--source=image_folder needs --path=DIR, a folder of class subfolders.')
+  if args.source in _PATH_SOURCES and not args.path:
+    parser.error(f'--source={args.source} needs --path: {_PATH_SOURCES[args.source][0]}.')
+  if args.source == 'tfds' and not (args.tfds_name and args.tfds_caption_key):
+    parser.error('--source=tfds needs --tfds_name (a dataset prepared in ArrayRecord format)'
+                 ' and --tfds_caption_key (its text feature).')
   if args.num_examples is not None and args.num_examples < 1:
     parser.error(f'--num_examples must be positive, got {args.num_examples}.')
   synthetic_examples = (args.num_examples if args.source == 'synthetic' and args.num_examples
                         else DEFAULT_SYNTHETIC_EXAMPLES)
   source = build_source(ml_collections.ConfigDict(dict(
       source=args.source, path=args.path, seed=args.seed, split='train',
-      num_examples=synthetic_examples, source_image_size=args.source_image_size)))
+      num_examples=synthetic_examples, source_image_size=args.source_image_size,
+      tfds_name=getattr(args, 'tfds_name', None),
+      tfds_data_dir=getattr(args, 'tfds_data_dir', None),
+      tfds_train_split=getattr(args, 'tfds_split', 'train'),
+      tfds_caption_key=getattr(args, 'tfds_caption_key', None))))
   indices = range(len(source))
   if args.num_examples is not None and args.num_examples < len(source):
     indices = np.unique(np.linspace(0, len(source) - 1, args.num_examples).astype(int))

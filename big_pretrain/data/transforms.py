@@ -8,6 +8,7 @@ index and seed.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 
 import numpy as np
@@ -16,7 +17,7 @@ from PIL import ImageOps
 
 
 class CorruptImageError(Exception):
-  """An image file that cannot be decoded (corrupt, truncated, not an image)."""
+  """An image that cannot be decoded (corrupt, truncated, not an image); ``path`` names it."""
 
   def __init__(self, path: str, reason: str):
     super().__init__(f'Cannot decode image {path!r}: {reason}')
@@ -37,22 +38,56 @@ def decode_image(path: str) -> np.ndarray:
   Grayscale, palette and CMYK images are converted to RGB; transparent images
   are composited onto white. EXIF orientation is applied.
   """
+  return _decode(path, str(path))
+
+
+def decode_image_bytes(data: bytes, name: str) -> np.ndarray:
+  """As `decode_image`, for an encoded image held in memory (e.g. an ArrayRecord record).
+
+  ``name`` says where the bytes came from (a record key): CorruptImageError names it.
+  """
+  return _decode(io.BytesIO(data), name)
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+  """An already decoded uint8 image, (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), as RGB (H, W, 3).
+
+  The same conversions as `decode_image`: grey is repeated, transparency composited onto white.
+  """
+  image = np.asarray(image)
+  if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
+      image.ndim == 3 and image.shape[-1] not in (1, 3, 4)):
+    raise ValueError(
+        f'Expected a uint8 image of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got'
+        f' {image.dtype} {image.shape}.')
+  if image.ndim == 3 and image.shape[-1] == 3:
+    return image
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
+  return _as_rgb_array(Image.fromarray(image))
+
+
+def _decode(file, name: str) -> np.ndarray:
   try:
-    with Image.open(path) as image:
+    with Image.open(file) as image:
       image.load()  # PIL decodes lazily: force it so truncated files fail here.
-      image = ImageOps.exif_transpose(image)
-      if image.mode == 'P' and 'transparency' in image.info:
-        image = image.convert('RGBA')
-      if image.mode in ('RGBA', 'LA', 'PA'):
-        rgba = image.convert('RGBA')
-        image = Image.new('RGB', rgba.size, (255, 255, 255))
-        image.paste(rgba, mask=rgba.getchannel('A'))
-      return np.asarray(image.convert('RGB'), dtype=np.uint8)
+      return _as_rgb_array(ImageOps.exif_transpose(image))
   # Catch-all on purpose: the try covers only PIL reading an untrusted file, and
   # besides OSError/SyntaxError/ValueError its plugins raise struct.error,
   # IndexError, DecompressionBombError... on malformed data.
   except Exception as error:  # pylint: disable=broad-exception-caught
-    raise CorruptImageError(str(path), f'{type(error).__name__}: {error}') from error
+    raise CorruptImageError(name, f'{type(error).__name__}: {error}') from error
+
+
+def _as_rgb_array(image: Image.Image) -> np.ndarray:
+  """uint8 RGB (H, W, 3): palette, grey and CMYK converted, transparency composited onto white."""
+  if image.mode == 'P' and 'transparency' in image.info:
+    image = image.convert('RGBA')
+  if image.mode in ('RGBA', 'LA', 'PA'):
+    rgba = image.convert('RGBA')
+    image = Image.new('RGB', rgba.size, (255, 255, 255))
+    image.paste(rgba, mask=rgba.getchannel('A'))
+  return np.asarray(image.convert('RGB'), dtype=np.uint8)
 
 
 def _resize_region(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
