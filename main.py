@@ -19,6 +19,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from big_pretrain import distributed, pipeline
+from big_pretrain.checkpoint import CheckpointMismatchError
+from big_pretrain.train.faults import NonFiniteLossError
 from big_pretrain.config_schema import ConfigError, unknown_key_in, validate_config
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -93,7 +95,12 @@ def main(argv):
                            num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  pipeline.run(config, _WORKDIR.value)
+  try:
+    pipeline.run(config, _WORKDIR.value)
+  except (NonFiniteLossError, CheckpointMismatchError) as e:
+    # Expected ways for a run to stop: the message says what happened and what to do.
+    logging.error('%s', e)
+    sys.exit(f'Stopped: {e}')
 
 
 if __name__ == '__main__':

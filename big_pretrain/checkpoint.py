@@ -7,14 +7,16 @@ from the step). Saves are asynchronous; a finished stage waits for them.
 
 from __future__ import annotations
 
-import glob
 import os
 import re
+import time
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 
 STATE_ITEM = 'state'
 DATA_ITEM = 'data'
@@ -71,8 +73,16 @@ class Checkpointer:
         item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
                        DATA_ITEM: grain.checkpoint.CheckpointHandler()})
 
+  def all_steps(self) -> list[int]:
+    self._manager.reload()  # Other processes or runs may have written since.
+    return sorted(self._manager.all_steps())
+
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    """Whether `step` is on the save interval (or is the first step of a new directory)."""
+    return self._manager.should_save(step)
 
   def save(self, step: int, state, data_iterator, force: bool = False) -> bool:
     """Saves if `step` is on the interval (or `force`); returns whether it did."""
@@ -96,11 +106,44 @@ class Checkpointer:
     logging.info('Restored step %d from %s', step, self.directory)
     return restored[STATE_ITEM]
 
+  def restore_latest_readable(self, abstract_state, data_iterator=None):
+    """(step, state) of the newest checkpoint that reads back whole, or None if there is none.
+
+    A checkpoint that fails to read (a file truncated or lost, e.g. by a
+    machine that died mid-copy) is reported, moved to `corrupt_checkpoints/`
+    beside the checkpoint folder (never deleted), and the previous one is
+    tried. A checkpoint that reads but does not fit this config is not
+    corruption: that error is raised.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        return step, self.restore(step, abstract_state, data_iterator)
+      except CheckpointMismatchError:
+        raise
+      except Exception as error:  # noqa: BLE001  (any read failure means: unreadable)
+        moved_to = self._set_aside(step)
+        logging.warning(
+            'Checkpoint step %d in %s cannot be read (%s: %s). Moved it to %s and trying the '
+            'previous checkpoint.', step, self.directory, type(error).__name__,
+            str(error)[:500], moved_to)
+    return None
+
+  def _set_aside(self, step: int) -> str:
+    """Moves step's folder to corrupt_checkpoints/ (process 0; the others wait)."""
+    source = epath.Path(self.directory) / str(step)
+    target = epath.Path(self.directory).parent / 'corrupt_checkpoints' / f'{step}-{int(time.time())}'
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      source.rename(target)
+    multihost_utils.sync_global_devices(f'big_pretrain_set_aside_{step}')
+    self._manager.reload()
+    return str(target)
+
   def _check_process_count(self, step: int) -> None:
     """The data position is saved per process: a different process count cannot resume it."""
-    data_files = glob.glob(os.path.join(self.directory, str(step), DATA_ITEM, 'process_*-of-*'))
+    data_files = (epath.Path(self.directory) / str(step) / DATA_ITEM).glob('process_*-of-*')
     saved_counts = {int(match.group(1)) for path in data_files
-                    if (match := re.search(r'-of-(\d+)', os.path.basename(path)))}
+                    if (match := re.search(r'-of-(\d+)', path.name))}
     if not saved_counts or saved_counts == {jax.process_count()}:
       return
     saved = max(saved_counts)

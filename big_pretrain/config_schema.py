@@ -42,6 +42,9 @@ def optim_defaults() -> ml_collections.ConfigDict:
       warmup_steps=1000,
       end_lr_fraction=0.0,
       clip_grad_norm=ml_collections.FieldReference(None, field_type=float),  # None: no clipping
+      # A NaN/Inf gradient stops the run (0), or up to this many in a row are
+      # skipped (the parameters are left as they were) before it does.
+      skip_nonfinite_updates=0,
   ))
 
 

@@ -25,6 +25,7 @@ from big_pretrain.data.pipeline import InputPipeline
 from big_pretrain.data.tokenizer import record_tokenizer
 from big_pretrain.evaluators import build_evaluators
 from big_pretrain.objectives import build_objective
+from big_pretrain.train import faults
 from big_pretrain.train.optim import make_optimizer, make_schedule
 from big_pretrain.train.step import build_trainer
 
@@ -37,6 +38,7 @@ class StageResult:
   last_metrics: dict              # the training metrics of the last log interval
   eval_results: dict              # evaluator name -> scalars of its last run
   history: list                   # (step, metrics) of every log interval of this call
+  preempted: bool = False         # stopped by a preemption notice (SIGTERM), after saving
 
 
 def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | None = None,
@@ -75,9 +77,9 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   # --- Restore or initialise.
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint)
-  start_step = checkpointer.latest_step()
-  if start_step is not None:
-    state = checkpointer.restore(start_step, trainer.abstract_state, data.grain_iterator)
+  restored = checkpointer.restore_latest_readable(trainer.abstract_state, data.grain_iterator)
+  if restored is not None:
+    start_step, state = restored
     if start_step >= config.total_steps:
       logging.info('This stage finished at step %d: nothing to do (a new --workdir starts '
                    'afresh).', start_step)
@@ -103,45 +105,88 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   pending_metrics, last_metrics, history = [], {}, []
   interval_start = time.perf_counter()
   step = start_step
-  while step < config.total_steps:
-    batch = next(data)
-    state, metrics = trainer.train_step(state, batch, step_rng)
-    step += 1
-    pending_metrics.append(metrics)  # fetched at log time: no host sync per step
-    progress(step)
-    final = step == config.total_steps
-    stopping = stop_after_steps is not None and step - start_step >= stop_after_steps
-    if step % config.log.every_steps == 0 or final or stopping:
-      last_metrics = _mean_metrics(jax.device_get(pending_metrics))
-      elapsed = time.perf_counter() - interval_start
-      interval_steps = len(pending_metrics)
-      last_metrics['images_per_sec'] = interval_steps * config.batch_size / elapsed
-      last_metrics['steps_per_sec'] = interval_steps / elapsed
-      last_metrics['data/corrupt_images_skipped'] = data.corrupt_images_skipped
-      writer.write_scalars(step, last_metrics)
-      history.append((step, last_metrics))
-      pending_metrics, interval_start = [], time.perf_counter()
-    for evaluator in evaluators:
-      if evaluator.due(step, final):
-        result = evaluator.run(state.params, step)
-        eval_results[evaluator.name] = result.scalars
-        if result.scalars:
-          writer.write_scalars(step, {f'eval/{evaluator.name}/{k}': v
-                                      for k, v in result.scalars.items()})
-        if result.images:
-          writer.write_images(step, {k: v[None] for k, v in result.images.items()})
-    checkpointer.save(step, state, data.grain_iterator, force=final or stopping)
-    if stopping:
-      break
-
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  writer.flush()
+  preempted = False
+  max_skipped_in_a_row = config.optim.get('skip_nonfinite_updates', 0)
+  try:
+    with faults.PreemptionNotice() as preemption:
+      while step < config.total_steps:
+        batch = next(data)
+        state, metrics = trainer.train_step(state, batch, step_rng)
+        step += 1
+        pending_metrics.append(metrics)  # fetched at log and save time: no host sync per step
+        progress(step)
+        final = step == config.total_steps
+        preempted = preemption.reached(step)
+        stopping = preempted or (stop_after_steps is not None
+                                 and step - start_step >= stop_after_steps)
+        saving = final or stopping or checkpointer.should_save(step)
+        if saving:
+          # Never write a NaN state over a good one.
+          _stop_if_nonfinite(pending_metrics, step, max_skipped_in_a_row, checkpointer)
+        if step % config.log.every_steps == 0 or final or stopping:
+          fetched = jax.device_get(pending_metrics)
+          _stop_if_nonfinite(fetched, step, max_skipped_in_a_row, checkpointer)
+          last_metrics = _mean_metrics(fetched)
+          elapsed = time.perf_counter() - interval_start
+          last_metrics['images_per_sec'] = len(fetched) * config.batch_size / elapsed
+          last_metrics['steps_per_sec'] = len(fetched) / elapsed
+          last_metrics['data/corrupt_images_skipped'] = data.corrupt_images_skipped
+          writer.write_scalars(step, last_metrics)
+          history.append((step, last_metrics))
+          pending_metrics, interval_start = [], time.perf_counter()
+        for evaluator in evaluators:
+          if evaluator.due(step, final):
+            result = evaluator.run(state.params, step)
+            eval_results[evaluator.name] = result.scalars
+            if result.scalars:
+              writer.write_scalars(step, {f'eval/{evaluator.name}/{k}': v
+                                          for k, v in result.scalars.items()})
+            if result.images:
+              writer.write_images(step, {k: v[None] for k, v in result.images.items()})
+        if saving:
+          checkpointer.save(step, state, data.grain_iterator, force=True)
+        if stopping:
+          break
+  finally:
+    # Also on errors: an asynchronous save in flight finishes, so the last
+    # good checkpoint is whole.
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    writer.flush()
+  if preempted:
+    logging.warning('Preemption notice (SIGTERM): saved a checkpoint at step %d and stopped. '
+                    'Run the same command to resume from it.', step)
   if eval_results and jax.process_index() == 0:
     with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
       json.dump({'step': step, **eval_results}, f, indent=2)
   return StageResult(state, step - start_step, step >= config.total_steps, last_metrics,
-                     eval_results, history)
+                     eval_results, history, preempted)
+
+
+def _stop_if_nonfinite(pending_metrics: list[dict], step: int, max_skipped_in_a_row: int,
+                       checkpointer: Checkpointer) -> None:
+  """Raises NonFiniteLossError naming the first step whose update was NaN or Inf."""
+  first_step = step - len(pending_metrics) + 1
+  found = faults.first_nonfinite_step(
+      jax.device_get([{k: m[k] for k in m if k in _FINITE_CHECK_KEYS} for m in pending_metrics]),
+      first_step, max_skipped_in_a_row)
+  if found is None:
+    return
+  bad_step, metrics = found
+  checkpointer.wait_until_finished()
+  latest = checkpointer.latest_step()
+  raise faults.NonFiniteLossError(
+      f'The loss became {float(metrics["loss"])} (gradient norm {float(metrics["grad_norm"])}) '
+      f'at step {bad_step}: stopping. The last checkpoint, '
+      + (f'step {latest} in {checkpointer.directory}, ' if latest is not None else 'none, ')
+      + 'was written before it and is intact; nothing after it was saved. Lower '
+      'config.optim.lr_per_256, set config.optim.clip_grad_norm, or let '
+      'config.optim.skip_nonfinite_updates skip a few such steps, then run the same command '
+      'to resume from that checkpoint.')
+
+
+# The metrics that say whether a step's update was finite, and whether it was skipped.
+_FINITE_CHECK_KEYS = ('loss', 'grad_norm', 'nonfinite_updates_in_a_row')
 
 
 def _mean_metrics(metrics_list: list[dict]) -> dict:

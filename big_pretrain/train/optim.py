@@ -30,6 +30,13 @@ def make_optimizer(optim_config, schedule: optax.Schedule) -> optax.GradientTran
   adamw = optax.adamw(
       schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
       weight_decay=optim_config.weight_decay, mask=weight_decay_mask)
+  tx = adamw
   if optim_config.clip_grad_norm:
-    return optax.chain(optax.clip_by_global_norm(optim_config.clip_grad_norm), adamw)
-  return adamw
+    tx = optax.chain(optax.clip_by_global_norm(optim_config.clip_grad_norm), tx)
+  skip = optim_config.get('skip_nonfinite_updates', 0)
+  if not isinstance(skip, int) or skip < 0:
+    raise ValueError(f'config.optim.skip_nonfinite_updates={skip!r} must be an integer >= 0: '
+                     'how many NaN/Inf updates in a row may be skipped (0: stop at the first).')
+  if skip:
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=skip)
+  return tx

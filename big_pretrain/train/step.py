@@ -69,6 +69,9 @@ def build_trainer(objective, tx: optax.GradientTransformation, schedule: optax.S
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=schedule(state.step))
+    if isinstance(opt_state, optax.ApplyIfFiniteState):  # config.optim.skip_nonfinite_updates
+      metrics.update(nonfinite_updates_in_a_row=opt_state.notfinite_count,
+                     nonfinite_updates_skipped=opt_state.total_notfinite)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   replicated = sharding_lib.replicated(mesh)

@@ -1,0 +1,134 @@
+"""Faults a long run meets: a preemption notice, a loss that turns NaN, a damaged checkpoint."""
+
+import dataclasses
+import logging
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_pretrain.checkpoint import Checkpointer
+from big_pretrain.train import faults
+from big_pretrain.train import loop
+from big_pretrain.train.loop import train_stage
+from tiny_config import tiny_mae_config
+
+
+def _params(result):
+  return jax.tree.map(np.asarray, jax.device_get(result.state.params))
+
+
+def _assert_trees_equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def _fault_config(**overrides):
+  return tiny_mae_config(total_steps=8, **overrides)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted_params(tmp_path_factory):
+  return _params(train_stage(_fault_config(), str(tmp_path_factory.mktemp('uninterrupted'))))
+
+
+def test_sigterm_saves_the_current_step_and_the_same_call_resumes_exactly(
+    tmp_path, monkeypatch, uninterrupted_params):
+  reached = faults.PreemptionNotice.reached
+
+  def sigterm_at_step_3(self, step):
+    if step == 3:  # A real signal, through the real handler, in the middle of a run.
+      os.kill(os.getpid(), signal.SIGTERM)
+    return reached(self, step)
+
+  monkeypatch.setattr(faults.PreemptionNotice, 'reached', sigterm_at_step_3)
+  first = train_stage(_fault_config(), str(tmp_path))
+  assert first.preempted and not first.finished
+  assert first.steps_run == 3
+  # Step 3 is off the every-2-steps interval: saved because of the notice.
+  assert Checkpointer(str(tmp_path / 'checkpoints'), _fault_config().checkpoint).latest_step() == 3
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # our handler is gone again
+
+  monkeypatch.setattr(faults.PreemptionNotice, 'reached', reached)
+  resumed = train_stage(_fault_config(), str(tmp_path))
+  assert resumed.finished and resumed.steps_run == 5
+  _assert_trees_equal(_params(resumed), uninterrupted_params)
+
+
+_POISON_LABEL = -7
+
+
+def _poison_steps(monkeypatch, steps):
+  """Makes the loss (and so the gradients) NaN at the given 1-based steps of the next run."""
+  build_objective = loop.build_objective
+
+  def poisoned_objective(config):
+    objective = build_objective(config)
+    clean_loss = objective.loss
+
+    def loss(params, batch, rng, train):
+      value, metrics = clean_loss(params, batch, rng, train)
+      poisoned = jnp.all(batch['label'] == _POISON_LABEL)
+      return value * jnp.where(poisoned, jnp.nan, 1.0), metrics
+
+    objective.loss = loss
+    return objective
+
+  class PoisonedPipeline(loop.InputPipeline):
+    calls = 0
+
+    def __next__(self):
+      batch = super().__next__()
+      PoisonedPipeline.calls += 1
+      if PoisonedPipeline.calls in steps:
+        batch = dict(batch, label=jax.device_put(
+            np.full(batch['label'].shape, _POISON_LABEL, np.int32), batch['label'].sharding))
+      return batch
+
+  monkeypatch.setattr(loop, 'build_objective', poisoned_objective)
+  monkeypatch.setattr(loop, 'InputPipeline', PoisonedPipeline)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+  _poison_steps(monkeypatch, {5})
+  config = _fault_config()
+  config.log.every_steps = 4  # The NaN shows first at the save check of step 6.
+  with pytest.raises(faults.NonFiniteLossError, match=r'became nan .* at step 5.* step 4 in'):
+    train_stage(config, str(tmp_path))
+  checkpointer = Checkpointer(str(tmp_path / 'checkpoints'), config.checkpoint)
+  assert checkpointer.all_steps() == [1, 2, 4]  # Orbax also keeps a new run's first step.
+  monkeypatch.undo()
+  # The checkpoint left behind is whole and finite, and training goes on from it.
+  resumed = train_stage(config, str(tmp_path))
+  assert resumed.finished and resumed.steps_run == 4
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(_params(resumed)))
+
+
+def test_skip_nonfinite_updates_skips_a_bad_step_and_goes_on(tmp_path, monkeypatch):
+  _poison_steps(monkeypatch, {3})
+  config = _fault_config(**{'optim.skip_nonfinite_updates': 1})
+  result = train_stage(config, str(tmp_path))
+  assert result.finished
+  assert result.last_metrics['nonfinite_updates_skipped'] == 1
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(_params(result)))
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(
+    tmp_path, caplog, uninterrupted_params):
+  config = _fault_config()
+  train_stage(config, str(tmp_path), stop_after_steps=6)
+  latest = tmp_path / 'checkpoints' / '6'
+  largest = max((p for p in latest.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  with open(largest, 'r+b') as f:
+    f.truncate(largest.stat().st_size // 2)
+
+  with caplog.at_level(logging.WARNING):
+    resumed = train_stage(config, str(tmp_path))
+  assert 'Checkpoint step 6' in caplog.text and 'cannot be read' in caplog.text
+  assert resumed.steps_run == 4  # from step 4
+  # Set aside, not deleted.
+  [kept] = (tmp_path / 'corrupt_checkpoints').iterdir()
+  assert kept.name.startswith('6-')
+  _assert_trees_equal(_params(resumed), uninterrupted_params)
