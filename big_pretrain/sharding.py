@@ -101,13 +101,16 @@ def num_batch_shards(mesh: Mesh) -> int:
   return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
 
 
-def describe_param_shardings(params, max_rows: int = 12) -> str:
+def _bytes_in_all_and_per_device(tree) -> tuple[int, int]:
+  leaves = [leaf for leaf in jax.tree_util.tree_leaves(tree) if hasattr(leaf, 'addressable_shards')]
+  return (sum(leaf.size * leaf.dtype.itemsize for leaf in leaves),
+          sum(leaf.addressable_shards[0].data.nbytes for leaf in leaves))
+
+
+def describe_param_shardings(params, opt_state=None, max_rows: int = 12) -> str:
   """A short table: the largest parameters, their shardings, bytes per device."""
   leaves = jax.tree_util.tree_leaves_with_path(params)
-  total = sum(leaf.size * leaf.dtype.itemsize for _, leaf in leaves)
-  per_device = sum(
-      leaf.addressable_shards[0].data.nbytes for _, leaf in leaves
-      if hasattr(leaf, 'addressable_shards'))
+  total, per_device = _bytes_in_all_and_per_device(params)
   rows = sorted(leaves, key=lambda item: -item[1].size)[:max_rows]
   lines = [f'{"parameter":<60} {"shape":<18} {"spec":<30} {"MiB/device":>10}']
   for path, leaf in rows:
@@ -119,4 +122,8 @@ def describe_param_shardings(params, max_rows: int = 12) -> str:
   lines.append(
       f'{len(leaves)} parameter arrays, {total / 2**20:.1f} MiB in all, '
       f'{per_device / 2**20:.1f} MiB on each device.')
+  if opt_state is not None:
+    total, per_device = _bytes_in_all_and_per_device(opt_state)
+    lines.append(f'Optimiser state: {total / 2**20:.1f} MiB in all, '
+                 f'{per_device / 2**20:.1f} MiB on each device.')
   return '\n'.join(lines)

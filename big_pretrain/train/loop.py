@@ -90,7 +90,8 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
     if initialise is not None:
       state = state.replace(params=initialise(state.params))
     start_step = 0
-  logging.info('Parameters:\n%s', sharding_lib.describe_param_shardings(state.params))
+  logging.info('Parameters:\n%s', sharding_lib.describe_param_shardings(
+      state.params, state.opt_state))
 
   # --- Writers, progress, evaluators.
   writer = metric_writers.create_default_writer(

@@ -35,6 +35,15 @@ class ShardedTrainer:
   state_shardings: TrainState     # NamedSharding per leaf.
   init_state: Callable[[jax.Array], TrainState]
   train_step: Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
+  jitted_step: Any                # the jax.jit of the step, for lowering and compiling
+
+  def compile_step(self, batch_shapes: dict[str, jax.ShapeDtypeStruct]):
+    """The step compiled for `batch_shapes` (global shapes): memory_analysis(), as_text()."""
+    batch = {name: jax.ShapeDtypeStruct(shape.shape, shape.dtype,
+                                        sharding=sharding_lib.batch_sharding(self.mesh))
+             for name, shape in batch_shapes.items()}
+    with sharding_lib.activate(self.mesh, self.rules):
+      return self.jitted_step.lower(self.abstract_state, batch, jax.random.key(0)).compile()
 
 
 def build_trainer(objective, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -85,4 +94,5 @@ def build_trainer(objective, tx: optax.GradientTransformation, schedule: optax.S
     with sharding_lib.activate(mesh, rules):
       return jitted_step(state, batch, base_rng)
 
-  return ShardedTrainer(mesh, rules, abstract_state, state_shardings, init_state, train_step)
+  return ShardedTrainer(mesh, rules, abstract_state, state_shardings, init_state, train_step,
+                        jitted_step)

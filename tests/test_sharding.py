@@ -1,0 +1,70 @@
+"""Sharding you can measure: per-device bytes from the compiled step, and the start-up table."""
+
+import jax
+import numpy as np
+import pytest
+
+from big_pretrain import sharding as sharding_lib
+from big_pretrain.objectives import build_objective
+from big_pretrain.train.optim import make_optimizer, make_schedule
+from big_pretrain.train.step import build_trainer
+from tiny_config import tiny_mae_config
+
+
+def _trainer(mesh_shape: dict):
+  config = tiny_mae_config()
+  config.mesh.update(**mesh_shape)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.logical_axis_rules(config)
+  schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
+  trainer = build_trainer(build_objective(config), make_optimizer(config.optim, schedule),
+                          schedule, mesh, rules)
+  size = config.data.image_size
+  batch = {'image': jax.ShapeDtypeStruct((config.batch_size, size, size, 3), np.uint8),
+           'label': jax.ShapeDtypeStruct((config.batch_size,), np.int32)}
+  return trainer, batch
+
+
+def _nbytes(tree) -> int:
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
+
+
+def test_fsdp_over_8_devices_holds_an_eighth_of_the_state_per_device():
+  data_parallel, batch = _trainer(dict(data=8, fsdp=1, tensor=1))
+  fsdp, _ = _trainer(dict(data=1, fsdp=8, tensor=1))
+  # The compiled step's inputs on one device: train state (params + Adam moments) + batch shard.
+  dp_bytes = data_parallel.compile_step(batch).memory_analysis().argument_size_in_bytes
+  fsdp_bytes = fsdp.compile_step(batch).memory_analysis().argument_size_in_bytes
+
+  state_bytes = _nbytes(fsdp.abstract_state)
+  batch_bytes = _nbytes(batch)
+  assert dp_bytes >= state_bytes  # data parallel: every device holds the whole state
+  # FSDP: 1/8 of it, plus what is too small to shard (biases, norms: replicated) and
+  # the device's batch rows.
+  unsharded_bytes = sum(
+      leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(fsdp.abstract_state)
+      if all(axis is None for axis in leaf.sharding.spec))
+  assert unsharded_bytes < 0.03 * state_bytes
+  assert fsdp_bytes <= (state_bytes - unsharded_bytes) / 8 + unsharded_bytes + batch_bytes
+  assert fsdp_bytes <= dp_bytes / 8 * 1.15
+
+
+@pytest.mark.parametrize('mesh_shape, sharded_over', [
+    (dict(data=8, fsdp=1, tensor=1), 1),
+    (dict(data=1, fsdp=8, tensor=1), 8),
+    (dict(data=2, fsdp=2, tensor=2), 4),
+])
+def test_startup_table_shows_shardings_and_bytes_per_device(mesh_shape, sharded_over):
+  trainer, _ = _trainer(mesh_shape)
+  state = trainer.init_state(jax.random.key(0))
+  table = sharding_lib.describe_param_shardings(state.params, state.opt_state)
+  fc1_row = next(line for line in table.splitlines() if 'block_0/mlp/fc1/kernel' in line)
+  fc1_bytes = 64 * 256 * 4
+  assert float(fc1_row.split()[-1]) == pytest.approx(fc1_bytes / sharded_over / 2**20, abs=0.005)
+  if sharded_over > 1:
+    assert 'fsdp' in fc1_row
+  params_mib_per_device = float(table.splitlines()[-2].split()[-5])
+  assert params_mib_per_device == pytest.approx(
+      sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(state.params))
+      / 2**20, abs=0.05)
+  assert 'Optimiser state' in table.splitlines()[-1]
