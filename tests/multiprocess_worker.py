@@ -4,6 +4,7 @@
 
 TASK 'data': writes the image hashes of every row this process loads, for the
 train pipeline's first batches and for one epoch of the eval pipeline.
+TASK 'preempt': process 1 alone gets SIGTERM at step 3 of 100.
 TASK 'train' / 'resume': trains the tiny MAE stage of tiny_multiprocess_config
 in WORKDIR/stage ('train' stops after 2 steps, as a preempted run would) and
 writes the losses it logged. Output: WORKDIR/<TASK>_process_<id>.json.
@@ -12,6 +13,7 @@ writes the losses it logged. Output: WORKDIR/<TASK>_process_<id>.json.
 import hashlib
 import json
 import os
+import signal
 import sys
 
 sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__))]
@@ -23,6 +25,20 @@ TRAIN_BATCHES_CHECKED = 3
 
 def image_hashes(batch) -> list[str]:
   return [hashlib.sha1(image.tobytes()).hexdigest()[:16] for image in batch['image']]
+
+
+def _sigterm_at_step(step: int, process_id: int) -> None:
+  """Process `process_id` gets a real SIGTERM at `step`, as one preempted host of a pod would."""
+  import jax  # noqa: PLC0415
+  from big_pretrain.train import faults  # noqa: PLC0415
+  reached = faults.PreemptionNotice.reached
+
+  def reached_with_sigterm(self, current_step):
+    if current_step == step and jax.process_index() == process_id:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return reached(self, current_step)
+
+  faults.PreemptionNotice.reached = reached_with_sigterm
 
 
 def main(process_id: int, num_processes: int, port: int, workdir: str, task: str) -> None:
@@ -52,8 +68,12 @@ def main(process_id: int, num_processes: int, port: int, workdir: str, task: str
     # others would hang there, so the counts must be equal.
     result['eval_rows'] = [image_hashes(batch) for batch in iter(evaluation.next_local_numpy, None)]
   else:
-    stage = train_stage(config, os.path.join(workdir, 'stage'),
+    if task == 'preempt':
+      _sigterm_at_step(3, process_id=1)
+      config.total_steps = 100
+    stage = train_stage(config, os.path.join(workdir, task if task == 'preempt' else 'stage'),
                         stop_after_steps=2 if task == 'train' else None)
+    result['preempted'] = stage.preempted
     result['losses'] = {step: metrics['loss'] for step, metrics in stage.history}
     result['final_step'] = int(stage.state.step)
   with open(os.path.join(workdir, f'{task}_process_{process_id}.json'), 'w') as f:

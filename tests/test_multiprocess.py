@@ -161,3 +161,14 @@ def test_restoring_with_another_process_count_says_why(two_process_run):
   config.total_steps = 6
   with pytest.raises(ValueError, match=r'2 processes.*1 process'):
     train_stage(config, os.path.join(workdir, 'stage'), devices=jax.devices()[:4])
+
+
+def test_sigterm_on_one_process_stops_both_at_the_same_saved_step(tmp_path):
+  workers = launch('preempt', str(tmp_path))
+  steps = [w['final_step'] for w in workers]
+  assert all(w['preempted'] for w in workers)
+  # JAX's preemption sync point: both stop together, soon after the notice.
+  assert steps[0] == steps[1] and 3 <= steps[0] < 100
+  saved = sorted(int(p.name) for p in (tmp_path / 'preempt' / 'checkpoints').iterdir()
+                 if p.name.isdigit())
+  assert saved[-1] == steps[0]
