@@ -14,6 +14,6 @@ setup(
     description='Vision Transformer pretraining with MAE, WSP, FLIP and AIM on TPU pods and GPUs.',
     packages=find_packages(include=['big_pretrain', 'big_pretrain.*']),
     package_data={'big_pretrain.data': ['vocabularies/*.txt']},
-    python_requires='>=3.10',
+    python_requires='>=3.11',
     install_requires=[r for r in pinned_requirements() if not r.startswith('pytest')],
 )

@@ -18,6 +18,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from big_pretrain import workdir as workdir_lib
+
 STATE_ITEM = 'state'
 DATA_ITEM = 'data'
 
@@ -62,7 +64,7 @@ class Checkpointer:
   """The train state and data iterator of one stage, in `directory`."""
 
   def __init__(self, directory: str, checkpoint_config):
-    self.directory = os.path.abspath(directory)
+    self.directory = workdir_lib.absolute(directory)
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=checkpoint_config.every_steps,
         max_to_keep=checkpoint_config.keep,

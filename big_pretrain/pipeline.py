@@ -9,12 +9,12 @@ again after a crash or preemption therefore carries on where it stopped.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import logging
 
 from big_pretrain import transfer
+from big_pretrain import workdir as workdir_lib
 from big_pretrain.checkpoint import Checkpointer
 from big_pretrain.config_schema import validate_config
 from big_pretrain.train.loop import train_stage
@@ -32,7 +32,7 @@ def _stage_configs(config) -> dict:
 
 
 def _stage_finished(stage_config, stage_dir: str) -> bool:
-  if not os.path.isdir(os.path.join(stage_dir, 'checkpoints')):
+  if not workdir_lib.is_dir(os.path.join(stage_dir, 'checkpoints')):
     return False
   checkpointer = Checkpointer(os.path.join(stage_dir, 'checkpoints'), stage_config.checkpoint)
   latest = checkpointer.latest_step()
@@ -79,10 +79,9 @@ def run(config, workdir: str) -> dict[str, dict]:
 def collect_eval_results(stage_dirs: dict[str, str]) -> dict[str, dict]:
   results = {}
   for name, stage_dir in stage_dirs.items():
-    path = os.path.join(stage_dir, 'eval_results.json')
-    if os.path.exists(path):
-      with open(path) as f:
-        results[name] = json.load(f)
+    stage_results = workdir_lib.read_json(os.path.join(stage_dir, 'eval_results.json'))
+    if stage_results is not None:
+      results[name] = stage_results
   return results
 
 

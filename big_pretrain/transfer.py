@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from big_pretrain import workdir as workdir_lib
 from big_pretrain.checkpoint import (STATE_ITEM, CheckpointMismatchError, check_shapes_fit,
                                      tree_shapes)
 
@@ -26,11 +27,11 @@ _BLOCK = re.compile(r'^block_(\d+)$')
 
 def resolve_checkpoint_dir(path: str) -> str:
   """A step directory from a step dir, a checkpoints dir or a stage workdir (latest step)."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, STATE_ITEM)):
+  path = workdir_lib.absolute(path)
+  if workdir_lib.is_dir(os.path.join(path, STATE_ITEM)):
     return path
   for candidate in (path, os.path.join(path, 'checkpoints')):
-    steps = [int(d) for d in os.listdir(candidate) if d.isdigit()] if os.path.isdir(candidate) else []
+    steps = [int(d) for d in workdir_lib.list_dir(candidate) if d.isdigit()]
     if steps:
       return os.path.join(candidate, str(max(steps)))
   raise FileNotFoundError(

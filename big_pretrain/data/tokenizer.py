@@ -43,17 +43,17 @@ from __future__ import annotations
 import abc
 import argparse
 import collections
-import filecmp
 import os
 import re
-import shutil
 import sys
 import unicodedata
 from typing import Iterable, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
+from big_pretrain import workdir as workdir_lib
 from big_pretrain.data import sources
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = '<pad>', '<bos>', '<eos>', '<unk>'
@@ -215,8 +215,8 @@ class WordTokenizer(Tokenizer):
   def from_file(cls, path: str) -> WordTokenizer:
     """Reads a vocabulary file (format in the module docstring)."""
     try:
-      with open(path, encoding='utf-8-sig') as file:  # -sig: tolerate a byte order mark.
-        lines = file.read().splitlines()
+      # -sig: tolerate a byte order mark. epath: the file may be in a bucket (a workdir's copy).
+      lines = epath.Path(path).read_bytes().decode('utf-8-sig').splitlines()
     except FileNotFoundError:
       raise FileNotFoundError(
           f'Tokenizer file {path!r} does not exist. Build one from your captions with'
@@ -356,12 +356,13 @@ class SentencePieceTokenizer(Tokenizer):
           ' not installed: `pip install sentencepiece` (requirements.txt pins the tested'
           ' version), or use a word vocabulary built with `python -m'
           ' big_pretrain.data.tokenizer build`.') from None
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
       raise FileNotFoundError(
           f'SentencePiece model {path!r} does not exist. Set config.data.text.tokenizer to'
           ' the .model file written by spm_train.')
     try:
-      self._processor = sentencepiece.SentencePieceProcessor(model_file=path)
+      self._processor = sentencepiece.SentencePieceProcessor(
+          model_proto=epath.Path(path).read_bytes())
     except (OSError, RuntimeError) as error:
       raise ValueError(
           f'{path!r} could not be read as a SentencePiece model ({error}). Only files'
@@ -437,7 +438,7 @@ def recorded_tokenizer_path(workdir: str) -> str | None:
   """The tokenizer `record_tokenizer` copied into `workdir`, or None if there is none."""
   for name in (RECORDED_WORD_TOKENIZER, RECORDED_SENTENCEPIECE_TOKENIZER):
     path = os.path.join(workdir, name)
-    if os.path.isfile(path):
+    if epath.Path(path).is_file():
       return path
   return None
 
@@ -460,7 +461,7 @@ def record_tokenizer(data_config, workdir: str) -> str | None:
   path = configured_tokenizer_path(data_config)
   if not path:
     return None
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(
         f'config.data.text.tokenizer={path!r} is not a file. Build a word vocabulary with'
         f' `python -m big_pretrain.data.tokenizer build ... --output={path}`, or point it at'
@@ -469,19 +470,19 @@ def record_tokenizer(data_config, workdir: str) -> str | None:
   if jax.process_index() == 0:
     existing = recorded_tokenizer_path(workdir)
     if existing is not None:
-      if os.path.abspath(existing) == os.path.abspath(path):
+      if workdir_lib.absolute(existing) == workdir_lib.absolute(path):
         return recorded  # The config already points at the recorded copy.
-      if existing != recorded or not filecmp.cmp(path, existing, shallow=False):
+      if (existing != recorded
+          or epath.Path(path).read_bytes() != epath.Path(existing).read_bytes()):
         raise ValueError(
             f'{workdir!r} was trained with the tokenizer recorded in {existing!r}, which'
             f' differs from config.data.text.tokenizer={path!r}. Its checkpoints index that'
             ' tokenizer\'s ids: set config.data.text.tokenizer to the recorded file, or'
             ' train in a new --workdir.')
       return recorded
-    os.makedirs(workdir, exist_ok=True)
     temporary_path = f'{recorded}.tmp'  # Then rename: readers never see half a file.
-    shutil.copyfile(path, temporary_path)
-    os.replace(temporary_path, recorded)
+    workdir_lib.write_bytes(temporary_path, epath.Path(path).read_bytes())
+    epath.Path(temporary_path).rename(recorded)
   return recorded
 
 

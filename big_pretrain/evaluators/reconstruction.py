@@ -8,6 +8,7 @@ summary and as a PNG in the workdir.
 
 from __future__ import annotations
 
+import io
 import os
 
 import jax
@@ -17,6 +18,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from big_pretrain import sharding as sharding_lib
+from big_pretrain import workdir as workdir_lib
 from big_pretrain.data.pipeline import InputPipeline
 from big_pretrain.evaluators.base import EvalResult, Evaluator
 from big_pretrain.evaluators.features import round_up, split_data_config
@@ -61,9 +63,9 @@ class ReconstructionEvaluator(Evaluator):
               [:self.eval_config.num_images] for k in self.objective.visualization_panels}
     grid = panels_to_grid(panels)
     if jax.process_index() == 0:
-      os.makedirs(self.workdir, exist_ok=True)
-      Image.fromarray((grid * 255).round().astype(np.uint8)).save(
-          os.path.join(self.workdir, f'{self.name}.png'))
+      png = io.BytesIO()
+      Image.fromarray((grid * 255).round().astype(np.uint8)).save(png, format='PNG')
+      workdir_lib.write_bytes(os.path.join(self.workdir, f'{self.name}.png'), png.getvalue())
     return EvalResult(images={f'{self.name}/{"_".join(panels)}': grid})
 
 

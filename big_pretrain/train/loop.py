@@ -19,6 +19,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from big_pretrain import sharding as sharding_lib
+from big_pretrain import workdir as workdir_lib
 from big_pretrain.checkpoint import Checkpointer
 from big_pretrain.config_schema import validate_stage_config
 from big_pretrain.data.pipeline import InputPipeline
@@ -52,10 +53,9 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   """
   # --- Config: validated before anything is computed.
   validate_stage_config(config)
-  os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    workdir_lib.write_text(os.path.join(workdir, 'config.json'),
+                           config.to_json_best_effort(indent=2))
   # The checkpoints' text embeddings index this tokenizer's ids: keep it beside them.
   record_tokenizer(config.data, workdir)
 
@@ -158,8 +158,8 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
     logging.warning('Preemption notice (SIGTERM): saved a checkpoint at step %d and stopped. '
                     'Run the same command to resume from it.', step)
   if eval_results and jax.process_index() == 0:
-    with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
-      json.dump({'step': step, **eval_results}, f, indent=2)
+    workdir_lib.write_text(os.path.join(workdir, 'eval_results.json'),
+                           json.dumps({'step': step, **eval_results}, indent=2))
   return StageResult(state, step - start_step, step >= config.total_steps, last_metrics,
                      eval_results, history, preempted)
 
