@@ -498,3 +498,50 @@ def test_mae_without_cls_token_is_rejected_or_decodes_aligned():
   assert changed[mask == 0].all(), (
       'a visible position got an image-independent (mask) token: the decoder '
       'treated the first visible token as cls and shifted the rest')
+
+
+# ------------------------------------------- benchmark only: the encoder on all tokens
+
+
+def test_encoder_on_all_tokens_option_same_outputs_mask_token_in_encoder(params, uint8_images):
+  """objective.encoder_on_all_tokens (benchmarks/step.py --mae_all_tokens): the
+  encoder runs over every patch, the masked ones replaced by a learned mask patch."""
+  config = tiny_config()
+  config.objective.encoder_on_all_tokens = True
+  mae_all = MAE(config)
+  all_params = nn.meta.unbox(jax.jit(mae_all.init_params)(jax.random.key(0)))
+  assert set(all_params) == {'encoder', 'decoder', 'encoder_mask_patch'}
+  assert all_params['encoder_mask_patch'].shape == (PATCH * PATCH * 3,)
+  same_shapes = lambda a, b: jax.tree_util.tree_map(np.shape, a) == jax.tree_util.tree_map(
+      np.shape, b)
+  assert same_shapes(all_params['encoder'], params['encoder'])
+  assert same_shapes(all_params['decoder'], params['decoder'])
+
+  rng = jax.random.key(21)
+
+  @jax.jit
+  def run(p, images):
+    (pred, masking), state = mae_all.model.apply(
+        {'params': p}, images, rng, mae_all.mask_ratio,
+        capture_intermediates=lambda module, method: module.name == 'encoder',
+        mutable=['intermediates'])
+    return pred, masking.mask, state['intermediates']['encoder']['__call__'][0]['tokens']
+
+  images = np.asarray(normalize_images(uint8_images))
+  pred, mask, tokens = run(all_params, images)
+  assert tokens.shape == (BATCH, 1 + NUM_PATCHES, 64)  # cls + every patch
+  assert pred.shape == (BATCH, NUM_PATCHES, PATCH * PATCH * 3)
+  loss, _ = jax.jit(mae_all.loss)(all_params, {'image': uint8_images}, rng)
+  assert np.isfinite(float(loss)) and float(loss) > 0
+
+  # A masked patch's pixels are replaced before the encoder; a visible one's are not.
+  visible, masked = _visible_and_masked(mask[0])
+
+  def perturb(patch_index):
+    out = images.copy()
+    i, j = divmod(int(patch_index), GRID)
+    out[0, i * PATCH:(i + 1) * PATCH, j * PATCH:(j + 1) * PATCH] += 3.0
+    return out
+
+  np.testing.assert_array_equal(run(all_params, perturb(masked[0]))[0], pred)
+  assert np.abs(np.asarray(run(all_params, perturb(visible[0]))[0]) - np.asarray(pred)).max() > 1e-3

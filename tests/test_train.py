@@ -88,6 +88,10 @@ def test_stopped_and_resumed_run_is_bit_identical(tmp_path):
   resumed = jax.device_get(second.state.params)
   jax.tree_util.tree_map(np.testing.assert_array_equal, straight, resumed)
   assert uninterrupted.last_metrics['loss'] == second.last_metrics['loss']
+  # Speed is logged with every interval: throughput and MFU against the CPU's measured peak.
+  speed = second.last_metrics
+  assert speed['images_per_sec'] > 0 and speed['model_tflops_per_sec_per_device'] > 0
+  assert 0 < speed['mfu'] < 1
   # A finished stage run again does nothing and keeps its checkpoint.
   again = train_stage(config, str(tmp_path / 'resumed'))
   assert again.steps_run == 0 and again.finished

@@ -32,6 +32,10 @@ def default_config() -> ml_collections.ConfigDict:
       decoder_width=512,
       decoder_depth=8,
       decoder_heads=16,
+      # For the benchmark only (benchmarks/step.py --mae_all_tokens): the design
+      # the paper rejects (its Table 1c, "encoder w/ [M]"), the encoder over ALL
+      # patches, the masked ones replaced by a learned mask token.
+      encoder_on_all_tokens=False,
   ))
 
 
@@ -49,24 +53,47 @@ def masked_patch_loss(pred: jax.Array, target: jax.Array, mask: jax.Array) -> ja
 
 
 class MAEModel(nn.Module):
-  """Encoder on the visible patches + decoder over all patches."""
+  """Encoder on the visible patches + decoder over all patches.
+
+  With `encoder_on_all_tokens` (benchmark only, the design MAE rejects) the
+  encoder runs over every patch, each masked one replaced by a learned mask
+  token. (choice) That token is learned in pixel space, one p x p x 3 patch
+  ('encoder_mask_patch') that the encoder's own patch embedding embeds, so the
+  shared ViT needs no hook; it costs the same compute as an embedding-space
+  [M] token, and can express any such token while width <= p*p*3 (ViT-Ti/S/B
+  at patch 16). The decoder then receives all L tokens in raster order and
+  adds no mask tokens of its own.
+  """
   encoder: VisionTransformer
   decoder_width: int
   decoder_depth: int
   decoder_heads: int
   dtype: Any = jnp.float32
+  encoder_on_all_tokens: bool = False
 
   @nn.compact
   def __call__(self, images, mask_rng, mask_ratio):
-    grid = images.shape[1] // self.encoder.patch_size
-    masking = random_masking(mask_rng, images.shape[0], grid * grid, mask_ratio)
-    encoded = self.encoder(images, keep_indices=masking.keep_indices)['tokens']
+    patch = self.encoder.patch_size
+    grid = images.shape[1] // patch
+    batch, num_patches = images.shape[0], grid * grid
+    masking = random_masking(mask_rng, batch, num_patches, mask_ratio)
+    if self.encoder_on_all_tokens:
+      mask_patch = self.param('encoder_mask_patch', nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), (None,)), (patch * patch * 3,))
+      patches = jnp.where(masking.mask[..., None] > 0, mask_patch.astype(images.dtype),
+                          patchify(images, patch))
+      encoded = self.encoder(unpatchify(patches, patch))['tokens']
+      ids_restore = jnp.broadcast_to(jnp.arange(num_patches, dtype=jnp.int32),
+                                     (batch, num_patches))
+    else:
+      encoded = self.encoder(images, keep_indices=masking.keep_indices)['tokens']
+      ids_restore = masking.ids_restore
     pred = MAEDecoder(
         self.decoder_width, self.decoder_depth, self.decoder_heads,
         num_prefix_tokens=int(self.encoder.use_cls_token), patch_dim=self.encoder.patch_size ** 2 * 3, dtype=self.dtype,
         scan=self.encoder.scan, remat=self.encoder.remat,
         attention_impl=self.encoder.attention_impl, name='decoder',
-    )(encoded, masking.ids_restore, (grid, grid))
+    )(encoded, ids_restore, (grid, grid))
     return pred, masking
 
 
@@ -85,7 +112,8 @@ class MAE(Objective):
         # The parent module names it 'encoder': the subtree later stages take.
         encoder=vit_from_config(config.model),
         decoder_width=objective.decoder_width, decoder_depth=objective.decoder_depth,
-        decoder_heads=objective.decoder_heads, dtype=compute_dtype(config.model.dtype))
+        decoder_heads=objective.decoder_heads, dtype=compute_dtype(config.model.dtype),
+        encoder_on_all_tokens=objective.get('encoder_on_all_tokens', False))
 
   @property
   def patch_size(self) -> int:

@@ -27,6 +27,7 @@ from big_pretrain.data.tokenizer import record_tokenizer
 from big_pretrain.evaluators import build_evaluators
 from big_pretrain.objectives import build_objective
 from big_pretrain.train import faults
+from big_pretrain.train import mfu as mfu_lib
 from big_pretrain.train.optim import make_optimizer, make_schedule
 from big_pretrain.train.step import build_trainer
 
@@ -69,6 +70,8 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
   tx = make_optimizer(config.optim, schedule)
   trainer = build_trainer(objective, tx, schedule, mesh, rules)
+  speed = _SpeedReference.of(config, mesh)
+  logging.info('Model FLOPs per step: %.3g; %s.', speed.flops_per_step, speed.peak_description)
 
   # --- Input.
   data = InputPipeline(config.data, global_batch_size=config.batch_size, mesh=mesh,
@@ -131,6 +134,7 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
           elapsed = time.perf_counter() - interval_start
           last_metrics['images_per_sec'] = len(fetched) * config.batch_size / elapsed
           last_metrics['steps_per_sec'] = len(fetched) / elapsed
+          last_metrics.update(speed.metrics(seconds_per_step=elapsed / len(fetched)))
           last_metrics['data/corrupt_images_skipped'] = data.corrupt_images_skipped
           writer.write_scalars(step, last_metrics)
           history.append((step, last_metrics))
@@ -162,6 +166,36 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
                            json.dumps({'step': step, **eval_results}, indent=2))
   return StageResult(state, step - start_step, step >= config.total_steps, last_metrics,
                      eval_results, history, preempted)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SpeedReference:
+  """What achieved FLOP/s are measured against: analytic model FLOPs and a peak."""
+  flops_per_step: float
+  peak_flops: float | None        # per device (per machine on CPU); None: unknown
+  num_devices: int                # devices sharing flops_per_step (1 for a CPU machine)
+  peak_description: str
+
+  @classmethod
+  def of(cls, config, mesh) -> _SpeedReference:
+    device = mesh.devices.flat[0]
+    flops = mfu_lib.model_flops_per_step(config)
+    if device.platform == 'cpu':
+      # Fake CPU devices share the cores: the machine is the unit, and its
+      # peak is a matmul measured now, in this process (~0.2 s).
+      peak = mfu_lib.measure_matmul_peak_flops(config.model.dtype, size=1024, repeats=3,
+                                               device=device)
+      return cls(flops, peak, 1, f'CPU matmul peak measured now: {peak / 1e9:.1f} GFLOP/s')
+    peak = mfu_lib.peak_flops_per_device(device, config.model.dtype)
+    return cls(flops, peak, mesh.size, mfu_lib.describe_peak(device, config.model.dtype))
+
+  def metrics(self, seconds_per_step: float) -> dict[str, float]:
+    achieved = mfu_lib.achieved_flops_per_device(self.flops_per_step, seconds_per_step,
+                                                 self.num_devices)
+    metrics = {'model_tflops_per_sec_per_device': achieved / 1e12}
+    if self.peak_flops:
+      metrics['mfu'] = achieved / self.peak_flops
+    return metrics
 
 
 def _stop_if_nonfinite(pending_metrics: list[dict], step: int, max_skipped_in_a_row: int,

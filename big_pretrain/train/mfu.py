@@ -1,0 +1,350 @@
+"""Model FLOPs utilisation: analytic FLOPs of a training step, device peaks, MFU.
+
+MFU = model FLOPs per step / (seconds per step x devices x peak FLOP/s per device).
+
+The model FLOPs are counted ANALYTICALLY from the config, never read from
+XLA's cost analysis (which depends on the compiler's choices, counts
+elementwise ops, and counts rematerialised forwards twice). The convention
+(PaLM's appendix B, MaxText, levanter):
+
+- Only matmuls count, 2 * m * n * k each: the patch embedding (a p x p
+  stride-p convolution is a matmul over every patch), the attention q/k/v/out
+  projections, the attention scores QK^T and the values AV (dense: a
+  prefix-causal or padding mask does not remove them), the MLP's fc1/fc2, and
+  each objective's heads. Layer norms, GELU, softmax, bias and position
+  embedding adds, the loss, the optimiser update and embedding lookups (the
+  text tower's token embedding is a gather) are not counted.
+- A training step is 3 forwards: the backward of a matmul is two matmuls of
+  the same size (gradient w.r.t. its input and w.r.t. its weight). This
+  slightly over-counts the patch embedding, whose input gradient is never
+  computed (the images are not parameters); that is under 1% of a ViT.
+- Rematerialisation's extra forward is NOT counted: it is work the hardware
+  does (hardware FLOPs utilisation, HFU, would count it), not work the model
+  needs, so remat lowers MFU, as it should.
+
+Token counts follow the code: the ViT embeds every patch, then keeps
+`num_kept(L, r)` of them (MAE; FLIP in training) and prepends the cls token
+when `model.use_cls_token`; the MAE decoder embeds the encoder's tokens, runs
+its blocks and prediction over cls + all L patches.
+
+Peaks: `peak_flops_per_device` knows the dense bf16 peaks of TPU v2-v6e and
+NVIDIA A100/H100/H200, and what a float32 matmul runs at under JAX's default
+precision. On a CPU (or an unknown device) measure instead, in the same run as
+the step it is compared to: `measure_matmul_peak_flops`.
+
+CPU caveat: fake CPU devices (JAX_NUM_CPU_DEVICES or
+--xla_force_host_platform_device_count) share the machine's cores. One device's
+matmul measured alone uses all of them, so an MFU over N fake devices divides
+by N machines' worth of peak and is understated N-fold. Benchmark on CPU with 1
+device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from big_pretrain.models.masking import num_kept
+from big_pretrain.models.vit import parse_variant
+
+# The MLP width over the model width, as every transformer here builds it.
+MLP_RATIO = 4
+# A training step is this many forwards (forward + backward 2x); remat is not counted.
+TRAIN_STEP_FORWARDS = 3
+
+
+# --- Analytic model FLOPs ------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+  """Analytic matmul FLOPs of one training step for the global batch, per part.
+
+  `forward` maps a part ('encoder/mlp', 'decoder/attention_scores', 'head', ...)
+  to its forward FLOPs; the step does `TRAIN_STEP_FORWARDS` times as many.
+  """
+  forward: dict[str, float]
+
+  @property
+  def forward_total(self) -> float:
+    return float(sum(self.forward.values()))
+
+  @property
+  def train_step(self) -> float:
+    return TRAIN_STEP_FORWARDS * self.forward_total
+
+  def format_table(self) -> str:
+    """Each part's train-step TFLOPs and share of the step, largest first."""
+    total = self.forward_total
+    lines = [f'{"part":<32} {"TFLOP/step":>12} {"share":>7}']
+    for name, flops in sorted(self.forward.items(), key=lambda item: -item[1]):
+      lines.append(f'{name:<32} {TRAIN_STEP_FORWARDS * flops / 1e12:12.4g} '
+                   f'{flops / total:7.1%}')
+    lines.append(f'{"total (3 x forward)":<32} {self.train_step / 1e12:12.4g} {1:7.1%}')
+    return '\n'.join(lines)
+
+
+def dense_flops(rows: float, fan_in: int, fan_out: int) -> float:
+  """2 * m * n * k: `rows` vectors through a (fan_in, fan_out) matmul."""
+  return 2.0 * rows * fan_in * fan_out
+
+
+def transformer_forward_flops(batch: int, tokens: int, width: int, depth: int, heads: int,
+                              mlp_dim: int | None = None) -> dict[str, float]:
+  """Forward matmul FLOPs of `depth` pre-LN blocks over (batch, tokens, width).
+
+  Per block: q, k, v and out projections (width <-> heads * head_dim), the
+  scores QK^T and the values AV (tokens x tokens per head), fc1 and fc2.
+  """
+  mlp_dim = MLP_RATIO * width if mlp_dim is None else mlp_dim
+  inner = heads * (width // heads)  # heads * head_dim, as Attention builds its kernels
+  rows = batch * tokens
+  return {
+      'attention_projections': depth * 4 * dense_flops(rows, width, inner),
+      'attention_scores': depth * 2 * dense_flops(rows, inner, tokens),  # QK^T and AV
+      'mlp': depth * (dense_flops(rows, width, mlp_dim) + dense_flops(rows, mlp_dim, width)),
+  }
+
+
+def num_patches(config) -> int:
+  patch = parse_variant(config.model.variant).patch_size
+  return (config.data.image_size // patch) ** 2
+
+
+def encoder_num_tokens(config) -> int:
+  """Tokens the ViT's blocks see in a training step: visible patches (+ cls)."""
+  objective = config.objective
+  total = num_patches(config)
+  if objective.name == 'mae' and not objective.get('encoder_on_all_tokens', False):
+    patches = num_kept(total, objective.mask_ratio)
+  elif objective.name == 'flip' and objective.mask_ratio > 0:
+    patches = num_kept(total, objective.mask_ratio)
+  else:
+    patches = total
+  return patches + int(config.model.use_cls_token)
+
+
+def vit_forward_flops(config, batch: int, tokens: int | None = None) -> dict[str, float]:
+  """The ViT encoder's forward: patch embedding of every patch, blocks over `tokens`."""
+  size = parse_variant(config.model.variant)
+  tokens = encoder_num_tokens(config) if tokens is None else tokens
+  parts = {'patch_embed': dense_flops(batch * num_patches(config), size.patch_size ** 2 * 3,
+                                      size.width)}
+  parts.update(transformer_forward_flops(batch, tokens, size.width, size.depth, size.heads))
+  return parts
+
+
+def _prefixed(prefix: str, parts: dict[str, float]) -> dict[str, float]:
+  return {f'{prefix}/{name}': flops for name, flops in parts.items()}
+
+
+def _wsp_num_labels(config) -> int:
+  from big_pretrain.data.labels import LabelVocabulary  # only WSP needs the file
+  return len(LabelVocabulary.from_file(config.data.labels.vocabulary))
+
+
+def model_flops_breakdown(config, num_labels: int | None = None) -> StepFlops:
+  """Analytic FLOPs of one training step of a stage config, per part (see the module doc).
+
+  Reads config.model (variant, use_cls_token), config.objective,
+  config.data.image_size (and data.text.max_length for FLIP) and
+  config.batch_size, the GLOBAL batch. WSP's vocabulary size is read from
+  config.data.labels.vocabulary unless `num_labels` is given.
+  """
+  objective = config.objective
+  batch = config.batch_size
+  size = parse_variant(config.model.variant)
+  patch_dim = size.patch_size ** 2 * 3
+  total_patches = num_patches(config)
+  prefix = int(config.model.use_cls_token)
+  encoder_tokens = encoder_num_tokens(config)
+  parts = _prefixed('encoder', vit_forward_flops(config, batch, encoder_tokens))
+
+  if objective.name == 'mae':
+    width = objective.decoder_width
+    decoder_tokens = total_patches + prefix  # mask tokens fill in every dropped patch
+    parts['decoder/embed'] = dense_flops(batch * encoder_tokens, size.width, width)
+    parts.update(_prefixed('decoder', transformer_forward_flops(
+        batch, decoder_tokens, width, objective.decoder_depth, objective.decoder_heads)))
+    # The prediction runs on the cls position too, then drops it.
+    parts['decoder/predict'] = dense_flops(batch * decoder_tokens, width, patch_dim)
+  elif objective.name == 'wsp':
+    labels = _wsp_num_labels(config) if num_labels is None else num_labels
+    parts['head'] = dense_flops(batch, size.width, labels)
+  elif objective.name == 'flip':
+    text_width = objective.text_width
+    parts.update(_prefixed('text', transformer_forward_flops(
+        batch, config.data.text.max_length, text_width, objective.text_depth,
+        objective.text_heads)))
+    parts['projections'] = (dense_flops(batch, size.width, objective.embed_dim)
+                            + dense_flops(batch, text_width, objective.embed_dim))
+    parts['logits'] = dense_flops(batch, objective.embed_dim, batch)  # global B x B
+  elif objective.name == 'aim':
+    width, depth = objective.head_width, objective.head_depth
+    rows = batch * total_patches
+    parts['head/embed'] = dense_flops(rows, size.width, width)
+    parts['head/mlp'] = depth * (dense_flops(rows, width, MLP_RATIO * width)
+                                 + dense_flops(rows, MLP_RATIO * width, width))
+    parts['head/predict'] = dense_flops(rows, width, patch_dim)
+  else:
+    raise ValueError(f'No FLOPs model for objective {objective.name!r}.')
+  return StepFlops(parts)
+
+
+def model_flops_per_step(config, num_labels: int | None = None) -> float:
+  """Analytic model FLOPs of one training step (3 x forward, remat not counted)."""
+  return model_flops_breakdown(config, num_labels).train_step
+
+
+# --- Peaks ---------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DevicePeak:
+  """Dense (no sparsity) matmul peaks of ONE JAX device, in FLOP/s."""
+  name: str
+  bfloat16: float
+  # A float32 matmul at JAX's default precision: one bf16 pass on a TPU's MXU
+  # (so the bf16 peak), TF32 tensor cores on an A100/H100/H200.
+  float32_default_precision: float
+  source: str
+
+
+_TPU_PER_CHIP_NOTE = 'a JAX device is one TensorCore, half a chip'
+# TPUs: JAX's device_kind is 'TPU v4', 'TPU v5 lite' (v5e), 'TPU v5' or 'TPU v5p'
+# (v5p), 'TPU v6 lite' (v6e); v2/v3 chips have two TensorCores, each a device.
+_TPU_PEAKS = {
+    'v2': DevicePeak('TPU v2', 45e12 / 2, 45e12 / 2,
+                     f'cloud.google.com/tpu/docs/v2: 45 TFLOP/s per chip, {_TPU_PER_CHIP_NOTE}'),
+    'v3': DevicePeak('TPU v3', 123e12 / 2, 123e12 / 2,
+                     f'cloud.google.com/tpu/docs/v3: 123 TFLOP/s per chip, {_TPU_PER_CHIP_NOTE}'),
+    'v4': DevicePeak('TPU v4', 275e12, 275e12,
+                     'cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16 per chip (megacore)'),
+    'v5e': DevicePeak('TPU v5e', 197e12, 197e12,
+                      'cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16 per chip'),
+    'v5p': DevicePeak('TPU v5p', 459e12, 459e12,
+                      'cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16 per chip'),
+    'v6e': DevicePeak('TPU v6e (Trillium)', 918e12, 918e12,
+                      'cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16 per chip'),
+}
+_TPU_GENERATIONS = {
+    'v2': 'v2', 'v3': 'v3', 'v4': 'v4',
+    'v5 lite': 'v5e', 'v5e': 'v5e', 'v5litepod': 'v5e',
+    'v5': 'v5p', 'v5p': 'v5p',
+    'v6 lite': 'v6e', 'v6e': 'v6e', 'trillium': 'v6e',
+}
+# NVIDIA datasheets list tensor-core peaks "with sparsity": dense is half.
+# H100: nvidia.com/en-us/data-center/h100 (datasheet): SXM BF16 1979, TF32 989;
+#   PCIe 1513 / 756; NVL 1671 / 835 (sparse TFLOP/s).
+# H200: nvidia.com/en-us/data-center/h200 (datasheet): SXM 1979 / 989; NVL 1671 / 835.
+# A100: nvidia A100 datasheet: BF16 312, TF32 156 dense (SXM and PCIe, 40 and 80 GB).
+_GPU_PEAKS = {
+    'h100_sxm': DevicePeak('NVIDIA H100 SXM', 1979e12 / 2, 989e12 / 2, 'NVIDIA H100 datasheet'),
+    'h100_pcie': DevicePeak('NVIDIA H100 PCIe', 1513e12 / 2, 756e12 / 2, 'NVIDIA H100 datasheet'),
+    'h100_nvl': DevicePeak('NVIDIA H100 NVL', 1671e12 / 2, 835e12 / 2, 'NVIDIA H100 datasheet'),
+    'h200_sxm': DevicePeak('NVIDIA H200 SXM', 1979e12 / 2, 989e12 / 2, 'NVIDIA H200 datasheet'),
+    'h200_nvl': DevicePeak('NVIDIA H200 NVL', 1671e12 / 2, 835e12 / 2, 'NVIDIA H200 datasheet'),
+    'a100': DevicePeak('NVIDIA A100', 312e12, 156e12, 'NVIDIA A100 datasheet'),
+}
+
+
+def known_peak(device_kind: str) -> DevicePeak | None:
+  """The peak entry for a `device.device_kind` string, or None if unknown (e.g. 'cpu').
+
+  'TPU v5 lite' -> v5e, 'TPU v5'/'TPU v5p' -> v5p, 'TPU v6 lite' -> v6e;
+  'NVIDIA H100 80GB HBM3' -> H100 SXM, 'NVIDIA H100 PCIe', 'NVIDIA H100 NVL',
+  'NVIDIA H200', 'NVIDIA A100-SXM4-80GB', ...
+  """
+  kind = ' '.join(device_kind.lower().split())
+  if kind.startswith('tpu'):
+    generation = _TPU_GENERATIONS.get(kind[len('tpu'):].strip())
+    return _TPU_PEAKS.get(generation) if generation else None
+  if 'h100' in kind:
+    return _GPU_PEAKS['h100_pcie' if 'pcie' in kind else 'h100_nvl' if 'nvl' in kind
+                      else 'h100_sxm']
+  if 'h200' in kind:
+    return _GPU_PEAKS['h200_nvl' if 'nvl' in kind else 'h200_sxm']
+  if 'a100' in kind:
+    return _GPU_PEAKS['a100']
+  return None
+
+
+def _dtype_name(dtype) -> str:
+  name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+  return {'bf16': 'bfloat16', 'f32': 'float32', 'fp32': 'float32'}.get(name, name)
+
+
+def peak_flops_per_device(device, dtype='bfloat16') -> float | None:
+  """Known dense matmul peak FLOP/s of `device` for matmuls in `dtype`, or None.
+
+  `dtype` is the compute dtype (config.model.dtype): 'bfloat16' or 'float32'
+  (float32 at JAX's default matmul precision; with jax_default_matmul_precision
+  set to anything else the peak is unknown: None). None for CPUs and unknown
+  devices: measure with `measure_matmul_peak_flops` instead.
+  """
+  peak = known_peak(getattr(device, 'device_kind', ''))
+  if peak is None:
+    return None
+  name = _dtype_name(dtype)
+  if name == 'bfloat16':
+    return peak.bfloat16
+  if name == 'float32':
+    precision = jax.config.jax_default_matmul_precision
+    if precision not in (None, 'default'):
+      return None
+    return peak.float32_default_precision
+  return None
+
+
+def describe_peak(device, dtype='bfloat16') -> str:
+  """'NVIDIA H100 SXM bfloat16: 989.5 TFLOP/s (NVIDIA H100 datasheet)', or why there is none."""
+  peak = known_peak(getattr(device, 'device_kind', ''))
+  flops = peak_flops_per_device(device, dtype)
+  if peak is None or flops is None:
+    return f'no known peak for {getattr(device, "device_kind", device)!r} in {_dtype_name(dtype)}'
+  return f'{peak.name} {_dtype_name(dtype)}: {flops / 1e12:.1f} TFLOP/s ({peak.source})'
+
+
+def measure_matmul_peak_flops(dtype='float32', size: int | None = None, repeats: int = 5,
+                              device=None) -> float:
+  """Measured dense matmul FLOP/s of ONE device: a jitted (size x size) @ (size x size).
+
+  Compiled and run once before timing; the median of `repeats` timed calls,
+  each waited for with block_until_ready. Run it in the same process and at
+  the same time as the step it is compared to (a shared machine's speed
+  drifts). `size` defaults to 2048 on CPU and 8192 elsewhere. On CPU, one
+  device's matmul uses every core: see the module doc on fake CPU devices.
+  """
+  device = jax.devices()[0] if device is None else device
+  if size is None:
+    size = 2048 if device.platform == 'cpu' else 8192
+  rng = np.random.default_rng(0)
+  a, b = (jax.device_put(jnp.asarray(rng.standard_normal((size, size), np.float32), dtype),
+                         device) for _ in range(2))
+  matmul = jax.jit(jnp.dot).lower(a, b).compile()
+  matmul(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2.0 * size ** 3 / statistics.median(times)
+
+
+# --- MFU -----------------------------------------------------------------------
+
+def achieved_flops_per_device(flops_per_step: float, seconds_per_step: float,
+                              num_devices: int) -> float:
+  return flops_per_step / seconds_per_step / num_devices
+
+
+def mfu(flops_per_step: float, seconds_per_step: float, num_devices: int,
+        peak_per_device: float) -> float:
+  """Model FLOPs utilisation: achieved model FLOP/s over the devices' peak, in [0, 1]."""
+  if seconds_per_step <= 0 or num_devices <= 0 or not peak_per_device or peak_per_device <= 0:
+    raise ValueError(f'mfu needs positive seconds ({seconds_per_step}), devices ({num_devices}) '
+                     f'and peak ({peak_per_device}).')
+  return achieved_flops_per_device(flops_per_step, seconds_per_step, num_devices) / peak_per_device
