@@ -20,16 +20,17 @@ def absolute(path: str) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-  """Writes `text` to `path`, creating its folder."""
-  target = epath.Path(path)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  target.write_text(text)
+  """Writes `text` to `path` whole or not at all (a killed run leaves no half file)."""
+  write_bytes(path, text.encode('utf-8'))
 
 
 def write_bytes(path: str, data: bytes) -> None:
+  """Writes `data` to a temporary file beside `path`, then renames it; creates the folder."""
   target = epath.Path(path)
   target.parent.mkdir(parents=True, exist_ok=True)
-  target.write_bytes(data)
+  temporary = target.parent / f'{target.name}.tmp'
+  temporary.write_bytes(data)
+  temporary.replace(target)
 
 
 def read_json(path: str) -> dict | None:

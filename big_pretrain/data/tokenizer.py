@@ -480,9 +480,7 @@ def record_tokenizer(data_config, workdir: str) -> str | None:
             ' tokenizer\'s ids: set config.data.text.tokenizer to the recorded file, or'
             ' train in a new --workdir.')
       return recorded
-    temporary_path = f'{recorded}.tmp'  # Then rename: readers never see half a file.
-    workdir_lib.write_bytes(temporary_path, epath.Path(path).read_bytes())
-    epath.Path(temporary_path).rename(recorded)
+    workdir_lib.write_bytes(recorded, epath.Path(path).read_bytes())  # whole or not at all
   return recorded
 
 

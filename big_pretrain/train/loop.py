@@ -139,15 +139,20 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
           writer.write_scalars(step, last_metrics)
           history.append((step, last_metrics))
           pending_metrics, interval_start = [], time.perf_counter()
-        for evaluator in evaluators:
-          if evaluator.due(step, final):
-            result = evaluator.run(state.params, step)
-            eval_results[evaluator.name] = result.scalars
-            if result.scalars:
-              writer.write_scalars(step, {f'eval/{evaluator.name}/{k}': v
-                                          for k, v in result.scalars.items()})
-            if result.images:
-              writer.write_images(step, {k: v[None] for k, v in result.images.items()})
+        due = [evaluator for evaluator in evaluators if evaluator.due(step, final)]
+        for evaluator in due:
+          result = evaluator.run(state.params, step)
+          eval_results[evaluator.name] = result.scalars
+          if result.scalars:
+            writer.write_scalars(step, {f'eval/{evaluator.name}/{k}': v
+                                        for k, v in result.scalars.items()})
+          if result.images:
+            writer.write_images(step, {k: v[None] for k, v in result.images.items()})
+        if due and jax.process_index() == 0:
+          # Before the step's checkpoint: once the final one exists the stage
+          # counts as finished, and a kill in between must not lose the results.
+          workdir_lib.write_text(os.path.join(workdir, 'eval_results.json'),
+                                 json.dumps({'step': step, **eval_results}, indent=2))
         if saving:
           checkpointer.save(step, state, data.grain_iterator, force=True)
         if stopping:
@@ -161,9 +166,6 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   if preempted:
     logging.warning('Preemption notice (SIGTERM): saved a checkpoint at step %d and stopped. '
                     'Run the same command to resume from it.', step)
-  if eval_results and jax.process_index() == 0:
-    workdir_lib.write_text(os.path.join(workdir, 'eval_results.json'),
-                           json.dumps({'step': step, **eval_results}, indent=2))
   return StageResult(state, step - start_step, step >= config.total_steps, last_metrics,
                      eval_results, history, preempted)
 
