@@ -347,13 +347,21 @@ def time_tf(tf, name, paths, labels, args, config, decode_and_crop: bool) -> Res
 
 # --- The train step ------------------------------------------------------------
 
-def measure_step_images_per_second(args) -> tuple[float, str]:
-  """images/s per device of the MAE train step, timed with benchmarks/step.py's run_row."""
+def load_step_benchmark():
+  """benchmarks/step.py as a module (benchmarks/ is a folder of scripts, not a package)."""
+  if 'step_benchmark' in sys.modules:
+    return sys.modules['step_benchmark']
   spec = importlib.util.spec_from_file_location(
       'step_benchmark', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'step.py'))
   step_benchmark = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = step_benchmark  # its dataclasses look their module up
   spec.loader.exec_module(step_benchmark)
+  return step_benchmark
+
+
+def measure_step_images_per_second(args) -> tuple[float, str]:
+  """images/s per device of the MAE train step, timed with benchmarks/step.py's run_row."""
+  step_benchmark = load_step_benchmark()
   batch_size = args.step_batch_size or args.batch_size
   step_args = step_benchmark.parse_args([
       '--objectives=mae', f'--variant={args.step_variant}', f'--batch_size={batch_size}',
@@ -372,12 +380,7 @@ def measure_step_images_per_second(args) -> tuple[float, str]:
 # --- Report ------------------------------------------------------------------
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:
-  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-  print('| ' + ' | '.join(h.rjust(w) for h, w in zip(header, widths)) + ' |')
-  print('|' + '|'.join('-' * (w + 1) + ':' for w in widths) + '|')
-  for row in rows:
-    print('| ' + ' | '.join(c.rjust(w) for c, w in zip(row, widths)) + ' |')
-  print()
+  load_step_benchmark().print_table(header, rows)  # one table format for all benchmarks
 
 
 def describe_files(paths: list[str]) -> str:
