@@ -131,8 +131,7 @@ def extract_outputs(apply_fn, params, data_config, *, num_examples: int, batch_s
     data_config.num_examples = round_up(num_examples, global_batch)
     available = data_config.num_examples
   else:
-    # Every process must run the same number of batches (each is a collective), and at
-    # the end of an epoch their shares can differ by a batch: count full batches up front.
+    # The split's size bounds the batch size and the number of (whole, global) batches.
     available = len(sources.build_source(data_config))
     if available < num_examples:
       logging.warning('%s: the %r split has %d examples, fewer than the %d asked for.',

@@ -124,9 +124,8 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
         stopping = preempted or (stop_after_steps is not None
                                  and step - start_step >= stop_after_steps)
         saving = final or stopping or checkpointer.should_save(step)
-        if saving:
-          # Never write a NaN state over a good one.
-          _stop_if_nonfinite(pending_metrics, step, max_skipped_in_a_row, checkpointer)
+        # Pending metrics are checked whenever they are fetched and before every
+        # save: a NaN state is never written over a good one.
         if step % config.log.every_steps == 0 or final or stopping:
           fetched = jax.device_get(pending_metrics)
           _stop_if_nonfinite(fetched, step, max_skipped_in_a_row, checkpointer)
@@ -139,6 +138,8 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
           writer.write_scalars(step, last_metrics)
           history.append((step, last_metrics))
           pending_metrics, interval_start = [], time.perf_counter()
+        elif saving:
+          _stop_if_nonfinite(pending_metrics, step, max_skipped_in_a_row, checkpointer)
         due = [evaluator for evaluator in evaluators if evaluator.due(step, final)]
         for evaluator in due:
           result = evaluator.run(state.params, step)
