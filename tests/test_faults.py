@@ -79,8 +79,8 @@ def _poison_steps(monkeypatch, steps):
   class PoisonedPipeline(loop.InputPipeline):
     calls = 0
 
-    def __next__(self):
-      batch = super().__next__()
+    def to_global_arrays(self, local_batch):  # once per batch, in order, prefetched or not
+      batch = super().to_global_arrays(local_batch)
       PoisonedPipeline.calls += 1
       if PoisonedPipeline.calls in steps:
         batch = dict(batch, label=jax.device_put(

@@ -84,6 +84,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.flip = True  # Random horizontal flips (train only).
   config.num_threads = 8  # Grain threads decoding and augmenting images.
   config.prefetch_buffer_size = 64  # Examples prepared ahead, per process.
+  # Training batches batched and copied to the devices ahead of the step, in a
+  # background thread (big_pretrain.data.device_prefetch); 0: in the loop.
+  config.device_prefetch = 2
   # WSP labels: hashtags mapped to a fixed vocabulary (see big_pretrain.data.labels).
   config.labels = ml_collections.ConfigDict(dict(
       # A vocabulary file; None: no WSP labels (no 'label_ids' in batches).
@@ -427,7 +430,10 @@ class InputPipeline:
     return self
 
   def __next__(self) -> dict[str, jax.Array]:
-    local_batch = self.next_local_numpy()
+    return self.to_global_arrays(self.next_local_numpy())
+
+  def to_global_arrays(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's numpy batch -> global arrays, batch-sharded over the mesh."""
     return {
         name: jax.make_array_from_process_local_data(self._sharding, array)
         for name, array in local_batch.items()

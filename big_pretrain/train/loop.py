@@ -22,6 +22,7 @@ from big_pretrain import sharding as sharding_lib
 from big_pretrain import workdir as workdir_lib
 from big_pretrain.checkpoint import Checkpointer
 from big_pretrain.config_schema import validate_stage_config
+from big_pretrain.data.device_prefetch import DevicePrefetch
 from big_pretrain.data.pipeline import InputPipeline
 from big_pretrain.data.tokenizer import record_tokenizer
 from big_pretrain.evaluators import build_evaluators
@@ -76,11 +77,18 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   # --- Input.
   data = InputPipeline(config.data, global_batch_size=config.batch_size, mesh=mesh,
                        train=True, seed=config.seed)
+  # The steps' batches, and the data position their checkpoints save.
+  if config.data.device_prefetch:
+    batches = DevicePrefetch(data.grain_iterator, data.to_global_arrays,
+                             config.data.device_prefetch)
+    data_position = batches.position
+  else:
+    batches, data_position = data, data.grain_iterator
 
   # --- Restore or initialise.
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint)
-  restored = checkpointer.restore_latest_readable(trainer.abstract_state, data.grain_iterator)
+  restored = checkpointer.restore_latest_readable(trainer.abstract_state, data_position)
   if restored is not None:
     start_step, state = restored
     if start_step >= config.total_steps:
@@ -114,7 +122,7 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   try:
     with faults.PreemptionNotice() as preemption:
       while step < config.total_steps:
-        batch = next(data)
+        batch = next(batches)
         state, metrics = trainer.train_step(state, batch, step_rng)
         step += 1
         pending_metrics.append(metrics)  # fetched at log and save time: no host sync per step
@@ -155,7 +163,7 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
           workdir_lib.write_text(os.path.join(workdir, 'eval_results.json'),
                                  json.dumps({'step': step, **eval_results}, indent=2))
         if saving:
-          checkpointer.save(step, state, data.grain_iterator, force=True)
+          checkpointer.save(step, state, data_position, force=True)
         if stopping:
           break
   finally:
@@ -163,6 +171,8 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
     # good checkpoint is whole.
     checkpointer.wait_until_finished()
     checkpointer.close()
+    if batches is not data:
+      batches.close()
     writer.flush()
   if preempted:
     logging.warning('Preemption notice (SIGTERM): saved a checkpoint at step %d and stopped. '
