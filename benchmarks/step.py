@@ -3,14 +3,18 @@
 For each objective: stage_config(objective) + the options below -> validated ->
 build_objective, make_optimizer, build_trainer -> ShardedTrainer.compile_step
 for synthetic device batches of the shapes and dtypes the input pipeline
-gives -> the compiled step run `--warmup` times, then timed `--steps` times
+gives (with --remat=auto, the default, the training loop's own choice of remat,
+big_pretrain/train/remat_choice.py; the table shows the policy chosen, and the
+compile seconds include every candidate compiled to choose it) -> the compiled
+step run `--warmup` times, then timed `--steps` times
 (block_until_ready on the outputs; the median is reported). Model FLOPs are
 analytic (big_pretrain/train/mfu.py: matmuls only, 3 x forward, remat's extra
 forward not counted); MFU is against the device's known dense peak, or on a
 CPU against a dense matmul measured in the same run, just before and just
 after each row's timed steps (median of 5 each; the faster of the two).
 Peak memory is the compiled step's memory_analysis(): temp + arguments +
-outputs - aliased (donated) bytes, per device.
+outputs + code - aliased (donated) bytes, per device
+(remat_choice.step_bytes_per_device, what remat 'auto' compares).
 
   python benchmarks/step.py --variant=Ti/16 --batch_size=8 --image_size=64      # CPU, 2-3 min
   python benchmarks/step.py --variant=B/16 --batch_size=256 --dtype=bfloat16 \\
@@ -48,12 +52,11 @@ from big_pretrain.data import pipeline as pipeline_lib  # noqa: E402
 from big_pretrain.data.labels import LabelVocabulary  # noqa: E402
 from big_pretrain.data.tokenizer import load_tokenizer, synthetic_tokenizer_path  # noqa: E402
 from big_pretrain.models import vit as vit_lib  # noqa: E402
-from big_pretrain.objectives import build_objective, objective_names  # noqa: E402
+from big_pretrain.objectives import objective_names  # noqa: E402
 from big_pretrain.train import mfu as mfu_lib  # noqa: E402
+from big_pretrain.train import remat_choice  # noqa: E402
 from big_pretrain.train.optim import make_optimizer, make_schedule  # noqa: E402
-from big_pretrain.train.step import build_trainer  # noqa: E402
 
-ATTENTION_IMPLS = {'default': None, 'xla': 'xla', 'cudnn': 'cudnn'}
 MIB = 2 ** 20
 
 
@@ -78,11 +81,14 @@ def parse_args(argv=None):
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
                       help='config.model.dtype, the compute dtype (parameters stay float32)')
   parser.add_argument('--scan', type=parse_bool, default=False, help='config.model.scan')
-  parser.add_argument('--remat', default='none', choices=sorted(vit_lib.REMAT_POLICIES),
-                      help='config.model.remat')
-  parser.add_argument('--attention', default='default', choices=sorted(ATTENTION_IMPLS),
+  parser.add_argument('--remat', default=vit_lib.REMAT_AUTO,
+                      choices=[vit_lib.REMAT_AUTO, *vit_lib.REMAT_POLICIES],
+                      help="config.model.remat ('auto': the least remat whose step fits the "
+                           'device, measured as the training loop does)')
+  parser.add_argument('--attention', default='auto', choices=vit_lib.ATTENTION_IMPLS,
                       help="config.model.attention_impl for jax.nn.dot_product_attention "
-                           "('default': None, JAX picks)")
+                           "('auto': cuDNN flash attention on a GPU in bfloat16 where it can "
+                           "run, else XLA's)")
   parser.add_argument('--devices', type=int, default=1,
                       help='use the first N devices (mesh data=N)')
   parser.add_argument('--steps', type=int, default=5, help='timed steps per row')
@@ -150,7 +156,7 @@ def stage_for(objective: str, args, workdir: str, applied: set | None = None,
   """The stage config of one row: the objective's defaults (paper heads) + the options."""
   config = stage_config(objective)
   config.model.update(variant=variant_name(args), dtype=args.dtype, scan=args.scan,
-                      remat=args.remat, attention_impl=ATTENTION_IMPLS[args.attention])
+                      remat=args.remat, attention_impl=args.attention)
   if objective in ('flip', 'aim'):
     config.model.update(use_cls_token=False, pool='gap')  # as configs/flip.py and aim.py
   config.model.update(model_overrides)
@@ -236,16 +242,19 @@ def run_row(objective: str, config, args) -> Row:
   devices = jax.devices()[:args.devices]
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
-  trainer = build_trainer(build_objective(config), make_optimizer(config.optim, schedule),
-                          schedule, mesh, sharding_lib.logical_axis_rules(config))
   host_batch = synthetic_batch(config, np.random.default_rng(0))
+  batch_shapes = {name: jax.ShapeDtypeStruct(value.shape, value.dtype)
+                  for name, value in host_batch.items()}
   start = time.perf_counter()
-  compiled = trainer.compile_step(
-      {name: jax.ShapeDtypeStruct(value.shape, value.dtype) for name, value in host_batch.items()})
+  # As the training loop builds it: remat 'auto' is chosen by compiling the step.
+  built = remat_choice.build_with_remat_choice(
+      config, mesh, sharding_lib.logical_axis_rules(config),
+      make_optimizer(config.optim, schedule), schedule, batch_shapes)
+  config, trainer = built.config, built.trainer
+  compiled = (trainer.compile_step(batch_shapes) if trainer.compiled_step is None
+              else trainer.compiled_step)
   compile_seconds = time.perf_counter() - start
-  memory = compiled.memory_analysis()
-  memory_mib = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
-                + memory.output_size_in_bytes - memory.alias_size_in_bytes) / MIB
+  memory_mib = remat_choice.step_bytes_per_device(compiled) / MIB
 
   batch = jax.device_put(host_batch, sharding_lib.batch_sharding(mesh))
   base_rng = jax.device_put(jax.random.key(1), sharding_lib.replicated(mesh))
@@ -302,6 +311,13 @@ def describe_peaks(args, rows: list[Row]) -> str:
           '3 x forward, remat not counted')
 
 
+def describe_remat(args, config) -> str:
+  """The policy the row ran with; 'auto: dots' when --remat=auto chose it."""
+  if args.remat == vit_lib.REMAT_AUTO:
+    return f'{vit_lib.REMAT_AUTO}: {config.model.remat}'
+  return config.model.remat
+
+
 def fmt_tflop(value: float) -> str:
   return f'{value:.4g}'
 
@@ -314,7 +330,7 @@ def main_table(args, rows: list[Row]) -> None:
             'compile s', 'peak mem MiB/device']
   print_table(header, [[
       row.objective, row.config.model.variant, row.config.model.dtype,
-      str(row.config.model.scan), row.config.model.remat, args.attention,
+      str(row.config.model.scan), describe_remat(args, row.config), args.attention,
       str(row.config.batch_size), f'{row.seconds * 1e3:.1f}', f'{row.images_per_second:.1f}',
       fmt_tflop(row.flops.train_step / 1e12), fmt_tflop(row.tflops_per_device),
       fmt_tflop(row.peak / 1e12), f'{row.mfu:.1%}', f'{row.compile_seconds:.1f}',
@@ -355,12 +371,12 @@ def compile_scan_table(args, objective: str, workdir: str) -> None:
     config = stage_for(objective, args, workdir, scan=scan)
     rows.append(run_row(f'{objective} scan={scan}', config, args))
   depth = vit_lib.parse_variant(rows[0].config.model.variant).depth
-  print(f'\n{describe_setup(args)}; ViT-{rows[0].config.model.variant} (depth {depth}), '
-        f'remat {args.remat}')
+  print(f'\n{describe_setup(args)}; ViT-{rows[0].config.model.variant} (depth {depth})')
   print(describe_peaks(args, rows) + '\n')
-  print_table(['layers', 'compile s', 'ms/step', 'images/s', 'device peak TFLOP/s', 'MFU',
-               'peak mem MiB/device'],
+  print_table(['layers', 'remat', 'compile s', 'ms/step', 'images/s', 'device peak TFLOP/s',
+               'MFU', 'peak mem MiB/device'],
               [[('scanned' if row.config.model.scan else 'unrolled'),
+                describe_remat(args, row.config),
                 f'{row.compile_seconds:.1f}', f'{row.seconds * 1e3:.1f}',
                 f'{row.images_per_second:.1f}', fmt_tflop(row.peak / 1e12), f'{row.mfu:.1%}',
                 f'{row.memory_mib:.0f}']

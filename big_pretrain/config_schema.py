@@ -15,6 +15,7 @@ from big_pretrain import sharding as sharding_lib
 from big_pretrain.data.pipeline import default_data_config
 from big_pretrain.errors import ConfigError
 from big_pretrain.evaluators import evaluator_config, evaluator_defaults, evaluator_names
+from big_pretrain.models import vit as vit_lib
 from big_pretrain.objectives import objective_class, objective_defaults, objective_names
 
 
@@ -26,8 +27,12 @@ def model_defaults() -> ml_collections.ConfigDict:
       posemb='sincos',         # 'sincos' (fixed) | 'learned'
       dtype='float32',         # compute dtype; parameters stay float32
       scan=False,              # nn.scan over layers: faster compiles for deep models
-      remat='none',            # 'none' | 'full' | 'dots' | 'dots_no_batch'
-      attention_impl=ml_collections.FieldReference(None, field_type=str),  # None | 'xla' | 'cudnn'
+      # 'auto' (the least remat whose compiled step fits the device, measured when
+      # the stage starts; none on a CPU) | 'none' | 'dots' | 'dots_no_batch' | 'full'
+      remat='auto',
+      # 'auto' (cuDNN flash attention on a GPU with a 16-bit dtype where cuDNN
+      # supports the shapes, else XLA's) | 'xla' | 'cudnn'; None (older configs): 'xla'
+      attention_impl=ml_collections.FieldReference('auto', field_type=str),
   ))
 
 
@@ -149,6 +154,7 @@ def validate_stage_config(config, path: str = 'config') -> None:
     raise ConfigError(f'{path}.batch_size and {path}.total_steps must be positive.')
   if config.init_from.stage and config.init_from.checkpoint:
     raise ConfigError(f'{path}.init_from: give stage or checkpoint, not both.')
+  _check_model_choices(config.model, f'{path}.model')
   objective_class(objective).check_config(config, path)
 
 
@@ -176,6 +182,15 @@ def validate_config(config) -> None:
           f'{path}.init_from.stage={source!r} must name an earlier stage; the stages '
           f'before {name!r} are {earlier}.')
     earlier.append(name)
+
+
+def _check_model_choices(model, path: str) -> None:
+  remat_choices = (vit_lib.REMAT_AUTO, *vit_lib.REMAT_POLICIES)
+  if model.remat not in remat_choices:
+    raise ConfigError(f'{path}.remat={model.remat!r}: choose one of {remat_choices}.')
+  if model.attention_impl is not None and model.attention_impl not in vit_lib.ATTENTION_IMPLS:
+    raise ConfigError(f'{path}.attention_impl={model.attention_impl!r}: choose one of '
+                      f'{vit_lib.ATTENTION_IMPLS}.')
 
 
 def _check_evaluator(eval_config, stage_data, path: str) -> None:

@@ -13,6 +13,7 @@ import pytest
 from big_pretrain.checkpoint import Checkpointer
 from big_pretrain.train import faults
 from big_pretrain.train import loop
+from big_pretrain.train import remat_choice
 from big_pretrain.train.loop import train_stage
 from tiny_config import tiny_mae_config
 
@@ -62,7 +63,7 @@ _POISON_LABEL = -7
 
 def _poison_steps(monkeypatch, steps):
   """Makes the loss (and so the gradients) NaN at the given 1-based steps of the next run."""
-  build_objective = loop.build_objective
+  build_objective = remat_choice.build_objective  # what the loop builds its objective with
 
   def poisoned_objective(config):
     objective = build_objective(config)
@@ -87,7 +88,7 @@ def _poison_steps(monkeypatch, steps):
             np.full(batch['label'].shape, _POISON_LABEL, np.int32), batch['label'].sharding))
       return batch
 
-  monkeypatch.setattr(loop, 'build_objective', poisoned_objective)
+  monkeypatch.setattr(remat_choice, 'build_objective', poisoned_objective)
   monkeypatch.setattr(loop, 'InputPipeline', PoisonedPipeline)
 
 

@@ -115,6 +115,25 @@ def device_feature_names(data_config: ml_collections.ConfigDict) -> tuple[str, .
   return names
 
 
+def global_batch_shapes(data_config: ml_collections.ConfigDict,
+                        global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global shapes and dtypes of InputPipeline's training batches, without building one.
+
+  What the train step can be compiled for before any data is read (remat 'auto').
+  """
+  size, batch = data_config.image_size, global_batch_size
+  shapes = {'image': jax.ShapeDtypeStruct((batch, size, size, 3), np.uint8),
+            'label': jax.ShapeDtypeStruct((batch,), np.int32)}
+  names = device_feature_names(data_config)
+  if LABEL_IDS_FEATURE in names:
+    shapes[LABEL_IDS_FEATURE] = jax.ShapeDtypeStruct(
+        (batch, data_config.labels.max_labels_per_example), np.int32)
+  if TEXT_TOKENS_FEATURE in names:
+    shapes[TEXT_TOKENS_FEATURE] = jax.ShapeDtypeStruct(
+        (batch, data_config.text.max_length), np.int32)
+  return shapes
+
+
 def _label_vocabulary_path(data_config: ml_collections.ConfigDict) -> str | None:
   # .get: configs written before WSP labels existed have no 'labels' group.
   return (data_config.get('labels') or {}).get('vocabulary')

@@ -25,7 +25,7 @@ class TextTransformer(nn.Module):
   dtype: Any = jnp.float32
   scan: bool = False
   remat: str = 'none'
-  attention_impl: str | None = None
+  attention_impl: str | None = 'auto'  # see vit.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, tokens):

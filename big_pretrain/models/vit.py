@@ -1,7 +1,10 @@
 """Vision Transformer encoder shared by every objective.
 
 Pre-LN blocks, fixed 2-D sin-cos position embedding, cls/GAP pooling, optional
-`nn.scan` over layers and rematerialisation. Every parameter names its axes
+`nn.scan` over layers and rematerialisation ('auto' is chosen by the training
+loop, see REMAT_AUTO), and attention through jax.nn.dot_product_attention
+('auto': cuDNN flash attention on GPUs where it can run, see
+choose_attention_implementation). Every parameter names its axes
 ('embed', 'mlp', 'heads', 'kv', 'layers') so sharding is decided by the rules
 in `big_pretrain.sharding`, not here. Parameters are float32; the compute
 dtype comes from the config.
@@ -10,11 +13,13 @@ dtype comes from the config.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import linen as nn
 
 from big_pretrain.models.patches import sincos_2d_position_embedding
@@ -43,6 +48,16 @@ REMAT_POLICIES = {
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+# config.model.remat may also be 'auto': the training loop measures the compiled
+# step and picks a policy (big_pretrain/train/remat_choice.py). A model built
+# with 'auto' anywhere else (tests, a model built from a config by hand) has
+# nothing to measure and runs without remat.
+REMAT_AUTO = 'auto'
+
+# config.model.attention_impl: 'auto' (cuDNN flash attention where it can run,
+# else XLA's), 'xla', or 'cudnn' (errors if cuDNN cannot run these shapes).
+# None, from configs written before 'auto', means 'xla'.
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
 
 LAYERNORM_EPSILON = 1e-6
 
@@ -111,11 +126,63 @@ class Projection(nn.Module):
     return y + bias.astype(self.dtype)
 
 
+def choose_attention_implementation(requested: str | None, platform: str, dtype) -> str:
+  """The `implementation` of jax.nn.dot_product_attention to try for config.model.attention_impl.
+
+  'auto' is 'cudnn' on a GPU with a 16-bit compute dtype (cuDNN's flash
+  attention takes only float16/bfloat16), else 'xla'. `platform` is a device
+  platform ('gpu', 'cpu', 'tpu'). JAX's own default (None) is always XLA's
+  implementation, so GPUs would never get the fused kernel without this.
+  """
+  if requested is None:
+    return 'xla'
+  if requested not in ATTENTION_IMPLS:
+    raise ValueError(f'Unknown attention_impl {requested!r}; choose from {ATTENTION_IMPLS}.')
+  if requested != 'auto':
+    return requested
+  if platform in ('gpu', 'cuda') and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return 'cudnn'
+  return 'xla'
+
+
+def _platform_being_traced_for() -> str:
+  """The platform of the mesh the code is traced under (jax.set_mesh), else JAX's default."""
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  return device.platform if device is not None else jax.default_backend()
+
+
+def cudnn_attention_unsupported_reason(q, k, v, mask) -> str | None:
+  """Why cuDNN attention cannot train on arrays of these shapes, or None if it can.
+
+  Traces the forward and backward abstractly (nothing runs): JAX's cuDNN path
+  checks its shapes while tracing, and with remat the backward's own check
+  would otherwise fire in a later trace, outside any try around the call.
+  """
+  def forward_and_backward(q, k, v, mask):
+    out, vjp = jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, mask=mask, implementation='cudnn'), q, k, v)
+    return vjp(out)
+
+  shapes = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v, mask)]
+  try:
+    jax.eval_shape(forward_and_backward, *shapes)
+  except (NotImplementedError, ValueError, RuntimeError) as error:
+    return f'{type(error).__name__}: {error}'
+  return None
+
+
+@functools.cache  # once per distinct reason, not once per layer and retrace
+def _log_cudnn_fallback(reason: str) -> None:
+  logging.warning(
+      "model.attention_impl='auto': cuDNN flash attention cannot run here, so XLA's attention "
+      "is used (%s). Set model.attention_impl='xla' to choose it explicitly.", reason)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention; `mask` (B, 1|heads, T, T) bool, True = may attend."""
   num_heads: int
   dtype: Any = jnp.float32
-  attention_impl: str | None = None  # None: XLA decides; 'cudnn' for the fused GPU kernel.
+  attention_impl: str | None = 'auto'  # see ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -126,7 +193,14 @@ class Attention(nn.Module):
     q = Projection(qkv_shape, qkv_axes, dtype=self.dtype, name='query')(x)
     k = Projection(qkv_shape, qkv_axes, dtype=self.dtype, name='key')(x)
     v = Projection(qkv_shape, qkv_axes, dtype=self.dtype, name='value')(x)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
+    implementation = choose_attention_implementation(
+        self.attention_impl, _platform_being_traced_for(), self.dtype)
+    if implementation == 'cudnn' and self.attention_impl == 'auto':
+      reason = cudnn_attention_unsupported_reason(q, k, v, mask)
+      if reason is not None:
+        _log_cudnn_fallback(reason)
+        implementation = 'xla'
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     return Projection((self.num_heads, head_dim, width), ('heads', 'kv', 'embed'), num_in=2,
                       dtype=self.dtype, name='out')(out)
 
@@ -148,7 +222,7 @@ class EncoderBlock(nn.Module):
   num_heads: int
   mlp_dim: int
   dtype: Any = jnp.float32
-  attention_impl: str | None = None
+  attention_impl: str | None = 'auto'  # see ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -180,17 +254,20 @@ class Transformer(nn.Module):
   dtype: Any = jnp.float32
   scan: bool = False
   remat: str = 'none'
-  attention_impl: str | None = None
+  attention_impl: str | None = 'auto'  # see ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, x, mask=None):
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f'Unknown remat policy {self.remat!r}; choose from {sorted(REMAT_POLICIES)}.')
+    # 'auto' not resolved by the training loop: nothing was measured, so no remat.
+    remat = 'none' if self.remat == REMAT_AUTO else self.remat
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f'Unknown remat policy {self.remat!r}; choose from '
+                       f'{sorted(REMAT_POLICIES) + [REMAT_AUTO]}.')
     block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                         dtype=self.dtype, attention_impl=self.attention_impl)
     block_cls = _ScannedBlock if self.scan else EncoderBlock
-    if self.remat != 'none':
-      block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat],
+    if remat != 'none':
+      block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat],
                            prevent_cse=not self.scan)
     if self.scan:
       stack = nn.scan(
@@ -215,6 +292,10 @@ class VisionTransformer(nn.Module):
 
   Returns a dict: 'tokens' (B, [1 +] K, D) after the final LN (cls first when
   present), 'patch_tokens' (without cls), 'pooled' (B, D) per `pool`.
+
+  `remat`: a REMAT_POLICIES name, or 'auto' (no remat here; the training loop
+  replaces it with a measured choice). `attention_impl`: 'auto', 'xla' or
+  'cudnn' (see ATTENTION_IMPLS); None means 'xla'.
   """
   width: int
   depth: int
@@ -227,7 +308,7 @@ class VisionTransformer(nn.Module):
   dtype: Any = jnp.float32
   scan: bool = False
   remat: str = 'none'
-  attention_impl: str | None = None
+  attention_impl: str | None = 'auto'  # see ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, images, keep_indices=None, attention_mask=None):

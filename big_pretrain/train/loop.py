@@ -23,14 +23,13 @@ from big_pretrain import workdir as workdir_lib
 from big_pretrain.checkpoint import Checkpointer
 from big_pretrain.config_schema import validate_stage_config
 from big_pretrain.data.device_prefetch import DevicePrefetch
-from big_pretrain.data.pipeline import InputPipeline
+from big_pretrain.data.pipeline import InputPipeline, global_batch_shapes
 from big_pretrain.data.tokenizer import record_tokenizer
 from big_pretrain.evaluators import build_evaluators
-from big_pretrain.objectives import build_objective
 from big_pretrain.train import faults
 from big_pretrain.train import mfu as mfu_lib
 from big_pretrain.train.optim import make_optimizer, make_schedule
-from big_pretrain.train.step import build_trainer
+from big_pretrain.train.remat_choice import build_with_remat_choice
 
 
 @dataclasses.dataclass
@@ -67,10 +66,13 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   logging.info('Mesh %s over %d devices.', dict(mesh.shape), mesh.size)
 
   # --- Objective, optimiser, the sharded step.
-  objective = build_objective(config)
   schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
   tx = make_optimizer(config.optim, schedule)
-  trainer = build_trainer(objective, tx, schedule, mesh, rules)
+  # model.remat='auto' is chosen here by compiling the step for the batches to
+  # come; from now on the stage's config names the policy chosen.
+  built = build_with_remat_choice(config, mesh, rules, tx, schedule,
+                                  global_batch_shapes(config.data, config.batch_size))
+  config, objective, trainer = built.config, built.objective, built.trainer
   speed = _SpeedReference.of(config, mesh)
   logging.info('Model FLOPs per step: %.3g; %s.', speed.flops_per_step, speed.peak_description)
 

@@ -34,8 +34,18 @@ class ShardedTrainer:
   abstract_state: TrainState      # ShapeDtypeStructs carrying their shardings.
   state_shardings: TrainState     # NamedSharding per leaf.
   init_state: Callable[[jax.Array], TrainState]
-  train_step: Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
   jitted_step: Any                # the jax.jit of the step, for lowering and compiling
+  # The step compiled ahead of time for the loop's batches (remat 'auto' compiles
+  # it to measure it), or None: jit compiles on the first call. jit does not see
+  # an ahead-of-time compilation, so without this the step would compile twice.
+  compiled_step: Any = None
+
+  def train_step(self, state: TrainState, batch: dict,
+                 base_rng: jax.Array) -> tuple[TrainState, dict]:
+    """One step (donates `state`): the ahead-of-time compiled step if any, else jit's."""
+    step = self.jitted_step if self.compiled_step is None else self.compiled_step
+    with sharding_lib.activate(self.mesh, self.rules):
+      return step(state, batch, base_rng)
 
   def compile_step(self, batch_shapes: dict[str, jax.ShapeDtypeStruct]):
     """The step compiled for `batch_shapes` (global shapes): memory_analysis(), as_text()."""
@@ -44,6 +54,14 @@ class ShardedTrainer:
              for name, shape in batch_shapes.items()}
     with sharding_lib.activate(self.mesh, self.rules):
       return self.jitted_step.lower(self.abstract_state, batch, jax.random.key(0)).compile()
+
+  def with_compiled_step(self, compiled) -> ShardedTrainer:
+    """This trainer, its train_step running `compiled` (from compile_step) from now on.
+
+    Batches must then have exactly the compiled shapes, dtypes and shardings;
+    a batch that differs is an error, not a silent recompilation.
+    """
+    return dataclasses.replace(self, compiled_step=compiled)
 
 
 def build_trainer(objective, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -90,9 +108,4 @@ def build_trainer(objective, tx: optax.GradientTransformation, schedule: optax.S
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,))
 
-  def train_step(state, batch, base_rng):
-    with sharding_lib.activate(mesh, rules):
-      return jitted_step(state, batch, base_rng)
-
-  return ShardedTrainer(mesh, rules, abstract_state, state_shardings, init_state, train_step,
-                        jitted_step)
+  return ShardedTrainer(mesh, rules, abstract_state, state_shardings, init_state, jitted_step)
