@@ -16,7 +16,7 @@ A loop row's images/s is the median over its log intervals after the first
 interleaved; the table shows each row's best.
 
   python benchmarks/loop.py                                   # MAE demo config, ~2 min on 2 cores
-  python benchmarks/loop.py --config=configs/wsp.py:demo --prefetch=0,1,2,4
+  python benchmarks/loop.py --config=configs/wsp.py:demo --prefetch=0,1,2,4 --threads=auto,8
 
 The machine may be shared: compare rows of one run, not numbers across runs.
 """
@@ -36,6 +36,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import jax  # noqa: E402
 from absl import logging  # noqa: E402
 
+from big_pretrain.data import pipeline as pipeline_lib  # noqa: E402
 from big_pretrain.train.loop import train_stage  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +49,9 @@ def parse_args(argv=None):
   parser.add_argument('--steps', type=int, default=60, help='steps per loop row')
   parser.add_argument('--log_every', type=int, default=10, help='steps per timed interval')
   parser.add_argument('--prefetch', default='0,2', help='device_prefetch values, one row each')
+  parser.add_argument('--threads', default='auto',
+                      help="data.num_threads values ('auto': one per core, at most 16), "
+                           'one row each with every --prefetch')
   parser.add_argument('--repeats', type=int, default=2)
   return parser.parse_args(argv)
 
@@ -66,9 +70,10 @@ def load_config(text: str):
   return config.stages[-1].config if 'stages' in config else config
 
 
-def loop_images_per_second(config, prefetch: int, args) -> float:
+def loop_images_per_second(config, prefetch: int, threads: int | None, args) -> float:
   config = config.copy_and_resolve_references()
   config.data.device_prefetch = prefetch
+  config.data.num_threads = threads
   config.total_steps = args.steps
   config.log.every_steps = args.log_every
   config.checkpoint.update(every_steps=10 * args.steps, async_save=True)
@@ -87,15 +92,19 @@ def main(argv=None):
   step_config = config.copy_and_resolve_references()
   step_config.mesh.update(data=1, fsdp=1, tensor=1)
   prefetches = [int(value) for value in args.prefetch.split(',')]
+  thread_counts = [None if value == 'auto' else int(value) for value in args.threads.split(',')]
+  rows = [(prefetch, threads) for threads in thread_counts for prefetch in prefetches]
 
   best: dict[str, float] = {}
   for repeat in range(args.repeats):
     row = step_benchmark.run_row(config.objective.name, step_config,
                                  argparse.Namespace(devices=1, warmup=3, steps=20))
     best['bare step'] = max(best.get('bare step', 0.0), row.images_per_second)
-    for prefetch in prefetches:
-      name = f'loop, prefetch {prefetch}'
-      images_per_second = loop_images_per_second(config, prefetch, args)
+    for prefetch, threads in rows:
+      config.data.num_threads = threads
+      name = (f'loop, prefetch {prefetch}, '
+              f'{pipeline_lib.num_reader_threads(config.data)} Grain threads')
+      images_per_second = loop_images_per_second(config, prefetch, threads, args)
       print(f'  repeat {repeat + 1}: {name}: {images_per_second:.0f} images/s', flush=True)
       best[name] = max(best.get(name, 0.0), images_per_second)
 

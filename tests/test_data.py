@@ -360,3 +360,14 @@ def test_synthetic_colour_label_names_the_shape_colour_in_the_caption():
   assert len({colours[i]['label'] for i in range(50)}) > 5
   with pytest.raises(ValueError, match='colour'):
     sources.SyntheticShapes(10, 32, label='size')
+
+
+def test_reader_threads_default_to_the_available_cores_capped_at_grains_default(monkeypatch):
+  config = pipeline.default_data_config()
+  assert config.num_threads is None
+  monkeypatch.setattr(pipeline.os, 'sched_getaffinity', lambda pid: set(range(2)))
+  assert pipeline.num_reader_threads(config) == 2
+  monkeypatch.setattr(pipeline.os, 'sched_getaffinity', lambda pid: set(range(96)))
+  assert pipeline.num_reader_threads(config) == pipeline.MAX_AUTO_THREADS
+  config.num_threads = 5
+  assert pipeline.num_reader_threads(config) == 5

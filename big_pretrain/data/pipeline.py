@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 from absl import logging
@@ -47,6 +48,9 @@ DEVICE_FEATURES = ('image', 'label')
 LABEL_IDS_FEATURE = 'label_ids'
 # Added to DEVICE_FEATURES when config.text.tokenizer is set: the tokenised caption.
 TEXT_TOKENS_FEATURE = 'text_tokens'
+
+# The most Grain threads config.data.num_threads=None picks (Grain's own default).
+MAX_AUTO_THREADS = 16
 
 # Independent random streams derived from the seeds.
 _SHUFFLE_STREAM = 0
@@ -82,7 +86,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.image_size = 224  # Model input size after crop + resize.
   config.crop_scale = (0.2, 1.0)  # RandomResizedCrop area fraction range.
   config.flip = True  # Random horizontal flips (train only).
-  config.num_threads = 8  # Grain threads decoding and augmenting images.
+  # Grain threads decoding and augmenting images; None: one per CPU core this
+  # process may use, at most MAX_AUTO_THREADS (more threads than cores slow the
+  # step on a CPU: benchmarks/README.md, loop.py).
+  config.num_threads = ml_collections.config_dict.placeholder(int)
   config.prefetch_buffer_size = 64  # Examples prepared ahead, per process.
   # Training batches batched and copied to the devices ahead of the step, in a
   # background thread (big_pretrain.data.device_prefetch); 0: in the loop.
@@ -132,6 +139,17 @@ def global_batch_shapes(data_config: ml_collections.ConfigDict,
     shapes[TEXT_TOKENS_FEATURE] = jax.ShapeDtypeStruct(
         (batch, data_config.text.max_length), np.int32)
   return shapes
+
+
+def num_reader_threads(data_config: ml_collections.ConfigDict) -> int:
+  """config.num_threads, or for None one per CPU core available, at most MAX_AUTO_THREADS."""
+  if data_config.num_threads is not None:
+    return data_config.num_threads
+  if hasattr(os, 'sched_getaffinity'):  # Linux: the cores this process may run on
+    cores = len(os.sched_getaffinity(0))
+  else:
+    cores = os.cpu_count() or 1
+  return max(1, min(MAX_AUTO_THREADS, cores))
 
 
 def _label_vocabulary_path(data_config: ml_collections.ConfigDict) -> str | None:
@@ -437,7 +455,7 @@ class InputPipeline:
     # decodes its own rows.
     dataset = ProcessShare(dataset, per_process_batch, jax.process_index(), process_count)
     iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
-        num_threads=data_config.num_threads,
+        num_threads=num_reader_threads(data_config),
         prefetch_buffer_size=data_config.prefetch_buffer_size))
     iter_dataset = SkipCorruptExamplesIterDataset(iter_dataset, self._skipped)
     iter_dataset = iter_dataset.map(functools.partial(
