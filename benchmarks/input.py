@@ -50,7 +50,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import gc
-import importlib.util
 import os
 import sys
 import tempfile
@@ -68,6 +67,8 @@ from big_pretrain.config_schema import stage_config, validate_stage_config  # no
 from big_pretrain.data import pipeline as pipeline_lib  # noqa: E402
 from big_pretrain.data import sources  # noqa: E402
 from big_pretrain.data import transforms  # noqa: E402
+
+import step as step_benchmark  # noqa: E402  (benchmarks/step.py: this script's folder is on sys.path)
 
 JPEG_SUFFIXES = ('.jpg', '.jpeg')
 NUM_CLASSES = 10
@@ -347,21 +348,8 @@ def time_tf(tf, name, paths, labels, args, config, decode_and_crop: bool) -> Res
 
 # --- The train step ------------------------------------------------------------
 
-def load_step_benchmark():
-  """benchmarks/step.py as a module (benchmarks/ is a folder of scripts, not a package)."""
-  if 'step_benchmark' in sys.modules:
-    return sys.modules['step_benchmark']
-  spec = importlib.util.spec_from_file_location(
-      'step_benchmark', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'step.py'))
-  step_benchmark = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = step_benchmark  # its dataclasses look their module up
-  spec.loader.exec_module(step_benchmark)
-  return step_benchmark
-
-
 def measure_step_images_per_second(args) -> tuple[float, str]:
   """images/s per device of the MAE train step, timed with benchmarks/step.py's run_row."""
-  step_benchmark = load_step_benchmark()
   batch_size = args.step_batch_size or args.batch_size
   step_args = step_benchmark.parse_args([
       '--objectives=mae', f'--variant={args.step_variant}', f'--batch_size={batch_size}',
@@ -380,7 +368,7 @@ def measure_step_images_per_second(args) -> tuple[float, str]:
 # --- Report ------------------------------------------------------------------
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:
-  load_step_benchmark().print_table(header, rows)  # one table format for all benchmarks
+  step_benchmark.print_table(header, rows)  # one table format for all benchmarks
 
 
 def describe_files(paths: list[str]) -> str:

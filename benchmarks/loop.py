@@ -24,8 +24,8 @@ The machine may be shared: compare rows of one run, not numbers across runs.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
+import runpy
 import statistics
 import sys
 import tempfile
@@ -38,6 +38,8 @@ from absl import logging  # noqa: E402
 
 from big_pretrain.data import pipeline as pipeline_lib  # noqa: E402
 from big_pretrain.train.loop import train_stage  # noqa: E402
+
+import step as step_benchmark  # noqa: E402  (benchmarks/step.py: this script's folder is on sys.path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,18 +58,11 @@ def parse_args(argv=None):
   return parser.parse_args(argv)
 
 
-def load_module(path: str, name: str):
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module  # dataclasses look their module up
-  spec.loader.exec_module(module)
-  return module
-
-
 def load_config(text: str):
+  """The config of --config=path[:arg], as main.py loads it; of a chain, its last stage."""
   path, _, arg = text.partition(':')
-  config = load_module(os.path.join(ROOT, path), 'benchmarked_config').get_config(arg or None)
-  return config.stages[-1].config if 'stages' in config else config
+  config = runpy.run_path(os.path.join(ROOT, path))['get_config'](arg or None)
+  return list(config.stages.values())[-1] if 'stages' in config else config
 
 
 def loop_images_per_second(config, prefetch: int, threads: int | None, args) -> float:
@@ -88,7 +83,6 @@ def main(argv=None):
   args = parse_args(argv)
   logging.set_verbosity(logging.WARNING)
   config = load_config(args.config)
-  step_benchmark = load_module(os.path.join(ROOT, 'benchmarks', 'step.py'), 'step_benchmark')
   step_config = config.copy_and_resolve_references()
   step_config.mesh.update(data=1, fsdp=1, tensor=1)
   prefetches = [int(value) for value in args.prefetch.split(',')]
