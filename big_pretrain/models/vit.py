@@ -158,14 +158,19 @@ def cudnn_attention_unsupported_reason(q, k, v, mask) -> str | None:
   checks its shapes while tracing, and with remat the backward's own check
   would otherwise fire in a later trace, outside any try around the call.
   """
+  return _cudnn_unsupported_reason_for(*(
+      None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v, mask)))
+
+
+@functools.cache  # every layer has the same shapes: trace the check once, not per layer
+def _cudnn_unsupported_reason_for(q, k, v, mask) -> str | None:
   def forward_and_backward(q, k, v, mask):
     out, vjp = jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, mask=mask, implementation='cudnn'), q, k, v)
     return vjp(out)
 
-  shapes = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v, mask)]
   try:
-    jax.eval_shape(forward_and_backward, *shapes)
+    jax.eval_shape(forward_and_backward, q, k, v, mask)
   except (NotImplementedError, ValueError, RuntimeError) as error:
     return f'{type(error).__name__}: {error}'
   return None
