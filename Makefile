@@ -5,7 +5,7 @@ VENV := .venv
 INSTALLED := $(VENV)/.installed
 DEMO_WORKDIR ?= workdirs/demo
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test install install-gpu clean-demo
 
 install: $(INSTALLED)
 
@@ -15,6 +15,14 @@ $(INSTALLED): requirements.txt setup.py
 	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
 	$(VENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $(INSTALLED)
+
+# On a GPU host: the same, plus the CUDA build of the pinned jax, for the CUDA version
+# (12 or 13) that the host's driver runs (launch/cuda_jax_extra.sh; CUDA=cuda12 to choose).
+# Then `make demo`, `make test` and `python main.py ...` run on the GPUs.
+install-gpu: $(INSTALLED)
+	cuda="$${CUDA:-$$(launch/cuda_jax_extra.sh)}" && \
+	  $(VENV)/bin/python -m pip install --quiet "jax[$$cuda]==$$(sed -n 's/^jax==//p' requirements.txt)"
+	$(VENV)/bin/python -c 'import jax; print(jax.default_backend(), jax.devices())'
 
 # MAE -> WSP on the embedded synthetic data, CPU-sized. Run it again to resume (or to
 # see that it is finished); `make clean-demo` starts over.

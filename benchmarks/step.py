@@ -33,7 +33,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import collections
 import dataclasses
+import glob
+import gzip
+import json
 import os
 import statistics
 import sys
@@ -49,8 +53,8 @@ import numpy as np  # noqa: E402
 from big_pretrain import sharding as sharding_lib  # noqa: E402
 from big_pretrain.config_schema import stage_config, validate_stage_config  # noqa: E402
 from big_pretrain.data import pipeline as pipeline_lib  # noqa: E402
-from big_pretrain.data.labels import LabelVocabulary  # noqa: E402
-from big_pretrain.data.tokenizer import load_tokenizer, synthetic_tokenizer_path  # noqa: E402
+from big_pretrain.data.tokenizer import synthetic_tokenizer_path  # noqa: E402
+from big_pretrain.models import attention as attention_lib  # noqa: E402
 from big_pretrain.models import vit as vit_lib  # noqa: E402
 from big_pretrain.objectives import objective_names  # noqa: E402
 from big_pretrain.train import mfu as mfu_lib  # noqa: E402
@@ -85,7 +89,7 @@ def parse_args(argv=None):
                       choices=[vit_lib.REMAT_AUTO, *vit_lib.REMAT_POLICIES],
                       help="config.model.remat ('auto': the least remat whose step fits the "
                            'device, measured as the training loop does)')
-  parser.add_argument('--attention', default='auto', choices=vit_lib.ATTENTION_IMPLS,
+  parser.add_argument('--attention', default='auto', choices=attention_lib.ATTENTION_IMPLS,
                       help="config.model.attention_impl for jax.nn.dot_product_attention "
                            "('auto': cuDNN flash attention on a GPU in bfloat16 where it can "
                            "run, else XLA's)")
@@ -98,6 +102,14 @@ def parse_args(argv=None):
                       help='config override, e.g. objective.head_depth=2 (every objective '
                            'whose config has the key) or flip.objective.mask_ratio=0')
   parser.add_argument('--breakdown', action='store_true', help='print the FLOPs per part too')
+  parser.add_argument('--json', default='', metavar='PATH',
+                      help="also write the main table's rows to PATH as JSON "
+                           '(benchmarks/gpu_goals.py reads them)')
+  parser.add_argument('--profile', default='', metavar='DIR',
+                      help='after timing each row, trace 3 steps with jax.profiler into DIR and '
+                           'print the step\'s wall time, its time in device kernels, the idle '
+                           'time between them and the top kernels; DIR also gets each '
+                           "row's optimised HLO (look up a kernel's fusion name there)")
   parser.add_argument('--mae_all_tokens', action='store_true',
                       help="MAE's encoder on visible tokens vs on all tokens with mask tokens")
   parser.add_argument('--compile_scan', nargs='?', const='mae', default=None,
@@ -176,38 +188,6 @@ def stage_for(objective: str, args, workdir: str, applied: set | None = None,
 
 # --- One row -----------------------------------------------------------------
 
-def synthetic_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """What the input pipeline gives the step: the features, shapes and dtypes it would."""
-  batch, size = config.batch_size, config.data.image_size
-  features = {'image': rng.integers(0, 256, (batch, size, size, 3), np.uint8),
-              'label': rng.integers(0, 10, (batch,), np.int32)}
-  names = pipeline_lib.device_feature_names(config.data)
-  if pipeline_lib.LABEL_IDS_FEATURE in names:
-    width = config.data.labels.max_labels_per_example
-    labels = np.full((batch, width), -1, np.int32)
-    for row in labels:
-      count = min(width, 4)
-      row[:count] = np.sort(rng.choice(config_num_labels(config), count, replace=False))
-    features['label_ids'] = labels
-  if pipeline_lib.TEXT_TOKENS_FEATURE in names:
-    tokenizer = load_tokenizer(config.data.text.tokenizer)
-    max_length = config.data.text.max_length
-    special = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id}
-    words = np.array([i for i in range(tokenizer.vocab_size) if i not in special], np.int32)
-    rows = np.full((batch, max_length), tokenizer.pad_id, np.int32)
-    for row in rows:
-      ids = [tokenizer.bos_id, *rng.choice(words, rng.integers(4, max_length - 1)),
-             tokenizer.eos_id]
-      ids = [i for i in ids if i is not None]
-      row[:len(ids)] = ids
-    features['text_tokens'] = rows
-  return {name: features[name] for name in names}
-
-
-def config_num_labels(config) -> int:
-  return len(LabelVocabulary.from_file(config.data.labels.vocabulary))
-
-
 @dataclasses.dataclass
 class Row:
   objective: str
@@ -218,6 +198,7 @@ class Row:
   flops: mfu_lib.StepFlops
   peak: float
   loss: float
+  attention: str  # the kernel each attention shape got (attention.AttentionPlan.summary)
 
   @property
   def images_per_second(self) -> float:
@@ -242,17 +223,19 @@ def run_row(objective: str, config, args) -> Row:
   devices = jax.devices()[:args.devices]
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
-  host_batch = synthetic_batch(config, np.random.default_rng(0))
+  host_batch = pipeline_lib.random_batch(config.data, config.batch_size,
+                                         np.random.default_rng(0))
   batch_shapes = {name: jax.ShapeDtypeStruct(value.shape, value.dtype)
                   for name, value in host_batch.items()}
   start = time.perf_counter()
-  # As the training loop builds it: remat 'auto' is chosen by compiling the step.
-  built = remat_choice.build_with_remat_choice(
-      config, mesh, sharding_lib.logical_axis_rules(config),
-      make_optimizer(config.optim, schedule), schedule, batch_shapes)
-  config, trainer = built.config, built.trainer
-  compiled = (trainer.compile_step(batch_shapes) if trainer.compiled_step is None
-              else trainer.compiled_step)
+  with attention_lib.choices_logged_per_stage() as attention_plans:
+    # As the training loop builds it: remat 'auto' is chosen by compiling the step.
+    built = remat_choice.build_with_remat_choice(
+        config, mesh, sharding_lib.logical_axis_rules(config),
+        make_optimizer(config.optim, schedule), schedule, batch_shapes)
+    config, trainer = built.config, built.trainer
+    compiled = (trainer.compile_step(batch_shapes) if trainer.compiled_step is None
+                else trainer.compiled_step)
   compile_seconds = time.perf_counter() - start
   memory_mib = remat_choice.step_bytes_per_device(compiled) / MIB
 
@@ -273,14 +256,73 @@ def run_row(objective: str, config, args) -> Row:
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
   peak = known_peak or max(peak_before, measured_peak(devices[0], config.model.dtype))
+  if args.profile:
+    state, metrics = profile_steps(objective, compiled, state, batch, base_rng, args.profile)
   loss = float(metrics['loss'])
   if not np.isfinite(loss):
     raise RuntimeError(f'{objective}: the loss is {loss}.')
+  # Each stack's kernel, e.g. 'cudnn 50, cudnn 197->198' for MAE (encoder, decoder).
+  attention = ', '.join(sorted({plan.summary() for _, plan in attention_plans}))
   row = Row(objective, config, statistics.median(times), compile_seconds, memory_mib,
-            mfu_lib.model_flops_breakdown(config), peak, loss)
+            mfu_lib.model_flops_breakdown(config), peak, loss, attention)
   print(f'  {objective}: {row.seconds * 1e3:.1f} ms/step, compile {compile_seconds:.1f} s, '
         f'MFU {row.mfu:.1%}', flush=True)
   return row
+
+
+# --- Profile -----------------------------------------------------------------
+
+PROFILED_STEPS = 3
+
+
+def profile_steps(name: str, compiled, state, batch, base_rng, directory: str):
+  """Traces PROFILED_STEPS steps, prints where their device time went; returns (state, metrics)."""
+  label = name.replace(' ', '_').replace('(', '').replace(')', '')
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, f'hlo_{label}.txt'), 'w', encoding='utf-8') as file:
+    file.write(compiled.as_text())
+  trace_dir = os.path.join(directory, f'trace_{label}')
+  jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+  start = time.perf_counter()
+  for _ in range(PROFILED_STEPS):
+    state, metrics = compiled(state, batch, base_rng)
+    jax.block_until_ready((state, metrics))
+  wall_ms = (time.perf_counter() - start) / PROFILED_STEPS * 1e3
+  jax.profiler.stop_trace()
+  traces = sorted(glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'),
+                            recursive=True))
+  if not traces:
+    print(f'  {name}: the profiler wrote no perfetto trace under {trace_dir}.')
+    return state, metrics
+  print_kernel_times(name, traces[-1], wall_ms)
+  return state, metrics
+
+
+def print_kernel_times(name: str, trace_path: str, wall_ms: float, top: int = 25) -> None:
+  """Per-step device time by kernel name, from a perfetto trace of PROFILED_STEPS steps."""
+  with gzip.open(trace_path, 'rt', encoding='utf-8') as file:
+    events = json.load(file)
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  process_names = {e['pid']: e.get('args', {}).get('name', '') for e in events
+                   if e.get('ph') == 'M' and e.get('name') == 'process_name'}
+  device_pids = {pid for pid, process in process_names.items()
+                 if any(kind in process for kind in ('GPU', 'TPU', '/device:'))}
+  micros, calls = collections.Counter(), collections.Counter()
+  for event in events:
+    if event.get('ph') == 'X' and event.get('pid') in device_pids:
+      micros[event['name']] += event.get('dur', 0)
+      calls[event['name']] += 1
+  if not micros:
+    print(f'  {name}: {wall_ms:.1f} ms/step; no device kernels in the trace (a CPU run).')
+    return
+  busy_ms = sum(micros.values()) / PROFILED_STEPS / 1e3
+  print(f'  {name}: {wall_ms:.1f} ms/step wall, {busy_ms:.1f} ms in device kernels, '
+        f'{wall_ms - busy_ms:.1f} ms idle; {sum(calls.values()) // PROFILED_STEPS} kernel '
+        f'launches of {len(micros)} kernels per step. Top {top}:')
+  total = sum(micros.values())
+  for kernel, duration in micros.most_common(top):
+    print(f'    {duration / PROFILED_STEPS / 1e3:8.2f} ms {100 * duration / total:5.1f}% '
+          f'x{calls[kernel] // PROFILED_STEPS:<5d} {kernel[:110]}')
 
 
 # --- Tables ------------------------------------------------------------------
@@ -330,14 +372,30 @@ def main_table(args, rows: list[Row]) -> None:
             'compile s', 'peak mem MiB/device']
   print_table(header, [[
       row.objective, row.config.model.variant, row.config.model.dtype,
-      str(row.config.model.scan), describe_remat(args, row.config), args.attention,
+      str(row.config.model.scan), describe_remat(args, row.config),
+      f'{args.attention}: {row.attention}',
       str(row.config.batch_size), f'{row.seconds * 1e3:.1f}', f'{row.images_per_second:.1f}',
       fmt_tflop(row.flops.train_step / 1e12), fmt_tflop(row.tflops_per_device),
       fmt_tflop(row.peak / 1e12), f'{row.mfu:.1%}', f'{row.compile_seconds:.1f}',
       f'{row.memory_mib:.0f}'] for row in rows])
+  if args.json:
+    write_json(args, rows)
   if args.breakdown:
     for row in rows:
       print(f'{row.objective}: model FLOPs per part\n{row.flops.format_table()}\n')
+
+
+def write_json(args, rows: list[Row]) -> None:
+  device = jax.devices()[0]
+  with open(args.json, 'w', encoding='utf-8') as file:
+    json.dump([dict(
+        objective=row.objective, variant=row.config.model.variant,
+        device=f'{device.platform} {device.device_kind}', devices=args.devices,
+        batch_size=row.config.batch_size, dtype=row.config.model.dtype,
+        remat=row.config.model.remat, attention=row.attention, ms_per_step=row.seconds * 1e3,
+        mfu=row.mfu, model_tflop_per_step=row.flops.train_step / 1e12,
+        compile_seconds=row.compile_seconds, peak_memory_mib=row.memory_mib)
+        for row in rows], file, indent=2)
 
 
 def mae_all_tokens_table(args, workdir: str) -> None:

@@ -16,6 +16,7 @@ from big_pretrain.data.pipeline import default_data_config
 from big_pretrain.errors import ConfigError
 from big_pretrain.evaluators import evaluator_config, evaluator_defaults, evaluator_names
 from big_pretrain.models import vit as vit_lib
+from big_pretrain.models.attention import ATTENTION_IMPLS
 from big_pretrain.objectives import objective_class, objective_defaults, objective_names
 
 
@@ -188,9 +189,9 @@ def _check_model_choices(model, path: str) -> None:
   remat_choices = (vit_lib.REMAT_AUTO, *vit_lib.REMAT_POLICIES)
   if model.remat not in remat_choices:
     raise ConfigError(f'{path}.remat={model.remat!r}: choose one of {remat_choices}.')
-  if model.attention_impl is not None and model.attention_impl not in vit_lib.ATTENTION_IMPLS:
+  if model.attention_impl is not None and model.attention_impl not in ATTENTION_IMPLS:
     raise ConfigError(f'{path}.attention_impl={model.attention_impl!r}: choose one of '
-                      f'{vit_lib.ATTENTION_IMPLS}.')
+                      f'{ATTENTION_IMPLS}.')
 
 
 def _check_evaluator(eval_config, stage_data, path: str) -> None:

@@ -19,7 +19,8 @@
 #   --retry-delay=S      RETRY_DELAY  seconds between attempts (60)
 #   --venv=DIR           VENV         (.venv in the repository)
 #   --python=PYTHON      PYTHON       interpreter for a new venv, >= 3.11 (first found)
-#   --jax-extra=EXTRA    JAX_EXTRA    pip extra of jax: cuda12, cuda13, cuda12-local (cuda12)
+#   --jax-extra=EXTRA    JAX_EXTRA    pip extra of jax: cuda12, cuda13, cuda12-local, or auto:
+#                                     the CUDA the driver runs (launch/cuda_jax_extra.sh) (auto)
 #   --skip-install       SKIP_INSTALL=1: use the venv as it is
 #   --allow-cpu          ALLOW_CPU=1: run even when jax finds no GPU
 #   --log-dir=DIR        LOG_DIR      (WORKDIR/logs; ~/big_pretrain_logs for a gs:// WORKDIR)
@@ -82,7 +83,7 @@ RETRIES="${RETRIES:-0}"
 RETRY_DELAY="${RETRY_DELAY:-60}"
 VENV="${VENV:-$REPO_ROOT/.venv}"
 PYTHON="${PYTHON:-}"
-JAX_EXTRA="${JAX_EXTRA:-cuda12}"
+JAX_EXTRA="${JAX_EXTRA:-auto}"
 SKIP_INSTALL="${SKIP_INSTALL:-0}"
 ALLOW_CPU="${ALLOW_CPU:-0}"
 
@@ -112,6 +113,9 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   "$py" -m venv "$VENV" || die "could not create $VENV (on Debian/Ubuntu: apt install python3.11-venv)"
 fi
 
+if [[ "$JAX_EXTRA" == auto && "$SKIP_INSTALL" != 1 ]]; then
+  JAX_EXTRA="$(launch/cuda_jax_extra.sh)" || die "could not tell the host's CUDA version; pass --jax-extra=cuda12 or cuda13"
+fi
 stamp="$VENV/.installed-gpu"
 want="$(cat requirements.txt setup.py | sha256sum | cut -d' ' -f1) $JAX_EXTRA"
 if [[ "$SKIP_INSTALL" != 1 && "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]]; then

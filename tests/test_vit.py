@@ -14,8 +14,7 @@ from jax.sharding import PartitionSpec
 from big_pretrain.models import vit as vit_lib
 from big_pretrain.models.patches import sincos_2d_position_embedding
 from big_pretrain.models.vit import (REMAT_POLICIES, VIT_SIZES, Attention, Projection,
-                                     VisionTransformer, choose_attention_implementation,
-                                     parse_variant)
+                                     VisionTransformer, parse_variant)
 
 WIDTH, DEPTH, HEADS, PATCH = 64, 2, 4, 8
 BATCH, IMAGE_SIZE = 2, 32
@@ -371,62 +370,3 @@ def test_attention_mask(params, images, base_out):
   unmasked = apply(make_vit(), params, jnp.asarray(perturbed))
   assert np.abs(np.asarray(unmasked['tokens'][:, 0]) -
                 np.asarray(base_out['tokens'][:, 0])).max() > 1e-3
-
-
-# ---------------------------------------------------------------- attention implementation
-
-
-@pytest.mark.parametrize('requested, platform, dtype, expected', [
-    ('auto', 'gpu', jnp.bfloat16, 'cudnn'),
-    ('auto', 'gpu', jnp.float16, 'cudnn'),
-    ('auto', 'gpu', jnp.float32, 'xla'),  # cuDNN's flash attention is 16-bit only
-    ('auto', 'cpu', jnp.bfloat16, 'xla'),
-    ('auto', 'cpu', jnp.float32, 'xla'),
-    ('auto', 'tpu', jnp.bfloat16, 'xla'),
-    ('auto', 'tpu', jnp.float32, 'xla'),
-    ('xla', 'gpu', jnp.bfloat16, 'xla'),
-    ('xla', 'cpu', jnp.float32, 'xla'),
-    ('cudnn', 'gpu', jnp.bfloat16, 'cudnn'),
-    ('cudnn', 'cpu', jnp.float32, 'cudnn'),  # explicit: tried as asked, its errors propagate
-    (None, 'gpu', jnp.bfloat16, 'xla'),      # configs written before 'auto'
-])
-def test_choose_attention_implementation(requested, platform, dtype, expected):
-  assert choose_attention_implementation(requested, platform, dtype) == expected
-
-
-def test_unknown_attention_impl_raises():
-  with pytest.raises(ValueError, match="'flash'"):
-    choose_attention_implementation('flash', 'gpu', jnp.bfloat16)
-
-
-_NO_CUDNN_HERE = pytest.mark.skipif(jax.default_backend() == 'gpu',
-                                    reason='needs a platform where cuDNN cannot run')
-
-
-@_NO_CUDNN_HERE
-def test_auto_attention_falls_back_to_xla_where_cudnn_cannot_run(monkeypatch, caplog, params,
-                                                                  images):
-  # Pretend to be a GPU, so 'auto' tries cuDNN in bfloat16; this CPU has no cuDNN,
-  # which JAX finds while tracing. Fresh jits: a cached one would not trace again.
-  def forward(attention_impl):
-    vit = make_vit(dtype=jnp.bfloat16, attention_impl=attention_impl)
-    return jax.jit(lambda p, x: vit.apply({'params': p}, x))(params, images)
-  xla = forward('xla')
-  monkeypatch.setattr(vit_lib, '_platform_being_traced_for', lambda: 'gpu')
-  vit_lib._log_cudnn_fallback.cache_clear()
-  caplog.set_level('WARNING')
-  auto = forward('auto')
-  np.testing.assert_array_equal(np.asarray(auto['tokens'], np.float32),
-                                np.asarray(xla['tokens'], np.float32))
-  fallbacks = [r for r in caplog.records if 'cuDNN flash attention cannot run' in r.getMessage()]
-  assert len(fallbacks) == 1, 'logged once, not once per layer'
-  assert 'cuDNN' in vit_lib.cudnn_attention_unsupported_reason(
-      jnp.zeros((1, 4, 2, 16), jnp.bfloat16), jnp.zeros((1, 4, 2, 16), jnp.bfloat16),
-      jnp.zeros((1, 4, 2, 16), jnp.bfloat16), None)
-
-
-@_NO_CUDNN_HERE
-def test_explicit_cudnn_attention_errors_where_it_cannot_run(params, images):
-  vit = make_vit(dtype=jnp.bfloat16, attention_impl='cudnn')
-  with pytest.raises(RuntimeError, match='cuDNN'):  # while tracing: no compile needed
-    jax.eval_shape(lambda p, x: vit.apply({'params': p}, x), params, images)

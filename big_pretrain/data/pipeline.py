@@ -141,6 +141,35 @@ def global_batch_shapes(data_config: ml_collections.ConfigDict,
   return shapes
 
 
+def random_batch(data_config: ml_collections.ConfigDict, global_batch_size: int,
+                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """A batch of random content with exactly the features, shapes and dtypes of
+  global_batch_shapes: WSP label ids sorted and padded with -1, captions
+  <bos> words <eos> with trailing padding. For benchmarks and tests."""
+  shapes = global_batch_shapes(data_config, global_batch_size)
+  batch = {'image': rng.integers(0, 256, shapes['image'].shape, np.uint8),
+           'label': rng.integers(0, 10, shapes['label'].shape, np.int32)}
+  if LABEL_IDS_FEATURE in shapes:
+    num_labels = len(_load_label_vocabulary(data_config))
+    label_ids = np.full(shapes[LABEL_IDS_FEATURE].shape, -1, np.int32)
+    for row in label_ids:
+      count = min(len(row), 4, num_labels)
+      row[:count] = np.sort(rng.choice(num_labels, count, replace=False))
+    batch[LABEL_IDS_FEATURE] = label_ids
+  if TEXT_TOKENS_FEATURE in shapes:
+    tokenizer = tokenizer_lib.load_tokenizer(data_config.text.tokenizer)
+    special = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id}
+    words = np.array([i for i in range(tokenizer.vocab_size) if i not in special], np.int32)
+    rows = np.full(shapes[TEXT_TOKENS_FEATURE].shape, tokenizer.pad_id, np.int32)
+    for row in rows:
+      ids = [tokenizer.bos_id, *rng.choice(words, rng.integers(1, len(row) - 1)),
+             tokenizer.eos_id]
+      ids = [i for i in ids if i is not None][:len(row)]
+      row[:len(ids)] = ids
+    batch[TEXT_TOKENS_FEATURE] = rows
+  return batch
+
+
 def num_reader_threads(data_config: ml_collections.ConfigDict) -> int:
   """config.num_threads, or for None one per CPU core available, at most MAX_AUTO_THREADS."""
   if data_config.num_threads is not None:

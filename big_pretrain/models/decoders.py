@@ -27,7 +27,7 @@ class MAEDecoder(nn.Module):
   dtype: Any = jnp.float32
   scan: bool = False
   remat: str = 'none'
-  attention_impl: str | None = 'auto'  # see vit.ATTENTION_IMPLS
+  attention_impl: str | None = 'auto'  # see attention.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, encoded, ids_restore, grid_hw: tuple[int, int]):

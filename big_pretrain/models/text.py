@@ -2,7 +2,10 @@
 
 Token + learned position embeddings, the same pre-LN blocks as the ViT
 (bidirectional, padding masked out), final LN, and the embedding read at the
-first position (the <bos> token every caption starts with).
+first position (the <bos> token every caption starts with). Padding trails
+the text (the tokenizers' `encode_padded`), so it is given to the attention
+as each caption's length: the form cuDNN's fused attention takes, where a
+(B, 1, 1, T) mask is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ class TextTransformer(nn.Module):
   dtype: Any = jnp.float32
   scan: bool = False
   remat: str = 'none'
-  attention_impl: str | None = 'auto'  # see vit.ATTENTION_IMPLS
+  attention_impl: str | None = 'auto'  # see attention.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, tokens):
@@ -39,9 +42,11 @@ class TextTransformer(nn.Module):
     posemb = self.param('pos_embedding', nn.with_logical_partitioning(
         nn.initializers.normal(0.01), (None, 'tokens', 'embed')), (1, self.max_length, self.width))
     x = x + posemb[:, :tokens.shape[1]].astype(self.dtype)
-    # Every query may attend to every real (non-padding) token.
-    mask = (tokens != self.pad_id)[:, None, None, :]
+    # Every query may attend to every real token: those up to the last non-padding one.
+    positions = jnp.arange(1, tokens.shape[1] + 1, dtype=jnp.int32)
+    lengths = jnp.max(jnp.where(tokens != self.pad_id, positions, 0), axis=1)
+    lengths = jnp.maximum(lengths, 1)  # an all-padding row attends to its first token
     x = Transformer(
         self.depth, self.num_heads, self.mlp_ratio * self.width, self.dtype,
-        self.scan, self.remat, self.attention_impl, name='transformer')(x, mask)
+        self.scan, self.remat, self.attention_impl, name='transformer')(x, key_lengths=lengths)
     return x[:, 0]

@@ -4,7 +4,7 @@ Pre-LN blocks, fixed 2-D sin-cos position embedding, cls/GAP pooling, optional
 `nn.scan` over layers and rematerialisation ('auto' is chosen by the training
 loop, see REMAT_AUTO), and attention through jax.nn.dot_product_attention
 ('auto': cuDNN flash attention on GPUs where it can run, see
-choose_attention_implementation). Every parameter names its axes
+big_pretrain/models/attention.py). Every parameter names its axes
 ('embed', 'mlp', 'heads', 'kv', 'layers') so sharding is decided by the rules
 in `big_pretrain.sharding`, not here. Parameters are float32; the compute
 dtype comes from the config.
@@ -13,15 +13,14 @@ dtype comes from the config.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 from flax import linen as nn
 
+from big_pretrain.models import attention as attention_lib
 from big_pretrain.models.patches import sincos_2d_position_embedding
 
 # (width, depth, heads), from METHODS.md section 1. 'mu' is a tiny size for tests.
@@ -53,11 +52,6 @@ REMAT_POLICIES = {
 # with 'auto' anywhere else (tests, a model built from a config by hand) has
 # nothing to measure and runs without remat.
 REMAT_AUTO = 'auto'
-
-# config.model.attention_impl: 'auto' (cuDNN flash attention where it can run,
-# else XLA's), 'xla', or 'cudnn' (errors if cuDNN cannot run these shapes).
-# None, from configs written before 'auto', means 'xla'.
-ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
 
 LAYERNORM_EPSILON = 1e-6
 
@@ -126,71 +120,17 @@ class Projection(nn.Module):
     return y + bias.astype(self.dtype)
 
 
-def choose_attention_implementation(requested: str | None, platform: str, dtype) -> str:
-  """The `implementation` of jax.nn.dot_product_attention to try for config.model.attention_impl.
-
-  'auto' is 'cudnn' on a GPU with a 16-bit compute dtype (cuDNN's flash
-  attention takes only float16/bfloat16), else 'xla'. `platform` is a device
-  platform ('gpu', 'cpu', 'tpu'). JAX's own default (None) is always XLA's
-  implementation, so GPUs would never get the fused kernel without this.
-  """
-  if requested is None:
-    return 'xla'
-  if requested not in ATTENTION_IMPLS:
-    raise ValueError(f'Unknown attention_impl {requested!r}; choose from {ATTENTION_IMPLS}.')
-  if requested != 'auto':
-    return requested
-  if platform in ('gpu', 'cuda') and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-    return 'cudnn'
-  return 'xla'
-
-
-def _platform_being_traced_for() -> str:
-  """The platform of the mesh the code is traced under (jax.set_mesh), else JAX's default."""
-  device = jax.sharding.get_abstract_mesh().abstract_device
-  return device.platform if device is not None else jax.default_backend()
-
-
-def cudnn_attention_unsupported_reason(q, k, v, mask) -> str | None:
-  """Why cuDNN attention cannot train on arrays of these shapes, or None if it can.
-
-  Traces the forward and backward abstractly (nothing runs): JAX's cuDNN path
-  checks its shapes while tracing, and with remat the backward's own check
-  would otherwise fire in a later trace, outside any try around the call.
-  """
-  return _cudnn_unsupported_reason_for(*(
-      None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v, mask)))
-
-
-@functools.cache  # every layer has the same shapes: trace the check once, not per layer
-def _cudnn_unsupported_reason_for(q, k, v, mask) -> str | None:
-  def forward_and_backward(q, k, v, mask):
-    out, vjp = jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, mask=mask, implementation='cudnn'), q, k, v)
-    return vjp(out)
-
-  try:
-    jax.eval_shape(forward_and_backward, q, k, v, mask)
-  except (NotImplementedError, ValueError, RuntimeError) as error:
-    return f'{type(error).__name__}: {error}'
-  return None
-
-
-@functools.cache  # once per distinct reason, not once per layer and retrace
-def _log_cudnn_fallback(reason: str) -> None:
-  logging.warning(
-      "model.attention_impl='auto': cuDNN flash attention cannot run here, so XLA's attention "
-      "is used (%s). Set model.attention_impl='xla' to choose it explicitly.", reason)
-
-
 class Attention(nn.Module):
-  """Multi-head self-attention; `mask` (B, 1|heads, T, T) bool, True = may attend."""
+  """Multi-head self-attention over the tokens `masking` allows (attention.TokenMasking).
+
+  `implementation`: 'xla' or 'cudnn', as the stack's attention.plan_attention chose.
+  """
   num_heads: int
   dtype: Any = jnp.float32
-  attention_impl: str | None = 'auto'  # see ATTENTION_IMPLS
+  implementation: str = 'xla'
 
   @nn.compact
-  def __call__(self, x, mask=None):
+  def __call__(self, x, masking: attention_lib.TokenMasking | None = None):
     width = x.shape[-1]
     head_dim = width // self.num_heads
     qkv_shape = (width, self.num_heads, head_dim)
@@ -198,14 +138,9 @@ class Attention(nn.Module):
     q = Projection(qkv_shape, qkv_axes, dtype=self.dtype, name='query')(x)
     k = Projection(qkv_shape, qkv_axes, dtype=self.dtype, name='key')(x)
     v = Projection(qkv_shape, qkv_axes, dtype=self.dtype, name='value')(x)
-    implementation = choose_attention_implementation(
-        self.attention_impl, _platform_being_traced_for(), self.dtype)
-    if implementation == 'cudnn' and self.attention_impl == 'auto':
-      reason = cudnn_attention_unsupported_reason(q, k, v, mask)
-      if reason is not None:
-        _log_cudnn_fallback(reason)
-        implementation = 'xla'
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    if masking is None:
+      masking = attention_lib.TokenMasking()
+    out = attention_lib.dot_product_attention(q, k, v, masking, self.implementation)
     return Projection((self.num_heads, head_dim, width), ('heads', 'kv', 'embed'), num_in=2,
                       dtype=self.dtype, name='out')(out)
 
@@ -223,35 +158,45 @@ class MlpBlock(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LN block: x += Attn(LN(x)); x += MLP(LN(x))."""
+  """Pre-LN block: x += Attn(LN(x)); x += MLP(LN(x)).
+
+  `num_real_tokens`: the tokens before any padding (attention.pad_tokens); the
+  sown block outputs hold only those. None: no padding.
+  """
   num_heads: int
   mlp_dim: int
   dtype: Any = jnp.float32
-  attention_impl: str | None = 'auto'  # see ATTENTION_IMPLS
+  attention_implementation: str = 'xla'
+  num_real_tokens: int | None = None
 
   @nn.compact
-  def __call__(self, x, mask=None):
+  def __call__(self, x, masking: attention_lib.TokenMasking | None = None):
     x = nn.with_logical_constraint(x, ('batch', 'tokens', 'embed'))
-    x = x + Attention(self.num_heads, self.dtype, self.attention_impl, name='attention')(
-        layer_norm(self.dtype, name='norm1')(x), mask)
+    x = x + Attention(self.num_heads, self.dtype, self.attention_implementation,
+                      name='attention')(layer_norm(self.dtype, name='norm1')(x), masking)
     x = x + MlpBlock(self.mlp_dim, self.dtype, name='mlp')(
         layer_norm(self.dtype, name='norm2')(x))
     # Recorded only when the caller makes 'intermediates' mutable (probes).
-    self.sow('intermediates', 'output', x)
+    self.sow('intermediates', 'output', x[:, :self.num_real_tokens])
     return x
 
 
 class _ScannedBlock(EncoderBlock):
   """EncoderBlock with the (carry, x) -> (carry, y) signature nn.scan wants."""
 
-  def __call__(self, x, mask=None):
-    return super().__call__(x, mask), None
+  def __call__(self, x, masking=None):
+    return super().__call__(x, masking), None
 
 
 class Transformer(nn.Module):
   """A stack of blocks, unrolled ('block_0', ...) or scanned ('blocks', leading axis = layer).
 
-  Returns the final-LN output. Also used by the MAE decoder.
+  `__call__(x, mask=None, key_lengths=None)`: tokens (B, T, D); `mask`
+  (B, 1|heads, T, T) bool, True = may attend; `key_lengths` (B,) int32, the
+  real tokens of each row when padding trails them (keys past it are never
+  attended). Returns the final-LN output. Used by every tower: the ViT, the
+  MAE decoder, FLIP's text tower. The attention implementation and any padding
+  are chosen here, once for all the blocks (attention.plan_attention).
   """
   depth: int
   num_heads: int
@@ -259,17 +204,26 @@ class Transformer(nn.Module):
   dtype: Any = jnp.float32
   scan: bool = False
   remat: str = 'none'
-  attention_impl: str | None = 'auto'  # see ATTENTION_IMPLS
+  attention_impl: str | None = 'auto'  # see attention.ATTENTION_IMPLS
 
   @nn.compact
-  def __call__(self, x, mask=None):
+  def __call__(self, x, mask=None, key_lengths=None):
     # 'auto' not resolved by the training loop: nothing was measured, so no remat.
     remat = 'none' if self.remat == REMAT_AUTO else self.remat
     if remat not in REMAT_POLICIES:
       raise ValueError(f'Unknown remat policy {self.remat!r}; choose from '
                        f'{sorted(REMAT_POLICIES) + [REMAT_AUTO]}.')
-    block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-                        dtype=self.dtype, attention_impl=self.attention_impl)
+    batch, num_tokens, width = x.shape
+    plan = attention_lib.plan_attention(
+        self.attention_impl, platform=attention_lib.platform_being_traced_for(),
+        dtype=self.dtype, batch=batch, num_tokens=num_tokens, num_heads=self.num_heads,
+        head_dim=width // self.num_heads, mask_shape=None if mask is None else mask.shape,
+        key_lengths=key_lengths is not None)
+    attention_lib.log_plan(plan, '/'.join(self.scope.path) or 'transformer')
+    x, masking = attention_lib.pad_tokens(plan, x, mask, key_lengths)
+    block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
+                        attention_implementation=plan.implementation,
+                        num_real_tokens=num_tokens if plan.padded else None)
     block_cls = _ScannedBlock if self.scan else EncoderBlock
     if remat != 'none':
       block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat],
@@ -280,11 +234,11 @@ class Transformer(nn.Module):
           split_rngs={'params': True},
           in_axes=nn.broadcast, length=self.depth,
           metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = stack(**block_kwargs, name='blocks')(x, mask)
+      x, _ = stack(**block_kwargs, name='blocks')(x, masking)
     else:
       for layer in range(self.depth):
-        x = block_cls(**block_kwargs, name=f'block_{layer}')(x, mask)
-    return layer_norm(self.dtype, name='norm')(x)
+        x = block_cls(**block_kwargs, name=f'block_{layer}')(x, masking)
+    return layer_norm(self.dtype, name='norm')(x[:, :num_tokens])
 
 
 class VisionTransformer(nn.Module):
@@ -300,7 +254,7 @@ class VisionTransformer(nn.Module):
 
   `remat`: a REMAT_POLICIES name, or 'auto' (no remat here; the training loop
   replaces it with a measured choice). `attention_impl`: 'auto', 'xla' or
-  'cudnn' (see ATTENTION_IMPLS); None means 'xla'.
+  'cudnn' (see attention.ATTENTION_IMPLS); None means 'xla'.
   """
   width: int
   depth: int
@@ -313,7 +267,7 @@ class VisionTransformer(nn.Module):
   dtype: Any = jnp.float32
   scan: bool = False
   remat: str = 'none'
-  attention_impl: str | None = 'auto'  # see ATTENTION_IMPLS
+  attention_impl: str | None = 'auto'  # see attention.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, images, keep_indices=None, attention_mask=None):

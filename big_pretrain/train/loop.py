@@ -26,6 +26,7 @@ from big_pretrain.data.device_prefetch import DevicePrefetch
 from big_pretrain.data.pipeline import InputPipeline, global_batch_shapes
 from big_pretrain.data.tokenizer import record_tokenizer
 from big_pretrain.evaluators import build_evaluators
+from big_pretrain.models import attention as attention_lib
 from big_pretrain.train import faults
 from big_pretrain.train import mfu as mfu_lib
 from big_pretrain.train.optim import make_optimizer, make_schedule
@@ -43,6 +44,8 @@ class StageResult:
   preempted: bool = False         # stopped by a preemption notice (SIGTERM), after saving
 
 
+# Each attention stack's kernel and padding (attention.plan_attention) is logged once per stage.
+@attention_lib.choices_logged_per_stage()
 def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | None = None,
                 initialise: Callable[[dict], dict] | None = None) -> StageResult:
   """Trains one stage in `workdir`, resuming from its latest checkpoint if any.
