@@ -64,6 +64,7 @@ from PIL import Image  # noqa: E402
 
 from big_pretrain import sharding as sharding_lib  # noqa: E402
 from big_pretrain.config_schema import stage_config, validate_stage_config  # noqa: E402
+from big_pretrain.data import augment as augment_lib  # noqa: E402
 from big_pretrain.data import pipeline as pipeline_lib  # noqa: E402
 from big_pretrain.data import sources  # noqa: E402
 from big_pretrain.data import transforms  # noqa: E402
@@ -243,14 +244,17 @@ def time_grain(args, directory: str) -> Result:
 
 
 def grain_example_function(args, config):
-  """The Grain pipeline's per-example work (decode, crop, flip) for one path."""
+  """The Grain pipeline's per-example work (decode, config.data.augment) for one path."""
   rng = np.random.default_rng(0)
   data = config.data
 
   def process(path: str) -> np.ndarray:
     example = pipeline_lib.augment_for_training(
         {'image_path': path, 'label': 0}, rng, image_size=data.image_size,
-        crop_scale=tuple(data.crop_scale), flip=data.flip)
+        crop_scale=tuple(data.crop_scale), augment=augment_lib.parse_augment(data.augment),
+        randaugment_ops=data.randaugment_ops, randaugment_magnitude=data.randaugment_magnitude,
+        randaugment_magnitude_std=data.randaugment_magnitude_std,
+        erasing_prob=data.erasing_prob, scale_jitter=tuple(data.scale_jitter))
     return example['image']
   return process
 
@@ -335,8 +339,17 @@ def tf_dataset(tf, paths, labels, args, crop_scale, flip: bool, decode_and_crop:
   return dataset.with_options(options)
 
 
+def tf_flip(config) -> bool:
+  """Whether config.data.augment flips; the tf.data pipeline does crop and flip only."""
+  names = augment_lib.parse_augment(config.data.augment)
+  if 'crop' not in names or set(names) - {'crop', 'flip'}:
+    raise ValueError(f'config.data.augment={config.data.augment!r}: the tf.data pipeline does'
+                     ' the same work as Grain only for "crop" or "crop+flip".')
+  return 'flip' in names
+
+
 def time_tf(tf, name, paths, labels, args, config, decode_and_crop: bool) -> Result:
-  dataset = tf_dataset(tf, paths, labels, args, tuple(config.data.crop_scale), config.data.flip,
+  dataset = tf_dataset(tf, paths, labels, args, tuple(config.data.crop_scale), tf_flip(config),
                        decode_and_crop)
   iterator = dataset.as_numpy_iterator()
   result = time_batches(name, args.threads, lambda: next(iterator), args)

@@ -12,6 +12,7 @@ import difflib
 import ml_collections
 
 from big_pretrain import sharding as sharding_lib
+from big_pretrain.data import augment as augment_lib
 from big_pretrain.data.pipeline import default_data_config
 from big_pretrain.errors import ConfigError
 from big_pretrain.evaluators import evaluator_config, evaluator_defaults, evaluator_names
@@ -34,6 +35,9 @@ def model_defaults() -> ml_collections.ConfigDict:
       # 'auto' (cuDNN flash attention on a GPU with a 16-bit dtype where cuDNN
       # supports the shapes, else XLA's) | 'xla' | 'cudnn'; None (older configs): 'xla'
       attention_impl=ml_collections.FieldReference('auto', field_type=str),
+      # Stochastic depth in training, rising linearly over the layers to this rate
+      # (fine-tuning: 0.1 B, 0.2 L, 0.3 H); 0: off.
+      drop_path=0.0,
   ))
 
 
@@ -51,6 +55,15 @@ def optim_defaults() -> ml_collections.ConfigDict:
       # A NaN/Inf gradient stops the run (0), or up to this many in a row are
       # skipped (the parameters are left as they were) before it does.
       skip_nonfinite_updates=0,
+      # Regexes of parameter paths never decayed, beside biases and norms (fine-tuning:
+      # ('cls_token', 'pos_embedding'), as MAE's no_weight_decay list).
+      no_weight_decay=(),
+      # Layer-wise lr decay (MAE fine-tuning: 0.65 B, 0.75 L/H): the update at encoder
+      # layer l is scaled by layer_decay^(depth + 1 - l); None: off.
+      layer_decay=ml_collections.FieldReference(None, field_type=float),
+      # A moving average of the parameters kept beside them (e.g. 0.9999); evaluators
+      # with `also_ema=True` score it too. None: off.
+      ema_decay=ml_collections.FieldReference(None, field_type=float),
   ))
 
 
@@ -82,6 +95,16 @@ def stage_config(objective: str) -> ml_collections.ConfigDict:
       checkpoint=ml_collections.config_dict.placeholder(str),  # or a checkpoint path
       take=('encoder',),
   ))
+  return config
+
+
+def chain_config(**stages: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A config whose `stages` run in the order given (a plain ConfigDict iterates its keys
+  sorted by name, which would run 'finetune' before 'mae')."""
+  config = ml_collections.ConfigDict()
+  config.stages = ml_collections.ConfigDict(sort_keys=False)
+  for name, stage in stages.items():
+    config.stages[name] = stage
   return config
 
 
@@ -149,6 +172,7 @@ def validate_stage_config(config, path: str = 'config') -> None:
     if name not in logical_names:
       raise _unknown_key_error(f'{path}.sharding_rules', name, logical_names)
   _check_data_is_given(config.data, path)
+  _check_augmentation(config.data, path)
   for name, eval_config in config.get('evals', {}).items():
     _check_evaluator(eval_config, config.data, f'{path}.evals.{name}')
   if config.batch_size <= 0 or config.total_steps <= 0:
@@ -214,6 +238,20 @@ def _check_evaluator(eval_config, stage_data, path: str) -> None:
           f'{path} evaluates on a held-out split, but config.data.test_path is not set. '
           'Point it at held-out images (a folder of class subfolders, e.g. ImageNet val, or '
           f'its converted ArrayRecord folder), or set {path}.{key}.test_path.')
+
+
+def _check_augmentation(data, path: str) -> None:
+  try:
+    augment_lib.parse_augment(data.augment)
+    augment_lib.check_augment_settings(
+        randaugment_ops=data.randaugment_ops, randaugment_magnitude=data.randaugment_magnitude,
+        randaugment_magnitude_std=data.randaugment_magnitude_std,
+        erasing_prob=data.erasing_prob, scale_jitter=tuple(data.scale_jitter))
+  except ValueError as error:
+    raise ConfigError(str(error).replace('config.data.', f'{path}.data.')) from None
+  if not 0 < data.eval_crop_fraction <= 1:
+    raise ConfigError(f'{path}.data.eval_crop_fraction={data.eval_crop_fraction}: must be in '
+                      '(0, 1] (0.875 crops 224 of 256).')
 
 
 def _check_data_is_given(data, path: str) -> None:

@@ -3,16 +3,12 @@
   python main.py --config=configs/aim_then_wsp.py:demo --workdir=DIR
 """
 
-import ml_collections
-
+from big_pretrain.config_schema import chain_config
 from configs import aim, wsp
 
 
 def get_config(arg: str | None = None):
-  config = ml_collections.ConfigDict()
-  config.stages = ml_collections.ConfigDict()
-  config.stages.aim = aim.get_config(arg)
-  config.stages.wsp = wsp.get_config(arg)
+  config = chain_config(aim=aim.get_config(arg), wsp=wsp.get_config(arg))
   # WSP's encoder must have AIM's shape: the same trunk, no cls token.
   config.stages.wsp.model.update(variant=config.stages.aim.model.variant,
                                  use_cls_token=False, pool='gap')

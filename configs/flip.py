@@ -11,9 +11,7 @@
 Each stage trains in DIR/<stage>; run the same command again to resume.
 """
 
-import ml_collections
-
-from big_pretrain.config_schema import stage_config, use_embedded_demo_data
+from big_pretrain.config_schema import chain_config, stage_config, use_embedded_demo_data
 from big_pretrain.data.tokenizer import synthetic_tokenizer_path
 from big_pretrain.evaluators import evaluator_config
 
@@ -79,15 +77,12 @@ def masked_stage(arg):
 
 
 def get_config(arg: str | None = None):
-  config = ml_collections.ConfigDict()
-  config.stages = ml_collections.ConfigDict()
-  config.stages.pretrain = masked_stage(arg)
+  pretrain = masked_stage(arg)
   unmasked = masked_stage(arg)
   unmasked.objective.mask_ratio = 0.0
-  unmasked.optim.lr_per_256 = config.stages.pretrain.optim.lr_per_256 / 10
-  unmasked.total_steps = max(1, config.stages.pretrain.total_steps // 20)
+  unmasked.optim.lr_per_256 = pretrain.optim.lr_per_256 / 10
+  unmasked.total_steps = max(1, pretrain.total_steps // 20)
   unmasked.optim.warmup_steps = max(1, unmasked.total_steps // 10)
   unmasked.init_from.stage = 'pretrain'
   unmasked.init_from.take = FLIP_PARAMS
-  config.stages.unmasked = unmasked
-  return config
+  return chain_config(pretrain=pretrain, unmasked=unmasked)

@@ -13,16 +13,12 @@ epoch of MAE enough; gains grow with model size. Each stage trains in
 DIR/<stage>; run the same command again to resume where it stopped.
 """
 
-import ml_collections
-
+from big_pretrain.config_schema import chain_config
 from configs import mae, wsp
 
 
 def get_config(arg: str | None = None):
-  config = ml_collections.ConfigDict()
-  config.stages = ml_collections.ConfigDict()
-  config.stages.mae = mae.get_config(arg)
-  config.stages.wsp = wsp.get_config(arg)
+  config = chain_config(mae=mae.get_config(arg), wsp=wsp.get_config(arg))
   config.stages.wsp.init_from.stage = 'mae'
   config.stages.wsp.init_from.take = ('encoder',)
   # Both stages probe their encoder the same way, so the numbers compare.

@@ -105,3 +105,34 @@ def test_main_rejects_a_config_file_with_an_unknown_key(tmp_path):
   assert result.returncode != 0
   assert 'config.optim.learning_rate' in result.stderr
   assert not (tmp_path / 'workdir').exists()
+
+
+@pytest.mark.parametrize('name, stages', [
+    ('mae_then_wsp', ['mae', 'wsp']), ('mae_then_finetune', ['mae', 'finetune']),
+    ('maws', ['mae', 'wsp', 'finetune']), ('flip', ['pretrain', 'unmasked']),
+    ('aim_then_wsp', ['aim', 'wsp'])])
+def test_chains_run_their_stages_in_the_order_written_not_by_name(name, stages):
+  import importlib
+  from big_pretrain import pipeline
+  from big_pretrain.config_schema import validate_config
+  config = importlib.import_module(f'configs.{name}').get_config('demo')
+  validate_config(config)  # each init_from.stage names an earlier stage
+  assert list(config.stages) == stages
+  assert list(pipeline.stage_workdirs(config, '/w')) == stages
+
+
+@pytest.mark.parametrize('variant, layer_decay, drop_path', [
+    ('B', 0.65, 0.1), ('L', 0.75, 0.2), ('H', 0.75, 0.3)])
+def test_finetune_recipes_are_maes_and_ask_for_data(variant, layer_decay, drop_path):
+  from big_pretrain.config_schema import validate_config
+  from configs import finetune
+  config = finetune.get_config(variant)
+  assert (config.optim.layer_decay, config.model.drop_path) == (layer_decay, drop_path)
+  assert config.optim.lr_per_256 == (5e-4 if variant == 'B' else 1e-3)
+  assert (config.optim.b1, config.optim.b2, config.optim.weight_decay) == (0.9, 0.999, 0.05)
+  assert (config.objective.mixup_alpha, config.objective.cutmix_alpha,
+          config.objective.label_smoothing) == (0.8, 1.0, 0.1)
+  assert config.data.augment == 'crop+flip+randaugment+erasing'
+  assert config.data.erasing_prob == 0.25 and config.data.randaugment_magnitude == 9
+  with pytest.raises(ConfigError, match=r'config\.data\.path is not set'):
+    validate_config(config)

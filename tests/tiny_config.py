@@ -1,4 +1,4 @@
-"""The tiny MAE stage config the tests train (2 layers, width 64, 32x32, patch 8)."""
+"""The tiny stage configs the tests train (2 layers, width 64, 32x32, patch 8)."""
 
 from big_pretrain.config_schema import stage_config
 
@@ -20,6 +20,25 @@ def tiny_mae_config(**overrides):
   config.data.num_threads = 2
   config.checkpoint.every_steps = 2
   config.log.every_steps = 2
+  return _with_overrides(config, overrides)
+
+
+def tiny_finetune_config(**overrides):
+  """Fine-tuning the same tiny encoder (GAP) on the synthetic shapes' 10 classes."""
+  config = stage_config('finetune')
+  config.model.update(variant='mu/8', pool='gap')
+  config.data.update(source='synthetic', num_examples=256, source_image_size=32, image_size=32,
+                     num_threads=2)
+  config.batch_size = 16
+  config.total_steps = 4
+  config.optim.update(lr_per_256=1e-3, warmup_steps=1)
+  config.checkpoint.every_steps = 2
+  config.log.every_steps = 2
+  return _with_overrides(config, overrides)
+
+
+def _with_overrides(config, overrides: dict):
+  """config with {'a.b': value} applied."""
   for key, value in overrides.items():
     target = config
     *parents, leaf = key.split('.')

@@ -7,7 +7,7 @@ Per process::
     .repeat(None)                         # train only; eval reads one epoch of whole batches
     .map(add_label_ids)                   # only when config.labels.vocabulary is set (WSP)
     .map(add_text_tokens)                 # only when config.text.tokenizer is set (FLIP)
-    .random_map(decode, crop, flip)       # eval: .map(decode, centre crop)
+    .random_map(decode, config.augment)   # e.g. crop+flip (data/augment.py); eval: centre crop
     -> ProcessShare                       # this process's rows of every global batch
     .to_iter_dataset(ReadOptions(...))    # decoding runs in num_threads threads
     -> skip and count corrupt images
@@ -17,7 +17,7 @@ Per process::
 and each per-process batch becomes a global ``jax.Array`` whose batch dimension
 is sharded over the mesh axes ('data', 'fsdp').
 
-All randomness (shuffle order, crops, flips) is a deterministic function of the
+All randomness (shuffle order, crops, flips, RandAugment, erasing) is a deterministic function of the
 seeds and the element's global index, so restoring ``grain_iterator``'s state
 resumes the exact same stream of batches, and a run on N processes sees the
 same global batches, row for row, as a run on one.
@@ -37,6 +37,7 @@ import ml_collections
 import numpy as np
 
 from big_pretrain import sharding as sharding_lib
+from big_pretrain.data import augment as augment_lib
 from big_pretrain.data import labels as labels_lib
 from big_pretrain.data import sources
 from big_pretrain.data import tokenizer as tokenizer_lib
@@ -85,7 +86,23 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.seed = 0  # Dataset seed: synthetic content, shuffle order, augmentation.
   config.image_size = 224  # Model input size after crop + resize.
   config.crop_scale = (0.2, 1.0)  # RandomResizedCrop area fraction range.
-  config.flip = True  # Random horizontal flips (train only).
+  # Training augmentations, '+'-joined names applied left to right (eval: centre
+  # crop only): crop (random resized crop to image_size, area in crop_scale), flip
+  # (horizontal, p=0.5), randaugment, erasing, scale_jitter; see big_pretrain.data.augment.
+  # Without crop or scale_jitter, images are centre-cropped to image_size first.
+  # MAE fine-tuning: 'crop+flip+randaugment+erasing'.
+  config.augment = 'crop+flip'
+  # RandAugment, timm's 'rand-m9-mstd0.5-inc1' (MAE fine-tuning): ops per image,
+  # each applied with p=0.5 at a magnitude ~ N(magnitude, magnitude_std) clipped to [0, 10].
+  config.randaugment_ops = 2
+  config.randaugment_magnitude = 9.0
+  config.randaugment_magnitude_std = 0.5  # 0: fixed magnitude; inf: uniform in [0, magnitude].
+  config.erasing_prob = 0.25  # Random erasing: chance of erasing one box (MAE fine-tuning: 0.25).
+  # Large scale jitter: the longer side is resized to image_size * U(min, max).
+  config.scale_jitter = (0.5, 2.0)
+  # Evaluation: a centred square of this fraction of the shorter side, resized to
+  # image_size (0.875: ImageNet's "resize 256, crop 224", MAE fine-tuning's eval).
+  config.eval_crop_fraction = 1.0
   # Grain threads decoding and augmenting images; None: one per CPU core this
   # process may use, at most MAX_AUTO_THREADS (more threads than cores slow the
   # step on a CPU: benchmarks/README.md, loop.py).
@@ -214,26 +231,34 @@ def augment_for_training(
     *,
     image_size: int,
     crop_scale: tuple[float, float],
-    flip: bool,
+    augment: tuple[str, ...],
+    randaugment_ops: int,
+    randaugment_magnitude: float,
+    randaugment_magnitude_std: float,
+    erasing_prob: float,
+    scale_jitter: tuple[float, float],
 ) -> dict[str, Any] | transforms.SkippedExample:
-  """Decode, random resized crop and (optionally) random horizontal flip."""
+  """Decode, then the transforms ``augment`` (augment.parse_augment of config.data.augment)."""
   example = _with_decoded_image(example)
   if isinstance(example, transforms.SkippedExample):
     return example
-  image = transforms.random_resized_crop(example['image'], rng, image_size, scale=crop_scale)
-  if flip:
-    image = transforms.random_horizontal_flip(image, rng)
+  image = augment_lib.augment_image(
+      example['image'], rng, augment, image_size=image_size, crop_scale=crop_scale,
+      randaugment_ops=randaugment_ops, randaugment_magnitude=randaugment_magnitude,
+      randaugment_magnitude_std=randaugment_magnitude_std, erasing_prob=erasing_prob,
+      scale_jitter=scale_jitter)
   return {**example, 'image': image}
 
 
 def prepare_for_eval(
-    example: dict[str, Any], *, image_size: int
+    example: dict[str, Any], *, image_size: int, crop_fraction: float = 1.0
 ) -> dict[str, Any] | transforms.SkippedExample:
   """Decode and centre crop."""
   example = _with_decoded_image(example)
   if isinstance(example, transforms.SkippedExample):
     return example
-  return {**example, 'image': transforms.center_crop_resize(example['image'], image_size)}
+  return {**example, 'image': transforms.center_crop_resize(example['image'], image_size,
+                                                             crop_fraction)}
 
 
 def add_label_ids(
@@ -470,15 +495,26 @@ class InputPipeline:
           add_text_tokens, tokenizer=self._text_tokenizer,
           max_length=data_config.text.max_length))
     if train:
+      # Checked here, so a bad name or setting fails before any image is read.
+      augment_settings = dict(
+          randaugment_ops=data_config.randaugment_ops,
+          randaugment_magnitude=float(data_config.randaugment_magnitude),
+          randaugment_magnitude_std=float(data_config.randaugment_magnitude_std),
+          erasing_prob=float(data_config.erasing_prob),
+          scale_jitter=tuple(float(s) for s in data_config.scale_jitter))
+      augment_lib.check_augment_settings(**augment_settings)
       dataset = dataset.random_map(
           functools.partial(
               augment_for_training,
               image_size=data_config.image_size,
               crop_scale=tuple(data_config.crop_scale),
-              flip=data_config.flip),
+              augment=augment_lib.parse_augment(data_config.augment),
+              **augment_settings),
           seed=_derive_seed(data_config.seed, seed, _AUGMENT_STREAM))
     else:
-      dataset = dataset.map(functools.partial(prepare_for_eval, image_size=data_config.image_size))
+      dataset = dataset.map(functools.partial(
+          prepare_for_eval, image_size=data_config.image_size,
+          crop_fraction=data_config.get('eval_crop_fraction', 1.0)))
     # After the random maps, so an example's crop depends on its global index
     # alone, not on how many processes share the run. Lazy: each process only
     # decodes its own rows.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import types
 
 from big_pretrain.evaluators import attentive_probe
+from big_pretrain.evaluators import classification
 from big_pretrain.evaluators import knn
 from big_pretrain.evaluators import linear_probe
 from big_pretrain.evaluators import reconstruction
@@ -17,6 +18,7 @@ from big_pretrain.evaluators import zero_shot
 
 _REGISTRY = types.MappingProxyType({
     'attentive_probe': attentive_probe.AttentiveProbeEvaluator,
+    'classification': classification.ClassificationEvaluator,
     'knn': knn.KnnEvaluator,
     'linear_probe': linear_probe.LinearProbeEvaluator,
     'reconstruction': reconstruction.ReconstructionEvaluator,

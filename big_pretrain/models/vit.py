@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from big_pretrain.models import attention as attention_lib
@@ -161,7 +162,9 @@ class EncoderBlock(nn.Module):
   """Pre-LN block: x += Attn(LN(x)); x += MLP(LN(x)).
 
   `num_real_tokens`: the tokens before any padding (attention.pad_tokens); the
-  sown block outputs hold only those. None: no padding.
+  sown block outputs hold only those. None: no padding. `drop_rate`: stochastic
+  depth, the probability that an example skips each residual branch (the
+  kept ones are scaled by 1 / (1 - rate)); None: never, and no rng is drawn.
   """
   num_heads: int
   mlp_dim: int
@@ -170,22 +173,36 @@ class EncoderBlock(nn.Module):
   num_real_tokens: int | None = None
 
   @nn.compact
-  def __call__(self, x, masking: attention_lib.TokenMasking | None = None):
+  def __call__(self, x, masking: attention_lib.TokenMasking | None = None, drop_rate=None):
     x = nn.with_logical_constraint(x, ('batch', 'tokens', 'embed'))
-    x = x + Attention(self.num_heads, self.dtype, self.attention_implementation,
-                      name='attention')(layer_norm(self.dtype, name='norm1')(x), masking)
-    x = x + MlpBlock(self.mlp_dim, self.dtype, name='mlp')(
-        layer_norm(self.dtype, name='norm2')(x))
+    attended = Attention(self.num_heads, self.dtype, self.attention_implementation,
+                         name='attention')(layer_norm(self.dtype, name='norm1')(x), masking)
+    x = x + self._drop_path(attended, drop_rate)
+    x = x + self._drop_path(MlpBlock(self.mlp_dim, self.dtype, name='mlp')(
+        layer_norm(self.dtype, name='norm2')(x)), drop_rate)
     # Recorded only when the caller makes 'intermediates' mutable (probes).
     self.sow('intermediates', 'output', x[:, :self.num_real_tokens])
     return x
+
+  def _drop_path(self, branch, drop_rate):
+    """The residual branch, dropped per example with probability `drop_rate` (timm's DropPath)."""
+    if drop_rate is None:
+      return branch
+    keep = 1.0 - drop_rate
+    kept = jax.random.bernoulli(self.make_rng('dropout'), keep, (branch.shape[0], 1, 1))
+    return jnp.where(kept, branch / keep, 0).astype(branch.dtype)
 
 
 class _ScannedBlock(EncoderBlock):
   """EncoderBlock with the (carry, x) -> (carry, y) signature nn.scan wants."""
 
-  def __call__(self, x, masking=None):
-    return super().__call__(x, masking), None
+  def __call__(self, x, masking=None, drop_rate=None):
+    return super().__call__(x, masking, drop_rate), None
+
+
+def drop_path_rates(drop_path: float, depth: int) -> np.ndarray:
+  """Stochastic depth per layer: rising linearly from 0 to `drop_path` (timm's ViT rule)."""
+  return np.linspace(0.0, drop_path, depth, dtype=np.float32)
 
 
 class Transformer(nn.Module):
@@ -197,6 +214,8 @@ class Transformer(nn.Module):
   attended). Returns the final-LN output. Used by every tower: the ViT, the
   MAE decoder, FLIP's text tower. The attention implementation and any padding
   are chosen here, once for all the blocks (attention.plan_attention).
+  `drop_path` > 0: stochastic depth in training (`train=True`; a 'dropout' rng),
+  per layer as drop_path_rates gives.
   """
   depth: int
   num_heads: int
@@ -205,9 +224,10 @@ class Transformer(nn.Module):
   scan: bool = False
   remat: str = 'none'
   attention_impl: str | None = 'auto'  # see attention.ATTENTION_IMPLS
+  drop_path: float = 0.0
 
   @nn.compact
-  def __call__(self, x, mask=None, key_lengths=None):
+  def __call__(self, x, mask=None, key_lengths=None, train: bool = False):
     # 'auto' not resolved by the training loop: nothing was measured, so no remat.
     remat = 'none' if self.remat == REMAT_AUTO else self.remat
     if remat not in REMAT_POLICIES:
@@ -228,16 +248,20 @@ class Transformer(nn.Module):
     if remat != 'none':
       block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat],
                            prevent_cse=not self.scan)
+    drop_rates = (drop_path_rates(self.drop_path, self.depth)
+                  if train and self.drop_path > 0 else None)
     if self.scan:
       stack = nn.scan(
           block_cls, variable_axes={'params': 0, 'intermediates': 0},
-          split_rngs={'params': True},
-          in_axes=nn.broadcast, length=self.depth,
-          metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = stack(**block_kwargs, name='blocks')(x, masking)
+          split_rngs={'params': True, 'dropout': True},
+          in_axes=(nn.broadcast, nn.broadcast if drop_rates is None else 0),
+          length=self.depth, metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = stack(**block_kwargs, name='blocks')(
+          x, masking, None if drop_rates is None else jnp.asarray(drop_rates))
     else:
       for layer in range(self.depth):
-        x = block_cls(**block_kwargs, name=f'block_{layer}')(x, masking)
+        x = block_cls(**block_kwargs, name=f'block_{layer}')(
+            x, masking, None if drop_rates is None else float(drop_rates[layer]))
     return layer_norm(self.dtype, name='norm')(x[:, :num_tokens])
 
 
@@ -254,7 +278,8 @@ class VisionTransformer(nn.Module):
 
   `remat`: a REMAT_POLICIES name, or 'auto' (no remat here; the training loop
   replaces it with a measured choice). `attention_impl`: 'auto', 'xla' or
-  'cudnn' (see attention.ATTENTION_IMPLS); None means 'xla'.
+  'cudnn' (see attention.ATTENTION_IMPLS); None means 'xla'. `drop_path`:
+  stochastic depth (fine-tuning), active only with `train=True`.
   """
   width: int
   depth: int
@@ -268,9 +293,10 @@ class VisionTransformer(nn.Module):
   scan: bool = False
   remat: str = 'none'
   attention_impl: str | None = 'auto'  # see attention.ATTENTION_IMPLS
+  drop_path: float = 0.0
 
   @nn.compact
-  def __call__(self, images, keep_indices=None, attention_mask=None):
+  def __call__(self, images, keep_indices=None, attention_mask=None, train: bool = False):
     p = self.patch_size
     if images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f'Image size {images.shape[1:3]} is not a multiple of the patch size {p}.')
@@ -300,7 +326,8 @@ class VisionTransformer(nn.Module):
       x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(self.dtype), x], 1)
     x = Transformer(
         self.depth, self.num_heads, self.mlp_ratio * self.width, self.dtype,
-        self.scan, self.remat, self.attention_impl, name='transformer')(x, attention_mask)
+        self.scan, self.remat, self.attention_impl, self.drop_path,
+        name='transformer')(x, attention_mask, train=train)
     patch_tokens = x[:, 1:] if self.use_cls_token else x
     if self.pool == 'cls':
       if not self.use_cls_token:
@@ -329,7 +356,8 @@ def vit_from_config(model_config) -> VisionTransformer:
       use_cls_token=model_config.use_cls_token, pool=model_config.pool,
       posemb=model_config.posemb, dtype=compute_dtype(model_config.dtype),
       scan=model_config.scan, remat=model_config.remat,
-      attention_impl=model_config.attention_impl)
+      attention_impl=model_config.attention_impl,
+      drop_path=model_config.get('drop_path', 0.0))
 
 
 def compute_dtype(name: str):

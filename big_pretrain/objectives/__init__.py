@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import types
 
-from big_pretrain.objectives import aim, flip, mae, wsp
+from big_pretrain.objectives import aim, finetune, flip, mae, wsp
 
 # Read-only: a name maps to (Objective class, default config factory).
 _REGISTRY = types.MappingProxyType({
@@ -12,6 +12,7 @@ _REGISTRY = types.MappingProxyType({
     'wsp': (wsp.WSP, wsp.default_config),
     'flip': (flip.FLIP, flip.default_config),
     'aim': (aim.AIM, aim.default_config),
+    'finetune': (finetune.Finetune, finetune.default_config),
 })
 
 

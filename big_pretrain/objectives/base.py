@@ -44,6 +44,14 @@ class Objective(abc.ABC):
   def loss(self, params, batch: dict, rng: jax.Array, train: bool = True):
     """Returns (scalar loss, dict of scalar metrics)."""
 
+  def is_trainable(self, path: str) -> bool:
+    """Whether the parameter at `path` ('encoder/transformer/block_0/mlp/fc1/kernel') trains.
+
+    Frozen ones get no gradient and no optimiser state (train/optim.py).
+    """
+    del path
+    return True
+
   def encode(self, params, images: jax.Array, num_last_blocks: int = 0) -> dict:
     """Frozen-feature view for evaluators: the unmasked encoder on uint8 images.
 

@@ -29,7 +29,7 @@ from big_pretrain.evaluators import build_evaluators
 from big_pretrain.models import attention as attention_lib
 from big_pretrain.train import faults
 from big_pretrain.train import mfu as mfu_lib
-from big_pretrain.train.optim import make_optimizer, make_schedule
+from big_pretrain.train.optim import ema_params, make_optimizer, make_schedule
 from big_pretrain.train.remat_choice import build_with_remat_choice
 
 
@@ -156,6 +156,9 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
         due = [evaluator for evaluator in evaluators if evaluator.due(step, final)]
         for evaluator in due:
           result = evaluator.run(state.params, step)
+          if evaluator.eval_config.get('also_ema'):
+            ema = evaluator.run(ema_params(state.opt_state, state.params), step)
+            result.scalars.update({f'ema_{k}': v for k, v in ema.scalars.items()})
           eval_results[evaluator.name] = result.scalars
           if result.scalars:
             writer.write_scalars(step, {f'eval/{evaluator.name}/{k}': v

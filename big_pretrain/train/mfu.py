@@ -51,6 +51,7 @@ import numpy as np
 
 from big_pretrain.models.masking import num_kept
 from big_pretrain.models.vit import parse_variant
+from big_pretrain.objectives import finetune
 
 # The MLP width over the model width, as every transformer here builds it.
 MLP_RATIO = 4
@@ -190,6 +191,8 @@ def model_flops_breakdown(config, num_labels: int | None = None) -> StepFlops:
     parts['head/mlp'] = depth * (dense_flops(rows, width, MLP_RATIO * width)
                                  + dense_flops(rows, MLP_RATIO * width, width))
     parts['head/predict'] = dense_flops(rows, width, patch_dim)
+  elif objective.name == 'finetune':
+    parts['head'] = dense_flops(batch, size.width, finetune.num_classes(config))
   else:
     raise ValueError(f'No FLOPs model for objective {objective.name!r}.')
   return StepFlops(parts)

@@ -1,9 +1,36 @@
-"""AdamW with linear warmup + cosine decay and optional global-norm clipping (optax)."""
+"""The optimiser: AdamW with linear warmup + cosine decay (optax), and what fine-tuning adds.
+
+- Gradient clipping by global norm; skipping a few NaN/Inf updates.
+- Layer-wise learning-rate decay (`optim.layer_decay`, MAE/BEiT fine-tuning):
+  the update of a parameter at layer l is scaled by decay^(L - l), L = depth + 1,
+  with the patch embedding, cls token and position embedding at layer 0,
+  block i at layer i + 1 and everything after the blocks (final norm, head) at L.
+  A scanned stack's leaves carry the layer on their leading axis: each row gets
+  its own scale. Scaling the whole AdamW update scales its weight decay alike,
+  as a per-group lr does in PyTorch.
+- Frozen parameters (`frozen_where_untrainable`): no optimiser state, no update.
+- An exponential moving average of the parameters (`optim.ema_decay`), kept in
+  the optimiser state so checkpoints and resumes carry it.
+"""
 
 from __future__ import annotations
 
+import re
+from typing import Any, Callable, NamedTuple
+
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
+
+_BLOCK = re.compile(r'^encoder/transformer/block_(\d+)/')
+_SCANNED_BLOCKS = re.compile(r'^encoder/transformer/blocks/')
+_LAYER_ZERO = re.compile(r'^encoder/(patch_embed|cls_token|pos_embedding)(/|$)')
+
+
+def param_path(path) -> str:
+  """A jax key path -> 'encoder/transformer/block_0/mlp/fc1/kernel'."""
+  return '/'.join(str(getattr(key, 'key', getattr(key, 'name', key))) for key in path)
 
 
 def peak_learning_rate(optim_config, global_batch_size: int) -> float:
@@ -19,20 +46,134 @@ def make_schedule(optim_config, global_batch_size: int, total_steps: int) -> opt
       decay_steps=max(total_steps, warmup + 1), end_value=optim_config.end_lr_fraction * peak)
 
 
-def weight_decay_mask(params):
-  """Decay matrices and tokens, not biases or norm scales (the MAE reference's rule: ndim > 1)."""
-  return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+def weight_decay_mask(params, exclude: tuple[str, ...] = ()):
+  """Decay matrices and tokens, not biases or norm scales (the MAE reference's rule: ndim > 1),
+  nor parameters whose path matches a regex of `exclude` (fine-tuning: 'cls_token', 'pos_embedding')."""
+  patterns = [re.compile(pattern) for pattern in exclude]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim > 1 and not any(pt.search(param_path(path)) for pt in patterns),
+      params)
+
+
+def vit_layer_id(path: str, depth: int) -> int | None:
+  """The layer of an encoder parameter for lr decay (MAE's get_layer_id_for_vit).
+
+  0 for the patch embedding and tokens, i + 1 for block i, depth + 1 for the
+  rest; None for a scanned stack's leaves, whose leading axis is the layer.
+  """
+  if _LAYER_ZERO.search(path):
+    return 0
+  if match := _BLOCK.search(path):
+    return int(match.group(1)) + 1
+  if _SCANNED_BLOCKS.search(path):
+    return None
+  return depth + 1
+
+
+def layer_decay_scale(path: str, shape: tuple[int, ...], decay: float, depth: int):
+  """decay^(L - layer) for the parameter at `path` (L = depth + 1): a float, or for a
+  scanned stack's leaf an array (depth, 1, ...) with one scale per layer row."""
+  layer = vit_layer_id(path, depth)
+  if layer is not None:
+    return float(decay ** (depth + 1 - layer))
+  rows = np.array([decay ** (depth - i) for i in range(shape[0])], np.float32)
+  return rows.reshape((shape[0],) + (1,) * (len(shape) - 1))
+
+
+def encoder_depth(tree) -> int:
+  """The number of blocks of the encoder in a parameter (or update) tree."""
+  depth = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    name = param_path(path)
+    if match := _BLOCK.search(name):
+      depth = max(depth, int(match.group(1)) + 1)
+    elif _SCANNED_BLOCKS.search(name):
+      depth = max(depth, leaf.shape[0])
+  return depth
+
+
+def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
+  """Multiplies each update by its parameter's layer_decay_scale (stateless)."""
+
+  def update(updates, state, params=None):
+    del params
+    depth = encoder_depth(updates)
+    scaled = jax.tree_util.tree_map_with_path(
+        lambda path, u: u * jnp.asarray(layer_decay_scale(param_path(path), u.shape, decay,
+                                                          depth), u.dtype),
+        updates)
+    return scaled, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+class EmaParamsState(NamedTuple):
+  """The moving average of the parameters (same tree and shardings as the parameters)."""
+  ema: Any
+
+
+def track_params_ema(decay: float) -> optax.GradientTransformation:
+  """Keeps ema <- decay * ema + (1 - decay) * (params + updates); updates pass unchanged.
+
+  Last in the chain, so `params + updates` are the new parameters.
+  """
+
+  def init(params):
+    return EmaParamsState(ema=jax.tree_util.tree_map(jnp.copy, params))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError('track_params_ema needs the parameters: call tx.update(grads, state, params).')
+    ema = jax.tree_util.tree_map(
+        lambda average, p, u: (decay * average + (1 - decay) * (p + u)).astype(average.dtype),
+        state.ema, params, updates)
+    return updates, EmaParamsState(ema)
+
+  return optax.GradientTransformation(init, update)
+
+
+def find_state(opt_state, state_type):
+  """The first `state_type` instance in an optimiser state tree (chains, masks), or None."""
+  found = [node for node in jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda node: isinstance(node, state_type))
+           if isinstance(node, state_type)]
+  return found[0] if found else None
+
+
+def ema_params(opt_state, params):
+  """The parameters' moving average kept by `optim.ema_decay` (frozen ones: `params`'
+  own, which never move), or None without one."""
+  state = find_state(opt_state, EmaParamsState)
+  if state is None:
+    return None
+  return jax.tree_util.tree_map(
+      lambda p, average: p if isinstance(average, optax.MaskedNode) else average,
+      params, state.ema)
 
 
 def make_optimizer(optim_config, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """AdamW per `config.optim`, with what its other keys ask for (see the module doc)."""
   if optim_config.name != 'adamw':
     raise ValueError(f"config.optim.name={optim_config.name!r}: only 'adamw' is implemented.")
+  exclude = tuple(optim_config.get('no_weight_decay', ()))
   adamw = optax.adamw(
       schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
-      weight_decay=optim_config.weight_decay, mask=weight_decay_mask)
-  tx = adamw
+      weight_decay=optim_config.weight_decay,
+      mask=lambda params: weight_decay_mask(params, exclude))
+  parts = [adamw]
   if optim_config.clip_grad_norm:
-    tx = optax.chain(optax.clip_by_global_norm(optim_config.clip_grad_norm), tx)
+    parts.insert(0, optax.clip_by_global_norm(optim_config.clip_grad_norm))
+  layer_decay = optim_config.get('layer_decay')
+  if layer_decay is not None:
+    if not 0 < layer_decay <= 1:
+      raise ValueError(f'config.optim.layer_decay={layer_decay!r} must be in (0, 1].')
+    parts.append(scale_by_layer_decay(layer_decay))
+  ema_decay = optim_config.get('ema_decay')
+  if ema_decay is not None:
+    if not 0 < ema_decay < 1:
+      raise ValueError(f'config.optim.ema_decay={ema_decay!r} must be in (0, 1).')
+    parts.append(track_params_ema(ema_decay))
+  tx = parts[0] if len(parts) == 1 else optax.chain(*parts)
   skip = optim_config.get('skip_nonfinite_updates', 0)
   if not isinstance(skip, int) or skip < 0:
     raise ValueError(f'config.optim.skip_nonfinite_updates={skip!r} must be an integer >= 0: '
@@ -40,3 +181,15 @@ def make_optimizer(optim_config, schedule: optax.Schedule) -> optax.GradientTran
   if skip:
     tx = optax.apply_if_finite(tx, max_consecutive_errors=skip)
   return tx
+
+
+def frozen_where_untrainable(tx: optax.GradientTransformation,
+                             is_trainable: Callable[[str], bool]) -> optax.GradientTransformation:
+  """`tx` on the parameters whose path `is_trainable`; the others get zero updates and no
+  state (optax.multi_transform keeps no moments for them)."""
+
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: 'train' if is_trainable(param_path(path)) else 'frozen', params)
+
+  return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)

@@ -17,6 +17,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from big_pretrain import sharding as sharding_lib
+from big_pretrain.train import optim
 
 
 @flax.struct.dataclass
@@ -66,7 +67,16 @@ class ShardedTrainer:
 
 def build_trainer(objective, tx: optax.GradientTransformation, schedule: optax.Schedule,
                   mesh: Mesh, rules) -> ShardedTrainer:
-  """eval_shape(init) -> logical specs -> shardings -> jit(init, out_shardings)."""
+  """eval_shape(init) -> logical specs -> shardings -> jit(init, out_shardings).
+
+  Parameters the objective does not train (`objective.is_trainable`) are held
+  out of the loss's gradient (XLA then skips their backward) and of `tx`.
+  """
+  with sharding_lib.activate(mesh, rules):
+    boxed_params = jax.eval_shape(objective.init_params, jax.random.key(0))
+  trainable = _trainable_mask(objective, nn.meta.unbox(boxed_params))
+  if trainable is not None:
+    tx = optim.frozen_where_untrainable(tx, objective.is_trainable)
 
   def init_boxed(rng):
     params = objective.init_params(rng)
@@ -74,8 +84,9 @@ def build_trainer(objective, tx: optax.GradientTransformation, schedule: optax.S
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   with sharding_lib.activate(mesh, rules):
-    boxed_shapes = jax.eval_shape(init_boxed, jax.random.key(0))
-    logical_specs = nn.get_partition_spec(boxed_shapes)
+    boxed_shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=boxed_params,
+                              opt_state=jax.eval_shape(tx.init, boxed_params))
+    logical_specs = _logical_specs(boxed_shapes)
     state_shardings = sharding_lib.logical_to_shardings(logical_specs, mesh, rules)
   abstract_state = jax.tree_util.tree_map(
       lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
@@ -90,15 +101,18 @@ def build_trainer(objective, tx: optax.GradientTransformation, schedule: optax.S
   def step_fn(state: TrainState, batch: dict, base_rng: jax.Array):
     # Per-step rng from the step number: nothing to save, resume is exact.
     rng = jax.random.fold_in(base_rng, state.step)
-    grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+    grad_fn = jax.value_and_grad(
+        lambda params, *args: objective.loss(_hold_out_frozen(params, trainable), *args),
+        has_aux=True)
     (loss, metrics), grads = grad_fn(state.params, batch, rng, True)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=schedule(state.step))
-    if isinstance(opt_state, optax.ApplyIfFiniteState):  # config.optim.skip_nonfinite_updates
-      metrics.update(nonfinite_updates_in_a_row=opt_state.notfinite_count,
-                     nonfinite_updates_skipped=opt_state.total_notfinite)
+    skipping = optim.find_state(opt_state, optax.ApplyIfFiniteState)
+    if skipping is not None:  # config.optim.skip_nonfinite_updates
+      metrics.update(nonfinite_updates_in_a_row=skipping.notfinite_count,
+                     nonfinite_updates_skipped=skipping.total_notfinite)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   replicated = sharding_lib.replicated(mesh)
@@ -109,3 +123,31 @@ def build_trainer(objective, tx: optax.GradientTransformation, schedule: optax.S
       donate_argnums=(0,))
 
   return ShardedTrainer(mesh, rules, abstract_state, state_shardings, init_state, jitted_step)
+
+
+def _logical_specs(boxed_tree):
+  """nn.get_partition_spec, but a frozen parameter's absent optimiser moment (optax's
+  MaskedNode, boxed with the parameter's axes) stays absent instead of getting a spec."""
+
+  def spec(leaf):
+    if isinstance(getattr(leaf, 'value', None), optax.MaskedNode):
+      return optax.MaskedNode()
+    return nn.get_partition_spec(leaf)
+
+  return jax.tree_util.tree_map(spec, boxed_tree,
+                                is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def _trainable_mask(objective, shapes):
+  """{path: bool} pytree of the objective's parameters (`shapes`), or None when all train."""
+  mask = jax.tree_util.tree_map_with_path(
+      lambda path, _: objective.is_trainable(optim.param_path(path)), shapes)
+  return None if all(jax.tree_util.tree_leaves(mask)) else mask
+
+
+def _hold_out_frozen(params, trainable):
+  """params with the frozen leaves behind stop_gradient: no gradient is computed for them."""
+  if trainable is None:
+    return params
+  return jax.tree_util.tree_map(
+      lambda p, train: p if train else jax.lax.stop_gradient(p), params, trainable)
