@@ -1,6 +1,7 @@
 """Fine-tuning (MAE's protocol): layer-wise lr decay, frozen parameters, mixup / cutmix,
 drop path, and a stage that starts from an MAE checkpoint and resumes bit-identically."""
 
+import json
 import os
 
 import jax
@@ -266,6 +267,9 @@ def test_a_stage_from_mae_takes_the_encoder_bit_exactly_and_resumes_bit_identica
   scores = whole.eval_results['classification']
   assert scores['examples'] == 24 and 0.0 <= scores['top1'] <= scores['top5'] <= 1.0
   assert os.path.exists(tmp_path / 'whole' / 'eval_results.json')
+  # The class count was read off the data once, and recorded with the run.
+  recorded = json.loads((tmp_path / 'whole' / 'config.json').read_text())
+  assert recorded['objective']['num_classes'] == 10 and config.objective.num_classes is None
 
 
 def test_parameter_ema_follows_the_new_parameters():

@@ -28,6 +28,12 @@ class Objective(abc.ABC):
   def check_config(cls, config, path: str) -> None:
     """Objective-specific config checks, run before any compute (raise ConfigError)."""
 
+  @classmethod
+  def resolve_config(cls, config):
+    """The stage config with values derived from the data filled in, once per stage
+    (the loop records the result in config.json). Unchanged by default."""
+    return config
+
   @property
   def image_shape(self) -> tuple[int, int, int]:
     size = self.config.data.image_size

@@ -187,6 +187,16 @@ class Finetune(Objective):
       raise ConfigError(f'{path}.objective.mixup_alpha and cutmix_alpha must be >= 0 '
                         '(0 turns each off).')
 
+  @classmethod
+  def resolve_config(cls, config):
+    """objective.num_classes read off the data once: listing a large image folder is slow,
+    and the objective, the FLOPs count and remat 'auto' each need it."""
+    if config.objective.num_classes:
+      return config
+    config = config.copy_and_resolve_references()
+    config.objective.num_classes = num_classes(config)
+    return config
+
   def __init__(self, config):
     super().__init__(config)
     objective = config.objective

@@ -27,6 +27,7 @@ from big_pretrain.data.pipeline import InputPipeline, global_batch_shapes
 from big_pretrain.data.tokenizer import record_tokenizer
 from big_pretrain.evaluators import build_evaluators
 from big_pretrain.models import attention as attention_lib
+from big_pretrain.objectives import objective_class
 from big_pretrain.train import faults
 from big_pretrain.train import mfu as mfu_lib
 from big_pretrain.train.optim import ema_params, make_optimizer, make_schedule
@@ -55,8 +56,9 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   parameters to the starting ones (e.g. an MAE encoder); it is used only when
   the stage has no checkpoint of its own yet.
   """
-  # --- Config: validated before anything is computed.
+  # --- Config: validated before anything is computed; what the data decides filled in.
   validate_stage_config(config)
+  config = objective_class(config.objective.name).resolve_config(config)
   if jax.process_index() == 0:
     workdir_lib.write_text(os.path.join(workdir, 'config.json'),
                            config.to_json_best_effort(indent=2))
