@@ -16,6 +16,7 @@ import re
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from absl import logging
 
 from big_pretrain import workdir as workdir_lib
@@ -44,7 +45,9 @@ def read_subtrees(step_dir: str, take: tuple[str, ...]) -> dict:
   """{name: numpy tree} for each params/<name> in `take`, reading nothing else."""
   checkpointer = ocp.PyTreeCheckpointer()
   state_dir = os.path.join(step_dir, STATE_ITEM)
-  metadata = checkpointer.metadata(state_dir).item_metadata.tree
+  # The handler's metadata: the tree alone (the checkpointer's would also look for step
+  # metadata, which lives one folder up, and warn that it is missing).
+  metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir)).tree
   missing = [name for name in take if name not in metadata.get('params', {})]
   if missing:
     raise CheckpointMismatchError(
