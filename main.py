@@ -97,7 +97,7 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   try:
     pipeline.run(config, _WORKDIR.value)
-  except (NonFiniteLossError, CheckpointMismatchError) as e:
+  except (NonFiniteLossError, CheckpointMismatchError, ConfigError) as e:
     # Expected ways for a run to stop: the message says what happened and what to do.
     logging.error('%s', e)
     sys.exit(f'Stopped: {e}')

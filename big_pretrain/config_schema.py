@@ -98,6 +98,65 @@ def stage_config(objective: str) -> ml_collections.ConfigDict:
   return config
 
 
+PSEUDO_LABEL_KINDS = ('hard', 'soft')
+
+
+def pseudo_label_config() -> ml_collections.ConfigDict:
+  """A pseudo-label stage (self-training): a teacher labels unlabelled images
+  (big_pretrain/pseudo_label.py). Every key at its default."""
+  config = ml_collections.ConfigDict()
+  config.job = 'pseudo_label'   # what marks a stage as this job, not a training stage
+  # The teacher: an earlier stage of config.stages with a classification head
+  # (finetune, self_training, wsp), or the folder of such a stage (config.json + checkpoints/).
+  config.teacher = ml_collections.ConfigDict(dict(
+      stage=ml_collections.config_dict.placeholder(str),
+      workdir=ml_collections.config_dict.placeholder(str),
+  ))
+  # The unlabelled images (their labels are never read). Image size and eval crop are
+  # the teacher's; of the rest only the keys naming the source matter.
+  config.data = default_data_config()
+  config.labels = ml_collections.ConfigDict(dict(
+      # 'hard': the teacher's top class. 'soft': its top_k classes with their
+      # probabilities renormalised to sum to 1 (Noisy Student's soft labels).
+      kind='hard',
+      # Only images whose top probability is at least this are labelled (Noisy Student: 0.3).
+      threshold=0.0,
+      top_k=5,             # 'soft' only
+      temperature=1.0,     # softmax(logits / temperature)
+  ))
+  config.batch_size = 256            # global, over all processes and devices
+  config.examples_per_shard = 50_000  # the unit of resumption: a killed job redoes at most one
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.sharding_rules = ml_collections.ConfigDict()
+  return config
+
+
+def is_pseudo_label_config(config) -> bool:
+  return config.get('job') == 'pseudo_label'
+
+
+def validate_pseudo_label_config(config, path: str = 'config') -> None:
+  schema = pseudo_label_config()
+  _check_against({k: v for k, v in config.items() if k != 'sharding_rules'},
+                 {k: v for k, v in schema.items() if k != 'sharding_rules'} | {
+                     'sharding_rules': None}, path)
+  _check_data_is_given(config.data, path)
+  labels = config.labels
+  if labels.kind not in PSEUDO_LABEL_KINDS:
+    raise ConfigError(f'{path}.labels.kind={labels.kind!r}: choose one of {PSEUDO_LABEL_KINDS}.')
+  if not 0.0 <= labels.threshold < 1.0:
+    raise ConfigError(f'{path}.labels.threshold={labels.threshold}: must be in [0, 1) (the '
+                      "teacher's top probability an image needs to be labelled).")
+  if labels.top_k < 1 or labels.temperature <= 0:
+    raise ConfigError(f'{path}.labels.top_k must be >= 1 and {path}.labels.temperature > 0.')
+  if config.batch_size <= 0 or config.examples_per_shard <= 0:
+    raise ConfigError(f'{path}.batch_size and {path}.examples_per_shard must be positive.')
+  if bool(config.teacher.stage) == bool(config.teacher.workdir):
+    raise ConfigError(
+        f'{path}.teacher: give stage (an earlier stage of config.stages) or workdir (the '
+        'folder of a finished stage with a classification head), exactly one of them.')
+
+
 def chain_config(**stages: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A config whose `stages` run in the order given (a plain ConfigDict iterates its keys
   sorted by name, which would run 'finetune' before 'mae')."""
@@ -180,32 +239,62 @@ def validate_stage_config(config, path: str = 'config') -> None:
   if config.init_from.stage and config.init_from.checkpoint:
     raise ConfigError(f'{path}.init_from: give stage or checkpoint, not both.')
   _check_model_choices(config.model, f'{path}.model')
+  pseudo_labels = config.data.pseudo_labels
+  if (pseudo_labels.stage or pseudo_labels.path) and objective != 'self_training':
+    raise ConfigError(
+        f'{path}.data.pseudo_labels is set, but objective {objective!r} would read the '
+        "pseudo-labelled rows as unlabelled ones: train them with objective 'self_training'.")
   objective_class(objective).check_config(config, path)
 
 
 def validate_config(config) -> None:
   """A single stage config, or a chain: `config.stages.<name>` in order."""
   if 'stages' not in config:
+    if is_pseudo_label_config(config):
+      validate_pseudo_label_config(config)
+      if config.teacher.stage:
+        raise ConfigError(
+            f'config.teacher.stage={config.teacher.stage!r} names a stage, but this config has '
+            'no config.stages. Use config.teacher.workdir=STAGE_FOLDER instead.')
+      return
     validate_stage_config(config)
     if config.init_from.stage:
       raise ConfigError(
           f'config.init_from.stage={config.init_from.stage!r} names a stage, but this config '
           'has no config.stages. Use config.init_from.checkpoint=PATH instead.')
+    if config.data.pseudo_labels.stage:
+      raise ConfigError(
+          f'config.data.pseudo_labels.stage={config.data.pseudo_labels.stage!r} names a '
+          'stage, but this config has no config.stages. Use config.data.pseudo_labels.path.')
     return
   for key in config.keys():
     if key != 'stages':
       raise _unknown_key_error('config', key, ['stages'])
   if not config.stages:
     raise ConfigError('config.stages is empty: give at least one stage.')
-  earlier = []
+  earlier, pseudo_label_stages = [], []
   for name, stage in config.stages.items():
     path = f'config.stages.{name}'
-    validate_stage_config(stage, path)
-    source = stage.init_from.stage
-    if source and source not in earlier:
-      raise ConfigError(
-          f'{path}.init_from.stage={source!r} must name an earlier stage; the stages '
-          f'before {name!r} are {earlier}.')
+    if is_pseudo_label_config(stage):
+      validate_pseudo_label_config(stage, path)
+      named = {f'{path}.teacher.stage': stage.teacher.stage}
+    else:
+      validate_stage_config(stage, path)
+      named = {f'{path}.init_from.stage': stage.init_from.stage,
+               f'{path}.data.pseudo_labels.stage': stage.data.pseudo_labels.stage}
+      source = stage.data.pseudo_labels.stage
+      if source and source in earlier and source not in pseudo_label_stages:
+        raise ConfigError(f'{path}.data.pseudo_labels.stage={source!r} is a training stage; '
+                          'name a pseudo-label stage (job=pseudo_label).')
+    for key, source in named.items():
+      if source and source not in earlier:
+        raise ConfigError(
+            f'{key}={source!r} must name an earlier stage; the stages before {name!r} are '
+            f'{earlier}.')
+      if source and source in pseudo_label_stages and not key.endswith('pseudo_labels.stage'):
+        raise ConfigError(f'{key}={source!r} is a pseudo-label stage, which has no model.')
+    if is_pseudo_label_config(stage):
+      pseudo_label_stages.append(name)
     earlier.append(name)
 
 

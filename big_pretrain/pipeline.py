@@ -5,6 +5,10 @@ skipped, an interrupted one resumes from its last checkpoint, and a stage
 with `init_from.stage` starts from that earlier stage's final checkpoint
 (only the `init_from.take` subtrees; the rest fresh). The same command run
 again after a crash or preemption therefore carries on where it stopped.
+
+A stage may also be a pseudo-label job (`job='pseudo_label'`, self-training):
+its teacher is an earlier stage, and a later student stage names it in
+`data.pseudo_labels.stage`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from absl import logging
 from big_pretrain import transfer
 from big_pretrain import workdir as workdir_lib
 from big_pretrain.checkpoint import Checkpointer
-from big_pretrain.config_schema import validate_config
+from big_pretrain.config_schema import is_pseudo_label_config, validate_config
+from big_pretrain.data import pseudo_labels as pseudo_labels_lib
+from big_pretrain.pseudo_label import run_pseudo_label
 from big_pretrain.train.loop import train_stage
 
 
@@ -32,6 +38,8 @@ def _stage_configs(config) -> dict:
 
 
 def _stage_finished(stage_config, stage_dir: str) -> bool:
+  if is_pseudo_label_config(stage_config):
+    return False  # run_pseudo_label checks its settings, then finds it has nothing to do
   if not workdir_lib.is_dir(os.path.join(stage_dir, 'checkpoints')):
     return False
   checkpointer = Checkpointer(os.path.join(stage_dir, 'checkpoints'), stage_config.checkpoint)
@@ -64,8 +72,14 @@ def run(config, workdir: str) -> dict[str, dict]:
     if _stage_finished(stage_config, stage_dir):
       logging.info('Stage %r finished earlier (%s): skipping it.', name, stage_dir)
       continue
+    if is_pseudo_label_config(stage_config):
+      logging.info('Stage %r: pseudo-labelling into %s.', name, stage_dir)
+      teacher = stage_config.teacher.stage
+      run_pseudo_label(stage_config, stage_dir,
+                       teacher_dir=stage_dirs[teacher] if teacher else None)
+      continue
     logging.info('Stage %r: training in %s.', name, stage_dir)
-    result = train_stage(stage_config, stage_dir,
+    result = train_stage(with_pseudo_label_folder(stage_config, stage_dirs), stage_dir,
                          initialise=initialiser_from(stage_config.init_from, workdir))
     if not result.finished:
       logging.info('Stage %r stopped at step %d; run the same command to resume.',
@@ -76,12 +90,30 @@ def run(config, workdir: str) -> dict[str, dict]:
   return results
 
 
+def with_pseudo_label_folder(stage_config, stage_dirs: dict[str, str]):
+  """A student's config with `data.pseudo_labels.stage` resolved to that stage's folder."""
+  stage = stage_config.data.pseudo_labels.stage
+  if not stage:
+    return stage_config
+  stage_config = stage_config.copy_and_resolve_references()
+  stage_config.data.pseudo_labels.update(stage=None, path=stage_dirs[stage])
+  return stage_config
+
+
 def collect_eval_results(stage_dirs: dict[str, str]) -> dict[str, dict]:
+  """{stage: evaluator results}; a pseudo-label stage reports how many images it labelled."""
   results = {}
   for name, stage_dir in stage_dirs.items():
     stage_results = workdir_lib.read_json(os.path.join(stage_dir, 'eval_results.json'))
+    metadata = workdir_lib.read_json(os.path.join(stage_dir, pseudo_labels_lib.METADATA_FILE))
     if stage_results is not None:
       results[name] = stage_results
+    elif metadata is not None:
+      total = max(metadata['num_examples'], 1)
+      results[name] = {'step': '', 'pseudo_labels': {
+          'labelled': float(metadata['num_records']),
+          'labelled_fraction': metadata['num_records'] / total,
+          'unreadable': float(metadata['num_unreadable'])}}
   return results
 
 

@@ -38,7 +38,7 @@ def pytest_configure(config):
 # loadfile, so module fixtures are built once). Files start in this order, the
 # slowest first, so the workers finish together; the rest follow in name order.
 _SLOWEST_FILES_FIRST = (
-    'test_multiprocess.py', 'test_finetune.py', 'test_faults.py', 'test_train.py',
+    'test_multiprocess.py', 'test_finetune.py', 'test_self_training.py', 'test_faults.py', 'test_train.py',
     'test_transfer.py', 'test_attention.py', 'test_pipeline.py', 'test_flip.py',
     'test_remat_choice.py', 'test_sharding.py', 'test_config.py', 'test_evaluators.py',
     'test_aim.py')

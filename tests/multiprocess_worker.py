@@ -5,6 +5,8 @@
 TASK 'data': writes the image hashes of every row this process loads, for the
 train pipeline's first batches and for one epoch of the eval pipeline.
 TASK 'preempt': process 1 alone gets SIGTERM at step 3 of 100.
+TASK 'pseudo_label': pseudo-labels with the teacher in WORKDIR/teacher into
+WORKDIR/pseudo_labels (tiny_pseudo_label_config) and writes each file's SHA-1.
 TASK 'train' / 'resume': trains the tiny MAE stage of tiny_multiprocess_config
 in WORKDIR/stage ('train' stops after 2 steps, as a preempted run would) and
 writes the losses it logged. Output: WORKDIR/<TASK>_process_<id>.json.
@@ -67,6 +69,14 @@ def main(process_id: int, num_processes: int, port: int, workdir: str, task: str
     # Each eval batch feeds a collective: a process with a batch more than the
     # others would hang there, so the counts must be equal.
     result['eval_rows'] = [image_hashes(batch) for batch in iter(evaluation.next_local_numpy, None)]
+  elif task == 'pseudo_label':
+    from big_pretrain.pseudo_label import run_pseudo_label  # noqa: PLC0415
+    from tiny_config import tiny_pseudo_label_config  # noqa: PLC0415
+    output = os.path.join(workdir, 'pseudo_labels')
+    run_pseudo_label(tiny_pseudo_label_config(), output,
+                     teacher_dir=os.path.join(workdir, 'teacher'))
+    result['files'] = {name: hashlib.sha1(open(os.path.join(output, name), 'rb').read()
+                                          ).hexdigest() for name in sorted(os.listdir(output))}
   else:
     if task == 'preempt':
       _sigterm_at_step(3, process_id=1)

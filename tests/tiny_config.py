@@ -55,3 +55,31 @@ def tiny_multiprocess_config():
   config.data.num_examples = 64
   config.log.every_steps = 1
   return config
+
+
+def tiny_teacher_config(**overrides):
+  """The tiny classifier trained on a quarter of 256 synthetic images (the labelled part)."""
+  config = tiny_finetune_config(**{'data.subset.fraction': 0.25, 'total_steps': 2})
+  config.objective.update(mixup_alpha=0.0, cutmix_alpha=0.0)
+  return _with_overrides(config, overrides)
+
+
+def tiny_pseudo_label_config(**overrides):
+  """Pseudo-labels for the other three quarters (192 images): 3 shards of 64, batch 16."""
+  from big_pretrain.config_schema import pseudo_label_config  # pylint: disable=import-outside-toplevel
+  config = pseudo_label_config()
+  config.teacher.workdir = 'set by the test'
+  config.data.update(source='synthetic', num_examples=256, source_image_size=32, num_threads=2)
+  config.data.subset.update(fraction=0.25, complement=True)
+  config.batch_size = 16
+  config.examples_per_shard = 64
+  config.labels.update(kind='soft', top_k=3)
+  return _with_overrides(config, overrides)
+
+
+def tiny_student_config(pseudo_labels: str, **overrides):
+  """The tiny classifier on the labelled quarter and the pseudo-labels in `pseudo_labels`."""
+  config = tiny_teacher_config()
+  config.objective = stage_config('self_training').objective
+  config.data.pseudo_labels.path = pseudo_labels
+  return _with_overrides(config, overrides)

@@ -42,6 +42,15 @@ from big_pretrain.data import transforms
 from big_pretrain.models import patches
 
 AUGMENT_NAMES = ('crop', 'flip', 'randaugment', 'erasing', 'scale_jitter')
+# The augmentation policies of "Rethinking Pre-training and Self-training" (Zoph et al.
+# 2020), by name: config.data.augment='S4'. S2 and S3 use AutoAugment in the paper;
+# RandAugment stands in for it here, so S3 is S4.
+POLICIES = {
+    'S1': 'crop+flip',
+    'S2': 'crop+flip+randaugment',
+    'S3': 'scale_jitter+crop+flip+randaugment',
+    'S4': 'scale_jitter+crop+flip+randaugment',
+}
 # Transforms that resize to image_size themselves; without one, a centre crop does.
 _RESIZING_NAMES = ('crop', 'scale_jitter')
 
@@ -57,13 +66,15 @@ MAX_LEVEL = 10.0
 def parse_augment(spec: str) -> tuple[str, ...]:
   """'crop+flip' -> ('crop', 'flip'); raises ValueError naming config.data.augment.
 
-  '' means no augmentation (centre crop only). Each name may appear once, and
+  '' means no augmentation (centre crop only); a policy name ('S1' ... 'S4', see
+  POLICIES) stands for its transforms. Each name may appear once, and
   'scale_jitter' must come before 'crop': cropping first and then rescaling
   the small crop would throw away the source image's resolution.
   """
   if not isinstance(spec, str):
     raise ValueError(f'config.data.augment={spec!r} must be a string of names joined by'
                      f' "+", e.g. "crop+flip"; valid names: {", ".join(AUGMENT_NAMES)}.')
+  spec = POLICIES.get(spec.strip(), spec)
   names = tuple(name.strip() for name in spec.split('+')) if spec.strip() else ()
   for name in names:
     if name not in AUGMENT_NAMES:

@@ -39,6 +39,7 @@ import numpy as np
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data import augment as augment_lib
 from big_pretrain.data import labels as labels_lib
+from big_pretrain.data import pseudo_labels as pseudo_labels_lib
 from big_pretrain.data import sources
 from big_pretrain.data import tokenizer as tokenizer_lib
 from big_pretrain.data import transforms
@@ -49,6 +50,9 @@ DEVICE_FEATURES = ('image', 'label')
 LABEL_IDS_FEATURE = 'label_ids'
 # Added to DEVICE_FEATURES when config.text.tokenizer is set: the tokenised caption.
 TEXT_TOKENS_FEATURE = 'text_tokens'
+# Added to training batches when config.pseudo_labels is set (self-training's student):
+# 1 for a pseudo-labelled row, and its teacher's classes and probabilities.
+PSEUDO_FEATURES = ('is_pseudo', 'pseudo_ids', 'pseudo_probs')
 
 # The most Grain threads config.data.num_threads=None picks (Grain's own default).
 MAX_AUTO_THREADS = 16
@@ -57,6 +61,7 @@ MAX_AUTO_THREADS = 16
 _SHUFFLE_STREAM = 0
 _AUGMENT_STREAM = 1
 _EVAL_SHUFFLE_STREAM = 2
+_PSEUDO_SHUFFLE_STREAM = 3
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -80,6 +85,17 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.tfds_label_key = ml_collections.FieldReference('label', field_type=str)
   config.tfds_caption_key = ml_collections.config_dict.placeholder(str)  # A text feature, or None.
   config.split = 'train'  # 'train' | 'test': which of the two a pipeline reads.
+  # Only a fixed random part of the training split: `fraction` of its examples (drawn
+  # from `seed`), or with complement=True all the others. Self-training's labelled
+  # subset and its unlabelled rest are the two parts of one source.
+  config.subset = ml_collections.ConfigDict(dict(fraction=1.0, complement=False))
+  # Self-training's student: training batches mix these examples with the teacher's
+  # pseudo-labels (a pseudo-label stage's folder) into the human-labelled ones above.
+  config.pseudo_labels = ml_collections.ConfigDict(dict(
+      stage=ml_collections.config_dict.placeholder(str),  # an earlier pseudo-label stage
+      path=ml_collections.config_dict.placeholder(str),   # or its folder
+      fraction=0.5,  # of every batch (exactly: batch_size * fraction must be whole); 1:1
+  ))
   config.num_examples = sources.DEFAULT_SYNTHETIC_EXAMPLES  # synthetic only.
   config.source_image_size = 64  # synthetic only: size of the generated images.
   config.synthetic_label = 'shape'  # synthetic only: the class label, 'shape' or 'colour'.
@@ -129,14 +145,29 @@ def default_data_config() -> ml_collections.ConfigDict:
   return config
 
 
-def device_feature_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """DEVICE_FEATURES, plus 'label_ids' if WSP labels are on and 'text_tokens' if text is."""
+def device_feature_names(data_config: ml_collections.ConfigDict,
+                         train: bool = True) -> tuple[str, ...]:
+  """DEVICE_FEATURES, plus 'label_ids' if WSP labels are on, 'text_tokens' if text is,
+  and in training PSEUDO_FEATURES if pseudo-labels are mixed in."""
   names = DEVICE_FEATURES
   if _label_vocabulary_path(data_config):
     names += (LABEL_IDS_FEATURE,)
   if tokenizer_lib.configured_tokenizer_path(data_config):
     names += (TEXT_TOKENS_FEATURE,)
+  if train and pseudo_label_folder(data_config):
+    names += PSEUDO_FEATURES
   return names
+
+
+def pseudo_label_folder(data_config: ml_collections.ConfigDict) -> str | None:
+  """The pseudo-labels mixed into training batches (config.pseudo_labels.path), or None."""
+  return ((data_config.get('pseudo_labels') or {}).get('path')) or None
+
+
+def pseudo_label_width(data_config: ml_collections.ConfigDict) -> int:
+  """Width of the 'pseudo_ids' / 'pseudo_probs' rows: the job's top_k (1 for hard labels)."""
+  labels = pseudo_labels_lib.read_metadata(pseudo_label_folder(data_config))['labels']
+  return 1 if labels['kind'] == 'hard' else int(labels['top_k'])
 
 
 def global_batch_shapes(data_config: ml_collections.ConfigDict,
@@ -155,6 +186,11 @@ def global_batch_shapes(data_config: ml_collections.ConfigDict,
   if TEXT_TOKENS_FEATURE in names:
     shapes[TEXT_TOKENS_FEATURE] = jax.ShapeDtypeStruct(
         (batch, data_config.text.max_length), np.int32)
+  if 'is_pseudo' in names:
+    width = pseudo_label_width(data_config)
+    shapes['is_pseudo'] = jax.ShapeDtypeStruct((batch,), np.int32)
+    shapes['pseudo_ids'] = jax.ShapeDtypeStruct((batch, width), np.int32)
+    shapes['pseudo_probs'] = jax.ShapeDtypeStruct((batch, width), np.float32)
   return shapes
 
 
@@ -289,6 +325,16 @@ def add_text_tokens(
   """
   return {**example,
           TEXT_TOKENS_FEATURE: tokenizer.tokenize(example.get('caption') or '', max_length)}
+
+
+def as_human_labelled_row(example: dict[str, Any], *, width: int) -> dict[str, Any]:
+  """A human-labelled row of a mixed batch: no pseudo-label (is_pseudo 0, ids -1)."""
+  return {**example, 'is_pseudo': np.int32(0), 'pseudo_ids': np.full(width, -1, np.int32),
+          'pseudo_probs': np.zeros(width, np.float32)}
+
+
+def as_pseudo_labelled_row(example: dict[str, Any]) -> dict[str, Any]:
+  return {**example, 'is_pseudo': np.int32(1)}
 
 
 def select_device_features(
@@ -473,9 +519,12 @@ class InputPipeline:
     per_process_batch = global_batch_size // process_count
 
     dataset = grain.MapDataset.source(self._source)
+    self._pseudo_labelled = None
     if train:
       dataset = dataset.shuffle(seed=_derive_seed(data_config.seed, seed, _SHUFFLE_STREAM))
       dataset = dataset.repeat(None)
+      if pseudo_label_folder(data_config):
+        dataset = self._mixed_with_pseudo_labels(dataset, data_config, global_batch_size, seed)
     else:
       # A fixed order, independent of the run's seed, so evaluations compare
       # across runs; shuffled so the first N examples span every class (image
@@ -524,9 +573,38 @@ class InputPipeline:
         prefetch_buffer_size=data_config.prefetch_buffer_size))
     iter_dataset = SkipCorruptExamplesIterDataset(iter_dataset, self._skipped)
     iter_dataset = iter_dataset.map(functools.partial(
-        select_device_features, feature_names=device_feature_names(data_config)))
+        select_device_features, feature_names=device_feature_names(data_config, train)))
     iter_dataset = iter_dataset.batch(per_process_batch, drop_remainder=True)
     self._iterator = iter_dataset.__iter__()
+
+  def _mixed_with_pseudo_labels(self, labelled: grain.MapDataset, data_config,
+                                global_batch_size: int, seed: int) -> grain.MapDataset:
+    """`labelled` (shuffled, repeated) mixed with the pseudo-labelled images, each global
+    batch holding exactly batch * fraction of them (Grain's deterministic mix)."""
+    folder = pseudo_label_folder(data_config)
+    fraction = float(data_config.pseudo_labels.fraction)
+    if not 0.0 < fraction < 1.0 or abs(global_batch_size * fraction
+                                       - round(global_batch_size * fraction)) > 1e-9:
+      raise ValueError(
+          f'config.data.pseudo_labels.fraction={fraction}: must be in (0, 1) and give a whole '
+          f'number of rows of the global batch of {global_batch_size} (e.g. 0.5 for 1:1).')
+    metadata = pseudo_labels_lib.read_metadata(folder)
+    unlabelled = sources.build_source(
+        pseudo_labels_lib.unlabelled_data_config(data_config, metadata))
+    self._pseudo_labelled = pseudo_labels_lib.PseudoLabelledSource(
+        folder, unlabelled, width=pseudo_label_width(data_config))
+    if self._pseudo_labelled.num_classes != self._source.num_classes and not (
+        _label_vocabulary_path(data_config)):
+      raise ValueError(
+          f'The pseudo-labels in {folder!r} have {self._pseudo_labelled.num_classes} classes '
+          f'(the teacher\'s), the labelled source {self._source.num_classes}: the student '
+          'learns one set of classes. Pseudo-label with a teacher of the same classes.')
+    width = pseudo_label_width(data_config)
+    pseudo = grain.MapDataset.source(self._pseudo_labelled)
+    pseudo = pseudo.shuffle(seed=_derive_seed(data_config.seed, seed, _PSEUDO_SHUFFLE_STREAM))
+    pseudo = pseudo.repeat(None).map(as_pseudo_labelled_row)
+    labelled = labelled.map(functools.partial(as_human_labelled_row, width=width))
+    return grain.MapDataset.mix([labelled, pseudo], weights=[1.0 - fraction, fraction])
 
   def __iter__(self) -> InputPipeline:
     return self
@@ -572,3 +650,90 @@ class InputPipeline:
   @property
   def class_names(self) -> list[str]:
     return self._source.class_names
+
+
+# --- Every example once, in order (pseudo-labelling) ----------------------------
+
+# Keys travel between processes as fixed-width UTF-8 rows of this many bytes.
+MAX_KEY_BYTES = 512
+_PADDING_ROW = {'padding': True}
+
+
+class _IndexedRows(grain.MapDataset):
+  """Row r is example indices[r] of `source` (with its 'index'); rows past them are padding."""
+
+  def __init__(self, source, indices: np.ndarray, length: int):
+    super().__init__()
+    self._source, self._indices, self._length = source, indices, length
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, row):
+    if isinstance(row, slice):
+      return self.slice(row)
+    if row >= len(self._indices):
+      return _PADDING_ROW
+    index = int(self._indices[row])
+    return {**self._source[index], 'index': index}
+
+  def __str__(self) -> str:
+    return f'IndexedRows({len(self._indices)} examples, {self._length} rows)'
+
+
+def _encode_key(key: str) -> np.ndarray:
+  encoded = key.encode('utf-8')
+  if len(encoded) > MAX_KEY_BYTES:
+    raise ValueError(f'Example key {key[:80]!r}... is longer than {MAX_KEY_BYTES} bytes.')
+  row = np.zeros(MAX_KEY_BYTES, np.uint8)
+  row[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+  return row
+
+
+def decode_key(row: np.ndarray) -> str:
+  return bytes(np.asarray(row, np.uint8)).rstrip(b'\0').decode('utf-8')
+
+
+def _ordered_row(example: dict[str, Any], *, image_size: int,
+                 crop_fraction: float) -> dict[str, np.ndarray]:
+  """A centre-cropped row with 'valid', 'index' and 'key_bytes'; padding and unreadable
+  images are rows with valid=False (the batch keeps its shape on every process)."""
+  blank = np.zeros((image_size, image_size, 3), np.uint8)
+  if example.get('padding'):
+    return {'image': blank, 'valid': np.bool_(False), 'index': np.int64(-1),
+            'key_bytes': np.zeros(MAX_KEY_BYTES, np.uint8)}
+  prepared = prepare_for_eval(example, image_size=image_size, crop_fraction=crop_fraction)
+  valid = not isinstance(prepared, transforms.SkippedExample)
+  if not valid:
+    logging.warning('Skipping unreadable image %s (%s).', prepared.path, prepared.reason)
+  return {'image': prepared['image'] if valid else blank, 'valid': np.bool_(valid),
+          'index': np.int64(example['index']),
+          'key_bytes': _encode_key(pseudo_labels_lib.example_key(example, example['index']))}
+
+
+def ordered_batches(source, indices: np.ndarray, data_config: ml_collections.ConfigDict, *,
+                    global_batch_size: int, mesh: jax.sharding.Mesh):
+  """Global batches of the examples `indices` of `source`, in order, each exactly once.
+
+  Yields (images: a uint8 global array, batch-sharded; rows: host numpy 'valid',
+  'index', 'key_bytes', identical on every process). The last batch is padded
+  with rows whose 'valid' is False, and an unreadable image is such a row too,
+  so every process reads the same number of whole batches.
+  """
+  process_count = jax.process_count()
+  per_process = global_batch_size // process_count
+  length = -(-len(indices) // global_batch_size) * global_batch_size
+  dataset = _IndexedRows(source, np.asarray(indices), length).map(functools.partial(
+      _ordered_row, image_size=data_config.image_size,
+      crop_fraction=data_config.get('eval_crop_fraction', 1.0)))
+  dataset = ProcessShare(dataset, per_process, jax.process_index(), process_count)
+  batches = dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=num_reader_threads(data_config),
+      prefetch_buffer_size=data_config.prefetch_buffer_size)).batch(per_process)
+  sharding = sharding_lib.batch_sharding(mesh)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  for local in batches:
+    images = jax.make_array_from_process_local_data(sharding, local.pop('image'))
+    rows = {name: np.asarray(multihost_utils.process_allgather(value, tiled=True))
+            if process_count > 1 else value for name, value in local.items()}
+    yield images, rows

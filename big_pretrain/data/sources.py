@@ -147,6 +147,7 @@ class SyntheticShapes:
     self._num_examples = num_examples
     self._image_size = image_size
     self._seed = seed
+    self._split = split
     # The training stream is (seed, index), the test stream (seed, index, 1).
     self._stream = () if split == 'train' else (SPLITS.index(split),)
     # Pixel-centre coordinates, shared by every example.
@@ -201,6 +202,7 @@ class SyntheticShapes:
     colour_name = PALETTE[colour_id][0]
     background_name = PALETTE[background_id][0]
     return {
+        'key': f'synthetic/{self._split}/{index}',
         'image': np.clip(image, 0, 255).astype(np.uint8),
         'label': label if self._label == 'shape' else colour_id,
         'caption': f'a {size_name} {colour_name} {shape_name} on a {background_name} background',
@@ -253,6 +255,7 @@ class ImageFolder:
           f' with one of the extensions {", ".join(extensions)}.')
 
     self._root = root
+    self._root_prefix = str(root) + '/'
     self._class_names = [d.name for d in class_dirs]
     self._image_paths = tuple(image_paths)
     self._labels = tuple(labels)
@@ -277,6 +280,7 @@ class ImageFolder:
     except FileNotFoundError:
       caption = ''
     return {
+        'key': image_path[len(self._root_prefix):],  # The path under the folder.
         'image_path': image_path,
         'label': self._labels[int(index)],
         'caption': caption,
@@ -608,6 +612,49 @@ class TfdsSource:
     return example
 
 
+# --- A fixed part of a source (a labelled subset, and the unlabelled rest) -------
+
+class SubsetSource:
+  """The examples of `source` in a fixed random `fraction` of its indices, or all but those.
+
+  The part is drawn once from `seed` (a permutation of the indices; the first
+  round(fraction * len) are 'in'), so `complement=False` and `complement=True`
+  split one dataset into two disjoint parts that cover it: e.g. 10% of
+  ImageNet's labels, and the other 90% as unlabelled images for self-training.
+  Examples keep their order, their keys and their labels.
+  """
+
+  def __init__(self, source, fraction: float, *, complement: bool = False, seed: int = 0):
+    if not 0.0 < fraction <= 1.0:
+      raise ValueError(f'config.data.subset.fraction={fraction}: must be in (0, 1].')
+    order = np.random.default_rng((int(seed), _SUBSET_STREAM)).permutation(len(source))
+    count = int(round(fraction * len(source)))
+    indices = order[count:] if complement else order[:count]
+    if not len(indices):  # pylint: disable=g-explicit-length-test
+      raise ValueError(
+          f'config.data.subset (fraction={fraction}, complement={complement}) of a source of '
+          f'{len(source)} examples is empty.')
+    self._source = source
+    self._indices = np.sort(indices)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  @property
+  def class_names(self) -> list[str]:
+    return self._source.class_names
+
+  @property
+  def num_classes(self) -> int:
+    return self._source.num_classes
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._source[int(self._indices[int(index)])]
+
+
+_SUBSET_STREAM = 7  # Keeps the subset's draw apart from the synthetic images' streams.
+
+
 # --- Dispatch -----------------------------------------------------------------
 SOURCE_NAMES = ('synthetic', 'image_folder', 'array_record', 'tfds')
 _PATH_SOURCES = {
@@ -615,11 +662,22 @@ _PATH_SOURCES = {
     'array_record': ('a folder of ArrayRecord shards written by `python -m'
                      ' big_pretrain.data.convert`', ArrayRecordSource),
 }
-Source = SyntheticShapes | ImageFolder | ArrayRecordSource | TfdsSource
+Source = SyntheticShapes | ImageFolder | ArrayRecordSource | TfdsSource | SubsetSource
 
 
 def build_source(data_config) -> Source:
-  """Builds the source named by ``data_config.source``."""
+  """Builds the source named by ``data_config.source``; its training split limited to
+  ``data_config.subset``'s part when that is set."""
+  source = _build_whole_source(data_config)
+  subset = data_config.get('subset') or {}
+  if data_config.get('split', 'train') == 'train' and (
+      subset.get('fraction', 1.0) < 1.0 or subset.get('complement')):
+    source = SubsetSource(source, subset['fraction'], complement=subset.get('complement', False),
+                          seed=data_config.get('seed', 0))
+  return source
+
+
+def _build_whole_source(data_config) -> Source:
   split = data_config.get('split', 'train')
   if data_config.source == 'synthetic':
     return SyntheticShapes(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import types
 
-from big_pretrain.objectives import aim, finetune, flip, mae, wsp
+from big_pretrain.objectives import aim, finetune, flip, mae, self_training, wsp
 
 # Read-only: a name maps to (Objective class, default config factory).
 _REGISTRY = types.MappingProxyType({
@@ -13,6 +13,7 @@ _REGISTRY = types.MappingProxyType({
     'flip': (flip.FLIP, flip.default_config),
     'aim': (aim.AIM, aim.default_config),
     'finetune': (finetune.Finetune, finetune.default_config),
+    'self_training': (self_training.SelfTrainingStudent, self_training.default_config),
 })
 
 

@@ -147,6 +147,7 @@ class ClassifierModel(nn.Module):
   """ViT encoder (params['encoder']) -> pooled feature -> head (params['head'])."""
   encoder: VisionTransformer
   num_classes: int
+  head_dropout: float = 0.0  # before the head, in training (Noisy Student's student: 0.5)
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -155,6 +156,8 @@ class ClassifierModel(nn.Module):
       pooled = layer_norm(self.encoder.dtype, name='fc_norm')(outputs['patch_tokens'].mean(axis=1))
     else:
       pooled = outputs['pooled']
+    if self.head_dropout:
+      pooled = nn.Dropout(self.head_dropout, deterministic=not train)(pooled)
     # Zero-initialised: every class starts equally likely (MAE: std 2e-5, i.e. about zero).
     return dense(self.num_classes, ('embed', 'vocab'), self.encoder.dtype, name='head',
                  kernel_init=nn.initializers.zeros)(pooled)

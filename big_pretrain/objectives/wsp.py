@@ -84,6 +84,11 @@ class WSP(Objective):
   def init_params(self, rng):
     return self.model.init({'params': rng}, self.dummy_images())['params']
 
+  def predict(self, params, images: jax.Array) -> jax.Array:
+    """Logits over the label vocabulary (B, num_labels) of uint8 images: a WSP stage can be
+    a self-training teacher, its pseudo-labels the vocabulary's labels."""
+    return self.model.apply({'params': params}, normalize_images(images))
+
   def loss(self, params, batch, rng, train=True):
     del rng, train  # No dropout or masking: the only randomness is the input pipeline's.
     logits = self.model.apply({'params': params}, normalize_images(batch['image']))

@@ -191,7 +191,7 @@ def model_flops_breakdown(config, num_labels: int | None = None) -> StepFlops:
     parts['head/mlp'] = depth * (dense_flops(rows, width, MLP_RATIO * width)
                                  + dense_flops(rows, MLP_RATIO * width, width))
     parts['head/predict'] = dense_flops(rows, width, patch_dim)
-  elif objective.name == 'finetune':
+  elif objective.name in ('finetune', 'self_training'):
     parts['head'] = dense_flops(batch, size.width, finetune.num_classes(config))
   else:
     raise ValueError(f'No FLOPs model for objective {objective.name!r}.')

@@ -1,0 +1,159 @@
+"""Pseudo-labels on disk: a teacher's labels for unlabelled images, keyed by the example key.
+
+`python main.py` with a pseudo-label stage (big_pretrain/pseudo_label.py)
+writes a folder of ArrayRecord shards plus a `metadata.json`; a self-training
+student reads it back here as one more source (`PseudoLabelledSource`), which
+joins each record to its image in the unlabelled source and drops everything
+that source knows about the image's true class (label, caption, hashtags).
+
+A record is a serialized tf.train.Example:
+  key          bytes    the example's key in the unlabelled source (checked on read)
+  index        int64    its index in that source
+  label_ids    int64[k] the teacher's classes, most probable first (hard labels: k = 1)
+  label_probs  float[k] their probabilities, summing to 1 (hard labels: [1.0])
+  confidence   float    the teacher's top probability, before any renormalisation
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from big_pretrain.errors import ConfigError
+
+SHARD_PREFIX = 'pseudo_labels'
+METADATA_FILE = 'metadata.json'
+FORMAT = 'big_pretrain.pseudo_labels'
+FORMAT_VERSION = 1
+
+# The keys of config.data that say which images a source holds (not how they are
+# augmented or batched): the unlabelled source is rebuilt from these.
+SOURCE_KEYS = ('source', 'path', 'tfds_name', 'tfds_data_dir', 'tfds_train_split',
+               'tfds_image_key', 'tfds_label_key', 'tfds_caption_key', 'num_examples',
+               'source_image_size', 'synthetic_label', 'seed', 'subset')
+
+
+def example_key(example: dict[str, Any], index: int) -> str:
+  """What joins a pseudo-label to its image: the source's key, or its index if it has none."""
+  return str(example.get('key') or index)
+
+
+def shard_name(shard: int, num_shards: int) -> str:
+  return f'{SHARD_PREFIX}-{shard:05d}-of-{num_shards:05d}.array_record'
+
+
+def _example_proto():
+  from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
+  return example_pb2.Example
+
+
+def encode_record(key: str, index: int, label_ids, label_probs, confidence: float) -> bytes:
+  """One record (see the module doc); the same values always give the same bytes."""
+  example = _example_proto()()
+  feature = example.features.feature
+  feature['key'].bytes_list.value.append(key.encode('utf-8'))
+  feature['index'].int64_list.value.append(int(index))
+  feature['label_ids'].int64_list.value.extend(int(i) for i in label_ids)
+  feature['label_probs'].float_list.value.extend(float(p) for p in label_probs)
+  feature['confidence'].float_list.value.append(float(confidence))
+  return example.SerializeToString(deterministic=True)
+
+
+def decode_record(record: bytes, example_class=None) -> dict[str, Any]:
+  feature = (example_class or _example_proto()).FromString(record).features.feature
+  return {'key': feature['key'].bytes_list.value[0].decode('utf-8'),
+          'index': int(feature['index'].int64_list.value[0]),
+          'label_ids': np.asarray(feature['label_ids'].int64_list.value, np.int32),
+          'label_probs': np.asarray(feature['label_probs'].float_list.value, np.float32),
+          'confidence': float(feature['confidence'].float_list.value[0])}
+
+
+def read_metadata(folder: str) -> dict[str, Any]:
+  """The finished job's metadata.json; a clear error when the folder holds no finished job."""
+  path = pathlib.Path(folder) / METADATA_FILE
+  if not path.is_file():
+    raise FileNotFoundError(
+        f'No finished pseudo-labels in {folder!r} ({METADATA_FILE} is missing): run the '
+        'pseudo-label stage first (it writes that file last), or point '
+        'config.data.pseudo_labels.path at its folder.')
+  metadata = json.loads(path.read_text(encoding='utf-8'))
+  if metadata.get('format') != FORMAT or metadata.get('format_version') != FORMAT_VERSION:
+    raise ValueError(f'{str(path)!r} is not pseudo-label metadata of this version '
+                     f'(format {metadata.get("format")!r} v{metadata.get("format_version")}).')
+  return metadata
+
+
+def unlabelled_data_config(data_config, metadata: dict) -> ml_collections.ConfigDict:
+  """`data_config` (the student's: augmentation, size, threads) reading the images the
+  pseudo-labels were made for (the job's source keys, from its metadata)."""
+  data = data_config.copy_and_resolve_references()
+  for key in SOURCE_KEYS:
+    if key in metadata['data']:
+      value = metadata['data'][key]
+      data[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+  data.split = 'train'
+  data.labels.vocabulary = None  # Targets come from the teacher, never from the captions.
+  return data
+
+
+class PseudoLabelledSource:
+  """The unlabelled images that have pseudo-labels, with the teacher's labels and nothing else.
+
+  Example i is record i of the shards, joined to its image by the record's
+  index in `unlabelled` and checked by key (a changed image folder is an
+  error, not a silent mislabelling). The true 'label', the caption and the
+  hashtags of the unlabelled source are replaced: the student never sees them.
+  Examples get 'pseudo_ids' (int32 (width,), -1 padded) and 'pseudo_probs'
+  (float32 (width,), 0 padded, summing to 1).
+  """
+
+  def __init__(self, folder: str, unlabelled, *, width: int):
+    import grain  # pylint: disable=g-import-not-at-top
+    metadata = read_metadata(folder)
+    shards = [str(pathlib.Path(folder) / shard['file']) for shard in metadata['shards']
+              if shard['num_records']]
+    if not shards:
+      raise ConfigError(
+          f'The pseudo-labels in {folder!r} hold no example: none of the '
+          f'{metadata["num_examples"]} unlabelled images passed the teacher\'s confidence '
+          f'threshold {metadata["labels"]["threshold"]}. Lower it and run the pseudo-label '
+          'stage again (in a new folder).')
+    self._records = grain.sources.ArrayRecordDataSource(shards)
+    self._unlabelled = unlabelled
+    self._width = width
+    self._folder = folder
+    self._example_class = _example_proto()
+    self.metadata = metadata
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  @property
+  def num_classes(self) -> int:
+    return self.metadata['num_classes']
+
+  @property
+  def class_names(self) -> list[str]:
+    return list(self.metadata.get('class_names') or [])
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = decode_record(self._records[int(index)], self._example_class)
+    example = self._unlabelled[record['index']]
+    key = example_key(example, record['index'])
+    if key != record['key']:
+      raise ValueError(
+          f'Pseudo-label {int(index)} in {self._folder!r} is for {record["key"]!r}, but the '
+          f'unlabelled source\'s example {record["index"]} is {key!r}: the images changed '
+          'after pseudo-labelling. Run the pseudo-label stage again.')
+    ids = np.full(self._width, -1, np.int32)
+    probs = np.zeros(self._width, np.float32)
+    count = min(self._width, len(record['label_ids']))
+    ids[:count], probs[:count] = record['label_ids'][:count], record['label_probs'][:count]
+    image = {name: example[name] for name in ('image', 'image_path', 'image_bytes')
+             if name in example}
+    return {**image, 'key': record['key'], 'label': -1, 'caption': '', 'hashtags': [],
+            'pseudo_ids': ids, 'pseudo_probs': probs / max(probs.sum(), 1e-12)}

@@ -1,0 +1,124 @@
+"""Self-training's student (Zoph et al. 2020, "Rethinking Pre-training and Self-training";
+Noisy Student, Xie et al. 2020).
+
+A teacher's pseudo-labels on unlabelled images (big_pretrain/pseudo_label.py)
+are mixed into every training batch beside the human-labelled images
+(config.data.pseudo_labels: exactly `fraction` of each batch); the student
+is the fine-tuning classifier, trained on both under strong augmentation
+(config.data.augment, e.g. S4: RandAugment + flip + crop + large scale
+jitter) and, as Noisy Student's, optionally stochastic depth
+(config.model.drop_path) and dropout before the head (objective.head_dropout).
+
+The loss normalises each part over its own rows and combines them with a
+weight w (objective.pseudo_label_weight):
+
+    L = (L_h + w * s * L_p) / (1 + w)
+
+L_h is the mean cross-entropy over the human-labelled rows against their
+label-smoothed targets, L_p over the pseudo-labelled rows against the
+teacher's probabilities (a hard label is probability 1). With
+`balance_pseudo_loss` (the paper's Loss Normalization) s = L_h / L_p, held
+out of the gradient, so the pseudo-label term is always on the scale of the
+human one; (choice) the paper divides moving averages of the two losses,
+ours divides this batch's. Otherwise s = 1.
+
+The student may start from scratch or from any earlier stage's encoder
+(`init_from`), so pre-training and self-training compose; and, having a
+classification head, it can be the next round's teacher.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from big_pretrain.errors import ConfigError
+from big_pretrain.models.patches import normalize_images
+from big_pretrain.models.vit import vit_from_config
+from big_pretrain.objectives import finetune
+
+
+def default_config() -> ml_collections.ConfigDict:
+  config = finetune.default_config()
+  config.name = 'self_training'
+  # Mixup and cutmix would mix human with pseudo-labelled rows: off (the paper's students
+  # use neither).
+  config.mixup_alpha = 0.0
+  config.cutmix_alpha = 0.0
+  config.pseudo_label_weight = 1.0     # w above
+  config.balance_pseudo_loss = False   # s = L_h / L_p (the paper's loss normalisation)
+  config.head_dropout = 0.0            # Noisy Student's student: 0.5
+  return config
+
+
+def pseudo_targets(pseudo_ids: jax.Array, pseudo_probs: jax.Array, num_classes: int):
+  """(B, k) class ids (-1: none) and probabilities -> dense (B, num_classes) targets."""
+  return jnp.einsum('bk,bkc->bc', pseudo_probs, jax.nn.one_hot(pseudo_ids, num_classes))
+
+
+def combined_loss(per_example: jax.Array, is_pseudo: jax.Array, weight: float,
+                  balance: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(L, L_h, L_p) of the module doc from per-example losses and the pseudo-row mask."""
+  pseudo = is_pseudo.astype(jnp.float32)
+  human = 1.0 - pseudo
+  human_loss = (per_example * human).sum() / jnp.maximum(human.sum(), 1.0)
+  pseudo_loss = (per_example * pseudo).sum() / jnp.maximum(pseudo.sum(), 1.0)
+  scale = jax.lax.stop_gradient(human_loss / jnp.maximum(pseudo_loss, 1e-12)) if balance else 1.0
+  return (human_loss + weight * scale * pseudo_loss) / (1.0 + weight), human_loss, pseudo_loss
+
+
+class SelfTrainingStudent(finetune.Finetune):
+  name = 'self_training'
+
+  @classmethod
+  def check_config(cls, config, path):
+    super().check_config(config, path)
+    objective, pseudo_labels = config.objective, config.data.pseudo_labels
+    if not (pseudo_labels.stage or pseudo_labels.path):
+      raise ConfigError(
+          f'{path}.data.pseudo_labels: the student needs pseudo-labels. Set stage to an '
+          'earlier pseudo-label stage of the chain, or path to its folder.')
+    if pseudo_labels.stage and pseudo_labels.path:
+      raise ConfigError(f'{path}.data.pseudo_labels: give stage or path, not both.')
+    if not 0.0 < pseudo_labels.fraction < 1.0:
+      raise ConfigError(f'{path}.data.pseudo_labels.fraction={pseudo_labels.fraction}: must '
+                        'be in (0, 1): the share of each batch that is pseudo-labelled.')
+    rows = config.batch_size * pseudo_labels.fraction
+    if abs(rows - round(rows)) > 1e-9:
+      raise ConfigError(
+          f'{path}.data.pseudo_labels.fraction={pseudo_labels.fraction} of batch_size '
+          f'{config.batch_size} is {rows:g} rows: choose a fraction that gives whole rows.')
+    if objective.mixup_alpha or objective.cutmix_alpha:
+      raise ConfigError(f'{path}.objective.mixup_alpha and cutmix_alpha must be 0 for the '
+                        'student: they would mix human- with pseudo-labelled rows.')
+    if objective.pseudo_label_weight < 0 or not 0.0 <= objective.head_dropout < 1.0:
+      raise ConfigError(f'{path}.objective.pseudo_label_weight must be >= 0 and '
+                        'head_dropout in [0, 1).')
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.model = finetune.ClassifierModel(encoder=vit_from_config(config.model),
+                                          num_classes=self.num_classes,
+                                          head_dropout=config.objective.head_dropout)
+
+  def loss(self, params, batch, rng, train=True):
+    objective = self.config.objective
+    logits = self.model.apply({'params': params}, normalize_images(batch['image']),
+                              train=train, rngs={'dropout': rng})
+    if 'is_pseudo' not in batch:  # evaluation batches hold human labels only
+      loss = finetune.soft_cross_entropy(logits, self.targets(batch)).mean()
+      return loss, {'loss': loss}
+    is_pseudo = batch['is_pseudo'] > 0
+    targets = jnp.where(is_pseudo[:, None],
+                        pseudo_targets(batch['pseudo_ids'], batch['pseudo_probs'],
+                                       self.num_classes),
+                        self.targets(batch))
+    per_example = finetune.soft_cross_entropy(logits, targets)
+    loss, human_loss, pseudo_loss = combined_loss(
+        per_example, is_pseudo, objective.pseudo_label_weight, objective.balance_pseudo_loss)
+    agrees = jnp.argmax(logits, -1) == batch['pseudo_ids'][:, 0]
+    pseudo = is_pseudo.astype(jnp.float32)
+    return loss, {'loss': loss, 'loss_human': human_loss, 'loss_pseudo': pseudo_loss,
+                  'pseudo_fraction': pseudo.mean(),
+                  'agrees_with_teacher': (agrees * pseudo).sum() / jnp.maximum(pseudo.sum(), 1)}

@@ -1,0 +1,307 @@
+"""Pseudo-labelling, self-training's middle step: a teacher labels unlabelled images.
+
+  python main.py --config=configs/self_training.py --workdir=DIR        # inside a chain
+  python main.py --config=configs/pseudo_label.py --workdir=OUT \\
+      --config.teacher.workdir=RUNS/finetune --config.data.path=/data/unlabelled
+
+The teacher is a finished stage with a classification head (finetune, a
+self-training student, or WSP over its label vocabulary): its config.json
+and latest checkpoint are read from its folder. It runs jitted and sharded
+over the mesh, every process reading its share of each batch, on centre
+crops at the teacher's image size.
+
+The unlabelled source is cut into shards of `examples_per_shard` consecutive
+examples. For each shard, process 0 writes an ArrayRecord file of the
+examples that pass the confidence threshold (big_pretrain/data/pseudo_labels.py
+has the record format), renamed into place once whole, then a small JSON of
+the shard's counts. A killed job therefore resumes at the first shard
+without counts, and a job run again writes the same bytes. `metadata.json`
+is written last: the settings, the shards, how many images were labelled,
+and the distribution of their labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+from jax.experimental import multihost_utils
+
+from big_pretrain import sharding as sharding_lib
+from big_pretrain import transfer
+from big_pretrain import workdir as workdir_lib
+from big_pretrain.data import pseudo_labels as records_lib
+from big_pretrain.data import sources
+from big_pretrain.data.labels import LabelVocabulary
+from big_pretrain.data.pipeline import decode_key, ordered_batches
+from big_pretrain.errors import ConfigError
+from big_pretrain.objectives import build_objective
+
+TEACHER_CONFIG_FILE = 'config.json'
+
+
+@dataclasses.dataclass
+class PseudoLabelResult:
+  folder: str
+  finished: bool
+  shards_written: int             # by this call
+  metadata: dict | None = None    # metadata.json's content once finished
+
+
+def read_teacher_config(teacher_dir: str) -> ml_collections.ConfigDict:
+  """The stage config a teacher stage recorded (its config.json, with what the data decided)."""
+  config = workdir_lib.read_json(os.path.join(teacher_dir, TEACHER_CONFIG_FILE))
+  if config is None:
+    raise FileNotFoundError(
+        f'The teacher folder {teacher_dir!r} has no {TEACHER_CONFIG_FILE}: point '
+        'config.teacher.workdir at the folder of a trained stage (it holds config.json and '
+        'checkpoints/), or config.teacher.stage at an earlier stage of the chain.')
+  config = ml_collections.ConfigDict(config)
+  for key, value in config.data.items():  # JSON gave lists where the schema has tuples.
+    if isinstance(value, list):
+      config.data[key] = tuple(value)
+  return config
+
+
+def teacher_params(objective, step_dir: str, mesh, rules):
+  """The teacher's parameters from `step_dir`, created sharded as its model's are."""
+  with sharding_lib.activate(mesh, rules):
+    boxed = jax.eval_shape(objective.init_params, jax.random.key(0))
+    shardings = sharding_lib.logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
+  abstract = jax.tree_util.tree_map(
+      lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+      nn.meta.unbox(boxed), shardings)
+  return transfer.load_into(abstract, step_dir, tuple(abstract))
+
+
+def job_settings(config, teacher_step_dir: str, num_examples: int) -> dict:
+  """What the labels depend on: a folder holding labels made otherwise is not resumed."""
+  data = config.data.to_dict()
+  return {'teacher': teacher_step_dir,
+          'data': {key: data[key] for key in records_lib.SOURCE_KEYS if key in data},
+          'labels': config.labels.to_dict(),
+          'num_examples': num_examples,
+          'examples_per_shard': config.examples_per_shard}
+
+
+def _class_names(teacher_config, num_classes: int) -> list[str]:
+  if teacher_config.data.labels.get('vocabulary'):
+    return list(LabelVocabulary.from_file(teacher_config.data.labels.vocabulary).labels)
+  try:
+    names = sources.build_source(teacher_config.data).class_names
+  except (OSError, ValueError):  # the teacher's data moved: the names are only for reports
+    names = []
+  return list(names) if len(names) == num_classes else [str(c) for c in range(num_classes)]
+
+
+def run_pseudo_label(config, workdir: str, *, teacher_dir: str | None = None, devices=None,
+                     stop_after_shards: int | None = None) -> PseudoLabelResult:
+  """Labels every unlabelled image not labelled yet in `workdir`; see the module doc.
+
+  `teacher_dir` (a chain resolves `teacher.stage` to it) overrides
+  `config.teacher.workdir`. `stop_after_shards` stops early, as a killed job would.
+  """
+  teacher_dir = teacher_dir or config.teacher.workdir
+  teacher_config = read_teacher_config(teacher_dir)
+  objective = build_objective(teacher_config)
+  if not hasattr(objective, 'predict'):
+    raise ConfigError(
+        f'The teacher in {teacher_dir} trains objective {objective.name!r}, which has no '
+        "classification head: use a 'finetune', 'self_training' or 'wsp' stage.")
+  step_dir = transfer.resolve_checkpoint_dir(teacher_dir)
+  if int(os.path.basename(step_dir)) < teacher_config.total_steps:
+    logging.warning('The teacher in %s has not finished (step %s of %d): labelling with it.',
+                    teacher_dir, os.path.basename(step_dir), teacher_config.total_steps)
+
+  data = config.data.copy_and_resolve_references()
+  # The teacher sees images as it was evaluated: its size and centre crop.
+  data.image_size = teacher_config.data.image_size
+  data.eval_crop_fraction = teacher_config.data.get('eval_crop_fraction', 1.0)
+  data.split = 'train'
+  source = sources.build_source(data)
+  num_examples = len(source)
+  settings = job_settings(config, step_dir, num_examples)
+  _check_or_record_settings(workdir, settings)
+  metadata = workdir_lib.read_json(os.path.join(workdir, records_lib.METADATA_FILE))
+  if metadata is not None:
+    logging.info('Pseudo-labels in %s are finished: nothing to do.', workdir)
+    return PseudoLabelResult(workdir, True, 0, metadata)
+
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  rules = sharding_lib.logical_axis_rules(config)
+  params = teacher_params(objective, step_dir, mesh, rules)
+  labels = config.labels
+  top_k = 1 if labels.kind == 'hard' else labels.top_k
+
+  def top_classes(params, images):
+    logits = objective.predict(params, images).astype(jnp.float32)
+    probs = jax.nn.softmax(logits / labels.temperature, axis=-1)
+    return jax.lax.top_k(probs, min(top_k, probs.shape[-1]))
+
+  predict = jax.jit(top_classes, out_shardings=sharding_lib.batch_sharding(mesh))
+  with sharding_lib.activate(mesh, rules):
+    num_classes = int(jax.eval_shape(
+        lambda p: objective.predict(p, objective.dummy_images()), params).shape[-1])
+  shards_per_batch = sharding_lib.num_batch_shards(mesh) * jax.process_count()
+  batch_size = math.ceil(min(config.batch_size, config.examples_per_shard,
+                             num_examples) / shards_per_batch) * shards_per_batch
+  num_shards = math.ceil(num_examples / config.examples_per_shard)
+  done = _finished_shards(workdir, num_shards)
+  logging.info('Pseudo-labelling %d images in %d shards with the teacher %s (%d classes); %d '
+               'shards done earlier.', num_examples, num_shards, step_dir, num_classes,
+               int(done.sum()))
+  written = 0
+  for shard in range(num_shards):
+    if done[shard]:
+      continue
+    if stop_after_shards is not None and written >= stop_after_shards:
+      return PseudoLabelResult(workdir, False, written)
+    indices = np.arange(shard * config.examples_per_shard,
+                        min((shard + 1) * config.examples_per_shard, num_examples))
+    records, counts = [], _ShardCounts(num_classes)
+    for images, rows in ordered_batches(source, indices, data, global_batch_size=batch_size,
+                                        mesh=mesh):
+      with sharding_lib.activate(mesh, rules):
+        probs, ids = predict(params, images)
+      probs = np.asarray(multihost_utils.process_allgather(probs, tiled=True))
+      ids = np.asarray(multihost_utils.process_allgather(ids, tiled=True))
+      for row in np.flatnonzero(rows['index'] >= 0):
+        record = counts.label(bool(rows['valid'][row]), probs[row], ids[row], labels)
+        if record is not None:
+          records.append(records_lib.encode_record(
+              decode_key(rows['key_bytes'][row]), int(rows['index'][row]), *record))
+    if jax.process_index() == 0:
+      _write_shard(workdir, shard, num_shards, records, counts.as_dict())
+    multihost_utils.sync_global_devices(f'pseudo_label shard {shard}')
+    written += 1
+    logging.info('Pseudo-label shard %d of %d: %d of %d images labelled.', shard + 1,
+                 num_shards, counts.labelled, len(indices))
+
+  metadata = _summary(workdir, num_shards, settings, num_classes,
+                      _class_names(teacher_config, num_classes))
+  if jax.process_index() == 0:
+    workdir_lib.write_text(os.path.join(workdir, records_lib.METADATA_FILE),
+                           json.dumps(metadata, indent=2))
+  multihost_utils.sync_global_devices('pseudo_label metadata')
+  logging.info('%s', format_report(metadata))
+  return PseudoLabelResult(workdir, True, written, metadata)
+
+
+class _ShardCounts:
+  """How a shard's images fared, and the distribution of the labels given."""
+
+  def __init__(self, num_classes: int):
+    self.examples = self.labelled = self.unreadable = self.below_threshold = 0
+    self.label_counts = np.zeros(num_classes, np.int64)
+
+  def label(self, valid: bool, probs: np.ndarray, ids: np.ndarray, labels):
+    """(label_ids, label_probs, confidence) for one image, or None when it gets none."""
+    self.examples += 1
+    if not valid:
+      self.unreadable += 1
+      return None
+    confidence = float(probs[0])
+    if confidence < labels.threshold:
+      self.below_threshold += 1
+      return None
+    self.labelled += 1
+    self.label_counts[ids[0]] += 1
+    if labels.kind == 'hard':
+      return ids[:1], np.ones(1, np.float32), confidence
+    return ids, probs / probs.sum(), confidence
+
+  def as_dict(self) -> dict:
+    return {'num_examples': self.examples, 'num_records': self.labelled,
+            'num_unreadable': self.unreadable, 'num_below_threshold': self.below_threshold,
+            'label_counts': self.label_counts.tolist()}
+
+
+def _counts_file(shard: int, num_shards: int) -> str:
+  return records_lib.shard_name(shard, num_shards).replace('.array_record', '.json')
+
+
+def _finished_shards(workdir: str, num_shards: int) -> np.ndarray:
+  """Which shards have their counts written (process 0 looks; every process agrees)."""
+  present = set(workdir_lib.list_dir(workdir)) if jax.process_index() == 0 else set()
+  done = np.array([_counts_file(s, num_shards) in present for s in range(num_shards)], bool)
+  if jax.process_count() > 1:
+    done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+  return done
+
+
+def _write_shard(workdir: str, shard: int, num_shards: int, records: list[bytes],
+                 counts: dict) -> None:
+  """The shard's records, whole or not at all, then its counts (which mark it done)."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as local:
+    path = os.path.join(local, 'shard.array_record')
+    writer = array_record_module.ArrayRecordWriter(path, 'group_size:1')
+    for record in records:
+      writer.write(record)
+    if not writer.ok():
+      raise OSError(f'Writing pseudo-label shard {shard} failed.')
+    writer.close()
+    with open(path, 'rb') as f:
+      workdir_lib.write_bytes(
+          os.path.join(workdir, records_lib.shard_name(shard, num_shards)), f.read())
+  workdir_lib.write_text(os.path.join(workdir, _counts_file(shard, num_shards)),
+                         json.dumps(counts))
+
+
+def _check_or_record_settings(workdir: str, settings: dict) -> None:
+  """Resumes only the same job: other settings in the same folder are refused."""
+  path = os.path.join(workdir, 'job.json')
+  recorded = workdir_lib.read_json(path)
+  if recorded is None:
+    if jax.process_index() == 0:
+      workdir_lib.write_text(path, json.dumps(settings, indent=2))
+    multihost_utils.sync_global_devices('pseudo_label settings')
+    return
+  changed = sorted(key for key in settings if recorded.get(key) != settings[key])
+  if changed:
+    raise ConfigError(
+        f'{workdir} holds pseudo-labels made with other settings ({", ".join(changed)} '
+        f'differ; recorded in {path}). Use a new --workdir for new labels; nothing was '
+        'changed.')
+
+
+def _summary(workdir: str, num_shards: int, settings: dict, num_classes: int,
+             class_names: list[str]) -> dict:
+  shards, totals = [], {}
+  label_counts = np.zeros(num_classes, np.int64)
+  for shard in range(num_shards):
+    counts = workdir_lib.read_json(os.path.join(workdir, _counts_file(shard, num_shards)))
+    shards.append({'file': records_lib.shard_name(shard, num_shards),
+                   'num_records': counts['num_records']})
+    label_counts += np.asarray(counts.pop('label_counts'), np.int64)
+    for key, value in counts.items():
+      totals[key] = totals.get(key, 0) + value
+  return {'format': records_lib.FORMAT, 'format_version': records_lib.FORMAT_VERSION,
+          **settings, **totals, 'num_classes': num_classes, 'class_names': class_names,
+          'label_counts': label_counts.tolist(), 'shards': shards}
+
+
+def format_report(metadata: dict) -> str:
+  """How many images were labelled, and the labels' distribution, as a table."""
+  total, labelled = metadata['num_examples'], metadata['num_records']
+  lines = [f'Pseudo-labels ({metadata["labels"]["kind"]}, threshold '
+           f'{metadata["labels"]["threshold"]}): {labelled} of {total} images labelled '
+           f'({labelled / max(total, 1):.1%}); {metadata["num_below_threshold"]} below the '
+           f'threshold, {metadata["num_unreadable"]} unreadable.',
+           f'{"class":<24} {"images":>8} {"share":>7}']
+  counts = np.asarray(metadata['label_counts'])
+  names = metadata['class_names']
+  for c in np.argsort(-counts, kind='stable')[:20]:
+    lines.append(f'{names[c][:24]:<24} {counts[c]:>8} {counts[c] / max(labelled, 1):>7.1%}')
+  if len(counts) > 20:
+    lines.append(f'... {len(counts) - 20} more classes, {int((counts > 0).sum())} with images')
+  return '\n'.join(lines)
