@@ -168,10 +168,10 @@ def run_pseudo_label(config, workdir: str, *, teacher_dir: str | None = None, de
     indices = np.arange(shard * config.examples_per_shard,
                         min((shard + 1) * config.examples_per_shard, num_examples))
     records, counts = [], _ShardCounts(num_classes)
-    for images, rows in ordered_batches(source, indices, data, global_batch_size=batch_size,
-                                        mesh=mesh):
+    for batch, rows in ordered_batches(source, indices, data, global_batch_size=batch_size,
+                                       mesh=mesh):
       with sharding_lib.activate(mesh, rules):
-        probs, ids = predict(params, images)
+        probs, ids = predict(params, batch['image'])
       probs = np.asarray(multihost_utils.process_allgather(probs, tiled=True))
       ids = np.asarray(multihost_utils.process_allgather(ids, tiled=True))
       for row in np.flatnonzero(rows['index'] >= 0):

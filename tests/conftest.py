@@ -41,7 +41,7 @@ _SLOWEST_FILES_FIRST = (
     'test_multiprocess.py', 'test_finetune.py', 'test_self_training.py', 'test_faults.py', 'test_train.py',
     'test_transfer.py', 'test_attention.py', 'test_pipeline.py', 'test_flip.py',
     'test_remat_choice.py', 'test_sharding.py', 'test_config.py', 'test_evaluators.py',
-    'test_aim.py')
+    'test_aim.py', 'test_eval_counting.py')
 
 
 def pytest_collection_modifyitems(items):

@@ -5,6 +5,7 @@
 TASK 'data': writes the image hashes of every row this process loads, for the
 train pipeline's first batches and for one epoch of the eval pipeline.
 TASK 'preempt': process 1 alone gets SIGTERM at step 3 of 100.
+TASK 'eval_odd': the images and labels an evaluator reads from 13 held-out examples.
 TASK 'pseudo_label': pseudo-labels with the teacher in WORKDIR/teacher into
 WORKDIR/pseudo_labels (tiny_pseudo_label_config) and writes each file's SHA-1.
 TASK 'train' / 'resume': trains the tiny MAE stage of tiny_multiprocess_config
@@ -69,6 +70,10 @@ def main(process_id: int, num_processes: int, port: int, workdir: str, task: str
     # Each eval batch feeds a collective: a process with a batch more than the
     # others would hang there, so the counts must be equal.
     result['eval_rows'] = [image_hashes(batch) for batch in iter(evaluation.next_local_numpy, None)]
+  elif task == 'eval_odd':
+    from eval_counting import held_out_images  # noqa: PLC0415
+    images, labels = held_out_images(config, sharding_lib.make_mesh(config.mesh))
+    result['images'], result['labels'] = image_hashes({'image': images}), labels.tolist()
   elif task == 'pseudo_label':
     from big_pretrain.pseudo_label import run_pseudo_label  # noqa: PLC0415
     from tiny_config import tiny_pseudo_label_config  # noqa: PLC0415

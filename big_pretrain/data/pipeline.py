@@ -652,11 +652,14 @@ class InputPipeline:
     return self._source.class_names
 
 
-# --- Every example once, in order (pseudo-labelling) ----------------------------
+# --- Every example once, in order (evaluators, pseudo-labelling) ---------------
 
 # Keys travel between processes as fixed-width UTF-8 rows of this many bytes.
 MAX_KEY_BYTES = 512
-_PADDING_ROW = {'padding': True}
+# A row past the examples: it goes through every map, then is masked out.
+_PADDING_ROW = {'padding': True, 'caption': '', 'hashtags': []}
+# Per-row values every process gets, for all rows of each global batch.
+ROW_FIELDS = ('valid', 'index', 'label', 'key_bytes')
 
 
 class _IndexedRows(grain.MapDataset):
@@ -696,34 +699,59 @@ def decode_key(row: np.ndarray) -> str:
 
 def _ordered_row(example: dict[str, Any], *, image_size: int,
                  crop_fraction: float) -> dict[str, np.ndarray]:
-  """A centre-cropped row with 'valid', 'index' and 'key_bytes'; padding and unreadable
-  images are rows with valid=False (the batch keeps its shape on every process)."""
+  """A centre-cropped row with ROW_FIELDS; padding and unreadable images are rows with
+  valid=False (the batch keeps its shape on every process). Label ids and text tokens,
+  when the maps before added them, are kept."""
   blank = np.zeros((image_size, image_size, 3), np.uint8)
+  extra = {name: example[name] for name in (LABEL_IDS_FEATURE, TEXT_TOKENS_FEATURE)
+           if name in example}
   if example.get('padding'):
     return {'image': blank, 'valid': np.bool_(False), 'index': np.int64(-1),
-            'key_bytes': np.zeros(MAX_KEY_BYTES, np.uint8)}
+            'label': np.int32(-1), 'key_bytes': np.zeros(MAX_KEY_BYTES, np.uint8), **extra}
   prepared = prepare_for_eval(example, image_size=image_size, crop_fraction=crop_fraction)
   valid = not isinstance(prepared, transforms.SkippedExample)
   if not valid:
     logging.warning('Skipping unreadable image %s (%s).', prepared.path, prepared.reason)
   return {'image': prepared['image'] if valid else blank, 'valid': np.bool_(valid),
-          'index': np.int64(example['index']),
-          'key_bytes': _encode_key(pseudo_labels_lib.example_key(example, example['index']))}
+          'index': np.int64(example['index']), 'label': np.int32(example.get('label', -1)),
+          'key_bytes': _encode_key(pseudo_labels_lib.example_key(example, example['index'])),
+          **extra}
+
+
+def eval_order(data_config: ml_collections.ConfigDict, num_examples: int) -> np.ndarray:
+  """The fixed order evaluators read a split in: shuffled once, independent of the run's
+  seed (so evaluations compare across runs), so the first N span every class (image
+  folders are listed class by class)."""
+  seed = _derive_seed(data_config.seed, _EVAL_SHUFFLE_STREAM)
+  return np.random.default_rng(seed).permutation(num_examples)
 
 
 def ordered_batches(source, indices: np.ndarray, data_config: ml_collections.ConfigDict, *,
                     global_batch_size: int, mesh: jax.sharding.Mesh):
   """Global batches of the examples `indices` of `source`, in order, each exactly once.
 
-  Yields (images: a uint8 global array, batch-sharded; rows: host numpy 'valid',
-  'index', 'key_bytes', identical on every process). The last batch is padded
-  with rows whose 'valid' is False, and an unreadable image is such a row too,
-  so every process reads the same number of whole batches.
+  Yields (batch: the device features of `device_feature_names(data_config,
+  train=False)` as batch-sharded global arrays; rows: host numpy ROW_FIELDS of
+  every row of the global batch, identical on every process). The last batch
+  is padded with rows whose 'valid' is False, and an unreadable image is such a
+  row too, so every process reads the same number of whole batches and none
+  waits in a collective for a batch that never comes.
   """
   process_count = jax.process_count()
   per_process = global_batch_size // process_count
   length = -(-len(indices) // global_batch_size) * global_batch_size
-  dataset = _IndexedRows(source, np.asarray(indices), length).map(functools.partial(
+  dataset = _IndexedRows(source, np.asarray(indices), length)
+  vocabulary = _load_label_vocabulary(data_config)
+  if vocabulary is not None:
+    dataset = dataset.map(functools.partial(
+        add_label_ids, vocabulary=vocabulary,
+        max_labels_per_example=data_config.labels.max_labels_per_example,
+        use_caption_words=data_config.labels.use_caption_words))
+  tokenizer = _load_text_tokenizer(data_config)
+  if tokenizer is not None:
+    dataset = dataset.map(functools.partial(add_text_tokens, tokenizer=tokenizer,
+                                            max_length=data_config.text.max_length))
+  dataset = dataset.map(functools.partial(
       _ordered_row, image_size=data_config.image_size,
       crop_fraction=data_config.get('eval_crop_fraction', 1.0)))
   dataset = ProcessShare(dataset, per_process, jax.process_index(), process_count)
@@ -731,9 +759,11 @@ def ordered_batches(source, indices: np.ndarray, data_config: ml_collections.Con
       num_threads=num_reader_threads(data_config),
       prefetch_buffer_size=data_config.prefetch_buffer_size)).batch(per_process)
   sharding = sharding_lib.batch_sharding(mesh)
+  device_names = device_feature_names(data_config, train=False)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   for local in batches:
-    images = jax.make_array_from_process_local_data(sharding, local.pop('image'))
-    rows = {name: np.asarray(multihost_utils.process_allgather(value, tiled=True))
-            if process_count > 1 else value for name, value in local.items()}
-    yield images, rows
+    batch = {name: jax.make_array_from_process_local_data(sharding, local[name])
+             for name in device_names}
+    rows = {name: np.asarray(multihost_utils.process_allgather(local[name], tiled=True))
+            if process_count > 1 else local[name] for name in ROW_FIELDS}
+    yield batch, rows

@@ -7,8 +7,10 @@ numpy arrays. `FrozenFeatureEvaluator` supplies that; its subclasses only fit
 and score.
 
 Each split reads `config.data` with the evaluator's `train_data` / `test_data`
-overrides on top (by default only `split`), through an eval InputPipeline: one
-epoch, in order, centre crops, no augmentation.
+overrides on top (by default only `split`): the first N examples of a fixed
+shuffled order (`pipeline.eval_order`), centre crops, no augmentation, each
+image exactly once (`pipeline.ordered_batches` pads the last batch with
+masked rows, on every process alike).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from jax.experimental import multihost_utils
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data import sources
-from big_pretrain.data.pipeline import InputPipeline
+from big_pretrain.data.pipeline import eval_order, ordered_batches
 from big_pretrain.evaluators.base import Evaluator
 
 SPLIT_KEYS = ('train', 'test')
@@ -87,7 +89,8 @@ def extract_features(encode, params, data_config, *, num_examples: int, batch_si
 
   Returns:
     (features (N, D) float32, labels (N,) int32, class_names of the split's
-    source), identical on every process; N = num_examples unless the split is smaller.
+    source), identical on every process; N = min(num_examples, the split's size),
+    each example once (fewer if some images are unreadable).
   """
   features, labels, class_names = extract_outputs(
       lambda params, batch: encode(params, batch['image']), params, data_config,
@@ -122,41 +125,36 @@ def extract_outputs(apply_fn, params, data_config, *, num_examples: int, batch_s
   """
   if num_examples <= 0:
     raise ValueError(f'{culprit}: num_examples must be positive, got {num_examples}.')
-  shards = sharding_lib.num_batch_shards(mesh) * jax.process_count()
-  # Never a batch larger than the examples wanted: with drop_remainder it would yield nothing.
-  global_batch = round_up(min(batch_size, num_examples), shards)
   data_config = data_config.copy_and_resolve_references()
   if data_config.source == 'synthetic':
-    # Generate whole batches only, so exactly num_examples survive the truncation below.
-    data_config.num_examples = round_up(num_examples, global_batch)
-    available = data_config.num_examples
-  else:
-    # The split's size bounds the batch size and the number of (whole, global) batches.
-    available = len(sources.build_source(data_config))
-    if available < num_examples:
-      logging.warning('%s: the %r split has %d examples, fewer than the %d asked for.',
-                      culprit, data_config.split, available, num_examples)
-    if global_batch > available:
-      global_batch = available // shards * shards
-      if global_batch == 0:
-        raise ValueError(
-            f'{culprit}: the {data_config.split!r} split has {available} examples, fewer '
-            f'than the {shards} batch shards (devices x processes) that must each get one.')
-  num_batches = min(math.ceil(num_examples / global_batch), available // global_batch)
+    data_config.num_examples = int(num_examples)  # generated: exactly the examples asked for
+  source = sources.build_source(data_config)
+  available = len(source)
+  if available < num_examples:
+    logging.info('%s: the %r split has %d examples (%d asked for): scoring each once.',
+                 culprit, data_config.split, available, num_examples)
+  indices = eval_order(data_config, available)[:num_examples]
+  shards = sharding_lib.num_batch_shards(mesh) * jax.process_count()
+  # The last batch is padded with masked rows: every image counts exactly once.
+  global_batch = round_up(min(batch_size, len(indices)), shards)
 
-  # Eval pipelines neither shuffle nor augment, so no seed is needed.
-  pipeline = InputPipeline(data_config, global_batch_size=global_batch, mesh=mesh, train=False)
-  outputs, labels = [], []
-  for _ in range(num_batches):
-    batch = next(pipeline)
+  outputs, labels, unreadable = [], [], 0
+  for batch, rows in ordered_batches(source, indices, data_config,
+                                     global_batch_size=global_batch, mesh=mesh):
     with sharding_lib.activate(mesh, rules):
       batch_outputs = apply_fn(params, batch)
     # Gathered on every process: each scores (or fits a probe on) the same data.
-    outputs.append(multihost_utils.process_allgather(batch_outputs, tiled=True))
-    labels.append(np.asarray(multihost_utils.process_allgather(batch['label'], tiled=True)))
-  outputs = jax.tree.map(lambda *rows: np.concatenate(rows)[:num_examples], *outputs)
-  labels = np.concatenate(labels)[:num_examples].astype(np.int32)
-  return outputs, labels, pipeline.class_names
+    batch_outputs = multihost_utils.process_allgather(batch_outputs, tiled=True)
+    keep = rows['valid']
+    unreadable += int(np.sum(~keep & (rows['index'] >= 0)))
+    outputs.append(jax.tree.map(lambda value, keep=keep: np.asarray(value)[keep],
+                                batch_outputs))
+    labels.append(rows['label'][keep])
+  if unreadable:
+    logging.warning('%s: %d unreadable images of the %r split were left out.', culprit,
+                    unreadable, data_config.split)
+  outputs = jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+  return outputs, np.concatenate(labels).astype(np.int32), source.class_names
 
 
 @dataclasses.dataclass(frozen=True)
