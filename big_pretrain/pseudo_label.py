@@ -261,12 +261,13 @@ def _check_or_record_settings(workdir: str, settings: dict) -> None:
   """Resumes only the same job: other settings in the same folder are refused."""
   path = os.path.join(workdir, 'job.json')
   recorded = workdir_lib.read_json(path)
-  if recorded is None:
-    if jax.process_index() == 0:
-      workdir_lib.write_text(path, json.dumps(settings, indent=2))
-    multihost_utils.sync_global_devices('pseudo_label settings')
-    return
-  changed = sorted(key for key in settings if recorded.get(key) != settings[key])
+  # Another process may already have written the same settings: every process
+  # passes the barrier below whichever it saw.
+  if recorded is None and jax.process_index() == 0:
+    workdir_lib.write_text(path, json.dumps(settings, indent=2))
+  changed = sorted(key for key in settings if recorded is not None
+                   and recorded.get(key) != settings[key])
+  multihost_utils.sync_global_devices('pseudo_label settings')
   if changed:
     raise ConfigError(
         f'{workdir} holds pseudo-labels made with other settings ({", ".join(changed)} '
