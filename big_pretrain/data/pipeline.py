@@ -34,6 +34,7 @@ from absl import logging
 import grain
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 import numpy as np
 
 from big_pretrain import sharding as sharding_lib
@@ -327,6 +328,23 @@ def add_text_tokens(
           TEXT_TOKENS_FEATURE: tokenizer.tokenize(example.get('caption') or '', max_length)}
 
 
+def with_label_ids_and_text_tokens(
+    dataset: grain.MapDataset, data_config: ml_collections.ConfigDict,
+    vocabulary: labels_lib.LabelVocabulary | None,
+    tokenizer: tokenizer_lib.Tokenizer | None) -> grain.MapDataset:
+  """`dataset` with 'label_ids' added when there is a vocabulary (WSP) and 'text_tokens'
+  when there is a tokenizer (FLIP); unchanged otherwise."""
+  if vocabulary is not None:
+    dataset = dataset.map(functools.partial(
+        add_label_ids, vocabulary=vocabulary,
+        max_labels_per_example=data_config.labels.max_labels_per_example,
+        use_caption_words=data_config.labels.use_caption_words))
+  if tokenizer is not None:
+    dataset = dataset.map(functools.partial(
+        add_text_tokens, tokenizer=tokenizer, max_length=data_config.text.max_length))
+  return dataset
+
+
 def as_human_labelled_row(example: dict[str, Any], *, width: int) -> dict[str, Any]:
   """A human-labelled row of a mixed batch: no pseudo-label (is_pseudo 0, ids -1)."""
   return {**example, 'is_pseudo': np.int32(0), 'pseudo_ids': np.full(width, -1, np.int32),
@@ -533,16 +551,8 @@ class InputPipeline:
       # Whole global batches only, so every process reads the same number of
       # batches and none waits at the end of the epoch for a batch that never comes.
       dataset = dataset[:len(dataset) // global_batch_size * global_batch_size]
-    if self._label_vocabulary is not None:
-      dataset = dataset.map(functools.partial(
-          add_label_ids,
-          vocabulary=self._label_vocabulary,
-          max_labels_per_example=data_config.labels.max_labels_per_example,
-          use_caption_words=data_config.labels.use_caption_words))
-    if self._text_tokenizer is not None:
-      dataset = dataset.map(functools.partial(
-          add_text_tokens, tokenizer=self._text_tokenizer,
-          max_length=data_config.text.max_length))
+    dataset = with_label_ids_and_text_tokens(dataset, data_config, self._label_vocabulary,
+                                             self._text_tokenizer)
     if train:
       # Checked here, so a bad name or setting fails before any image is read.
       augment_settings = dict(
@@ -591,15 +601,15 @@ class InputPipeline:
     metadata = pseudo_labels_lib.read_metadata(folder)
     unlabelled = sources.build_source(
         pseudo_labels_lib.unlabelled_data_config(data_config, metadata))
-    self._pseudo_labelled = pseudo_labels_lib.PseudoLabelledSource(
-        folder, unlabelled, width=pseudo_label_width(data_config))
+    width = pseudo_label_width(data_config)
+    self._pseudo_labelled = pseudo_labels_lib.PseudoLabelledSource(folder, unlabelled,
+                                                                    width=width)
     if self._pseudo_labelled.num_classes != self._source.num_classes and not (
         _label_vocabulary_path(data_config)):
       raise ValueError(
           f'The pseudo-labels in {folder!r} have {self._pseudo_labelled.num_classes} classes '
           f'(the teacher\'s), the labelled source {self._source.num_classes}: the student '
           'learns one set of classes. Pseudo-label with a teacher of the same classes.')
-    width = pseudo_label_width(data_config)
     pseudo = grain.MapDataset.source(self._pseudo_labelled)
     pseudo = pseudo.shuffle(seed=_derive_seed(data_config.seed, seed, _PSEUDO_SHUFFLE_STREAM))
     pseudo = pseudo.repeat(None).map(as_pseudo_labelled_row)
@@ -741,16 +751,9 @@ def ordered_batches(source, indices: np.ndarray, data_config: ml_collections.Con
   per_process = global_batch_size // process_count
   length = -(-len(indices) // global_batch_size) * global_batch_size
   dataset = _IndexedRows(source, np.asarray(indices), length)
-  vocabulary = _load_label_vocabulary(data_config)
-  if vocabulary is not None:
-    dataset = dataset.map(functools.partial(
-        add_label_ids, vocabulary=vocabulary,
-        max_labels_per_example=data_config.labels.max_labels_per_example,
-        use_caption_words=data_config.labels.use_caption_words))
-  tokenizer = _load_text_tokenizer(data_config)
-  if tokenizer is not None:
-    dataset = dataset.map(functools.partial(add_text_tokens, tokenizer=tokenizer,
-                                            max_length=data_config.text.max_length))
+  dataset = with_label_ids_and_text_tokens(dataset, data_config,
+                                           _load_label_vocabulary(data_config),
+                                           _load_text_tokenizer(data_config))
   dataset = dataset.map(functools.partial(
       _ordered_row, image_size=data_config.image_size,
       crop_fraction=data_config.get('eval_crop_fraction', 1.0)))
@@ -760,7 +763,6 @@ def ordered_batches(source, indices: np.ndarray, data_config: ml_collections.Con
       prefetch_buffer_size=data_config.prefetch_buffer_size)).batch(per_process)
   sharding = sharding_lib.batch_sharding(mesh)
   device_names = device_feature_names(data_config, train=False)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   for local in batches:
     batch = {name: jax.make_array_from_process_local_data(sharding, local[name])
              for name in device_names}

@@ -54,6 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
       # norm and the head) | 'head' (the head alone: a linear probe trained like the rest).
       trainable='all',
       trainable_blocks=1,
+      head_dropout=0.0,        # dropout before the head, in training (Noisy Student: 0.5)
   ))
 
 
@@ -186,6 +187,9 @@ class Finetune(Objective):
     if not 0.0 <= objective.switch_prob <= 1.0:
       raise ConfigError(f'{path}.objective.switch_prob={objective.switch_prob}: must be in '
                         '[0, 1].')
+    if not 0.0 <= objective.head_dropout < 1.0:
+      raise ConfigError(f'{path}.objective.head_dropout={objective.head_dropout}: must be in '
+                        '[0, 1).')
     if objective.mixup_alpha < 0 or objective.cutmix_alpha < 0:
       raise ConfigError(f'{path}.objective.mixup_alpha and cutmix_alpha must be >= 0 '
                         '(0 turns each off).')
@@ -206,7 +210,8 @@ class Finetune(Objective):
     self.multi_label = bool(config.data.labels.vocabulary)
     self.num_classes = num_classes(config)
     self.model = ClassifierModel(encoder=vit_from_config(config.model),
-                                 num_classes=self.num_classes)
+                                 num_classes=self.num_classes,
+                                 head_dropout=objective.get('head_dropout', 0.0))
     self._trainable_pattern = _trainable_pattern(
         objective.trainable, objective.trainable_blocks, self.model.encoder.depth)
 

@@ -35,7 +35,6 @@ import ml_collections
 
 from big_pretrain.errors import ConfigError
 from big_pretrain.models.patches import normalize_images
-from big_pretrain.models.vit import vit_from_config
 from big_pretrain.objectives import finetune
 
 
@@ -48,7 +47,6 @@ def default_config() -> ml_collections.ConfigDict:
   config.cutmix_alpha = 0.0
   config.pseudo_label_weight = 1.0     # w above
   config.balance_pseudo_loss = False   # s = L_h / L_p (the paper's loss normalisation)
-  config.head_dropout = 0.0            # Noisy Student's student: 0.5
   return config
 
 
@@ -92,15 +90,8 @@ class SelfTrainingStudent(finetune.Finetune):
     if objective.mixup_alpha or objective.cutmix_alpha:
       raise ConfigError(f'{path}.objective.mixup_alpha and cutmix_alpha must be 0 for the '
                         'student: they would mix human- with pseudo-labelled rows.')
-    if objective.pseudo_label_weight < 0 or not 0.0 <= objective.head_dropout < 1.0:
-      raise ConfigError(f'{path}.objective.pseudo_label_weight must be >= 0 and '
-                        'head_dropout in [0, 1).')
-
-  def __init__(self, config):
-    super().__init__(config)
-    self.model = finetune.ClassifierModel(encoder=vit_from_config(config.model),
-                                          num_classes=self.num_classes,
-                                          head_dropout=config.objective.head_dropout)
+    if objective.pseudo_label_weight < 0:
+      raise ConfigError(f'{path}.objective.pseudo_label_weight must be >= 0.')
 
   def loss(self, params, batch, rng, train=True):
     objective = self.config.objective
