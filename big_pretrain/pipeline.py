@@ -23,7 +23,7 @@ from big_pretrain.checkpoint import Checkpointer
 from big_pretrain.config_schema import is_pseudo_label_config, validate_config
 from big_pretrain.data import pseudo_labels as pseudo_labels_lib
 from big_pretrain.pseudo_label import run_pseudo_label
-from big_pretrain.train.loop import train_stage
+from big_pretrain.train.loop import AT_START_RESULTS_FILE, train_stage
 
 
 def stage_workdirs(config, workdir: str) -> dict[str, str]:
@@ -104,6 +104,9 @@ def collect_eval_results(stage_dirs: dict[str, str]) -> dict[str, dict]:
   """{stage: evaluator results}; a pseudo-label stage reports how many images it labelled."""
   results = {}
   for name, stage_dir in stage_dirs.items():
+    at_start = workdir_lib.read_json(os.path.join(stage_dir, AT_START_RESULTS_FILE))
+    if at_start is not None:
+      results[f'{name} (start)'] = at_start
     stage_results = workdir_lib.read_json(os.path.join(stage_dir, 'eval_results.json'))
     metadata = workdir_lib.read_json(os.path.join(stage_dir, pseudo_labels_lib.METADATA_FILE))
     if stage_results is not None:
@@ -118,12 +121,12 @@ def collect_eval_results(stage_dirs: dict[str, str]) -> dict[str, dict]:
 
 
 def format_eval_results(results: dict[str, dict]) -> str:
-  lines = ['', f'{"stage":<10} {"step":>7}  {"evaluator":<24} {"metric":<26} {"value":>8}']
+  lines = ['', f'{"stage":<14} {"step":>7}  {"evaluator":<24} {"metric":<26} {"value":>8}']
   for stage, stage_results in results.items():
     step = stage_results.get('step', '')
     for evaluator, scalars in stage_results.items():
       if evaluator == 'step':
         continue
       for metric, value in scalars.items():
-        lines.append(f'{stage:<10} {step:>7}  {evaluator:<24} {metric:<26} {value:>8.4f}')
+        lines.append(f'{stage:<14} {step:>7}  {evaluator:<24} {metric:<26} {value:>8.4f}')
   return '\n'.join(lines) if len(lines) > 2 else '(no evaluator results yet)'

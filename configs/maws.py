@@ -21,6 +21,7 @@ def get_config(arg: str | None = None):
   config = mae_then_wsp.get_config(arg)
   config.stages.finetune = finetune.stage_after('wsp', arg)
   if arg == 'demo':
+    mae_then_wsp.use_colour_as_demo_class(config)
     # Every stage's probe reads the same images as the fine-tuning stage's.
     config.stages.finetune.evals.linear_probe = (
         config.stages.wsp.evals.linear_probe.copy_and_resolve_references())

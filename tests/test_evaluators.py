@@ -7,7 +7,7 @@ import pytest
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.config_schema import validate_stage_config
 from big_pretrain.evaluators import build_evaluators, evaluator_defaults
-from big_pretrain.evaluators.features import extract_features, split_data_config
+from big_pretrain.evaluators.features import SplitFeatures, extract_features, split_data_config
 from big_pretrain.evaluators.knn import knn_classify, nearest_neighbours, weighted_vote
 from big_pretrain.evaluators.linear_probe import classify, fit_linear_classifier, standardize
 from big_pretrain.objectives import build_objective
@@ -198,3 +198,10 @@ def test_held_out_split_differs_from_train_split(one_and_eight_devices):
   for row in range(8):
     distances = np.abs(features.train_features - features.test_features[row]).max(axis=1)
     assert distances.min() > 1e-6, row
+
+
+def test_chance_is_the_share_of_the_most_frequent_held_out_class():
+  empty = np.zeros((0, 2), np.float32)
+  features = SplitFeatures(empty, np.zeros(0, np.int32), np.zeros((5, 2), np.float32),
+                           np.array([2, 0, 2, 1, 2], np.int32), ['a', 'b', 'c', 'd'])
+  assert features.chance == 3 / 5

@@ -1,5 +1,6 @@
 """Stages in order: skip finished ones, resume the interrupted one, chain through checkpoints."""
 
+import json
 import os
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 
 from big_pretrain import pipeline
 from big_pretrain.config_schema import ConfigError, validate_config
+from big_pretrain.evaluators import evaluator_config
 from big_pretrain.train import loop
 from configs import aim, aim_then_wsp, flip, mae_then_wsp
 from test_transfer import tiny_wsp_config
@@ -121,3 +123,27 @@ def test_aim_configs_validate_and_chain_into_wsp():
   chain = aim_then_wsp.get_config('demo')
   assert chain.stages.wsp.init_from.stage == 'aim'
   assert chain.stages.wsp.model.variant == chain.stages.aim.model.variant
+
+
+def test_at_start_probes_score_the_starting_encoder_and_print_beside_chance(tmp_path, capsys):
+  config = tiny_chain()
+  mae = config.stages.mae
+  mae.optim.update(lr_per_256=0.0, weight_decay=0.0)  # the final encoder is the starting one
+  mae.evals.linear_probe = evaluator_config(
+      'linear_probe', at_start=True, train_examples=64, test_examples=32, batch_size=32,
+      num_steps=50)
+  pipeline.run(config, str(tmp_path))
+  at_start = json.loads((tmp_path / 'mae' / loop.AT_START_RESULTS_FILE).read_text())
+  final = json.loads((tmp_path / 'mae' / 'eval_results.json').read_text())
+  assert at_start['step'] == 0 and final['step'] == 2
+  assert at_start['linear_probe'] == final['linear_probe']
+  # Synthetic labels are index % 10: 32 held-out images give the most frequent class 4 times.
+  assert at_start['linear_probe']['chance'] == 4 / 32
+  table = capsys.readouterr().out
+  assert 'mae (start)          0  linear_probe' in table
+  assert 'chance' in table
+
+  # A finished stage is not scored again; a resumed one keeps the scores of its start.
+  (tmp_path / 'mae' / loop.AT_START_RESULTS_FILE).write_text(json.dumps({'step': 0}))
+  pipeline.run(config, str(tmp_path))
+  assert json.loads((tmp_path / 'mae' / loop.AT_START_RESULTS_FILE).read_text()) == {'step': 0}

@@ -248,4 +248,5 @@ class AttentiveProbeEvaluator(FrozenFeatureEvaluator):
     return EvalResult(scalars={
         'accuracy': float(np.mean(predict(test) == data.test_labels)),
         'train_accuracy': float(np.mean(predict(train) == data.train_labels)),
+        'chance': data.chance,
     })

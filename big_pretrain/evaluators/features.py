@@ -41,6 +41,10 @@ def feature_eval_defaults(kind: str) -> ml_collections.ConfigDict:
       train_examples=2048,  # First images of the train split the probe is fitted on.
       test_examples=1024,   # First images of the held-out split it is scored on.
       batch_size=256,       # Global; rounded up to a multiple of the batch shards.
+      # Also score the stage's starting parameters, before its first step (only when it
+      # starts fresh): the baseline its final score is read against (an untrained
+      # encoder, or the one an earlier stage handed over).
+      at_start=False,
       # Overrides of config.data keys for each split (e.g. test_data.test_path).
       train_data=ml_collections.ConfigDict(dict(split='train')),
       test_data=ml_collections.ConfigDict(dict(split='test')),
@@ -169,6 +173,12 @@ class SplitFeatures:
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
+
+  @property
+  def chance(self) -> float:
+    """The accuracy of always answering the held-out split's most frequent class."""
+    counts = np.bincount(self.test_labels, minlength=self.num_classes)
+    return float(counts.max() / max(len(self.test_labels), 1))
 
 
 class FrozenFeatureEvaluator(Evaluator):

@@ -166,4 +166,5 @@ class KnnEvaluator(FrozenFeatureEvaluator):
         data.train_features, data.train_labels, data.test_features,
         num_classes=data.num_classes, k=self.eval_config.k,
         temperature=self.eval_config.temperature)
-    return EvalResult(scalars={'accuracy': float(np.mean(predictions == data.test_labels))})
+    return EvalResult(scalars={'accuracy': float(np.mean(predictions == data.test_labels)),
+                               'chance': data.chance})

@@ -4,7 +4,8 @@ Features of the first `train_examples` training images are standardised with
 their own mean and standard deviation (the held-out features with the same
 statistics), a softmax classifier with an L2 penalty is fitted full-batch with
 L-BFGS, and its top-1 accuracy is reported on the held-out split (`accuracy`)
-and on the training features (`train_accuracy`). The fit is deterministic.
+and on the training features (`train_accuracy`), beside `chance` (always
+answering the held-out split's most frequent class). The fit is deterministic.
 """
 
 from __future__ import annotations
@@ -130,4 +131,5 @@ class LinearProbeEvaluator(FrozenFeatureEvaluator):
     return EvalResult(scalars={
         'accuracy': float(np.mean(classify(test, weights, bias) == data.test_labels)),
         'train_accuracy': float(np.mean(classify(train, weights, bias) == data.train_labels)),
+        'chance': data.chance,
     })

@@ -34,6 +34,10 @@ from big_pretrain.train.optim import ema_params, make_optimizer, make_schedule
 from big_pretrain.train.remat_choice import build_with_remat_choice
 
 
+# The `at_start` evaluators' scores of a stage's starting parameters (step 0).
+AT_START_RESULTS_FILE = 'eval_results_at_start.json'
+
+
 @dataclasses.dataclass
 class StageResult:
   state: object                   # the final TrainState (sharded)
@@ -119,6 +123,8 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
       every_steps=config.log.every_steps)
   evaluators = build_evaluators(config, objective, trainer, workdir)
   eval_results = {}
+  if start_step == 0:
+    _evaluate_at_start(evaluators, state.params, writer, workdir)
 
   # --- Steps.
   pending_metrics, last_metrics, history = [], {}, []
@@ -189,6 +195,20 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
                     'Run the same command to resume from it.', step)
   return StageResult(state, step - start_step, step >= config.total_steps, last_metrics,
                      eval_results, history, preempted)
+
+
+def _evaluate_at_start(evaluators, params, writer, workdir: str) -> None:
+  """Evaluators with `at_start` score the starting parameters, logged at step 0 and kept
+  in AT_START_RESULTS_FILE: the baseline that the stage's final scores are read against."""
+  results = {}
+  for evaluator in evaluators:
+    if evaluator.eval_config.get('at_start'):
+      results[evaluator.name] = evaluator.run(params, 0).scalars
+      writer.write_scalars(0, {f'eval/{evaluator.name}/{key}': value
+                               for key, value in results[evaluator.name].items()})
+  if results and jax.process_index() == 0:
+    workdir_lib.write_text(os.path.join(workdir, AT_START_RESULTS_FILE),
+                           json.dumps({'step': 0, **results}, indent=2))
 
 
 @dataclasses.dataclass(frozen=True)
