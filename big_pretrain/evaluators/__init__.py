@@ -31,6 +31,10 @@ def evaluator_names() -> list[str]:
   return sorted(_REGISTRY)
 
 
+def evaluator_class(kind: str):
+  return _REGISTRY[kind]
+
+
 def evaluator_defaults(kind: str):
   return _REGISTRY[kind].default_config()
 
