@@ -15,7 +15,8 @@ from big_pretrain import sharding as sharding_lib
 from big_pretrain.data import augment as augment_lib
 from big_pretrain.data.pipeline import default_data_config
 from big_pretrain.errors import ConfigError
-from big_pretrain.evaluators import evaluator_config, evaluator_defaults, evaluator_names
+from big_pretrain.evaluators import (evaluator_class, evaluator_config, evaluator_defaults,
+                                     evaluator_names)
 from big_pretrain.models import vit as vit_lib
 from big_pretrain.models.attention import ATTENTION_IMPLS
 from big_pretrain.objectives import objective_class, objective_defaults, objective_names
@@ -318,6 +319,7 @@ def _check_evaluator(eval_config, stage_data, path: str) -> None:
     schema[key] = default_data_config()
   _check_against(eval_config, schema, path)
   merged = evaluator_config(**eval_config)  # what the evaluator will run with
+  evaluator_class(kind).check_config(merged, path)
   for key in data_groups:
     data = stage_data.copy_and_resolve_references()
     data.update(merged[key].to_dict())

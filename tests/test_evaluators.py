@@ -10,10 +10,7 @@ from big_pretrain.evaluators import build_evaluators, evaluator_defaults
 from big_pretrain.evaluators.features import SplitFeatures, extract_features, split_data_config
 from big_pretrain.evaluators.knn import knn_classify, nearest_neighbours, weighted_vote
 from big_pretrain.evaluators.linear_probe import classify, fit_linear_classifier, standardize
-from big_pretrain.objectives import build_objective
-from big_pretrain.train.optim import make_optimizer, make_schedule
-from big_pretrain.train.step import build_trainer
-from tiny_config import tiny_mae_config
+from tiny_config import tiny_mae_config, tiny_trainer
 
 
 def gaussian_blobs(rng, num_examples, centres, spread=1.0):
@@ -157,11 +154,7 @@ def _evaluate_untrained_mae(devices, mesh_shape):
     config.evals[kind].update(train_examples=256, test_examples=128, batch_size=128)
   config.evals.linear_probe.num_steps = 100
   validate_stage_config(config)
-  mesh = sharding_lib.make_mesh(config.mesh, devices)
-  objective = build_objective(config)
-  schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
-  trainer = build_trainer(objective, make_optimizer(config.optim, schedule), schedule, mesh,
-                          sharding_lib.logical_axis_rules(config))
+  objective, trainer = tiny_trainer(config, devices)
   params = trainer.init_state(jax.random.key(config.seed)).params
   evaluators = build_evaluators(config, objective, trainer, workdir='unused')
   scalars = {evaluator.name: evaluator.run(params, step=0).scalars for evaluator in evaluators}

@@ -1,6 +1,10 @@
 """The tiny stage configs the tests train (2 layers, width 64, 32x32, patch 8)."""
 
+from big_pretrain import sharding as sharding_lib
 from big_pretrain.config_schema import stage_config
+from big_pretrain.objectives import build_objective
+from big_pretrain.train.optim import make_optimizer, make_schedule
+from big_pretrain.train.step import build_trainer
 
 
 def tiny_mae_config(**overrides):
@@ -35,6 +39,16 @@ def tiny_finetune_config(**overrides):
   config.checkpoint.every_steps = 2
   config.log.every_steps = 2
   return _with_overrides(config, overrides)
+
+
+def tiny_trainer(config, devices):
+  """(objective, trainer) of a stage config on `devices`, laid out as config.mesh says."""
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  objective = build_objective(config)
+  schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
+  trainer = build_trainer(objective, make_optimizer(config.optim, schedule), schedule, mesh,
+                          sharding_lib.logical_axis_rules(config))
+  return objective, trainer
 
 
 def _with_overrides(config, overrides: dict):

@@ -12,6 +12,7 @@ from big_pretrain.evaluators import attentive_probe
 from big_pretrain.evaluators import classification
 from big_pretrain.evaluators import knn
 from big_pretrain.evaluators import linear_probe
+from big_pretrain.evaluators import low_shot
 from big_pretrain.evaluators import reconstruction
 from big_pretrain.evaluators import retrieval
 from big_pretrain.evaluators import zero_shot
@@ -21,6 +22,7 @@ _REGISTRY = types.MappingProxyType({
     'classification': classification.ClassificationEvaluator,
     'knn': knn.KnnEvaluator,
     'linear_probe': linear_probe.LinearProbeEvaluator,
+    'low_shot': low_shot.LowShotEvaluator,
     'reconstruction': reconstruction.ReconstructionEvaluator,
     'retrieval': retrieval.RetrievalEvaluator,
     'zero_shot': zero_shot.ZeroShotEvaluator,
@@ -29,6 +31,10 @@ _REGISTRY = types.MappingProxyType({
 
 def evaluator_names() -> list[str]:
   return sorted(_REGISTRY)
+
+
+def evaluator_class(kind: str):
+  return _REGISTRY[kind]
 
 
 def evaluator_defaults(kind: str):

@@ -24,6 +24,14 @@ class Evaluator(abc.ABC):
     self.trainer = trainer
     self.workdir = workdir
 
+  @classmethod
+  def check_config(cls, eval_config, path: str) -> None:
+    """Evaluator-specific config checks, run before any compute (raise ConfigError).
+
+    `eval_config` holds every key (defaults filled in); `path` names it in errors
+    ('config.stages.mae.evals.low_shot'). Nothing to check by default.
+    """
+
   @property
   def every_steps(self) -> int:
     return self.eval_config.every_steps
