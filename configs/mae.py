@@ -6,6 +6,9 @@
       800 epochs of ImageNet-1k, RandomResizedCrop(224, 0.2-1) + flip.
   python main.py --config=configs/mae.py:demo --workdir=DIR
       A tiny MAE on the embedded synthetic shapes, minutes on a CPU.
+  python main.py --config=configs/mae.py:imagenette --workdir=DIR --config.data.tfds_data_dir=D
+      ViT-B/16 on one accelerator (a Colab TPU or GPU): Imagenette at 224 px,
+      prepared in D first (launch/colab_runtime.py prepare_tfds_command).
 """
 
 from big_pretrain.config_schema import stage_config, use_embedded_demo_data
@@ -49,6 +52,24 @@ def get_config(arg: str | None = None):
     config.checkpoint.every_steps = 100
     config.log.every_steps = 50
     config.evals.reconstruction.every_steps = 500
+  elif arg == 'imagenette':
+    # Sized for one Colab TPU (v2-8: 8 cores of 8 GiB; v5e-1, v6e-1: 16 and 32 GiB)
+    # or GPU (16-80 GiB): batch 256 fits them all with model.remat='auto'.
+    # Imagenette: 9,469 training and 3,925 validation images of 10 ImageNet
+    # classes, downloaded by TFDS (about 330 MB at 320 px).
+    config.model.variant = 'B/16'
+    config.batch_size = 256
+    config.total_steps = 2000  # 54 epochs
+    config.optim.warmup_steps = 200
+    config.data.source = 'tfds'
+    config.data.tfds_name = 'imagenette/320px-v2'
+    config.data.tfds_test_split = 'validation'
+    config.checkpoint.every_steps = 500
+    config.log.every_steps = 50  # each log line has images/s and MFU
+    config.evals.reconstruction.every_steps = 1000
+    # Does the MAE encoder separate the 10 classes? k-NN over all of both splits.
+    config.evals.knn = evaluator_config('knn', train_examples=9469, test_examples=3925)
   elif arg:
-    raise ValueError(f'configs/mae.py: unknown variant {arg!r}; use no argument or "demo".')
+    raise ValueError(
+        f'configs/mae.py: unknown variant {arg!r}; use no argument, "demo" or "imagenette".')
   return config
