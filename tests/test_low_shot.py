@@ -164,7 +164,7 @@ def test_evaluator_runs_end_to_end_and_repeats_its_draws(tiny_mae_on_eight_devic
   (evaluator,) = build_evaluators(config, objective, trainer, workdir='unused')
   scalars = evaluator.run(params, step=0).scalars
   assert set(scalars) == {f'{k}shot/accuracy_{stat}' for k in (1, 5)
-                          for stat in ('mean', 'std', 'min', 'max')}
+                          for stat in ('mean', 'std', 'min', 'max')} | {'chance'}
   for k in (1, 5):
     assert 0.0 <= scalars[f'{k}shot/accuracy_min'] <= scalars[f'{k}shot/accuracy_mean'] \
         <= scalars[f'{k}shot/accuracy_max'] <= 1.0
@@ -174,7 +174,7 @@ def test_evaluator_runs_end_to_end_and_repeats_its_draws(tiny_mae_on_eight_devic
   accuracies = low_shot_accuracies(
       data.train_features, data.train_labels, data.test_features, data.test_labels,
       num_classes=data.num_classes, shots=(1, 5), seeds=2, l2=1e-4, num_steps=50)
-  assert summarize_accuracies(accuracies) == scalars
+  assert {**summarize_accuracies(accuracies), 'chance': data.chance} == scalars
 
 
 def test_evaluator_refuses_a_pool_too_small_for_its_shots(tiny_mae_on_eight_devices):

@@ -188,4 +188,4 @@ class LowShotEvaluator(FrozenFeatureEvaluator):
         data.train_features, data.train_labels, data.test_features, data.test_labels,
         num_classes=data.num_classes, shots=shots, seeds=self.eval_config.seeds,
         l2=self.eval_config.l2, num_steps=self.eval_config.num_steps)
-    return EvalResult(scalars=summarize_accuracies(accuracies))
+    return EvalResult(scalars={**summarize_accuracies(accuracies), 'chance': data.chance})
