@@ -96,7 +96,7 @@ class StepFlops:
     for name in sorted(self.forward, key=lambda name: -self.step_flops(name)):
       flops = self.step_flops(name)
       lines.append(f'{name:<32} {flops / 1e12:12.4g} {flops / total:7.1%}')
-    label = 'total (3 x forward)' if not self.forward_only else 'total (3 x trained forward)'
+    label = 'total (3 x forward)' if not self.forward_only else 'total (3 x fwd; locked 1 x)'
     lines.append(f'{label:<32} {self.train_step / 1e12:12.4g} {1:7.1%}')
     return '\n'.join(lines)
 
