@@ -110,7 +110,7 @@ def test_main_rejects_a_config_file_with_an_unknown_key(tmp_path):
 @pytest.mark.parametrize('name, stages', [
     ('mae_then_wsp', ['mae', 'wsp']), ('mae_then_finetune', ['mae', 'finetune']),
     ('maws', ['mae', 'wsp', 'finetune']), ('flip', ['pretrain', 'unmasked']),
-    ('aim_then_wsp', ['aim', 'wsp'])])
+    ('aim_then_wsp', ['aim', 'wsp']), ('maws_lit', ['mae', 'wsp', 'lit'])])
 def test_chains_run_their_stages_in_the_order_written_not_by_name(name, stages):
   import importlib
   from big_pretrain import pipeline

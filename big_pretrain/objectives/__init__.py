@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import types
 
-from big_pretrain.objectives import aim, finetune, flip, mae, self_training, wsp
+from big_pretrain.objectives import aim, finetune, flip, lit, mae, self_training, wsp
 
 # Read-only: a name maps to (Objective class, default config factory).
 _REGISTRY = types.MappingProxyType({
     'mae': (mae.MAE, mae.default_config),
     'wsp': (wsp.WSP, wsp.default_config),
     'flip': (flip.FLIP, flip.default_config),
+    'lit': (lit.LiT, lit.default_config),
     'aim': (aim.AIM, aim.default_config),
     'finetune': (finetune.Finetune, finetune.default_config),
     'self_training': (self_training.SelfTrainingStudent, self_training.default_config),

@@ -104,6 +104,7 @@ class FLIPModel(nn.Module):
 
 class FLIP(Objective):
   name = 'flip'
+  model_class = FLIPModel  # LiT (objectives/lit.py) swaps in its locked image tower.
 
   @classmethod
   def check_config(cls, config, path):
@@ -122,7 +123,7 @@ class FLIP(Objective):
     self.mask_ratio = objective.mask_ratio
     self.max_length = config.data.text.max_length
     tokenizer = load_tokenizer(config.data.text.tokenizer)
-    self.model = FLIPModel(
+    self.model = self.model_class(
         encoder=vit_from_config(config.model),
         text_encoder=TextTransformer(
             vocab_size=tokenizer.vocab_size, width=objective.text_width,
@@ -153,8 +154,9 @@ class FLIP(Objective):
 
   def embed_images(self, params, images):
     """(B, E) unit image embeddings, no patches dropped (for evaluators)."""
+    # Methods by name, so a subclass's model (LiT's) runs its own.
     return self.model.apply({'params': params}, normalize_images(images),
-                            method=FLIPModel.embed_images)
+                            method='embed_images')
 
   def embed_texts(self, params, text_tokens):
-    return self.model.apply({'params': params}, text_tokens, method=FLIPModel.embed_texts)
+    return self.model.apply({'params': params}, text_tokens, method='embed_texts')

@@ -18,6 +18,8 @@ elementwise ops, and counts rematerialised forwards twice). The convention
   the same size (gradient w.r.t. its input and w.r.t. its weight). This
   slightly over-counts the patch embedding, whose input gradient is never
   computed (the images are not parameters); that is under 1% of a ViT.
+  A part that runs forward only (LiT's locked image tower, which gets no
+  gradient) counts once.
 - Rematerialisation's extra forward is NOT counted: it is work the hardware
   does (hardware FLOPs utilisation, HFU, would count it), not work the model
   needs, so remat lowers MFU, as it should.
@@ -66,26 +68,36 @@ class StepFlops:
   """Analytic matmul FLOPs of one training step for the global batch, per part.
 
   `forward` maps a part ('encoder/mlp', 'decoder/attention_scores', 'head', ...)
-  to its forward FLOPs; the step does `TRAIN_STEP_FORWARDS` times as many.
+  to its forward FLOPs; the step does `TRAIN_STEP_FORWARDS` times as many,
+  except for the `forward_only` parts, which it runs once.
   """
   forward: dict[str, float]
+  # Parts that run forward only (prefixes of `forward`'s names): nothing in them
+  # trains and no gradient passes through them (LiT's locked image tower, 'encoder/').
+  forward_only: tuple[str, ...] = ()
 
   @property
   def forward_total(self) -> float:
     return float(sum(self.forward.values()))
 
+  def step_flops(self, name: str) -> float:
+    """A part's FLOPs in a training step: 3 forwards, or 1 where it runs forward only."""
+    forwards = 1 if name.startswith(self.forward_only) else TRAIN_STEP_FORWARDS
+    return forwards * self.forward[name]
+
   @property
   def train_step(self) -> float:
-    return TRAIN_STEP_FORWARDS * self.forward_total
+    return float(sum(self.step_flops(name) for name in self.forward))
 
   def format_table(self) -> str:
     """Each part's train-step TFLOPs and share of the step, largest first."""
-    total = self.forward_total
+    total = self.train_step
     lines = [f'{"part":<32} {"TFLOP/step":>12} {"share":>7}']
-    for name, flops in sorted(self.forward.items(), key=lambda item: -item[1]):
-      lines.append(f'{name:<32} {TRAIN_STEP_FORWARDS * flops / 1e12:12.4g} '
-                   f'{flops / total:7.1%}')
-    lines.append(f'{"total (3 x forward)":<32} {self.train_step / 1e12:12.4g} {1:7.1%}')
+    for name in sorted(self.forward, key=lambda name: -self.step_flops(name)):
+      flops = self.step_flops(name)
+      lines.append(f'{name:<32} {flops / 1e12:12.4g} {flops / total:7.1%}')
+    label = 'total (3 x forward)' if not self.forward_only else 'total (3 x fwd; locked 1 x)'
+    lines.append(f'{label:<32} {self.train_step / 1e12:12.4g} {1:7.1%}')
     return '\n'.join(lines)
 
 
@@ -176,7 +188,7 @@ def model_flops_breakdown(config, num_labels: int | None = None) -> StepFlops:
   elif objective.name == 'wsp':
     labels = _wsp_num_labels(config) if num_labels is None else num_labels
     parts['head'] = dense_flops(batch, size.width, labels)
-  elif objective.name == 'flip':
+  elif objective.name in ('flip', 'lit'):
     text_width = objective.text_width
     parts.update(_prefixed('text', transformer_forward_flops(
         batch, config.data.text.max_length, text_width, objective.text_depth,
@@ -195,7 +207,8 @@ def model_flops_breakdown(config, num_labels: int | None = None) -> StepFlops:
     parts['head'] = dense_flops(batch, size.width, finetune.num_classes(config))
   else:
     raise ValueError(f'No FLOPs model for objective {objective.name!r}.')
-  return StepFlops(parts)
+  # LiT's locked image tower: one forward, no backward (objectives/lit.py).
+  return StepFlops(parts, forward_only=('encoder/',) if objective.name == 'lit' else ())
 
 
 def model_flops_per_step(config, num_labels: int | None = None) -> float:
