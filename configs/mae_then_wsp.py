@@ -14,6 +14,7 @@ DIR/<stage>; run the same command again to resume where it stopped.
 """
 
 from big_pretrain.config_schema import chain_config
+from big_pretrain.evaluators import evaluator_config
 from configs import mae, wsp
 
 
@@ -30,6 +31,9 @@ def get_config(arg: str | None = None):
     # shows what pretraining added (the printout's 'mae (start)' rows).
     for name in ('linear_probe', 'knn'):
       config.stages.mae.evals[name].at_start = True
+    # MAWS's low-shot probes of WSP's encoder: fitted on k labelled images per class.
+    config.stages.wsp.evals.low_shot = evaluator_config(
+        'low_shot', shots=(1, 5, 25), seeds=3, train_examples=2048, test_examples=1024)
   return config
 
 
