@@ -193,8 +193,8 @@ def test_held_out_split_differs_from_train_split(one_and_eight_devices):
     assert distances.min() > 1e-6, row
 
 
-def test_chance_is_the_share_of_the_most_frequent_held_out_class():
+def test_chance_is_one_over_the_number_of_classes():
   empty = np.zeros((0, 2), np.float32)
   features = SplitFeatures(empty, np.zeros(0, np.int32), np.zeros((5, 2), np.float32),
                            np.array([2, 0, 2, 1, 2], np.int32), ['a', 'b', 'c', 'd'])
-  assert features.chance == 3 / 5
+  assert features.chance == 1 / 4  # not 3/5, however unbalanced the held-out labels

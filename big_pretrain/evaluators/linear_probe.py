@@ -4,8 +4,8 @@ Features of the first `train_examples` training images are standardised with
 their own mean and standard deviation (the held-out features with the same
 statistics), a softmax classifier with an L2 penalty is fitted full-batch with
 L-BFGS, and its top-1 accuracy is reported on the held-out split (`accuracy`)
-and on the training features (`train_accuracy`), beside `chance` (always
-answering the held-out split's most frequent class). The fit is deterministic.
+and on the training features (`train_accuracy`), beside `chance` (1 / the
+number of classes). The fit is deterministic.
 """
 
 from __future__ import annotations
