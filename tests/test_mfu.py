@@ -159,6 +159,8 @@ def test_flip_counts_text_tower_and_global_logits():
     ('NVIDIA H200', 989.5, 494.5),
     ('NVIDIA A100-SXM4-80GB', 312, 156),
     ('NVIDIA A100-SXM4-40GB', 312, 156),
+    ('NVIDIA L4', 121, 60),
+    ('Tesla T4', 65, 8.1),
 ])
 def test_known_peaks_by_device_kind(device_kind, bf16_tflops, f32_tflops):
   device = types.SimpleNamespace(device_kind=device_kind, platform='fake')

@@ -257,6 +257,9 @@ _TPU_GENERATIONS = {
 #   PCIe 1513 / 756; NVL 1671 / 835 (sparse TFLOP/s).
 # H200: nvidia.com/en-us/data-center/h200 (datasheet): SXM 1979 / 989; NVL 1671 / 835.
 # A100: nvidia A100 datasheet: BF16 312, TF32 156 dense (SXM and PCIe, 40 and 80 GB).
+# L4 (a Colab GPU): nvidia L4 datasheet: BF16 242, TF32 120 (sparse).
+# T4 (Colab's free GPU): nvidia T4 datasheet: FP16 65 tensor-core TFLOP/s, FP32 8.1; it
+#   has no bf16 or TF32 tensor cores, so its 'bfloat16' entry is the FP16 peak, an upper bound.
 _GPU_PEAKS = {
     'h100_sxm': DevicePeak('NVIDIA H100 SXM', 1979e12 / 2, 989e12 / 2, 'NVIDIA H100 datasheet'),
     'h100_pcie': DevicePeak('NVIDIA H100 PCIe', 1513e12 / 2, 756e12 / 2, 'NVIDIA H100 datasheet'),
@@ -264,6 +267,8 @@ _GPU_PEAKS = {
     'h200_sxm': DevicePeak('NVIDIA H200 SXM', 1979e12 / 2, 989e12 / 2, 'NVIDIA H200 datasheet'),
     'h200_nvl': DevicePeak('NVIDIA H200 NVL', 1671e12 / 2, 835e12 / 2, 'NVIDIA H200 datasheet'),
     'a100': DevicePeak('NVIDIA A100', 312e12, 156e12, 'NVIDIA A100 datasheet'),
+    'l4': DevicePeak('NVIDIA L4', 242e12 / 2, 120e12 / 2, 'NVIDIA L4 datasheet'),
+    't4': DevicePeak('NVIDIA T4', 65e12, 8.1e12, 'NVIDIA T4 datasheet (FP16 for bf16)'),
 }
 
 
@@ -285,6 +290,9 @@ def known_peak(device_kind: str) -> DevicePeak | None:
     return _GPU_PEAKS['h200_nvl' if 'nvl' in kind else 'h200_sxm']
   if 'a100' in kind:
     return _GPU_PEAKS['a100']
+  for name in ('l4', 't4'):  # device_kind 'NVIDIA L4', 'Tesla T4'
+    if name in kind.split():
+      return _GPU_PEAKS[name]
   return None
 
 
