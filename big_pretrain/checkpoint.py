@@ -28,6 +28,33 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint whose tree or shapes do not fit the model being restored."""
 
 
+class CheckpointUnreadableError(OSError):
+  """A checkpoint with files missing or damaged: its metadata or arrays do not read back."""
+
+
+def saved_steps(directory: str) -> list[int]:
+  """The step folders in a checkpoint directory, oldest first (in-progress saves excluded)."""
+  return sorted(int(name) for name in workdir_lib.list_dir(directory) if name.isdigit())
+
+
+def unreadable_reason(step_dir: str) -> str | None:
+  """Why the checkpoint in `step_dir` cannot be read, naming the file; None if it looks whole.
+
+  Cheap: reads the state's tree metadata (which opens its array store), not
+  the arrays, so a damaged array file is found only by restoring it.
+  """
+  state_dir = epath.Path(step_dir) / STATE_ITEM
+  metadata_file = state_dir / '_METADATA'
+  if not metadata_file.exists():
+    return f'{metadata_file} is missing'
+  try:
+    ocp.PyTreeCheckpointHandler().metadata(state_dir)
+  except Exception as error:  # noqa: BLE001  (any failure to read it means: unreadable)
+    return f'the tree metadata in {state_dir} does not read: {type(error).__name__}: ' + (
+        str(error)[:300])
+  return None
+
+
 def tree_shapes(tree) -> dict[str, tuple[int, ...]]:
   """{'params/encoder/...': shape} for every array-like leaf of `tree`."""
   leaves = jax.tree_util.tree_leaves_with_path(
@@ -97,38 +124,56 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores the state (sharded as `abstract_state`) and, if given, the iterator."""
-    saved = self._manager.item_metadata(step)[STATE_ITEM]
+    # Read first what the checkpoint holds: files missing or damaged make it
+    # unreadable; a whole checkpoint with another tree or shapes does not fit.
+    saved = self._read_state_metadata(step)
     check_shapes_fit(tree_shapes(saved), tree_shapes(abstract_state),
                      f'{self.directory} (step {step})')
     items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       self._check_process_count(step)
       items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as error:  # noqa: BLE001  (the tree fits: a failed read is damage)
+      raise CheckpointUnreadableError(
+          f'its arrays or data position in {self._step_dir(step)} do not read back: '
+          f'{type(error).__name__}: {str(error)[:500]}') from error
     logging.info('Restored step %d from %s', step, self.directory)
     return restored[STATE_ITEM]
 
   def restore_latest_readable(self, abstract_state, data_iterator=None):
     """(step, state) of the newest checkpoint that reads back whole, or None if there is none.
 
-    A checkpoint that fails to read (a file truncated or lost, e.g. by a
-    machine that died mid-copy) is reported, moved to `corrupt_checkpoints/`
-    beside the checkpoint folder (never deleted), and the previous one is
-    tried. A checkpoint that reads but does not fit this config is not
-    corruption: that error is raised.
+    A checkpoint that fails to read (its metadata or an array file missing,
+    truncated or damaged, e.g. by a machine that died mid-copy) is reported,
+    moved to `corrupt_checkpoints/` beside the checkpoint folder (never
+    deleted), and the previous one is tried. A checkpoint that reads but does
+    not fit this config is not damage: that CheckpointMismatchError is raised.
     """
     for step in reversed(self.all_steps()):
       try:
         return step, self.restore(step, abstract_state, data_iterator)
-      except CheckpointMismatchError:
-        raise
-      except Exception as error:  # noqa: BLE001  (any read failure means: unreadable)
+      except CheckpointUnreadableError as error:
         moved_to = self._set_aside(step)
         logging.warning(
-            'Checkpoint step %d in %s cannot be read (%s: %s). Moved it to %s and trying the '
-            'previous checkpoint.', step, self.directory, type(error).__name__,
-            str(error)[:500], moved_to)
+            'Checkpoint step %d in %s cannot be read: %s. Moved it to %s and trying the '
+            'previous checkpoint.', step, self.directory, error, moved_to)
     return None
+
+  def unreadable_reason(self, step: int) -> str | None:
+    """`unreadable_reason` of this directory's `step` (cheap: metadata, not arrays)."""
+    return unreadable_reason(self._step_dir(step))
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _read_state_metadata(self, step: int):
+    """The saved state's tree metadata; CheckpointUnreadableError naming the file if it is not there."""
+    reason = unreadable_reason(self._step_dir(step))
+    if reason is not None:
+      raise CheckpointUnreadableError(reason)
+    return self._manager.item_metadata(step)[STATE_ITEM]
 
   def _set_aside(self, step: int) -> str:
     """Moves step's folder to corrupt_checkpoints/ (process 0; the others wait)."""

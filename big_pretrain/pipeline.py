@@ -19,7 +19,7 @@ from absl import logging
 
 from big_pretrain import transfer
 from big_pretrain import workdir as workdir_lib
-from big_pretrain.checkpoint import Checkpointer
+from big_pretrain.checkpoint import saved_steps, unreadable_reason
 from big_pretrain.config_schema import is_pseudo_label_config, validate_config
 from big_pretrain.data import pseudo_labels as pseudo_labels_lib
 from big_pretrain.pseudo_label import run_pseudo_label
@@ -38,14 +38,21 @@ def _stage_configs(config) -> dict:
 
 
 def _stage_finished(stage_config, stage_dir: str) -> bool:
+  """Whether the stage's final checkpoint is there and readable (its metadata, cheaply)."""
   if is_pseudo_label_config(stage_config):
     return False  # run_pseudo_label checks its settings, then finds it has nothing to do
-  if not workdir_lib.is_dir(os.path.join(stage_dir, 'checkpoints')):
+  checkpoint_dir = os.path.join(stage_dir, 'checkpoints')
+  steps = saved_steps(checkpoint_dir)
+  if not steps or steps[-1] < stage_config.total_steps:
     return False
-  checkpointer = Checkpointer(os.path.join(stage_dir, 'checkpoints'), stage_config.checkpoint)
-  latest = checkpointer.latest_step()
-  checkpointer.close()
-  return latest is not None and latest >= stage_config.total_steps
+  reason = unreadable_reason(os.path.join(checkpoint_dir, str(steps[-1])))
+  if reason is not None:
+    # train_stage sets it aside and resumes from the latest readable checkpoint.
+    logging.warning('Stage %s reached its last step, but its final checkpoint cannot be read '
+                    '(%s): running the stage again from its latest readable checkpoint.',
+                    stage_dir, reason)
+    return False
+  return True
 
 
 def initialiser_from(init_from, workdir: str):

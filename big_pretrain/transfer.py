@@ -20,21 +20,42 @@ from etils import epath
 from absl import logging
 
 from big_pretrain import workdir as workdir_lib
-from big_pretrain.checkpoint import (STATE_ITEM, CheckpointMismatchError, check_shapes_fit,
-                                     tree_shapes)
+from big_pretrain.checkpoint import (STATE_ITEM, CheckpointMismatchError,
+                                     CheckpointUnreadableError, check_shapes_fit, saved_steps,
+                                     tree_shapes, unreadable_reason)
 
 _BLOCK = re.compile(r'^block_(\d+)$')
 
 
 def resolve_checkpoint_dir(path: str) -> str:
-  """A step directory from a step dir, a checkpoints dir or a stage workdir (latest step)."""
+  """A readable step directory from a step dir, a checkpoints dir or a stage workdir.
+
+  Of a folder of steps, the latest readable one (checked cheaply, by its
+  metadata); unreadable ones are skipped with a warning naming the file.
+  """
   path = workdir_lib.absolute(path)
   if workdir_lib.is_dir(os.path.join(path, STATE_ITEM)):
+    reason = unreadable_reason(path)
+    if reason is not None:
+      raise CheckpointUnreadableError(
+          f'The checkpoint {path} cannot be read: {reason}. Point init_from at another step '
+          'folder, or at the folder of steps to take its latest readable one.')
     return path
   for candidate in (path, os.path.join(path, 'checkpoints')):
-    steps = [int(d) for d in workdir_lib.list_dir(candidate) if d.isdigit()]
-    if steps:
-      return os.path.join(candidate, str(max(steps)))
+    reasons = []
+    for step in reversed(saved_steps(candidate)):
+      step_dir = os.path.join(candidate, str(step))
+      reason = unreadable_reason(step_dir)
+      if reason is None:
+        return step_dir
+      logging.warning('Skipping checkpoint step %d in %s: it cannot be read (%s).',
+                      step, candidate, reason)
+      reasons.append(reason)
+    if reasons:
+      raise CheckpointUnreadableError(
+          f'No checkpoint in {candidate} can be read:\n  ' + '\n  '.join(reasons[:5]) +
+          '\nIf it is an earlier stage of this config, move these step folders aside and run '
+          'the same command: the stage runs again from its start.')
   raise FileNotFoundError(
       f'No checkpoint found at {path}: expected a step folder holding "{STATE_ITEM}/", or a '
       'folder of such step folders. Point init_from.checkpoint at one, or init_from.stage '
@@ -56,9 +77,16 @@ def read_subtrees(step_dir: str, take: tuple[str, ...]) -> dict:
   wanted = {'params': {name: metadata['params'][name] for name in take}}
   restore_args = jax.tree_util.tree_map(
       lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-  restored = checkpointer.restore(
-      state_dir, args=ocp.args.PyTreeRestore(
-          item=wanted, restore_args=restore_args, partial_restore=True))
+  try:
+    restored = checkpointer.restore(
+        state_dir, args=ocp.args.PyTreeRestore(
+            item=wanted, restore_args=restore_args, partial_restore=True))
+  except Exception as error:  # noqa: BLE001  (the tree is there: a failed read is damage)
+    raise CheckpointUnreadableError(
+        f'The arrays of params/{{{", ".join(take)}}} in {state_dir} do not read back '
+        f'({type(error).__name__}: {str(error)[:300]}). If this is an earlier stage of this '
+        f'config, move {step_dir} aside and run the same command: the stage resumes from its '
+        'previous checkpoint and finishes again.') from error
   return restored['params']
 
 

@@ -35,8 +35,14 @@ def write_bytes(path: str, data: bytes) -> None:
 
 def read_json(path: str) -> dict | None:
   """The JSON object in `path`, or None if there is no such file."""
+  text = read_text(path)
+  return json.loads(text) if text is not None else None
+
+
+def read_text(path: str) -> str | None:
+  """The text in `path`, or None if there is no such file."""
   source = epath.Path(path)
-  return json.loads(source.read_text()) if source.exists() else None
+  return source.read_text() if source.exists() else None
 
 
 def is_dir(path: str) -> bool:

@@ -102,6 +102,7 @@ def test_checkpoint_that_does_not_fit_names_the_parameter(tmp_path):
   train_stage(config, str(tmp_path))
   wider = tiny_mae_config(total_steps=2)
   wider.objective.decoder_width = 64
+  wider.resume_with_changes = True  # past the config check, to the checkpoint's shapes
   with pytest.raises(CheckpointMismatchError, match=r'decoder/embed/kernel.*\(64, 32\).*\(64, 64\)'):
     train_stage(wider, str(tmp_path))
   assert (tmp_path / 'checkpoints' / '1').exists()  # nothing lost

@@ -20,7 +20,7 @@ from clu import metric_writers, periodic_actions
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain import workdir as workdir_lib
-from big_pretrain.checkpoint import Checkpointer
+from big_pretrain.checkpoint import Checkpointer, saved_steps
 from big_pretrain.config_schema import validate_stage_config
 from big_pretrain.data.device_prefetch import DevicePrefetch
 from big_pretrain.data.pipeline import InputPipeline, global_batch_shapes
@@ -30,6 +30,7 @@ from big_pretrain.models import attention as attention_lib
 from big_pretrain.objectives import objective_class
 from big_pretrain.train import faults
 from big_pretrain.train import mfu as mfu_lib
+from big_pretrain.train import resume_identity
 from big_pretrain.train.optim import ema_params, make_optimizer, make_schedule
 from big_pretrain.train.remat_choice import build_with_remat_choice
 
@@ -63,9 +64,11 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   # --- Config: validated before anything is computed; what the data decides filled in.
   validate_stage_config(config)
   config = objective_class(config.objective.name).resolve_config(config)
-  if jax.process_index() == 0:
-    workdir_lib.write_text(os.path.join(workdir, 'config.json'),
-                           config.to_json_best_effort(indent=2))
+  # The recorded config.json is compared with this one before anything is
+  # written; it is replaced only once the run is known to go ahead (below).
+  checkpoint_dir = os.path.join(workdir, 'checkpoints')
+  config_changes = resume_identity.check_resume(config, workdir, saved_steps(checkpoint_dir))
+  requested_config = config  # recorded as asked for (model.remat='auto' before it is chosen)
   # The checkpoints' text embeddings index this tokenizer's ids: keep it beside them.
   record_tokenizer(config.data, workdir)
 
@@ -98,7 +101,7 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
 
   # --- Restore or initialise.
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint)
+  checkpointer = Checkpointer(checkpoint_dir, config.checkpoint)
   restored = checkpointer.restore_latest_readable(trainer.abstract_state, data_position)
   if restored is not None:
     start_step, state = restored
@@ -112,6 +115,9 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
     if initialise is not None:
       state = state.replace(params=initialise(state.params))
     start_step = 0
+    logging.info('No checkpoint in %s; starting at step 0.', checkpoint_dir)
+  if jax.process_index() == 0:
+    resume_identity.record_start(requested_config, workdir, start_step, config_changes)
   logging.info('Parameters:\n%s', sharding_lib.describe_param_shardings(
       state.params, state.opt_state))
 

@@ -1,0 +1,165 @@
+"""A run's identity, checked when it resumes: the config its checkpoints were trained with.
+
+Each stage records its config in `<workdir>/config.json` (the current one) and
+appends a line per start to `config_history.jsonl` (the step it started at and
+what changed). On resume the new config is compared with the recorded one
+before anything is overwritten:
+
+- a change to a key in CHANGES_ALLOWED_ON_RESUME (logging, evaluators,
+  checkpoint cadence, the schedule's length, the device layout, ...) is
+  allowed and logged;
+- a change to any other key (model, objective, optimiser, batch size, seeds,
+  data) would make the saved state mean something else: the run is refused
+  with a diff, unless `config.resume_with_changes=True` says it is deliberate.
+
+Keys the recorded config lacks (added to the schema by a newer version of the
+code) are not changes the user made: they are logged, not refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+from absl import logging
+
+from big_pretrain import workdir as workdir_lib
+from big_pretrain.errors import ConfigError
+
+CONFIG_FILE = 'config.json'
+HISTORY_FILE = 'config_history.jsonl'
+
+# The one list of keys (a key or a group of keys) that may change between a
+# run's starts without changing what its checkpoints mean; why, beside each.
+CHANGES_ALLOWED_ON_RESUME = {
+    'total_steps': "the schedule's length (a longer or shorter run)",
+    'log': 'logging cadence',
+    'evals': 'evaluators only read the parameters',
+    'checkpoint': 'checkpoint cadence and how many are kept',
+    'init_from': 'read only when a stage starts without a checkpoint',
+    'mesh': 'the device layout: the checkpoint is resharded when restored',
+    'sharding_rules': 'the device layout, as mesh',
+    'model.remat': 'what is recomputed in the backward pass: the same math',
+    'model.attention_impl': 'the attention kernel: the same math',
+    'optim.skip_nonfinite_updates': 'how a NaN step is handled, not what is trained',
+    'data.num_threads': 'input speed',
+    'data.prefetch_buffer_size': 'input speed',
+    'data.device_prefetch': 'input speed',
+    'data.test_path': 'the held-out split evaluators read',
+    'data.tfds_test_split': 'the held-out split evaluators read',
+    'data.eval_crop_fraction': 'the held-out split evaluators read',
+    'resume_with_changes': 'this permission itself',
+}
+_ABSENT = '(absent)'
+_MAX_DIFF_LINES = 12
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigChanges:
+  """How a new config differs from the recorded one: {dotted key: (old, new)} in two parts."""
+  allowed: dict      # keys of CHANGES_ALLOWED_ON_RESUME, and keys the record lacks
+  identity: dict     # keys that change what the saved state means
+
+  def all(self) -> dict:
+    return {**self.identity, **self.allowed}
+
+
+def compare_configs(recorded: dict, new: dict) -> ConfigChanges:
+  """The differences between two configs as JSON objects, split by whether they are allowed."""
+  old_flat, new_flat = _flatten(recorded), _flatten(new)
+  allowed, identity = {}, {}
+  for key in sorted(old_flat.keys() | new_flat.keys()):
+    old, value = old_flat.get(key, _ABSENT), new_flat.get(key, _ABSENT)
+    if old == value:
+      continue
+    # A key the record lacks comes from a newer schema, not from the user.
+    is_allowed = _allowed_on_resume(key) or old == _ABSENT
+    (allowed if is_allowed else identity)[key] = (old, value)
+  return ConfigChanges(allowed, identity)
+
+
+def check_resume(config, workdir: str, checkpoint_steps: list[int]) -> ConfigChanges | None:
+  """Compares `config` with the one recorded in `workdir`; raises ConfigError on a refused change.
+
+  Returns the changes (None when there is no checkpoint to resume or no
+  record to compare with). Writes nothing: `record_start` does, once the run
+  is known to go ahead.
+  """
+  recorded = workdir_lib.read_json(os.path.join(workdir, CONFIG_FILE))
+  if not checkpoint_steps:
+    if recorded is not None or _has_event_files(workdir):
+      logging.warning(
+          'The workdir %s holds the config or logs of an earlier start, but no checkpoint: '
+          'if it saved any, they are gone (deleted, or set aside in corrupt_checkpoints/). '
+          'Starting at step 0.', workdir)
+    return None
+  if recorded is None:
+    return None  # Checkpoints written before configs were recorded: nothing to compare.
+  changes = compare_configs(recorded, _as_json(config))
+  if changes.identity and not config.get('resume_with_changes', False):
+    raise ConfigError(_refusal(changes, workdir, max(checkpoint_steps)))
+  if changes.identity:
+    logging.warning('Resuming %s with changes that config.resume_with_changes=True allows:\n%s',
+                    workdir, _diff_lines(changes.identity))
+  if changes.allowed:
+    logging.info('Resuming with changed keys:\n%s', _diff_lines(changes.allowed))
+  return changes
+
+
+def record_start(config, workdir: str, step: int, changes: ConfigChanges | None) -> None:
+  """Writes config.json (now the current config) and appends this start to the history."""
+  history_path = os.path.join(workdir, HISTORY_FILE)
+  entry = {'step': step, 'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+           'changes': {key: list(pair) for key, pair in (changes.all() if changes else {}).items()}}
+  previous = workdir_lib.read_text(history_path) or ''
+  # The history first, so a kill in between never leaves a config.json it does not explain.
+  workdir_lib.write_text(history_path, previous + json.dumps(entry) + '\n')
+  workdir_lib.write_text(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
+
+
+def _refusal(changes: ConfigChanges, workdir: str, latest_step: int) -> str:
+  return (
+      f'This config differs from the one the checkpoints in {workdir} were trained with '
+      f'(up to step {latest_step}; recorded in {CONFIG_FILE}) in keys that change what the '
+      f'saved state means:\n{_diff_lines(changes.identity)}\n'
+      'Resuming would make one run out of two configs. To start a separate run, use a new '
+      '--workdir. To resume with these changes on purpose (they are recorded in '
+      f'{HISTORY_FILE}), add --config.resume_with_changes=True. Nothing was modified.')
+
+
+def _diff_lines(changes: dict) -> str:
+  lines = [f'  {key}: {_short(old)} -> {_short(new)}' for key, (old, new) in changes.items()]
+  if len(lines) > _MAX_DIFF_LINES:
+    lines = lines[:_MAX_DIFF_LINES] + [f'  ... and {len(lines) - _MAX_DIFF_LINES} more']
+  return '\n'.join(lines)
+
+
+def _short(value) -> str:
+  text = value if value == _ABSENT else json.dumps(value)
+  return text if len(text) <= 60 else text[:57] + '...'
+
+
+def _allowed_on_resume(key: str) -> bool:
+  return any(key == allowed or key.startswith(allowed + '.')
+             for allowed in CHANGES_ALLOWED_ON_RESUME)
+
+
+def _as_json(config) -> dict:
+  """The config as config.json holds it (tuples as lists, placeholders as null)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def _has_event_files(workdir: str) -> bool:
+  return any('tfevents' in name for name in workdir_lib.list_dir(workdir))
