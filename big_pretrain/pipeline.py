@@ -23,7 +23,7 @@ from big_pretrain.checkpoint import Checkpointer
 from big_pretrain.config_schema import is_pseudo_label_config, validate_config
 from big_pretrain.data import pseudo_labels as pseudo_labels_lib
 from big_pretrain.pseudo_label import run_pseudo_label
-from big_pretrain.train.loop import AT_START_RESULTS_FILE, train_stage
+from big_pretrain.train.loop import AT_START_RESULTS_FILE, final_evaluations_recorded, train_stage
 
 
 def stage_workdirs(config, workdir: str) -> dict[str, str]:
@@ -45,7 +45,11 @@ def _stage_finished(stage_config, stage_dir: str) -> bool:
   checkpointer = Checkpointer(os.path.join(stage_dir, 'checkpoints'), stage_config.checkpoint)
   latest = checkpointer.latest_step()
   checkpointer.close()
-  return latest is not None and latest >= stage_config.total_steps
+  if latest is None or latest < stage_config.total_steps:
+    return False
+  # The final evaluations run after the final checkpoint is saved: a stage stopped
+  # between the two is not finished, and train_stage runs only those evaluations.
+  return final_evaluations_recorded(stage_config, stage_dir, latest)
 
 
 def initialiser_from(init_from, workdir: str):

@@ -6,6 +6,7 @@ evaluator that fails at the final step.
 """
 
 import contextlib
+import json
 import logging
 import signal
 
@@ -13,8 +14,14 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from big_pretrain import pipeline as run_pipeline
+from big_pretrain.checkpoint import Checkpointer
 from big_pretrain.data import pipeline
 from big_pretrain.data.device_prefetch import DevicePrefetch
+from big_pretrain.evaluators import evaluator_config
+from big_pretrain.evaluators import reconstruction
+from big_pretrain.train import loop
+from tiny_config import tiny_mae_config
 
 IMAGE_SIZE = 32
 
@@ -107,3 +114,53 @@ def test_partly_broken_folder_reads_on_with_a_bounded_number_of_warnings(tmp_pat
   warnings = _skip_warnings(caplog)
   assert len(warnings) == pipeline.SKIPS_NAMED_ONE_BY_ONE  # the rest wait for a summary
   assert 'broken' in warnings[0] and 'summarised every' in warnings[-1]
+
+
+# --- Evaluators at the final step -----------------------------------------------
+
+def _stage_config(**overrides):
+  config = tiny_mae_config(total_steps=2, **overrides)
+  config.evals.reconstruction = evaluator_config('reconstruction', num_images=8)
+  return config
+
+
+def test_held_out_folder_smaller_than_the_reconstruction_batch_shows_every_image(tmp_path):
+  train = _image_folder(tmp_path / 'train', readable=8, unreadable=0)
+  held_out = _image_folder(tmp_path / 'held_out', readable=7, unreadable=0, classes=('cats',))
+  config = _stage_config(**{'data.source': 'image_folder', 'data.path': str(train),
+                            'data.test_path': str(held_out)})
+  workdir = tmp_path / 'run'
+  result = loop.train_stage(config, str(workdir))
+  assert result.finished and 'reconstruction' in result.eval_results
+  assert Checkpointer(str(workdir / 'checkpoints'), config.checkpoint).latest_step() == 2
+  # One grid row per held-out image, each counted once: 7, not 8 or a crash.
+  grid = np.asarray(Image.open(workdir / 'reconstruction.png'))
+  assert grid.shape[0] == 7 * (IMAGE_SIZE + 2) - 2
+  assert json.loads((workdir / loop.EVAL_RESULTS_FILE).read_text())['step'] == 2
+
+
+def test_evaluator_failing_at_the_final_step_keeps_the_checkpoint_and_a_rerun_finishes(
+    tmp_path, monkeypatch):
+  config = _stage_config()
+  workdir = tmp_path / 'run'
+
+  def fail(self, params, step):
+    raise RuntimeError('the evaluator broke')
+
+  monkeypatch.setattr(reconstruction.ReconstructionEvaluator, 'run', fail)
+  with pytest.raises(RuntimeError, match='the evaluator broke') as error:
+    loop.train_stage(config, str(workdir))
+  assert Checkpointer(str(workdir / 'checkpoints'), config.checkpoint).latest_step() == 2
+  assert error.type.__name__ == 'FinalEvaluationError'
+  assert ("'reconstruction' failed at the final step 2" in str(error.value)
+          and 'checkpoint is saved' in str(error.value))
+  assert not (workdir / loop.EVAL_RESULTS_FILE).exists()
+  assert not run_pipeline._stage_finished(config, str(workdir))  # pylint: disable=protected-access
+
+  monkeypatch.undo()  # the cause fixed: the same command runs only the final evaluations
+  rerun = loop.train_stage(config, str(workdir))
+  assert rerun.finished and rerun.steps_run == 0
+  assert 'reconstruction' in rerun.eval_results
+  assert json.loads((workdir / loop.EVAL_RESULTS_FILE).read_text())['step'] == 2
+  assert (workdir / 'reconstruction.png').exists()
+  assert run_pipeline._stage_finished(config, str(workdir))  # pylint: disable=protected-access
