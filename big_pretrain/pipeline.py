@@ -23,7 +23,7 @@ from big_pretrain.checkpoint import saved_steps, unreadable_reason
 from big_pretrain.config_schema import is_pseudo_label_config, validate_config
 from big_pretrain.data import pseudo_labels as pseudo_labels_lib
 from big_pretrain.pseudo_label import run_pseudo_label
-from big_pretrain.train.loop import AT_START_RESULTS_FILE, train_stage
+from big_pretrain.train.loop import AT_START_RESULTS_FILE, final_evaluations_recorded, train_stage
 
 
 def stage_workdirs(config, workdir: str) -> dict[str, str]:
@@ -52,7 +52,9 @@ def _stage_finished(stage_config, stage_dir: str) -> bool:
                     '(%s): running the stage again from its latest readable checkpoint.',
                     stage_dir, reason)
     return False
-  return True
+  # The final evaluations run after the final checkpoint is saved: a stage stopped
+  # between the two is not finished, and train_stage runs only those evaluations.
+  return final_evaluations_recorded(stage_config, stage_dir, steps[-1])
 
 
 def initialiser_from(init_from, workdir: str):

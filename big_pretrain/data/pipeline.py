@@ -10,7 +10,7 @@ Per process::
     .random_map(decode, config.augment)   # e.g. crop+flip (data/augment.py); eval: centre crop
     -> ProcessShare                       # this process's rows of every global batch
     .to_iter_dataset(ReadOptions(...))    # decoding runs in num_threads threads
-    -> skip and count corrupt images
+    -> skip and count corrupt images      # stop after max_consecutive_unreadable in a row
     .map(select_device_features)
     .batch(per_process_batch, drop_remainder=True)
 
@@ -57,6 +57,14 @@ PSEUDO_FEATURES = ('is_pseudo', 'pseudo_ids', 'pseudo_probs')
 
 # The most Grain threads config.data.num_threads=None picks (Grain's own default).
 MAX_AUTO_THREADS = 16
+
+# config.data.max_consecutive_unreadable's default: several large batches of nothing but
+# unreadable images is a broken source, not bad luck.
+DEFAULT_MAX_CONSECUTIVE_UNREADABLE = 1000
+# Skipped images named one warning each; after that, one summary line every SKIP_SUMMARY_EVERY,
+# so a partly broken dataset does not flood the log.
+SKIPS_NAMED_ONE_BY_ONE = 10
+SKIP_SUMMARY_EVERY = 1000
 
 # Independent random streams derived from the seeds.
 _SHUFFLE_STREAM = 0
@@ -124,6 +132,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   # process may use, at most MAX_AUTO_THREADS (more threads than cores slow the
   # step on a CPU: benchmarks/README.md, loop.py).
   config.num_threads = ml_collections.config_dict.placeholder(int)
+  # Unreadable images are skipped; this many in a row (on one process) stop the run with
+  # an error naming some of them, instead of skipping forever (a folder of no images).
+  config.max_consecutive_unreadable = DEFAULT_MAX_CONSECUTIVE_UNREADABLE
   config.prefetch_buffer_size = 64  # Examples prepared ahead, per process.
   # Training batches batched and copied to the devices ahead of the step, in a
   # background thread (big_pretrain.data.device_prefetch); 0: in the loop.
@@ -394,27 +405,78 @@ def _load_text_tokenizer(
 
 # --- Skipping corrupt examples ------------------------------------------------
 
+class UnreadableDataError(RuntimeError):
+  """A source gave no readable image in config.data.max_consecutive_unreadable tries."""
+
+
 @dataclasses.dataclass
 class SkippedExampleCounter:
   """How many examples were skipped; owned by one pipeline, saved in its iterator state."""
   count: int = 0
 
 
-class _SkipCorruptExamplesDatasetIterator(grain.DatasetIterator):
-  """Drops SkippedExample markers, logging and counting each one."""
+def describe_source(data_config: ml_collections.ConfigDict) -> str:
+  """Where a pipeline reads, for messages: "config.data.path='/data/train' (image_folder)"."""
+  split = data_config.get('split', 'train')
+  if data_config.source == 'tfds':
+    return f'TFDS {data_config.get("tfds_name")!r} ({split} split)'
+  key = 'test_path' if split == 'test' else 'path'
+  return f'config.data.{key}={data_config.get(key)!r} ({data_config.source})'
 
-  def __init__(self, parent: grain.DatasetIterator, counter: SkippedExampleCounter):
+
+class _SkipCorruptExamplesDatasetIterator(grain.DatasetIterator):
+  """Drops SkippedExample markers, counting each; stops a source that yields no image.
+
+  Runs in the process's main thread, after Grain's reader threads, and sees
+  examples in the pipeline's order: "in a row" means consecutive in this
+  process's share of the stream. The run of unreadable images is not part of
+  the saved state (a resumed run starts a new one), so at most about twice
+  the limit are read before the error.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, counter: SkippedExampleCounter,
+               max_consecutive: int, source_description: str):
     super().__init__(parent)
     self._counter = counter
+    self._max_consecutive = max_consecutive
+    self._source_description = source_description
+    self._skipped_in_a_row: list[transforms.SkippedExample] = []
+    self._skipped_by_this_iterator = 0  # what the log has named so far counts from here
 
   def __next__(self):
     while True:
       element = next(self._parent)
       if not isinstance(element, transforms.SkippedExample):
+        self._skipped_in_a_row.clear()
         return element
       self._counter.count += 1
-      logging.warning('Skipping unreadable image %s (%s). %d skipped so far.',
-                      element.path, element.reason, self._counter.count)
+      self._skipped_by_this_iterator += 1
+      self._log_skip(element)
+      self._skipped_in_a_row.append(element)
+      if len(self._skipped_in_a_row) >= self._max_consecutive:
+        raise UnreadableDataError(self._no_readable_image_message())
+
+  def _log_skip(self, element: transforms.SkippedExample) -> None:
+    skipped = self._skipped_by_this_iterator
+    if skipped <= SKIPS_NAMED_ONE_BY_ONE:
+      last_named = (f' Further skips are summarised every {SKIP_SUMMARY_EVERY}.'
+                    if skipped == SKIPS_NAMED_ONE_BY_ONE else '')
+      logging.warning('Skipping unreadable image %s (%s). %d skipped so far.%s',
+                      element.path, element.reason, self._counter.count, last_named)
+    elif skipped % SKIP_SUMMARY_EVERY == 0:
+      logging.warning('%d unreadable images skipped so far; the latest: %s (%s).',
+                      self._counter.count, element.path, element.reason)
+
+  def _no_readable_image_message(self) -> str:
+    # Distinct files: a small folder repeats within the run.
+    paths = list(dict.fromkeys(skipped.path for skipped in self._skipped_in_a_row))
+    return (
+        f'No readable image in the last {len(self._skipped_in_a_row)} read from '
+        f'{self._source_description}; {self._counter.count} unreadable in all, e.g. '
+        f'{", ".join(paths[:3])} (the last: {self._skipped_in_a_row[-1].reason}). Check that '
+        'the source holds images (JPEG, PNG, ...) that are not damaged, or raise '
+        f'config.data.max_consecutive_unreadable (now {self._max_consecutive}) to read past '
+        'a longer stretch of broken ones.')
 
   def get_state(self) -> dict[str, Any]:
     return {'parent': self._parent.get_state(),
@@ -423,6 +485,7 @@ class _SkipCorruptExamplesDatasetIterator(grain.DatasetIterator):
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state['parent'])
     self._counter.count = int(state['corrupt_images_skipped'])
+    self._skipped_in_a_row.clear()
 
   def __str__(self) -> str:
     return 'SkipCorruptExamplesDatasetIterator'
@@ -432,15 +495,21 @@ class SkipCorruptExamplesIterDataset(grain.IterDataset):
   """Drops examples the pipeline marked as SkippedExample; counts them in ``counter``.
 
   The count is part of the iterator state, so a restored run reports the same
-  count as the run that saved it.
+  count as the run that saved it. ``max_consecutive`` unreadable examples in a
+  row raise UnreadableDataError naming some of them and ``source_description``.
   """
 
-  def __init__(self, parent: grain.IterDataset, counter: SkippedExampleCounter):
+  def __init__(self, parent: grain.IterDataset, counter: SkippedExampleCounter, *,
+               max_consecutive: int = DEFAULT_MAX_CONSECUTIVE_UNREADABLE,
+               source_description: str = 'the source'):
     super().__init__(parent)
     self._counter = counter
+    self._max_consecutive = max_consecutive
+    self._source_description = source_description
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _SkipCorruptExamplesDatasetIterator(self._parent.__iter__(), self._counter)
+    return _SkipCorruptExamplesDatasetIterator(self._parent.__iter__(), self._counter,
+                                               self._max_consecutive, self._source_description)
 
   def __str__(self) -> str:
     return 'SkipCorruptExamplesIterDataset'
@@ -528,6 +597,14 @@ class InputPipeline:
           f' {batch_shards} devices along mesh axes {sharding_lib.BATCH_AXES} (mesh shape'
           f' {dict(mesh.shape)}), which split the batch dimension.')
 
+    # .get: configs written before the limit existed.
+    max_consecutive_unreadable = data_config.get('max_consecutive_unreadable',
+                                                 DEFAULT_MAX_CONSECUTIVE_UNREADABLE)
+    if not isinstance(max_consecutive_unreadable, int) or max_consecutive_unreadable < 1:
+      raise ValueError(
+          f'config.data.max_consecutive_unreadable={max_consecutive_unreadable!r} must be a '
+          f'positive integer (default {DEFAULT_MAX_CONSECUTIVE_UNREADABLE}).')
+
     self._source = sources.build_source(data_config)
     # Loaded once here; every example is encoded with the same vocabulary.
     self._label_vocabulary = _load_label_vocabulary(data_config)
@@ -581,7 +658,9 @@ class InputPipeline:
     iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=num_reader_threads(data_config),
         prefetch_buffer_size=data_config.prefetch_buffer_size))
-    iter_dataset = SkipCorruptExamplesIterDataset(iter_dataset, self._skipped)
+    iter_dataset = SkipCorruptExamplesIterDataset(
+        iter_dataset, self._skipped, max_consecutive=max_consecutive_unreadable,
+        source_description=describe_source(data_config))
     iter_dataset = iter_dataset.map(functools.partial(
         select_device_features, feature_names=device_feature_names(data_config, train)))
     iter_dataset = iter_dataset.batch(per_process_batch, drop_remainder=True)

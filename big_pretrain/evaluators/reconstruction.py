@@ -4,6 +4,11 @@ Each row is one held-out image; the columns are the panels the objective's
 `visualize` returns (for MAE: input, masked input, reconstruction, and the
 normalised target beside the normalised prediction). Written as an image
 summary and as a PNG in the workdir.
+
+The images are the first `num_images` of the held-out split in its fixed order
+(`pipeline.eval_order`), read once like the feature evaluators' (`pipeline.ordered_batches`):
+a split smaller than `num_images` shows every image it has, and an unreadable
+image leaves out its row.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -19,7 +25,8 @@ from PIL import Image
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain import workdir as workdir_lib
-from big_pretrain.data.pipeline import InputPipeline
+from big_pretrain.data import sources
+from big_pretrain.data.pipeline import eval_order, ordered_batches
 from big_pretrain.evaluators.base import EvalResult, Evaluator
 from big_pretrain.evaluators.features import round_up, split_data_config
 
@@ -38,29 +45,43 @@ class ReconstructionEvaluator(Evaluator):
       raise ValueError(
           f'config.evals.{self.name}: kind=reconstruction needs an objective that predicts '
           f'pixels; {self.objective.name!r} does not.')
-    self._images = None
+    self._images = None  # batch-sharded, padded to whole batches
+    self._readable = None  # (batch,) bool: the rows that hold a held-out image
     self._visualize = None
 
   def _held_out_images(self):
-    """The first images of the evaluation split, the same at every run."""
+    """(images, readable rows) of the first images of the evaluation split, the same at
+    every run."""
     if self._images is None:
-      shards = sharding_lib.num_batch_shards(self.trainer.mesh) * jax.process_count()
-      batch = round_up(self.eval_config.num_images, shards)
+      num_images = self.eval_config.num_images
       data = split_data_config(self.stage_config.data, self.eval_config.test_data,
+                               num_examples=num_images,
                                culprit=f'config.evals.{self.name}.test_data')
-      pipeline = InputPipeline(data, global_batch_size=batch,
-                               mesh=self.trainer.mesh, train=False, seed=self.stage_config.seed)
-      self._images = next(pipeline)['image']
-    return self._images
+      source = sources.build_source(data)
+      indices = eval_order(data, len(source))[:num_images]
+      if len(indices) < num_images:
+        logging.info('config.evals.%s: the held-out split has %d images (%d asked for): '
+                     'showing each of them.', self.name, len(indices), num_images)
+      shards = sharding_lib.num_batch_shards(self.trainer.mesh) * jax.process_count()
+      # One batch holds them all; rows past them are padding that `run` leaves out.
+      batch, rows = next(ordered_batches(
+          source, indices, data, global_batch_size=round_up(len(indices), shards),
+          mesh=self.trainer.mesh))
+      self._images, self._readable = batch['image'], rows['valid']
+    return self._images, self._readable
 
   def run(self, params, step):
-    images = self._held_out_images()
+    images, readable = self._held_out_images()
+    if not readable.any():
+      logging.warning('config.evals.%s: none of the held-out images could be read: no '
+                      'reconstructions to show.', self.name)
+      return EvalResult()
     if self._visualize is None:
       self._visualize = jax.jit(self.objective.visualize)
     with sharding_lib.activate(self.trainer.mesh, self.trainer.rules):
       panels = self._visualize(params, images, jax.random.key(self.stage_config.seed))
-    panels = {k: np.asarray(multihost_utils.process_allgather(panels[k], tiled=True))
-              [:self.eval_config.num_images] for k in self.objective.visualization_panels}
+    panels = {k: np.asarray(multihost_utils.process_allgather(panels[k], tiled=True))[readable]
+              for k in self.objective.visualization_panels}
     grid = panels_to_grid(panels)
     if jax.process_index() == 0:
       png = io.BytesIO()

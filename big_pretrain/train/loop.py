@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain import workdir as workdir_lib
@@ -37,6 +38,13 @@ from big_pretrain.train.remat_choice import build_with_remat_choice
 
 # The `at_start` evaluators' scores of a stage's starting parameters (step 0).
 AT_START_RESULTS_FILE = 'eval_results_at_start.json'
+# The evaluators' latest scores, {'step': step, name: scalars}; written after the step's
+# checkpoint. A stage is finished once its final checkpoint and its final scores exist.
+EVAL_RESULTS_FILE = 'eval_results.json'
+
+
+class FinalEvaluationError(RuntimeError):
+  """An evaluator failed at a stage's final step, after the final checkpoint was saved."""
 
 
 @dataclasses.dataclass
@@ -103,11 +111,19 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   checkpointer = Checkpointer(checkpoint_dir, config.checkpoint)
   restored = checkpointer.restore_latest_readable(trainer.abstract_state, data_position)
+  final_evaluations_missing = False
   if restored is not None:
     start_step, state = restored
     if start_step >= config.total_steps:
-      logging.info('This stage finished at step %d: nothing to do (a new --workdir starts '
-                   'afresh).', start_step)
+      # Every process must agree, or some would wait in an evaluator's collectives.
+      final_evaluations_missing = not int(multihost_utils.broadcast_one_to_all(
+          np.int32(final_evaluations_recorded(config, workdir, start_step))))
+      if final_evaluations_missing:
+        logging.info('This stage finished training at step %d, but its final evaluations '
+                     'did not complete: running them now.', start_step)
+      else:
+        logging.info('This stage finished at step %d: nothing to do (a new --workdir starts '
+                     'afresh).', start_step)
     else:
       logging.info('Resuming at step %d of %d.', start_step, config.total_steps)
   else:
@@ -140,6 +156,9 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   max_skipped_in_a_row = config.optim.get('skip_nonfinite_updates', 0)
   try:
     with faults.PreemptionNotice() as preemption:
+      if final_evaluations_missing:
+        _evaluate(evaluators, state, step, eval_results, writer, workdir,
+                  final_checkpoint=checkpointer.directory)
       while step < config.total_steps:
         batch = next(batches)
         state, metrics = trainer.train_step(state, batch, step_rng)
@@ -167,25 +186,13 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
           pending_metrics, interval_start = [], time.perf_counter()
         elif saving:
           _stop_if_nonfinite(pending_metrics, step, max_skipped_in_a_row, checkpointer)
-        due = [evaluator for evaluator in evaluators if evaluator.due(step, final)]
-        for evaluator in due:
-          result = evaluator.run(state.params, step)
-          if evaluator.eval_config.get('also_ema'):
-            ema = evaluator.run(ema_params(state.opt_state, state.params), step)
-            result.scalars.update({f'ema_{k}': v for k, v in ema.scalars.items()})
-          eval_results[evaluator.name] = result.scalars
-          if result.scalars:
-            writer.write_scalars(step, {f'eval/{evaluator.name}/{k}': v
-                                        for k, v in result.scalars.items()})
-          if result.images:
-            writer.write_images(step, {k: v[None] for k, v in result.images.items()})
-        if due and jax.process_index() == 0:
-          # Before the step's checkpoint: once the final one exists the stage
-          # counts as finished, and a kill in between must not lose the results.
-          workdir_lib.write_text(os.path.join(workdir, 'eval_results.json'),
-                                 json.dumps({'step': step, **eval_results}, indent=2))
+        # The checkpoint first: an evaluator that fails (or a kill while it runs) loses
+        # no training, and a rerun of a finished stage runs only its final evaluations.
         if saving:
           checkpointer.save(step, state, data_position, force=True)
+        due = [evaluator for evaluator in evaluators if evaluator.due(step, final)]
+        _evaluate(due, state, step, eval_results, writer, workdir,
+                  final_checkpoint=checkpointer.directory if final else None)
         if stopping:
           break
   finally:
@@ -201,6 +208,45 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
                     'Run the same command to resume from it.', step)
   return StageResult(state, step - start_step, step >= config.total_steps, last_metrics,
                      eval_results, history, preempted)
+
+
+def final_evaluations_recorded(config, workdir: str, final_step: int) -> bool:
+  """Whether EVAL_RESULTS_FILE holds the scores of the stage's checkpoint at `final_step`
+  (always so for a stage without evaluators)."""
+  if not config.get('evals'):
+    return True
+  recorded = workdir_lib.read_json(os.path.join(workdir, EVAL_RESULTS_FILE))
+  return recorded is not None and recorded.get('step', -1) >= final_step
+
+
+def _evaluate(evaluators, state, step: int, eval_results: dict, writer, workdir: str, *,
+              final_checkpoint: str | None = None) -> None:
+  """Runs `evaluators` on `state`, logs their scores and writes all of `eval_results` (updated
+  in place) to EVAL_RESULTS_FILE. `final_checkpoint`: the folder holding the stage's final
+  checkpoint, when this is the final step; a failure then says how to finish the stage."""
+  for evaluator in evaluators:
+    try:
+      result = evaluator.run(state.params, step)
+      if evaluator.eval_config.get('also_ema'):
+        ema = evaluator.run(ema_params(state.opt_state, state.params), step)
+        result.scalars.update({f'ema_{k}': v for k, v in ema.scalars.items()})
+    except Exception as error:  # pylint: disable=broad-exception-caught
+      if final_checkpoint is None:
+        raise
+      raise FinalEvaluationError(
+          f'Evaluator {evaluator.name!r} failed at the final step {step}: '
+          f'{type(error).__name__}: {error}. Training is done and the final checkpoint is '
+          f'saved in {final_checkpoint}; fix the cause (config.evals.{evaluator.name}) and run '
+          'the same command: it runs only the final evaluations.') from error
+    eval_results[evaluator.name] = result.scalars
+    if result.scalars:
+      writer.write_scalars(step, {f'eval/{evaluator.name}/{k}': v
+                                  for k, v in result.scalars.items()})
+    if result.images:
+      writer.write_images(step, {k: v[None] for k, v in result.images.items()})
+  if evaluators and jax.process_index() == 0:
+    workdir_lib.write_text(os.path.join(workdir, EVAL_RESULTS_FILE),
+                           json.dumps({'step': step, **eval_results}, indent=2))
 
 
 def _evaluate_at_start(evaluators, params, writer, workdir: str) -> None:
