@@ -13,6 +13,8 @@ import os
 
 from etils import epath
 
+from big_pretrain.errors import WorkdirError
+
 
 def absolute(path: str) -> str:
   """A local path made absolute; a bucket URL (scheme://...) as it is."""
@@ -47,3 +49,39 @@ def list_dir(path: str) -> list[str]:
   """Names in folder `path`; [] if it does not exist."""
   folder = epath.Path(path)
   return sorted(child.name for child in folder.iterdir()) if folder.is_dir() else []
+
+
+def check_usable(path: str) -> None:
+  """Raises WorkdirError when a local `path` is a file or cannot be written; creates nothing.
+
+  Checked before any device work. A bucket URL is left to its first write.
+  """
+  if '://' in str(path):
+    return
+  folder = os.path.abspath(path)
+  if os.path.exists(folder) and not os.path.isdir(folder):
+    raise WorkdirError(f'--workdir={path} is a file, not a folder: give a folder (a new one '
+                       'starts a run, an existing one resumes it).')
+  existing = folder
+  while not os.path.exists(existing):  # the run creates the missing folders below this one
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise WorkdirError(f'--workdir={path}: {existing} is a file, so the folder cannot be made.')
+  if not _can_write_in(existing):
+    raise WorkdirError(f'--workdir={path}: {existing} is not writable by this user: give a '
+                       'folder this run can write checkpoints to.')
+
+
+def _can_write_in(folder: str) -> bool:
+  """Whether a file can be created in `folder` (tried for real: root ignores mode bits, but
+  not a read-only mount)."""
+  if not os.access(folder, os.W_OK | os.X_OK):
+    return False
+  probe = os.path.join(folder, f'.big_pretrain_write_test.{os.getpid()}')
+  try:
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError:
+    return False
+  return True
