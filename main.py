@@ -25,14 +25,15 @@ from big_pretrain import workdir as workdir_lib
 from big_pretrain.checkpoint import CheckpointMismatchError
 from big_pretrain.config_schema import (ConfigError, check_fits_devices, unknown_key_in,
                                         validate_config)
-from big_pretrain.errors import WorkdirError
-from big_pretrain.train.faults import NonFiniteLossError
+from big_pretrain.errors import CheckpointSaveError, WorkdirError
+from big_pretrain.train.faults import NonFiniteLossError, Preempted
 
 # Exit codes, for people and for supervisors that rerun (README, "Exit codes").
 EXIT_STOPPED = 1      # the run stopped on purpose, saying why (NaN loss, a checkpoint that
-                      # does not fit): rerunning as it is will not help
+                      # does not fit, a failed save): rerunning as it is will not help
 EXIT_USAGE = 2        # the command, config or workdir cannot run: nothing was started
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: saved a checkpoint on SIGTERM/SIGINT; rerun to resume
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once, unsaved (the shell's 128 + SIGINT)
 VERBOSE_ENV = 'BIG_PRETRAIN_VERBOSE'
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -175,7 +176,13 @@ def main(argv):
     _exit_usage(str(e))
   try:
     pipeline.run(config, _WORKDIR.value)
-  except (NonFiniteLossError, CheckpointMismatchError, ConfigError) as e:
+  except Preempted as e:
+    logging.warning('%s', e)
+    _exit(f'Preempted: {e}', EXIT_PREEMPTED)
+  except KeyboardInterrupt:
+    _exit('Interrupted (Ctrl-C): stopped without saving; the same command resumes '
+          'from the last checkpoint.', EXIT_INTERRUPTED)
+  except (NonFiniteLossError, CheckpointMismatchError, CheckpointSaveError, ConfigError) as e:
     # Expected ways for a run to stop: the message says what happened and what to do.
     logging.error('%s', e)
     _exit(f'Stopped: {e}', EXIT_STOPPED)
