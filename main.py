@@ -175,7 +175,11 @@ def main(argv):
   except ValueError as e:  # ConfigError included
     _exit_usage(str(e))
   try:
-    pipeline.run(config, _WORKDIR.value)
+    # One run per workdir (a chain's stages share its lock): process 0 holds it.
+    with workdir_lib.run_lock(_WORKDIR.value, take=jax.process_index() == 0):
+      pipeline.run(config, _WORKDIR.value)
+  except WorkdirError as e:
+    _exit_usage(str(e))
   except Preempted as e:
     logging.warning('%s', e)
     _exit(f'Preempted: {e}', EXIT_PREEMPTED)

@@ -8,9 +8,13 @@ would turn 'gs://b/run' into a local folder named 'gs:'.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import time
 
+from absl import logging
 from etils import epath
 
 from big_pretrain.errors import WorkdirError
@@ -84,4 +88,79 @@ def _can_write_in(folder: str) -> bool:
     os.remove(probe)
   except OSError:
     return False
+  return True
+
+
+LOCK_FILE = 'run.lock'
+
+
+@contextlib.contextmanager
+def run_lock(path: str, take: bool = True):
+  """Holds `path`/run.lock (host, pid, start time) while the run lasts: one run per workdir.
+
+  A second run into the same workdir raises WorkdirError naming the first.
+  A lock left by a dead process of this host is taken over with a warning;
+  one of another host is not (its process cannot be checked from here).
+  Released on any exit that runs Python's cleanup (an exception, SIGTERM,
+  Ctrl-C); a SIGKILL leaves it, which is the stale case. Only process 0 of a
+  run takes it (`take`); a bucket workdir has no atomic create, so no lock.
+  """
+  if not take or '://' in str(path):
+    yield
+    return
+  lock_path = os.path.join(os.path.abspath(path), LOCK_FILE)
+  os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+  mine = {'host': socket.gethostname(), 'pid': os.getpid(),
+          'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
+  while not _create_exclusively(lock_path, json.dumps(mine)):
+    holder = _read_lock(lock_path)
+    if holder is None:
+      continue  # released between our two looks
+    if holder.get('host') == mine['host'] and not _is_alive(holder.get('pid')):
+      logging.warning('Taking over %s: its run (pid %s, started %s) is no longer running.',
+                      lock_path, holder.get('pid'), holder.get('started'))
+      os.remove(lock_path)
+      continue
+    where = 'this host' if holder.get('host') == mine['host'] else f'host {holder.get("host")}'
+    raise WorkdirError(
+        f'--workdir={path} is in use by another run: pid {holder.get("pid")} on {where}, '
+        f'started {holder.get("started")}. Stop that run or use another --workdir; if it '
+        f'is no longer running, delete {lock_path} and run again.')
+  try:
+    yield
+  finally:
+    if (_read_lock(lock_path) or {}).get('pid') == mine['pid']:
+      os.remove(lock_path)
+
+
+def _create_exclusively(path: str, text: str) -> bool:
+  """Writes a new file at `path`; False if one exists (atomic: two runs cannot both win)."""
+  try:
+    descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+  except FileExistsError:
+    return False
+  with os.fdopen(descriptor, 'w') as lock_file:
+    lock_file.write(text)
+  return True
+
+
+def _read_lock(path: str) -> dict | None:
+  try:
+    with open(path) as lock_file:
+      return json.loads(lock_file.read() or '{}')
+  except FileNotFoundError:
+    return None
+  except ValueError:  # half written by a run killed at that instant
+    return {}
+
+
+def _is_alive(pid) -> bool:
+  if not isinstance(pid, int):
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, another user's
+    return True
   return True

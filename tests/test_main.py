@@ -1,6 +1,9 @@
 """main.py as a user meets it: each mistake answered in one line before any compile."""
 
+import json
+import logging
 import os
+import socket
 import subprocess
 import sys
 
@@ -136,3 +139,51 @@ def test_read_only_mount_is_refused_even_for_root(tmp_path, monkeypatch):
   with pytest.raises(WorkdirError, match=r'read_only.* is not writable'):
     workdir_lib.check_usable(str(tmp_path / 'read_only'))
   workdir_lib.check_usable('gs://bucket/run')  # a bucket is left to its first write
+
+
+def _write_lock(workdir, host, pid):
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / workdir_lib.LOCK_FILE).write_text(
+      json.dumps({'host': host, 'pid': pid, 'started': '2024-01-01 00:00:00 UTC'}))
+
+
+def test_a_second_run_into_a_workdir_in_use_is_refused_naming_the_first(
+    tmp_path, capsys, monkeypatch):
+  workdir = tmp_path / 'run'
+  with workdir_lib.run_lock(str(workdir)):
+    with pytest.raises(WorkdirError, match=rf'in use by another run: pid {os.getpid()} on '
+                                           'this host'):
+      with workdir_lib.run_lock(str(workdir)):
+        pass
+  assert not (workdir / workdir_lib.LOCK_FILE).exists()  # released
+
+  # main.py, with the lock held by another live process of this host.
+  holder = subprocess.Popen(['sleep', '60'])
+  try:
+    _write_lock(workdir, socket.gethostname(), holder.pid)
+    monkeypatch.setattr(main_lib.pipeline, 'run', _fail_if_training_starts)
+    assert _run_main_in_process(['--config=configs/mae.py:demo', f'--workdir={workdir}'],
+                                monkeypatch) == EXIT_USAGE
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f'in use by another run: pid {holder.pid} on this host' in line
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_and_another_hosts_is_not(
+    tmp_path, caplog):
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  _write_lock(tmp_path, socket.gethostname(), dead.pid)
+  with caplog.at_level(logging.WARNING):
+    with workdir_lib.run_lock(str(tmp_path)):
+      assert json.loads((tmp_path / workdir_lib.LOCK_FILE).read_text())['pid'] == os.getpid()
+  assert f'(pid {dead.pid}, started' in caplog.text and 'no longer running' in caplog.text
+
+  _write_lock(tmp_path, 'other-host', 12345)
+  with pytest.raises(WorkdirError, match=r'pid 12345 on host other-host.*delete .*run\.lock'):
+    with workdir_lib.run_lock(str(tmp_path)):
+      pass
+  with workdir_lib.run_lock(str(tmp_path), take=False):  # processes other than 0
+    pass
