@@ -10,24 +10,38 @@ import logging as std_logging
 import os
 import runpy
 import sys
+import traceback
 
 # clu's writers import TensorFlow; keep its C++ start-up banner off the console.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # TF only writes summaries here
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from big_pretrain import distributed, pipeline
+from big_pretrain import workdir as workdir_lib
 from big_pretrain.checkpoint import CheckpointMismatchError
-from big_pretrain.train.faults import NonFiniteLossError
-from big_pretrain.config_schema import ConfigError, unknown_key_in, validate_config
+from big_pretrain.config_schema import (ConfigError, check_fits_devices, unknown_key_in,
+                                        validate_config)
+from big_pretrain.errors import CheckpointSaveError, WorkdirError
+from big_pretrain.train.faults import NonFiniteLossError, Preempted
+
+# Exit codes, for people and for supervisors that rerun (README, "Exit codes").
+EXIT_STOPPED = 1      # the run stopped on purpose, saying why (NaN loss, a checkpoint that
+                      # does not fit, a failed save): rerunning as it is will not help
+EXIT_USAGE = 2        # the command, config or workdir cannot run: nothing was started
+EXIT_PREEMPTED = 75   # EX_TEMPFAIL: saved a checkpoint on SIGTERM/SIGINT; rerun to resume
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once, unsaved (the shell's 128 + SIGINT)
+VERBOSE_ENV = 'BIG_PRETRAIN_VERBOSE'
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file; its get_config(arg) reads the part after ":".',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and results go.')
-flags.mark_flags_as_required(['config', 'workdir'])
+_VERBOSE = flags.DEFINE_bool(
+    'verbose', False, f'On an error, print the traceback too (or set {VERBOSE_ENV}=1).')
 # Several hosts: every host runs the same command. TPU pods, SLURM and Open MPI
 # are detected; elsewhere give the three values below on every host.
 _DISTRIBUTED = flags.DEFINE_enum(
@@ -51,56 +65,131 @@ class _QuietLibraryInfo(std_logging.Filter):
         lib in record.pathname for lib in _CHATTY_LIBRARIES)
 
 
+_HELP_FLAGS = ('-h', '-?', '--help', '--helpshort', '--helpfull', '--helpxml')
+
+
 def parse_flags(argv):
-  """absl flag parsing, with a plain message for an override of an unknown key."""
+  """absl's flag parsing, with every mistake answered in one line instead of a traceback."""
+  if any(arg.split('=')[0] in _HELP_FLAGS for arg in argv[1:]):
+    return flags.FLAGS(argv)  # prints the help and exits
+  spec = _config_spec(argv)
+  if spec is None:
+    _exit_usage('--config=path/to/config.py[:variant] is required, e.g. '
+                '--config=configs/mae.py:demo.', argv)
+  config_path = spec.partition(':')[0]
+  if not os.path.isfile(config_path):
+    # ml_collections would defer this to the first use of the config, as a traceback.
+    _exit_usage(f'--config={spec}: no such file {config_path!r}.', argv)
   try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError):
+    remaining = flags.FLAGS(argv)
+  except Exception as error:  # noqa: BLE001  (flag parsing also runs the config file)
+    _exit_usage(_describe_flag_error(error, argv), argv)
+  if len(remaining) > 1:
+    _exit_usage(f'Unexpected arguments {remaining[1:]}: flags are --name=value.', argv)
+  if not _WORKDIR.value:
+    _exit_usage('--workdir=DIR is required: where checkpoints, logs and results go (an '
+                'existing one resumes its run).', argv)
+  return remaining
+
+
+def _describe_flag_error(error: Exception, argv) -> str:
+  """One line for an error of flag parsing: which flag, and what was wrong with it."""
+  if isinstance(error, (AttributeError, KeyError)):
     # ml_collections raised while applying a --config.KEY=VALUE override:
     # load the config file alone to name the override whose key it lacks.
     config = _load_config_file(argv)
     for override in (arg for arg in argv[1:] if arg.startswith('--config.')):
-      error = unknown_key_in(config, override[len('--config.'):].split('=')[0])
-      if error:
-        sys.exit(f'Bad command-line override {override}: {error}')
-    raise
+      unknown = unknown_key_in(config, override[len('--config.'):].split('=')[0])
+      if unknown:
+        return f'Bad command-line override {override}: {unknown}'
+  message = str(error)
+  if message.startswith('flag --config='):
+    # The config file raised: its own exception is the end of the chain.
+    cause = error
+    while cause.__cause__ or cause.__context__:
+      cause = cause.__cause__ or cause.__context__
+    return (f'--config={_config_spec(argv)}: the config file raised '
+            f'{type(cause).__name__}: {_first_line(str(cause))}')
+  if message.startswith('flag --config.'):
+    return f'Bad command-line override {_first_line(message)[len("flag "):]}'
+  return _first_line(message)
+
+
+def _first_line(text: str) -> str:
+  return next((line.strip() for line in text.splitlines() if line.strip()), text)
+
+
+def _is_verbose(argv=None) -> bool:
+  """--verbose, readable before the flags are parsed (an error may come first)."""
+  if os.environ.get(VERBOSE_ENV, '') not in ('', '0'):
+    return True
+  if flags.FLAGS.is_parsed():
+    return _VERBOSE.value
+  return any(arg in ('--verbose', '--verbose=true', '--verbose=True', '--verbose=1')
+             for arg in (argv or sys.argv))
+
+
+def _exit_usage(message: str, argv=None):
+  """Exits with EXIT_USAGE and one line on stderr (and the traceback, if --verbose)."""
+  _exit(message, EXIT_USAGE, argv)
+
+
+def _exit(message: str, code: int, argv=None):
+  if _is_verbose(argv) and sys.exc_info()[0] is not None:
+    traceback.print_exc()
+  print(f'main.py: {message}', file=sys.stderr)
+  sys.exit(code)
+
+
+def _config_spec(argv) -> str | None:
+  """The path[:arg] of --config in argv, or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg[len('--config='):]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
 
 
 def _load_config_file(argv):
   """get_config(arg) of the --config=path[:arg] in argv."""
-  for i, arg in enumerate(argv):
-    if arg.startswith('--config='):
-      spec = arg[len('--config='):]
-    elif arg == '--config' and i + 1 < len(argv):
-      spec = argv[i + 1]
-    else:
-      continue
-    path, _, variant = spec.partition(':')
-    return runpy.run_path(path)['get_config'](variant or None)
-  raise app.UsageError('--config=path/to/config.py[:variant] is required.')
+  path, _, variant = _config_spec(argv).partition(':')
+  return runpy.run_path(path)['get_config'](variant or None)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  del argv  # parse_flags refused any beyond the flags
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraryInfo())
   config = _CONFIG.value
   try:
     validate_config(config)  # before any device is touched
-  except ConfigError as e:
-    raise app.UsageError(str(e)) from None
+    workdir_lib.check_usable(_WORKDIR.value)
+  except (ConfigError, WorkdirError) as e:
+    _exit_usage(str(e))
   try:
     distributed.initialize(_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
                            num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+    # Before the first compile: found by the input pipeline only after it otherwise.
+    check_fits_devices(config, jax.device_count(), jax.process_count())
+  except ValueError as e:  # ConfigError included
+    _exit_usage(str(e))
   try:
-    pipeline.run(config, _WORKDIR.value)
-  except (NonFiniteLossError, CheckpointMismatchError, ConfigError) as e:
+    # One run per workdir (a chain's stages share its lock): process 0 holds it.
+    with workdir_lib.run_lock(_WORKDIR.value, take=jax.process_index() == 0):
+      pipeline.run(config, _WORKDIR.value)
+  except WorkdirError as e:
+    _exit_usage(str(e))
+  except Preempted as e:
+    logging.warning('%s', e)
+    _exit(f'Preempted: {e}', EXIT_PREEMPTED)
+  except KeyboardInterrupt:
+    _exit('Interrupted (Ctrl-C): stopped without saving; the same command resumes '
+          'from the last checkpoint.', EXIT_INTERRUPTED)
+  except (NonFiniteLossError, CheckpointMismatchError, CheckpointSaveError, ConfigError) as e:
     # Expected ways for a run to stop: the message says what happened and what to do.
     logging.error('%s', e)
-    sys.exit(f'Stopped: {e}')
+    _exit(f'Stopped: {e}', EXIT_STOPPED)
 
 
 if __name__ == '__main__':

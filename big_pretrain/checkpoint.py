@@ -19,6 +19,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from big_pretrain import workdir as workdir_lib
+from big_pretrain.errors import CheckpointSaveError
 
 STATE_ITEM = 'state'
 DATA_ITEM = 'data'
@@ -114,13 +115,37 @@ class Checkpointer:
     return self._manager.should_save(step)
 
   def save(self, step: int, state, data_iterator, force: bool = False) -> bool:
-    """Saves if `step` is on the interval (or `force`); returns whether it did."""
-    return self._manager.save(
-        step, force=force,
-        args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardSave(state),
-            DATA_ITEM: grain.checkpoint.CheckpointSave(data_iterator),
-        }))
+    """Saves if `step` is on the interval (or `force`); returns whether it did.
+
+    Raises CheckpointSaveError when this save, or an asynchronous one before it,
+    fails (a full disk, a lost bucket): training on would only lose more steps.
+    """
+    try:
+      return self._manager.save(
+          step, force=force,
+          args=ocp.args.Composite(**{
+              STATE_ITEM: ocp.args.StandardSave(state),
+              DATA_ITEM: grain.checkpoint.CheckpointSave(data_iterator),
+          }))
+    except Exception as error:  # noqa: BLE001  (Orbax raises many kinds; all mean: not saved)
+      raise self._save_error(step, error) from error
+
+  def _save_error(self, step: int | None, error: Exception) -> CheckpointSaveError:
+    try:
+      self._manager.wait_until_finished()  # an earlier save in flight is then listed
+    except Exception:  # noqa: BLE001  (it is named by the error being raised)
+      pass
+    try:
+      kept = self.all_steps()
+    except Exception:  # noqa: BLE001  (the folder itself may be what failed)
+      kept = []
+    return CheckpointSaveError(
+        f'Could not save the checkpoint {f"of step {step} " if step is not None else ""}'
+        f'in {self.directory} '
+        f'({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}): '
+        'stopping. The checkpoints written before it '
+        + (f'(steps {", ".join(map(str, kept))}) ' if kept else '')
+        + 'are intact. Free space or fix the folder, then run the same command to resume.')
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores the state (sharded as `abstract_state`) and, if given, the iterator."""
@@ -205,7 +230,11 @@ class Checkpointer:
         f'config.init_from.checkpoint={self.directory!r}. Nothing was modified.')
 
   def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for an asynchronous save; raises CheckpointSaveError if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as error:  # noqa: BLE001
+      raise self._save_error(None, error) from error
 
   def close(self) -> None:
     self._manager.close()

@@ -8,11 +8,13 @@ its default; `validate_stage_config` rejects keys the schema does not know
 from __future__ import annotations
 
 import difflib
+import math
 
 import ml_collections
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data import augment as augment_lib
+from big_pretrain.data import sources as sources_lib
 from big_pretrain.data.pipeline import default_data_config
 from big_pretrain.errors import ConfigError
 from big_pretrain.evaluators import (evaluator_class, evaluator_config, evaluator_defaults,
@@ -244,6 +246,7 @@ def validate_stage_config(config, path: str = 'config') -> None:
   if config.init_from.stage and config.init_from.checkpoint:
     raise ConfigError(f'{path}.init_from: give stage or checkpoint, not both.')
   _check_model_choices(config.model, f'{path}.model')
+  _check_image_size_fits_patch(config, path)
   pseudo_labels = config.data.pseudo_labels
   if (pseudo_labels.stage or pseudo_labels.path) and objective != 'self_training':
     raise ConfigError(
@@ -261,6 +264,7 @@ def validate_config(config) -> None:
         raise ConfigError(
             f'config.teacher.stage={config.teacher.stage!r} names a stage, but this config has '
             'no config.stages. Use config.teacher.workdir=STAGE_FOLDER instead.')
+      check_data_exists(config.data)
       return
     validate_stage_config(config)
     if config.init_from.stage:
@@ -271,6 +275,7 @@ def validate_config(config) -> None:
       raise ConfigError(
           f'config.data.pseudo_labels.stage={config.data.pseudo_labels.stage!r} names a '
           'stage, but this config has no config.stages. Use config.data.pseudo_labels.path.')
+    check_data_exists(config.data)
     return
   for key in config.keys():
     if key != 'stages':
@@ -301,6 +306,47 @@ def validate_config(config) -> None:
     if is_pseudo_label_config(stage):
       pseudo_label_stages.append(name)
     earlier.append(name)
+  for name, stage in config.stages.items():
+    check_data_exists(stage.data, f'config.stages.{name}')
+
+
+def check_data_exists(data, path: str = 'config') -> None:
+  """Raises ConfigError when a local data.path or data.test_path holds no images or shards.
+
+  Part of `validate_config` (a whole run, every stage of a chain before the
+  first starts), not of `validate_stage_config`, which checks a config alone.
+  """
+  for key in ('path', 'test_path'):
+    location = data.get(key)
+    if not location or '://' in location:  # a bucket is found when the stage reads it
+      continue
+    try:
+      sources_lib.check_has_data(data.source, location)
+    except (OSError, ValueError) as error:
+      raise ConfigError(f'{path}.data.{key}: {error}') from None
+
+
+def check_fits_devices(config, num_devices: int, num_processes: int) -> None:
+  """Raises ConfigError when a stage's mesh or batch cannot be laid over the devices.
+
+  What the input pipeline would find only after the step has compiled.
+  """
+  stages = config.stages.items() if 'stages' in config else [('', config)]
+  for name, stage in stages:
+    path = f'config.stages.{name}' if name else 'config'
+    try:
+      shape = dict(zip(sharding_lib.MESH_AXES,
+                       sharding_lib.resolve_mesh_shape(stage.mesh, num_devices)))
+    except ValueError as error:
+      raise ConfigError(str(error).replace('config.mesh', f'{path}.mesh')) from None
+    batch_shards = math.prod(shape[axis] for axis in sharding_lib.BATCH_AXES)
+    for divisor, what in ((num_processes, 'processes (each loads an equal share)'),
+                          (batch_shards, f'devices along the batch axes {sharding_lib.BATCH_AXES} '
+                                         f'of the mesh {shape}')):
+      if stage.batch_size % divisor:
+        raise ConfigError(
+            f'{path}.batch_size={stage.batch_size} must be a multiple of the {divisor} '
+            f'{what}: use e.g. {(stage.batch_size // divisor + 1) * divisor}.')
 
 
 def _check_model_choices(model, path: str) -> None:
@@ -310,6 +356,19 @@ def _check_model_choices(model, path: str) -> None:
   if model.attention_impl is not None and model.attention_impl not in ATTENTION_IMPLS:
     raise ConfigError(f'{path}.attention_impl={model.attention_impl!r}: choose one of '
                       f'{ATTENTION_IMPLS}.')
+
+
+def _check_image_size_fits_patch(config, path: str) -> None:
+  try:
+    patch = vit_lib.parse_variant(config.model.variant).patch_size
+  except ValueError as error:
+    raise ConfigError(f'{path}.model.variant: {error}') from None
+  size = config.data.image_size
+  if size % patch:
+    raise ConfigError(
+        f'{path}.data.image_size={size} is not a multiple of the patch size {patch} of '
+        f'{path}.model.variant={config.model.variant!r}: use e.g. '
+        f'{max(patch, size // patch * patch)} or {(size // patch + 1) * patch}.')
 
 
 def _check_evaluator(eval_config, stage_data, path: str) -> None:

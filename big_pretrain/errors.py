@@ -3,3 +3,11 @@
 
 class ConfigError(ValueError):
   """A config that cannot run; the message names the key and the fix."""
+
+
+class WorkdirError(ValueError):
+  """A --workdir that cannot hold this run: a file, read-only, or in use by another run."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (e.g. a full disk); the earlier ones are intact."""

@@ -23,6 +23,7 @@ from big_pretrain.checkpoint import saved_steps, unreadable_reason
 from big_pretrain.config_schema import is_pseudo_label_config, validate_config
 from big_pretrain.data import pseudo_labels as pseudo_labels_lib
 from big_pretrain.pseudo_label import run_pseudo_label
+from big_pretrain.train import faults
 from big_pretrain.train.loop import AT_START_RESULTS_FILE, final_evaluations_recorded, train_stage
 
 
@@ -73,7 +74,10 @@ def initialiser_from(init_from, workdir: str):
 
 
 def run(config, workdir: str) -> dict[str, dict]:
-  """Trains every unfinished stage in order; returns {stage: evaluator results}."""
+  """Trains every unfinished stage in order; returns {stage: evaluator results}.
+
+  Raises faults.Preempted when a stage saved and stopped on a preemption notice.
+  """
   validate_config(config)
   stage_dirs = stage_workdirs(config, workdir)
   for name, stage_config in _stage_configs(config).items():
@@ -93,6 +97,11 @@ def run(config, workdir: str) -> dict[str, dict]:
     if not result.finished:
       logging.info('Stage %r stopped at step %d; run the same command to resume.',
                    name, result.state.step)
+      if result.preempted:
+        raise faults.Preempted(
+            f'Stage {name!r} saved a checkpoint at step {int(result.state.step)} in '
+            f'{stage_dir} on a preemption notice (SIGTERM or Ctrl-C) and stopped; run the '
+            'same command to resume.')
       break
   results = collect_eval_results(stage_dirs)
   print(format_eval_results(results))

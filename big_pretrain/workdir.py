@@ -8,10 +8,16 @@ would turn 'gs://b/run' into a local folder named 'gs:'.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import time
 
+from absl import logging
 from etils import epath
+
+from big_pretrain.errors import WorkdirError
 
 
 def absolute(path: str) -> str:
@@ -53,3 +59,114 @@ def list_dir(path: str) -> list[str]:
   """Names in folder `path`; [] if it does not exist."""
   folder = epath.Path(path)
   return sorted(child.name for child in folder.iterdir()) if folder.is_dir() else []
+
+
+def check_usable(path: str) -> None:
+  """Raises WorkdirError when a local `path` is a file or cannot be written; creates nothing.
+
+  Checked before any device work. A bucket URL is left to its first write.
+  """
+  if '://' in str(path):
+    return
+  folder = os.path.abspath(path)
+  if os.path.exists(folder) and not os.path.isdir(folder):
+    raise WorkdirError(f'--workdir={path} is a file, not a folder: give a folder (a new one '
+                       'starts a run, an existing one resumes it).')
+  existing = folder
+  while not os.path.exists(existing):  # the run creates the missing folders below this one
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise WorkdirError(f'--workdir={path}: {existing} is a file, so the folder cannot be made.')
+  if not _can_write_in(existing):
+    raise WorkdirError(f'--workdir={path}: {existing} is not writable by this user: give a '
+                       'folder this run can write checkpoints to.')
+
+
+def _can_write_in(folder: str) -> bool:
+  """Whether a file can be created in `folder` (tried for real: root ignores mode bits, but
+  not a read-only mount)."""
+  if not os.access(folder, os.W_OK | os.X_OK):
+    return False
+  probe = os.path.join(folder, f'.big_pretrain_write_test.{os.getpid()}')
+  try:
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError:
+    return False
+  return True
+
+
+LOCK_FILE = 'run.lock'
+
+
+@contextlib.contextmanager
+def run_lock(path: str, take: bool = True):
+  """Holds `path`/run.lock (host, pid, start time) while the run lasts: one run per workdir.
+
+  A second run into the same workdir raises WorkdirError naming the first.
+  A lock left by a dead process of this host is taken over with a warning;
+  one of another host is not (its process cannot be checked from here).
+  Released on any exit that runs Python's cleanup (an exception, SIGTERM,
+  Ctrl-C); a SIGKILL leaves it, which is the stale case. Only process 0 of a
+  run takes it (`take`); a bucket workdir has no atomic create, so no lock.
+  """
+  if not take or '://' in str(path):
+    yield
+    return
+  lock_path = os.path.join(os.path.abspath(path), LOCK_FILE)
+  os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+  mine = {'host': socket.gethostname(), 'pid': os.getpid(),
+          'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
+  while not _create_exclusively(lock_path, json.dumps(mine)):
+    holder = _read_lock(lock_path)
+    if holder is None:
+      continue  # released between our two looks
+    if holder.get('host') == mine['host'] and not _is_alive(holder.get('pid')):
+      logging.warning('Taking over %s: its run (pid %s, started %s) is no longer running.',
+                      lock_path, holder.get('pid'), holder.get('started'))
+      os.remove(lock_path)
+      continue
+    where = 'this host' if holder.get('host') == mine['host'] else f'host {holder.get("host")}'
+    raise WorkdirError(
+        f'--workdir={path} is in use by another run: pid {holder.get("pid")} on {where}, '
+        f'started {holder.get("started")}. Stop that run or use another --workdir; if it '
+        f'is no longer running, delete {lock_path} and run again.')
+  try:
+    yield
+  finally:
+    if (_read_lock(lock_path) or {}).get('pid') == mine['pid']:
+      os.remove(lock_path)
+
+
+def _create_exclusively(path: str, text: str) -> bool:
+  """Writes a new file at `path`; False if one exists (atomic: two runs cannot both win)."""
+  try:
+    descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+  except FileExistsError:
+    return False
+  with os.fdopen(descriptor, 'w') as lock_file:
+    lock_file.write(text)
+  return True
+
+
+def _read_lock(path: str) -> dict | None:
+  try:
+    with open(path) as lock_file:
+      return json.loads(lock_file.read() or '{}')
+  except FileNotFoundError:
+    return None
+  except ValueError:  # half written by a run killed at that instant
+    return {}
+
+
+def _is_alive(pid) -> bool:
+  if not isinstance(pid, int):
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, another user's
+    return True
+  return True

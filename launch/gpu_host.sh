@@ -13,9 +13,12 @@
 # Options (or the environment variables in capitals):
 #   --workdir=DIR        WORKDIR      checkpoints, TensorBoard events, logs (required)
 #   --config=FILE[:ARG]  CONFIG       (configs/mae_then_wsp.py)
-#   --retries=N          RETRIES      rerun main.py up to N times when it exits non-zero,
-#                                     resuming from the last checkpoint (0); not when
-#                                     the first run fails within a minute (a bad flag)
+#   --retries=N          RETRIES      rerun main.py up to N times when it fails (exit 1),
+#                                     resuming from the last checkpoint (0); never after
+#                                     exit 2 (a bad flag, config or workdir), nor when the
+#                                     first run fails within a minute. Exit 75 (it saved
+#                                     on a SIGTERM from outside, e.g. a preemption) always
+#                                     reruns and uses no retry.
 #   --retry-delay=S      RETRY_DELAY  seconds between attempts (60)
 #   --venv=DIR           VENV         (.venv in the repository)
 #   --python=PYTHON      PYTHON       interpreter for a new venv, >= 3.11 (first found)
@@ -174,6 +177,15 @@ while true; do
   echo "=== $(date -u '+%Y-%m-%d %H:%M:%S UTC') $(hostname): main.py exited with $rc" | tee -a "$log_file"
   if [[ "$rc" == 0 ]]; then exit 0; fi
   if [[ "$stopping" == 1 ]]; then exit "$rc"; fi
+  if [[ "$rc" == 75 ]]; then  # EX_TEMPFAIL: saved on a preemption notice; resume now
+    log "main.py saved a checkpoint on a preemption notice (exit 75); rerunning to resume"
+    attempt=$((attempt - 1))
+    continue
+  fi
+  if [[ "$rc" == 2 ]]; then
+    log "main.py refused the command, config or workdir (exit 2; the log says why). Not retrying."
+    exit "$rc"
+  fi
   if ((attempt == 1 && SECONDS - started < 60)); then
     log "main.py failed within a minute of the first start (exit $rc): a bad flag or config? Not retrying. Log: $log_file"
     exit "$rc"

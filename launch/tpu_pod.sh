@@ -311,7 +311,8 @@ worker_status() {
   if worker_running; then
     echo "$(hostname): running (pid $(cat "$pid_file")): $(tail -n 1 "$log_file" 2>/dev/null | cut -c1-160)"
   elif [[ -f "$rc_file" ]]; then
-    # Exit code 0 also after a preemption notice: the last lines say which.
+    # main.py's exit codes: 0 finished, 75 saved on a preemption notice (`resume` reruns
+    # it), 2 a bad flag, config or workdir, 1 stopped saying why (the log ends with it).
     echo "$(hostname): exited with code $(cat "$rc_file"); the log ends:"
     grep -v '^===' "$log_file" | tail -n 3 | cut -c1-200
   else

@@ -1,21 +1,29 @@
 """Faults a long run meets: a preemption notice, a loss that turns NaN, a damaged checkpoint."""
 
 import dataclasses
+import errno
 import logging
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from big_pretrain.checkpoint import Checkpointer
+from big_pretrain.errors import CheckpointSaveError
 from big_pretrain.train import faults
 from big_pretrain.train import loop
 from big_pretrain.train import remat_choice
 from big_pretrain.train.loop import train_stage
 from tiny_config import tiny_mae_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _params(result):
@@ -133,3 +141,52 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(
   [kept] = (tmp_path / 'corrupt_checkpoints').iterdir()
   assert kept.name.startswith('6-')
   _assert_trees_equal(_params(resumed), uninterrupted_params)
+
+
+def test_a_second_ctrl_c_stops_at_once():
+  with faults.PreemptionNotice() as notice:
+    os.kill(os.getpid(), signal.SIGINT)  # the first: save at the next step boundary, then stop
+    assert notice.reached(1)
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_saves_and_main_exits_75_to_be_rerun(tmp_path):
+  # The whole program, as a user runs it, with a real SIGINT once training has started.
+  workdir = tmp_path / 'run'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  process = subprocess.Popen(
+      [sys.executable, 'main.py', '--config=configs/mae.py:demo', f'--workdir={workdir}',
+       '--config.total_steps=100000', '--config.checkpoint.every_steps=100000',
+       '--config.evals.reconstruction.every_steps=100000'],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  first_checkpoint = workdir / 'checkpoints' / '1'  # Orbax keeps a new run's first step
+  deadline = time.monotonic() + 240
+  while not first_checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.2)
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 75, stderr[-3000:]
+  assert stderr.strip().splitlines()[-1].startswith('main.py: Preempted: ')
+  assert 'Traceback' not in stderr
+  saved = Checkpointer(str(workdir / 'checkpoints'), _fault_config().checkpoint).all_steps()
+  assert saved[0] == 1 and len(saved) == 2  # and the step it stopped at
+
+
+def test_a_failed_save_stops_the_run_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch):
+  save = ocp.CheckpointManager.save
+
+  def disk_full_at_step_4(manager, step, *args, **kwargs):
+    if step == 4:
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return save(manager, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', disk_full_at_step_4)
+  config = _fault_config()
+  with pytest.raises(CheckpointSaveError,
+                     match=r'step 4 .*No space left on device.*\(steps 1, 2\) are intact'):
+    train_stage(config, str(tmp_path))
+  monkeypatch.undo()
+  resumed = train_stage(config, str(tmp_path))  # from step 2, which reads back whole
+  assert resumed.finished and resumed.steps_run == 6

@@ -665,6 +665,35 @@ _PATH_SOURCES = {
 Source = SyntheticShapes | ImageFolder | ArrayRecordSource | TfdsSource | SubsetSource
 
 
+def check_has_data(source: str, path: str) -> None:
+  """Raises FileNotFoundError or ValueError, saying why, when a local `path` of an
+  'image_folder' or 'array_record' source holds no data; cheap, before any compile.
+
+  An image folder counts as holding data once one image is found in a class
+  subfolder (listing all of ImageNet would take minutes); other sources pass.
+  """
+  if source == 'array_record':
+    _array_record_shards(path)
+    return
+  if source != 'image_folder':
+    return
+  root = pathlib.Path(path).expanduser()
+  if not root.is_dir():
+    what = 'is a file, not a folder' if root.exists() else 'does not exist'
+    raise FileNotFoundError(
+        f'Image folder {str(path)!r} {what}. Set it to a folder of class subfolders '
+        "(path/<class_name>/<images>), or use source='synthetic'.")
+  class_dirs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith('.')]
+  for class_dir in class_dirs:
+    for image in class_dir.rglob('*'):
+      if image.suffix.lower() in IMAGE_EXTENSIONS and not image.name.startswith('.'):
+        return
+  raise ValueError(
+      f'No images found in class subfolders of {str(path)!r} (found {len(class_dirs)} '
+      'subfolders). Expected path/<class_name>/<image> files with one of the extensions '
+      f'{", ".join(IMAGE_EXTENSIONS)}.')
+
+
 def build_source(data_config) -> Source:
   """Builds the source named by ``data_config.source``; its training split limited to
   ``data_config.subset``'s part when that is set."""

@@ -14,10 +14,12 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from big_pretrain.errors import ConfigError
 from big_pretrain.models.decoders import MAEDecoder
-from big_pretrain.models.masking import random_masking
+from big_pretrain.models.masking import num_kept, random_masking
 from big_pretrain.models.patches import denormalize_images, normalize_images, patchify, unpatchify
-from big_pretrain.models.vit import VisionTransformer, compute_dtype, vit_from_config
+from big_pretrain.models.vit import (VisionTransformer, compute_dtype, parse_variant,
+                                     vit_from_config)
 from big_pretrain.objectives.base import Objective
 
 NORM_PIX_EPSILON = 1e-6
@@ -102,6 +104,21 @@ class MAE(Objective):
   # Column order of the reconstruction grid (jit returns dict keys sorted).
   visualization_panels = ('input', 'masked', 'reconstruction', 'target_normalised',
                           'prediction_normalised')
+
+  @classmethod
+  def check_config(cls, config, path):
+    ratio = config.objective.mask_ratio
+    if not 0 <= ratio < 1:
+      raise ConfigError(f'{path}.objective.mask_ratio={ratio}: must be in [0, 1) (the fraction '
+                        'of patches hidden from the encoder; MAE uses 0.75).')
+    # The encoder needs a visible patch, and the loss (a mean over masked ones) a masked one.
+    grid = config.data.image_size // parse_variant(config.model.variant).patch_size
+    kept = num_kept(grid * grid, ratio)
+    if not 0 < kept < grid * grid:
+      raise ConfigError(
+          f'{path}.objective.mask_ratio={ratio} keeps {kept} of the {grid * grid} patches '
+          f'visible: at least one must be visible and one masked. Choose a ratio between '
+          f'{1 / (grid * grid):.3g} and {1 - 1 / (grid * grid):.3g}.')
 
   def __init__(self, config):
     super().__init__(config)

@@ -55,7 +55,7 @@ class StageResult:
   last_metrics: dict              # the training metrics of the last log interval
   eval_results: dict              # evaluator name -> scalars of its last run
   history: list                   # (step, metrics) of every log interval of this call
-  preempted: bool = False         # stopped by a preemption notice (SIGTERM), after saving
+  preempted: bool = False         # stopped by a preemption notice (SIGTERM, SIGINT), after saving
 
 
 # Each attention stack's kernel and padding (attention.plan_attention) is logged once per stage.
@@ -198,14 +198,16 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   finally:
     # Also on errors: an asynchronous save in flight finishes, so the last
     # good checkpoint is whole.
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    if batches is not data:
-      batches.close()
-    writer.flush()
+    try:
+      checkpointer.wait_until_finished()
+    finally:  # even when that save failed
+      checkpointer.close()
+      if batches is not data:
+        batches.close()
+      writer.flush()
   if preempted:
-    logging.warning('Preemption notice (SIGTERM): saved a checkpoint at step %d and stopped. '
-                    'Run the same command to resume from it.', step)
+    logging.warning('Preemption notice (SIGTERM or Ctrl-C): saved a checkpoint at step %d and '
+                    'stopped. Run the same command to resume from it.', step)
   return StageResult(state, step - start_step, step >= config.total_steps, last_metrics,
                      eval_results, history, preempted)
 

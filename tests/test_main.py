@@ -1,0 +1,189 @@
+"""main.py as a user meets it: each mistake answered in one line before any compile."""
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+import main as main_lib
+from big_pretrain import workdir as workdir_lib
+from big_pretrain.errors import WorkdirError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXIT_USAGE = 2
+
+
+def _start_main(args, **env_overrides):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('BIG_PRETRAIN_VERBOSE', None)
+  env.update(env_overrides)
+  return subprocess.Popen([sys.executable, 'main.py', *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _bad_input_cases(tmp_path):
+  """(name, main.py arguments, what the one line must name); each fails before compiling."""
+  workdir = f'--workdir={tmp_path / "run"}'
+  demo = '--config=configs/mae.py:demo'
+  raising_config = tmp_path / 'raising.py'
+  raising_config.write_text('def get_config(arg=None):\n  raise ValueError("no such recipe")\n')
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('not a folder')
+  empty_folder = tmp_path / 'empty'
+  (empty_folder / 'class_a').mkdir(parents=True)
+  image_folder = ['--config.data.source=image_folder', f'--config.data.test_path={empty_folder}']
+  return [
+      ('bad override value', [demo, workdir, '--config.total_steps=abc'],
+       "--config.total_steps=abc: invalid literal for int() with base 10: 'abc'"),
+      ('missing config file', ['--config=configs/nope.py', workdir], "'configs/nope.py'"),
+      ('config file raises', [f'--config={raising_config}', workdir],
+       'ValueError: no such recipe'),
+      ('unknown config arg', ['--config=configs/mae.py:dmeo', workdir], "unknown variant 'dmeo'"),
+      ('no workdir', [demo], '--workdir=DIR is required'),
+      ('workdir is a file', [demo, f'--workdir={a_file}'], 'is a file, not a folder'),
+      ('image size vs patch', [demo, workdir, '--config.data.image_size=30'],
+       'config.data.image_size=30 is not a multiple of the patch size 8'),
+      ('mask ratio 1.0', [demo, workdir, '--config.objective.mask_ratio=1.0'],
+       'config.objective.mask_ratio=1.0: must be in [0, 1)'),
+      ('mask ratio 1.5', [demo, workdir, '--config.objective.mask_ratio=1.5'],
+       'config.objective.mask_ratio=1.5: must be in [0, 1)'),
+      ('no visible patch', [demo, workdir, '--config.objective.mask_ratio=0.99'],
+       'keeps 0 of the 16 patches visible'),
+      ('data path missing', [demo, workdir, *image_folder,
+                             f'--config.data.path={tmp_path / "nowhere"}'],
+       f"config.data.path: Image folder '{tmp_path / 'nowhere'}' does not exist"),
+      ('no images in folder', [demo, workdir, *image_folder, f'--config.data.path={empty_folder}'],
+       f"config.data.path: No images found in class subfolders of '{empty_folder}'"),
+      ('no array_record shards', [demo, workdir, '--config.data.source=array_record',
+                                  f'--config.data.path={empty_folder}',
+                                  f'--config.data.test_path={empty_folder}'],
+       'No ArrayRecord shards'),
+      ('batch vs devices', [demo, workdir, '--config.batch_size=12'],
+       'config.batch_size=12 must be a multiple of the 8 devices'),
+  ]
+
+
+def _run_main_in_process(args, monkeypatch):
+  """main.py's flag parsing and main() in this process, as app.run calls them (fast: no
+  Python start-up per case); returns its exit code."""
+  argv = ['main.py', *args]
+  monkeypatch.setattr(sys, 'argv', argv)  # where ml_collections reads the overrides from
+  flags.FLAGS.unparse_flags()
+  for name in [name for name in flags.FLAGS if name.startswith('config.')]:
+    delattr(flags.FLAGS, name)  # the overrides of the previous parse
+  with pytest.raises(SystemExit) as exit_info:
+    main_lib.parse_flags(argv)
+    main_lib.main(['main.py'])
+  return exit_info.value.code
+
+
+def test_each_bad_input_is_one_line_and_exit_2_before_any_compile(tmp_path, capsys, monkeypatch):
+  monkeypatch.delenv('BIG_PRETRAIN_VERBOSE', raising=False)
+  monkeypatch.setattr(main_lib.pipeline, 'run', _fail_if_training_starts)
+  failures = []
+  for name, args, expected in _bad_input_cases(tmp_path):
+    code = _run_main_in_process(args, monkeypatch)
+    stderr = capsys.readouterr().err
+    lines = stderr.strip().splitlines()
+    if code != EXIT_USAGE or len(lines) != 1 or expected not in lines[0]:
+      failures.append(f'{name}: exit {code}, stderr ({len(lines)} lines):\n{stderr[-1500:]}')
+  assert not failures, '\n\n'.join(failures)
+  assert not (tmp_path / 'run').exists()  # refused before anything was written
+
+
+def _fail_if_training_starts(*args):
+  raise AssertionError('validation let the run start')
+
+
+def test_main_py_answers_in_one_line_with_no_traceback_and_verbose_shows_it(tmp_path):
+  # The whole program, as a user runs it: absl's app.run, exit code, stderr.
+  cases = _bad_input_cases(tmp_path)
+  override, raising_config = cases[0], cases[2]
+  plain = _start_main(override[1])
+  verbose = _start_main([*raising_config[1], '--verbose'])
+  _, stderr = plain.communicate(timeout=240)
+  assert plain.returncode == EXIT_USAGE, stderr
+  assert stderr.strip().splitlines() == [f'main.py: Bad command-line override {override[2]}']
+  _, stderr = verbose.communicate(timeout=240)
+  assert verbose.returncode == EXIT_USAGE
+  assert 'Traceback' in stderr and stderr.strip().endswith(raising_config[2])
+
+
+def test_verbose_by_environment_variable(tmp_path, capsys, monkeypatch):
+  monkeypatch.setenv('BIG_PRETRAIN_VERBOSE', '1')
+  _, args, expected = _bad_input_cases(tmp_path)[2]
+  assert _run_main_in_process(args, monkeypatch) == EXIT_USAGE
+  stderr = capsys.readouterr().err
+  assert 'Traceback' in stderr and expected in stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root writes into read-only folders')
+def test_read_only_workdir_is_refused(tmp_path):
+  read_only = tmp_path / 'read_only'
+  read_only.mkdir()
+  read_only.chmod(0o555)
+  with pytest.raises(WorkdirError, match='is not writable'):
+    workdir_lib.check_usable(str(read_only / 'run'))
+
+
+def test_read_only_mount_is_refused_even_for_root(tmp_path, monkeypatch):
+  # A write that fails (a read-only mount, a full disk) is what the check tries for real.
+  def refuse(path, *args, **kwargs):
+    raise OSError(30, 'Read-only file system', path)
+  monkeypatch.setattr('builtins.open', refuse)
+  with pytest.raises(WorkdirError, match=r'read_only.* is not writable'):
+    workdir_lib.check_usable(str(tmp_path / 'read_only'))
+  workdir_lib.check_usable('gs://bucket/run')  # a bucket is left to its first write
+
+
+def _write_lock(workdir, host, pid):
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / workdir_lib.LOCK_FILE).write_text(
+      json.dumps({'host': host, 'pid': pid, 'started': '2024-01-01 00:00:00 UTC'}))
+
+
+def test_a_second_run_into_a_workdir_in_use_is_refused_naming_the_first(
+    tmp_path, capsys, monkeypatch):
+  workdir = tmp_path / 'run'
+  with workdir_lib.run_lock(str(workdir)):
+    with pytest.raises(WorkdirError, match=rf'in use by another run: pid {os.getpid()} on '
+                                           'this host'):
+      with workdir_lib.run_lock(str(workdir)):
+        pass
+  assert not (workdir / workdir_lib.LOCK_FILE).exists()  # released
+
+  # main.py, with the lock held by another live process of this host.
+  holder = subprocess.Popen(['sleep', '60'])
+  try:
+    _write_lock(workdir, socket.gethostname(), holder.pid)
+    monkeypatch.setattr(main_lib.pipeline, 'run', _fail_if_training_starts)
+    assert _run_main_in_process(['--config=configs/mae.py:demo', f'--workdir={workdir}'],
+                                monkeypatch) == EXIT_USAGE
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f'in use by another run: pid {holder.pid} on this host' in line
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_and_another_hosts_is_not(
+    tmp_path, caplog):
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  _write_lock(tmp_path, socket.gethostname(), dead.pid)
+  with caplog.at_level(logging.WARNING):
+    with workdir_lib.run_lock(str(tmp_path)):
+      assert json.loads((tmp_path / workdir_lib.LOCK_FILE).read_text())['pid'] == os.getpid()
+  assert f'(pid {dead.pid}, started' in caplog.text and 'no longer running' in caplog.text
+
+  _write_lock(tmp_path, 'other-host', 12345)
+  with pytest.raises(WorkdirError, match=r'pid 12345 on host other-host.*delete .*run\.lock'):
+    with workdir_lib.run_lock(str(tmp_path)):
+      pass
+  with workdir_lib.run_lock(str(tmp_path), take=False):  # processes other than 0
+    pass
