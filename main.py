@@ -22,11 +22,13 @@ from ml_collections import config_flags
 
 from big_pretrain import distributed, pipeline
 from big_pretrain import workdir as workdir_lib
-from big_pretrain.checkpoint import CheckpointMismatchError
+from big_pretrain.checkpoint import CheckpointMismatchError, CheckpointUnreadableError
 from big_pretrain.config_schema import (ConfigError, check_fits_devices, unknown_key_in,
                                         validate_config)
 from big_pretrain.errors import CheckpointSaveError, WorkdirError
+from big_pretrain.data.pipeline import UnreadableDataError
 from big_pretrain.train.faults import NonFiniteLossError, Preempted
+from big_pretrain.train.loop import FinalEvaluationError
 
 # Exit codes, for people and for supervisors that rerun (README, "Exit codes").
 EXIT_STOPPED = 1      # the run stopped on purpose, saying why (NaN loss, a checkpoint that
@@ -186,7 +188,8 @@ def main(argv):
   except KeyboardInterrupt:
     _exit('Interrupted (Ctrl-C): stopped without saving; the same command resumes '
           'from the last checkpoint.', EXIT_INTERRUPTED)
-  except (NonFiniteLossError, CheckpointMismatchError, CheckpointSaveError, ConfigError) as e:
+  except (NonFiniteLossError, CheckpointMismatchError, CheckpointUnreadableError,
+          CheckpointSaveError, ConfigError, UnreadableDataError, FinalEvaluationError) as e:
     # Expected ways for a run to stop: the message says what happened and what to do.
     logging.error('%s', e)
     _exit(f'Stopped: {e}', EXIT_STOPPED)
