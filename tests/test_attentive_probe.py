@@ -135,7 +135,7 @@ def test_evaluator_runs_end_to_end_on_eight_devices(tiny_mae_on_eight_devices):
   params = trainer.init_state(jax.random.key(config.seed)).params
   (evaluator,) = build_evaluators(config, objective, trainer, workdir='unused')
   scalars = evaluator.run(params, step=0).scalars
-  assert set(scalars) == {'accuracy', 'train_accuracy'}
+  assert set(scalars) == {'accuracy', 'train_accuracy', 'chance'}
   assert all(0.0 <= value <= 1.0 for value in scalars.values())
   # The probe sees every patch token of the 'mu/8' encoder: 16 patches of width 64.
   features = evaluator.features(params)

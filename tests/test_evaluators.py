@@ -169,8 +169,8 @@ def one_and_eight_devices():
 
 def test_evaluators_run_end_to_end_and_sharded_equals_one_device(one_and_eight_devices):
   (single_scalars, single_features), (sharded_scalars, sharded_features) = one_and_eight_devices
-  assert set(single_scalars['linear_probe']) == {'accuracy', 'train_accuracy'}
-  assert set(single_scalars['knn']) == {'accuracy'}
+  assert set(single_scalars['linear_probe']) == {'accuracy', 'train_accuracy', 'chance'}
+  assert set(single_scalars['knn']) == {'accuracy', 'chance'}
   for scalars in (single_scalars, sharded_scalars):
     for result in scalars.values():
       assert all(0.0 <= value <= 1.0 for value in result.values())

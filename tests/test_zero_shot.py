@@ -64,6 +64,7 @@ def pixel_value(class_id, index):
 
 def image_text_config(data_path, tokenizer_path, kind, devices, mesh_shape):
   config = tiny_mae_config()
+  config.model.variant = 'mu/4'  # 2x2 patches of the 8-pixel images: a valid MAE config
   config.mesh.update(data=mesh_shape[0], fsdp=mesh_shape[1], tensor=1)
   config.data.update(source='image_folder', path=data_path, test_path=data_path,
                      image_size=IMAGE_SIZE)

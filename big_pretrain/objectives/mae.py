@@ -114,6 +114,11 @@ class MAE(Objective):
     # The encoder needs a visible patch, and the loss (a mean over masked ones) a masked one.
     grid = config.data.image_size // parse_variant(config.model.variant).patch_size
     kept = num_kept(grid * grid, ratio)
+    if grid * grid < 2:
+      raise ConfigError(
+          f'{path}: data.image_size={config.data.image_size} gives {grid * grid} patch of '
+          f'model.variant={config.model.variant!r}: MAE needs at least one visible and one '
+          'masked patch. Raise the image size or take a smaller patch.')
     if not 0 < kept < grid * grid:
       raise ConfigError(
           f'{path}.objective.mask_ratio={ratio} keeps {kept} of the {grid * grid} patches '
