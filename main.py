@@ -61,10 +61,14 @@ _CHATTY_LIBRARIES = ('/orbax/', '/grain/', '/jax/_src/', '/etils/')
 
 
 class _QuietLibraryInfo(std_logging.Filter):
+  """Drops the libraries' INFO lines, and the tracebacks their errors carry (--verbose keeps
+  them): Orbax's save threads log one per failed write before main.py's one-line message."""
 
   def filter(self, record):
-    return record.levelno >= std_logging.WARNING or not any(
-        lib in record.pathname for lib in _CHATTY_LIBRARIES)
+    from_library = any(lib in record.pathname for lib in _CHATTY_LIBRARIES)
+    if from_library and record.exc_info and not _is_verbose():
+      record.exc_info = record.exc_text = None  # the error's own line stays
+    return record.levelno >= std_logging.WARNING or not from_library
 
 
 _HELP_FLAGS = ('-h', '-?', '--help', '--helpshort', '--helpfull', '--helpxml')

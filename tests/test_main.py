@@ -187,3 +187,28 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_and_another_hosts_is_not(
       pass
   with workdir_lib.run_lock(str(tmp_path), take=False):  # processes other than 0
     pass
+
+
+def _library_error_record():
+  try:
+    raise ValueError('RESOURCE_EXHAUSTED: No space left on device')
+  except ValueError:
+    return logging.LogRecord('absl', logging.ERROR, '/venv/site-packages/orbax/future.py', 387,
+                             'Save thread raised an exception: %s', ('RESOURCE_EXHAUSTED',),
+                             sys.exc_info())
+
+
+def test_a_library_errors_traceback_is_dropped_and_verbose_keeps_it(monkeypatch):
+  # Orbax's save threads log a traceback per failed write (a full disk: four) before
+  # main.py says in one line that the save failed.
+  monkeypatch.delenv('BIG_PRETRAIN_VERBOSE', raising=False)
+  quiet = main_lib._QuietLibraryInfo()  # pylint: disable=protected-access
+  record = _library_error_record()
+  assert quiet.filter(record)
+  assert 'Traceback' not in logging.Formatter().format(record)
+  assert 'raised an exception: RESOURCE_EXHAUSTED' in record.getMessage()
+
+  monkeypatch.setenv('BIG_PRETRAIN_VERBOSE', '1')
+  record = _library_error_record()
+  assert quiet.filter(record)
+  assert 'Traceback' in logging.Formatter().format(record)
