@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -456,24 +457,25 @@ def held_out_smaller_than_batch(ctx: Context) -> Observed:
 
 
 def read_only_workdir(ctx: Context) -> Observed:
-  mount_point = os.path.join(ctx.folder, 'read_only')
-  os.makedirs(mount_point)
-  if not _mount_tmpfs(mount_point, 'ro,size=1m'):
-    return Observed(None, REFUSE, (EXIT_USAGE,), not_run='mounting a read-only tmpfs failed')
-  try:
+  with tmpfs(os.path.join(ctx.folder, 'read_only'), 'ro,size=1m') as mount_point:
+    if mount_point is None:
+      return Observed(None, REFUSE, (EXIT_USAGE,), not_run='mounting a read-only tmpfs failed')
     return refused_at_start(ctx, ctx.tiny(), f'--workdir={mount_point}/run',
                             evidence='not writable')
+
+
+@contextlib.contextmanager
+def tmpfs(mount_point: str, options: str):
+  """A tmpfs mounted at `mount_point` while the block runs; None where mounting fails."""
+  os.makedirs(mount_point)
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', mount_point],
+                    capture_output=True, check=False).returncode != 0:
+    yield None
+    return
+  try:
+    yield mount_point
   finally:
-    _unmount(mount_point)
-
-
-def _mount_tmpfs(mount_point: str, options: str) -> bool:
-  return subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', mount_point],
-                        capture_output=True, check=False).returncode == 0
-
-
-def _unmount(mount_point: str) -> None:
-  subprocess.run(['umount', '-l', mount_point], capture_output=True, check=False)
+    subprocess.run(['umount', '-l', mount_point], capture_output=True, check=False)
 
 
 def two_runs_at_once(ctx: Context) -> Observed:
@@ -496,10 +498,10 @@ def two_runs_at_once(ctx: Context) -> Observed:
   return observed
 
 
-def long_run_args(ctx: Context, workdir: str) -> list[str]:
-  """A run long enough to signal in the middle of: 300 steps, a checkpoint every 50."""
+def long_run_args(ctx: Context, workdir: str, checkpoint_every: int = 50) -> list[str]:
+  """A run long enough to signal in the middle of: 300 steps."""
   return [ctx.tiny(), f'--workdir={workdir}', '--config.total_steps=300',
-          '--config.checkpoint.every_steps=50', '--config.log.every_steps=50']
+          f'--config.checkpoint.every_steps={checkpoint_every}', '--config.log.every_steps=50']
 
 
 def signalled(ctx: Context, signals: tuple[int, ...], exit_codes, evidence: str,
@@ -534,14 +536,12 @@ def signalled(ctx: Context, signals: tuple[int, ...], exit_codes, evidence: str,
 
 def disk_full(ctx: Context) -> Observed:
   """The workdir on a 64 MiB tmpfs, filled up once the first checkpoint is saved."""
-  mount_point = os.path.join(ctx.folder, 'small_disk')
-  os.makedirs(mount_point)
-  if not _mount_tmpfs(mount_point, 'size=64m'):
-    return Observed(None, REFUSE, (EXIT_STOPPED,), not_run='mounting a tmpfs failed')
-  try:
+  with tmpfs(os.path.join(ctx.folder, 'small_disk'), 'size=64m') as mount_point:
+    if mount_point is None:
+      return Observed(None, REFUSE, (EXIT_STOPPED,), not_run='mounting a tmpfs failed')
     workdir = os.path.join(mount_point, 'run')
-    args = long_run_args(ctx, workdir)
-    args[-2] = '--config.checkpoint.every_steps=2'  # saves keep coming after the disk fills
+    # A save every 2 steps: the next one comes right after the disk fills.
+    args = long_run_args(ctx, workdir, checkpoint_every=2)
     process = ctx.start(*args)
     if not wait_for_checkpoint(process, os.path.join(workdir, 'checkpoints'), ctx.timeout):
       return Observed(process.wait(ctx.timeout), REFUSE, (EXIT_STOPPED,),
@@ -560,8 +560,6 @@ def disk_full(ctx: Context) -> Observed:
       observed.problems.append(f'after freeing space the same command exited {rerun.rc} '
                                f'without resuming at step {saved[-1]}')
     return observed
-  finally:
-    _unmount(mount_point)
 
 
 def _fill(path: str) -> None:
