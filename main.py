@@ -60,9 +60,20 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's index, 0-
 _CHATTY_LIBRARIES = ('/orbax/', '/grain/', '/jax/_src/', '/etils/')
 
 
+# This project's code, whose logged tracebacks are kept (a venv may live in the repository).
+_OWN_CODE = (os.path.join(os.path.dirname(os.path.abspath(__file__)), 'big_pretrain', ''),
+             os.path.abspath(__file__))
+
+
 class _QuietLibraryInfo(std_logging.Filter):
+  """Drops the chatty libraries' INFO lines, and the tracebacks any library's logged errors
+  carry (--verbose keeps them): on a full disk Orbax's save threads and asyncio log five
+  around main.py's one-line message."""
 
   def filter(self, record):
+    if (record.exc_info and not record.pathname.startswith(_OWN_CODE)
+        and not _is_verbose()):
+      record.exc_info = record.exc_text = None  # the error's own line stays
     return record.levelno >= std_logging.WARNING or not any(
         lib in record.pathname for lib in _CHATTY_LIBRARIES)
 

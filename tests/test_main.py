@@ -187,3 +187,43 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_and_another_hosts_is_not(
       pass
   with workdir_lib.run_lock(str(tmp_path), take=False):  # processes other than 0
     pass
+
+
+def _error_record(pathname):
+  try:
+    raise ValueError('RESOURCE_EXHAUSTED: No space left on device')
+  except ValueError:
+    return logging.LogRecord('absl', logging.ERROR, pathname, 387,
+                             'Save thread raised an exception: %s', ('RESOURCE_EXHAUSTED',),
+                             sys.exc_info())
+
+
+def test_a_library_errors_traceback_is_dropped_and_verbose_keeps_it(monkeypatch):
+  # Orbax's save threads and asyncio log a traceback per failed write (a full disk:
+  # five) around main.py's one-line message that the save failed.
+  monkeypatch.delenv('BIG_PRETRAIN_VERBOSE', raising=False)
+  quiet = main_lib._QuietLibraryInfo()  # pylint: disable=protected-access
+  library = f'{REPO}/.venv/site-packages/orbax/future.py'  # a venv inside the repository
+  record = _error_record(library)
+  assert quiet.filter(record)
+  assert 'Traceback' not in logging.Formatter().format(record)
+  assert 'raised an exception: RESOURCE_EXHAUSTED' in record.getMessage()
+  own = _error_record(f'{REPO}/big_pretrain/train/loop.py')
+  assert quiet.filter(own) and 'Traceback' in logging.Formatter().format(own)
+
+  monkeypatch.setenv('BIG_PRETRAIN_VERBOSE', '1')
+  record = _error_record(library)
+  assert quiet.filter(record)
+  assert 'Traceback' in logging.Formatter().format(record)
+
+
+def test_a_damaged_config_json_is_refused_in_one_line_naming_it(tmp_path):
+  from big_pretrain.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from big_pretrain.train import resume_identity  # pylint: disable=import-outside-toplevel
+  from tiny_config import tiny_mae_config  # pylint: disable=import-outside-toplevel
+  recorded = tmp_path / resume_identity.CONFIG_FILE
+  recorded.write_text(tiny_mae_config().to_json_best_effort()[:100])  # cut short
+  with pytest.raises(ConfigError, match=r'config\.json cannot be read \(JSONDecodeError.*'
+                                        r'Restore it, or delete it'):
+    resume_identity.check_resume(tiny_mae_config(), str(tmp_path), checkpoint_steps=[4])
+  assert len(recorded.read_text()) == 100  # nothing modified

@@ -87,7 +87,7 @@ def check_resume(config, workdir: str, checkpoint_steps: list[int]) -> ConfigCha
   record to compare with). Writes nothing: `record_start` does, once the run
   is known to go ahead.
   """
-  recorded = workdir_lib.read_json(os.path.join(workdir, CONFIG_FILE))
+  recorded = _read_record(workdir)
   if not checkpoint_steps:
     if recorded is not None or _has_event_files(workdir):
       logging.warning(
@@ -106,6 +106,19 @@ def check_resume(config, workdir: str, checkpoint_steps: list[int]) -> ConfigCha
   if changes.allowed:
     logging.info('Resuming with changed keys:\n%s', _diff_lines(changes.allowed))
   return changes
+
+
+def _read_record(workdir: str) -> dict | None:
+  """The recorded config.json; a damaged one is refused, since nothing could be compared."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    return workdir_lib.read_json(path)
+  except ValueError as error:  # json.JSONDecodeError: edited by hand, or cut short
+    raise ConfigError(
+        f'{path} cannot be read ({type(error).__name__}: {error}); it records the config the '
+        f'checkpoints in {workdir} were trained with, so this run cannot be checked against it. '
+        f'Restore it, or delete it to resume without the check, or use a new --workdir. '
+        'Nothing was modified.') from error
 
 
 def record_start(config, workdir: str, step: int, changes: ConfigChanges | None) -> None:
