@@ -7,8 +7,10 @@ from the step). Saves are asynchronous; a finished stage waits for them.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import time
 
 import grain
@@ -120,6 +122,8 @@ class Checkpointer:
     Raises CheckpointSaveError when this save, or an asynchronous one before it,
     fails (a full disk, a lost bucket): training on would only lose more steps.
     """
+    if force or self._manager.should_save(step):
+      self._check_free_space(step, state)
     try:
       return self._manager.save(
           step, force=force,
@@ -129,6 +133,22 @@ class Checkpointer:
           }))
     except Exception as error:  # noqa: BLE001  (Orbax raises many kinds; all mean: not saved)
       raise self._save_error(step, error) from error
+
+  def _check_free_space(self, step: int, state) -> None:
+    """Refuses a save that cannot fit on a local disk, before Orbax starts writing.
+
+    A full disk found mid-save fails inside Orbax's writer threads, which print
+    their own tracebacks; the state's size (the arrays, uncompressed: an upper
+    bound) against the free space says it at once, in one message.
+    """
+    if '://' in self.directory or not os.path.isdir(self.directory):
+      return
+    needed = sum(getattr(leaf, 'nbytes', 0) for leaf in jax.tree_util.tree_leaves(state))
+    free = shutil.disk_usage(self.directory).free
+    if free < needed:
+      raise self._save_error(step, OSError(
+          errno.ENOSPC, f'No space left on device: the checkpoint needs about '
+          f'{needed / 2**20:.1f} MiB and {self.directory} has {free / 2**20:.1f} MiB free'))
 
   def _save_error(self, step: int | None, error: Exception) -> CheckpointSaveError:
     try:

@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from big_pretrain import checkpoint as checkpoint_lib
 from big_pretrain.checkpoint import Checkpointer
 from big_pretrain.errors import CheckpointSaveError
 from big_pretrain.train import faults
@@ -190,3 +191,29 @@ def test_a_failed_save_stops_the_run_and_keeps_the_earlier_checkpoints(tmp_path,
   monkeypatch.undo()
   resumed = train_stage(config, str(tmp_path))  # from step 2, which reads back whole
   assert resumed.finished and resumed.steps_run == 6
+
+
+def test_a_save_that_cannot_fit_is_refused_before_orbax_writes_anything(tmp_path, monkeypatch):
+  # Orbax's writer threads print their own tracebacks when the disk fills mid-save: a save
+  # bigger than the free space is refused first, in one message.
+  real_disk_usage = checkpoint_lib.shutil.disk_usage
+  saves = []
+
+  def full_after_step_2(path):
+    usage = real_disk_usage(path)
+    return usage._replace(free=0) if len(saves) >= 2 else usage
+
+  real_save = ocp.CheckpointManager.save
+
+  def counted_save(manager, step, *args, **kwargs):
+    saves.append(step)
+    return real_save(manager, step, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint_lib.shutil, 'disk_usage', full_after_step_2)
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', counted_save)
+  with pytest.raises(CheckpointSaveError,
+                     match=r'step 4 .*No space left on device: the checkpoint needs about '
+                           r'.*MiB free.*\(steps 1, 2\) are intact'):
+    train_stage(_fault_config(), str(tmp_path))
+  assert saves == [1, 2]  # step 4 never reached Orbax
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
