@@ -71,11 +71,29 @@ class _QuietLibraryInfo(std_logging.Filter):
   around main.py's one-line message."""
 
   def filter(self, record):
-    if (record.exc_info and not record.pathname.startswith(_OWN_CODE)
-        and not _is_verbose()):
-      record.exc_info = record.exc_text = None  # the error's own line stays
+    if not _is_verbose():
+      if record.name == 'asyncio' and 'exception was never retrieved' in record.getMessage():
+        # A failed save leaves one abandoned write task per array (about 120 for a ViT),
+        # each with the same error that the save's own message already names.
+        return False
+      if record.exc_info and not record.pathname.startswith(_OWN_CODE):
+        record.exc_info = record.exc_text = None  # the error's own line stays
     return record.levelno >= std_logging.WARNING or not any(
         lib in record.pathname for lib in _CHATTY_LIBRARIES)
+
+
+def _unraisable_hook(unraisable):
+  """Python's hook for errors raised where nothing can catch them, less one echo.
+
+  When an Orbax save fails (a full disk), its event loop closes while tensorstore's
+  C++ writer threads still have writes in flight; each reports back to the closed loop
+  and prints a 'RuntimeError: Event loop is closed' traceback: about 36 around the
+  save error's one-line message. --verbose prints them.
+  """
+  if (isinstance(unraisable.exc_value, RuntimeError)
+      and str(unraisable.exc_value) == 'Event loop is closed' and not _is_verbose()):
+    return
+  sys.__unraisablehook__(unraisable)
 
 
 _HELP_FLAGS = ('-h', '-?', '--help', '--helpshort', '--helpfull', '--helpxml')
@@ -174,6 +192,7 @@ def main(argv):
   del argv  # parse_flags refused any beyond the flags
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraryInfo())
+  sys.unraisablehook = _unraisable_hook
   config = _CONFIG.value
   try:
     validate_config(config)  # before any device is touched

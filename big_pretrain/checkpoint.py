@@ -104,6 +104,7 @@ class Checkpointer:
         self.directory, options=options, item_names=(STATE_ITEM, DATA_ITEM),
         item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
                        DATA_ITEM: grain.checkpoint.CheckpointHandler()})
+    self._last_started_step = None  # an asynchronous save's failure shows at the next call
 
   def all_steps(self) -> list[int]:
     self._manager.reload()  # Other processes or runs may have written since.
@@ -125,7 +126,7 @@ class Checkpointer:
     if force or self._manager.should_save(step):
       self._check_free_space(step, state)
     try:
-      return self._manager.save(
+      started = self._manager.save(
           step, force=force,
           args=ocp.args.Composite(**{
               STATE_ITEM: ocp.args.StandardSave(state),
@@ -133,6 +134,9 @@ class Checkpointer:
           }))
     except Exception as error:  # noqa: BLE001  (Orbax raises many kinds; all mean: not saved)
       raise self._save_error(step, error) from error
+    if started:
+      self._last_started_step = step
+    return started
 
   def _check_free_space(self, step: int, state) -> None:
     """Refuses a save that cannot fit on a local disk, before Orbax starts writing.
@@ -159,12 +163,16 @@ class Checkpointer:
       kept = self.all_steps()
     except Exception:  # noqa: BLE001  (the folder itself may be what failed)
       kept = []
+    if self._last_started_step not in (None, step, *kept):
+      # Orbax raises an asynchronous save's error when the next save starts.
+      step = self._last_started_step
     return CheckpointSaveError(
         f'Could not save the checkpoint {f"of step {step} " if step is not None else ""}'
         f'in {self.directory} '
         f'({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}): '
         'stopping. The checkpoints written before it '
-        + (f'(steps {", ".join(map(str, kept))}) ' if kept else '')
+        + (f'(step{"s" if len(kept) > 1 else ""} {", ".join(map(str, kept))}) '
+           if kept else '')
         + 'are intact. Free space or fix the folder, then run the same command to resume.')
 
   def restore(self, step: int, abstract_state, data_iterator=None):

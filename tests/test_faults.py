@@ -193,6 +193,24 @@ def test_a_failed_save_stops_the_run_and_keeps_the_earlier_checkpoints(tmp_path,
   assert resumed.finished and resumed.steps_run == 6
 
 
+def test_an_asynchronous_saves_failure_names_its_own_step(tmp_path, monkeypatch):
+  # Orbax raises a background save's error when the next save starts: the message
+  # names the step that was lost (2), not the one being started (4).
+  save = ocp.CheckpointManager.save
+
+  def step_2_fails_in_the_background(manager, step, *args, **kwargs):
+    if step == 2:
+      return True  # started, and then nothing reaches the disk
+    if step == 4:
+      raise ValueError('RESOURCE_EXHAUSTED: Failed writing: No space left on device')
+    return save(manager, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', step_2_fails_in_the_background)
+  with pytest.raises(CheckpointSaveError,
+                     match=r'checkpoint of step 2 .*No space left.*\(step 1\) are intact'):
+    train_stage(_fault_config(), str(tmp_path))
+
+
 def test_a_save_that_cannot_fit_is_refused_before_orbax_writes_anything(tmp_path, monkeypatch):
   # Orbax's writer threads print their own tracebacks when the disk fills mid-save: a save
   # bigger than the free space is refused first, in one message.

@@ -1,5 +1,7 @@
 """main.py as a user meets it: each mistake answered in one line before any compile."""
 
+import asyncio
+import gc
 import json
 import logging
 import os
@@ -215,6 +217,68 @@ def test_a_library_errors_traceback_is_dropped_and_verbose_keeps_it(monkeypatch)
   record = _error_record(library)
   assert quiet.filter(record)
   assert 'Traceback' in logging.Formatter().format(record)
+
+
+class _WriteLandingOnAClosedLoop:
+  """Where tensorstore's writer threads are after a failed Orbax save: a write finishes
+  and reports to an event loop that is closed. From __del__, Python can only hand the
+  error to sys.unraisablehook, as tensorstore's C++ threads do."""
+
+  def __init__(self):
+    self.loop = asyncio.new_event_loop()
+    self.loop.close()
+
+  def __del__(self):
+    self.loop.call_soon_threadsafe(lambda: None)
+
+
+def test_a_failed_saves_closed_loop_echoes_are_dropped_and_verbose_keeps_them(
+    monkeypatch, capsys):
+  monkeypatch.delenv('BIG_PRETRAIN_VERBOSE', raising=False)
+  monkeypatch.setattr(sys, 'unraisablehook', main_lib._unraisable_hook)  # pylint: disable=protected-access
+  _WriteLandingOnAClosedLoop()
+  assert capsys.readouterr().err == ''
+
+  class Other:
+    def __del__(self):
+      raise RuntimeError('a real bug')
+
+  Other()
+  assert 'RuntimeError: a real bug' in capsys.readouterr().err  # other errors still show
+
+  monkeypatch.setenv('BIG_PRETRAIN_VERBOSE', '1')
+  _WriteLandingOnAClosedLoop()
+  assert 'RuntimeError: Event loop is closed' in capsys.readouterr().err
+
+
+def test_abandoned_save_tasks_are_not_logged_one_by_one(monkeypatch):
+  # After a failed save, asyncio logs each of Orbax's abandoned write tasks (one per
+  # array) with the error that main.py's one line already names.
+  monkeypatch.delenv('BIG_PRETRAIN_VERBOSE', raising=False)
+  records = []
+  handler = logging.Handler()
+  handler.emit = records.append
+  handler.addFilter(main_lib._QuietLibraryInfo())  # pylint: disable=protected-access
+  asyncio_logger = logging.getLogger('asyncio')
+  asyncio_logger.addHandler(handler)
+  try:
+    def abandon_a_failed_task():
+      async def failed_write():
+        raise ValueError('RESOURCE_EXHAUSTED: No space left on device')
+      loop = asyncio.new_event_loop()
+      task = loop.create_task(failed_write())
+      loop.run_until_complete(asyncio.sleep(0))
+      loop.close()
+      del task
+      gc.collect()  # the task's finaliser logs 'Task exception was never retrieved'
+
+    abandon_a_failed_task()
+    assert records == []
+    monkeypatch.setenv('BIG_PRETRAIN_VERBOSE', '1')
+    abandon_a_failed_task()
+    assert any('Task exception was never retrieved' in r.getMessage() for r in records)
+  finally:
+    asyncio_logger.removeHandler(handler)
 
 
 def test_a_damaged_config_json_is_refused_in_one_line_naming_it(tmp_path):
