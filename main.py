@@ -208,7 +208,8 @@ def main(argv):
     _exit_usage(str(e))
   try:
     # One run per workdir (a chain's stages share its lock): process 0 holds it.
-    with workdir_lib.run_lock(_WORKDIR.value, take=jax.process_index() == 0):
+    with workdir_lib.run_lock(_WORKDIR.value, take=jax.process_index() == 0,
+                              agree=distributed.process_0_message):
       pipeline.run(config, _WORKDIR.value)
   except WorkdirError as e:
     _exit_usage(str(e))

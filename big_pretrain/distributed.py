@@ -14,9 +14,12 @@ import importlib.util
 import os
 
 import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 MODES = ('auto', 'on', 'off')
+MAX_SHARED_MESSAGE_BYTES = 4096
 
 
 def _on_cloud_tpu_vm() -> bool:
@@ -68,3 +71,19 @@ def initialize(mode: str = 'auto', *, coordinator_address: str | None = None,
                'devices.', cluster or 'auto-detected', jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   return True
+
+
+def process_0_message(message: str | None) -> str | None:
+  """Process 0's `message` (None: it had none), on every process; each must call it.
+
+  For a step that only process 0 takes, such as locking the workdir: when it fails,
+  every process must stop with it instead of waiting for process 0 in a collective
+  until the runtime's heartbeat gives up.
+  """
+  if jax.process_count() == 1:
+    return message
+  encoded = np.zeros(MAX_SHARED_MESSAGE_BYTES, np.uint8)
+  data = (message or '').encode()[:MAX_SHARED_MESSAGE_BYTES]
+  encoded[:len(data)] = np.frombuffer(data, np.uint8)
+  shared = np.asarray(multihost_utils.broadcast_one_to_all(encoded))
+  return bytes(shared).rstrip(b'\0').decode(errors='replace') or None

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 from absl import flags
@@ -189,6 +190,58 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_and_another_hosts_is_not(
       pass
   with workdir_lib.run_lock(str(tmp_path), take=False):  # processes other than 0
     pass
+
+
+def test_an_empty_lock_file_is_refused_as_naming_no_run_and_one_being_written_is_read(
+    tmp_path):
+  (tmp_path / workdir_lib.LOCK_FILE).write_text('')
+  with pytest.raises(WorkdirError, match=r'lock file that names no run .*run\.lock is empty'):
+    with workdir_lib.run_lock(str(tmp_path)):
+      pass
+  assert (tmp_path / workdir_lib.LOCK_FILE).read_text() == ''  # left for the user to judge
+
+  # A run that created the lock a moment ago and is writing it: read once written.
+  holder = subprocess.Popen(['sleep', '60'])
+  try:
+    writer = threading.Timer(0.3, _write_lock, (tmp_path, socket.gethostname(), holder.pid))
+    writer.start()
+    with pytest.raises(WorkdirError, match=rf'in use by another run: pid {holder.pid} on this'):
+      with workdir_lib.run_lock(str(tmp_path)):
+        pass
+    writer.join()
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_a_workdir_in_use_stops_every_process_of_a_two_process_run(tmp_path):
+  # Only process 0 takes the lock; the others must stop with it, not go on to wait for it
+  # in their first collective.
+  workdir = tmp_path / 'run'
+  holder = subprocess.Popen(['sleep', '120'])
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  processes = []
+  try:
+    _write_lock(workdir, socket.gethostname(), holder.pid)
+    processes = [
+        _start_main(['--config=tests/tiny_config.py', f'--workdir={workdir}',
+                     f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                     f'--process_id={i}'],
+                    JAX_NUM_CPU_DEVICES='1', XLA_FLAGS='--xla_backend_optimization_level=0')
+        for i in range(2)]
+    outputs = [process.communicate(timeout=90)[1] for process in processes]
+  finally:
+    for process in [holder, *processes]:
+      process.kill()
+      process.wait()
+  assert [process.returncode for process in processes] == [EXIT_USAGE, EXIT_USAGE], outputs
+  lines = [output.strip().splitlines()[-1] for output in outputs]
+  assert lines[0].startswith(f'main.py: --workdir={workdir} is in use by another run: '
+                             f'pid {holder.pid}')
+  assert lines[1].startswith('main.py: Process 0 of this run stopped: --workdir=')
+  assert all('Traceback' not in output for output in outputs)
 
 
 def _error_record(pathname):

@@ -146,11 +146,22 @@ def test_two_processes_train_like_one_and_resume_exactly(two_process_run, tmp_pa
   assert one_process_losses[0] != one_process_losses[-1]
 
 
+def test_a_rerun_runs_missing_final_evaluations_on_every_process_as_process_0_says(
+    two_process_run):
+  # Process 1 believes the scores are recorded; it follows process 0 (which knows they
+  # are not) into the evaluator's collectives instead of leaving it waiting there.
+  workdir, _, resumed = two_process_run
+  assert [w['rerun'] for w in resumed] == [{'steps_run': 0, 'evaluated': ['reconstruction']}] * 2
+  with open(os.path.join(workdir, 'stage', 'eval_results.json')) as f:
+    assert json.load(f)['step'] == 4
+
+
 def test_only_process_zero_writes_logs(two_process_run):
   workdir, stopped, resumed = two_process_run
   events = sorted(glob.glob(os.path.join(workdir, 'stage', 'events.out.tfevents.*')))
-  # One events file per launch, each named after process 0's pid.
-  assert len(events) == 2, events
+  # One events file per stage run (the resumed launch's rerun adds one), each named
+  # after process 0's pid.
+  assert len(events) == 3, events
   assert {int(path.split('.')[-3]) for path in events} == {stopped[0]['pid'], resumed[0]['pid']}
   assert os.path.exists(os.path.join(workdir, 'stage', 'config.json'))
 
@@ -163,7 +174,9 @@ def test_restoring_with_another_process_count_says_why(two_process_run):
     train_stage(config, os.path.join(workdir, 'stage'), devices=jax.devices()[:4])
 
 
-def test_sigterm_on_one_process_stops_both_at_the_same_saved_step(tmp_path):
+def test_a_ctrl_c_on_one_process_stops_both_at_the_same_saved_step(tmp_path):
+  # Process 1 alone gets SIGINT, which it hands to JAX's preemption sync as the SIGTERM
+  # a preempted host gets: so this covers both.
   workers = launch('preempt', str(tmp_path))
   steps = [w['final_step'] for w in workers]
   assert all(w['preempted'] for w in workers)

@@ -27,6 +27,12 @@ def tiny_mae_config(**overrides):
   return _with_overrides(config, overrides)
 
 
+def get_config(arg=None):
+  """For main.py (--config=tests/tiny_config.py): the tiny MAE stage."""
+  del arg
+  return tiny_mae_config()
+
+
 def tiny_finetune_config(**overrides):
   """Fine-tuning the same tiny encoder (GAP) on the synthetic shapes' 10 classes."""
   config = stage_config('finetune')
