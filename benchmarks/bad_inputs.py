@@ -619,7 +619,7 @@ def empty_lock_file(ctx: Context) -> Observed:
   open(os.path.join(workdir, 'run.lock'), 'w').close()
   before = fingerprint(workdir)
   run = ctx.main(ctx.tiny(), f'--workdir={workdir}')
-  return Observed(run, REFUSE, (EXIT_USAGE,), 'run.lock',
+  return Observed(run, REFUSE, (EXIT_USAGE,), 'lock file that names no run',
                   lost=changes_between(before, fingerprint(workdir)))
 
 

@@ -18,6 +18,8 @@ import pytest
 from big_pretrain import checkpoint as checkpoint_lib
 from big_pretrain.checkpoint import Checkpointer
 from big_pretrain.errors import CheckpointSaveError
+from big_pretrain.evaluators import evaluator_config
+from big_pretrain.evaluators.reconstruction import ReconstructionEvaluator
 from big_pretrain.train import faults
 from big_pretrain.train import loop
 from big_pretrain.train import remat_choice
@@ -65,6 +67,32 @@ def test_sigterm_saves_the_current_step_and_the_same_call_resumes_exactly(
   resumed = train_stage(_fault_config(), str(tmp_path))
   assert resumed.finished and resumed.steps_run == 5
   _assert_trees_equal(_params(resumed), uninterrupted_params)
+
+
+def test_a_preempted_step_saves_without_evaluating_and_the_rerun_runs_the_final_ones(
+    tmp_path, monkeypatch):
+  # A preempted host has seconds left: the checkpoint, not the evaluations, must make it.
+  config = tiny_mae_config(total_steps=4)
+  config.evals.reconstruction = evaluator_config('reconstruction', num_images=8, every_steps=2)
+  evaluated = []
+  real_run = ReconstructionEvaluator.run
+
+  def counted_run(self, params, step):
+    evaluated.append(step)
+    return real_run(self, params, step)
+
+  monkeypatch.setattr(ReconstructionEvaluator, 'run', counted_run)
+  reached = faults.PreemptionNotice.reached
+  monkeypatch.setattr(faults.PreemptionNotice, 'reached', lambda self, step: step == 4)
+  first = train_stage(config, str(tmp_path))
+  assert first.preempted and first.steps_run == 4
+  assert evaluated == [2]  # the final step 4 was saved, not evaluated
+  assert not loop.final_evaluations_recorded(config, str(tmp_path), 4)
+
+  monkeypatch.setattr(faults.PreemptionNotice, 'reached', reached)
+  rerun = train_stage(config, str(tmp_path))
+  assert rerun.steps_run == 0 and evaluated == [2, 4]
+  assert loop.final_evaluations_recorded(config, str(tmp_path), 4)
 
 
 _POISON_LABEL = -7

@@ -78,10 +78,11 @@ def test_compare_configs_splits_allowed_from_identity_keys():
   new = json.loads(_config(**{'mesh.fsdp': 2, 'checkpoint.keep': 1, 'model.remat': 'full',
                               'data.seed': 3}).to_json_best_effort())
   del old['objective']['mask_ratio']  # a key the record lacks: a newer schema's, allowed
+  del new['optim']['clip_grad_norm']  # a key the new config lacks: a removed one, allowed
   changes = resume_identity.compare_configs(old, new)
   assert changes.identity == {'data.seed': (0, 3)}
   assert set(changes.allowed) == {'mesh.fsdp', 'checkpoint.keep', 'model.remat',
-                                  'objective.mask_ratio'}
+                                  'objective.mask_ratio', 'optim.clip_grad_norm'}
 
 
 def test_missing_metadata_or_arrays_fall_back_to_the_previous_readable_step(workdir, caplog):

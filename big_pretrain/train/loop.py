@@ -190,7 +190,9 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
         # no training, and a rerun of a finished stage runs only its final evaluations.
         if saving:
           checkpointer.save(step, state, data_position, force=True)
-        due = [evaluator for evaluator in evaluators if evaluator.due(step, final)]
+        # A preempted run has seconds left: its evaluations wait (a rerun runs the final
+        # ones if this was the last step).
+        due = [] if preempted else [e for e in evaluators if e.due(step, final)]
         _evaluate(due, state, step, eval_results, writer, workdir,
                   final_checkpoint=checkpointer.directory if final else None)
         if stopping:

@@ -12,8 +12,9 @@ before anything is overwritten:
   data) would make the saved state mean something else: the run is refused
   with a diff, unless `config.resume_with_changes=True` says it is deliberate.
 
-Keys the recorded config lacks (added to the schema by a newer version of the
-code) are not changes the user made: they are logged, not refused.
+Keys only one of the two configs has (added to or removed from the schema by
+another version of the code) are not changes the user made: they are logged,
+not refused.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ _MAX_DIFF_LINES = 12
 @dataclasses.dataclass(frozen=True)
 class ConfigChanges:
   """How a new config differs from the recorded one: {dotted key: (old, new)} in two parts."""
-  allowed: dict      # keys of CHANGES_ALLOWED_ON_RESUME, and keys the record lacks
+  allowed: dict      # keys of CHANGES_ALLOWED_ON_RESUME, and keys one side lacks
   identity: dict     # keys that change what the saved state means
 
   def all(self) -> dict:
@@ -74,8 +75,8 @@ def compare_configs(recorded: dict, new: dict) -> ConfigChanges:
     old, value = old_flat.get(key, _ABSENT), new_flat.get(key, _ABSENT)
     if old == value:
       continue
-    # A key the record lacks comes from a newer schema, not from the user.
-    is_allowed = _allowed_on_resume(key) or old == _ABSENT
+    # A key only one side has comes from another version of the schema, not from the user.
+    is_allowed = _allowed_on_resume(key) or _ABSENT in (old, value)
     (allowed if is_allowed else identity)[key] = (old, value)
   return ConfigChanges(allowed, identity)
 
