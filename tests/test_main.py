@@ -37,6 +37,14 @@ def _bad_input_cases(tmp_path):
   raising_config.write_text('def get_config(arg=None):\n  raise ValueError("no such recipe")\n')
   a_file = tmp_path / 'a_file'
   a_file.write_text('not a folder')
+  unknown_key_config = tmp_path / 'typo.py'
+  unknown_key_config.write_text(
+      'from configs.mae import get_config as base\n'
+      'def get_config(arg=None):\n'
+      '  config = base("demo")\n'
+      '  config.optim.unlock()\n'
+      '  config.optim.learning_rate = 0.1\n'
+      '  return config\n')
   empty_folder = tmp_path / 'empty'
   (empty_folder / 'class_a').mkdir(parents=True)
   image_folder = ['--config.data.source=image_folder', f'--config.data.test_path={empty_folder}']
@@ -68,6 +76,11 @@ def _bad_input_cases(tmp_path):
        'No ArrayRecord shards'),
       ('batch vs devices', [demo, workdir, '--config.batch_size=12'],
        'config.batch_size=12 must be a multiple of the 8 devices'),
+      ('mistyped override', [demo, workdir, '--config.totl_steps=3'],
+       "Bad command-line override --config.totl_steps=3: Unknown config key "
+       "config.totl_steps. Did you mean 'total_steps'"),
+      ('unknown key in a config file', [f'--config={unknown_key_config}', workdir],
+       'config.optim.learning_rate'),
   ]
 
 
