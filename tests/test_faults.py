@@ -24,7 +24,7 @@ from big_pretrain.train import faults
 from big_pretrain.train import loop
 from big_pretrain.train import remat_choice
 from big_pretrain.train.loop import train_stage
-from tiny_config import tiny_mae_config
+from tiny_config import one_device, tiny_mae_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +43,8 @@ def _fault_config(**overrides):
 
 @pytest.fixture(scope='module')
 def uninterrupted_params(tmp_path_factory):
-  return _params(train_stage(_fault_config(), str(tmp_path_factory.mktemp('uninterrupted'))))
+  return _params(train_stage(_fault_config(), str(tmp_path_factory.mktemp('uninterrupted')),
+                             devices=one_device()))
 
 
 def test_sigterm_saves_the_current_step_and_the_same_call_resumes_exactly(
@@ -56,7 +57,7 @@ def test_sigterm_saves_the_current_step_and_the_same_call_resumes_exactly(
     return reached(self, step)
 
   monkeypatch.setattr(faults.PreemptionNotice, 'reached', sigterm_at_step_3)
-  first = train_stage(_fault_config(), str(tmp_path))
+  first = train_stage(_fault_config(), str(tmp_path), devices=one_device())
   assert first.preempted and not first.finished
   assert first.steps_run == 3
   # Step 3 is off the every-2-steps interval: saved because of the notice.
@@ -64,7 +65,7 @@ def test_sigterm_saves_the_current_step_and_the_same_call_resumes_exactly(
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # our handler is gone again
 
   monkeypatch.setattr(faults.PreemptionNotice, 'reached', reached)
-  resumed = train_stage(_fault_config(), str(tmp_path))
+  resumed = train_stage(_fault_config(), str(tmp_path), devices=one_device())
   assert resumed.finished and resumed.steps_run == 5
   _assert_trees_equal(_params(resumed), uninterrupted_params)
 
@@ -84,13 +85,13 @@ def test_a_preempted_step_saves_without_evaluating_and_the_rerun_runs_the_final_
   monkeypatch.setattr(ReconstructionEvaluator, 'run', counted_run)
   reached = faults.PreemptionNotice.reached
   monkeypatch.setattr(faults.PreemptionNotice, 'reached', lambda self, step: step == 4)
-  first = train_stage(config, str(tmp_path))
+  first = train_stage(config, str(tmp_path), devices=one_device())
   assert first.preempted and first.steps_run == 4
   assert evaluated == [2]  # the final step 4 was saved, not evaluated
   assert not loop.final_evaluations_recorded(config, str(tmp_path), 4)
 
   monkeypatch.setattr(faults.PreemptionNotice, 'reached', reached)
-  rerun = train_stage(config, str(tmp_path))
+  rerun = train_stage(config, str(tmp_path), devices=one_device())
   assert rerun.steps_run == 0 and evaluated == [2, 4]
   assert loop.final_evaluations_recorded(config, str(tmp_path), 4)
 
@@ -134,12 +135,12 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
   config = _fault_config()
   config.log.every_steps = 4  # The NaN shows first at the save check of step 6.
   with pytest.raises(faults.NonFiniteLossError, match=r'became nan .* at step 5.* step 4 in'):
-    train_stage(config, str(tmp_path))
+    train_stage(config, str(tmp_path), devices=one_device())
   checkpointer = Checkpointer(str(tmp_path / 'checkpoints'), config.checkpoint)
   assert checkpointer.all_steps() == [1, 2, 4]  # Orbax also keeps a new run's first step.
   monkeypatch.undo()
   # The checkpoint left behind is whole and finite, and training goes on from it.
-  resumed = train_stage(config, str(tmp_path))
+  resumed = train_stage(config, str(tmp_path), devices=one_device())
   assert resumed.finished and resumed.steps_run == 4
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(_params(resumed)))
 
@@ -147,7 +148,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
 def test_skip_nonfinite_updates_skips_a_bad_step_and_goes_on(tmp_path, monkeypatch):
   _poison_steps(monkeypatch, {3})
   config = _fault_config(**{'optim.skip_nonfinite_updates': 1})
-  result = train_stage(config, str(tmp_path))
+  result = train_stage(config, str(tmp_path), devices=one_device())
   assert result.finished
   assert result.last_metrics['nonfinite_updates_skipped'] == 1
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(_params(result)))
@@ -156,14 +157,14 @@ def test_skip_nonfinite_updates_skips_a_bad_step_and_goes_on(tmp_path, monkeypat
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(
     tmp_path, caplog, uninterrupted_params):
   config = _fault_config()
-  train_stage(config, str(tmp_path), stop_after_steps=6)
+  train_stage(config, str(tmp_path), stop_after_steps=6, devices=one_device())
   latest = tmp_path / 'checkpoints' / '6'
   largest = max((p for p in latest.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
   with open(largest, 'r+b') as f:
     f.truncate(largest.stat().st_size // 2)
 
   with caplog.at_level(logging.WARNING):
-    resumed = train_stage(config, str(tmp_path))
+    resumed = train_stage(config, str(tmp_path), devices=one_device())
   assert 'Checkpoint step 6' in caplog.text and 'cannot be read' in caplog.text
   assert resumed.steps_run == 4  # from step 4
   # Set aside, not deleted.
@@ -216,9 +217,10 @@ def test_a_failed_save_stops_the_run_and_keeps_the_earlier_checkpoints(tmp_path,
   config = _fault_config()
   with pytest.raises(CheckpointSaveError,
                      match=r'step 4 .*No space left on device.*\(steps 1, 2\) are intact'):
-    train_stage(config, str(tmp_path))
+    train_stage(config, str(tmp_path), devices=one_device())
   monkeypatch.undo()
-  resumed = train_stage(config, str(tmp_path))  # from step 2, which reads back whole
+  # From step 2, which reads back whole.
+  resumed = train_stage(config, str(tmp_path), devices=one_device())
   assert resumed.finished and resumed.steps_run == 6
 
 
@@ -237,7 +239,7 @@ def test_an_asynchronous_saves_failure_names_its_own_step(tmp_path, monkeypatch)
   monkeypatch.setattr(ocp.CheckpointManager, 'save', step_2_fails_in_the_background)
   with pytest.raises(CheckpointSaveError,
                      match=r'checkpoint of step 2 .*No space left.*\(step 1\) are intact'):
-    train_stage(_fault_config(), str(tmp_path))
+    train_stage(_fault_config(), str(tmp_path), devices=one_device())
 
 
 def test_a_save_that_cannot_fit_is_refused_before_orbax_writes_anything(tmp_path, monkeypatch):
@@ -261,6 +263,6 @@ def test_a_save_that_cannot_fit_is_refused_before_orbax_writes_anything(tmp_path
   with pytest.raises(CheckpointSaveError,
                      match=r'step 4 .*No space left on device: the checkpoint needs about '
                            r'.*MiB free.*\(steps 1, 2\) are intact'):
-    train_stage(_fault_config(), str(tmp_path))
+    train_stage(_fault_config(), str(tmp_path), devices=one_device())
   assert saves == [1, 2]  # step 4 never reached Orbax
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']

@@ -21,7 +21,7 @@ from big_pretrain.data.device_prefetch import DevicePrefetch
 from big_pretrain.evaluators import evaluator_config
 from big_pretrain.evaluators import reconstruction
 from big_pretrain.train import loop
-from tiny_config import tiny_mae_config
+from tiny_config import one_device, tiny_mae_config
 
 IMAGE_SIZE = 32
 
@@ -130,7 +130,7 @@ def test_held_out_folder_smaller_than_the_reconstruction_batch_shows_every_image
   config = _stage_config(**{'data.source': 'image_folder', 'data.path': str(train),
                             'data.test_path': str(held_out)})
   workdir = tmp_path / 'run'
-  result = loop.train_stage(config, str(workdir))
+  result = loop.train_stage(config, str(workdir), devices=one_device())
   assert result.finished and 'reconstruction' in result.eval_results
   assert Checkpointer(str(workdir / 'checkpoints'), config.checkpoint).latest_step() == 2
   # One grid row per held-out image, each counted once: 7, not 8 or a crash.
@@ -149,7 +149,7 @@ def test_evaluator_failing_at_the_final_step_keeps_the_checkpoint_and_a_rerun_fi
 
   monkeypatch.setattr(reconstruction.ReconstructionEvaluator, 'run', fail)
   with pytest.raises(RuntimeError, match='the evaluator broke') as error:
-    loop.train_stage(config, str(workdir))
+    loop.train_stage(config, str(workdir), devices=one_device())
   assert Checkpointer(str(workdir / 'checkpoints'), config.checkpoint).latest_step() == 2
   assert error.type.__name__ == 'FinalEvaluationError'
   assert ("'reconstruction' failed at the final step 2" in str(error.value)
@@ -158,7 +158,7 @@ def test_evaluator_failing_at_the_final_step_keeps_the_checkpoint_and_a_rerun_fi
   assert not run_pipeline._stage_finished(config, str(workdir))  # pylint: disable=protected-access
 
   monkeypatch.undo()  # the cause fixed: the same command runs only the final evaluations
-  rerun = loop.train_stage(config, str(workdir))
+  rerun = loop.train_stage(config, str(workdir), devices=one_device())
   assert rerun.finished and rerun.steps_run == 0
   assert 'reconstruction' in rerun.eval_results
   assert json.loads((workdir / loop.EVAL_RESULTS_FILE).read_text())['step'] == 2

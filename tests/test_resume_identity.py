@@ -5,7 +5,6 @@ import json
 import logging
 import shutil
 
-import jax
 import pytest
 
 from big_pretrain import pipeline
@@ -14,7 +13,7 @@ from big_pretrain.checkpoint import Checkpointer, CheckpointMismatchError
 from big_pretrain.errors import ConfigError
 from big_pretrain.train import resume_identity
 from big_pretrain.train.loop import train_stage
-from tiny_config import tiny_mae_config, tiny_trainer
+from tiny_config import one_device, tiny_mae_config, tiny_trainer
 
 
 def _config(**overrides):
@@ -25,7 +24,7 @@ def _config(**overrides):
 def finished_workdir(tmp_path_factory):
   """A finished tiny MAE stage: checkpoints at steps 1, 2 and 4, config.json."""
   workdir = tmp_path_factory.mktemp('finished')
-  train_stage(_config(), str(workdir))
+  train_stage(_config(), str(workdir), devices=one_device())
   return workdir
 
 
@@ -48,7 +47,7 @@ def test_a_change_to_what_the_state_means_is_refused_and_config_json_kept(
     workdir, overrides, expected_line):
   recorded = (workdir / 'config.json').read_bytes()
   with pytest.raises(ConfigError) as refusal:
-    train_stage(_config(total_steps=6, **overrides), str(workdir))
+    train_stage(_config(total_steps=6, **overrides), str(workdir), devices=one_device())
   message = str(refusal.value)
   assert expected_line in message
   assert '--config.resume_with_changes=True' in message and 'new --workdir' in message
@@ -60,7 +59,7 @@ def test_allowed_and_permitted_changes_resume_and_are_recorded(workdir, caplog):
   config = _config(total_steps=6, resume_with_changes=True,
                    **{'optim.lr_per_256': 2e-3, 'log.every_steps': 1})
   with caplog.at_level(logging.INFO):
-    result = train_stage(config, str(workdir))
+    result = train_stage(config, str(workdir), devices=one_device())
   assert result.finished and result.steps_run == 2  # from step 4
   assert 'resume_with_changes=True allows:\n  optim.lr_per_256: 0.001 -> 0.002' in caplog.text
   assert 'Resuming with changed keys:' in caplog.text and 'total_steps: 4 -> 6' in caplog.text
@@ -87,7 +86,7 @@ def test_compare_configs_splits_allowed_from_identity_keys():
 
 def test_missing_metadata_or_arrays_fall_back_to_the_previous_readable_step(workdir, caplog):
   config = _config()
-  _, trainer = tiny_trainer(config, jax.devices())
+  _, trainer = tiny_trainer(config, one_device())
   (workdir / 'checkpoints' / '4' / 'state' / '_METADATA').unlink()
   for array_file in (workdir / 'checkpoints' / '2' / 'state').rglob('d/*'):
     array_file.unlink()
@@ -105,7 +104,7 @@ def test_missing_metadata_or_arrays_fall_back_to_the_previous_readable_step(work
 
 def test_a_readable_checkpoint_of_another_model_does_not_fit_and_nothing_moves(workdir):
   config = _config(**{'model.variant': 'Ti/8'})
-  _, trainer = tiny_trainer(config, jax.devices())
+  _, trainer = tiny_trainer(config, one_device())
   checkpointer = Checkpointer(str(workdir / 'checkpoints'), config.checkpoint)
   with pytest.raises(CheckpointMismatchError, match='does not fit the model'):
     checkpointer.restore_latest_readable(trainer.abstract_state)
@@ -127,7 +126,7 @@ def test_a_stage_whose_final_checkpoint_is_unreadable_is_not_finished(workdir, c
 def test_a_workdir_whose_checkpoints_are_gone_says_so_and_starts_at_step_0(workdir, caplog):
   shutil.rmtree(workdir / 'checkpoints')
   with caplog.at_level(logging.INFO):
-    result = train_stage(_config(), str(workdir))
+    result = train_stage(_config(), str(workdir), devices=one_device())
   assert result.steps_run == 4
   assert 'no checkpoint: if it saved any, they are gone' in caplog.text
   assert f'No checkpoint in {workdir / "checkpoints"}; starting at step 0.' in caplog.text
