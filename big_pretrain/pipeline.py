@@ -73,9 +73,10 @@ def initialiser_from(init_from, workdir: str):
   return initialise
 
 
-def run(config, workdir: str) -> dict[str, dict]:
+def run(config, workdir: str, *, devices=None) -> dict[str, dict]:
   """Trains every unfinished stage in order; returns {stage: evaluator results}.
 
+  `devices`: those every stage's mesh is laid over (default: all of them).
   Raises faults.Preempted when a stage saved and stopped on a preemption notice.
   """
   validate_config(config)
@@ -89,10 +90,11 @@ def run(config, workdir: str) -> dict[str, dict]:
       logging.info('Stage %r: pseudo-labelling into %s.', name, stage_dir)
       teacher = stage_config.teacher.stage
       run_pseudo_label(stage_config, stage_dir,
-                       teacher_dir=stage_dirs[teacher] if teacher else None)
+                       teacher_dir=stage_dirs[teacher] if teacher else None, devices=devices)
       continue
     logging.info('Stage %r: training in %s.', name, stage_dir)
     result = train_stage(with_pseudo_label_folder(stage_config, stage_dirs), stage_dir,
+                         devices=devices,
                          initialise=initialiser_from(stage_config.init_from, workdir))
     if not result.finished:
       logging.info('Stage %r stopped at step %d; run the same command to resume.',

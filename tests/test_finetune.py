@@ -23,7 +23,7 @@ from big_pretrain.objectives.finetune import (cutmix_box, mixup_or_cutmix, multi
 from big_pretrain.train import optim
 from big_pretrain.train.loop import train_stage
 from big_pretrain.train.step import build_trainer
-from tiny_config import tiny_finetune_config, tiny_mae_config
+from tiny_config import one_device, tiny_finetune_config, tiny_mae_config
 
 
 # ---------------------------------------------------------------- layer-wise lr decay
@@ -234,7 +234,7 @@ def test_drop_path_is_random_in_training_and_off_at_evaluation():
 @pytest.fixture(scope='module')
 def mae_workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('mae')
-  train_stage(tiny_mae_config(total_steps=2), str(workdir))
+  train_stage(tiny_mae_config(total_steps=2), str(workdir), devices=one_device())
   return str(workdir)
 
 
@@ -254,10 +254,12 @@ def test_a_stage_from_mae_takes_the_encoder_bit_exactly_and_resumes_bit_identica
                                        ('encoder',))['encoder']
   jax.tree_util.tree_map(np.testing.assert_array_equal, started['encoder'], mae_encoder)
 
-  whole = train_stage(config, str(tmp_path / 'whole'), initialise=initialise)
-  first = train_stage(config, str(tmp_path / 'split'), initialise=initialise, stop_after_steps=2)
+  whole = train_stage(config, str(tmp_path / 'whole'), initialise=initialise, devices=one_device())
+  first = train_stage(config, str(tmp_path / 'split'), initialise=initialise, stop_after_steps=2,
+                      devices=one_device())
   assert first.steps_run == 2 and not first.finished
-  resumed = train_stage(config, str(tmp_path / 'split'), initialise=initialise)
+  resumed = train_stage(config, str(tmp_path / 'split'), initialise=initialise,
+                        devices=one_device())
   assert resumed.finished and resumed.steps_run == 2
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(resumed.state.params),
                          jax.device_get(whole.state.params))

@@ -15,7 +15,7 @@ from big_pretrain.objectives import build_objective
 from big_pretrain.train import mfu, optim
 from big_pretrain.train.step import build_trainer
 from test_flip import tiny_flip_config
-from tiny_config import _with_overrides, tiny_mae_config
+from tiny_config import _with_overrides, one_device, tiny_mae_config
 
 
 def tiny_lit_config(**overrides):
@@ -41,7 +41,7 @@ def chain_run(tmp_path_factory):
                              prompts=('a {}', 'a small {}'))
   lit.evals.retrieval = dict(kind='retrieval', test_examples=32, batch_size=16)
   config = chain_config(mae=tiny_mae_config(total_steps=2), lit=lit)
-  return workdir, pipeline_lib.run(config, str(workdir))
+  return workdir, pipeline_lib.run(config, str(workdir), devices=one_device())
 
 
 def test_a_mae_then_lit_chain_reports_zero_shot_accuracy_beside_chance(chain_run):

@@ -301,7 +301,8 @@ class _WriteLandingOnAClosedLoop:
 def test_a_failed_saves_closed_loop_echoes_are_dropped_and_verbose_keeps_them(
     monkeypatch, capsys):
   monkeypatch.delenv('BIG_PRETRAIN_VERBOSE', raising=False)
-  monkeypatch.setattr(sys, 'unraisablehook', main_lib._unraisable_hook)  # pylint: disable=protected-access
+  hook = main_lib._unraisable_hook  # pylint: disable=protected-access
+  monkeypatch.setattr(sys, 'unraisablehook', hook)
   _WriteLandingOnAClosedLoop()
   assert capsys.readouterr().err == ''
 

@@ -12,7 +12,7 @@ from big_pretrain.config_schema import stage_config
 from big_pretrain.data.labels import synthetic_vocabulary_path
 from big_pretrain.objectives import build_objective
 from big_pretrain.train.loop import train_stage
-from tiny_config import tiny_mae_config
+from tiny_config import one_device, tiny_mae_config
 
 
 def tiny_wsp_config(**model):
@@ -41,7 +41,8 @@ def _fresh_wsp_params(config):
 def mae_run(tmp_path_factory):
   """A tiny MAE trained 2 steps (scanned layers), and its final parameters."""
   workdir = tmp_path_factory.mktemp('mae')
-  result = train_stage(tiny_mae_config(total_steps=2, **{'model.scan': True}), str(workdir))
+  result = train_stage(tiny_mae_config(total_steps=2, **{'model.scan': True}), str(workdir),
+                       devices=one_device())
   return str(workdir), jax.device_get(result.state.params)
 
 
@@ -98,7 +99,8 @@ def test_position_embedding_resampling_keeps_a_constant_constant():
 
 
 def test_learned_position_embedding_is_resampled_on_load(tmp_path):
-  mae = train_stage(tiny_mae_config(total_steps=1, **{'model.posemb': 'learned'}), str(tmp_path))
+  mae = train_stage(tiny_mae_config(total_steps=1, **{'model.posemb': 'learned'}), str(tmp_path),
+                    devices=one_device())
   wsp = tiny_wsp_config(posemb='learned')
   wsp.data.image_size = 64  # 8x8 patch grid instead of 4x4
   loaded = transfer.load_into(_fresh_wsp_params(wsp), transfer.resolve_checkpoint_dir(str(tmp_path)),
