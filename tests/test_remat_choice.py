@@ -20,7 +20,7 @@ from big_pretrain.train import remat_choice
 from big_pretrain.train.loop import train_stage
 from big_pretrain.train.optim import make_optimizer, make_schedule
 from big_pretrain.train.step import ShardedTrainer
-from tiny_config import tiny_mae_config
+from tiny_config import one_device, tiny_mae_config
 
 
 def _config():
@@ -113,17 +113,18 @@ def test_takes_the_least_remat_that_fits(monkeypatch, nothing_fits):
 
 
 def test_loop_with_auto_remat_trains_as_without_remat(monkeypatch, tmp_path):
-  # tests/test_faults.py's stage: the suite compiles its programs once (conftest's cache).
+  # tests/test_faults.py's stage, on one device as there: the suite compiles its programs
+  # once (conftest's cache).
   config = tiny_mae_config(total_steps=8)
   config.model.remat = 'none'
-  without = train_stage(config, str(tmp_path / 'none'), stop_after_steps=4)
+  without = train_stage(config, str(tmp_path / 'none'), stop_after_steps=4, devices=one_device())
   # A device with memory to spare: 'auto' measures 'none', which fits, and the
   # loop runs the step compiled for the measurement, on a fresh state and on a
   # restored one.
   _set_memory_limit(monkeypatch, 2 ** 40)
   config.model.remat = 'auto'
-  train_stage(config, str(tmp_path / 'auto'), stop_after_steps=2)
-  auto = train_stage(config, str(tmp_path / 'auto'), stop_after_steps=2)
+  train_stage(config, str(tmp_path / 'auto'), stop_after_steps=2, devices=one_device())
+  auto = train_stage(config, str(tmp_path / 'auto'), stop_after_steps=2, devices=one_device())
   assert auto.steps_run == 2
   assert auto.last_metrics['loss'] == without.last_metrics['loss']
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(auto.state.params),

@@ -11,7 +11,7 @@ from big_pretrain.objectives import build_objective
 from big_pretrain.train.loop import train_stage
 from big_pretrain.train.optim import make_optimizer, make_schedule
 from big_pretrain.train.step import build_trainer
-from tiny_config import tiny_mae_config
+from tiny_config import one_device, tiny_mae_config
 
 
 def _run_steps(config, devices, num_steps):
@@ -94,10 +94,10 @@ def test_stopped_and_resumed_run_is_bit_identical(tmp_path):
 
 def test_checkpoint_that_does_not_fit_names_the_parameter(tmp_path):
   config = tiny_mae_config(total_steps=1)
-  train_stage(config, str(tmp_path))
+  train_stage(config, str(tmp_path), devices=one_device())
   wider = tiny_mae_config(total_steps=2)
   wider.objective.decoder_width = 64
   wider.resume_with_changes = True  # past the config check, to the checkpoint's shapes
   with pytest.raises(CheckpointMismatchError, match=r'decoder/embed/kernel.*\(64, 32\).*\(64, 64\)'):
-    train_stage(wider, str(tmp_path))
+    train_stage(wider, str(tmp_path), devices=one_device())
   assert (tmp_path / 'checkpoints' / '1').exists()  # nothing lost
