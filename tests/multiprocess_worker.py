@@ -66,7 +66,6 @@ def main(process_id: int, num_processes: int, port: int, workdir: str, task: str
   import jax  # noqa: PLC0415  (after the distributed runtime)
   from big_pretrain import sharding as sharding_lib  # noqa: PLC0415
   from big_pretrain.data.pipeline import InputPipeline  # noqa: PLC0415
-  from big_pretrain.train.loop import train_stage  # noqa: PLC0415
   from tiny_config import tiny_multiprocess_config  # noqa: PLC0415
 
   config = tiny_multiprocess_config()
@@ -98,6 +97,8 @@ def main(process_id: int, num_processes: int, port: int, workdir: str, task: str
     result['files'] = {name: hashlib.sha1(open(os.path.join(output, name), 'rb').read()
                                           ).hexdigest() for name in sorted(os.listdir(output))}
   else:
+    # Only the training tasks import the loop (and, through clu's writers, TensorFlow).
+    from big_pretrain.train.loop import train_stage  # noqa: PLC0415
     if task == 'preempt':
       _signal_at_step(signal.SIGINT, 3, process_id=1)
       config.total_steps = 100

@@ -102,17 +102,20 @@ def test_patches_are_dropped_in_training_only():
   from big_pretrain.objectives import build_objective
   config = tiny_flip_config()
   objective = build_objective(config)
-  params = nn.meta.unbox(objective.init_params(jax.random.key(0)))
+  params = nn.meta.unbox(jax.jit(objective.init_params)(jax.random.key(0)))
   mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
   batch = next(InputPipeline(config.data, global_batch_size=16, mesh=mesh))
   images = jnp.zeros((16, 32, 32, 3))
   assert objective._keep_indices(jax.random.key(1), images, train=True).shape == (16, 8)  # 16 * 0.5
   assert objective._keep_indices(jax.random.key(1), images, train=False) is None
-  loss = lambda rng, train: float(objective.loss(params, batch, jax.random.key(rng), train)[0])
+  # Compiled once per mode (op by op, the two towers take several times as long).
+  compiled = {train: jax.jit(lambda rng, train=train: objective.loss(params, batch, rng, train)[0])
+              for train in (True, False)}
+  loss = lambda rng, train: float(compiled[train](jax.random.key(rng)))
   assert loss(1, True) != loss(2, True)    # which patches are dropped depends on the rng
   assert loss(1, False) == loss(2, False)  # at evaluation every patch is seen
   # Evaluation embeddings use all 16 patches.
-  assert objective.embed_images(params, batch['image']).shape == (16, 32)
+  assert jax.jit(objective.embed_images)(params, batch['image']).shape == (16, 32)
 
 
 def test_flip_loss_and_gradients_on_8_devices_equal_one_device():
