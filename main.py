@@ -20,15 +20,14 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from big_pretrain import distributed, pipeline
+from big_pretrain import distributed
 from big_pretrain import workdir as workdir_lib
 from big_pretrain.checkpoint import CheckpointMismatchError, CheckpointUnreadableError
 from big_pretrain.config_schema import (ConfigError, check_fits_devices, unknown_key_in,
                                         validate_config)
-from big_pretrain.errors import CheckpointSaveError, WorkdirError
+from big_pretrain.errors import CheckpointSaveError, FinalEvaluationError, WorkdirError
 from big_pretrain.data.pipeline import UnreadableDataError
 from big_pretrain.train.faults import NonFiniteLossError, Preempted
-from big_pretrain.train.loop import FinalEvaluationError
 
 # Exit codes, for people and for supervisors that rerun (README, "Exit codes").
 EXIT_STOPPED = 1      # the run stopped on purpose, saying why (NaN loss, a checkpoint that
@@ -206,6 +205,9 @@ def main(argv):
     check_fits_devices(config, jax.device_count(), jax.process_count())
   except ValueError as e:  # ConfigError included
     _exit_usage(str(e))
+  # Imported once the command is known to run: the training loop brings TensorFlow (clu's
+  # summary writers), seconds that a refused command does not wait for.
+  from big_pretrain import pipeline  # pylint: disable=import-outside-toplevel
   try:
     # One run per workdir (a chain's stages share its lock): process 0 holds it.
     with workdir_lib.run_lock(_WORKDIR.value, take=jax.process_index() == 0,

@@ -11,3 +11,7 @@ class WorkdirError(ValueError):
 
 class CheckpointSaveError(RuntimeError):
   """A checkpoint could not be written (e.g. a full disk); the earlier ones are intact."""
+
+
+class FinalEvaluationError(RuntimeError):
+  """An evaluator failed at a stage's final step, after the final checkpoint was saved."""

@@ -14,6 +14,7 @@ import pytest
 from absl import flags
 
 import main as main_lib
+from big_pretrain import pipeline as pipeline_lib
 from big_pretrain import workdir as workdir_lib
 from big_pretrain.errors import WorkdirError
 
@@ -100,7 +101,7 @@ def _run_main_in_process(args, monkeypatch):
 
 def test_each_bad_input_is_one_line_and_exit_2_before_any_compile(tmp_path, capsys, monkeypatch):
   monkeypatch.delenv('BIG_PRETRAIN_VERBOSE', raising=False)
-  monkeypatch.setattr(main_lib.pipeline, 'run', _fail_if_training_starts)
+  monkeypatch.setattr(pipeline_lib, 'run', _fail_if_training_starts)
   failures = []
   for name, args, expected in _bad_input_cases(tmp_path):
     code = _run_main_in_process(args, monkeypatch)
@@ -177,7 +178,7 @@ def test_a_second_run_into_a_workdir_in_use_is_refused_naming_the_first(
   holder = subprocess.Popen(['sleep', '60'])
   try:
     _write_lock(workdir, socket.gethostname(), holder.pid)
-    monkeypatch.setattr(main_lib.pipeline, 'run', _fail_if_training_starts)
+    monkeypatch.setattr(pipeline_lib, 'run', _fail_if_training_starts)
     assert _run_main_in_process(['--config=configs/mae.py:demo', f'--workdir={workdir}'],
                                 monkeypatch) == EXIT_USAGE
     [line] = capsys.readouterr().err.strip().splitlines()

@@ -26,6 +26,7 @@ from big_pretrain.config_schema import validate_stage_config
 from big_pretrain.data.device_prefetch import DevicePrefetch
 from big_pretrain.data.pipeline import InputPipeline, global_batch_shapes
 from big_pretrain.data.tokenizer import record_tokenizer
+from big_pretrain.errors import FinalEvaluationError
 from big_pretrain.evaluators import build_evaluators
 from big_pretrain.models import attention as attention_lib
 from big_pretrain.objectives import objective_class
@@ -41,10 +42,6 @@ AT_START_RESULTS_FILE = 'eval_results_at_start.json'
 # The evaluators' latest scores, {'step': step, name: scalars}; written after the step's
 # checkpoint. A stage is finished once its final checkpoint and its final scores exist.
 EVAL_RESULTS_FILE = 'eval_results.json'
-
-
-class FinalEvaluationError(RuntimeError):
-  """An evaluator failed at a stage's final step, after the final checkpoint was saved."""
 
 
 @dataclasses.dataclass
