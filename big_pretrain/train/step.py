@@ -48,13 +48,20 @@ class ShardedTrainer:
     with sharding_lib.activate(self.mesh, self.rules):
       return step(state, batch, base_rng)
 
-  def compile_step(self, batch_shapes: dict[str, jax.ShapeDtypeStruct]):
-    """The step compiled for `batch_shapes` (global shapes): memory_analysis(), as_text()."""
+  def lower_step(self, batch_shapes: dict[str, jax.ShapeDtypeStruct]):
+    """The step traced and lowered for `batch_shapes` (global shapes), not yet compiled:
+    its cost_analysis() counts the program as written, before XLA optimises it."""
     batch = {name: jax.ShapeDtypeStruct(shape.shape, shape.dtype,
                                         sharding=sharding_lib.batch_sharding(self.mesh))
              for name, shape in batch_shapes.items()}
     with sharding_lib.activate(self.mesh, self.rules):
-      return self.jitted_step.lower(self.abstract_state, batch, jax.random.key(0)).compile()
+      return self.jitted_step.lower(self.abstract_state, batch, jax.random.key(0))
+
+  def compile_step(self, batch_shapes: dict[str, jax.ShapeDtypeStruct]):
+    """The step compiled for `batch_shapes` (global shapes): memory_analysis(), as_text()."""
+    lowered = self.lower_step(batch_shapes)
+    with sharding_lib.activate(self.mesh, self.rules):
+      return lowered.compile()
 
   def with_compiled_step(self, compiled) -> ShardedTrainer:
     """This trainer, its train_step running `compiled` (from compile_step) from now on.
