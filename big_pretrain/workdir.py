@@ -139,18 +139,14 @@ def _acquire(lock_path: str, path: str) -> None:
   mine = {'host': socket.gethostname(), 'pid': os.getpid(),
           'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
   while not _create_exclusively(lock_path, json.dumps(mine)):
-    holder = _read_lock(lock_path)
+    holder = _read_lock_being_written(lock_path)
     if holder is None:
       continue  # released between our two looks
     if not holder:
-      holder = _read_lock_being_written(lock_path)
-      if holder is None:
-        continue
-      if not holder:
-        raise WorkdirError(
-            f'--workdir={path} has a lock file that names no run ({lock_path} is empty or '
-            'damaged: a run killed as it started, or a file made by hand). If no run is '
-            'using this workdir, delete it and run again.')
+      raise WorkdirError(
+          f'--workdir={path} has a lock file that names no run ({lock_path} is empty or '
+          'damaged: a run killed as it started, or a file made by hand). If no run is '
+          'using this workdir, delete it and run again.')
     if holder.get('host') == mine['host'] and not _is_alive(holder.get('pid')):
       logging.warning('Taking over %s: its run (pid %s, started %s) is no longer running.',
                       lock_path, holder.get('pid'), holder.get('started'))

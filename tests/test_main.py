@@ -17,6 +17,7 @@ import main as main_lib
 from big_pretrain import pipeline as pipeline_lib
 from big_pretrain import workdir as workdir_lib
 from big_pretrain.errors import WorkdirError
+from test_multiprocess import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_USAGE = 2
@@ -233,9 +234,7 @@ def test_a_workdir_in_use_stops_every_process_of_a_two_process_run(tmp_path):
   # in their first collective.
   workdir = tmp_path / 'run'
   holder = subprocess.Popen(['sleep', '120'])
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
+  port = free_port()
   processes = []
   try:
     _write_lock(workdir, socket.gethostname(), holder.pid)

@@ -31,7 +31,8 @@ DEVICES_PER_PROCESS = 2
 LAUNCH_TIMEOUT_S = 240
 
 
-def _free_port() -> int:
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that nothing listens on now (for a coordinator)."""
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
@@ -50,7 +51,7 @@ def launch(task: str, workdir: str) -> list[dict]:
   Every child is killed (its whole process group) if any fails or the launch
   runs out of time, so a hung collective cannot outlive the test.
   """
-  port = _free_port()
+  port = free_port()
   logs, children = [], []
   try:
     for process_id in range(NUM_PROCESSES):
