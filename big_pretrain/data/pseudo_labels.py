@@ -23,6 +23,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from big_pretrain.data import records
 from big_pretrain.errors import ConfigError
 
 SHARD_PREFIX = 'pseudo_labels'
@@ -46,30 +47,21 @@ def shard_name(shard: int, num_shards: int) -> str:
   return f'{SHARD_PREFIX}-{shard:05d}-of-{num_shards:05d}.array_record'
 
 
-def _example_proto():
-  from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
-  return example_pb2.Example
-
-
 def encode_record(key: str, index: int, label_ids, label_probs, confidence: float) -> bytes:
   """One record (see the module doc); the same values always give the same bytes."""
-  example = _example_proto()()
-  feature = example.features.feature
-  feature['key'].bytes_list.value.append(key.encode('utf-8'))
-  feature['index'].int64_list.value.append(int(index))
-  feature['label_ids'].int64_list.value.extend(int(i) for i in label_ids)
-  feature['label_probs'].float_list.value.extend(float(p) for p in label_probs)
-  feature['confidence'].float_list.value.append(float(confidence))
-  return example.SerializeToString(deterministic=True)
+  return records.encode_example(
+      bytes_features={'key': [key.encode('utf-8')]},
+      int64_features={'index': [index], 'label_ids': label_ids},
+      float_features={'label_probs': label_probs, 'confidence': [confidence]})
 
 
-def decode_record(record: bytes, example_class=None) -> dict[str, Any]:
-  feature = (example_class or _example_proto()).FromString(record).features.feature
-  return {'key': feature['key'].bytes_list.value[0].decode('utf-8'),
-          'index': int(feature['index'].int64_list.value[0]),
-          'label_ids': np.asarray(feature['label_ids'].int64_list.value, np.int32),
-          'label_probs': np.asarray(feature['label_probs'].float_list.value, np.float32),
-          'confidence': float(feature['confidence'].float_list.value[0])}
+def decode_record(record: bytes) -> dict[str, Any]:
+  feature = records.decode_example(record)
+  return {'key': feature['key'][0].decode('utf-8'),
+          'index': int(feature['index'][0]),
+          'label_ids': np.asarray(feature['label_ids'], np.int32),
+          'label_probs': np.asarray(feature['label_probs'], np.float32),
+          'confidence': float(feature['confidence'][0])}
 
 
 def read_metadata(folder: str) -> dict[str, Any]:
@@ -126,7 +118,6 @@ class PseudoLabelledSource:
     self._unlabelled = unlabelled
     self._width = width
     self._folder = folder
-    self._example_class = _example_proto()
     self.metadata = metadata
 
   def __len__(self) -> int:
@@ -141,7 +132,7 @@ class PseudoLabelledSource:
     return list(self.metadata.get('class_names') or [])
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    record = decode_record(self._records[int(index)], self._example_class)
+    record = decode_record(self._records[int(index)])
     example = self._unlabelled[record['index']]
     key = example_key(example, record['index'])
     if key != record['key']:

@@ -17,7 +17,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from big_pretrain.data import transforms
+from big_pretrain.data import records, transforms
 
 # --- Synthetic shapes --------------------------------------------------------
 # Masks take coordinates normalised to the shape's half-extent (the shape's
@@ -300,42 +300,28 @@ _CONVERT_HINT = (
     ' --input=DIR_OR_TARS --output=DIR`, then set config.data.path=DIR.')
 
 
-def _example_proto():
-  """tf.train.Example, the protobuf class only (no TensorFlow ops run; imported on first use)."""
-  from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
-  return example_pb2.Example
-
-
 def encode_record(image_bytes: bytes, caption: str, label: int, key: str) -> bytes:
   """One ArrayRecord record: a serialized tf.train.Example (see ArrayRecordSource)."""
-  example = _example_proto()()
-  feature = example.features.feature
-  feature['image'].bytes_list.value.append(bytes(image_bytes))
-  feature['caption'].bytes_list.value.append(caption.encode('utf-8'))
-  feature['label'].int64_list.value.append(int(label))
-  feature['key'].bytes_list.value.append(key.encode('utf-8'))
-  return example.SerializeToString(deterministic=True)
+  return records.encode_example(
+      bytes_features={'image': [image_bytes], 'caption': [caption.encode('utf-8')],
+                      'key': [key.encode('utf-8')]},
+      int64_features={'label': [label]})
 
 
-def decode_record(record: bytes, example_class=None) -> dict[str, Any]:
+def decode_record(record: bytes) -> dict[str, Any]:
   """The example of an `encode_record` record; raises ValueError if it is not one."""
-  example_class = example_class or _example_proto()
-  try:
-    feature = example_class.FromString(record).features.feature
-  except Exception as error:  # pylint: disable=broad-exception-caught  # protobuf's DecodeError
-    raise ValueError(f'not a serialized tf.train.Example ({type(error).__name__}: {error})'
-                     ) from error
-  if 'image' not in feature or not feature['image'].bytes_list.value:
+  feature = records.decode_example(record)
+  if not feature.get('image'):
     raise ValueError(
         "a tf.train.Example without an 'image' bytes feature (features:"
-        f' {sorted(feature.keys())})')
+        f' {sorted(feature)})')
 
   def text(name: str) -> str:
-    values = feature[name].bytes_list.value if name in feature else ()
+    values = feature.get(name)
     return values[0].decode('utf-8', errors='replace') if values else ''
 
-  labels = feature['label'].int64_list.value if 'label' in feature else ()
-  return {'image_bytes': feature['image'].bytes_list.value[0],
+  labels = feature.get('label')
+  return {'image_bytes': feature['image'][0],
           'label': int(labels[0]) if labels else -1,
           'caption': text('caption'),
           'key': text('key')}
@@ -440,7 +426,6 @@ class ArrayRecordSource:
           f'Cannot read the ArrayRecord shards {_describe_shards(shards, error)}. {_CONVERT_HINT}'
       ) from error
     self._shards = shards
-    self._example_class = _example_proto()
     if metadata is None:
       logging.warning('No %s beside the ArrayRecord shards %s: no class names, num_classes=0.',
                       ARRAY_RECORD_METADATA, shards[0])
@@ -471,7 +456,7 @@ class ArrayRecordSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     record = self._records[int(index)]
     try:
-      example = decode_record(record, self._example_class)
+      example = decode_record(record)
     except ValueError as error:
       raise ValueError(
           f'Record {int(index)} ({self._where(int(index))}) is {error}. ArrayRecord sources read'
@@ -531,8 +516,8 @@ class TfdsSource:
     tfds = _import_tfds()
     build_command = (
         f'`tfds build {name} --data_dir=DATA_DIR --file_format=array_record` (or'
-        " builder.download_and_prepare(file_format='array_record')), and set"
-        ' config.data.tfds_data_dir=DATA_DIR.')
+        " builder.download_and_prepare(file_format='array_record'); preparing needs TensorFlow:"
+        ' pip install -r requirements-tf.txt), and set config.data.tfds_data_dir=DATA_DIR.')
     prepare_hint = f'Prepare it first, in ArrayRecord format: {build_command}'
     where = f'data_dir {data_dir!r}' if data_dir else "TFDS's default data_dir"
     try:
