@@ -163,7 +163,7 @@ def test_only_process_zero_writes_logs(two_process_run):
   # One events file per stage run (the resumed launch's rerun adds one), each named
   # after process 0's pid.
   assert len(events) == 3, events
-  assert {int(path.split('.')[-3]) for path in events} == {stopped[0]['pid'], resumed[0]['pid']}
+  assert {int(path.split('.')[-2]) for path in events} == {stopped[0]['pid'], resumed[0]['pid']}
   assert os.path.exists(os.path.join(workdir, 'stage', 'config.json'))
 
 

@@ -21,6 +21,7 @@ from big_pretrain.data.device_prefetch import DevicePrefetch
 from big_pretrain.evaluators import evaluator_config
 from big_pretrain.evaluators import reconstruction
 from big_pretrain.train import loop
+from test_metric_writer import read_events
 from tiny_config import one_device, tiny_mae_config
 
 IMAGE_SIZE = 32
@@ -137,6 +138,15 @@ def test_held_out_folder_smaller_than_the_reconstruction_batch_shows_every_image
   grid = np.asarray(Image.open(workdir / 'reconstruction.png'))
   assert grid.shape[0] == 7 * (IMAGE_SIZE + 2) - 2
   assert json.loads((workdir / loop.EVAL_RESULTS_FILE).read_text())['step'] == 2
+  # TensorBoard reads the stage's scalars, its config and the same grid from its events.
+  events = read_events(workdir)
+  assert [step for step, _ in events['scalars']['loss']] == [2]  # log.every_steps = 2
+  assert events['scalars']['loss'][-1][1] == pytest.approx(result.last_metrics['loss'])
+  assert events['hparams']['objective.name'] == 'mae' and events['hparams']['total_steps'] == 2
+  [(step, [image])] = events['images']['reconstruction/' + '_'.join(
+      loop.objective_class('mae').visualization_panels)]
+  assert step == 2
+  np.testing.assert_array_equal(image, grid)
 
 
 def test_evaluator_failing_at_the_final_step_keeps_the_checkpoint_and_a_rerun_finishes(

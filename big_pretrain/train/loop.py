@@ -16,7 +16,6 @@ from typing import Callable
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
 from big_pretrain import sharding as sharding_lib
@@ -32,6 +31,7 @@ from big_pretrain.models import attention as attention_lib
 from big_pretrain.objectives import objective_class
 from big_pretrain.train import faults
 from big_pretrain.train import mfu as mfu_lib
+from big_pretrain.train.metric_writer import MetricWriter
 from big_pretrain.train import resume_identity
 from big_pretrain.train.optim import ema_params, make_optimizer, make_schedule
 from big_pretrain.train.remat_choice import build_with_remat_choice
@@ -135,11 +135,8 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
       state.params, state.opt_state))
 
   # --- Writers, progress, evaluators.
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
-  progress = periodic_actions.ReportProgress(
-      num_train_steps=config.total_steps, writer=writer,
-      every_steps=config.log.every_steps)
+  writer = MetricWriter(workdir, write_events=jax.process_index() == 0)
+  writer.write_hparams(config.to_dict())
   evaluators = build_evaluators(config, objective, trainer, workdir)
   eval_results = {}
   if start_step == 0:
@@ -161,7 +158,6 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
         state, metrics = trainer.train_step(state, batch, step_rng)
         step += 1
         pending_metrics.append(metrics)  # fetched at log and save time: no host sync per step
-        progress(step)
         final = step == config.total_steps
         preempted = preemption.reached(step)
         stopping = preempted or (stop_after_steps is not None
@@ -179,6 +175,9 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
           last_metrics.update(speed.metrics(seconds_per_step=elapsed / len(fetched)))
           last_metrics['data/corrupt_images_skipped'] = data.corrupt_images_skipped
           writer.write_scalars(step, last_metrics)
+          logging.info('Step %d of %d: %s to go at %.3g steps/s.', step, config.total_steps,
+                       _duration((config.total_steps - step) / last_metrics['steps_per_sec']),
+                       last_metrics['steps_per_sec'])
           history.append((step, last_metrics))
           pending_metrics, interval_start = [], time.perf_counter()
         elif saving:
@@ -203,7 +202,7 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
       checkpointer.close()
       if batches is not data:
         batches.close()
-      writer.flush()
+      writer.close()
   if preempted:
     logging.warning('Preemption notice (SIGTERM or Ctrl-C): saved a checkpoint at step %d and '
                     'stopped. Run the same command to resume from it.', step)
@@ -318,6 +317,14 @@ def _stop_if_nonfinite(pending_metrics: list[dict], step: int, max_skipped_in_a_
 
 # The metrics that say whether a step's update was finite, and whether it was skipped.
 _FINITE_CHECK_KEYS = ('loss', 'grad_norm', 'nonfinite_updates_in_a_row')
+
+
+def _duration(seconds: float) -> str:
+  """'1h 05m', '3m 20s', '12s'."""
+  seconds = int(round(seconds))
+  if seconds >= 3600:
+    return f'{seconds // 3600}h {seconds % 3600 // 60:02d}m'
+  return f'{seconds // 60}m {seconds % 60:02d}s' if seconds >= 60 else f'{seconds}s'
 
 
 def _mean_metrics(metrics_list: list[dict]) -> dict:
