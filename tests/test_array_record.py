@@ -4,6 +4,8 @@ import argparse
 import io
 import json
 import logging
+import pathlib
+import shutil
 import tarfile
 
 from array_record.python import array_record_module
@@ -324,11 +326,30 @@ def _tiny_tfds_builder(data_dir, file_format):
   return builder
 
 
+# `_tiny_tfds_builder`'s dataset, prepared once with TensorFlow (TFDS needs it to prepare,
+# not to read): the tests read it without TensorFlow, as users of prepared datasets do.
+SHIPPED_TFDS = pathlib.Path(__file__).parent / 'data' / 'tfds'
+
+
+def _shipped_tfds_copy(tmp_path_factory, file_format):
+  data_dir = tmp_path_factory.mktemp(f'tfds_{file_format}')
+  shutil.copytree(SHIPPED_TFDS / file_format, data_dir, dirs_exist_ok=True)
+  return data_dir
+
+
 @pytest.fixture(name='tfds_dir', scope='module')
 def fixture_tfds_dir(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp('tfds')
-  _tiny_tfds_builder(data_dir, 'array_record')
-  return data_dir
+  return _shipped_tfds_copy(tmp_path_factory, 'array_record')
+
+
+def test_the_shipped_tfds_dataset_is_what_the_builder_prepares(tfds_dir, tmp_path):
+  pytest.importorskip('tensorflow', reason='TFDS prepares datasets with TensorFlow')
+  _tiny_tfds_builder(tmp_path, 'array_record')
+  prepared, shipped = (sources.build_source(tfds_config(d)) for d in (tmp_path, tfds_dir))
+  assert len(prepared) == len(shipped) == 12
+  for index in range(len(shipped)):
+    assert prepared[index]['image_bytes'] == shipped[index]['image_bytes']
+    assert prepared[index]['caption'] == shipped[index]['caption']
 
 
 def tfds_config(tfds_dir, **overrides):
@@ -370,7 +391,7 @@ def test_tfds_pipeline_yields_batches_and_resumes_exactly(tfds_dir):
   assert data.corrupt_images_skipped == 0
 
 
-def test_tfds_errors_say_how_to_prepare_the_dataset(tfds_dir, tmp_path):
+def test_tfds_errors_say_how_to_prepare_the_dataset(tfds_dir, tmp_path, tmp_path_factory):
   with pytest.raises(FileNotFoundError, match=r"'tiny_tfds_for_test'.*tfds build.*array_record"):
     sources.build_source(tfds_config(tmp_path))
   with pytest.raises(ValueError, match=r"split 'nope'.*tfds_train_split"):
@@ -379,9 +400,9 @@ def test_tfds_errors_say_how_to_prepare_the_dataset(tfds_dir, tmp_path):
     sources.build_source(tfds_config(tfds_dir, tfds_caption_key='text'))
   with pytest.raises(ValueError, match='tfds_name'):
     sources.build_source(small_config(source='tfds'))
-  _tiny_tfds_builder(tmp_path / 'tfrecord', 'tfrecord')  # Prepared, but without random access.
+  # Prepared, but without random access (its dataset_info.json; the records are not read).
   with pytest.raises(ValueError, match=r'(?i)tfrecord.*file_format=array_record'):
-    sources.build_source(tfds_config(tmp_path / 'tfrecord'))
+    sources.build_source(tfds_config(_shipped_tfds_copy(tmp_path_factory, 'tfrecord')))
 
 
 def test_source_texts_of_array_record_and_tfds_for_the_build_commands(converted, tfds_dir):
