@@ -5,7 +5,7 @@ VENV := .venv
 INSTALLED := $(VENV)/.installed
 DEMO_WORKDIR ?= workdirs/demo
 
-.PHONY: demo test install install-gpu clean-demo
+.PHONY: demo test install install-gpu install-tf clean-demo
 
 install: $(INSTALLED)
 
@@ -24,16 +24,21 @@ install-gpu: $(INSTALLED)
 	  $(VENV)/bin/python -m pip install --quiet "jax[$$cuda]==$$(sed -n 's/^jax==//p' requirements.txt)"
 	$(VENV)/bin/python -c 'import jax; print(jax.default_backend(), jax.devices())'
 
+# TensorFlow, only to prepare TFDS datasets and for benchmarks/input.py's tf.data rows:
+# training, data reading and logging never import it.
+install-tf: $(INSTALLED)
+	$(VENV)/bin/python -m pip install --quiet -r requirements-tf.txt
+
 # MAE -> WSP on the embedded synthetic data, CPU-sized. Run it again to resume (or to
 # see that it is finished); `make clean-demo` starts over.
 demo: $(INSTALLED)
-	TF_CPP_MIN_LOG_LEVEL=2 $(VENV)/bin/python main.py --config=configs/mae_then_wsp.py:demo --workdir=$(DEMO_WORKDIR)
+	$(VENV)/bin/python main.py --config=configs/mae_then_wsp.py:demo --workdir=$(DEMO_WORKDIR)
 
 # Three pytest-xdist workers, one test file each at a time: more workers than the
 # 2 cores CI has, because the multi-process tests' parents wait on their children
 # and checkpoint saves wait on threads (8:52 vs 9:17 with two, 15:32 with none).
 test: $(INSTALLED)
-	TF_CPP_MIN_LOG_LEVEL=2 $(VENV)/bin/python -m pytest -q -n 3 --dist loadfile tests
+	$(VENV)/bin/python -m pytest -q -n 3 --dist loadfile tests
 
 clean-demo:
 	rm -rf $(DEMO_WORKDIR)

@@ -12,10 +12,6 @@ import runpy
 import sys
 import traceback
 
-# clu's writers import TensorFlow; keep its C++ start-up banner off the console.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # TF only writes summaries here
-
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -205,8 +201,8 @@ def main(argv):
     check_fits_devices(config, jax.device_count(), jax.process_count())
   except ValueError as e:  # ConfigError included
     _exit_usage(str(e))
-  # Imported once the command is known to run: the training loop brings TensorFlow (clu's
-  # summary writers), seconds that a refused command does not wait for.
+  # Imported once the command is known to run: the training loop's imports (Orbax, Grain,
+  # the models) take seconds that a refused command does not wait for.
   from big_pretrain import pipeline  # pylint: disable=import-outside-toplevel
   try:
     # One run per workdir (a chain's stages share its lock): process 0 holds it.

@@ -3,8 +3,8 @@
 from setuptools import find_packages, setup
 
 
-def pinned_requirements():
-  with open('requirements.txt') as f:
+def pinned_requirements(path='requirements.txt'):
+  with open(path) as f:
     return [line.strip() for line in f if line.strip() and not line.startswith('#')]
 
 
@@ -16,4 +16,7 @@ setup(
     package_data={'big_pretrain.data': ['vocabularies/*.txt']},
     python_requires='>=3.11',
     install_requires=[r for r in pinned_requirements() if not r.startswith('pytest')],
+    # pip install -e .[tf]: TensorFlow, only to prepare TFDS datasets and for the tf.data
+    # rows of benchmarks/input.py.
+    extras_require={'tf': pinned_requirements('requirements-tf.txt')},
 )

@@ -262,7 +262,13 @@ def grain_example_function(args, config):
 # --- tf.data -----------------------------------------------------------------
 
 def import_tensorflow():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  """TensorFlow for the tf.data rows, or None (saying how to get it) where it is not installed."""
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    print('No tf.data rows: TensorFlow is not installed (pip install -r requirements-tf.txt, '
+          'or make install-tf).', flush=True)
+    return None
   tf.config.set_visible_devices([], 'GPU')  # Input work is on the host; keep TF off the GPU.
   return tf
 
@@ -472,9 +478,10 @@ def main(argv=None):
       results = [
           time_per_image('PIL decode only', transforms.decode_image, paths, count),
           time_per_image('grain example fn', grain_example_function(args, config), paths, count),
-          time_grain(args, directory),
-          time_tf(tf, 'tf.data', paths, labels, args, config, decode_and_crop=False)]
-      if not args.no_decode_and_crop and all_jpeg:
+          time_grain(args, directory)]
+      if tf is not None:
+        results.append(time_tf(tf, 'tf.data', paths, labels, args, config, decode_and_crop=False))
+      if tf is not None and not args.no_decode_and_crop and all_jpeg:
         results.append(time_tf(tf, 'tf.data decode_and_crop', paths, labels, args, config,
                                decode_and_crop=True))
       for result in results:

@@ -54,7 +54,7 @@ _TMP_STEP = re.compile(r'^(?:.*?_)?(\d+)' + re.escape(TMP_MARK))
 _STAGE_START = re.compile(r"Stage '([^']+)': training in")
 _STAGE_SKIP = re.compile(r"Stage '([^']+)' finished earlier")
 _RESUMING = re.compile(r'Resuming at step (\d+) of (\d+)')
-_STEP_LOGGED = re.compile(r'\] \[(\d+)\] ')  # clu's logging writer: "[250] loss=..."
+_STEP_LOGGED = re.compile(r'\] \[(\d+)\] ')  # the metric writer's console line: "[250] loss=..."
 _INITIALISED = 'Initialised params/'
 _CORRUPT = 'cannot be read'
 _TMP_LEFTOVER = 'Removing existing directory since it is not finalized'

@@ -97,7 +97,7 @@ def main(process_id: int, num_processes: int, port: int, workdir: str, task: str
     result['files'] = {name: hashlib.sha1(open(os.path.join(output, name), 'rb').read()
                                           ).hexdigest() for name in sorted(os.listdir(output))}
   else:
-    # Only the training tasks import the loop (and, through clu's writers, TensorFlow).
+    # Only the training tasks import the loop (Orbax, Grain, the models: seconds).
     from big_pretrain.train.loop import train_stage  # noqa: PLC0415
     if task == 'preempt':
       _signal_at_step(signal.SIGINT, 3, process_id=1)

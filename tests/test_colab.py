@@ -263,6 +263,7 @@ def test_notebook_on_a_cpu_installs_cpu_jax_and_runs_the_demo(tmp_path, monkeypa
   device_check = next(c for c in commands if c.startswith(f'{venv_python} -c'))
   assert 'jax.devices()' in device_check and "'cpu'" in device_check
   assert not any('tensorflow_datasets' in c for c in commands)  # nothing to download
+  assert 'requirements-tf.txt' not in install  # nor TensorFlow to prepare it with
   assert commands[-1] == (f'{venv_python} main.py --config=configs/mae_then_wsp.py:demo'
                           ' --workdir=/content/workdirs/cpu')
   assert namespace['STAGE_DIRS'] == {'mae': '/content/workdirs/cpu/mae',
@@ -273,6 +274,7 @@ def test_notebook_on_a_tpu_installs_jax_tpu_and_prepares_imagenette(tmp_path):
   namespace, commands = _run_notebook_until_training(tmp_path, 'tpu')
   install = next(c for c in commands if '-r requirements.txt' in c)
   assert f'jax[tpu]=={jax.__version__}' in install
+  assert '-r requirements-tf.txt' in install  # TFDS prepares Imagenette with TensorFlow
   prepare = next(c for c in commands if 'download_and_prepare' in c)
   assert prepare.endswith('imagenette/320px-v2 /content/tensorflow_datasets')
   assert commands[-1] == (f'{tmp_path}/venv/bin/python main.py --config=configs/mae.py:imagenette'
