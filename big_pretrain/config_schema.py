@@ -41,6 +41,10 @@ def model_defaults() -> ml_collections.ConfigDict:
       # Stochastic depth in training, rising linearly over the layers to this rate
       # (fine-tuning: 0.1 B, 0.2 L, 0.3 H); 0: off.
       drop_path=0.0,
+      # How pixels become patch tokens: 'matmul' (patchify, keep the visible patches,
+      # one matmul: MAE and FLIP embed only those) | 'conv' (a strided convolution over
+      # every patch, then the visible ones kept). Same parameters, same math.
+      patch_embed_impl='matmul',
   ))
 
 
@@ -356,6 +360,9 @@ def _check_model_choices(model, path: str) -> None:
   if model.attention_impl is not None and model.attention_impl not in ATTENTION_IMPLS:
     raise ConfigError(f'{path}.attention_impl={model.attention_impl!r}: choose one of '
                       f'{ATTENTION_IMPLS}.')
+  if model.patch_embed_impl not in vit_lib.PATCH_EMBED_IMPLS:
+    raise ConfigError(f'{path}.patch_embed_impl={model.patch_embed_impl!r}: choose one of '
+                      f'{vit_lib.PATCH_EMBED_IMPLS}.')
 
 
 def _check_image_size_fits_patch(config, path: str) -> None:

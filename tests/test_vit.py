@@ -190,6 +190,49 @@ def test_keep_indices_select_tokens(params, images):
   assert out['pooled'].shape == (BATCH, WIDTH)
 
 
+def test_patch_embedding_by_matmul_of_kept_patches_equals_conv_then_gather():
+  """'matmul' (patchify, gather the kept patches, one matmul) against 'conv' (embed every
+  patch, then gather): nn.Conv's parameters, and the same tokens up to float rounding."""
+  patch, width, channels = 16, 64, 3
+  k = patch * patch * channels  # the length of each token's dot product: 768
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(BATCH, 64, 64, channels)), jnp.float32)
+  keep = jnp.asarray([[5, 2, 12, 0], [15, 9, 3, 6]], jnp.int32)
+  by_matmul = vit_lib.PatchEmbedding(width, patch, implementation='matmul')
+  by_conv = vit_lib.PatchEmbedding(width, patch, implementation='conv')
+  params = nn.meta.unbox(by_matmul.init(jax.random.key(3), x)['params'])
+  # The same parameters as the nn.Conv the ViT had: names, shapes, init and rng.
+  conv = nn.Conv(width, (patch, patch), strides=(patch, patch), padding='VALID',
+                 kernel_init=vit_lib.xavier_uniform(in_axis=(0, 1, 2), out_axis=3))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params,
+                         conv.init(jax.random.key(3), x)['params'])
+  params['bias'] = jnp.asarray(np.random.default_rng(4).normal(size=width), jnp.float32)
+
+  @jax.jit
+  def embed(params):
+    apply_with = lambda module, kept: module.apply({'params': params}, x, kept)
+    return [apply_with(m, kept) for m in (by_matmul, by_conv) for kept in (keep, None)]
+
+  matmul_kept, matmul_all, conv_kept, conv_all = embed(params)
+  assert matmul_kept.shape == (BATCH, 4, width) and matmul_all.shape == (BATCH, 16, width)
+  # Both sum the same K products in float32, in orders XLA picks per CPU (AVX2 and
+  # AVX-512 kernels block differently). Any order is within gamma_K = K u / (1 - K u)
+  # of the exact sum, relative to the sum of the products' magnitudes (Higham, Accuracy
+  # and Stability of Numerical Algorithms, 3.1), u = 2^-24; the bias add rounds once
+  # more. Two orders differ by at most twice that: ~1e-4 of |x| . |w| here, while a
+  # wrong patch layout or a wrong kept patch would be off by O(1) of it.
+  patches = np.asarray(jnp.abs(vit_lib.patchify(x, patch)), np.float64)
+  magnitude = patches @ np.abs(np.asarray(params['kernel'], np.float64)).reshape(k, width)
+  magnitude += np.abs(np.asarray(params['bias']))
+  unit = 2.0 ** -24
+  bound = 2 * ((k + 1) * unit / (1 - (k + 1) * unit)) * magnitude
+  kept_bound = np.take_along_axis(bound, np.asarray(keep)[..., None], axis=1)
+  for got, want, tolerance in ((matmul_all, conv_all, bound), (matmul_kept, conv_kept, kept_bound),
+                               (matmul_kept, np.take_along_axis(np.asarray(conv_all),
+                                                                np.asarray(keep)[..., None], 1),
+                                kept_bound)):
+    assert np.all(np.abs(np.asarray(got) - np.asarray(want)) <= tolerance)
+
+
 def test_position_embedding_is_added_before_dropping_patches():
   """Depth 0 (only the final LN): each token is independent, so the kept tokens
   must equal the full output gathered at keep_indices, and with a zero patch

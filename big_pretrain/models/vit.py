@@ -22,7 +22,7 @@ import numpy as np
 from flax import linen as nn
 
 from big_pretrain.models import attention as attention_lib
-from big_pretrain.models.patches import sincos_2d_position_embedding
+from big_pretrain.models.patches import patchify, sincos_2d_position_embedding
 
 # (width, depth, heads), from METHODS.md section 1. 'mu' is a tiny size for tests.
 VIT_SIZES = {
@@ -55,6 +55,10 @@ REMAT_POLICIES = {
 REMAT_AUTO = 'auto'
 
 LAYERNORM_EPSILON = 1e-6
+
+# config.model.patch_embed_impl: how pixels become patch tokens (PatchEmbedding). Both
+# compute the same linear map with the same parameters.
+PATCH_EMBED_IMPLS = ('matmul', 'conv')
 
 # Xavier-uniform over the flattened (fan_in, fan_out) view, as the PyTorch
 # references initialise their Linear layers.
@@ -119,6 +123,51 @@ class Projection(nn.Module):
     y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
                             ((contract_x, in_axes), ((), ())))
     return y + bias.astype(self.dtype)
+
+
+class PatchEmbedding(nn.Module):
+  """Pixels (B, H, W, C) -> one token per p x p patch (B, L, D), or per kept patch (B, K, D).
+
+  'matmul': patchify (a reshape), keep only the `keep_indices` patches, then one matmul
+  with the kernel viewed as (p*p*C, D). MAE and FLIP embed only their visible patches
+  this way (the MAE reference embeds all 196 and then drops 75% of them).
+  'conv': a strided convolution over every patch, then the kept tokens gathered; the
+  same numbers up to float rounding, kept to measure against (benchmarks/step.py).
+
+  The parameters are nn.Conv's, same names, shapes, init and rng: kernel (p, p, C, D),
+  whose (p, q, c) order is patchify's, and bias (D,). Checkpoints, init_from and the
+  scanned/unrolled conversions see no difference.
+  """
+  width: int
+  patch_size: int
+  dtype: Any = jnp.float32
+  implementation: str = 'matmul'
+
+  @nn.compact
+  def __call__(self, images, keep_indices=None):
+    if self.implementation not in PATCH_EMBED_IMPLS:
+      raise ValueError(f'Unknown patch embedding {self.implementation!r}; choose from '
+                       f'{PATCH_EMBED_IMPLS}.')
+    p, channels = self.patch_size, images.shape[-1]
+    kernel = self.param('kernel', nn.with_logical_partitioning(
+        xavier_uniform(in_axis=(0, 1, 2), out_axis=3), (None, None, None, 'embed')),
+        (p, p, channels, self.width))
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
+                      (self.width,))
+    images, kernel = images.astype(self.dtype), kernel.astype(self.dtype)
+    if self.implementation == 'conv':
+      tokens = jax.lax.conv_general_dilated(
+          images, kernel, window_strides=(p, p), padding='VALID',
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      tokens = tokens.reshape(images.shape[0], -1, self.width)
+      if keep_indices is not None:
+        tokens = jnp.take_along_axis(tokens, keep_indices[..., None], axis=1)
+    else:
+      patches = patchify(images, p)
+      if keep_indices is not None:
+        patches = jnp.take_along_axis(patches, keep_indices[..., None], axis=1)
+      tokens = patches @ kernel.reshape(p * p * channels, self.width)
+    return tokens + bias.astype(self.dtype)
 
 
 class Attention(nn.Module):
@@ -294,31 +343,28 @@ class VisionTransformer(nn.Module):
   remat: str = 'none'
   attention_impl: str | None = 'auto'  # see attention.ATTENTION_IMPLS
   drop_path: float = 0.0
+  patch_embed_impl: str = 'matmul'  # see PatchEmbedding
 
   @nn.compact
   def __call__(self, images, keep_indices=None, attention_mask=None, train: bool = False):
     p = self.patch_size
     if images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f'Image size {images.shape[1:3]} is not a multiple of the patch size {p}.')
-    x = nn.Conv(
-        self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype, name='patch_embed',
-        kernel_init=nn.with_logical_partitioning(
-            xavier_uniform(in_axis=(0, 1, 2), out_axis=3), (None, None, None, 'embed')),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
-    )(images.astype(self.dtype))
-    batch, grid_h, grid_w, _ = x.shape
-    x = x.reshape(batch, grid_h * grid_w, self.width)
+    batch, grid_h, grid_w = images.shape[0], images.shape[1] // p, images.shape[2] // p
+    # Only the kept patches are embedded; their position embeddings are gathered alike.
+    x = PatchEmbedding(self.width, p, self.dtype, self.patch_embed_impl,
+                       name='patch_embed')(images, keep_indices)
     if self.posemb == 'sincos':
-      posemb = jnp.asarray(sincos_2d_position_embedding(self.width, grid_h, grid_w))[None]
+      posemb = jnp.asarray(sincos_2d_position_embedding(self.width, grid_h, grid_w))
     elif self.posemb == 'learned':
       posemb = self.param('pos_embedding', nn.with_logical_partitioning(
           nn.initializers.normal(0.02), (None, 'tokens', 'embed')),
-          (1, grid_h * grid_w, self.width))
+          (1, grid_h * grid_w, self.width))[0]
     else:
       raise ValueError(f"Unknown posemb {self.posemb!r}; choose 'sincos' or 'learned'.")
-    x = x + posemb.astype(self.dtype)
     if keep_indices is not None:
-      x = jnp.take_along_axis(x, keep_indices[..., None], axis=1)
+      posemb = jnp.take(posemb, keep_indices, axis=0)  # (B, K, D)
+    x = x + posemb.astype(self.dtype)
     if self.use_cls_token:
       cls = self.param('cls_token', nn.with_logical_partitioning(
           nn.initializers.normal(0.02), (None, None, 'embed')), (1, 1, self.width))
@@ -357,7 +403,8 @@ def vit_from_config(model_config) -> VisionTransformer:
       posemb=model_config.posemb, dtype=compute_dtype(model_config.dtype),
       scan=model_config.scan, remat=model_config.remat,
       attention_impl=model_config.attention_impl,
-      drop_path=model_config.get('drop_path', 0.0))
+      drop_path=model_config.get('drop_path', 0.0),
+      patch_embed_impl=model_config.get('patch_embed_impl', 'matmul'))
 
 
 def compute_dtype(name: str):
