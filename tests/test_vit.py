@@ -11,10 +11,12 @@ import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec
 
+from big_pretrain.config_schema import stage_config
 from big_pretrain.models import vit as vit_lib
 from big_pretrain.models.patches import sincos_2d_position_embedding
 from big_pretrain.models.vit import (REMAT_POLICIES, VIT_SIZES, Attention, Projection,
                                      VisionTransformer, parse_variant)
+from big_pretrain.objectives import objective_class
 
 WIDTH, DEPTH, HEADS, PATCH = 64, 2, 4, 8
 BATCH, IMAGE_SIZE = 2, 32
@@ -291,6 +293,26 @@ def test_scanned_equals_unrolled(params, images, base_out):
           jax.tree_util.tree_structure(scanned_shapes))
   out = apply(make_vit(scan=True), stacked, images)
   np.testing.assert_allclose(out['tokens'], base_out['tokens'], rtol=1e-5, atol=1e-5)
+  # And the gradients, which a train step takes: the same, in the scanned layout.
+  def grads(vit, p):
+    return jax.jit(jax.grad(lambda p: jnp.sum(vit.apply({'params': p}, images)['pooled'] ** 2)))(p)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                         grads(make_vit(scan=True), stacked),
+                         stack_blocks(grads(make_vit(), params), DEPTH))
+
+
+def test_scan_auto_unrolls_up_to_24_layers_and_the_stage_records_the_choice():
+  assert not vit_lib.scan_layers('auto', 12) and not vit_lib.scan_layers('auto', 24)
+  assert vit_lib.scan_layers('auto', 32)
+  assert vit_lib.scan_layers(True, 2) and not vit_lib.scan_layers(False, 40)
+  config = stage_config('mae')
+  assert config.model.scan == 'auto'
+  for variant, scanned in (('B/16', False), ('L/16', False), ('H/14', True)):
+    config.model.variant = variant
+    # The stage records the layout, which its checkpoints hold, not 'auto'.
+    assert objective_class('mae').resolve_config(config).model.scan is scanned
+    assert vit_lib.vit_from_config(config.model).scan is scanned
+  assert config.model.scan == 'auto'  # the caller's config is left as it was
 
 
 @pytest.mark.parametrize('scan', [False, True])
@@ -382,7 +404,6 @@ def test_vit_init_dense_conv_and_norms(params):
 
 
 def test_layernorm_epsilon_is_1e6():
-  from big_pretrain.models import vit as vit_lib
   assert vit_lib.LAYERNORM_EPSILON == 1e-6
   module = vit_lib.layer_norm(jnp.float32)
   assert module.epsilon == 1e-6

@@ -54,6 +54,17 @@ REMAT_POLICIES = {
 # nothing to measure and runs without remat.
 REMAT_AUTO = 'auto'
 
+# config.model.scan may also be 'auto' (the default): stacks up to UNROLLED_MAX_DEPTH
+# layers unrolled, deeper ones scanned. A scanned stack is a while loop: XLA's GPU
+# command buffers (CUDA graphs) leave WHILE out by default in jax 0.11, and its
+# condition goes to the host every layer; on a CPU the unrolled ViT-L/16 step ran
+# 1.4x faster with 26% less memory (benchmarks/README.md). What scanning buys is a
+# compile time and program size that stay flat as depth grows, which the deep sizes
+# (H/14: 32 layers, g/14: 40, 7B: 32) need most. benchmarks/gpu_side_by_side.sh times
+# both on a GPU, with and without WHILE in the command buffers.
+SCAN_AUTO = 'auto'
+UNROLLED_MAX_DEPTH = 24
+
 LAYERNORM_EPSILON = 1e-6
 
 # config.model.patch_embed_impl: how pixels become patch tokens (PatchEmbedding). Both
@@ -83,6 +94,16 @@ def parse_variant(variant: str) -> VitSize:
         f'{sorted(VIT_SIZES)}, e.g. "B/16".')
   width, depth, heads = VIT_SIZES[match.group(1)]
   return VitSize(width, depth, heads, int(match.group(2)))
+
+
+def scan_layers(scan: bool | str, depth: int) -> bool:
+  """Whether a `depth`-layer encoder's stacks run under nn.scan: config.model.scan, whose
+  'auto' scans only encoders deeper than UNROLLED_MAX_DEPTH (see SCAN_AUTO)."""
+  if scan == SCAN_AUTO:
+    return depth > UNROLLED_MAX_DEPTH
+  if not isinstance(scan, bool):
+    raise ValueError(f'model.scan={scan!r}: choose True, False or {SCAN_AUTO!r}.')
+  return scan
 
 
 def dense(features, axes, dtype, name=None, use_bias=True, kernel_init=None):
@@ -395,13 +416,17 @@ def stacked_block_outputs(intermediates) -> jax.Array:
 
 
 def vit_from_config(model_config) -> VisionTransformer:
-  """Builds the encoder from `config.model` (variant, pool, dtype, scan, remat, ...)."""
+  """Builds the encoder from `config.model` (variant, pool, dtype, scan, remat, ...).
+
+  Its `scan` is the resolved choice (scan_layers); the objective's other stacks (MAE's
+  decoder, FLIP's text tower) follow it, so one flag decides every layout.
+  """
   size = parse_variant(model_config.variant)
   return VisionTransformer(
       width=size.width, depth=size.depth, num_heads=size.heads, patch_size=size.patch_size,
       use_cls_token=model_config.use_cls_token, pool=model_config.pool,
       posemb=model_config.posemb, dtype=compute_dtype(model_config.dtype),
-      scan=model_config.scan, remat=model_config.remat,
+      scan=scan_layers(model_config.scan, size.depth), remat=model_config.remat,
       attention_impl=model_config.attention_impl,
       drop_path=model_config.get('drop_path', 0.0),
       patch_embed_impl=model_config.get('patch_embed_impl', 'matmul'))
