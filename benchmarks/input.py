@@ -82,6 +82,8 @@ def parse_args(argv=None):
                            'a temporary folder')
   parser.add_argument('--num_examples', type=int, default=2000,
                       help='JPEGs to generate when --data is not given')
+  parser.add_argument('--jpeg_size', default='500x375',
+                      help='WIDTHxHEIGHT of the generated JPEGs (every 4th one upright)')
   parser.add_argument('--image_size', type=int, default=224)
   parser.add_argument('--batch_size', type=int, default=64)
   parser.add_argument('--threads', type=int, default=os.cpu_count(),
@@ -109,10 +111,12 @@ def parse_args(argv=None):
 
 # --- Data --------------------------------------------------------------------
 
-def _texture_image(shapes: sources.SyntheticShapes, index: int) -> Image.Image:
-  """A 500x375 (every 4th 375x500) RGB image: a synthetic shape under colour texture + noise."""
+def _texture_image(shapes: sources.SyntheticShapes, index: int,
+                   size: tuple[int, int] = (500, 375)) -> Image.Image:
+  """A `size` (width, height; every 4th one upright) RGB image: a synthetic shape under colour
+  texture + noise."""
   rng = np.random.default_rng((1, index))
-  width, height = (375, 500) if index % 4 == 0 else (500, 375)
+  width, height = size[::-1] if index % 4 == 0 else size
   base = Image.fromarray(shapes[index % len(shapes)]['image']).resize(
       (width, height), Image.Resampling.BICUBIC)
   image = np.asarray(base, np.int16).copy()
@@ -126,15 +130,16 @@ def _texture_image(shapes: sources.SyntheticShapes, index: int) -> Image.Image:
   return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
 
 
-def generate_image_folder(directory: str, num_examples: int) -> None:
-  """num_examples JPEGs (quality 90) in NUM_CLASSES class subfolders of directory."""
+def generate_image_folder(directory: str, num_examples: int,
+                          size: tuple[int, int] = (500, 375)) -> None:
+  """num_examples JPEGs (quality 90) of `size` in NUM_CLASSES class subfolders of directory."""
   shapes = sources.SyntheticShapes(min(num_examples, 1000), image_size=128, seed=0)
   for label in range(NUM_CLASSES):
     os.makedirs(os.path.join(directory, f'class_{label:02d}'), exist_ok=True)
 
   def write(index: int) -> None:
     path = os.path.join(directory, f'class_{index % NUM_CLASSES:02d}', f'{index:06d}.jpg')
-    _texture_image(shapes, index).save(path, format='JPEG', quality=90)
+    _texture_image(shapes, index, size).save(path, format='JPEG', quality=90)
 
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
     list(pool.map(write, range(num_examples)))
@@ -243,8 +248,9 @@ def time_grain(args, directory: str) -> Result:
   return result
 
 
-def grain_example_function(args, config):
-  """The Grain pipeline's per-example work (decode, config.data.augment) for one path."""
+def grain_example_function(args, config, decode_at_crop_scale: bool):
+  """The Grain pipeline's per-example work (decode, config.data.augment) for one path,
+  the JPEG decoded at the crop's scale or whole (config.data.decode_at_crop_scale)."""
   rng = np.random.default_rng(0)
   data = config.data
 
@@ -254,7 +260,8 @@ def grain_example_function(args, config):
         crop_scale=tuple(data.crop_scale), augment=augment_lib.parse_augment(data.augment),
         randaugment_ops=data.randaugment_ops, randaugment_magnitude=data.randaugment_magnitude,
         randaugment_magnitude_std=data.randaugment_magnitude_std,
-        erasing_prob=data.erasing_prob, scale_jitter=tuple(data.scale_jitter))
+        erasing_prob=data.erasing_prob, scale_jitter=tuple(data.scale_jitter),
+        decode_at_crop_scale=decode_at_crop_scale)
     return example['image']
   return process
 
@@ -462,7 +469,8 @@ def main(argv=None):
     else:
       directory = stack.enter_context(tempfile.TemporaryDirectory(prefix='input_benchmark_'))
       start = time.perf_counter()
-      generate_image_folder(directory, args.num_examples)
+      generate_image_folder(directory, args.num_examples,
+                            size=tuple(int(v) for v in args.jpeg_size.split('x')))
       print(f'Generated {args.num_examples} JPEGs in {directory} '
             f'({time.perf_counter() - start:.1f} s)', flush=True)
     paths, labels = list_files(directory)
@@ -477,7 +485,10 @@ def main(argv=None):
       print(f'Run {repeat + 1} of {args.repeats}', flush=True)
       results = [
           time_per_image('PIL decode only', transforms.decode_image, paths, count),
-          time_per_image('grain example fn', grain_example_function(args, config), paths, count),
+          time_per_image('grain example fn, full decode',
+                         grain_example_function(args, config, False), paths, count),
+          time_per_image('grain example fn', grain_example_function(args, config, True),
+                         paths, count),
           time_grain(args, directory)]
       if tf is not None:
         results.append(time_tf(tf, 'tf.data', paths, labels, args, config, decode_and_crop=False))

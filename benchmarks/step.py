@@ -72,6 +72,10 @@ def parse_bool(text: str) -> bool:
   raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
 
 
+def parse_scan(text: str) -> bool | str:
+  return vit_lib.SCAN_AUTO if text == vit_lib.SCAN_AUTO else parse_bool(text)
+
+
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--objectives', default='mae,wsp,flip,aim',
@@ -84,7 +88,9 @@ def parse_args(argv=None):
   parser.add_argument('--batch_size', type=int, default=8, help='global batch')
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
                       help='config.model.dtype, the compute dtype (parameters stay float32)')
-  parser.add_argument('--scan', type=parse_bool, default=False, help='config.model.scan')
+  parser.add_argument('--scan', type=parse_scan, default=vit_lib.SCAN_AUTO,
+                      help="config.model.scan: true, false or 'auto' (unrolled up to "
+                           f'{vit_lib.UNROLLED_MAX_DEPTH} layers)')
   parser.add_argument('--remat', default=vit_lib.REMAT_AUTO,
                       choices=[vit_lib.REMAT_AUTO, *vit_lib.REMAT_POLICIES],
                       help="config.model.remat ('auto': the least remat whose step fits the "
@@ -110,8 +116,16 @@ def parse_args(argv=None):
                            'print the step\'s wall time, its time in device kernels, the idle '
                            'time between them and the top kernels; DIR also gets each '
                            "row's optimised HLO (look up a kernel's fusion name there)")
+  parser.add_argument('--profile_objectives', default='',
+                      help='with --profile: only these rows of the main table (comma-separated; '
+                           'default all)')
   parser.add_argument('--mae_all_tokens', action='store_true',
                       help="MAE's encoder on visible tokens vs on all tokens with mask tokens")
+  parser.add_argument('--patch_embed', nargs='?', const='mae,wsp', default='',
+                      metavar='OBJECTIVES',
+                      help="model.patch_embed_impl 'matmul' vs 'conv': the embedding alone "
+                           '(forward + backward) and the train steps of OBJECTIVES (default '
+                           'mae,wsp: MAE embeds the kept patches, WSP all of them)')
   parser.add_argument('--compile_scan', nargs='?', const='mae', default=None,
                       choices=objective_names(), metavar='OBJECTIVE',
                       help='scanned vs unrolled layers of OBJECTIVE (default mae): compile '
@@ -204,6 +218,7 @@ class Row:
   peak: float
   loss: float
   attention: str  # the kernel each attention shape got (attention.AttentionPlan.summary)
+  profile: DeviceTime | None = None  # with --profile on a GPU or TPU
 
   @property
   def images_per_second(self) -> float:
@@ -225,13 +240,32 @@ def measured_peak(device, dtype: str) -> float:
 
 
 def run_row(objective: str, config, args) -> Row:
+  """One row: build and compile the step as the training loop does, then time it."""
+  return run_rows_interleaved([(objective, config)], args)[0]
+
+
+@dataclasses.dataclass
+class _ReadyStep:
+  """A row's compiled step and its arguments, warmed up, not yet timed."""
+  name: str
+  config: object
+  compiled: object
+  state: object
+  batch: dict
+  base_rng: object
+  compile_seconds: float
+  memory_mib: float
+  attention: str
+
+
+def _ready_step(name: str, config, args) -> _ReadyStep:
   devices = jax.devices()[:args.devices]
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
   host_batch = pipeline_lib.random_batch(config.data, config.batch_size,
                                          np.random.default_rng(0))
-  batch_shapes = {name: jax.ShapeDtypeStruct(value.shape, value.dtype)
-                  for name, value in host_batch.items()}
+  batch_shapes = {key: jax.ShapeDtypeStruct(value.shape, value.dtype)
+                  for key, value in host_batch.items()}
   start = time.perf_counter()
   with attention_lib.choices_logged_per_stage() as attention_plans:
     # As the training loop builds it: remat 'auto' is chosen by compiling the step.
@@ -242,46 +276,122 @@ def run_row(objective: str, config, args) -> Row:
     compiled = (trainer.compile_step(batch_shapes) if trainer.compiled_step is None
                 else trainer.compiled_step)
   compile_seconds = time.perf_counter() - start
-  memory_mib = remat_choice.step_bytes_per_device(compiled) / MIB
-
-  batch = jax.device_put(host_batch, sharding_lib.batch_sharding(mesh))
-  base_rng = jax.device_put(jax.random.key(1), sharding_lib.replicated(mesh))
-  state = trainer.init_state(jax.random.key(0))
+  ready = _ReadyStep(
+      name, config, compiled, trainer.init_state(jax.random.key(0)),
+      jax.device_put(host_batch, sharding_lib.batch_sharding(mesh)),
+      jax.device_put(jax.random.key(1), sharding_lib.replicated(mesh)), compile_seconds,
+      remat_choice.step_bytes_per_device(compiled) / MIB,
+      # Each stack's kernel, e.g. 'cudnn 50, cudnn 197->198' for MAE (encoder, decoder).
+      ', '.join(sorted({plan.summary() for _, plan in attention_plans})))
   for _ in range(args.warmup):
-    state, metrics = compiled(state, batch, base_rng)
-    jax.block_until_ready((state, metrics))
+    _timed_step(ready)
+  return ready
+
+
+def _timed_step(ready: _ReadyStep) -> tuple[float, dict]:
+  start = time.perf_counter()
+  ready.state, metrics = ready.compiled(ready.state, ready.batch, ready.base_rng)
+  jax.block_until_ready((ready.state, metrics))
+  return time.perf_counter() - start, metrics
+
+
+def run_rows_interleaved(named_configs: list[tuple[str, object]], args) -> list[Row]:
+  """Rows whose timed steps alternate (a b a b ...), so a shared machine's drift falls on
+  all of them alike: compare them as ratios. Each is compiled and warmed up first."""
+  ready = [_ready_step(name, config, args) for name, config in named_configs]
+  device = jax.devices()[0]
+  dtype = ready[0].config.model.dtype
   # Without a known peak, a matmul measured just before and just after the timed
   # steps, the faster of the two: on a shared machine the speed drifts.
-  known_peak = mfu_lib.peak_flops_per_device(devices[0], config.model.dtype)
-  peak_before = known_peak or measured_peak(devices[0], config.model.dtype)
-  times = []
+  known_peak = mfu_lib.peak_flops_per_device(device, dtype)
+  peak_before = known_peak or measured_peak(device, dtype)
+  times = {r.name: [] for r in ready}
+  metrics = {}
   for _ in range(args.steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch, base_rng)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - start)
-  peak = known_peak or max(peak_before, measured_peak(devices[0], config.model.dtype))
-  if args.profile:
-    state, metrics = profile_steps(objective, compiled, state, batch, base_rng, args.profile)
-  loss = float(metrics['loss'])
-  if not np.isfinite(loss):
-    raise RuntimeError(f'{objective}: the loss is {loss}.')
-  # Each stack's kernel, e.g. 'cudnn 50, cudnn 197->198' for MAE (encoder, decoder).
-  attention = ', '.join(sorted({plan.summary() for _, plan in attention_plans}))
-  row = Row(objective, config, statistics.median(times), compile_seconds, memory_mib,
-            mfu_lib.model_flops_breakdown(config), peak, loss, attention)
-  print(f'  {objective}: {row.seconds * 1e3:.1f} ms/step, compile {compile_seconds:.1f} s, '
-        f'MFU {row.mfu:.1%}', flush=True)
-  return row
+    for r in ready:
+      seconds, metrics[r.name] = _timed_step(r)
+      times[r.name].append(seconds)
+  peak = known_peak or max(peak_before, measured_peak(device, dtype))
+  rows = []
+  profiled = [o for o in getattr(args, 'profile_objectives', '').split(',') if o]
+  for r in ready:
+    profile = None
+    if args.profile and (not profiled or r.name in profiled):
+      r.state, metrics[r.name], profile = profile_steps(r.name, r.compiled, r.state, r.batch,
+                                                        r.base_rng, args.profile)
+    loss = float(metrics[r.name]['loss'])
+    if not np.isfinite(loss):
+      raise RuntimeError(f'{r.name}: the loss is {loss}.')
+    row = Row(r.name, r.config, statistics.median(times[r.name]), r.compile_seconds,
+              r.memory_mib, mfu_lib.model_flops_breakdown(r.config), peak, loss, r.attention,
+              profile)
+    print(f'  {r.name}: {row.seconds * 1e3:.1f} ms/step, compile {r.compile_seconds:.1f} s, '
+          f'MFU {row.mfu:.1%}', flush=True)
+    rows.append(row)
+  return rows
 
 
 # --- Profile -----------------------------------------------------------------
 
 PROFILED_STEPS = 3
+# XLA runs a GPU step's kernels as command buffers (CUDA graphs) but turns them off while
+# a profiler is attached, unless told otherwise: without this flag a profile shows the
+# launch gaps that the untraced step does not have. It must be in XLA_FLAGS before JAX
+# starts its backends (main() adds it first thing); timing is always done untraced.
+PROFILE_WITH_COMMAND_BUFFERS = '--xla_enable_command_buffers_during_profiling=true'
+
+
+def add_xla_flag(flag: str) -> None:
+  """Appends `flag` to XLA_FLAGS (before JAX initialises a backend) unless it is set."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  if flag.split('=')[0] not in flags:
+    os.environ['XLA_FLAGS'] = f'{flags} {flag}'.strip()
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceTime:
+  """Per step, from a trace of `steps` steps dispatched back to back (as the loop does)."""
+  wall_ms: float          # traced wall time per step
+  busy_ms: float          # time some kernel ran (the union over streams)
+  span_ms: float          # first kernel start to last kernel end, per step
+  launches: int           # kernel executions per step
+  kernel_ms: collections.Counter  # per kernel name, summed over its executions
+
+  @property
+  def idle_fraction(self) -> float:
+    """Of the traced device time, the part no kernel ran: launch gaps, host waits."""
+    return 1.0 - self.busy_ms / self.span_ms if self.span_ms else 0.0
+
+
+def device_time(events: list[dict], steps: int) -> DeviceTime | None:
+  """DeviceTime of a perfetto trace's events; None when it has no device kernels (a CPU)."""
+  process_names = {e['pid']: e.get('args', {}).get('name', '') for e in events
+                   if e.get('ph') == 'M' and e.get('name') == 'process_name'}
+  device_pids = {pid for pid, process in process_names.items()
+                 if any(kind in process for kind in ('GPU', 'TPU', '/device:'))}
+  kernels = [e for e in events if e.get('ph') == 'X' and e.get('pid') in device_pids]
+  if not kernels:
+    return None
+  kernel_us = collections.Counter()
+  for event in kernels:
+    kernel_us[event['name']] += event.get('dur', 0)
+  # Kernels on several streams overlap: busy time is the union of their intervals.
+  busy_us, covered_until = 0.0, float('-inf')
+  for start, end in sorted((e['ts'], e['ts'] + e.get('dur', 0)) for e in kernels):
+    if end > covered_until:
+      busy_us += end - max(start, covered_until)
+      covered_until = end
+  span_us = max(e['ts'] + e.get('dur', 0) for e in kernels) - min(e['ts'] for e in kernels)
+  return DeviceTime(
+      wall_ms=float('nan'), busy_ms=busy_us / steps / 1e3, span_ms=span_us / steps / 1e3,
+      launches=len(kernels) // steps,
+      kernel_ms=collections.Counter({k: v / steps / 1e3 for k, v in kernel_us.items()}))
 
 
 def profile_steps(name: str, compiled, state, batch, base_rng, directory: str):
-  """Traces PROFILED_STEPS steps, prints where their device time went; returns (state, metrics)."""
+  """Traces PROFILED_STEPS steps, prints where their device time went.
+
+  Returns (state, metrics, DeviceTime or None)."""
   label = name.replace(' ', '_').replace('(', '').replace(')', '')
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, f'hlo_{label}.txt'), 'w', encoding='utf-8') as file:
@@ -289,45 +399,36 @@ def profile_steps(name: str, compiled, state, batch, base_rng, directory: str):
   trace_dir = os.path.join(directory, f'trace_{label}')
   jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
   start = time.perf_counter()
-  for _ in range(PROFILED_STEPS):
+  for _ in range(PROFILED_STEPS):  # dispatched back to back, as the loop does
     state, metrics = compiled(state, batch, base_rng)
-    jax.block_until_ready((state, metrics))
+  jax.block_until_ready((state, metrics))
   wall_ms = (time.perf_counter() - start) / PROFILED_STEPS * 1e3
   jax.profiler.stop_trace()
   traces = sorted(glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'),
                             recursive=True))
   if not traces:
     print(f'  {name}: the profiler wrote no perfetto trace under {trace_dir}.')
-    return state, metrics
-  print_kernel_times(name, traces[-1], wall_ms)
-  return state, metrics
-
-
-def print_kernel_times(name: str, trace_path: str, wall_ms: float, top: int = 25) -> None:
-  """Per-step device time by kernel name, from a perfetto trace of PROFILED_STEPS steps."""
-  with gzip.open(trace_path, 'rt', encoding='utf-8') as file:
+    return state, metrics, None
+  with gzip.open(traces[-1], 'rt', encoding='utf-8') as file:
     events = json.load(file)
-  events = events['traceEvents'] if isinstance(events, dict) else events
-  process_names = {e['pid']: e.get('args', {}).get('name', '') for e in events
-                   if e.get('ph') == 'M' and e.get('name') == 'process_name'}
-  device_pids = {pid for pid, process in process_names.items()
-                 if any(kind in process for kind in ('GPU', 'TPU', '/device:'))}
-  micros, calls = collections.Counter(), collections.Counter()
-  for event in events:
-    if event.get('ph') == 'X' and event.get('pid') in device_pids:
-      micros[event['name']] += event.get('dur', 0)
-      calls[event['name']] += 1
-  if not micros:
-    print(f'  {name}: {wall_ms:.1f} ms/step; no device kernels in the trace (a CPU run).')
-    return
-  busy_ms = sum(micros.values()) / PROFILED_STEPS / 1e3
-  print(f'  {name}: {wall_ms:.1f} ms/step wall, {busy_ms:.1f} ms in device kernels, '
-        f'{wall_ms - busy_ms:.1f} ms idle; {sum(calls.values()) // PROFILED_STEPS} kernel '
-        f'launches of {len(micros)} kernels per step. Top {top}:')
-  total = sum(micros.values())
-  for kernel, duration in micros.most_common(top):
-    print(f'    {duration / PROFILED_STEPS / 1e3:8.2f} ms {100 * duration / total:5.1f}% '
-          f'x{calls[kernel] // PROFILED_STEPS:<5d} {kernel[:110]}')
+  found = device_time(events['traceEvents'] if isinstance(events, dict) else events,
+                      PROFILED_STEPS)
+  if found is None:
+    print(f'  {name}: {wall_ms:.1f} ms/step traced; no device kernels in the trace (a CPU run).')
+    return state, metrics, None
+  found = dataclasses.replace(found, wall_ms=wall_ms)
+  print_kernel_times(name, found)
+  return state, metrics, found
+
+
+def print_kernel_times(name: str, found: DeviceTime, top: int = 25) -> None:
+  print(f'  {name}: {found.wall_ms:.1f} ms/step traced, kernels busy {found.busy_ms:.1f} ms of '
+        f'the {found.span_ms:.1f} ms from first to last kernel: {found.idle_fraction:.1%} idle; '
+        f'{found.launches} kernel launches of {len(found.kernel_ms)} kernels per step. '
+        f'Top {top}:')
+  total = sum(found.kernel_ms.values())
+  for kernel, milliseconds in found.kernel_ms.most_common(top):
+    print(f'    {milliseconds:8.2f} ms {100 * milliseconds / total:5.1f}% {kernel[:110]}')
 
 
 # --- Tables ------------------------------------------------------------------
@@ -365,6 +466,13 @@ def describe_remat(args, config) -> str:
   return config.model.remat
 
 
+def describe_scan(config) -> str:
+  """'scanned' or 'unrolled', as model.scan resolves for the variant's depth."""
+  depth = vit_lib.parse_variant(config.model.variant).depth
+  chosen = 'scanned' if vit_lib.scan_layers(config.model.scan, depth) else 'unrolled'
+  return f'{vit_lib.SCAN_AUTO}: {chosen}' if config.model.scan == vit_lib.SCAN_AUTO else chosen
+
+
 def fmt_tflop(value: float) -> str:
   return f'{value:.4g}'
 
@@ -377,33 +485,40 @@ def main_table(args, rows: list[Row]) -> None:
             'compile s', 'peak mem MiB/device']
   print_table(header, [[
       row.objective, row.config.model.variant, row.config.model.dtype,
-      str(row.config.model.scan), describe_remat(args, row.config),
+      describe_scan(row.config), describe_remat(args, row.config),
       f'{args.attention}: {row.attention}',
       str(row.config.batch_size), f'{row.seconds * 1e3:.1f}', f'{row.images_per_second:.1f}',
       fmt_tflop(row.flops.train_step / 1e12), fmt_tflop(row.tflops_per_device),
       fmt_tflop(row.peak / 1e12), f'{row.mfu:.1%}', f'{row.compile_seconds:.1f}',
       f'{row.memory_mib:.0f}'] for row in rows])
-  if args.json:
-    write_json(args, rows)
   if args.breakdown:
     for row in rows:
       print(f'{row.objective}: model FLOPs per part\n{row.flops.format_table()}\n')
 
 
 def write_json(args, rows: list[Row]) -> None:
+  """Every row of every table: `objective` is the row's name ('mae', 'mae scan=True', ...),
+  `objective_name` the objective it trains."""
   device = jax.devices()[0]
   with open(args.json, 'w', encoding='utf-8') as file:
     json.dump([dict(
-        objective=row.objective, variant=row.config.model.variant,
+        objective=row.objective, objective_name=row.config.objective.name,
+        variant=row.config.model.variant,
+        patch_embed_impl=row.config.model.get('patch_embed_impl', 'matmul'),
         device=f'{device.platform} {device.device_kind}', devices=args.devices,
         batch_size=row.config.batch_size, dtype=row.config.model.dtype,
         remat=row.config.model.remat, attention=row.attention, ms_per_step=row.seconds * 1e3,
         mfu=row.mfu, model_tflop_per_step=row.flops.train_step / 1e12,
-        compile_seconds=row.compile_seconds, peak_memory_mib=row.memory_mib)
+        compile_seconds=row.compile_seconds, peak_memory_mib=row.memory_mib,
+        scan=describe_scan(row.config), xla_flags=os.environ.get('XLA_FLAGS', ''),
+        profile=None if row.profile is None else dict(
+            traced_ms_per_step=row.profile.wall_ms, busy_ms=row.profile.busy_ms,
+            span_ms=row.profile.span_ms, idle_fraction=row.profile.idle_fraction,
+            launches=row.profile.launches, kernels=len(row.profile.kernel_ms)))
         for row in rows], file, indent=2)
 
 
-def mae_all_tokens_table(args, workdir: str) -> None:
+def mae_all_tokens_table(args, workdir: str) -> list[Row]:
   print('\nMAE: the encoder on visible tokens vs on all tokens with mask tokens (r = 0.75)')
   rows = []
   for all_tokens in (False, True):
@@ -428,29 +543,91 @@ def mae_all_tokens_table(args, workdir: str) -> None:
         fmt_tflop(row.peak / 1e12), f'{row.mfu:.1%}', f'{row.compile_seconds:.1f}',
         f'{row.memory_mib:.0f}']
        for name, row in zip(('visible patches', 'all + mask tokens'), rows)])
+  return rows
 
 
-def compile_scan_table(args, objective: str, workdir: str) -> None:
+def time_patch_embedding(args, implementation: str, kept: int | None, repeats: int) -> list[float]:
+  """Seconds of the patch embedding's forward + backward (kernel and bias gradients) on a
+  batch of --image_size images, embedding `kept` random patches per image (None: all)."""
+  size = vit_lib.parse_variant(variant_name(args))
+  embed = vit_lib.PatchEmbedding(size.width, size.patch_size, vit_lib.compute_dtype(args.dtype),
+                                 implementation)
+  rng = np.random.default_rng(0)
+  images = jax.numpy.asarray(rng.normal(size=(args.batch_size, args.image_size,
+                                              args.image_size, 3)), np.float32)
+  num_patches = (args.image_size // size.patch_size) ** 2
+  keep = None if kept is None else jax.numpy.asarray(np.argsort(
+      rng.random((args.batch_size, num_patches)), axis=1)[:, :kept], np.int32)
+  params = embed.init(jax.random.key(0), images)['params']
+  # Images and indices are arguments: as constants XLA would fold the whole embedding.
+  grad = jax.jit(jax.grad(lambda p, x, kept: embed.apply({'params': p}, x, kept).astype(
+      np.float32).sum()))
+  jax.block_until_ready(grad(params, images, keep))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(grad(params, images, keep))
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def patch_embed_table(args, workdir: str) -> list[Row]:
+  """model.patch_embed_impl 'matmul' vs 'conv', alone and in the train steps that use it."""
+  num_patches = (args.image_size // vit_lib.parse_variant(variant_name(args)).patch_size) ** 2
+  kept = max(1, int(num_patches * 0.25))  # MAE's r = 0.75
+  print(f'\nPatch embedding: matmul of the kept patches vs conv over all, then gather '
+        f'({describe_setup(args)})\n')
+  alone = {}
+  # Interleaved repeats: on a shared machine the speed drifts between rows.
+  for _ in range(3):
+    for patches in (kept, None):
+      for implementation in vit_lib.PATCH_EMBED_IMPLS:
+        alone.setdefault((patches, implementation), []).extend(
+            time_patch_embedding(args, implementation, patches, max(3, args.steps)))
+  rows, step_rows = [], []
+  for patches in (kept, None):
+    matmul, conv = (statistics.median(alone[(patches, i)]) for i in ('matmul', 'conv'))
+    rows.append([f'embedding alone, fwd + bwd, {patches or num_patches} of {num_patches} patches',
+                 f'{matmul * 1e3:.2f}', f'{conv * 1e3:.2f}', f'{conv / matmul:.2f}x', '-'])
+  for objective in [o for o in args.patch_embed.split(',') if o]:
+    matmul, conv = run_rows_interleaved(
+        [(f'{objective} patch_embed={implementation}',
+          stage_for(objective, args, workdir, patch_embed_impl=implementation))
+         for implementation in ('matmul', 'conv')], args)
+    step_rows += [matmul, conv]
+    what = 'kept patches' if objective in ('mae', 'flip') else 'all patches'
+    # 'at equal peak' scales each row by the matmul peak measured around it (a shared box).
+    rows.append([f'{objective} train step ({what})', f'{matmul.seconds * 1e3:.1f}',
+                 f'{conv.seconds * 1e3:.1f}', f'{conv.seconds / matmul.seconds:.2f}x',
+                 f'{conv.seconds * conv.peak / (matmul.seconds * matmul.peak):.2f}x'])
+  print()
+  print_table(['what', 'matmul ms', 'conv ms', 'conv / matmul', 'at equal peak'], rows)
+  return step_rows
+
+
+def compile_scan_table(args, objective: str, workdir: str) -> list[Row]:
   print(f'\n{objective}: scanned vs unrolled layers')
-  rows = []
-  for scan in (False, True):
-    config = stage_for(objective, args, workdir, scan=scan)
-    rows.append(run_row(f'{objective} scan={scan}', config, args))
+  rows = run_rows_interleaved([(f'{objective} scan={scan}',
+                                stage_for(objective, args, workdir, scan=scan))
+                               for scan in (False, True)], args)
   depth = vit_lib.parse_variant(rows[0].config.model.variant).depth
   print(f'\n{describe_setup(args)}; ViT-{rows[0].config.model.variant} (depth {depth})')
   print(describe_peaks(args, rows) + '\n')
   print_table(['layers', 'remat', 'compile s', 'ms/step', 'images/s', 'device peak TFLOP/s',
                'MFU', 'peak mem MiB/device'],
-              [[('scanned' if row.config.model.scan else 'unrolled'),
+              [[describe_scan(row.config),
                 describe_remat(args, row.config),
                 f'{row.compile_seconds:.1f}', f'{row.seconds * 1e3:.1f}',
                 f'{row.images_per_second:.1f}', fmt_tflop(row.peak / 1e12), f'{row.mfu:.1%}',
                 f'{row.memory_mib:.0f}']
                for row in rows])
+  return rows
 
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.profile:
+    add_xla_flag(PROFILE_WITH_COMMAND_BUFFERS)
   objectives = [name for name in args.objectives.split(',') if name]
   for name in objectives:
     if name not in objective_names():
@@ -474,9 +651,13 @@ def main(argv=None):
     if rows:
       main_table(args, rows)
     if args.mae_all_tokens:
-      mae_all_tokens_table(args, workdir)
+      rows += mae_all_tokens_table(args, workdir)
+    if args.patch_embed:
+      rows += patch_embed_table(args, workdir)
     if args.compile_scan:
-      compile_scan_table(args, args.compile_scan, workdir)
+      rows += compile_scan_table(args, args.compile_scan, workdir)
+    if args.json:
+      write_json(args, rows)
 
 
 if __name__ == '__main__':

@@ -31,7 +31,10 @@ def model_defaults() -> ml_collections.ConfigDict:
       pool='cls',              # 'cls' | 'gap'
       posemb='sincos',         # 'sincos' (fixed) | 'learned'
       dtype='float32',         # compute dtype; parameters stay float32
-      scan=False,              # nn.scan over layers: faster compiles for deep models
+      # nn.scan over layers (faster compiles for deep models): True | False | 'auto'
+      # (unrolled up to vit.UNROLLED_MAX_DEPTH layers, scanned deeper; the stage
+      # records the choice, the checkpoints' layout)
+      scan=ml_collections.FieldReference(vit_lib.SCAN_AUTO, field_type=object),
       # 'auto' (the least remat whose compiled step fits the device, measured when
       # the stage starts; none on a CPU) | 'none' | 'dots' | 'dots_no_batch' | 'full'
       remat='auto',
@@ -41,6 +44,10 @@ def model_defaults() -> ml_collections.ConfigDict:
       # Stochastic depth in training, rising linearly over the layers to this rate
       # (fine-tuning: 0.1 B, 0.2 L, 0.3 H); 0: off.
       drop_path=0.0,
+      # How pixels become patch tokens: 'matmul' (patchify, keep the visible patches,
+      # one matmul: MAE and FLIP embed only those) | 'conv' (a strided convolution over
+      # every patch, then the visible ones kept). Same parameters, same math.
+      patch_embed_impl='matmul',
   ))
 
 
@@ -202,8 +209,13 @@ def _check_against(config, schema, path: str) -> None:
       if not isinstance(value, (ml_collections.ConfigDict, dict)):
         raise ConfigError(f'{path}.{key} must be a group of keys, got {value!r}.')
       _check_against(value, expected, f'{path}.{key}')
-    elif expected is not None and value is not None:
+    elif (expected is not None and value is not None
+          and not f'{path}.{key}'.endswith(_CHECKED_BY_VALUE)):
       _check_type(f'{path}.{key}', expected, value)
+
+
+# Keys that take values of more than one type, checked by value (_check_model_choices).
+_CHECKED_BY_VALUE = ('.model.scan',)  # True, False or 'auto'
 
 
 def _check_type(path: str, expected, value) -> None:
@@ -350,12 +362,20 @@ def check_fits_devices(config, num_devices: int, num_processes: int) -> None:
 
 
 def _check_model_choices(model, path: str) -> None:
+  if not isinstance(model.scan, bool) and model.scan != vit_lib.SCAN_AUTO:
+    raise ConfigError(
+        f'{path}.scan={model.scan!r}: choose True, False or {vit_lib.SCAN_AUTO!r}. (A model '
+        'config copied with copy_and_resolve_references keeps its value as a string, so a '
+        'command-line True arrives as the text; set it in the config file instead.)')
   remat_choices = (vit_lib.REMAT_AUTO, *vit_lib.REMAT_POLICIES)
   if model.remat not in remat_choices:
     raise ConfigError(f'{path}.remat={model.remat!r}: choose one of {remat_choices}.')
   if model.attention_impl is not None and model.attention_impl not in ATTENTION_IMPLS:
     raise ConfigError(f'{path}.attention_impl={model.attention_impl!r}: choose one of '
                       f'{ATTENTION_IMPLS}.')
+  if model.patch_embed_impl not in vit_lib.PATCH_EMBED_IMPLS:
+    raise ConfigError(f'{path}.patch_embed_impl={model.patch_embed_impl!r}: choose one of '
+                      f'{vit_lib.PATCH_EMBED_IMPLS}.')
 
 
 def _check_image_size_fits_patch(config, path: str) -> None:

@@ -166,6 +166,67 @@ def test_decode_image_rejects_garbage_and_truncated_files(tmp_path):
       transforms.decode_image(str(path))
 
 
+def _smooth_picture(width, height):
+  """uint8 RGB (height, width, 3): sinusoids of periods >= 96 px, at most ~3 levels per px."""
+  y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+  channels = [128 + 60 * np.sin(2 * np.pi * x / 128 + phase) + 40 * np.cos(2 * np.pi * y / 96)
+              for phase in (0.0, 1.0, 2.0)]
+  return np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.uint8)
+
+
+def test_decoding_a_jpeg_at_its_crops_scale_matches_the_full_decode(tmp_path):
+  """decode_at_crop_scale: a 512 x 384 JPEG whose crop (area >= 90%) is > 4x the output
+  (64 px) is decoded at 1/4 of its size; the crop matches the full decode's. PNGs,
+  crops under 2x the output and broken files go the full decode's way exactly."""
+  size, crop_scale = 64, (0.9, 1.0)
+  picture = Image.fromarray(_smooth_picture(512, 384))
+  rotated_exif = Image.Exif()
+  rotated_exif[0x0112] = 6  # shown rotated by 90 degrees: the crop is drawn 384 wide
+  files = {'jpeg': dict(format='JPEG', quality=95), 'rotated.jpeg': dict(
+      format='JPEG', quality=95, exif=rotated_exif.tobytes()), 'png': dict(format='PNG')}
+  for name, options in files.items():
+    picture.save(tmp_path / name, **options)
+  picture.resize((100, 75)).save(tmp_path / 'small.jpeg', quality=95)
+
+  def crop_flip(name, decode_at_crop_scale, seed):
+    rng = np.random.default_rng(seed)
+    example = pipeline.augment_for_training(
+        {'image_path': str(tmp_path / name), 'label': 0}, rng, image_size=size,
+        crop_scale=crop_scale, augment=('crop', 'flip'), randaugment_ops=0,
+        randaugment_magnitude=0.0, randaugment_magnitude_std=0.0, erasing_prob=0.0,
+        scale_jitter=(1.0, 1.0), decode_at_crop_scale=decode_at_crop_scale)
+    return example['image'].astype(np.int32), rng.random()  # and where rng's draws ended
+
+  for seed in range(3):
+    box = transforms.sample_crop_box(384, 512, np.random.default_rng(seed), crop_scale)
+    assert transforms.decode_reduction(box, size) == 4
+    for name in files:
+      (reduced, reduced_next), (full, full_next) = (crop_flip(name, on, seed)
+                                                    for on in (True, False))
+      assert reduced.shape == (size, size, 3) and reduced_next == full_next  # same draws
+      if name == 'png':  # PIL's draft mode is for JPEG only
+        np.testing.assert_array_equal(reduced, full)
+        continue
+      # The picture's finest detail (96 px) is 6 output pixels even in the crop, so both
+      # resamplings keep it; they differ by JPEG's noise at q95 (~1 level) averaged
+      # over 4 x 4 blocks by the reduced decode and by the resize's kernel in the full
+      # one, and bicubic overshoot at the steepest slopes (~3 levels per source pixel).
+      # A wrong crop box (a shift of 10 px, or the box not rotated) is off by 10+ levels.
+      difference = np.abs(reduced - full)
+      assert difference.mean() < 1.0 and difference.max() <= 4, (name, difference.max())
+    np.testing.assert_array_equal(*(crop_flip('small.jpeg', on, seed)[0] for on in (True, False)))
+
+  (tmp_path / 'truncated.jpeg').write_bytes(_truncated_jpeg_bytes())
+  (tmp_path / 'garbage.jpeg').write_bytes(np.random.default_rng(0).bytes(300))
+  for name in ('truncated.jpeg', 'garbage.jpeg'):
+    skipped = pipeline.augment_for_training(
+        {'image_path': str(tmp_path / name)}, np.random.default_rng(0), image_size=size,
+        crop_scale=crop_scale, augment=('crop',), randaugment_ops=0, randaugment_magnitude=0.0,
+        randaugment_magnitude_std=0.0, erasing_prob=0.0, scale_jitter=(1.0, 1.0),
+        decode_at_crop_scale=True)
+    assert isinstance(skipped, transforms.SkippedExample) and skipped.path.endswith(name)
+
+
 # --- Pipeline on synthetic data -----------------------------------------------
 
 def test_pipeline_yields_sharded_global_batches():

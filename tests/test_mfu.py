@@ -116,8 +116,9 @@ def test_mae_encoder_counts_visible_tokens_only():
     np.testing.assert_allclose(visible[linear] / all_tokens[linear], (49 + 1) / (196 + 1))
   np.testing.assert_allclose(visible['encoder/attention_scores']
                              / all_tokens['encoder/attention_scores'], ((49 + 1) / (196 + 1)) ** 2)
-  # Every patch is embedded before any is dropped; the decoder always sees all of them.
-  assert visible['encoder/patch_embed'] == all_tokens['encoder/patch_embed']
+  # Only the kept patches are embedded; the decoder always sees all of them.
+  np.testing.assert_allclose(visible['encoder/patch_embed'] / all_tokens['encoder/patch_embed'],
+                             49 / 196)
   for name in ('decoder/mlp', 'decoder/attention_scores', 'decoder/predict'):
     assert visible[name] == all_tokens[name]
   assert unmasked == all_tokens

@@ -1,4 +1,7 @@
-"""The generic train step: sharded == single device, real sharding, exact resume."""
+"""The generic train step: sharded == single device, real sharding, exact resume, no host
+syncs."""
+
+import re
 
 import jax
 import numpy as np
@@ -6,11 +9,12 @@ import pytest
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.checkpoint import CheckpointMismatchError
-from big_pretrain.data.pipeline import InputPipeline
-from big_pretrain.objectives import build_objective
+from big_pretrain.data.pipeline import InputPipeline, global_batch_shapes
+from big_pretrain.objectives import build_objective, objective_class
 from big_pretrain.train.loop import train_stage
 from big_pretrain.train.optim import make_optimizer, make_schedule
-from big_pretrain.train.step import build_trainer
+from big_pretrain.train.remat_choice import build_with_remat_choice
+from big_pretrain.train.step import ShardedTrainer, build_trainer
 from tiny_config import one_device, tiny_mae_config
 
 
@@ -102,3 +106,55 @@ def test_checkpoint_that_does_not_fit_names_the_parameter(tmp_path):
   with pytest.raises(CheckpointMismatchError, match=r'decoder/embed/kernel.*\(64, 32\).*\(64, 64\)'):
     train_stage(wider, str(tmp_path), devices=one_device())
   assert (tmp_path / 'checkpoints' / '1').exists()  # nothing lost
+
+
+def test_the_step_never_waits_for_the_host(tmp_path, monkeypatch):
+  """The step as the loop builds it: no host callback or host transfer in its program, the
+  state donated (updated in place), no transfer inside the call, and the loop reads no
+  device value between steps except at log (and save) steps."""
+  config = tiny_mae_config(total_steps=6)
+  config.log.every_steps = 3
+  config.checkpoint.every_steps = 100  # saved at the final step only
+  mesh = sharding_lib.make_mesh(config.mesh, one_device())
+  schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
+  built = build_with_remat_choice(
+      objective_class('mae').resolve_config(config), mesh, sharding_lib.logical_axis_rules(config),
+      make_optimizer(config.optim, schedule), schedule,
+      global_batch_shapes(config.data, config.batch_size))
+  program = built.trainer.compile_step(global_batch_shapes(config.data, config.batch_size)).as_text()
+  # Host callbacks (jax.debug.print, pure_callback, io_callback) and host transfers.
+  assert not re.search(r'custom_call_target="[^"]*callback|\b(outfeed|infeed|send|recv)\(',
+                       program)
+  # Every state leaf (the first parameters) shares its buffer with an output: the donation
+  # reached XLA, which updates the state in place.
+  header = program.splitlines()[0]
+  aliased = {int(p) for p in re.findall(r'\{\d+\}: \((\d+), \{\}, may-alias\)', header)}
+  assert aliased == set(range(len(jax.tree_util.tree_leaves(built.trainer.abstract_state))))
+
+  # The loop: device values read (a CPU array's host copy is free, so the transfer guards
+  # cannot see reads here; jax.Array._value is where every read goes through) between
+  # consecutive steps, each step run under the guards (no implicit transfer either way).
+  array_class = type(jax.numpy.zeros(()))
+  read_value = array_class._value.fget
+  reads, reads_at_step = [0], []
+
+  def counted_read(self):
+    reads[0] += 1
+    return read_value(self)
+
+  def guarded_step(self, state, batch, base_rng):
+    reads_at_step.append(reads[0])
+    with jax.transfer_guard('disallow'):
+      return unguarded_step(self, state, batch, base_rng)
+
+  unguarded_step = ShardedTrainer.train_step
+  monkeypatch.setattr(array_class, '_value', property(counted_read))
+  monkeypatch.setattr(ShardedTrainer, 'train_step', guarded_step)
+  config.evals = {}
+  result = train_stage(config, str(tmp_path), devices=one_device())
+  assert result.steps_run == 6 and len(reads_at_step) == 6
+  between_steps = np.diff(reads_at_step)  # [i]: reads after step i + 1, before step i + 2
+  # Step 1 is saved (Orbax's first step in a new directory) after its metrics are checked
+  # for NaNs; step 3 logs them. Steps 2, 4 and 5 read nothing.
+  assert between_steps[0] > 0 and between_steps[2] > 0
+  assert list(between_steps[[1, 3, 4]]) == [0, 0, 0], between_steps

@@ -11,11 +11,13 @@ import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec
 
+from big_pretrain.config_schema import stage_config
 from big_pretrain.models import vit as vit_lib
 from big_pretrain.models.patches import sincos_2d_position_embedding
 from big_pretrain.models.vit import (REMAT_POLICIES, VIT_SIZES, Attention, Projection,
                                      VisionTransformer, parse_variant)
-from numerics import assert_close_in_scale
+from big_pretrain.objectives import objective_class
+from numerics import assert_close_in_scale, assert_trees_close_in_scale
 
 WIDTH, DEPTH, HEADS, PATCH = 64, 2, 4, 8
 BATCH, IMAGE_SIZE = 2, 32
@@ -191,6 +193,49 @@ def test_keep_indices_select_tokens(params, images):
   assert out['pooled'].shape == (BATCH, WIDTH)
 
 
+def test_patch_embedding_by_matmul_of_kept_patches_equals_conv_then_gather():
+  """'matmul' (patchify, gather the kept patches, one matmul) against 'conv' (embed every
+  patch, then gather): nn.Conv's parameters, and the same tokens up to float rounding."""
+  patch, width, channels = 16, 64, 3
+  k = patch * patch * channels  # the length of each token's dot product: 768
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(BATCH, 64, 64, channels)), jnp.float32)
+  keep = jnp.asarray([[5, 2, 12, 0], [15, 9, 3, 6]], jnp.int32)
+  by_matmul = vit_lib.PatchEmbedding(width, patch, implementation='matmul')
+  by_conv = vit_lib.PatchEmbedding(width, patch, implementation='conv')
+  params = nn.meta.unbox(by_matmul.init(jax.random.key(3), x)['params'])
+  # The same parameters as the nn.Conv the ViT had: names, shapes, init and rng.
+  conv = nn.Conv(width, (patch, patch), strides=(patch, patch), padding='VALID',
+                 kernel_init=vit_lib.xavier_uniform(in_axis=(0, 1, 2), out_axis=3))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params,
+                         conv.init(jax.random.key(3), x)['params'])
+  params['bias'] = jnp.asarray(np.random.default_rng(4).normal(size=width), jnp.float32)
+
+  @jax.jit
+  def embed(params):
+    apply_with = lambda module, kept: module.apply({'params': params}, x, kept)
+    return [apply_with(m, kept) for m in (by_matmul, by_conv) for kept in (keep, None)]
+
+  matmul_kept, matmul_all, conv_kept, conv_all = embed(params)
+  assert matmul_kept.shape == (BATCH, 4, width) and matmul_all.shape == (BATCH, 16, width)
+  # Both sum the same K products in float32, in orders XLA picks per CPU (AVX2 and
+  # AVX-512 kernels block differently). Any order is within gamma_K = K u / (1 - K u)
+  # of the exact sum, relative to the sum of the products' magnitudes (Higham, Accuracy
+  # and Stability of Numerical Algorithms, 3.1), u = 2^-24; the bias add rounds once
+  # more. Two orders differ by at most twice that: ~1e-4 of |x| . |w| here, while a
+  # wrong patch layout or a wrong kept patch would be off by O(1) of it.
+  patches = np.asarray(jnp.abs(vit_lib.patchify(x, patch)), np.float64)
+  magnitude = patches @ np.abs(np.asarray(params['kernel'], np.float64)).reshape(k, width)
+  magnitude += np.abs(np.asarray(params['bias']))
+  unit = 2.0 ** -24
+  bound = 2 * ((k + 1) * unit / (1 - (k + 1) * unit)) * magnitude
+  kept_bound = np.take_along_axis(bound, np.asarray(keep)[..., None], axis=1)
+  for got, want, tolerance in ((matmul_all, conv_all, bound), (matmul_kept, conv_kept, kept_bound),
+                               (matmul_kept, np.take_along_axis(np.asarray(conv_all),
+                                                                np.asarray(keep)[..., None], 1),
+                                kept_bound)):
+    assert np.all(np.abs(np.asarray(got) - np.asarray(want)) <= tolerance)
+
+
 def test_position_embedding_is_added_before_dropping_patches():
   """Depth 0 (only the final LN): each token is independent, so the kept tokens
   must equal the full output gathered at keep_indices, and with a zero patch
@@ -248,6 +293,25 @@ def test_scanned_equals_unrolled(params, images, base_out):
           jax.tree_util.tree_structure(scanned_shapes))
   out = apply(make_vit(scan=True), stacked, images)
   assert_close_in_scale(out['tokens'], base_out['tokens'])
+  # And the gradients, which a train step takes: the same, in the scanned layout.
+  def grads(vit, p):
+    return jax.jit(jax.grad(lambda p: jnp.sum(vit.apply({'params': p}, images)['pooled'] ** 2)))(p)
+  assert_trees_close_in_scale(grads(make_vit(scan=True), stacked),
+                              stack_blocks(grads(make_vit(), params), DEPTH))
+
+
+def test_scan_auto_unrolls_up_to_24_layers_and_the_stage_records_the_choice():
+  assert not vit_lib.scan_layers('auto', 12) and not vit_lib.scan_layers('auto', 24)
+  assert vit_lib.scan_layers('auto', 32)
+  assert vit_lib.scan_layers(True, 2) and not vit_lib.scan_layers(False, 40)
+  config = stage_config('mae')
+  assert config.model.scan == 'auto'
+  for variant, scanned in (('B/16', False), ('L/16', False), ('H/14', True)):
+    config.model.variant = variant
+    # The stage records the layout, which its checkpoints hold, not 'auto'.
+    assert objective_class('mae').resolve_config(config).model.scan is scanned
+    assert vit_lib.vit_from_config(config.model).scan is scanned
+  assert config.model.scan == 'auto'  # the caller's config is left as it was
 
 
 @pytest.mark.parametrize('scan', [False, True])
@@ -339,7 +403,6 @@ def test_vit_init_dense_conv_and_norms(params):
 
 
 def test_layernorm_epsilon_is_1e6():
-  from big_pretrain.models import vit as vit_lib
   assert vit_lib.LAYERNORM_EPSILON == 1e-6
   module = vit_lib.layer_norm(jnp.float32)
   assert module.epsilon == 1e-6

@@ -122,9 +122,14 @@ def augment_image(
     randaugment_magnitude_std: float,
     erasing_prob: float,
     scale_jitter: tuple[float, float],
+    resized: bool = False,
 ) -> np.ndarray:
-  """Applies the transforms ``names`` (see parse_augment) left to right -> uint8 (S, S, 3)."""
-  if not any(name in _RESIZING_NAMES for name in names):
+  """Applies the transforms ``names`` (see parse_augment) left to right -> uint8 (S, S, 3).
+
+  ``resized``: the image is already (S, S), cropped while it was decoded (the pipeline's
+  decode_at_crop_scale); otherwise, without crop or scale_jitter, it is centre-cropped first.
+  """
+  if not resized and not any(name in _RESIZING_NAMES for name in names):
     image = transforms.center_crop_resize(image, image_size)
   for name in names:
     if name == 'crop':

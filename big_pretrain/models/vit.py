@@ -22,7 +22,7 @@ import numpy as np
 from flax import linen as nn
 
 from big_pretrain.models import attention as attention_lib
-from big_pretrain.models.patches import sincos_2d_position_embedding
+from big_pretrain.models.patches import patchify, sincos_2d_position_embedding
 
 # (width, depth, heads), from METHODS.md section 1. 'mu' is a tiny size for tests.
 VIT_SIZES = {
@@ -54,7 +54,22 @@ REMAT_POLICIES = {
 # nothing to measure and runs without remat.
 REMAT_AUTO = 'auto'
 
+# config.model.scan may also be 'auto' (the default): stacks up to UNROLLED_MAX_DEPTH
+# layers unrolled, deeper ones scanned. A scanned stack is a while loop: XLA's GPU
+# command buffers (CUDA graphs) leave WHILE out by default in jax 0.11, and its
+# condition goes to the host every layer; on a CPU the unrolled ViT-L/16 step ran
+# 1.4x faster with 26% less memory (benchmarks/README.md). What scanning buys is a
+# compile time and program size that stay flat as depth grows, which the deep sizes
+# (H/14: 32 layers, g/14: 40, 7B: 32) need most. benchmarks/gpu_side_by_side.sh times
+# both on a GPU, with and without WHILE in the command buffers.
+SCAN_AUTO = 'auto'
+UNROLLED_MAX_DEPTH = 24
+
 LAYERNORM_EPSILON = 1e-6
+
+# config.model.patch_embed_impl: how pixels become patch tokens (PatchEmbedding). Both
+# compute the same linear map with the same parameters.
+PATCH_EMBED_IMPLS = ('matmul', 'conv')
 
 # Xavier-uniform over the flattened (fan_in, fan_out) view, as the PyTorch
 # references initialise their Linear layers.
@@ -79,6 +94,16 @@ def parse_variant(variant: str) -> VitSize:
         f'{sorted(VIT_SIZES)}, e.g. "B/16".')
   width, depth, heads = VIT_SIZES[match.group(1)]
   return VitSize(width, depth, heads, int(match.group(2)))
+
+
+def scan_layers(scan: bool | str, depth: int) -> bool:
+  """Whether a `depth`-layer encoder's stacks run under nn.scan: config.model.scan, whose
+  'auto' scans only encoders deeper than UNROLLED_MAX_DEPTH (see SCAN_AUTO)."""
+  if scan == SCAN_AUTO:
+    return depth > UNROLLED_MAX_DEPTH
+  if not isinstance(scan, bool):
+    raise ValueError(f'model.scan={scan!r}: choose True, False or {SCAN_AUTO!r}.')
+  return scan
 
 
 def dense(features, axes, dtype, name=None, use_bias=True, kernel_init=None):
@@ -119,6 +144,51 @@ class Projection(nn.Module):
     y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
                             ((contract_x, in_axes), ((), ())))
     return y + bias.astype(self.dtype)
+
+
+class PatchEmbedding(nn.Module):
+  """Pixels (B, H, W, C) -> one token per p x p patch (B, L, D), or per kept patch (B, K, D).
+
+  'matmul': patchify (a reshape), keep only the `keep_indices` patches, then one matmul
+  with the kernel viewed as (p*p*C, D). MAE and FLIP embed only their visible patches
+  this way (the MAE reference embeds all 196 and then drops 75% of them).
+  'conv': a strided convolution over every patch, then the kept tokens gathered; the
+  same numbers up to float rounding, kept to measure against (benchmarks/step.py).
+
+  The parameters are nn.Conv's, same names, shapes, init and rng: kernel (p, p, C, D),
+  whose (p, q, c) order is patchify's, and bias (D,). Checkpoints, init_from and the
+  scanned/unrolled conversions see no difference.
+  """
+  width: int
+  patch_size: int
+  dtype: Any = jnp.float32
+  implementation: str = 'matmul'
+
+  @nn.compact
+  def __call__(self, images, keep_indices=None):
+    if self.implementation not in PATCH_EMBED_IMPLS:
+      raise ValueError(f'Unknown patch embedding {self.implementation!r}; choose from '
+                       f'{PATCH_EMBED_IMPLS}.')
+    p, channels = self.patch_size, images.shape[-1]
+    kernel = self.param('kernel', nn.with_logical_partitioning(
+        xavier_uniform(in_axis=(0, 1, 2), out_axis=3), (None, None, None, 'embed')),
+        (p, p, channels, self.width))
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
+                      (self.width,))
+    images, kernel = images.astype(self.dtype), kernel.astype(self.dtype)
+    if self.implementation == 'conv':
+      tokens = jax.lax.conv_general_dilated(
+          images, kernel, window_strides=(p, p), padding='VALID',
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      tokens = tokens.reshape(images.shape[0], -1, self.width)
+      if keep_indices is not None:
+        tokens = jnp.take_along_axis(tokens, keep_indices[..., None], axis=1)
+    else:
+      patches = patchify(images, p)
+      if keep_indices is not None:
+        patches = jnp.take_along_axis(patches, keep_indices[..., None], axis=1)
+      tokens = patches @ kernel.reshape(p * p * channels, self.width)
+    return tokens + bias.astype(self.dtype)
 
 
 class Attention(nn.Module):
@@ -294,31 +364,28 @@ class VisionTransformer(nn.Module):
   remat: str = 'none'
   attention_impl: str | None = 'auto'  # see attention.ATTENTION_IMPLS
   drop_path: float = 0.0
+  patch_embed_impl: str = 'matmul'  # see PatchEmbedding
 
   @nn.compact
   def __call__(self, images, keep_indices=None, attention_mask=None, train: bool = False):
     p = self.patch_size
     if images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f'Image size {images.shape[1:3]} is not a multiple of the patch size {p}.')
-    x = nn.Conv(
-        self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype, name='patch_embed',
-        kernel_init=nn.with_logical_partitioning(
-            xavier_uniform(in_axis=(0, 1, 2), out_axis=3), (None, None, None, 'embed')),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
-    )(images.astype(self.dtype))
-    batch, grid_h, grid_w, _ = x.shape
-    x = x.reshape(batch, grid_h * grid_w, self.width)
+    batch, grid_h, grid_w = images.shape[0], images.shape[1] // p, images.shape[2] // p
+    # Only the kept patches are embedded; their position embeddings are gathered alike.
+    x = PatchEmbedding(self.width, p, self.dtype, self.patch_embed_impl,
+                       name='patch_embed')(images, keep_indices)
     if self.posemb == 'sincos':
-      posemb = jnp.asarray(sincos_2d_position_embedding(self.width, grid_h, grid_w))[None]
+      posemb = jnp.asarray(sincos_2d_position_embedding(self.width, grid_h, grid_w))
     elif self.posemb == 'learned':
       posemb = self.param('pos_embedding', nn.with_logical_partitioning(
           nn.initializers.normal(0.02), (None, 'tokens', 'embed')),
-          (1, grid_h * grid_w, self.width))
+          (1, grid_h * grid_w, self.width))[0]
     else:
       raise ValueError(f"Unknown posemb {self.posemb!r}; choose 'sincos' or 'learned'.")
-    x = x + posemb.astype(self.dtype)
     if keep_indices is not None:
-      x = jnp.take_along_axis(x, keep_indices[..., None], axis=1)
+      posemb = jnp.take(posemb, keep_indices, axis=0)  # (B, K, D)
+    x = x + posemb.astype(self.dtype)
     if self.use_cls_token:
       cls = self.param('cls_token', nn.with_logical_partitioning(
           nn.initializers.normal(0.02), (None, None, 'embed')), (1, 1, self.width))
@@ -349,15 +416,20 @@ def stacked_block_outputs(intermediates) -> jax.Array:
 
 
 def vit_from_config(model_config) -> VisionTransformer:
-  """Builds the encoder from `config.model` (variant, pool, dtype, scan, remat, ...)."""
+  """Builds the encoder from `config.model` (variant, pool, dtype, scan, remat, ...).
+
+  Its `scan` is the resolved choice (scan_layers); the objective's other stacks (MAE's
+  decoder, FLIP's text tower) follow it, so one flag decides every layout.
+  """
   size = parse_variant(model_config.variant)
   return VisionTransformer(
       width=size.width, depth=size.depth, num_heads=size.heads, patch_size=size.patch_size,
       use_cls_token=model_config.use_cls_token, pool=model_config.pool,
       posemb=model_config.posemb, dtype=compute_dtype(model_config.dtype),
-      scan=model_config.scan, remat=model_config.remat,
+      scan=scan_layers(model_config.scan, size.depth), remat=model_config.remat,
       attention_impl=model_config.attention_impl,
-      drop_path=model_config.get('drop_path', 0.0))
+      drop_path=model_config.get('drop_path', 0.0),
+      patch_embed_impl=model_config.get('patch_embed_impl', 'matmul'))
 
 
 def compute_dtype(name: str):

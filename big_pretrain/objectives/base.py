@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from big_pretrain.models.patches import normalize_images
-from big_pretrain.models.vit import stacked_block_outputs
+from big_pretrain.models.vit import SCAN_AUTO, parse_variant, scan_layers, stacked_block_outputs
 
 
 class Objective(abc.ABC):
@@ -30,8 +30,14 @@ class Objective(abc.ABC):
 
   @classmethod
   def resolve_config(cls, config):
-    """The stage config with values derived from the data filled in, once per stage
-    (the loop records the result in config.json). Unchanged by default."""
+    """The stage config with values derived from the data and the model filled in, once per
+    stage (the loop records the result in config.json): here model.scan='auto' becomes
+    the layout chosen for the encoder's depth, which the checkpoints hold."""
+    if config.model.scan != SCAN_AUTO:
+      return config
+    config = config.copy_and_resolve_references()
+    with config.ignore_type():  # resolved, the field holds a str ('auto'); it becomes a bool
+      config.model.scan = scan_layers(SCAN_AUTO, parse_variant(config.model.variant).depth)
     return config
 
   @property

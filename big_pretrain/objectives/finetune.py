@@ -33,7 +33,8 @@ from big_pretrain.data import sources
 from big_pretrain.data.labels import LabelVocabulary
 from big_pretrain.errors import ConfigError
 from big_pretrain.models.patches import normalize_images
-from big_pretrain.models.vit import VisionTransformer, dense, layer_norm, vit_from_config
+from big_pretrain.models.vit import (VisionTransformer, dense, layer_norm, parse_variant,
+                                     scan_layers, vit_from_config)
 from big_pretrain.objectives.base import Objective
 
 TRAINABLE_CHOICES = ('all', 'last_k_blocks', 'last_block_mlp', 'head')
@@ -173,7 +174,8 @@ class Finetune(Objective):
     if objective.trainable not in TRAINABLE_CHOICES:
       raise ConfigError(f'{path}.objective.trainable={objective.trainable!r}: choose one of '
                         f'{TRAINABLE_CHOICES}.')
-    if objective.trainable in ('last_k_blocks', 'last_block_mlp') and config.model.scan:
+    if objective.trainable in ('last_k_blocks', 'last_block_mlp') and scan_layers(
+        config.model.scan, parse_variant(config.model.variant).depth):
       raise ConfigError(
           f'{path}.objective.trainable={objective.trainable!r} freezes some layers, which '
           f'needs unrolled layers: set {path}.model.scan=False (init_from converts a scanned '
@@ -198,6 +200,7 @@ class Finetune(Objective):
   def resolve_config(cls, config):
     """objective.num_classes read off the data once: listing a large image folder is slow,
     and the objective, the FLOPs count and remat 'auto' each need it."""
+    config = super().resolve_config(config)
     if config.objective.num_classes:
       return config
     config = config.copy_and_resolve_references()

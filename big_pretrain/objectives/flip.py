@@ -123,14 +123,15 @@ class FLIP(Objective):
     self.mask_ratio = objective.mask_ratio
     self.max_length = config.data.text.max_length
     tokenizer = load_tokenizer(config.data.text.tokenizer)
+    encoder = vit_from_config(config.model)
     self.model = self.model_class(
-        encoder=vit_from_config(config.model),
+        encoder=encoder,
         text_encoder=TextTransformer(
             vocab_size=tokenizer.vocab_size, width=objective.text_width,
             depth=objective.text_depth, num_heads=objective.text_heads,
             max_length=self.max_length, pad_id=tokenizer.pad_id,
             dtype=compute_dtype(config.model.dtype),
-            scan=config.model.scan, remat=config.model.remat,
+            scan=encoder.scan, remat=config.model.remat,
             attention_impl=config.model.attention_impl),
         embed_dim=objective.embed_dim, temperature_init=objective.temperature_init)
 

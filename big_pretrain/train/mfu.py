@@ -24,10 +24,12 @@ elementwise ops, and counts rematerialised forwards twice). The convention
   does (hardware FLOPs utilisation, HFU, would count it), not work the model
   needs, so remat lowers MFU, as it should.
 
-Token counts follow the code: the ViT embeds every patch, then keeps
-`num_kept(L, r)` of them (MAE; FLIP in training) and prepends the cls token
-when `model.use_cls_token`; the MAE decoder embeds the encoder's tokens, runs
-its blocks and prediction over cls + all L patches.
+Token counts follow the code: the ViT keeps `num_kept(L, r)` of the patches
+(MAE; FLIP in training), embeds only those and prepends the cls token when
+`model.use_cls_token`; the MAE decoder embeds the encoder's tokens, runs its
+blocks and prediction over cls + all L patches. (`model.patch_embed_impl='conv'`
+embeds every patch before dropping some: extra work the model does not need,
+not counted, as remat's.)
 
 Peaks: `peak_flops_per_device` knows the dense bf16 peaks of TPU v2-v6e and
 NVIDIA A100/H100/H200, and what a float32 matmul runs at under JAX's default
@@ -142,11 +144,12 @@ def encoder_num_tokens(config) -> int:
 
 
 def vit_forward_flops(config, batch: int, tokens: int | None = None) -> dict[str, float]:
-  """The ViT encoder's forward: patch embedding of every patch, blocks over `tokens`."""
+  """The ViT encoder's forward: patch embedding of the patches the blocks see, blocks over
+  `tokens` (default: the training step's, encoder_num_tokens)."""
   size = parse_variant(config.model.variant)
   tokens = encoder_num_tokens(config) if tokens is None else tokens
-  parts = {'patch_embed': dense_flops(batch * num_patches(config), size.patch_size ** 2 * 3,
-                                      size.width)}
+  embedded = tokens - int(config.model.use_cls_token)
+  parts = {'patch_embed': dense_flops(batch * embedded, size.patch_size ** 2 * 3, size.width)}
   parts.update(transformer_forward_flops(batch, tokens, size.width, size.depth, size.heads))
   return parts
 

@@ -44,6 +44,7 @@ CHANGES_ALLOWED_ON_RESUME = {
     'sharding_rules': 'the device layout, as mesh',
     'model.remat': 'what is recomputed in the backward pass: the same math',
     'model.attention_impl': 'the attention kernel: the same math',
+    'model.patch_embed_impl': 'how patches are embedded: the same math',
     'optim.skip_nonfinite_updates': 'how a NaN step is handled, not what is trained',
     'data.num_threads': 'input speed',
     'data.prefetch_buffer_size': 'input speed',
