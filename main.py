@@ -17,9 +17,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from big_pretrain import distributed
-from big_pretrain import workdir as workdir_lib
-from big_pretrain.checkpoint import CheckpointMismatchError, CheckpointUnreadableError
-from big_pretrain.config_schema import (ConfigError, check_fits_devices, unknown_key_in,
+from big_pretrain.storage import files as storage
+from big_pretrain.storage.checkpoints import CheckpointMismatchError, CheckpointUnreadableError
+from big_pretrain.config.validation import (ConfigError, check_fits_devices, unknown_key_in,
                                         validate_config)
 from big_pretrain.errors import CheckpointSaveError, FinalEvaluationError, WorkdirError
 from big_pretrain.data.pipeline import UnreadableDataError
@@ -191,7 +191,7 @@ def main(argv):
   config = _CONFIG.value
   try:
     validate_config(config)  # before any device is touched
-    workdir_lib.check_usable(_WORKDIR.value)
+    storage.check_usable(_WORKDIR.value)
   except (ConfigError, WorkdirError) as e:
     _exit_usage(str(e))
   try:
@@ -203,12 +203,12 @@ def main(argv):
     _exit_usage(str(e))
   # Imported once the command is known to run: the training loop's imports (Orbax, Grain,
   # the models) take seconds that a refused command does not wait for.
-  from big_pretrain import pipeline  # pylint: disable=import-outside-toplevel
+  from big_pretrain.stages import chain  # pylint: disable=import-outside-toplevel
   try:
     # One run per workdir (a chain's stages share its lock): process 0 holds it.
-    with workdir_lib.run_lock(_WORKDIR.value, take=jax.process_index() == 0,
+    with storage.run_lock(_WORKDIR.value, take=jax.process_index() == 0,
                               agree=distributed.process_0_message):
-      pipeline.run(config, _WORKDIR.value)
+      chain.run(config, _WORKDIR.value)
   except WorkdirError as e:
     _exit_usage(str(e))
   except Preempted as e:

@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import optax  # noqa: E402
 from absl import logging  # noqa: E402
 
-from big_pretrain import pipeline  # noqa: E402
+from big_pretrain.stages import chain  # noqa: E402
 from big_pretrain.train import optim  # noqa: E402
 from big_pretrain.train.loop import train_stage  # noqa: E402
 from configs import mae_then_finetune  # noqa: E402
@@ -88,7 +88,7 @@ def main():
     stage.init_from.checkpoint = os.path.join(workdir, 'mae') if from_mae else None
     start = time.time()
     result = train_stage(stage, os.path.join(workdir, f'{trainable}_{int(from_mae)}'),
-                         initialise=pipeline.initialiser_from(stage.init_from, workdir))
+                         initialise=chain.initialiser_from(stage.init_from, workdir))
     seconds = time.time() - start
     print(f'{name}: {seconds:.0f} s', flush=True)
     rows.append((name, trainable, result.eval_results['classification']['top1'],

@@ -25,7 +25,7 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 from absl import logging  # noqa: E402
 
-from big_pretrain import pipeline  # noqa: E402
+from big_pretrain.stages import chain  # noqa: E402
 from big_pretrain.train.loop import train_stage  # noqa: E402
 from configs import mae_then_wsp  # noqa: E402
 
@@ -66,7 +66,7 @@ def main():
     wsp.init_from.checkpoint = init_checkpoint
     stage_dir = os.path.join(workdir, 'wsp_' + name.split()[0].lower())
     start = time.time()
-    runs[name] = (train_stage(wsp, stage_dir, initialise=pipeline.initialiser_from(wsp.init_from, workdir)),
+    runs[name] = (train_stage(wsp, stage_dir, initialise=chain.initialiser_from(wsp.init_from, workdir)),
                   time.time() - start)
 
   mae_stage, wsp_stage = config.stages.mae, config.stages.wsp

@@ -39,8 +39,8 @@ import grain  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
-from big_pretrain import pipeline  # noqa: E402
-from big_pretrain.config_schema import chain_config  # noqa: E402
+from big_pretrain.stages import chain  # noqa: E402
+from big_pretrain.config.validation import chain_config  # noqa: E402
 from big_pretrain.data import pseudo_labels as records_lib  # noqa: E402
 from big_pretrain.data import sources  # noqa: E402
 from configs import mae, self_training  # noqa: E402
@@ -94,7 +94,7 @@ def main():
   mae_config.evals = type(mae_config.evals)()  # the encoder only
   if args.mae_steps:
     mae_config.total_steps = args.mae_steps
-  pipeline.run(mae_config, os.path.join(workdir, 'mae'))
+  chain.run(mae_config, os.path.join(workdir, 'mae'))
   seconds['mae'] = time.time() - start
   print(f'MAE on all {mae_config.data.num_examples} images: {seconds["mae"]:.0f} s', flush=True)
 
@@ -103,7 +103,7 @@ def main():
     for init, checkpoint in (('scratch', None), ('MAE', os.path.join(workdir, 'mae'))):
       start = time.time()
       arm_dir = os.path.join(workdir, f'{policy}_{init}')
-      results = pipeline.run(arm_config(policy, args.steps, checkpoint), arm_dir)
+      results = chain.run(arm_config(policy, args.steps, checkpoint), arm_dir)
       elapsed = time.time() - start
       teacher = results['teacher']['classification']
       student = results['student']['classification']

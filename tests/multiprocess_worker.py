@@ -89,7 +89,7 @@ def main(process_id: int, num_processes: int, port: int, workdir: str, task: str
     images, labels = held_out_images(config, sharding_lib.make_mesh(config.mesh))
     result['images'], result['labels'] = image_hashes({'image': images}), labels.tolist()
   elif task == 'pseudo_label':
-    from big_pretrain.pseudo_label import run_pseudo_label  # noqa: PLC0415
+    from big_pretrain.stages.pseudo_label_job import run_pseudo_label  # noqa: PLC0415
     from tiny_config import tiny_pseudo_label_config  # noqa: PLC0415
     output = os.path.join(workdir, 'pseudo_labels')
     run_pseudo_label(tiny_pseudo_label_config(), output,

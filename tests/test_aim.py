@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from big_pretrain.config_schema import stage_config
+from big_pretrain.config.validation import stage_config
 from big_pretrain.models.vit import VisionTransformer
 from big_pretrain.objectives import build_objective
 from big_pretrain.objectives.aim import (next_patch_loss, prefix_causal_mask,
@@ -86,7 +86,7 @@ def test_aim_objective_end_to_end():
 
 
 def test_aim_with_a_cls_token_is_refused():
-  from big_pretrain.config_schema import validate_stage_config
+  from big_pretrain.config.validation import validate_stage_config
   from big_pretrain.errors import ConfigError
   config = stage_config('aim')
   with pytest.raises(ConfigError, match=r'use_cls_token must be False'):

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from big_pretrain.config_schema import ConfigError, validate_stage_config
+from big_pretrain.config.validation import ConfigError, validate_stage_config
 from big_pretrain.data import convert
 from big_pretrain.data import pipeline
 from big_pretrain.data import sources

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.config_schema import validate_stage_config
+from big_pretrain.config.validation import validate_stage_config
 from big_pretrain.evaluators import build_evaluators, evaluator_config
 from big_pretrain.evaluators.attentive_probe import (
     attentive_probe_logits, attentive_probe_predict, fit_attentive_probe, standardize_tokens)

@@ -14,7 +14,7 @@ import pytest
 from ml_collections import config_flags
 from absl import flags
 
-from big_pretrain.config_schema import validate_config
+from big_pretrain.config.validation import validate_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, 'launch', 'colab_demo.ipynb')

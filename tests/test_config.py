@@ -3,7 +3,7 @@
 import ml_collections
 import pytest
 
-from big_pretrain.config_schema import ConfigError, stage_config, validate_stage_config
+from big_pretrain.config.validation import ConfigError, stage_config, validate_stage_config
 from configs import mae as mae_config
 
 def test_demo_config_is_valid():
@@ -76,18 +76,18 @@ def test_unknown_objective_evaluator_and_sharding_rule_are_named():
     ('aim_then_wsp', ['aim', 'wsp']), ('maws_lit', ['mae', 'wsp', 'lit'])])
 def test_chains_run_their_stages_in_the_order_written_not_by_name(name, stages):
   import importlib
-  from big_pretrain import pipeline
-  from big_pretrain.config_schema import validate_config
+  from big_pretrain.stages import chain
+  from big_pretrain.config.validation import validate_config
   config = importlib.import_module(f'configs.{name}').get_config('demo')
   validate_config(config)  # each init_from.stage names an earlier stage
   assert list(config.stages) == stages
-  assert list(pipeline.stage_workdirs(config, '/w')) == stages
+  assert list(chain.stage_workdirs(config, '/w')) == stages
 
 
 @pytest.mark.parametrize('variant, layer_decay, drop_path', [
     ('B', 0.65, 0.1), ('L', 0.75, 0.2), ('H', 0.75, 0.3)])
 def test_finetune_recipes_are_maes_and_ask_for_data(variant, layer_decay, drop_path):
-  from big_pretrain.config_schema import validate_config
+  from big_pretrain.config.validation import validate_config
   from configs import finetune
   config = finetune.get_config(variant)
   assert (config.optim.layer_decay, config.model.drop_path) == (layer_decay, drop_path)

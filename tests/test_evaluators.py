@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.config_schema import validate_stage_config
+from big_pretrain.config.validation import validate_stage_config
 from big_pretrain.evaluators import build_evaluators, evaluator_defaults
 from big_pretrain.evaluators.features import SplitFeatures, extract_features, split_data_config
 from big_pretrain.evaluators.knn import knn_classify, nearest_neighbours, weighted_vote

@@ -15,8 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from big_pretrain import checkpoint as checkpoint_lib
-from big_pretrain.checkpoint import Checkpointer
+from big_pretrain.storage import checkpoints as checkpoint_lib
+from big_pretrain.storage.checkpoints import Checkpointer
 from big_pretrain.errors import CheckpointSaveError
 from big_pretrain.evaluators import evaluator_config
 from big_pretrain.evaluators.reconstruction import ReconstructionEvaluator

@@ -11,10 +11,10 @@ import optax
 import pytest
 from flax import linen as nn
 
-from big_pretrain import pipeline as pipeline_lib
+from big_pretrain.stages import chain
 from big_pretrain import sharding as sharding_lib
-from big_pretrain import transfer
-from big_pretrain.config_schema import optim_defaults, stage_config, validate_config
+from big_pretrain.stages import transfer
+from big_pretrain.config.validation import optim_defaults, stage_config, validate_config
 from big_pretrain.data.pipeline import random_batch
 from big_pretrain.errors import ConfigError
 from big_pretrain.objectives import build_objective
@@ -246,7 +246,7 @@ def test_a_stage_from_mae_takes_the_encoder_bit_exactly_and_resumes_bit_identica
   validate_config(config)
 
   # The encoder is MAE's, bit for bit; the decoder and mask token are not taken.
-  initialise = pipeline_lib.initialiser_from(config.init_from, str(tmp_path))
+  initialise = chain.initialiser_from(config.init_from, str(tmp_path))
   fresh = _trainer(config).init_state(jax.random.key(0)).params
   started = jax.device_get(initialise(fresh))
   assert set(started) == {'encoder', 'fc_norm', 'head'}

@@ -5,10 +5,10 @@ import numpy as np
 import optax
 import pytest
 
-from big_pretrain import pipeline as pipeline_lib
+from big_pretrain.stages import chain
 from big_pretrain import sharding as sharding_lib
-from big_pretrain import transfer
-from big_pretrain.config_schema import chain_config, stage_config, validate_config
+from big_pretrain.stages import transfer
+from big_pretrain.config.validation import chain_config, stage_config, validate_config
 from big_pretrain.data.pipeline import random_batch
 from big_pretrain.errors import ConfigError
 from big_pretrain.objectives import build_objective
@@ -41,7 +41,7 @@ def chain_run(tmp_path_factory):
                              prompts=('a {}', 'a small {}'))
   lit.evals.retrieval = dict(kind='retrieval', test_examples=32, batch_size=16)
   config = chain_config(mae=tiny_mae_config(total_steps=2), lit=lit)
-  return workdir, pipeline_lib.run(config, str(workdir), devices=one_device())
+  return workdir, chain.run(config, str(workdir), devices=one_device())
 
 
 def test_a_mae_then_lit_chain_reports_zero_shot_accuracy_beside_chance(chain_run):
@@ -50,7 +50,7 @@ def test_a_mae_then_lit_chain_reports_zero_shot_accuracy_beside_chance(chain_run
   assert 0.0 <= zero_shot['accuracy'] <= 1.0
   assert zero_shot['chance'] == pytest.approx(1 / 10)  # the synthetic data's 10 shapes
   assert 'retrieval' in results['lit']
-  table = pipeline_lib.format_eval_results(results)
+  table = chain.format_eval_results(results)
   assert 'zero_shot' in table and 'chance' in table
 
 
@@ -72,7 +72,7 @@ def test_the_image_tower_stays_bit_identical_and_holds_no_optimizer_state(chain_
   validate_config(config)
   trainer = _trainer(config)
   state = trainer.init_state(jax.random.key(0))
-  initialise = pipeline_lib.initialiser_from(config.init_from, str(tmp_path))
+  initialise = chain.initialiser_from(config.init_from, str(tmp_path))
   state = state.replace(params=initialise(state.params))  # as the loop starts a stage
   before = _named_leaves(jax.device_get(state.params))
   batch = jax.device_put(random_batch(config.data, config.batch_size, np.random.default_rng(0)),

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from big_pretrain.config_schema import validate_stage_config
+from big_pretrain.config.validation import validate_stage_config
 from big_pretrain.errors import ConfigError
 from big_pretrain.evaluators import build_evaluators, evaluator_config
 from big_pretrain.evaluators.linear_probe import classify, fit_linear_classifier, standardize

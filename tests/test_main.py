@@ -14,8 +14,8 @@ import pytest
 from absl import flags
 
 import main as main_lib
-from big_pretrain import pipeline as pipeline_lib
-from big_pretrain import workdir as workdir_lib
+from big_pretrain.stages import chain
+from big_pretrain.storage import files as storage
 from big_pretrain.errors import WorkdirError
 from test_multiprocess import free_port
 
@@ -102,7 +102,7 @@ def _run_main_in_process(args, monkeypatch):
 
 def test_each_bad_input_is_one_line_and_exit_2_before_any_compile(tmp_path, capsys, monkeypatch):
   monkeypatch.delenv('BIG_PRETRAIN_VERBOSE', raising=False)
-  monkeypatch.setattr(pipeline_lib, 'run', _fail_if_training_starts)
+  monkeypatch.setattr(chain, 'run', _fail_if_training_starts)
   failures = []
   for name, args, expected in _bad_input_cases(tmp_path):
     code = _run_main_in_process(args, monkeypatch)
@@ -146,7 +146,7 @@ def test_read_only_workdir_is_refused(tmp_path):
   read_only.mkdir()
   read_only.chmod(0o555)
   with pytest.raises(WorkdirError, match='is not writable'):
-    workdir_lib.check_usable(str(read_only / 'run'))
+    storage.check_usable(str(read_only / 'run'))
 
 
 def test_read_only_mount_is_refused_even_for_root(tmp_path, monkeypatch):
@@ -155,31 +155,31 @@ def test_read_only_mount_is_refused_even_for_root(tmp_path, monkeypatch):
     raise OSError(30, 'Read-only file system', path)
   monkeypatch.setattr('builtins.open', refuse)
   with pytest.raises(WorkdirError, match=r'read_only.* is not writable'):
-    workdir_lib.check_usable(str(tmp_path / 'read_only'))
-  workdir_lib.check_usable('gs://bucket/run')  # a bucket is left to its first write
+    storage.check_usable(str(tmp_path / 'read_only'))
+  storage.check_usable('gs://bucket/run')  # a bucket is left to its first write
 
 
 def _write_lock(workdir, host, pid):
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / workdir_lib.LOCK_FILE).write_text(
+  (workdir / storage.LOCK_FILE).write_text(
       json.dumps({'host': host, 'pid': pid, 'started': '2024-01-01 00:00:00 UTC'}))
 
 
 def test_a_second_run_into_a_workdir_in_use_is_refused_naming_the_first(
     tmp_path, capsys, monkeypatch):
   workdir = tmp_path / 'run'
-  with workdir_lib.run_lock(str(workdir)):
+  with storage.run_lock(str(workdir)):
     with pytest.raises(WorkdirError, match=rf'in use by another run: pid {os.getpid()} on '
                                            'this host'):
-      with workdir_lib.run_lock(str(workdir)):
+      with storage.run_lock(str(workdir)):
         pass
-  assert not (workdir / workdir_lib.LOCK_FILE).exists()  # released
+  assert not (workdir / storage.LOCK_FILE).exists()  # released
 
   # main.py, with the lock held by another live process of this host.
   holder = subprocess.Popen(['sleep', '60'])
   try:
     _write_lock(workdir, socket.gethostname(), holder.pid)
-    monkeypatch.setattr(pipeline_lib, 'run', _fail_if_training_starts)
+    monkeypatch.setattr(chain, 'run', _fail_if_training_starts)
     assert _run_main_in_process(['--config=configs/mae.py:demo', f'--workdir={workdir}'],
                                 monkeypatch) == EXIT_USAGE
     [line] = capsys.readouterr().err.strip().splitlines()
@@ -195,25 +195,25 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_and_another_hosts_is_not(
   dead.wait()
   _write_lock(tmp_path, socket.gethostname(), dead.pid)
   with caplog.at_level(logging.WARNING):
-    with workdir_lib.run_lock(str(tmp_path)):
-      assert json.loads((tmp_path / workdir_lib.LOCK_FILE).read_text())['pid'] == os.getpid()
+    with storage.run_lock(str(tmp_path)):
+      assert json.loads((tmp_path / storage.LOCK_FILE).read_text())['pid'] == os.getpid()
   assert f'(pid {dead.pid}, started' in caplog.text and 'no longer running' in caplog.text
 
   _write_lock(tmp_path, 'other-host', 12345)
   with pytest.raises(WorkdirError, match=r'pid 12345 on host other-host.*delete .*run\.lock'):
-    with workdir_lib.run_lock(str(tmp_path)):
+    with storage.run_lock(str(tmp_path)):
       pass
-  with workdir_lib.run_lock(str(tmp_path), take=False):  # processes other than 0
+  with storage.run_lock(str(tmp_path), take=False):  # processes other than 0
     pass
 
 
 def test_an_empty_lock_file_is_refused_as_naming_no_run_and_one_being_written_is_read(
     tmp_path):
-  (tmp_path / workdir_lib.LOCK_FILE).write_text('')
+  (tmp_path / storage.LOCK_FILE).write_text('')
   with pytest.raises(WorkdirError, match=r'lock file that names no run .*run\.lock is empty'):
-    with workdir_lib.run_lock(str(tmp_path)):
+    with storage.run_lock(str(tmp_path)):
       pass
-  assert (tmp_path / workdir_lib.LOCK_FILE).read_text() == ''  # left for the user to judge
+  assert (tmp_path / storage.LOCK_FILE).read_text() == ''  # left for the user to judge
 
   # A run that created the lock a moment ago and is writing it: read once written.
   holder = subprocess.Popen(['sleep', '60'])
@@ -221,7 +221,7 @@ def test_an_empty_lock_file_is_refused_as_naming_no_run_and_one_being_written_is
     writer = threading.Timer(0.3, _write_lock, (tmp_path, socket.gethostname(), holder.pid))
     writer.start()
     with pytest.raises(WorkdirError, match=rf'in use by another run: pid {holder.pid} on this'):
-      with workdir_lib.run_lock(str(tmp_path)):
+      with storage.run_lock(str(tmp_path)):
         pass
     writer.join()
   finally:

@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from big_pretrain import pipeline as run_pipeline
-from big_pretrain.checkpoint import Checkpointer
+from big_pretrain.stages import chain
+from big_pretrain.storage.checkpoints import Checkpointer
 from big_pretrain.data import pipeline
 from big_pretrain.data.device_prefetch import DevicePrefetch
 from big_pretrain.evaluators import evaluator_config
@@ -165,7 +165,7 @@ def test_evaluator_failing_at_the_final_step_keeps_the_checkpoint_and_a_rerun_fi
   assert ("'reconstruction' failed at the final step 2" in str(error.value)
           and 'checkpoint is saved' in str(error.value))
   assert not (workdir / loop.EVAL_RESULTS_FILE).exists()
-  assert not run_pipeline._stage_finished(config, str(workdir))  # pylint: disable=protected-access
+  assert not chain._stage_finished(config, str(workdir))  # pylint: disable=protected-access
 
   monkeypatch.undo()  # the cause fixed: the same command runs only the final evaluations
   rerun = loop.train_stage(config, str(workdir), devices=one_device())
@@ -173,4 +173,4 @@ def test_evaluator_failing_at_the_final_step_keeps_the_checkpoint_and_a_rerun_fi
   assert 'reconstruction' in rerun.eval_results
   assert json.loads((workdir / loop.EVAL_RESULTS_FILE).read_text())['step'] == 2
   assert (workdir / 'reconstruction.png').exists()
-  assert run_pipeline._stage_finished(config, str(workdir))  # pylint: disable=protected-access
+  assert chain._stage_finished(config, str(workdir))  # pylint: disable=protected-access

@@ -8,8 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from big_pretrain import pipeline
-from big_pretrain.config_schema import ConfigError, validate_config
+from big_pretrain.stages import chain
+from big_pretrain.config.validation import ConfigError, validate_config
 from big_pretrain.evaluators import evaluator_config
 from big_pretrain.train import loop
 from configs import aim, aim_then_wsp, flip, mae_then_wsp
@@ -38,8 +38,8 @@ def test_chain_resumes_the_interrupted_stage_and_does_not_redo_the_first(tmp_pat
       kwargs['stop_after_steps'] = 2  # as if killed after step 2 of WSP
     return real_train_stage(config, workdir, **kwargs)
 
-  monkeypatch.setattr(pipeline, 'train_stage', interrupted_wsp)
-  pipeline.run(tiny_chain(), str(tmp_path), devices=one_device())
+  monkeypatch.setattr(chain, 'train_stage', interrupted_wsp)
+  chain.run(tiny_chain(), str(tmp_path), devices=one_device())
   assert calls == ['mae', 'wsp']
   assert max(int(d) for d in os.listdir(tmp_path / 'wsp' / 'checkpoints')) == 2
 
@@ -51,13 +51,13 @@ def test_chain_resumes_the_interrupted_stage_and_does_not_redo_the_first(tmp_pat
     results.append(real_train_stage(config, workdir, **kwargs))
     return results[-1]
 
-  monkeypatch.setattr(pipeline, 'train_stage', recording)
-  pipeline.run(tiny_chain(), str(tmp_path), devices=one_device())
+  monkeypatch.setattr(chain, 'train_stage', recording)
+  chain.run(tiny_chain(), str(tmp_path), devices=one_device())
   assert calls == ['wsp']  # MAE was finished: not run again
   assert results[0].steps_run == 2 and results[0].finished  # WSP went on from step 2
 
   calls.clear()
-  pipeline.run(tiny_chain(), str(tmp_path), devices=one_device())
+  chain.run(tiny_chain(), str(tmp_path), devices=one_device())
   assert calls == []  # everything finished
 
 
@@ -73,8 +73,8 @@ def test_wsp_starts_from_the_mae_encoder(tmp_path, monkeypatch):
     finals[os.path.basename(workdir)] = jax.device_get(result.state.params)
     return result
 
-  monkeypatch.setattr(pipeline, 'train_stage', keep_final)
-  pipeline.run(config, str(tmp_path), devices=one_device())
+  monkeypatch.setattr(chain, 'train_stage', keep_final)
+  chain.run(config, str(tmp_path), devices=one_device())
   jax.tree_util.tree_map(np.testing.assert_array_equal,
                          finals['wsp']['encoder'], finals['mae']['encoder'])
 
@@ -132,7 +132,7 @@ def test_at_start_probes_score_the_starting_encoder_and_print_beside_chance(tmp_
   mae.evals.linear_probe = evaluator_config(
       'linear_probe', at_start=True, train_examples=64, test_examples=32, batch_size=32,
       num_steps=50)
-  pipeline.run(config, str(tmp_path), devices=one_device())
+  chain.run(config, str(tmp_path), devices=one_device())
   at_start = json.loads((tmp_path / 'mae' / loop.AT_START_RESULTS_FILE).read_text())
   final = json.loads((tmp_path / 'mae' / 'eval_results.json').read_text())
   assert at_start['step'] == 0 and final['step'] == 2
@@ -144,5 +144,5 @@ def test_at_start_probes_score_the_starting_encoder_and_print_beside_chance(tmp_
 
   # A finished stage is not scored again; a resumed one keeps the scores of its start.
   (tmp_path / 'mae' / loop.AT_START_RESULTS_FILE).write_text(json.dumps({'step': 0}))
-  pipeline.run(config, str(tmp_path), devices=one_device())
+  chain.run(config, str(tmp_path), devices=one_device())
   assert json.loads((tmp_path / 'mae' / loop.AT_START_RESULTS_FILE).read_text()) == {'step': 0}

@@ -73,7 +73,7 @@ def test_examples_round_trip_and_bad_bytes_are_refused():
 def test_training_reading_data_and_writing_records_never_import_tensorflow():
   # Without TensorFlow, gs:// paths go through etils.epath's fsspec backend (gcsfs).
   code = ('import sys, big_pretrain.train.loop, big_pretrain.data.sources, '
-          'big_pretrain.data.convert, big_pretrain.pseudo_label; '
+          'big_pretrain.data.convert, big_pretrain.stages.pseudo_label_job; '
           'from importlib.util import find_spec; '
           'from etils import epath; from etils.epath import backend; '
           "assert find_spec('tensorflow') or find_spec('gcsfs') and isinstance("

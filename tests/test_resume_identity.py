@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from big_pretrain import pipeline
-from big_pretrain import transfer
-from big_pretrain.checkpoint import Checkpointer, CheckpointMismatchError
+from big_pretrain.stages import chain
+from big_pretrain.stages import transfer
+from big_pretrain.storage.checkpoints import Checkpointer, CheckpointMismatchError
 from big_pretrain.errors import ConfigError
 from big_pretrain.train import resume_identity
 from big_pretrain.train.loop import train_stage
@@ -113,10 +113,10 @@ def test_a_readable_checkpoint_of_another_model_does_not_fit_and_nothing_moves(w
 
 
 def test_a_stage_whose_final_checkpoint_is_unreadable_is_not_finished(workdir, caplog):
-  assert pipeline._stage_finished(_config(), str(workdir))
+  assert chain._stage_finished(_config(), str(workdir))
   (workdir / 'checkpoints' / '4' / 'state' / '_METADATA').unlink()
   with caplog.at_level(logging.WARNING):
-    assert not pipeline._stage_finished(_config(), str(workdir))
+    assert not chain._stage_finished(_config(), str(workdir))
     # A later stage initialised from it takes the latest readable step.
     assert transfer.resolve_checkpoint_dir(str(workdir)) == str(workdir / 'checkpoints' / '2')
   assert 'final checkpoint cannot be read' in caplog.text

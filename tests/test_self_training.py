@@ -13,14 +13,14 @@ import pytest
 from flax import linen as nn
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.config_schema import chain_config, validate_config
+from big_pretrain.config.validation import chain_config, validate_config
 from big_pretrain.data import augment as augment_lib
 from big_pretrain.data import pseudo_labels as records_lib
 from big_pretrain.data import sources
 from big_pretrain.data.pipeline import InputPipeline
 from big_pretrain.errors import ConfigError
 from big_pretrain.objectives import build_objective, self_training
-from big_pretrain.pseudo_label import run_pseudo_label
+from big_pretrain.stages.pseudo_label_job import run_pseudo_label
 from big_pretrain.train.loop import train_stage
 from test_multiprocess import launch
 from tiny_config import tiny_pseudo_label_config, tiny_student_config, tiny_teacher_config
@@ -210,16 +210,16 @@ def test_teacher_pseudo_labels_student_as_a_chain(teacher_dir, tmp_path):
                                          'total_steps': 4, 'evals.classification': dict(
                                              kind='classification', test_examples=32,
                                              batch_size=16)})
-  from big_pretrain import pipeline  # pylint: disable=import-outside-toplevel
+  from big_pretrain.stages import chain  # pylint: disable=import-outside-toplevel
   config = chain_config(teacher=tiny_teacher_config(), pseudo_labels=labels, student=student)
   validate_config(config)
-  stage_dirs = pipeline.stage_workdirs(config, str(tmp_path / 'chain'))
+  stage_dirs = chain.stage_workdirs(config, str(tmp_path / 'chain'))
   # Stop the student half way, as a preemption would; the same command resumes it.
   run_pseudo_label(labels, stage_dirs['pseudo_labels'], teacher_dir=stage_dirs['teacher'])
-  resolved = pipeline.with_pseudo_label_folder(student, stage_dirs)
+  resolved = chain.with_pseudo_label_folder(student, stage_dirs)
   half = train_stage(resolved, stage_dirs['student'], stop_after_steps=2)
   assert not half.finished
-  results = pipeline.run(config, str(tmp_path / 'chain'))
+  results = chain.run(config, str(tmp_path / 'chain'))
   whole = train_stage(resolved, str(tmp_path / 'uninterrupted'))
   assert results['student']['classification']['examples'] == 32
   assert results['pseudo_labels']['pseudo_labels']['labelled'] == 192

@@ -1,14 +1,14 @@
 """Workdir files go through etils.epath, so a gs:// workdir stays a bucket URL."""
 
-from big_pretrain import workdir as workdir_lib
-from big_pretrain.checkpoint import Checkpointer
+from big_pretrain.storage import files as storage
+from big_pretrain.storage.checkpoints import Checkpointer
 from tiny_config import tiny_mae_config
 
 
 def test_bucket_urls_are_kept_and_local_paths_made_absolute(tmp_path, monkeypatch):
-  assert workdir_lib.absolute('gs://bucket/run/mae') == 'gs://bucket/run/mae'
+  assert storage.absolute('gs://bucket/run/mae') == 'gs://bucket/run/mae'
   monkeypatch.chdir(tmp_path)
-  assert workdir_lib.absolute('runs/mae') == str(tmp_path / 'runs' / 'mae')
+  assert storage.absolute('runs/mae') == str(tmp_path / 'runs' / 'mae')
 
 
 def test_checkpointer_keeps_a_bucket_directory_as_a_url(monkeypatch):
@@ -23,9 +23,9 @@ def test_checkpointer_keeps_a_bucket_directory_as_a_url(monkeypatch):
 
 def test_write_and_read_back(tmp_path):
   path = str(tmp_path / 'new' / 'folder' / 'results.json')
-  workdir_lib.write_text(path, '{"step": 3}')
-  assert workdir_lib.read_json(path) == {'step': 3}
-  assert workdir_lib.read_json(str(tmp_path / 'missing.json')) is None
-  assert workdir_lib.list_dir(str(tmp_path / 'new')) == ['folder']
-  assert workdir_lib.list_dir(str(tmp_path / 'missing')) == []
-  assert workdir_lib.is_dir(str(tmp_path / 'new'))
+  storage.write_text(path, '{"step": 3}')
+  assert storage.read_json(path) == {'step': 3}
+  assert storage.read_json(str(tmp_path / 'missing.json')) is None
+  assert storage.list_dir(str(tmp_path / 'new')) == ['folder']
+  assert storage.list_dir(str(tmp_path / 'missing')) == []
+  assert storage.is_dir(str(tmp_path / 'new'))

@@ -66,7 +66,7 @@ def test_stable_for_large_logits():
 
 def test_wsp_config_without_a_vocabulary_is_refused_before_compute(tmp_path):
   import pytest
-  from big_pretrain.config_schema import validate_config
+  from big_pretrain.config.validation import validate_config
   from big_pretrain.errors import ConfigError
   from configs import wsp
   config = wsp.get_config('demo')

@@ -1,6 +1,6 @@
 """Pseudo-labels on disk: a teacher's labels for unlabelled images, keyed by the example key.
 
-`python main.py` with a pseudo-label stage (big_pretrain/pseudo_label.py)
+`python main.py` with a pseudo-label stage (big_pretrain/stages/pseudo_label_job.py)
 writes a folder of ArrayRecord shards plus a `metadata.json`; a self-training
 student reads it back here as one more source (`PseudoLabelledSource`), which
 joins each record to its image in the unlabelled source and drops everything

@@ -53,7 +53,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from big_pretrain import workdir as workdir_lib
+from big_pretrain.storage import files as storage
 from big_pretrain.data import sources
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = '<pad>', '<bos>', '<eos>', '<unk>'
@@ -470,7 +470,7 @@ def record_tokenizer(data_config, workdir: str) -> str | None:
   if jax.process_index() == 0:
     existing = recorded_tokenizer_path(workdir)
     if existing is not None:
-      if workdir_lib.absolute(existing) == workdir_lib.absolute(path):
+      if storage.absolute(existing) == storage.absolute(path):
         return recorded  # The config already points at the recorded copy.
       if (existing != recorded
           or epath.Path(path).read_bytes() != epath.Path(existing).read_bytes()):
@@ -480,7 +480,7 @@ def record_tokenizer(data_config, workdir: str) -> str | None:
             ' tokenizer\'s ids: set config.data.text.tokenizer to the recorded file, or'
             ' train in a new --workdir.')
       return recorded
-    workdir_lib.write_bytes(recorded, epath.Path(path).read_bytes())  # whole or not at all
+    storage.write_bytes(recorded, epath.Path(path).read_bytes())  # whole or not at all
   return recorded
 
 

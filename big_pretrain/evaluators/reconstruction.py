@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain import workdir as workdir_lib
+from big_pretrain.storage import files as storage
 from big_pretrain.data import sources
 from big_pretrain.data.pipeline import eval_order, ordered_batches
 from big_pretrain.evaluators.base import EvalResult, Evaluator
@@ -86,7 +86,7 @@ class ReconstructionEvaluator(Evaluator):
     if jax.process_index() == 0:
       png = io.BytesIO()
       Image.fromarray((grid * 255).round().astype(np.uint8)).save(png, format='PNG')
-      workdir_lib.write_bytes(os.path.join(self.workdir, f'{self.name}.png'), png.getvalue())
+      storage.write_bytes(os.path.join(self.workdir, f'{self.name}.png'), png.getvalue())
     return EvalResult(images={f'{self.name}/{"_".join(panels)}': grid})
 
 

@@ -1,7 +1,7 @@
 """Self-training's student (Zoph et al. 2020, "Rethinking Pre-training and Self-training";
 Noisy Student, Xie et al. 2020).
 
-A teacher's pseudo-labels on unlabelled images (big_pretrain/pseudo_label.py)
+A teacher's pseudo-labels on unlabelled images (big_pretrain/stages/pseudo_label_job.py)
 are mixed into every training batch beside the human-labelled images
 (config.data.pseudo_labels: exactly `fraction` of each batch); the student
 is the fine-tuning classifier, trained on both under strong augmentation

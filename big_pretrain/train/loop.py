@@ -19,9 +19,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain import workdir as workdir_lib
-from big_pretrain.checkpoint import Checkpointer, saved_steps
-from big_pretrain.config_schema import validate_stage_config
+from big_pretrain.storage import files as storage
+from big_pretrain.storage.checkpoints import Checkpointer, saved_steps
+from big_pretrain.config.validation import validate_stage_config
 from big_pretrain.data.device_prefetch import DevicePrefetch
 from big_pretrain.data.pipeline import InputPipeline, global_batch_shapes
 from big_pretrain.data.tokenizer import record_tokenizer
@@ -215,7 +215,7 @@ def final_evaluations_recorded(config, workdir: str, final_step: int) -> bool:
   (always so for a stage without evaluators)."""
   if not config.get('evals'):
     return True
-  recorded = workdir_lib.read_json(os.path.join(workdir, EVAL_RESULTS_FILE))
+  recorded = storage.read_json(os.path.join(workdir, EVAL_RESULTS_FILE))
   return recorded is not None and recorded.get('step', -1) >= final_step
 
 
@@ -245,7 +245,7 @@ def _evaluate(evaluators, state, step: int, eval_results: dict, writer, workdir:
     if result.images:
       writer.write_images(step, {k: v[None] for k, v in result.images.items()})
   if evaluators and jax.process_index() == 0:
-    workdir_lib.write_text(os.path.join(workdir, EVAL_RESULTS_FILE),
+    storage.write_text(os.path.join(workdir, EVAL_RESULTS_FILE),
                            json.dumps({'step': step, **eval_results}, indent=2))
 
 
@@ -259,7 +259,7 @@ def _evaluate_at_start(evaluators, params, writer, workdir: str) -> None:
       writer.write_scalars(0, {f'eval/{evaluator.name}/{key}': value
                                for key, value in results[evaluator.name].items()})
   if results and jax.process_index() == 0:
-    workdir_lib.write_text(os.path.join(workdir, AT_START_RESULTS_FILE),
+    storage.write_text(os.path.join(workdir, AT_START_RESULTS_FILE),
                            json.dumps({'step': 0, **results}, indent=2))
 
 

@@ -26,7 +26,7 @@ import time
 
 from absl import logging
 
-from big_pretrain import workdir as workdir_lib
+from big_pretrain.storage import files as storage
 from big_pretrain.errors import ConfigError
 
 CONFIG_FILE = 'config.json'
@@ -114,7 +114,7 @@ def _read_record(workdir: str) -> dict | None:
   """The recorded config.json; a damaged one is refused, since nothing could be compared."""
   path = os.path.join(workdir, CONFIG_FILE)
   try:
-    return workdir_lib.read_json(path)
+    return storage.read_json(path)
   except ValueError as error:  # json.JSONDecodeError: edited by hand, or cut short
     raise ConfigError(
         f'{path} cannot be read ({type(error).__name__}: {error}); it records the config the '
@@ -128,10 +128,10 @@ def record_start(config, workdir: str, step: int, changes: ConfigChanges | None)
   history_path = os.path.join(workdir, HISTORY_FILE)
   entry = {'step': step, 'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
            'changes': {key: list(pair) for key, pair in (changes.all() if changes else {}).items()}}
-  previous = workdir_lib.read_text(history_path) or ''
+  previous = storage.read_text(history_path) or ''
   # The history first, so a kill in between never leaves a config.json it does not explain.
-  workdir_lib.write_text(history_path, previous + json.dumps(entry) + '\n')
-  workdir_lib.write_text(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
+  storage.write_text(history_path, previous + json.dumps(entry) + '\n')
+  storage.write_text(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
 
 
 def _refusal(changes: ConfigChanges, workdir: str, latest_step: int) -> str:
@@ -177,4 +177,4 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
 
 
 def _has_event_files(workdir: str) -> bool:
-  return any('tfevents' in name for name in workdir_lib.list_dir(workdir))
+  return any('tfevents' in name for name in storage.list_dir(workdir))

@@ -20,7 +20,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from big_pretrain import workdir as workdir_lib
+from big_pretrain.storage import files as storage
 from big_pretrain.errors import CheckpointSaveError
 
 STATE_ITEM = 'state'
@@ -37,7 +37,7 @@ class CheckpointUnreadableError(OSError):
 
 def saved_steps(directory: str) -> list[int]:
   """The step folders in a checkpoint directory, oldest first (in-progress saves excluded)."""
-  return sorted(int(name) for name in workdir_lib.list_dir(directory) if name.isdigit())
+  return sorted(int(name) for name in storage.list_dir(directory) if name.isdigit())
 
 
 def unreadable_reason(step_dir: str) -> str | None:
@@ -94,7 +94,7 @@ class Checkpointer:
   """The train state and data iterator of one stage, in `directory`."""
 
   def __init__(self, directory: str, checkpoint_config):
-    self.directory = workdir_lib.absolute(directory)
+    self.directory = storage.absolute(directory)
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=checkpoint_config.every_steps,
         max_to_keep=checkpoint_config.keep,

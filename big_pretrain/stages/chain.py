@@ -17,12 +17,12 @@ import os
 
 from absl import logging
 
-from big_pretrain import transfer
-from big_pretrain import workdir as workdir_lib
-from big_pretrain.checkpoint import saved_steps, unreadable_reason
-from big_pretrain.config_schema import is_pseudo_label_config, validate_config
+from big_pretrain.stages import transfer
+from big_pretrain.storage import files as storage
+from big_pretrain.storage.checkpoints import saved_steps, unreadable_reason
+from big_pretrain.config.validation import is_pseudo_label_config, validate_config
 from big_pretrain.data import pseudo_labels as pseudo_labels_lib
-from big_pretrain.pseudo_label import run_pseudo_label
+from big_pretrain.stages.pseudo_label_job import run_pseudo_label
 from big_pretrain.train import faults
 from big_pretrain.train.loop import AT_START_RESULTS_FILE, final_evaluations_recorded, train_stage
 
@@ -124,11 +124,11 @@ def collect_eval_results(stage_dirs: dict[str, str]) -> dict[str, dict]:
   """{stage: evaluator results}; a pseudo-label stage reports how many images it labelled."""
   results = {}
   for name, stage_dir in stage_dirs.items():
-    at_start = workdir_lib.read_json(os.path.join(stage_dir, AT_START_RESULTS_FILE))
+    at_start = storage.read_json(os.path.join(stage_dir, AT_START_RESULTS_FILE))
     if at_start is not None:
       results[f'{name} (start)'] = at_start
-    stage_results = workdir_lib.read_json(os.path.join(stage_dir, 'eval_results.json'))
-    metadata = workdir_lib.read_json(os.path.join(stage_dir, pseudo_labels_lib.METADATA_FILE))
+    stage_results = storage.read_json(os.path.join(stage_dir, 'eval_results.json'))
+    metadata = storage.read_json(os.path.join(stage_dir, pseudo_labels_lib.METADATA_FILE))
     if stage_results is not None:
       results[name] = stage_results
     elif metadata is not None:

@@ -37,8 +37,8 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain import transfer
-from big_pretrain import workdir as workdir_lib
+from big_pretrain.stages import transfer
+from big_pretrain.storage import files as storage
 from big_pretrain.data import pseudo_labels as records_lib
 from big_pretrain.data import sources
 from big_pretrain.data.labels import LabelVocabulary
@@ -59,7 +59,7 @@ class PseudoLabelResult:
 
 def read_teacher_config(teacher_dir: str) -> ml_collections.ConfigDict:
   """The stage config a teacher stage recorded (its config.json, with what the data decided)."""
-  config = workdir_lib.read_json(os.path.join(teacher_dir, TEACHER_CONFIG_FILE))
+  config = storage.read_json(os.path.join(teacher_dir, TEACHER_CONFIG_FILE))
   if config is None:
     raise FileNotFoundError(
         f'The teacher folder {teacher_dir!r} has no {TEACHER_CONFIG_FILE}: point '
@@ -131,7 +131,7 @@ def run_pseudo_label(config, workdir: str, *, teacher_dir: str | None = None, de
   num_examples = len(source)
   settings = job_settings(config, step_dir, num_examples)
   _check_or_record_settings(workdir, settings)
-  metadata = workdir_lib.read_json(os.path.join(workdir, records_lib.METADATA_FILE))
+  metadata = storage.read_json(os.path.join(workdir, records_lib.METADATA_FILE))
   if metadata is not None:
     logging.info('Pseudo-labels in %s are finished: nothing to do.', workdir)
     return PseudoLabelResult(workdir, True, 0, metadata)
@@ -189,7 +189,7 @@ def run_pseudo_label(config, workdir: str, *, teacher_dir: str | None = None, de
   metadata = _summary(workdir, num_shards, settings, num_classes,
                       _class_names(teacher_config, num_classes))
   if jax.process_index() == 0:
-    workdir_lib.write_text(os.path.join(workdir, records_lib.METADATA_FILE),
+    storage.write_text(os.path.join(workdir, records_lib.METADATA_FILE),
                            json.dumps(metadata, indent=2))
   multihost_utils.sync_global_devices('pseudo_label metadata')
   logging.info('%s', format_report(metadata))
@@ -231,7 +231,7 @@ def _counts_file(shard: int, num_shards: int) -> str:
 
 def _finished_shards(workdir: str, num_shards: int) -> np.ndarray:
   """Which shards have their counts written (process 0 looks; every process agrees)."""
-  present = set(workdir_lib.list_dir(workdir)) if jax.process_index() == 0 else set()
+  present = set(storage.list_dir(workdir)) if jax.process_index() == 0 else set()
   done = np.array([_counts_file(s, num_shards) in present for s in range(num_shards)], bool)
   if jax.process_count() > 1:
     done = np.asarray(multihost_utils.broadcast_one_to_all(done))
@@ -251,20 +251,20 @@ def _write_shard(workdir: str, shard: int, num_shards: int, records: list[bytes]
       raise OSError(f'Writing pseudo-label shard {shard} failed.')
     writer.close()
     with open(path, 'rb') as f:
-      workdir_lib.write_bytes(
+      storage.write_bytes(
           os.path.join(workdir, records_lib.shard_name(shard, num_shards)), f.read())
-  workdir_lib.write_text(os.path.join(workdir, _counts_file(shard, num_shards)),
+  storage.write_text(os.path.join(workdir, _counts_file(shard, num_shards)),
                          json.dumps(counts))
 
 
 def _check_or_record_settings(workdir: str, settings: dict) -> None:
   """Resumes only the same job: other settings in the same folder are refused."""
   path = os.path.join(workdir, 'job.json')
-  recorded = workdir_lib.read_json(path)
+  recorded = storage.read_json(path)
   # Another process may already have written the same settings: every process
   # passes the barrier below whichever it saw.
   if recorded is None and jax.process_index() == 0:
-    workdir_lib.write_text(path, json.dumps(settings, indent=2))
+    storage.write_text(path, json.dumps(settings, indent=2))
   changed = sorted(key for key in settings if recorded is not None
                    and recorded.get(key) != settings[key])
   multihost_utils.sync_global_devices('pseudo_label settings')
@@ -280,7 +280,7 @@ def _summary(workdir: str, num_shards: int, settings: dict, num_classes: int,
   shards, totals = [], {}
   label_counts = np.zeros(num_classes, np.int64)
   for shard in range(num_shards):
-    counts = workdir_lib.read_json(os.path.join(workdir, _counts_file(shard, num_shards)))
+    counts = storage.read_json(os.path.join(workdir, _counts_file(shard, num_shards)))
     shards.append({'file': records_lib.shard_name(shard, num_shards),
                    'num_records': counts['num_records']})
     label_counts += np.asarray(counts.pop('label_counts'), np.int64)

@@ -117,7 +117,7 @@ PSEUDO_LABEL_KINDS = ('hard', 'soft')
 
 def pseudo_label_config() -> ml_collections.ConfigDict:
   """A pseudo-label stage (self-training): a teacher labels unlabelled images
-  (big_pretrain/pseudo_label.py). Every key at its default."""
+  (big_pretrain/stages/pseudo_label_job.py). Every key at its default."""
   config = ml_collections.ConfigDict()
   config.job = 'pseudo_label'   # what marks a stage as this job, not a training stage
   # The teacher: an earlier stage of config.stages with a classification head

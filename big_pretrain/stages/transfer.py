@@ -19,8 +19,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from absl import logging
 
-from big_pretrain import workdir as workdir_lib
-from big_pretrain.checkpoint import (STATE_ITEM, CheckpointMismatchError,
+from big_pretrain.storage import files as storage
+from big_pretrain.storage.checkpoints import (STATE_ITEM, CheckpointMismatchError,
                                      CheckpointUnreadableError, check_shapes_fit, saved_steps,
                                      tree_shapes, unreadable_reason)
 
@@ -33,8 +33,8 @@ def resolve_checkpoint_dir(path: str) -> str:
   Of a folder of steps, the latest readable one (checked cheaply, by its
   metadata); unreadable ones are skipped with a warning naming the file.
   """
-  path = workdir_lib.absolute(path)
-  if workdir_lib.is_dir(os.path.join(path, STATE_ITEM)):
+  path = storage.absolute(path)
+  if storage.is_dir(os.path.join(path, STATE_ITEM)):
     reason = unreadable_reason(path)
     if reason is not None:
       raise CheckpointUnreadableError(

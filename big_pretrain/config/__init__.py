@@ -1,0 +1,1 @@
+"""Configs: every key's default (defaults.py), their validation, run once (validation.py)."""
