@@ -18,9 +18,9 @@ from ml_collections import config_flags
 
 from big_pretrain import distributed
 from big_pretrain.storage import files as storage
+from big_pretrain.storage import run_lock
 from big_pretrain.storage.checkpoints import CheckpointMismatchError, CheckpointUnreadableError
-from big_pretrain.config.validation import (ConfigError, check_fits_devices, unknown_key_in,
-                                        validate_config)
+from big_pretrain.config.validation import ConfigError, check_fits_devices, unknown_key_in, validate_config
 from big_pretrain.errors import CheckpointSaveError, FinalEvaluationError, WorkdirError
 from big_pretrain.data.pipeline import UnreadableDataError
 from big_pretrain.train.faults import NonFiniteLossError, Preempted
@@ -206,7 +206,7 @@ def main(argv):
   from big_pretrain.stages import chain  # pylint: disable=import-outside-toplevel
   try:
     # One run per workdir (a chain's stages share its lock): process 0 holds it.
-    with storage.run_lock(_WORKDIR.value, take=jax.process_index() == 0,
+    with run_lock.run_lock(_WORKDIR.value, take=jax.process_index() == 0,
                               agree=distributed.process_0_message):
       chain.run(config, _WORKDIR.value)
   except WorkdirError as e:

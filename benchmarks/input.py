@@ -63,7 +63,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from big_pretrain import sharding as sharding_lib  # noqa: E402
-from big_pretrain.config.validation import stage_config, validate_stage_config  # noqa: E402
+from big_pretrain.config.defaults import stage_config  # noqa: E402
+from big_pretrain.config.validation import validate_stage_config  # noqa: E402
 from big_pretrain.data import augment as augment_lib  # noqa: E402
 from big_pretrain.data import pipeline as pipeline_lib  # noqa: E402
 from big_pretrain.data import sources  # noqa: E402

@@ -8,7 +8,7 @@
   python main.py --config=configs/aim.py:demo --workdir=DIR    # CPU, embedded data
 """
 
-from big_pretrain.config.validation import stage_config, use_embedded_demo_data
+from big_pretrain.config.defaults import stage_config, use_embedded_demo_data
 from big_pretrain.evaluators import evaluator_config
 
 

@@ -3,7 +3,7 @@
   python main.py --config=configs/aim_then_wsp.py:demo --workdir=DIR
 """
 
-from big_pretrain.config.validation import chain_config
+from big_pretrain.config.defaults import chain_config
 from configs import aim, wsp
 
 

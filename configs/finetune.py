@@ -15,7 +15,7 @@ Partial fine-tuning (MAE Fig. 9): --config.objective.trainable=last_k_blocks
 --config.objective.trainable_blocks=1, or trainable=last_block_mlp, or head.
 """
 
-from big_pretrain.config.validation import stage_config, use_embedded_demo_data
+from big_pretrain.config.defaults import stage_config, use_embedded_demo_data
 from big_pretrain.evaluators import evaluator_config
 from configs.mae import IMAGENET_TRAIN_IMAGES, steps_for_epochs
 

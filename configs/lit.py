@@ -14,7 +14,7 @@
 -> LiT): the earlier stage's model config, its encoder taken.
 """
 
-from big_pretrain.config.validation import stage_config
+from big_pretrain.config.defaults import stage_config
 from configs import flip
 
 # What LiT keeps of FLIP's objective config: the text tower and the temperature.

@@ -11,7 +11,7 @@
       prepared in D first (launch/colab_runtime.py prepare_tfds_command).
 """
 
-from big_pretrain.config.validation import stage_config, use_embedded_demo_data
+from big_pretrain.config.defaults import stage_config, use_embedded_demo_data
 from big_pretrain.evaluators import evaluator_config
 
 IMAGENET_TRAIN_IMAGES = 1_281_167

@@ -11,7 +11,7 @@ final encoder (the decoder and mask token are never read; the head is fresh).
 Each stage trains in DIR/<stage>; run the same command again to resume.
 """
 
-from big_pretrain.config.validation import chain_config
+from big_pretrain.config.defaults import chain_config
 from configs import finetune, mae
 
 

@@ -13,7 +13,7 @@ epoch of MAE enough; gains grow with model size. Each stage trains in
 DIR/<stage>; run the same command again to resume where it stopped.
 """
 
-from big_pretrain.config.validation import chain_config
+from big_pretrain.config.defaults import chain_config
 from big_pretrain.evaluators import evaluator_config
 from configs import mae, wsp
 

@@ -9,7 +9,7 @@ Hard labels with Noisy Student's confidence threshold (0.3); for soft labels
 Inside a chain, configs/self_training.py adds the same stage after its teacher.
 """
 
-from big_pretrain.config.validation import pseudo_label_config
+from big_pretrain.config.defaults import pseudo_label_config
 
 
 def get_config(arg: str | None = None):

@@ -24,7 +24,7 @@ Run the same command again to resume; every stage keeps its folder DIR/<stage>.
 
 import ml_collections
 
-from big_pretrain.config.validation import chain_config, pseudo_label_config, stage_config
+from big_pretrain.config.defaults import chain_config, pseudo_label_config, stage_config
 from big_pretrain.evaluators import evaluator_config
 from configs import finetune
 

@@ -8,7 +8,7 @@
       A tiny WSP on the embedded synthetic shapes and their hashtags.
 """
 
-from big_pretrain.config.validation import stage_config, use_embedded_demo_data
+from big_pretrain.config.defaults import stage_config, use_embedded_demo_data
 from big_pretrain.data.labels import synthetic_vocabulary_path
 from big_pretrain.evaluators import evaluator_config
 

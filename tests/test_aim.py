@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from big_pretrain.config.validation import stage_config
+from big_pretrain.config.defaults import stage_config
 from big_pretrain.models.vit import VisionTransformer
 from big_pretrain.objectives import build_objective
 from big_pretrain.objectives.aim import (next_patch_loss, prefix_causal_mask,

@@ -10,6 +10,7 @@ from PIL import ImageEnhance
 from PIL import ImageOps
 import pytest
 
+from big_pretrain.config.defaults import default_data_config
 from big_pretrain import sharding
 from big_pretrain.data import augment
 from big_pretrain.data import pipeline
@@ -358,7 +359,7 @@ def test_scale_jitter_above_one_crops_at_random():
 # --- In the pipeline ------------------------------------------------------------
 
 def _pipeline(augment_spec, seed=0):
-  config = pipeline.default_data_config()
+  config = default_data_config()
   config.update(num_examples=64, source_image_size=48, image_size=32, num_threads=2,
                 prefetch_buffer_size=8, augment=augment_spec)
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)),

@@ -3,8 +3,9 @@
 import ml_collections
 import pytest
 
-from big_pretrain.config.validation import ConfigError, stage_config, validate_stage_config
+from big_pretrain.config.validation import ConfigError, validate_stage_config
 from configs import mae as mae_config
+
 
 def test_demo_config_is_valid():
   validate_stage_config(mae_config.get_config('demo'))

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from big_pretrain.config.defaults import default_data_config
 from big_pretrain.data import pipeline
 from big_pretrain.data import sources
 from big_pretrain.data import transforms
@@ -25,7 +26,7 @@ def make_mesh(shape=(1, 1, 1)):
 
 
 def small_config(**overrides):
-  config = pipeline.default_data_config()
+  config = default_data_config()
   config.num_examples = 200
   config.source_image_size = 48
   config.image_size = IMAGE_SIZE
@@ -424,7 +425,7 @@ def test_synthetic_colour_label_names_the_shape_colour_in_the_caption():
 
 
 def test_reader_threads_default_to_the_available_cores_capped_at_grains_default(monkeypatch):
-  config = pipeline.default_data_config()
+  config = default_data_config()
   assert config.num_threads is None
   monkeypatch.setattr(pipeline.os, 'sched_getaffinity', lambda pid: set(range(2)))
   assert pipeline.num_reader_threads(config) == 2

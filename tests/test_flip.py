@@ -81,7 +81,7 @@ def test_loss_stays_finite_when_scaled_cosine_is_100():
 
 
 def tiny_flip_config():
-  from big_pretrain.config.validation import stage_config
+  from big_pretrain.config.defaults import stage_config
   from big_pretrain.data.tokenizer import synthetic_tokenizer_path
   config = stage_config('flip')
   config.model.update(variant='mu/8', use_cls_token=False, pool='gap')

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from big_pretrain.config.defaults import default_data_config
 from big_pretrain.data import labels
 from big_pretrain.data import pipeline
 from big_pretrain.data import sources
@@ -272,7 +273,7 @@ def test_command_as_a_module_and_its_errors(tmp_path):
 # --- The pipeline's 'label_ids' ----------------------------------------------------------
 
 def small_config(**overrides):
-  config = pipeline.default_data_config()
+  config = default_data_config()
   config.num_examples = 64
   config.source_image_size = 32
   config.image_size = IMAGE_SIZE

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from big_pretrain.config.validation import stage_config
+from big_pretrain.config.defaults import stage_config
 from big_pretrain.models.decoders import MAEDecoder
 from big_pretrain.models.masking import RandomMask, num_kept, random_masking
 from big_pretrain.models.patches import normalize_images, patchify, unpatchify

@@ -16,6 +16,7 @@ from absl import flags
 import main as main_lib
 from big_pretrain.stages import chain
 from big_pretrain.storage import files as storage
+from big_pretrain.storage import run_lock
 from big_pretrain.errors import WorkdirError
 from test_multiprocess import free_port
 
@@ -161,19 +162,19 @@ def test_read_only_mount_is_refused_even_for_root(tmp_path, monkeypatch):
 
 def _write_lock(workdir, host, pid):
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / storage.LOCK_FILE).write_text(
+  (workdir / run_lock.LOCK_FILE).write_text(
       json.dumps({'host': host, 'pid': pid, 'started': '2024-01-01 00:00:00 UTC'}))
 
 
 def test_a_second_run_into_a_workdir_in_use_is_refused_naming_the_first(
     tmp_path, capsys, monkeypatch):
   workdir = tmp_path / 'run'
-  with storage.run_lock(str(workdir)):
+  with run_lock.run_lock(str(workdir)):
     with pytest.raises(WorkdirError, match=rf'in use by another run: pid {os.getpid()} on '
                                            'this host'):
-      with storage.run_lock(str(workdir)):
+      with run_lock.run_lock(str(workdir)):
         pass
-  assert not (workdir / storage.LOCK_FILE).exists()  # released
+  assert not (workdir / run_lock.LOCK_FILE).exists()  # released
 
   # main.py, with the lock held by another live process of this host.
   holder = subprocess.Popen(['sleep', '60'])
@@ -195,25 +196,25 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_and_another_hosts_is_not(
   dead.wait()
   _write_lock(tmp_path, socket.gethostname(), dead.pid)
   with caplog.at_level(logging.WARNING):
-    with storage.run_lock(str(tmp_path)):
-      assert json.loads((tmp_path / storage.LOCK_FILE).read_text())['pid'] == os.getpid()
+    with run_lock.run_lock(str(tmp_path)):
+      assert json.loads((tmp_path / run_lock.LOCK_FILE).read_text())['pid'] == os.getpid()
   assert f'(pid {dead.pid}, started' in caplog.text and 'no longer running' in caplog.text
 
   _write_lock(tmp_path, 'other-host', 12345)
   with pytest.raises(WorkdirError, match=r'pid 12345 on host other-host.*delete .*run\.lock'):
-    with storage.run_lock(str(tmp_path)):
+    with run_lock.run_lock(str(tmp_path)):
       pass
-  with storage.run_lock(str(tmp_path), take=False):  # processes other than 0
+  with run_lock.run_lock(str(tmp_path), take=False):  # processes other than 0
     pass
 
 
 def test_an_empty_lock_file_is_refused_as_naming_no_run_and_one_being_written_is_read(
     tmp_path):
-  (tmp_path / storage.LOCK_FILE).write_text('')
+  (tmp_path / run_lock.LOCK_FILE).write_text('')
   with pytest.raises(WorkdirError, match=r'lock file that names no run .*run\.lock is empty'):
-    with storage.run_lock(str(tmp_path)):
+    with run_lock.run_lock(str(tmp_path)):
       pass
-  assert (tmp_path / storage.LOCK_FILE).read_text() == ''  # left for the user to judge
+  assert (tmp_path / run_lock.LOCK_FILE).read_text() == ''  # left for the user to judge
 
   # A run that created the lock a moment ago and is writing it: read once written.
   holder = subprocess.Popen(['sleep', '60'])
@@ -221,7 +222,7 @@ def test_an_empty_lock_file_is_refused_as_naming_no_run_and_one_being_written_is
     writer = threading.Timer(0.3, _write_lock, (tmp_path, socket.gethostname(), holder.pid))
     writer.start()
     with pytest.raises(WorkdirError, match=rf'in use by another run: pid {holder.pid} on this'):
-      with storage.run_lock(str(tmp_path)):
+      with run_lock.run_lock(str(tmp_path)):
         pass
     writer.join()
   finally:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from big_pretrain.config.validation import stage_config
+from big_pretrain.config.defaults import stage_config
 from big_pretrain.data.labels import synthetic_vocabulary_path
 from big_pretrain.data.tokenizer import synthetic_tokenizer_path
 from big_pretrain.models.masking import num_kept

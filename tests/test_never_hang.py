@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from big_pretrain.config.defaults import default_data_config
 from big_pretrain.stages import chain
 from big_pretrain.storage.checkpoints import Checkpointer
 from big_pretrain.data import pipeline
@@ -58,7 +59,7 @@ def _image_folder(root, *, readable: int, unreadable: int, classes=('cats', 'dog
 
 
 def _data_config(path, **overrides):
-  config = pipeline.default_data_config()
+  config = default_data_config()
   config.update(source='image_folder', path=str(path), image_size=IMAGE_SIZE, num_threads=2,
                 prefetch_buffer_size=16, **overrides)
   return config

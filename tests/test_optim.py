@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from big_pretrain.config.validation import optim_defaults
+from big_pretrain.config.defaults import optim_defaults
 from big_pretrain.train.optim import (make_optimizer, make_schedule, peak_learning_rate,
                                       weight_decay_mask)
 

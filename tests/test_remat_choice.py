@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.config.validation import stage_config
+from big_pretrain.config.defaults import stage_config
 from big_pretrain.data.pipeline import global_batch_shapes
 from big_pretrain.train import remat_choice
 from big_pretrain.train.loop import train_stage

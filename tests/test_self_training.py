@@ -13,7 +13,8 @@ import pytest
 from flax import linen as nn
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.config.validation import chain_config, validate_config
+from big_pretrain.config.defaults import chain_config
+from big_pretrain.config.validation import validate_config
 from big_pretrain.data import augment as augment_lib
 from big_pretrain.data import pseudo_labels as records_lib
 from big_pretrain.data import sources

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from big_pretrain.config.defaults import default_data_config
 from big_pretrain.data import pipeline
 from big_pretrain.data import sources
 from big_pretrain.data import tokenizer as tokenizer_lib
@@ -209,7 +210,7 @@ def test_command_over_an_image_folder(tmp_path, capsys):
 # --- Recording the tokenizer in the workdir -----------------------------------------
 
 def test_record_tokenizer_copies_the_configured_file(tmp_path):
-  config = pipeline.default_data_config()
+  config = default_data_config()
   assert tokenizer_lib.record_tokenizer(config, str(tmp_path / 'unused')) is None
   config.text.tokenizer = tokenizer_lib.synthetic_tokenizer_path()
   workdir = str(tmp_path / 'workdir')
@@ -270,7 +271,7 @@ def test_sentencepiece_model_with_a_pad_piece_pads_with_it(tmp_path):
   row = tokenizer.tokenize('a red star', MAX_LENGTH)
   assert row[0] == 1 and row[-1] == 0 and 3 not in row
   # Recorded in a workdir under a name that keeps it a SentencePiece model.
-  config = pipeline.default_data_config()
+  config = default_data_config()
   config.text.tokenizer = path
   recorded = tokenizer_lib.record_tokenizer(config, str(tmp_path / 'workdir'))
   assert recorded.endswith('tokenizer.model')
@@ -293,7 +294,7 @@ def test_unreadable_sentencepiece_model_is_named(tmp_path):
 # --- The pipeline feature ------------------------------------------------------------
 
 def text_data_config(tokenizer_path=None, num_examples=16):
-  config = pipeline.default_data_config()
+  config = default_data_config()
   config.update(num_examples=num_examples, source_image_size=16, image_size=16, num_threads=2)
   config.text.tokenizer = tokenizer_path
   return config

@@ -11,7 +11,7 @@ import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec
 
-from big_pretrain.config.validation import stage_config
+from big_pretrain.config.defaults import stage_config
 from big_pretrain.models import vit as vit_lib
 from big_pretrain.models.patches import sincos_2d_position_embedding
 from big_pretrain.models.vit import (REMAT_POLICIES, VIT_SIZES, Attention, Projection,

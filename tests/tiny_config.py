@@ -3,7 +3,7 @@
 import jax
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.config.validation import stage_config
+from big_pretrain.config.defaults import stage_config
 from big_pretrain.objectives import build_objective
 from big_pretrain.train.optim import make_optimizer, make_schedule
 from big_pretrain.train.step import build_trainer
@@ -94,7 +94,7 @@ def tiny_teacher_config(**overrides):
 
 def tiny_pseudo_label_config(**overrides):
   """Pseudo-labels for the other three quarters (192 images): 3 shards of 64, batch 16."""
-  from big_pretrain.config.validation import pseudo_label_config  # pylint: disable=import-outside-toplevel
+  from big_pretrain.config.defaults import pseudo_label_config  # pylint: disable=import-outside-toplevel
   config = pseudo_label_config()
   config.teacher.workdir = 'set by the test'
   config.data.update(source='synthetic', num_examples=256, source_image_size=32, num_threads=2)

@@ -1,8 +1,8 @@
-"""The schema of a stage config, and its validation before any compute.
+"""A config's validation, before any compute.
 
-Config files start from `stage_config(objective)`, which holds every key with
-its default; `validate_stage_config` rejects keys the schema does not know
-(a typo silently ignored can cost a week of TPU time) and names them.
+Config files start from config/defaults.py, which holds every key with its
+default; `validate_stage_config` rejects keys the defaults do not know (a typo
+silently ignored can cost a week of TPU time) and names them.
 """
 
 from __future__ import annotations
@@ -15,138 +15,16 @@ import ml_collections
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data import augment as augment_lib
 from big_pretrain.data import sources as sources_lib
-from big_pretrain.data.pipeline import default_data_config
+from big_pretrain.config.defaults import (PSEUDO_LABEL_KINDS, default_data_config,
+                                          is_pseudo_label_config, pseudo_label_config,
+                                          stage_config)
 from big_pretrain.errors import ConfigError
+from big_pretrain.storage.files import is_bucket
 from big_pretrain.evaluators import (evaluator_class, evaluator_config, evaluator_defaults,
                                      evaluator_names)
 from big_pretrain.models import vit as vit_lib
 from big_pretrain.models.attention import ATTENTION_IMPLS
-from big_pretrain.objectives import objective_class, objective_defaults, objective_names
-
-
-def model_defaults() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      variant='B/16',
-      use_cls_token=True,
-      pool='cls',              # 'cls' | 'gap'
-      posemb='sincos',         # 'sincos' (fixed) | 'learned'
-      dtype='float32',         # compute dtype; parameters stay float32
-      # nn.scan over layers (faster compiles for deep models): True | False | 'auto'
-      # (unrolled up to vit.UNROLLED_MAX_DEPTH layers, scanned deeper; the stage
-      # records the choice, the checkpoints' layout)
-      scan=ml_collections.FieldReference(vit_lib.SCAN_AUTO, field_type=object),
-      # 'auto' (the least remat whose compiled step fits the device, measured when
-      # the stage starts; none on a CPU) | 'none' | 'dots' | 'dots_no_batch' | 'full'
-      remat='auto',
-      # 'auto' (cuDNN flash attention on a GPU with a 16-bit dtype where cuDNN
-      # supports the shapes, else XLA's) | 'xla' | 'cudnn'; None (older configs): 'xla'
-      attention_impl=ml_collections.FieldReference('auto', field_type=str),
-      # Stochastic depth in training, rising linearly over the layers to this rate
-      # (fine-tuning: 0.1 B, 0.2 L, 0.3 H); 0: off.
-      drop_path=0.0,
-      # How pixels become patch tokens: 'matmul' (patchify, keep the visible patches,
-      # one matmul: MAE and FLIP embed only those) | 'conv' (a strided convolution over
-      # every patch, then the visible ones kept). Same parameters, same math.
-      patch_embed_impl='matmul',
-  ))
-
-
-def optim_defaults() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      name='adamw',
-      lr_per_256=1.5e-4,       # peak lr = lr_per_256 * batch_size / 256
-      b1=0.9,
-      b2=0.95,
-      eps=1e-8,
-      weight_decay=0.05,
-      warmup_steps=1000,
-      end_lr_fraction=0.0,
-      clip_grad_norm=ml_collections.FieldReference(None, field_type=float),  # None: no clipping
-      # A NaN/Inf gradient stops the run (0), or up to this many in a row are
-      # skipped (the parameters are left as they were) before it does.
-      skip_nonfinite_updates=0,
-      # Regexes of parameter paths never decayed, beside biases and norms (fine-tuning:
-      # ('cls_token', 'pos_embedding'), as MAE's no_weight_decay list).
-      no_weight_decay=(),
-      # Layer-wise lr decay (MAE fine-tuning: 0.65 B, 0.75 L/H): the update at encoder
-      # layer l is scaled by layer_decay^(depth + 1 - l); None: off.
-      layer_decay=ml_collections.FieldReference(None, field_type=float),
-      # A moving average of the parameters kept beside them (e.g. 0.9999); evaluators
-      # with `also_ema=True` score it too. None: off.
-      ema_decay=ml_collections.FieldReference(None, field_type=float),
-  ))
-
-
-def use_embedded_demo_data(config) -> None:
-  """Points a stage at the embedded synthetic data at the CPU demo size (`:demo` configs)."""
-  config.data.update(source='synthetic', num_examples=20_000, source_image_size=64,
-                     image_size=32)
-
-
-def stage_config(objective: str) -> ml_collections.ConfigDict:
-  """A complete stage config for `objective`, every key at its default."""
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.total_steps = 1000
-  config.batch_size = 256             # global, over all processes and devices
-  # Resuming a workdir whose checkpoints were trained with other model, objective,
-  # optimiser, batch, seed or data settings is refused unless this is True
-  # (big_pretrain/train/resume_identity.py lists the keys that may change freely).
-  config.resume_with_changes = False
-  config.model = model_defaults()
-  config.objective = objective_defaults(objective)
-  config.data = default_data_config()
-  config.optim = optim_defaults()
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  config.sharding_rules = ml_collections.ConfigDict()  # logical name -> mesh axes overrides
-  config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
-  config.log = ml_collections.ConfigDict(dict(every_steps=50))
-  config.evals = ml_collections.ConfigDict()  # name -> evaluator config with a `kind`
-  # Start from an earlier stage's (or any) checkpoint: only the `take` subtrees
-  # of params are read; the rest is initialised fresh.
-  config.init_from = ml_collections.ConfigDict(dict(
-      stage=ml_collections.config_dict.placeholder(str),       # an earlier stage of config.stages
-      checkpoint=ml_collections.config_dict.placeholder(str),  # or a checkpoint path
-      take=('encoder',),
-  ))
-  return config
-
-
-PSEUDO_LABEL_KINDS = ('hard', 'soft')
-
-
-def pseudo_label_config() -> ml_collections.ConfigDict:
-  """A pseudo-label stage (self-training): a teacher labels unlabelled images
-  (big_pretrain/stages/pseudo_label_job.py). Every key at its default."""
-  config = ml_collections.ConfigDict()
-  config.job = 'pseudo_label'   # what marks a stage as this job, not a training stage
-  # The teacher: an earlier stage of config.stages with a classification head
-  # (finetune, self_training, wsp), or the folder of such a stage (config.json + checkpoints/).
-  config.teacher = ml_collections.ConfigDict(dict(
-      stage=ml_collections.config_dict.placeholder(str),
-      workdir=ml_collections.config_dict.placeholder(str),
-  ))
-  # The unlabelled images (their labels are never read). Image size and eval crop are
-  # the teacher's; of the rest only the keys naming the source matter.
-  config.data = default_data_config()
-  config.labels = ml_collections.ConfigDict(dict(
-      # 'hard': the teacher's top class. 'soft': its top_k classes with their
-      # probabilities renormalised to sum to 1 (Noisy Student's soft labels).
-      kind='hard',
-      # Only images whose top probability is at least this are labelled (Noisy Student: 0.3).
-      threshold=0.0,
-      top_k=5,             # 'soft' only
-      temperature=1.0,     # softmax(logits / temperature)
-  ))
-  config.batch_size = 256            # global, over all processes and devices
-  config.examples_per_shard = 50_000  # the unit of resumption: a killed job redoes at most one
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  config.sharding_rules = ml_collections.ConfigDict()
-  return config
-
-
-def is_pseudo_label_config(config) -> bool:
-  return config.get('job') == 'pseudo_label'
+from big_pretrain.objectives import objective_class, objective_names
 
 
 def validate_pseudo_label_config(config, path: str = 'config') -> None:
@@ -169,16 +47,6 @@ def validate_pseudo_label_config(config, path: str = 'config') -> None:
     raise ConfigError(
         f'{path}.teacher: give stage (an earlier stage of config.stages) or workdir (the '
         'folder of a finished stage with a classification head), exactly one of them.')
-
-
-def chain_config(**stages: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A config whose `stages` run in the order given (a plain ConfigDict iterates its keys
-  sorted by name, which would run 'finetune' before 'mae')."""
-  config = ml_collections.ConfigDict()
-  config.stages = ml_collections.ConfigDict(sort_keys=False)
-  for name, stage in stages.items():
-    config.stages[name] = stage
-  return config
 
 
 def _unknown_key_error(path: str, key: str, known) -> ConfigError:
@@ -330,7 +198,7 @@ def check_data_exists(data, path: str = 'config') -> None:
   """
   for key in ('path', 'test_path'):
     location = data.get(key)
-    if not location or '://' in location:  # a bucket is found when the stage reads it
+    if not location or is_bucket(location):  # a bucket is found when the stage reads it
       continue
     try:
       sources_lib.check_has_data(data.source, location)

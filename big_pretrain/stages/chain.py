@@ -20,7 +20,8 @@ from absl import logging
 from big_pretrain.stages import transfer
 from big_pretrain.storage import files as storage
 from big_pretrain.storage.checkpoints import saved_steps, unreadable_reason
-from big_pretrain.config.validation import is_pseudo_label_config, validate_config
+from big_pretrain.config.defaults import is_pseudo_label_config
+from big_pretrain.config.validation import validate_config
 from big_pretrain.data import pseudo_labels as pseudo_labels_lib
 from big_pretrain.stages.pseudo_label_job import run_pseudo_label
 from big_pretrain.train import faults

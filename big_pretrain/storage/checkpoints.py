@@ -145,7 +145,7 @@ class Checkpointer:
     their own tracebacks; the state's size (the arrays, uncompressed: an upper
     bound) against the free space says it at once, in one message.
     """
-    if '://' in self.directory or not os.path.isdir(self.directory):
+    if storage.is_bucket(self.directory) or not os.path.isdir(self.directory):
       return
     needed = sum(getattr(leaf, 'nbytes', 0) for leaf in jax.tree_util.tree_leaves(state))
     free = shutil.disk_usage(self.directory).free

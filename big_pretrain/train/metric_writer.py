@@ -41,6 +41,8 @@ from tensorboard.plugins.scalar import metadata as scalar_metadata
 from tensorboard.summary.writer.record_writer import RecordWriter
 from tensorboard.util import tensor_util
 
+from big_pretrain.storage.files import is_bucket
+
 EVENT_FILE_PREFIX = 'events.out.tfevents'
 
 
@@ -99,8 +101,8 @@ class EventFile:
   def __init__(self, logdir: str):
     name = (f'{EVENT_FILE_PREFIX}.{int(time.time()):010d}.{socket.gethostname()}.'
             f'{os.getpid()}.big_pretrain')
-    self.path = os.path.join(logdir, name) if '://' not in logdir else f'{logdir}/{name}'
-    if '://' in logdir:
+    self.path = f'{logdir}/{name}' if is_bucket(logdir) else os.path.join(logdir, name)
+    if is_bucket(logdir):
       self._local = tempfile.NamedTemporaryFile(prefix=EVENT_FILE_PREFIX, delete=False)
       self._records = RecordWriter(self._local)
     else:
