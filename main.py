@@ -19,18 +19,9 @@ from ml_collections import config_flags
 from big_pretrain import distributed
 from big_pretrain.storage import files as storage
 from big_pretrain.storage import run_lock
-from big_pretrain.storage.checkpoints import CheckpointMismatchError, CheckpointUnreadableError
 from big_pretrain.config.validation import ConfigError, check_fits_devices, unknown_key_in, validate_config
-from big_pretrain.errors import CheckpointSaveError, FinalEvaluationError, WorkdirError
-from big_pretrain.data.pipeline import UnreadableDataError
-from big_pretrain.train.faults import NonFiniteLossError, Preempted
-
-# Exit codes, for people and for supervisors that rerun (README, "Exit codes").
-EXIT_STOPPED = 1      # the run stopped on purpose, saying why (NaN loss, a checkpoint that
-                      # does not fit, a failed save): rerunning as it is will not help
-EXIT_USAGE = 2        # the command, config or workdir cannot run: nothing was started
-EXIT_PREEMPTED = 75   # EX_TEMPFAIL: saved a checkpoint on SIGTERM/SIGINT; rerun to resume
-EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once, unsaved (the shell's 128 + SIGINT)
+from big_pretrain.errors import (EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, UserFacingError,
+                                 WorkdirError)
 VERBOSE_ENV = 'BIG_PRETRAIN_VERBOSE'
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -209,19 +200,17 @@ def main(argv):
     with run_lock.run_lock(_WORKDIR.value, take=jax.process_index() == 0,
                               agree=distributed.process_0_message):
       chain.run(config, _WORKDIR.value)
-  except WorkdirError as e:
-    _exit_usage(str(e))
-  except Preempted as e:
-    logging.warning('%s', e)
-    _exit(f'Preempted: {e}', EXIT_PREEMPTED)
   except KeyboardInterrupt:
     _exit('Interrupted (Ctrl-C): stopped without saving; the same command resumes '
           'from the last checkpoint.', EXIT_INTERRUPTED)
-  except (NonFiniteLossError, CheckpointMismatchError, CheckpointUnreadableError,
-          CheckpointSaveError, ConfigError, UnreadableDataError, FinalEvaluationError) as e:
-    # Expected ways for a run to stop: the message says what happened and what to do.
+  except UserFacingError as e:
+    if e.exit_code == EXIT_USAGE:
+      _exit_usage(str(e))
+    if e.exit_code == EXIT_PREEMPTED:
+      logging.warning('%s', e)
+      _exit(f'Preempted: {e}', EXIT_PREEMPTED)
     logging.error('%s', e)
-    _exit(f'Stopped: {e}', EXIT_STOPPED)
+    _exit(f'Stopped: {e}', e.exit_code)
 
 
 if __name__ == '__main__':

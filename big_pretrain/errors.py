@@ -1,17 +1,54 @@
-"""Errors meant for people: each message names the culprit and the fix."""
+"""Errors meant for people, in one place: each message names the culprit and the fix, and each
+class carries the exit code main.py ends with (README, "Exit codes")."""
+
+# Exit codes, for people and for supervisors that rerun.
+EXIT_STOPPED = 1      # the run stopped on purpose, saying why (NaN loss, a checkpoint that
+                      # does not fit, a failed save): rerunning as it is will not help
+EXIT_USAGE = 2        # the command, config or workdir cannot run: nothing was started
+EXIT_PREEMPTED = 75   # EX_TEMPFAIL: saved a checkpoint on SIGTERM/SIGINT; rerun to resume
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once, unsaved (the shell's 128 + SIGINT)
 
 
-class ConfigError(ValueError):
-  """A config that cannot run; the message names the key and the fix."""
+class UserFacingError(Exception):
+  """An expected way for a run to stop: the message says what happened and what to do.
+  main.py prints it as one line and exits with `exit_code`."""
+  exit_code = EXIT_STOPPED
 
 
-class WorkdirError(ValueError):
+class ConfigError(UserFacingError, ValueError):
+  """A config that cannot run; the message names the key and the fix. (Found before the run
+  starts it is a usage error, exit 2; a stage's config found bad later stops the run, 1.)"""
+
+
+class WorkdirError(UserFacingError, ValueError):
   """A --workdir that cannot hold this run: a file, read-only, or in use by another run."""
+  exit_code = EXIT_USAGE
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(UserFacingError, RuntimeError):
   """A checkpoint could not be written (e.g. a full disk); the earlier ones are intact."""
 
 
-class FinalEvaluationError(RuntimeError):
+class CheckpointMismatchError(UserFacingError, ValueError):
+  """A checkpoint whose tree or shapes do not fit the model being restored."""
+
+
+class CheckpointUnreadableError(UserFacingError, OSError):
+  """A checkpoint with files missing or damaged: its metadata or arrays do not read back."""
+
+
+class FinalEvaluationError(UserFacingError, RuntimeError):
   """An evaluator failed at a stage's final step, after the final checkpoint was saved."""
+
+
+class NonFiniteLossError(UserFacingError, RuntimeError):
+  """The loss or gradient norm became NaN or Inf, and no skip budget is left."""
+
+
+class UnreadableDataError(UserFacingError, RuntimeError):
+  """A source gave no readable image in config.data.max_consecutive_unreadable tries."""
+
+
+class Preempted(UserFacingError):
+  """A run saved a checkpoint on a preemption notice (SIGTERM or Ctrl-C) and stopped."""
+  exit_code = EXIT_PREEMPTED

@@ -1,6 +1,5 @@
 """Faults a long run meets: a preemption notice, a loss that turns NaN, a damaged checkpoint."""
 
-import dataclasses
 import errno
 import logging
 import os
@@ -17,7 +16,7 @@ import pytest
 
 from big_pretrain.storage import checkpoints as checkpoint_lib
 from big_pretrain.storage.checkpoints import Checkpointer
-from big_pretrain.errors import CheckpointSaveError
+from big_pretrain.errors import CheckpointSaveError, NonFiniteLossError
 from big_pretrain.evaluators import evaluator_config
 from big_pretrain.evaluators.reconstruction import ReconstructionEvaluator
 from big_pretrain.train import faults
@@ -134,7 +133,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
   _poison_steps(monkeypatch, {5})
   config = _fault_config()
   config.log.every_steps = 4  # The NaN shows first at the save check of step 6.
-  with pytest.raises(faults.NonFiniteLossError, match=r'became nan .* at step 5.* step 4 in'):
+  with pytest.raises(NonFiniteLossError, match=r'became nan .* at step 5.* step 4 in'):
     train_stage(config, str(tmp_path), devices=one_device())
   checkpointer = Checkpointer(str(tmp_path / 'checkpoints'), config.checkpoint)
   assert checkpointer.all_steps() == [1, 2, 4]  # Orbax also keeps a new run's first step.

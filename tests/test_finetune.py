@@ -14,7 +14,7 @@ from flax import linen as nn
 from big_pretrain.stages import chain
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.stages import transfer
-from big_pretrain.config.defaults import optim_defaults, stage_config
+from big_pretrain.config.defaults import optim_defaults
 from big_pretrain.config.validation import validate_config
 from big_pretrain.data.pipeline import random_batch
 from big_pretrain.errors import ConfigError

@@ -19,6 +19,7 @@ from big_pretrain.stages import chain
 from big_pretrain.storage.checkpoints import Checkpointer
 from big_pretrain.data import pipeline
 from big_pretrain.data.device_prefetch import DevicePrefetch
+from big_pretrain.errors import UnreadableDataError
 from big_pretrain.evaluators import evaluator_config
 from big_pretrain.evaluators import reconstruction
 from big_pretrain.train import loop
@@ -83,7 +84,7 @@ def test_folder_of_only_unreadable_images_stops_naming_files_and_count(tmp_path,
   folder = _image_folder(tmp_path / 'images', readable=0, unreadable=4)
   data = pipeline.InputPipeline(_data_config(folder), global_batch_size=4, mesh=_mesh())
   with caplog.at_level(logging.WARNING), time_limit(30):
-    with pytest.raises(pipeline.UnreadableDataError) as error:
+    with pytest.raises(UnreadableDataError) as error:
       data.next_local_numpy()
   message = str(error.value)
   assert f'last {pipeline.DEFAULT_MAX_CONSECUTIVE_UNREADABLE} read' in message
@@ -100,7 +101,7 @@ def test_the_limit_is_configurable_and_reaches_the_training_loop_through_prefetc
   # As train_stage reads: batches made in a background thread, errors raised in the loop.
   batches = DevicePrefetch(data.grain_iterator, data.to_global_arrays, 2)
   try:
-    with time_limit(30), pytest.raises(pipeline.UnreadableDataError, match='last 5 read'):
+    with time_limit(30), pytest.raises(UnreadableDataError, match='last 5 read'):
       next(batches)
   finally:
     batches.close()

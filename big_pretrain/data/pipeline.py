@@ -44,6 +44,7 @@ from big_pretrain.data import pseudo_labels as pseudo_labels_lib
 from big_pretrain.data import sources
 from big_pretrain.data import tokenizer as tokenizer_lib
 from big_pretrain.data import transforms
+from big_pretrain.errors import UnreadableDataError
 
 # Fields that go to the device. Strings (caption, hashtags) stay on the host.
 DEVICE_FEATURES = ('image', 'label')
@@ -350,10 +351,6 @@ def _load_text_tokenizer(
 
 
 # --- Skipping corrupt examples ------------------------------------------------
-
-class UnreadableDataError(RuntimeError):
-  """A source gave no readable image in config.data.max_consecutive_unreadable tries."""
-
 
 @dataclasses.dataclass
 class SkippedExampleCounter:

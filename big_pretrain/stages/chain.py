@@ -23,8 +23,8 @@ from big_pretrain.storage.checkpoints import saved_steps, unreadable_reason
 from big_pretrain.config.defaults import is_pseudo_label_config
 from big_pretrain.config.validation import validate_config
 from big_pretrain.data import pseudo_labels as pseudo_labels_lib
+from big_pretrain.errors import Preempted
 from big_pretrain.stages.pseudo_label_job import run_pseudo_label
-from big_pretrain.train import faults
 from big_pretrain.train.loop import AT_START_RESULTS_FILE, final_evaluations_recorded, train_stage
 
 
@@ -78,7 +78,7 @@ def run(config, workdir: str, *, devices=None) -> dict[str, dict]:
   """Trains every unfinished stage in order; returns {stage: evaluator results}.
 
   `devices`: those every stage's mesh is laid over (default: all of them).
-  Raises faults.Preempted when a stage saved and stopped on a preemption notice.
+  Raises errors.Preempted when a stage saved and stopped on a preemption notice.
   """
   validate_config(config)
   stage_dirs = stage_workdirs(config, workdir)
@@ -101,7 +101,7 @@ def run(config, workdir: str, *, devices=None) -> dict[str, dict]:
       logging.info('Stage %r stopped at step %d; run the same command to resume.',
                    name, result.state.step)
       if result.preempted:
-        raise faults.Preempted(
+        raise Preempted(
             f'Stage {name!r} saved a checkpoint at step {int(result.state.step)} in '
             f'{stage_dir} on a preemption notice (SIGTERM or Ctrl-C) and stopped; run the '
             'same command to resume.')

@@ -20,9 +20,9 @@ from etils import epath
 from absl import logging
 
 from big_pretrain.storage import files as storage
-from big_pretrain.storage.checkpoints import (STATE_ITEM, CheckpointMismatchError,
-                                     CheckpointUnreadableError, check_shapes_fit, saved_steps,
-                                     tree_shapes, unreadable_reason)
+from big_pretrain.errors import CheckpointMismatchError, CheckpointUnreadableError
+from big_pretrain.storage.checkpoints import (STATE_ITEM, check_shapes_fit, saved_steps, tree_shapes,
+                                              unreadable_reason)
 
 _BLOCK = re.compile(r'^block_(\d+)$')
 

@@ -21,18 +21,11 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from big_pretrain.storage import files as storage
-from big_pretrain.errors import CheckpointSaveError
+from big_pretrain.errors import (CheckpointMismatchError, CheckpointSaveError,
+                                 CheckpointUnreadableError)
 
 STATE_ITEM = 'state'
 DATA_ITEM = 'data'
-
-
-class CheckpointMismatchError(ValueError):
-  """A checkpoint whose tree or shapes do not fit the model being restored."""
-
-
-class CheckpointUnreadableError(OSError):
-  """A checkpoint with files missing or damaged: its metadata or arrays do not read back."""
 
 
 def saved_steps(directory: str) -> list[int]:

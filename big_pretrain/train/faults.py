@@ -24,10 +24,6 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 
-class Preempted(Exception):
-  """A run saved a checkpoint on a preemption notice (SIGTERM or Ctrl-C) and stopped."""
-
-
 class PreemptionNotice:
   """A context manager; `reached(step)` says when to save and stop.
 
@@ -74,10 +70,6 @@ class PreemptionNotice:
     if self._multi_process:
       return multihost_utils.reached_preemption_sync_point(step)
     return self._received
-
-
-class NonFiniteLossError(RuntimeError):
-  """The loss or gradient norm became NaN or Inf, and no skip budget is left."""
 
 
 def first_nonfinite_step(pending_metrics: list[dict], first_step: int,

@@ -25,7 +25,7 @@ from big_pretrain.config.validation import validate_stage_config
 from big_pretrain.data.device_prefetch import DevicePrefetch
 from big_pretrain.data.pipeline import InputPipeline, global_batch_shapes
 from big_pretrain.data.tokenizer import record_tokenizer
-from big_pretrain.errors import FinalEvaluationError
+from big_pretrain.errors import FinalEvaluationError, NonFiniteLossError
 from big_pretrain.evaluators import build_evaluators
 from big_pretrain.models import attention as attention_lib
 from big_pretrain.objectives import objective_class
@@ -305,7 +305,7 @@ def _stop_if_nonfinite(pending_metrics: list[dict], step: int, max_skipped_in_a_
   bad_step, metrics = found
   checkpointer.wait_until_finished()
   latest = checkpointer.latest_step()
-  raise faults.NonFiniteLossError(
+  raise NonFiniteLossError(
       f'The loss became {float(metrics["loss"])} (gradient norm {float(metrics["grad_norm"])}) '
       f'at step {bad_step}: stopping. The last checkpoint, '
       + (f'step {latest} in {checkpointer.directory}, ' if latest is not None else 'none, ')
