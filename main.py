@@ -199,7 +199,7 @@ def main(argv):
     # One run per workdir (a chain's stages share its lock): process 0 holds it.
     with run_lock.run_lock(_WORKDIR.value, take=jax.process_index() == 0,
                               agree=distributed.process_0_message):
-      chain.run(config, _WORKDIR.value)
+      chain.run_validated(config, _WORKDIR.value)  # validated above
   except KeyboardInterrupt:
     _exit('Interrupted (Ctrl-C): stopped without saving; the same command resumes '
           'from the last checkpoint.', EXIT_INTERRUPTED)

@@ -23,6 +23,8 @@ from big_pretrain.train import faults
 from big_pretrain.train import loop
 from big_pretrain.train import remat_choice
 from big_pretrain.train.loop import train_stage
+from big_pretrain.stages import stage_dir
+from big_pretrain.stages.stage_dir import StageDir
 from tiny_config import one_device, tiny_mae_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,12 +89,12 @@ def test_a_preempted_step_saves_without_evaluating_and_the_rerun_runs_the_final_
   first = train_stage(config, str(tmp_path), devices=one_device())
   assert first.preempted and first.steps_run == 4
   assert evaluated == [2]  # the final step 4 was saved, not evaluated
-  assert not loop.final_evaluations_recorded(config, str(tmp_path), 4)
+  assert not stage_dir.final_evaluations_recorded(StageDir(str(tmp_path)), True, 4)
 
   monkeypatch.setattr(faults.PreemptionNotice, 'reached', reached)
   rerun = train_stage(config, str(tmp_path), devices=one_device())
   assert rerun.steps_run == 0 and evaluated == [2, 4]
-  assert loop.final_evaluations_recorded(config, str(tmp_path), 4)
+  assert stage_dir.final_evaluations_recorded(StageDir(str(tmp_path)), True, 4)
 
 
 _POISON_LABEL = -7

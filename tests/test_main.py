@@ -103,7 +103,7 @@ def _run_main_in_process(args, monkeypatch):
 
 def test_each_bad_input_is_one_line_and_exit_2_before_any_compile(tmp_path, capsys, monkeypatch):
   monkeypatch.delenv('BIG_PRETRAIN_VERBOSE', raising=False)
-  monkeypatch.setattr(chain, 'run', _fail_if_training_starts)
+  monkeypatch.setattr(chain, 'run_validated', _fail_if_training_starts)
   failures = []
   for name, args, expected in _bad_input_cases(tmp_path):
     code = _run_main_in_process(args, monkeypatch)
@@ -180,7 +180,7 @@ def test_a_second_run_into_a_workdir_in_use_is_refused_naming_the_first(
   holder = subprocess.Popen(['sleep', '60'])
   try:
     _write_lock(workdir, socket.gethostname(), holder.pid)
-    monkeypatch.setattr(chain, 'run', _fail_if_training_starts)
+    monkeypatch.setattr(chain, 'run_validated', _fail_if_training_starts)
     assert _run_main_in_process(['--config=configs/mae.py:demo', f'--workdir={workdir}'],
                                 monkeypatch) == EXIT_USAGE
     [line] = capsys.readouterr().err.strip().splitlines()
@@ -351,7 +351,7 @@ def test_abandoned_save_tasks_are_not_logged_one_by_one(monkeypatch):
 
 def test_a_damaged_config_json_is_refused_in_one_line_naming_it(tmp_path):
   from big_pretrain.errors import ConfigError  # pylint: disable=import-outside-toplevel
-  from big_pretrain.train import resume_identity  # pylint: disable=import-outside-toplevel
+  from big_pretrain.stages import resume_identity  # pylint: disable=import-outside-toplevel
   from tiny_config import tiny_mae_config  # pylint: disable=import-outside-toplevel
   recorded = tmp_path / resume_identity.CONFIG_FILE
   recorded.write_text(tiny_mae_config().to_json_best_effort()[:100])  # cut short

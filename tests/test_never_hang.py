@@ -23,6 +23,7 @@ from big_pretrain.errors import UnreadableDataError
 from big_pretrain.evaluators import evaluator_config
 from big_pretrain.evaluators import reconstruction
 from big_pretrain.train import loop
+from big_pretrain.stages import stage_dir
 from test_metric_writer import read_events
 from tiny_config import one_device, tiny_mae_config
 
@@ -139,7 +140,7 @@ def test_held_out_folder_smaller_than_the_reconstruction_batch_shows_every_image
   # One grid row per held-out image, each counted once: 7, not 8 or a crash.
   grid = np.asarray(Image.open(workdir / 'reconstruction.png'))
   assert grid.shape[0] == 7 * (IMAGE_SIZE + 2) - 2
-  assert json.loads((workdir / loop.EVAL_RESULTS_FILE).read_text())['step'] == 2
+  assert json.loads((workdir / stage_dir.EVAL_RESULTS_FILE).read_text())['step'] == 2
   # TensorBoard reads the stage's scalars, its config and the same grid from its events.
   events = read_events(workdir)
   assert [step for step, _ in events['scalars']['loss']] == [2]  # log.every_steps = 2
@@ -166,13 +167,13 @@ def test_evaluator_failing_at_the_final_step_keeps_the_checkpoint_and_a_rerun_fi
   assert error.type.__name__ == 'FinalEvaluationError'
   assert ("'reconstruction' failed at the final step 2" in str(error.value)
           and 'checkpoint is saved' in str(error.value))
-  assert not (workdir / loop.EVAL_RESULTS_FILE).exists()
+  assert not (workdir / stage_dir.EVAL_RESULTS_FILE).exists()
   assert not chain._stage_finished(config, str(workdir))  # pylint: disable=protected-access
 
   monkeypatch.undo()  # the cause fixed: the same command runs only the final evaluations
   rerun = loop.train_stage(config, str(workdir), devices=one_device())
   assert rerun.finished and rerun.steps_run == 0
   assert 'reconstruction' in rerun.eval_results
-  assert json.loads((workdir / loop.EVAL_RESULTS_FILE).read_text())['step'] == 2
+  assert json.loads((workdir / stage_dir.EVAL_RESULTS_FILE).read_text())['step'] == 2
   assert (workdir / 'reconstruction.png').exists()
   assert chain._stage_finished(config, str(workdir))  # pylint: disable=protected-access

@@ -12,6 +12,7 @@ from big_pretrain.stages import chain
 from big_pretrain.config.validation import ConfigError, validate_config
 from big_pretrain.evaluators import evaluator_config
 from big_pretrain.train import loop
+from big_pretrain.stages import stage_dir
 from configs import aim, aim_then_wsp, flip, mae_then_wsp
 from test_transfer import tiny_wsp_config
 from tiny_config import one_device, tiny_mae_config
@@ -133,7 +134,7 @@ def test_at_start_probes_score_the_starting_encoder_and_print_beside_chance(tmp_
       'linear_probe', at_start=True, train_examples=64, test_examples=32, batch_size=32,
       num_steps=50)
   chain.run(config, str(tmp_path), devices=one_device())
-  at_start = json.loads((tmp_path / 'mae' / loop.AT_START_RESULTS_FILE).read_text())
+  at_start = json.loads((tmp_path / 'mae' / stage_dir.AT_START_RESULTS_FILE).read_text())
   final = json.loads((tmp_path / 'mae' / 'eval_results.json').read_text())
   assert at_start['step'] == 0 and final['step'] == 2
   assert at_start['linear_probe'] == final['linear_probe']
@@ -143,6 +144,6 @@ def test_at_start_probes_score_the_starting_encoder_and_print_beside_chance(tmp_
   assert 'chance' in table
 
   # A finished stage is not scored again; a resumed one keeps the scores of its start.
-  (tmp_path / 'mae' / loop.AT_START_RESULTS_FILE).write_text(json.dumps({'step': 0}))
+  (tmp_path / 'mae' / stage_dir.AT_START_RESULTS_FILE).write_text(json.dumps({'step': 0}))
   chain.run(config, str(tmp_path), devices=one_device())
-  assert json.loads((tmp_path / 'mae' / loop.AT_START_RESULTS_FILE).read_text()) == {'step': 0}
+  assert json.loads((tmp_path / 'mae' / stage_dir.AT_START_RESULTS_FILE).read_text()) == {'step': 0}

@@ -17,15 +17,17 @@ import os
 
 from absl import logging
 
-from big_pretrain.stages import transfer
-from big_pretrain.storage import files as storage
-from big_pretrain.storage.checkpoints import saved_steps, unreadable_reason
 from big_pretrain.config.defaults import is_pseudo_label_config
 from big_pretrain.config.validation import validate_config
 from big_pretrain.data import pseudo_labels as pseudo_labels_lib
 from big_pretrain.errors import Preempted
+from big_pretrain.stages import stage_dir as stage_dir_lib
+from big_pretrain.stages import transfer
 from big_pretrain.stages.pseudo_label_job import run_pseudo_label
-from big_pretrain.train.loop import AT_START_RESULTS_FILE, final_evaluations_recorded, train_stage
+from big_pretrain.stages.stage_dir import StageDir
+from big_pretrain.storage import files as storage
+from big_pretrain.storage.checkpoints import saved_steps, unreadable_reason
+from big_pretrain.train.loop import train_stage
 
 
 def stage_workdirs(config, workdir: str) -> dict[str, str]:
@@ -43,7 +45,7 @@ def _stage_finished(stage_config, stage_dir: str) -> bool:
   """Whether the stage's final checkpoint is there and readable (its metadata, cheaply)."""
   if is_pseudo_label_config(stage_config):
     return False  # run_pseudo_label checks its settings, then finds it has nothing to do
-  checkpoint_dir = os.path.join(stage_dir, 'checkpoints')
+  checkpoint_dir = StageDir(stage_dir).checkpoints
   steps = saved_steps(checkpoint_dir)
   if not steps or steps[-1] < stage_config.total_steps:
     return False
@@ -56,14 +58,15 @@ def _stage_finished(stage_config, stage_dir: str) -> bool:
     return False
   # The final evaluations run after the final checkpoint is saved: a stage stopped
   # between the two is not finished, and train_stage runs only those evaluations.
-  return final_evaluations_recorded(stage_config, stage_dir, steps[-1])
+  return stage_dir_lib.final_evaluations_recorded(StageDir(stage_dir), bool(stage_config.evals),
+                                                  steps[-1])
 
 
 def initialiser_from(init_from, workdir: str):
   """params -> params with the taken subtrees from the source checkpoint, or None."""
   if not (init_from.stage or init_from.checkpoint):
     return None
-  source = (os.path.join(workdir, init_from.stage, 'checkpoints') if init_from.stage
+  source = (StageDir(os.path.join(workdir, init_from.stage)).checkpoints if init_from.stage
             else init_from.checkpoint)
   take = tuple(init_from.take)
 
@@ -75,12 +78,18 @@ def initialiser_from(init_from, workdir: str):
 
 
 def run(config, workdir: str, *, devices=None) -> dict[str, dict]:
-  """Trains every unfinished stage in order; returns {stage: evaluator results}.
+  """Validates `config` (every stage, before the first starts), then `run_validated`."""
+  validate_config(config)
+  return run_validated(config, workdir, devices=devices)
+
+
+def run_validated(config, workdir: str, *, devices=None) -> dict[str, dict]:
+  """Trains every unfinished stage of a validated config in order; returns {stage: evaluator
+  results}. (main.py validates before it starts any device or process, then calls this.)
 
   `devices`: those every stage's mesh is laid over (default: all of them).
   Raises errors.Preempted when a stage saved and stopped on a preemption notice.
   """
-  validate_config(config)
   stage_dirs = stage_workdirs(config, workdir)
   for name, stage_config in _stage_configs(config).items():
     stage_dir = stage_dirs[name]
@@ -125,10 +134,10 @@ def collect_eval_results(stage_dirs: dict[str, str]) -> dict[str, dict]:
   """{stage: evaluator results}; a pseudo-label stage reports how many images it labelled."""
   results = {}
   for name, stage_dir in stage_dirs.items():
-    at_start = storage.read_json(os.path.join(stage_dir, AT_START_RESULTS_FILE))
+    at_start = storage.read_json(StageDir(stage_dir).at_start_results_file)
     if at_start is not None:
       results[f'{name} (start)'] = at_start
-    stage_results = storage.read_json(os.path.join(stage_dir, 'eval_results.json'))
+    stage_results = storage.read_json(StageDir(stage_dir).eval_results_file)
     metadata = storage.read_json(os.path.join(stage_dir, pseudo_labels_lib.METADATA_FILE))
     if stage_results is not None:
       results[name] = stage_results

@@ -15,6 +15,7 @@ checkpoint is written: a NaN state is never saved over a good one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -22,6 +23,8 @@ import signal
 import jax
 from absl import logging
 from jax.experimental import multihost_utils
+
+from big_pretrain.errors import NonFiniteLossError
 
 
 class PreemptionNotice:
@@ -87,3 +90,56 @@ def first_nonfinite_step(pending_metrics: list[dict], first_step: int,
     if not finite and skipped > max_skipped_in_a_row:
       return first_step + offset, metrics
   return None
+
+
+# The metrics that say whether a step's update was finite, and whether it was skipped.
+_FINITE_CHECK_KEYS = ('loss', 'grad_norm', 'nonfinite_updates_in_a_row')
+
+
+def stop_if_nonfinite(pending_metrics: list[dict], step: int, max_skipped_in_a_row: int,
+                      checkpointer) -> None:
+  """Raises NonFiniteLossError naming the first of the steps ending at `step` whose update
+  was NaN or Inf (after the checkpoint being written, if any, is whole)."""
+  first_step = step - len(pending_metrics) + 1
+  found = first_nonfinite_step(
+      jax.device_get([{k: m[k] for k in m if k in _FINITE_CHECK_KEYS} for m in pending_metrics]),
+      first_step, max_skipped_in_a_row)
+  if found is None:
+    return
+  bad_step, metrics = found
+  checkpointer.wait_until_finished()
+  latest = checkpointer.latest_step()
+  raise NonFiniteLossError(
+      f'The loss became {float(metrics["loss"])} (gradient norm {float(metrics["grad_norm"])}) '
+      f'at step {bad_step}: stopping. The last checkpoint, '
+      + (f'step {latest} in {checkpointer.directory}, ' if latest is not None else 'none, ')
+      + 'was written before it and is intact; nothing after it was saved. Lower '
+      'config.optim.lr_per_256, set config.optim.clip_grad_norm, or let '
+      'config.optim.skip_nonfinite_updates skip a few such steps, then run the same command '
+      'to resume from that checkpoint.')
+
+
+@dataclasses.dataclass(frozen=True)
+class StepEnd:
+  """What the loop does after a step."""
+  final: bool       # the stage's last step
+  preempted: bool   # a preemption notice: save and stop, evaluations wait for the rerun
+  stopping: bool    # save and stop (preempted, or `stop_after_steps` reached)
+
+
+@dataclasses.dataclass(frozen=True)
+class StopPolicy:
+  """When a stage stops: at total_steps, on a preemption notice, or after `stop_after_steps`
+  steps of this call (tests and benchmarks stop early as a preempted run would)."""
+  total_steps: int
+  start_step: int
+  stop_after_steps: int | None
+  preemption: PreemptionNotice
+
+  def after(self, step: int) -> StepEnd:
+    """Called once per step, by every process (the preemption check may be collective)."""
+    preempted = self.preemption.reached(step)
+    stopped_early = (self.stop_after_steps is not None
+                     and step - self.start_step >= self.stop_after_steps)
+    return StepEnd(final=step == self.total_steps, preempted=preempted,
+                   stopping=preempted or stopped_early)

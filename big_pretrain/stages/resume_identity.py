@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 
 from absl import logging
 
-from big_pretrain.storage import files as storage
 from big_pretrain.errors import ConfigError
-
-CONFIG_FILE = 'config.json'
-HISTORY_FILE = 'config_history.jsonl'
+from big_pretrain.stages.stage_dir import CONFIG_FILE, HISTORY_FILE, StageDir
+from big_pretrain.storage import files as storage
 
 # The one list of keys (a key or a group of keys) that may change between a
 # run's starts without changing what its checkpoints mean; why, beside each.
@@ -112,7 +109,7 @@ def check_resume(config, workdir: str, checkpoint_steps: list[int]) -> ConfigCha
 
 def _read_record(workdir: str) -> dict | None:
   """The recorded config.json; a damaged one is refused, since nothing could be compared."""
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = StageDir(workdir).config_file
   try:
     return storage.read_json(path)
   except ValueError as error:  # json.JSONDecodeError: edited by hand, or cut short
@@ -125,13 +122,14 @@ def _read_record(workdir: str) -> dict | None:
 
 def record_start(config, workdir: str, step: int, changes: ConfigChanges | None) -> None:
   """Writes config.json (now the current config) and appends this start to the history."""
-  history_path = os.path.join(workdir, HISTORY_FILE)
+  stage_dir = StageDir(workdir)
+  history_path = stage_dir.history_file
   entry = {'step': step, 'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
            'changes': {key: list(pair) for key, pair in (changes.all() if changes else {}).items()}}
   previous = storage.read_text(history_path) or ''
   # The history first, so a kill in between never leaves a config.json it does not explain.
   storage.write_text(history_path, previous + json.dumps(entry) + '\n')
-  storage.write_text(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
+  storage.write_text(stage_dir.config_file, config.to_json_best_effort(indent=2))
 
 
 def _refusal(changes: ConfigChanges, workdir: str, latest_step: int) -> str:

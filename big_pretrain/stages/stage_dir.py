@@ -1,0 +1,82 @@
+"""One stage's folder, and every file a stage keeps in it, named once.
+
+  WORKDIR/<stage>/                (a single-stage config: WORKDIR itself)
+    checkpoints/<step>/            Orbax: the train state and the input position
+    config.json                    the config the checkpoints are trained with
+    config_history.jsonl           one line per start: its step and what changed
+    eval_results.json              the evaluators' latest scores, {'step': s, name: scalars}
+    eval_results_at_start.json     `at_start` evaluators' scores of the starting parameters
+    events.out.tfevents.*          TensorBoard (train/metric_writer.py)
+    <evaluator>.png                reconstruction grids
+    tokenizer.{txt,model}          the tokenizer the text embeddings index (data/text)
+    run.lock                       the run holding the folder (storage/run_lock.py)
+  A pseudo-label stage instead holds job.json (its settings), shards and metadata.json.
+
+The folder may be local or in a bucket (gs://...): paths are joined for both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+
+from big_pretrain.storage import files as storage
+
+CHECKPOINTS = 'checkpoints'
+CONFIG_FILE = 'config.json'
+HISTORY_FILE = 'config_history.jsonl'
+EVAL_RESULTS_FILE = 'eval_results.json'
+AT_START_RESULTS_FILE = 'eval_results_at_start.json'
+JOB_FILE = 'job.json'
+
+
+@dataclasses.dataclass(frozen=True)
+class StageDir:
+  """The paths of one stage's files (see the module doc)."""
+  path: str
+
+  def file(self, name: str) -> str:
+    return os.path.join(self.path, name)
+
+  @property
+  def checkpoints(self) -> str:
+    return self.file(CHECKPOINTS)
+
+  @property
+  def config_file(self) -> str:
+    return self.file(CONFIG_FILE)
+
+  @property
+  def history_file(self) -> str:
+    return self.file(HISTORY_FILE)
+
+  @property
+  def eval_results_file(self) -> str:
+    return self.file(EVAL_RESULTS_FILE)
+
+  @property
+  def at_start_results_file(self) -> str:
+    return self.file(AT_START_RESULTS_FILE)
+
+  @property
+  def job_file(self) -> str:
+    return self.file(JOB_FILE)
+
+  def write_results(self, path: str, step: int, results: dict) -> None:
+    """{'step': step, evaluator name: scalars} to `path` (one of the results files), by
+    process 0 only."""
+    if jax.process_index() == 0:
+      storage.write_text(path, json.dumps({'step': step, **results}, indent=2))
+
+
+def final_evaluations_recorded(stage_dir: StageDir, has_evaluators: bool,
+                               final_step: int) -> bool:
+  """Whether eval_results.json holds the scores of the stage's checkpoint at `final_step`
+  (always so for a stage without evaluators)."""
+  if not has_evaluators:
+    return True
+  recorded = storage.read_json(stage_dir.eval_results_file)
+  return recorded is not None and recorded.get('step', -1) >= final_step
