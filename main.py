@@ -17,11 +17,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from big_pretrain import distributed
-from big_pretrain.storage import files as storage
-from big_pretrain.storage import run_lock
 from big_pretrain.config.validation import ConfigError, check_fits_devices, unknown_key_in, validate_config
 from big_pretrain.errors import (EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, UserFacingError,
                                  WorkdirError)
+from big_pretrain.storage import files as storage
+from big_pretrain.storage import run_lock
 VERBOSE_ENV = 'BIG_PRETRAIN_VERBOSE'
 
 _CONFIG = config_flags.DEFINE_config_file(

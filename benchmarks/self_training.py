@@ -39,10 +39,10 @@ import grain  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
-from big_pretrain.stages import chain  # noqa: E402
 from big_pretrain.config.defaults import chain_config  # noqa: E402
 from big_pretrain.data import pseudo_labels as records_lib  # noqa: E402
 from big_pretrain.data import sources  # noqa: E402
+from big_pretrain.stages import chain  # noqa: E402
 from configs import mae, self_training  # noqa: E402
 
 

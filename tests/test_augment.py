@@ -10,8 +10,8 @@ from PIL import ImageEnhance
 from PIL import ImageOps
 import pytest
 
-from big_pretrain.config.defaults import default_data_config
 from big_pretrain import sharding
+from big_pretrain.config.defaults import default_data_config
 from big_pretrain.data import augment
 from big_pretrain.data import pipeline
 

@@ -1,9 +1,16 @@
 """Configs: every bad key is named before any compute; the recipes validate."""
 
+import json
+import logging
+import pathlib
+
 import ml_collections
 import pytest
 
+from big_pretrain.config.defaults import SCHEMA_VERSION
+from big_pretrain.config.upgrade import upgrade
 from big_pretrain.config.validation import ConfigError, validate_stage_config
+from big_pretrain.data.labels import synthetic_vocabulary_path
 from configs import mae as mae_config
 
 
@@ -100,3 +107,43 @@ def test_finetune_recipes_are_maes_and_ask_for_data(variant, layer_decay, drop_p
   assert config.data.erasing_prob == 0.25 and config.data.randaugment_magnitude == 9
   with pytest.raises(ConfigError, match=r'config\.data\.path is not set'):
     validate_config(config)
+
+
+# --- Recorded configs of earlier schema versions (config/upgrade.py) ---------------------
+
+# A WSP stage's config.json as the code of commit 6d94fda recorded it (version 1: no
+# schema_version, no patch_embed_impl or decode_at_crop_scale; its vocabulary path replaced).
+RECORDED_BEFORE_SCHEMA_VERSIONS = (
+    pathlib.Path(__file__).parent / 'data' / 'wsp_config_recorded_before_schema_versions.json')
+
+
+def test_a_version_1_record_upgrades_to_a_complete_config_that_means_the_same(caplog):
+  recorded = json.loads(RECORDED_BEFORE_SCHEMA_VERSIONS.read_text())
+  recorded['data']['tfds_shuffle'] = True  # a key a later schema dropped
+  with caplog.at_level(logging.INFO):
+    config = upgrade(recorded, where='teacher/config.json')
+  assert 'teacher/config.json: keys this version of the code no longer has, ignored: ' \
+         'data.tfds_shuffle.' in caplog.text
+  assert config.schema_version == SCHEMA_VERSION
+  # Keys added since, at what the code did without them.
+  assert config.data.decode_at_crop_scale is False and config.model.scan is False
+  assert config.model.patch_embed_impl == 'matmul'
+  # What was recorded, with the schema's types (JSON has no tuples).
+  assert config.total_steps == 600 and config.model.variant == 'mu/8'
+  assert config.data.crop_scale == (0.35, 1.0) and config.data.scale_jitter == (0.5, 2.0)
+  assert config.evals.linear_probe.kind == 'linear_probe'
+  assert config.data.labels.vocabulary == '/data/run/vocabulary.txt'
+  config.data.labels.vocabulary = synthetic_vocabulary_path()
+  validate_stage_config(config)
+
+
+def test_a_record_of_today_upgrades_to_itself_and_a_newer_one_is_refused():
+  config = mae_config.get_config('demo')
+  recorded = json.loads(config.to_json_best_effort())
+  assert upgrade(recorded, where='config.json').to_dict() == config.to_dict()
+  recorded['schema_version'] = SCHEMA_VERSION + 1
+  with pytest.raises(ConfigError, match=r'schema_version=3.*newer version of big_pretrain'):
+    upgrade(recorded, where='config.json')
+  config.schema_version = 1
+  with pytest.raises(ConfigError, match=r'config\.schema_version=1: .*config/defaults\.py'):
+    validate_stage_config(config)

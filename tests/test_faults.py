@@ -14,17 +14,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from big_pretrain.storage import checkpoints as checkpoint_lib
-from big_pretrain.storage.checkpoints import Checkpointer
 from big_pretrain.errors import CheckpointSaveError, NonFiniteLossError
 from big_pretrain.evaluators import evaluator_config
 from big_pretrain.evaluators.reconstruction import ReconstructionEvaluator
+from big_pretrain.stages import stage_dir
+from big_pretrain.stages.stage_dir import StageDir
+from big_pretrain.storage import checkpoints as checkpoint_lib
+from big_pretrain.storage.checkpoints import Checkpointer
 from big_pretrain.train import faults
 from big_pretrain.train import loop
 from big_pretrain.train import remat_choice
 from big_pretrain.train.loop import train_stage
-from big_pretrain.stages import stage_dir
-from big_pretrain.stages.stage_dir import StageDir
 from tiny_config import one_device, tiny_mae_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

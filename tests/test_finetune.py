@@ -11,9 +11,7 @@ import optax
 import pytest
 from flax import linen as nn
 
-from big_pretrain.stages import chain
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.stages import transfer
 from big_pretrain.config.defaults import optim_defaults
 from big_pretrain.config.validation import validate_config
 from big_pretrain.data.pipeline import random_batch
@@ -21,6 +19,8 @@ from big_pretrain.errors import ConfigError
 from big_pretrain.objectives import build_objective
 from big_pretrain.objectives.finetune import (cutmix_box, mixup_or_cutmix, multi_hot_targets,
                                               smoothed_one_hot)
+from big_pretrain.stages import chain
+from big_pretrain.stages import transfer
 from big_pretrain.train import optim
 from big_pretrain.train.loop import train_stage
 from big_pretrain.train.step import build_trainer

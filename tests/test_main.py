@@ -14,10 +14,10 @@ import pytest
 from absl import flags
 
 import main as main_lib
+from big_pretrain.errors import WorkdirError
 from big_pretrain.stages import chain
 from big_pretrain.storage import files as storage
 from big_pretrain.storage import run_lock
-from big_pretrain.errors import WorkdirError
 from test_multiprocess import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

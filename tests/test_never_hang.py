@@ -15,15 +15,15 @@ from PIL import Image
 import pytest
 
 from big_pretrain.config.defaults import default_data_config
-from big_pretrain.stages import chain
-from big_pretrain.storage.checkpoints import Checkpointer
 from big_pretrain.data import pipeline
 from big_pretrain.data.device_prefetch import DevicePrefetch
 from big_pretrain.errors import UnreadableDataError
 from big_pretrain.evaluators import evaluator_config
 from big_pretrain.evaluators import reconstruction
-from big_pretrain.train import loop
+from big_pretrain.stages import chain
 from big_pretrain.stages import stage_dir
+from big_pretrain.storage.checkpoints import Checkpointer
+from big_pretrain.train import loop
 from test_metric_writer import read_events
 from tiny_config import one_device, tiny_mae_config
 

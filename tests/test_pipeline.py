@@ -8,11 +8,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from big_pretrain.stages import chain
 from big_pretrain.config.validation import ConfigError, validate_config
 from big_pretrain.evaluators import evaluator_config
-from big_pretrain.train import loop
+from big_pretrain.stages import chain
 from big_pretrain.stages import stage_dir
+from big_pretrain.train import loop
 from configs import aim, aim_then_wsp, flip, mae_then_wsp
 from test_transfer import tiny_wsp_config
 from tiny_config import one_device, tiny_mae_config

@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 
-from big_pretrain.stages import chain
-from big_pretrain.stages import transfer
 from big_pretrain.errors import CheckpointMismatchError
-from big_pretrain.storage.checkpoints import Checkpointer
 from big_pretrain.errors import ConfigError
+from big_pretrain.stages import chain
 from big_pretrain.stages import resume_identity
+from big_pretrain.stages import transfer
+from big_pretrain.storage.checkpoints import Checkpointer
 from big_pretrain.train.loop import train_stage
 from tiny_config import one_device, tiny_mae_config, tiny_trainer
 

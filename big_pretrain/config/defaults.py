@@ -16,6 +16,10 @@ from big_pretrain.data.pipeline import DEFAULT_MAX_CONSECUTIVE_UNREADABLE
 from big_pretrain.models import vit as vit_lib
 from big_pretrain.objectives import objective_defaults
 
+# The schema's version, recorded in every stage's config.json: 2 added this key (a config
+# recorded without it is version 1). Adding a key whose default is not what its absence
+# meant, or renaming one, is a new version with a step in config/upgrade.py.
+SCHEMA_VERSION = 2
 
 def model_defaults() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
@@ -79,6 +83,7 @@ def use_embedded_demo_data(config) -> None:
 def stage_config(objective: str) -> ml_collections.ConfigDict:
   """A complete stage config for `objective`, every key at its default."""
   config = ml_collections.ConfigDict()
+  config.schema_version = SCHEMA_VERSION
   config.seed = 0
   config.total_steps = 1000
   config.batch_size = 256             # global, over all processes and devices
@@ -112,6 +117,7 @@ def pseudo_label_config() -> ml_collections.ConfigDict:
   """A pseudo-label stage (self-training): a teacher labels unlabelled images
   (big_pretrain/stages/pseudo_label_job.py). Every key at its default."""
   config = ml_collections.ConfigDict()
+  config.schema_version = SCHEMA_VERSION
   config.job = 'pseudo_label'   # what marks a stage as this job, not a training stage
   # The teacher: an earlier stage of config.stages with a classification head
   # (finetune, self_training, wsp), or the folder of such a stage (config.json + checkpoints/).

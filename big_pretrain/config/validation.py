@@ -13,21 +13,22 @@ import math
 import ml_collections
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.data import augment as augment_lib
-from big_pretrain.data import sources as sources_lib
-from big_pretrain.config.defaults import (PSEUDO_LABEL_KINDS, default_data_config,
+from big_pretrain.config.defaults import (PSEUDO_LABEL_KINDS, SCHEMA_VERSION, default_data_config,
                                           is_pseudo_label_config, pseudo_label_config,
                                           stage_config)
+from big_pretrain.data import augment as augment_lib
+from big_pretrain.data import sources as sources_lib
 from big_pretrain.errors import ConfigError
-from big_pretrain.storage.files import is_bucket
 from big_pretrain.evaluators import (evaluator_class, evaluator_config, evaluator_defaults,
                                      evaluator_names)
 from big_pretrain.models import vit as vit_lib
 from big_pretrain.models.attention import ATTENTION_IMPLS
 from big_pretrain.objectives import objective_class, objective_names
+from big_pretrain.storage.files import is_bucket
 
 
 def validate_pseudo_label_config(config, path: str = 'config') -> None:
+  _check_schema_version(config, path)
   schema = pseudo_label_config()
   _check_against({k: v for k, v in config.items() if k != 'sharding_rules'},
                  {k: v for k, v in schema.items() if k != 'sharding_rules'} | {
@@ -101,8 +102,18 @@ def _check_type(path: str, expected, value) -> None:
         f'{path}={value!r}: expected a {type(expected).__name__} like {expected!r}.')
 
 
+def _check_schema_version(config, path: str) -> None:
+  if config.get('schema_version') != SCHEMA_VERSION:
+    raise ConfigError(
+        f'{path}.schema_version={config.get("schema_version")!r}: this code reads configs of '
+        f'version {SCHEMA_VERSION}, which config/defaults.py builds (stage_config, '
+        'pseudo_label_config); start the config file from those. (A config.json recorded by '
+        'an earlier version is read through config/upgrade.py.)')
+
+
 def validate_stage_config(config, path: str = 'config') -> None:
   """Raises ConfigError naming the first unknown or ill-typed key, or missing data."""
+  _check_schema_version(config, path)
   objective = config.get('objective', {}).get('name')
   if objective not in objective_names():
     raise ConfigError(

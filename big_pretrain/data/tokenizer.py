@@ -53,8 +53,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from big_pretrain.storage import files as storage
 from big_pretrain.data import sources
+from big_pretrain.storage import files as storage
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = '<pad>', '<bos>', '<eos>', '<unk>'
 # Their ids are their positions: the first four lines of every vocabulary file.

@@ -46,7 +46,7 @@ class ClassificationEvaluator(Evaluator):
           f'{culprit}: kind=classification scores class logits, which the '
           f'{self.objective.name!r} objective does not give. Use it with objective '
           "'finetune', or probe this encoder with kind='linear_probe'.")
-    if self.eval_config.also_ema and self.stage_config.optim.get('ema_decay') is None:
+    if self.eval_config.also_ema and self.stage_config.optim.ema_decay is None:
       raise ValueError(f'{culprit}.also_ema=True, but config.optim.ema_decay is not set: '
                        'there is no moving average to score.')
     for key in ('test_examples', 'batch_size'):

@@ -428,8 +428,8 @@ def vit_from_config(model_config) -> VisionTransformer:
       posemb=model_config.posemb, dtype=compute_dtype(model_config.dtype),
       scan=scan_layers(model_config.scan, size.depth), remat=model_config.remat,
       attention_impl=model_config.attention_impl,
-      drop_path=model_config.get('drop_path', 0.0),
-      patch_embed_impl=model_config.get('patch_embed_impl', 'matmul'))
+      drop_path=model_config.drop_path,
+      patch_embed_impl=model_config.patch_embed_impl)
 
 
 def compute_dtype(name: str):

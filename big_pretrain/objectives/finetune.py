@@ -214,7 +214,7 @@ class Finetune(Objective):
     self.num_classes = num_classes(config)
     self.model = ClassifierModel(encoder=vit_from_config(config.model),
                                  num_classes=self.num_classes,
-                                 head_dropout=objective.get('head_dropout', 0.0))
+                                 head_dropout=objective.head_dropout)
     self._trainable_pattern = _trainable_pattern(
         objective.trainable, objective.trainable_blocks, self.model.encoder.depth)
 

@@ -135,7 +135,7 @@ class MAE(Objective):
         encoder=vit_from_config(config.model),
         decoder_width=objective.decoder_width, decoder_depth=objective.decoder_depth,
         decoder_heads=objective.decoder_heads, dtype=compute_dtype(config.model.dtype),
-        encoder_on_all_tokens=objective.get('encoder_on_all_tokens', False))
+        encoder_on_all_tokens=objective.encoder_on_all_tokens)
 
   @property
   def patch_size(self) -> int:

@@ -37,16 +37,17 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.stages import transfer
-from big_pretrain.storage import files as storage
+from big_pretrain.config.upgrade import upgrade
 from big_pretrain.data import pseudo_labels as records_lib
 from big_pretrain.data import sources
 from big_pretrain.data.labels import LabelVocabulary
 from big_pretrain.data.pipeline import decode_key, ordered_batches
 from big_pretrain.errors import ConfigError
 from big_pretrain.objectives import build_objective
+from big_pretrain.stages import transfer
+from big_pretrain.stages.stage_dir import CONFIG_FILE, StageDir
+from big_pretrain.storage import files as storage
 
-TEACHER_CONFIG_FILE = 'config.json'
 
 
 @dataclasses.dataclass
@@ -58,18 +59,16 @@ class PseudoLabelResult:
 
 
 def read_teacher_config(teacher_dir: str) -> ml_collections.ConfigDict:
-  """The stage config a teacher stage recorded (its config.json, with what the data decided)."""
-  config = storage.read_json(os.path.join(teacher_dir, TEACHER_CONFIG_FILE))
-  if config is None:
+  """The stage config a teacher stage recorded (its config.json, with what the data decided),
+  in today's schema."""
+  path = StageDir(teacher_dir).config_file
+  recorded = storage.read_json(path)
+  if recorded is None:
     raise FileNotFoundError(
-        f'The teacher folder {teacher_dir!r} has no {TEACHER_CONFIG_FILE}: point '
+        f'The teacher folder {teacher_dir!r} has no {CONFIG_FILE}: point '
         'config.teacher.workdir at the folder of a trained stage (it holds config.json and '
         'checkpoints/), or config.teacher.stage at an earlier stage of the chain.')
-  config = ml_collections.ConfigDict(config)
-  for key, value in config.data.items():  # JSON gave lists where the schema has tuples.
-    if isinstance(value, list):
-      config.data[key] = tuple(value)
-  return config
+  return upgrade(recorded, where=path)
 
 
 def teacher_params(objective, step_dir: str, mesh, rules):
@@ -94,7 +93,7 @@ def job_settings(config, teacher_step_dir: str, num_examples: int) -> dict:
 
 
 def _class_names(teacher_config, num_classes: int) -> list[str]:
-  if teacher_config.data.labels.get('vocabulary'):
+  if teacher_config.data.labels.vocabulary:
     return list(LabelVocabulary.from_file(teacher_config.data.labels.vocabulary).labels)
   try:
     names = sources.build_source(teacher_config.data).class_names
@@ -125,7 +124,7 @@ def run_pseudo_label(config, workdir: str, *, teacher_dir: str | None = None, de
   data = config.data.copy_and_resolve_references()
   # The teacher sees images as it was evaluated: its size and centre crop.
   data.image_size = teacher_config.data.image_size
-  data.eval_crop_fraction = teacher_config.data.get('eval_crop_fraction', 1.0)
+  data.eval_crop_fraction = teacher_config.data.eval_crop_fraction
   data.split = 'train'
   source = sources.build_source(data)
   num_examples = len(source)
@@ -259,7 +258,7 @@ def _write_shard(workdir: str, shard: int, num_shards: int, records: list[bytes]
 
 def _check_or_record_settings(workdir: str, settings: dict) -> None:
   """Resumes only the same job: other settings in the same folder are refused."""
-  path = os.path.join(workdir, 'job.json')
+  path = StageDir(workdir).job_file
   recorded = storage.read_json(path)
   # Another process may already have written the same settings: every process
   # passes the barrier below whichever it saw.

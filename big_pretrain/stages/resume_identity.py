@@ -50,6 +50,7 @@ CHANGES_ALLOWED_ON_RESUME = {
     'data.tfds_test_split': 'the held-out split evaluators read',
     'data.eval_crop_fraction': 'the held-out split evaluators read',
     'resume_with_changes': 'this permission itself',
+    'schema_version': 'the version of the code that wrote the record (config/upgrade.py)',
 }
 _ABSENT = '(absent)'
 _MAX_DIFF_LINES = 12
@@ -97,7 +98,7 @@ def check_resume(config, workdir: str, checkpoint_steps: list[int]) -> ConfigCha
   if recorded is None:
     return None  # Checkpoints written before configs were recorded: nothing to compare.
   changes = compare_configs(recorded, _as_json(config))
-  if changes.identity and not config.get('resume_with_changes', False):
+  if changes.identity and not config.resume_with_changes:
     raise ConfigError(_refusal(changes, workdir, max(checkpoint_steps)))
   if changes.identity:
     logging.warning('Resuming %s with changes that config.resume_with_changes=True allows:\n%s',

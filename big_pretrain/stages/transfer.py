@@ -19,10 +19,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from absl import logging
 
-from big_pretrain.storage import files as storage
 from big_pretrain.errors import CheckpointMismatchError, CheckpointUnreadableError
-from big_pretrain.storage.checkpoints import (STATE_ITEM, check_shapes_fit, saved_steps, tree_shapes,
-                                              unreadable_reason)
+from big_pretrain.stages.stage_dir import StageDir
+from big_pretrain.storage import files as storage
+from big_pretrain.storage.checkpoints import (STATE_ITEM, check_shapes_fit, saved_steps,
+                                              tree_shapes, unreadable_reason)
 
 _BLOCK = re.compile(r'^block_(\d+)$')
 
@@ -41,7 +42,7 @@ def resolve_checkpoint_dir(path: str) -> str:
           f'The checkpoint {path} cannot be read: {reason}. Point init_from at another step '
           'folder, or at the folder of steps to take its latest readable one.')
     return path
-  for candidate in (path, os.path.join(path, 'checkpoints')):
+  for candidate in (path, StageDir(path).checkpoints):
     reasons = []
     for step in reversed(saved_steps(candidate)):
       step_dir = os.path.join(candidate, str(step))

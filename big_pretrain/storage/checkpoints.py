@@ -20,9 +20,9 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from big_pretrain.storage import files as storage
 from big_pretrain.errors import (CheckpointMismatchError, CheckpointSaveError,
                                  CheckpointUnreadableError)
+from big_pretrain.storage import files as storage
 
 STATE_ITEM = 'state'
 DATA_ITEM = 'data'

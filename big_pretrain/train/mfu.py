@@ -134,7 +134,7 @@ def encoder_num_tokens(config) -> int:
   """Tokens the ViT's blocks see in a training step: visible patches (+ cls)."""
   objective = config.objective
   total = num_patches(config)
-  if objective.name == 'mae' and not objective.get('encoder_on_all_tokens', False):
+  if objective.name == 'mae' and not objective.encoder_on_all_tokens:
     patches = num_kept(total, objective.mask_ratio)
   elif objective.name == 'flip' and objective.mask_ratio > 0:
     patches = num_kept(total, objective.mask_ratio)

@@ -155,7 +155,7 @@ def make_optimizer(optim_config, schedule: optax.Schedule) -> optax.GradientTran
   """AdamW per `config.optim`, with what its other keys ask for (see the module doc)."""
   if optim_config.name != 'adamw':
     raise ValueError(f"config.optim.name={optim_config.name!r}: only 'adamw' is implemented.")
-  exclude = tuple(optim_config.get('no_weight_decay', ()))
+  exclude = tuple(optim_config.no_weight_decay)
   adamw = optax.adamw(
       schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
       weight_decay=optim_config.weight_decay,
@@ -163,18 +163,18 @@ def make_optimizer(optim_config, schedule: optax.Schedule) -> optax.GradientTran
   parts = [adamw]
   if optim_config.clip_grad_norm:
     parts.insert(0, optax.clip_by_global_norm(optim_config.clip_grad_norm))
-  layer_decay = optim_config.get('layer_decay')
+  layer_decay = optim_config.layer_decay
   if layer_decay is not None:
     if not 0 < layer_decay <= 1:
       raise ValueError(f'config.optim.layer_decay={layer_decay!r} must be in (0, 1].')
     parts.append(scale_by_layer_decay(layer_decay))
-  ema_decay = optim_config.get('ema_decay')
+  ema_decay = optim_config.ema_decay
   if ema_decay is not None:
     if not 0 < ema_decay < 1:
       raise ValueError(f'config.optim.ema_decay={ema_decay!r} must be in (0, 1).')
     parts.append(track_params_ema(ema_decay))
   tx = parts[0] if len(parts) == 1 else optax.chain(*parts)
-  skip = optim_config.get('skip_nonfinite_updates', 0)
+  skip = optim_config.skip_nonfinite_updates
   if not isinstance(skip, int) or skip < 0:
     raise ValueError(f'config.optim.skip_nonfinite_updates={skip!r} must be an integer >= 0: '
                      'how many NaN/Inf updates in a row may be skipped (0: stop at the first).')
