@@ -41,29 +41,12 @@ class StageDir:
   def file(self, name: str) -> str:
     return os.path.join(self.path, name)
 
-  @property
-  def checkpoints(self) -> str:
-    return self.file(CHECKPOINTS)
-
-  @property
-  def config_file(self) -> str:
-    return self.file(CONFIG_FILE)
-
-  @property
-  def history_file(self) -> str:
-    return self.file(HISTORY_FILE)
-
-  @property
-  def eval_results_file(self) -> str:
-    return self.file(EVAL_RESULTS_FILE)
-
-  @property
-  def at_start_results_file(self) -> str:
-    return self.file(AT_START_RESULTS_FILE)
-
-  @property
-  def job_file(self) -> str:
-    return self.file(JOB_FILE)
+  checkpoints = property(lambda self: self.file(CHECKPOINTS))
+  config_file = property(lambda self: self.file(CONFIG_FILE))
+  history_file = property(lambda self: self.file(HISTORY_FILE))
+  eval_results_file = property(lambda self: self.file(EVAL_RESULTS_FILE))
+  at_start_results_file = property(lambda self: self.file(AT_START_RESULTS_FILE))
+  job_file = property(lambda self: self.file(JOB_FILE))
 
   def write_results(self, path: str, step: int, results: dict) -> None:
     """{'step': step, evaluator name: scalars} to `path` (one of the results files), by
