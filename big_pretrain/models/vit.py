@@ -26,19 +26,10 @@ from big_pretrain.models.patches import patchify, sincos_2d_position_embedding
 
 # (width, depth, heads), from METHODS.md section 1. 'mu' is a tiny size for tests.
 VIT_SIZES = {
-    'mu': (64, 2, 4),
-    'Ti': (192, 12, 3),
-    'S': (384, 12, 6),
-    'B': (768, 12, 12),
-    'L': (1024, 24, 16),
-    'H': (1280, 32, 16),
-    'g': (1408, 40, 16),
-    '2B': (2560, 24, 32),
+    'mu': (64, 2, 4), 'Ti': (192, 12, 3), 'S': (384, 12, 6), 'B': (768, 12, 12),
+    'L': (1024, 24, 16), 'H': (1280, 32, 16), 'g': (1408, 40, 16), '2B': (2560, 24, 32),
     # AIM's trunks (width over depth; heads our choice, head_dim 128).
-    '600M': (1536, 24, 12),
-    '1B': (2048, 24, 16),
-    '3B': (3072, 24, 24),
-    '7B': (4096, 32, 32),
+    '600M': (1536, 24, 12), '1B': (2048, 24, 16), '3B': (3072, 24, 24), '7B': (4096, 32, 32),
 }
 
 # Names of the remat policies a config may choose.
