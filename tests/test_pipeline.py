@@ -61,6 +61,19 @@ def test_chain_resumes_the_interrupted_stage_and_does_not_redo_the_first(tmp_pat
   chain.run(tiny_chain(), str(tmp_path), devices=one_device())
   assert calls == []  # everything finished
 
+  # Another run's config into the finished folders is refused with its diff, not skipped.
+  for stage, key, value in (('mae', 'objective.mask_ratio', 0.5), ('wsp', 'model.variant', 'Ti/8')):
+    other = tiny_chain()
+    node = other.stages[stage]
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=rf'(?s){stage}.*{key}: .* -> .*skipping it would '
+                                          r'report its results.*new --workdir'):
+      chain.run(other, str(tmp_path), devices=one_device())
+  assert calls == []
+
 
 def test_wsp_starts_from_the_mae_encoder(tmp_path, monkeypatch):
   config = tiny_chain()

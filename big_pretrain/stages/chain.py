@@ -21,6 +21,8 @@ from big_pretrain.config.defaults import is_pseudo_label_config
 from big_pretrain.config.validation import validate_config
 from big_pretrain.data import pseudo_labels as pseudo_labels_lib
 from big_pretrain.errors import Preempted
+from big_pretrain.objectives import objective_class
+from big_pretrain.stages import resume_identity
 from big_pretrain.stages import stage_dir as stage_dir_lib
 from big_pretrain.stages import transfer
 from big_pretrain.stages.pseudo_label_job import run_pseudo_label
@@ -62,6 +64,14 @@ def _stage_finished(stage_config, stage_dir: str) -> bool:
                                                   steps[-1])
 
 
+def _check_same_run(stage_config, stage_dir: str) -> None:
+  """Refuses (ConfigError, with the diff) a config other than the one the finished stage in
+  `stage_dir` was trained with: its folder's name alone does not make it this run."""
+  resolved = objective_class(stage_config.objective.name).resolve_config(stage_config)
+  resume_identity.check_resume(resolved, stage_dir,
+                               saved_steps(StageDir(stage_dir).checkpoints), finished=True)
+
+
 def initialiser_from(init_from, workdir: str):
   """params -> params with the taken subtrees from the source checkpoint, or None."""
   if not (init_from.stage or init_from.checkpoint):
@@ -94,6 +104,7 @@ def run_validated(config, workdir: str, *, devices=None) -> dict[str, dict]:
   for name, stage_config in _stage_configs(config).items():
     stage_dir = stage_dirs[name]
     if _stage_finished(stage_config, stage_dir):
+      _check_same_run(with_pseudo_label_folder(stage_config, stage_dirs), stage_dir)
       logging.info('Stage %r finished earlier (%s): skipping it.', name, stage_dir)
       continue
     if is_pseudo_label_config(stage_config):

@@ -80,12 +80,15 @@ def compare_configs(recorded: dict, new: dict) -> ConfigChanges:
   return ConfigChanges(allowed, identity)
 
 
-def check_resume(config, workdir: str, checkpoint_steps: list[int]) -> ConfigChanges | None:
+def check_resume(config, workdir: str, checkpoint_steps: list[int], *,
+                 finished: bool = False) -> ConfigChanges | None:
   """Compares `config` with the one recorded in `workdir`; raises ConfigError on a refused change.
 
   Returns the changes (None when there is no checkpoint to resume or no
   record to compare with). Writes nothing: `record_start` does, once the run
-  is known to go ahead.
+  is known to go ahead. `finished`: the stage in `workdir` is finished and would be
+  skipped, which is refused just the same for another run's config (its results would
+  pass for this config's).
   """
   recorded = _read_record(workdir)
   if not checkpoint_steps:
@@ -99,12 +102,13 @@ def check_resume(config, workdir: str, checkpoint_steps: list[int]) -> ConfigCha
     return None  # Checkpoints written before configs were recorded: nothing to compare.
   changes = compare_configs(recorded, _as_json(config))
   if changes.identity and not config.resume_with_changes:
-    raise ConfigError(_refusal(changes, workdir, max(checkpoint_steps)))
+    raise ConfigError(_refusal(changes, workdir, max(checkpoint_steps), finished))
+  doing = 'Skipping the finished' if finished else 'Resuming'
   if changes.identity:
-    logging.warning('Resuming %s with changes that config.resume_with_changes=True allows:\n%s',
-                    workdir, _diff_lines(changes.identity))
+    logging.warning('%s %s with changes that config.resume_with_changes=True allows:\n%s',
+                    doing, workdir, _diff_lines(changes.identity))
   if changes.allowed:
-    logging.info('Resuming with changed keys:\n%s', _diff_lines(changes.allowed))
+    logging.info('%s stage with changed keys:\n%s', doing, _diff_lines(changes.allowed))
   return changes
 
 
@@ -133,14 +137,19 @@ def record_start(config, workdir: str, step: int, changes: ConfigChanges | None)
   storage.write_text(stage_dir.config_file, config.to_json_best_effort(indent=2))
 
 
-def _refusal(changes: ConfigChanges, workdir: str, latest_step: int) -> str:
+def _refusal(changes: ConfigChanges, workdir: str, latest_step: int, finished: bool) -> str:
+  what_follows = (
+      'That run is finished: skipping it would report its results as this config\'s. To train '
+      'this config, use a new --workdir. To skip it anyway, add '
+      '--config.resume_with_changes=True.' if finished else
+      'Resuming would make one run out of two configs. To start a separate run, use a new '
+      '--workdir. To resume with these changes on purpose (they are recorded in '
+      f'{HISTORY_FILE}), add --config.resume_with_changes=True.')
   return (
       f'This config differs from the one the checkpoints in {workdir} were trained with '
       f'(up to step {latest_step}; recorded in {CONFIG_FILE}) in keys that change what the '
-      f'saved state means:\n{_diff_lines(changes.identity)}\n'
-      'Resuming would make one run out of two configs. To start a separate run, use a new '
-      '--workdir. To resume with these changes on purpose (they are recorded in '
-      f'{HISTORY_FILE}), add --config.resume_with_changes=True. Nothing was modified.')
+      f'saved state means:\n{_diff_lines(changes.identity)}\n{what_follows} Nothing was '
+      'modified.')
 
 
 def _diff_lines(changes: dict) -> str:
