@@ -103,12 +103,12 @@ def check_resume(config, workdir: str, checkpoint_steps: list[int], *,
   changes = compare_configs(recorded, _as_json(config))
   if changes.identity and not config.resume_with_changes:
     raise ConfigError(_refusal(changes, workdir, max(checkpoint_steps), finished))
-  doing = 'Skipping the finished' if finished else 'Resuming'
+  doing = 'Skipping the finished stage' if finished else 'Resuming'
   if changes.identity:
     logging.warning('%s %s with changes that config.resume_with_changes=True allows:\n%s',
                     doing, workdir, _diff_lines(changes.identity))
   if changes.allowed:
-    logging.info('%s stage with changed keys:\n%s', doing, _diff_lines(changes.allowed))
+    logging.info('%s with changed keys:\n%s', doing, _diff_lines(changes.allowed))
   return changes
 
 
