@@ -83,6 +83,10 @@ def get_config(arg: str | None = None):
   unmasked.optim.lr_per_256 = pretrain.optim.lr_per_256 / 10
   unmasked.total_steps = max(1, pretrain.total_steps // 20)
   unmasked.optim.warmup_steps = max(1, unmasked.total_steps // 10)
+  # Logged and saved at least a few times in its 1/20 of the steps.
+  unmasked.log.every_steps = min(unmasked.log.every_steps, max(1, unmasked.total_steps // 4))
+  unmasked.checkpoint.every_steps = min(unmasked.checkpoint.every_steps,
+                                        max(1, unmasked.total_steps // 2))
   unmasked.init_from.stage = 'pretrain'
   unmasked.init_from.take = FLIP_PARAMS
   return chain_config(pretrain=pretrain, unmasked=unmasked)

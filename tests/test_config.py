@@ -7,10 +7,14 @@ import pathlib
 import ml_collections
 import pytest
 
-from big_pretrain.config.defaults import SCHEMA_VERSION
+from big_pretrain.config.defaults import (SCHEMA_VERSION, default_data_config,
+                                          pseudo_label_config, stage_config)
 from big_pretrain.config.upgrade import upgrade
+from big_pretrain.config.value_rules import leaf_keys, rule_for
 from big_pretrain.config.validation import ConfigError, validate_stage_config
 from big_pretrain.data.labels import synthetic_vocabulary_path
+from big_pretrain.evaluators import evaluator_config, evaluator_names
+from big_pretrain.objectives import objective_names
 from configs import mae as mae_config
 
 
@@ -147,3 +151,73 @@ def test_a_record_of_today_upgrades_to_itself_and_a_newer_one_is_refused():
   config.schema_version = 1
   with pytest.raises(ConfigError, match=r'config\.schema_version=1: .*config/defaults\.py'):
     validate_stage_config(config)
+
+
+# --- Every key's values (config/value_rules.py) ------------------------------------------
+
+def _all_default_keys():
+  """Every key of every objective's stage config, every evaluator's config (its data
+  overrides as the data keys they override) and the pseudo-label job's config."""
+  keys = set()
+  for objective in objective_names():
+    config = stage_config(objective)
+    for kind in evaluator_names():
+      config.evals[kind] = evaluator_config(kind)
+      for group in ('train_data', 'test_data'):
+        if group in config.evals[kind]:
+          config.evals[kind][group] = default_data_config()
+    keys |= set(leaf_keys(config))
+  return keys | set(leaf_keys(pseudo_label_config()))
+
+
+def test_every_key_of_every_default_config_has_a_rule_for_its_values():
+  keys = _all_default_keys()
+  assert len(keys) > 200
+  assert not sorted(key for key in keys if rule_for(key) is None)
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('model.dtype', 'float64', r"model\.dtype='float64': choose one of \('float32', 'bfloat16'\)"),
+    ('optim.lr_per_256', -1e-3, r'optim\.lr_per_256=-0\.001: must be a number >= 0'),
+    ('optim.b2', 1.5, r'optim\.b2=1\.5: must lie in \[0, 1\)'),
+    ('optim.clip_grad_norm', 0.0, r'optim\.clip_grad_norm=0\.0: must be a number > 0 \(or None\)'),
+    ('model.drop_path', 1.0, r'model\.drop_path=1\.0: must lie in \[0, 1\)'),
+    ('data.crop_scale', (0.5, 0.2), r'data\.crop_scale=\(0\.5, 0\.2\): must be \(min, max\)'),
+    ('data.num_threads', 0, r'data\.num_threads=0: must be an integer >= 1 \(or None\)'),
+    ('mesh.fsdp', 0, r'mesh\.fsdp=0: must be -1 .* or an integer >= 1'),
+    ('checkpoint.keep', 0, r'checkpoint\.keep=0: must be an integer >= 1'),
+    ('evals.knn.k', 0, r'evals\.knn\.k=0: must be an integer >= 1'),
+    ('evals.knn.test_data.split', 'val', r"evals\.knn\.test_data\.split='val': choose one of"),
+    ('data.text.max_length', 1, r'data\.text\.max_length=1: must be an integer >= 2'),
+])
+def test_a_value_out_of_range_is_named_in_one_line_before_any_compute(key, value, message):
+  config = mae_config.get_config('demo')
+  config.evals.knn = evaluator_config('knn')
+  *parents, leaf = key.split('.')
+  node = config
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match=rf'^config\.{message}') as refusal:
+    validate_stage_config(config)
+  assert '\n' not in str(refusal.value)
+
+
+def test_legal_but_suspicious_values_are_warned_about_in_one_line_each(caplog):
+  config = mae_config.get_config('demo')
+  config.update(total_steps=100)
+  config.optim.warmup_steps = 200
+  config.log.every_steps = 500
+  config.evals.knn = evaluator_config('knn', every_steps=1000)
+  config.evals.reconstruction.every_steps = 50
+  with caplog.at_level(logging.WARNING):
+    validate_stage_config(config)
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 3 and all('\n' not in w for w in warnings)
+  assert 'optim.warmup_steps=200 is not below total_steps=100' in warnings[0]
+  assert 'log.every_steps=500 is above total_steps=100' in warnings[1]
+  assert 'evals.knn.every_steps=1000 is above total_steps=100' in warnings[2]
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    validate_stage_config(mae_config.get_config('demo'))
+  assert not [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -16,6 +16,7 @@ from big_pretrain import sharding as sharding_lib
 from big_pretrain.config.defaults import (PSEUDO_LABEL_KINDS, SCHEMA_VERSION, default_data_config,
                                           is_pseudo_label_config, pseudo_label_config,
                                           stage_config)
+from big_pretrain.config.value_rules import check_values, warn_if_suspicious
 from big_pretrain.data import augment as augment_lib
 from big_pretrain.data import sources as sources_lib
 from big_pretrain.errors import ConfigError
@@ -40,14 +41,11 @@ def validate_pseudo_label_config(config, path: str = 'config') -> None:
   if not 0.0 <= labels.threshold < 1.0:
     raise ConfigError(f'{path}.labels.threshold={labels.threshold}: must be in [0, 1) (the '
                       "teacher's top probability an image needs to be labelled).")
-  if labels.top_k < 1 or labels.temperature <= 0:
-    raise ConfigError(f'{path}.labels.top_k must be >= 1 and {path}.labels.temperature > 0.')
-  if config.batch_size <= 0 or config.examples_per_shard <= 0:
-    raise ConfigError(f'{path}.batch_size and {path}.examples_per_shard must be positive.')
   if bool(config.teacher.stage) == bool(config.teacher.workdir):
     raise ConfigError(
         f'{path}.teacher: give stage (an earlier stage of config.stages) or workdir (the '
         'folder of a finished stage with a classification head), exactly one of them.')
+  check_values(config, path)
 
 
 def _unknown_key_error(path: str, key: str, known) -> ConfigError:
@@ -132,8 +130,6 @@ def validate_stage_config(config, path: str = 'config') -> None:
   _check_augmentation(config.data, path)
   for name, eval_config in config.get('evals', {}).items():
     _check_evaluator(eval_config, config.data, f'{path}.evals.{name}')
-  if config.batch_size <= 0 or config.total_steps <= 0:
-    raise ConfigError(f'{path}.batch_size and {path}.total_steps must be positive.')
   if config.init_from.stage and config.init_from.checkpoint:
     raise ConfigError(f'{path}.init_from: give stage or checkpoint, not both.')
   _check_model_choices(config.model, f'{path}.model')
@@ -144,6 +140,8 @@ def validate_stage_config(config, path: str = 'config') -> None:
         f'{path}.data.pseudo_labels is set, but objective {objective!r} would read the '
         "pseudo-labelled rows as unlabelled ones: train them with objective 'self_training'.")
   objective_class(objective).check_config(config, path)
+  check_values(config, path)  # every key's range, after the checks that explain more
+  warn_if_suspicious(config, path)
 
 
 def validate_config(config) -> None:
