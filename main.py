@@ -1,0 +1,73 @@
+"""big_pretrain entry point.
+
+  python main.py --config=configs/mae.py:demo --workdir=/tmp/mae_demo
+  python main.py --config=configs/mae.py --workdir=gs://bucket/run --config.data.path=...
+
+Any config key can be overridden on the command line (--config.total_steps=20).
+"""
+# The flags and their one-line errors are big_pretrain/cli.py's; each error's exit code is
+# big_pretrain/errors.py's (README, "Exit codes").
+
+import jax
+from absl import app, flags, logging
+
+from big_pretrain import cli, distributed
+from big_pretrain.config.validation import check_fits_devices, validate_config
+from big_pretrain.errors import (EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, ConfigError,
+                                 UserFacingError, WorkdirError)
+from big_pretrain.storage import files as storage
+from big_pretrain.storage import run_lock
+
+flags.adopt_module_key_flags(cli)  # `main.py --help` lists them
+
+
+def main(argv):
+  del argv  # cli.parse_flags refused any beyond the flags
+  cli.set_up_logging()
+  command = cli.parsed_command()
+
+  # Validate the config and the workdir, before any device is touched.
+  try:
+    validate_config(command.config)
+    storage.check_usable(command.workdir)
+  except (ConfigError, WorkdirError) as e:
+    cli.exit_usage(str(e))
+
+  # Start the processes (this host's, or every host's), then check the batch against their
+  # devices: before the first compile, where the input pipeline would find it only after.
+  try:
+    distributed.initialize(**command.processes)
+    check_fits_devices(command.config, jax.device_count(), jax.process_count())
+  except ValueError as e:  # ConfigError included
+    cli.exit_usage(str(e))
+
+  # Imported once the command is known to run: the training loop's imports (Orbax, Grain,
+  # the models) take seconds that a refused command does not wait for.
+  from big_pretrain.stages import chain  # pylint: disable=import-outside-toplevel
+
+  # Take the workdir's lock (one run per workdir; process 0 holds it for the whole chain)
+  # and run the chain; every way it can stop ends with its exit code.
+  try:
+    with run_lock.run_lock(command.workdir, take=jax.process_index() == 0,
+                           agree=distributed.process_0_message):
+      chain.run(command.config, command.workdir)
+  except KeyboardInterrupt:
+    cli.exit_with('Interrupted (Ctrl-C): stopped without saving; the same command resumes '
+                  'from the last checkpoint.', EXIT_INTERRUPTED)
+  except UserFacingError as e:
+    _stop(e)
+
+
+def _stop(error: UserFacingError):
+  """Exits with the error's code and one line: logged too, unless the command was unusable."""
+  if error.exit_code == EXIT_USAGE:
+    cli.exit_usage(str(error))
+  if error.exit_code == EXIT_PREEMPTED:
+    logging.warning('%s', error)
+    cli.exit_with(f'Preempted: {error}', EXIT_PREEMPTED)
+  logging.error('%s', error)
+  cli.exit_with(f'Stopped: {error}', error.exit_code)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)
