@@ -1,4 +1,4 @@
-"""benchmarks/bad_inputs.py covers issue 16's whole table, and judges what it sees correctly.
+"""reliability/bad_inputs.py covers issue 16's whole table, and judges what it sees correctly.
 
 No training here: the case list and the verdict function on made-up runs.
 """
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                'benchmarks'))
+                                'reliability'))
 import bad_inputs  # pylint: disable=wrong-import-position
 
 
