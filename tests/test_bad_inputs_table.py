@@ -13,7 +13,7 @@ from reliability.bad_input_checks import CARRY_ON, REFUSE, Observed
 from reliability.processes import Run
 
 
-def test_every_row_of_the_issue_table_is_split_into_its_cases():
+def test_every_row_of_the_table_is_split_into_its_cases():
   cases = bad_input_cases.cases()
   names = [case.name for case in cases]
   assert len(names) == len(set(names)), 'case names must be unique'
