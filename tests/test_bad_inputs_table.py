@@ -1,35 +1,34 @@
-"""benchmarks/bad_inputs.py covers issue 16's whole table, and judges what it sees correctly.
+"""reliability/bad_inputs.py covers every row of the bad-input table, and judges what it sees
+correctly.
 
 No training here: the case list and the verdict function on made-up runs.
 """
 
 import collections
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                'benchmarks'))
-import bad_inputs  # pylint: disable=wrong-import-position
+from reliability import bad_input_cases, bad_inputs
+from reliability.bad_input_checks import CARRY_ON, REFUSE, Observed
+from reliability.processes import Run
 
 
-def test_every_row_of_the_issue_table_is_split_into_its_cases():
-  cases = bad_inputs.cases()
+def test_every_row_of_the_table_is_split_into_its_cases():
+  cases = bad_input_cases.cases()
   names = [case.name for case in cases]
   assert len(names) == len(set(names)), 'case names must be unique'
   rows = collections.defaultdict(set)
   for case in cases:
     rows[case.row].add(case.name)
-  assert set(rows) - {'added'} == set(bad_inputs.ISSUE_ROWS)
-  for row, (_, expected_cases) in bad_inputs.ISSUE_ROWS.items():
+  assert set(rows) - {'added'} == set(bad_input_cases.TABLE_ROWS)
+  for row, (_, expected_cases) in bad_input_cases.TABLE_ROWS.items():
     assert set(expected_cases) <= rows[row], f'row {row!r} lacks {set(expected_cases) - rows[row]}'
   assert 35 <= len(cases) <= 50
 
 
-def _observed(rc, output, expect=bad_inputs.REFUSE, exit_codes=(2,), **fields):
-  run = bad_inputs.Run(['--config=x'], rc, output, 3.0)
-  return bad_inputs.Observed(run, expect, exit_codes, **fields)
+def _observed(rc, output, expect=REFUSE, exit_codes=(2,), **fields):
+  run = Run(['--config=x'], rc, output, 3.0)
+  return Observed(run, expect, exit_codes, **fields)
 
 
 @pytest.mark.parametrize('observed, expected', [
@@ -46,11 +45,11 @@ def _observed(rc, output, expect=bad_inputs.REFUSE, exit_codes=(2,), **fields):
      'data lost: config.json changed'),
     (_observed(2, 'main.py: a\nmain.py: b\n'), 'UNCLEAR (2 main.py lines)'),
     (_observed(1, 'main.py: Stopped: x\n', exit_codes=(2,)), 'UNEXPECTED (exit 1, documented (2,))'),
-    (_observed(0, 'W Checkpoint step 4 cannot be read\n', expect=bad_inputs.CARRY_ON,
+    (_observed(0, 'W Checkpoint step 4 cannot be read\n', expect=CARRY_ON,
                exit_codes=(0,), evidence='cannot be read'), 'graceful handling'),
-    (_observed(0, 'I done\n', expect=bad_inputs.CARRY_ON, exit_codes=(0,),
+    (_observed(0, 'I done\n', expect=CARRY_ON, exit_codes=(0,),
                evidence='cannot be read'), "UNEXPECTED (no 'cannot be read' in the output)"),
-    (bad_inputs.Observed(None, bad_inputs.REFUSE, (1,), not_run='no tmpfs'),
+    (Observed(None, REFUSE, (1,), not_run='no tmpfs'),
      'not run here: no tmpfs'),
 ])
 def test_verdict(observed, expected):
@@ -62,13 +61,13 @@ def test_outcome_is_main_pys_line_or_the_evidence_shortened():
                          'run is a file\n')
   assert bad_inputs.outcome(refused, '/tmp/r/c/a', '/tmp/r') == 'main.py: --workdir=run is a file'
   handled = _observed(0, 'W1126 10:00:00.000000 12 checkpoint.py:9] Checkpoint step 4 cannot be '
-                         'read: ' + 'x' * 200, expect=bad_inputs.CARRY_ON, evidence='cannot be')
+                         'read: ' + 'x' * 200, expect=CARRY_ON, evidence='cannot be')
   line = bad_inputs.outcome(handled)
   assert line.startswith('Checkpoint step 4') and len(line) == bad_inputs.OUTCOME_CHARS
 
 
 def test_the_table_escapes_pipes():
-  case = bad_inputs.Case('a|b', 'added', 'x | y', lambda ctx: None)
+  case = bad_input_cases.Case('a|b', 'added', 'x | y', lambda ctx: None)
   table = bad_inputs.markdown_table([(case, _observed(2, 'main.py: p|q\n'))])
   assert table.splitlines()[-1] == (
       '| a\\|b | x \\| y | 2 | main.py: p\\|q | clear one-line message |')

@@ -14,6 +14,7 @@ import pytest
 from absl import flags
 
 import main as main_lib
+from big_pretrain import cli
 from big_pretrain.errors import WorkdirError
 from big_pretrain.stages import chain
 from big_pretrain.storage import files as storage
@@ -96,7 +97,7 @@ def _run_main_in_process(args, monkeypatch):
   for name in [name for name in flags.FLAGS if name.startswith('config.')]:
     delattr(flags.FLAGS, name)  # the overrides of the previous parse
   with pytest.raises(SystemExit) as exit_info:
-    main_lib.parse_flags(argv)
+    cli.parse_flags(argv)
     main_lib.main(['main.py'])
   return exit_info.value.code
 
@@ -271,7 +272,7 @@ def test_a_library_errors_traceback_is_dropped_and_verbose_keeps_it(monkeypatch)
   # Orbax's save threads and asyncio log a traceback per failed write (a full disk:
   # five) around main.py's one-line message that the save failed.
   monkeypatch.delenv('BIG_PRETRAIN_VERBOSE', raising=False)
-  quiet = main_lib._QuietLibraryInfo()  # pylint: disable=protected-access
+  quiet = cli._QuietLibraryInfo()  # pylint: disable=protected-access
   library = f'{REPO}/.venv/site-packages/orbax/future.py'  # a venv inside the repository
   record = _error_record(library)
   assert quiet.filter(record)
@@ -302,7 +303,7 @@ class _WriteLandingOnAClosedLoop:
 def test_a_failed_saves_closed_loop_echoes_are_dropped_and_verbose_keeps_them(
     monkeypatch, capsys):
   monkeypatch.delenv('BIG_PRETRAIN_VERBOSE', raising=False)
-  hook = main_lib._unraisable_hook  # pylint: disable=protected-access
+  hook = cli._unraisable_hook  # pylint: disable=protected-access
   monkeypatch.setattr(sys, 'unraisablehook', hook)
   _WriteLandingOnAClosedLoop()
   assert capsys.readouterr().err == ''
@@ -326,7 +327,7 @@ def test_abandoned_save_tasks_are_not_logged_one_by_one(monkeypatch):
   records = []
   handler = logging.Handler()
   handler.emit = records.append
-  handler.addFilter(main_lib._QuietLibraryInfo())  # pylint: disable=protected-access
+  handler.addFilter(cli._QuietLibraryInfo())  # pylint: disable=protected-access
   asyncio_logger = logging.getLogger('asyncio')
   asyncio_logger.addHandler(handler)
   try:

@@ -10,10 +10,7 @@ import hashlib
 import json
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import time
 
 import jax
@@ -23,6 +20,7 @@ import pytest
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data.pipeline import InputPipeline
 from big_pretrain.train.loop import train_stage
+from reliability.processes import ProcessGroup
 from tiny_config import tiny_multiprocess_config
 
 WORKER = os.path.join(os.path.dirname(__file__), 'multiprocess_worker.py')
@@ -57,11 +55,9 @@ def launch(task: str, workdir: str) -> list[dict]:
     for process_id in range(NUM_PROCESSES):
       log_path = os.path.join(workdir, f'{task}_process_{process_id}.log')
       logs.append(log_path)
-      with open(log_path, 'w') as log:
-        children.append(subprocess.Popen(
-            [sys.executable, WORKER, str(process_id), str(NUM_PROCESSES), str(port), workdir,
-             task],
-            env=_worker_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+      children.append(ProcessGroup(
+          [str(process_id), str(NUM_PROCESSES), str(port), workdir, task], log_path,
+          env=_worker_env(), script=WORKER))
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     while any(child.poll() is None for child in children):
       failed = [c for c in children if c.poll() not in (None, 0)]
@@ -76,8 +72,7 @@ def launch(task: str, workdir: str) -> list[dict]:
   finally:
     for child in children:
       if child.poll() is None:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
+        child.kill()
   results = []
   for process_id in range(NUM_PROCESSES):
     with open(os.path.join(workdir, f'{task}_process_{process_id}.json')) as f:

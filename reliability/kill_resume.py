@@ -20,35 +20,34 @@ The kills are of three kinds, all in every schedule:
 No kill happens before the first stage has a finished checkpoint, so every
 restart has something to resume from.
 
-  python benchmarks/kill_resume.py                        # 20 kills, seed 0, ~11 min on 2 CPU cores
-  python benchmarks/kill_resume.py --kills=5 --seed=1 --reference_workdir=/tmp/maws_demo
-  python benchmarks/kill_resume.py --config.stages.mae.total_steps=400   # overrides go to both runs
+  python reliability/kill_resume.py                       # 20 kills, seed 0, ~11 min on 2 CPU cores
+  python reliability/kill_resume.py --kills=5 --seed=1 --reference_workdir=/tmp/maws_demo
+  python reliability/kill_resume.py --config.stages.mae.total_steps=400  # overrides go to both runs
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import random
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 
-# Run from anywhere: the configs/ package lives at the repository root.
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+# Run from anywhere: the configs/, reliability and big_pretrain packages live at the
+# repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
-# Orbax (0.12.8) saves step N into `N.orbax-checkpoint-tmp` and renames it to `N` when whole.
-TMP_MARK = '.orbax-checkpoint-tmp'
-_TMP_STEP = re.compile(r'^(?:.*?_)?(\d+)' + re.escape(TMP_MARK))
+# pylint: disable=wrong-import-position
+from reliability.kill_schedule import (KINDS, Kill, Stage, config_spec_path, describe_workdir,
+                                       load_stages, plan_kills, scan_checkpoints,
+                                       stage_is_finished, tmp_step)
+from reliability.processes import ProcessGroup, command
+from reliability.run_comparison import comparison_problems, compare_runs, format_table
 
 # What main.py logs (absl, to stderr).
 _STAGE_START = re.compile(r"Stage '([^']+)': training in")
@@ -62,7 +61,6 @@ _TMP_RECREATED = re.compile(r'Attempted to create temporary directory (\S+) whic
 _DECIDED = 'Parameters:'  # loop.py logs it once the stage has restored or initialised its state
 
 POLL_SECONDS = 0.005
-KINDS = ('training', 'checkpoint', 'between')
 
 
 def parse_args():
@@ -88,150 +86,17 @@ def parse_args():
   return args, extra
 
 
-# --- The config: stage names, lengths and save intervals.
-
-
-@dataclasses.dataclass
-class Stage:
-  name: str
-  dir: str                  # relative to the run's workdir ('' for a single-stage config)
-  total_steps: int
-  save_every: int
-  log_every: int
-
-
-def config_spec_path(spec: str) -> str:
-  """The config spec with an absolute path, so main.py reads the same file from REPO."""
-  path, sep, variant = spec.partition(':')
-  if not os.path.exists(path) and os.path.exists(os.path.join(REPO, path)):
-    path = os.path.join(REPO, path)
-  return os.path.abspath(path) + sep + variant
-
-
-def load_stages(spec: str, overrides: list[str]) -> list[Stage]:
-  """Parses the config exactly as main.py does (same flag machinery, same overrides)."""
-  from absl import flags
-  from ml_collections import config_flags
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, '', flag_values=values, lock_config=True)
-  values(['kill_resume', f'--config={spec}', *overrides])
-  config = values['config'].value
-  stage_configs = dict(config.stages.items()) if 'stages' in config else {'main': config}
-  return [Stage(name, name if 'stages' in config else '', c.total_steps, c.checkpoint.every_steps,
-                c.log.every_steps) for name, c in stage_configs.items()]
-
-
-# --- The workdir as the kills see it.
-
-
-def scan_checkpoints(run_dir: str, stage: Stage) -> tuple[list[int], list[str]]:
-  """(finished steps, in-progress Orbax temporary folders) of one stage."""
-  try:
-    names = os.listdir(os.path.join(run_dir, stage.dir, 'checkpoints'))
-  except FileNotFoundError:
-    return [], []
-  return sorted(int(n) for n in names if n.isdigit()), sorted(n for n in names if TMP_MARK in n)
-
-
-def tmp_step(name: str) -> int | None:
-  match = _TMP_STEP.match(name)
-  return int(match.group(1)) if match else None
-
-
-def describe_workdir(run_dir: str, stages: list[Stage]) -> str:
-  parts = []
-  for stage in stages:
-    finished, in_progress = scan_checkpoints(run_dir, stage)
-    text = f'{stage.name} ' + (','.join(map(str, finished[-3:])) if finished else '-')
-    if in_progress:
-      text += ' (in progress: ' + ', '.join(in_progress) + ')'
-    parts.append(text)
-  return '; '.join(parts)
-
-
-def stage_is_finished(run_dir: str, stage: Stage) -> bool:
-  finished, _ = scan_checkpoints(run_dir, stage)
-  return bool(finished) and finished[-1] >= stage.total_steps
-
-
-# --- The kill schedule.
-
-
-@dataclasses.dataclass
-class Kill:
-  kind: str                 # training | checkpoint | between
-  stage: int                # index of the stage it is aimed at (between: the stage that ends)
-  target: int = 0           # training: a logged step; checkpoint: a save's step (or later)
-  delay: float = 0.0        # training: seconds after that step was logged
-  variant: str = ''         # between: 'stage finished' or 'next stage log line'
-
-  def plan(self, stages: list[Stage]) -> str:
-    name = stages[self.stage].name
-    if self.kind == 'training':
-      return f'training    {name} step >= {self.target}, then {self.delay:.2f} s'
-    if self.kind == 'checkpoint':
-      return f'checkpoint  {name} save of step >= {self.target} in progress'
-    return f'between     end of {name}: {self.variant}'
-
-
-def _split(count: int, weights: list[int]) -> list[int]:
-  """`count` split in proportion to `weights` (largest remainder)."""
-  exact = [count * w / sum(weights) for w in weights]
-  parts = [int(x) for x in exact]
-  for i in sorted(range(len(weights)), key=lambda i: parts[i] - exact[i])[:count - sum(parts)]:
-    parts[i] += 1
-  return parts
-
-
-def plan_kills(rng: random.Random, kills: int, stages: list[Stage]) -> list[Kill]:
-  """The kills in the order they happen: stage by stage, by target step."""
-  n_between = max(1, round(0.15 * kills)) if len(stages) > 1 else 0
-  n_checkpoint = max(1, round(0.35 * kills))
-  n_training = kills - n_between - n_checkpoint
-  weights = [s.total_steps for s in stages]
-  per_stage = list(zip(_split(n_training, weights), _split(n_checkpoint, weights)))
-  between_at = _split(n_between, [1] * (len(stages) - 1)) if n_between else []
-  schedule = []
-  for i, stage in enumerate(stages):
-    n_train, n_ckpt = per_stage[i]
-    logged = list(range(stage.log_every, stage.total_steps, stage.log_every))
-    trainings = (rng.sample(logged, n_train) if n_train <= len(logged)
-                 else [rng.choice(logged) for _ in range(n_train)])
-    # Saves: every interval and the last step; a later stage's first save (step 1)
-    # too. The first stage's step-1 save would leave nothing to resume from.
-    saves = sorted(set(range(stage.save_every, stage.total_steps + 1, stage.save_every))
-                   | {stage.total_steps} | ({1} if i > 0 else set()))
-    stage_kills = ([Kill('training', i, t, round(rng.uniform(0.0, 3.0), 2)) for t in trainings]
-                   + [Kill('checkpoint', i, rng.choice(saves)) for _ in range(n_ckpt)])
-    stage_kills.sort(key=lambda k: (k.target, k.kind != 'checkpoint'))
-    schedule += stage_kills
-    if i < len(between_at):
-      for j in range(between_at[i]):
-        # The first kill at a stage's end may land the moment it is finished; the
-        # stage is then skipped on restart, so later ones land as the next starts.
-        if j == 0:
-          variant = ('stage finished' if between_at[i] > 1
-                     else rng.choice(['stage finished', 'next stage log line']))
-        else:
-          variant = 'next stage log line'
-        schedule.append(Kill('between', i, variant=variant))
-  return schedule
-
-
 # --- One attempt: main.py in its own process group, its output in a log file.
 
 
 class Attempt:
-  """`command` started in a new session, stdout and stderr into `log_path` (no pipes)."""
+  """main.py with `args` in its own process group (processes.ProcessGroup), its log followed
+  line by line: which stage runs, the last step it logged, the save folders Orbax replaced."""
 
-  def __init__(self, command: list[str], log_path: str):
+  def __init__(self, args: list[str], log_path: str):
     self.log_path = log_path
-    self._log = open(log_path, 'wb')
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONUNBUFFERED='1')
-    self.start = time.monotonic()
-    self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                                 stdout=self._log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+    self.process = ProcessGroup(args, log_path, env=env)
     self._reader = open(log_path, 'rb')
     self._partial = b''
     self.lines: list[str] = []
@@ -241,7 +106,7 @@ class Attempt:
     self.recreated_tmp: set[str] = set()  # paths of leftover temporary folders Orbax replaced
 
   def elapsed(self) -> float:
-    return time.monotonic() - self.start
+    return self.process.elapsed()
 
   def read_log(self) -> None:
     """Takes in the lines written since the last call."""
@@ -261,23 +126,19 @@ class Attempt:
 
   def kill(self) -> None:
     """SIGKILL to the whole process group: no child survives."""
-    try:
-      os.killpg(self.proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-      pass
-    self.proc.wait(timeout=60)
+    self.process.kill()
 
-  def wait(self, timeout: float) -> int:
+  def wait(self, timeout: float) -> int | None:
+    """The exit code; None if it still ran `timeout` seconds after its start, and was killed."""
     try:
-      return self.proc.wait(timeout=timeout)
+      return self.process.wait(timeout)
     finally:
       self.read_log()
 
   def close(self) -> None:
-    if self.proc.poll() is None:
+    if self.process.poll() is None:
       self.kill()
     self.read_log()
-    self._log.close()
     self._reader.close()
 
   def tail(self, n: int = 25) -> str:
@@ -285,9 +146,8 @@ class Attempt:
     return '\n'.join(self.lines[-n:])
 
 
-def main_command(config_spec: str, overrides: list[str], run_dir: str) -> list[str]:
-  return [sys.executable, os.path.join(REPO, 'main.py'), f'--config={config_spec}',
-          f'--workdir={run_dir}', *overrides]
+def main_args(config_spec: str, overrides: list[str], run_dir: str) -> list[str]:
+  return [f'--config={config_spec}', f'--workdir={run_dir}', *overrides]
 
 
 class AttemptFailed(RuntimeError):
@@ -311,7 +171,7 @@ def run_until_kill(attempt: Attempt, kill: Kill, run_dir: str, stages: list[Stag
   trigger = ''
   while True:
     attempt.read_log()
-    rc = attempt.proc.poll()
+    rc = attempt.process.poll()
     if rc is not None:
       attempt.read_log()
       raise AttemptFailed(
@@ -419,109 +279,6 @@ def describe_restart(report: dict) -> str:
   return ', '.join(parts) or 'nothing logged yet'
 
 
-# --- The comparison.
-
-
-def final_step_dir(run_dir: str, stage: Stage) -> tuple[int | None, str | None]:
-  finished, _ = scan_checkpoints(run_dir, stage)
-  if not finished:
-    return None, None
-  return finished[-1], os.path.join(run_dir, stage.dir, 'checkpoints', str(finished[-1]))
-
-
-def restore_arrays(step_dir: str) -> dict:
-  """{path: numpy array} of the step's 'state' item, restored as saved (no target)."""
-  import jax
-  import numpy as np
-  import orbax.checkpoint as ocp
-  checkpointer = ocp.StandardCheckpointer()
-  try:
-    tree = checkpointer.restore(os.path.join(step_dir, 'state'))
-  finally:
-    checkpointer.close()
-  return {jax.tree_util.keystr(path, simple=True, separator='/'): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def read_text_files(folder: str) -> dict[str, str]:
-  if not os.path.isdir(folder):
-    return {}
-  return {name: open(os.path.join(folder, name)).read() for name in sorted(os.listdir(folder))
-          if name.endswith('.json')}
-
-
-def read_json(path: str):
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def compare_runs(reference_dir: str, killed_dir: str, stages: list[Stage]) -> tuple[list, bool]:
-  import numpy as np
-  rows, ok = [], True
-  for stage in stages:
-    ref_step, ref_path = final_step_dir(reference_dir, stage)
-    run_step, run_path = final_step_dir(killed_dir, stage)
-    row = dict(stage=stage.name, ref_step=ref_step, run_step=run_step, arrays=0, identical=0,
-               max_diff=float('nan'), missing=[], data_equal=False, evals_equal=False)
-    if ref_path and run_path:
-      ref, run = restore_arrays(ref_path), restore_arrays(run_path)
-      row['arrays'] = len(ref)
-      row['missing'] = sorted(set(ref) ^ set(run))
-      diffs = []
-      for key in sorted(set(ref) & set(run)):
-        a, b = ref[key], run[key]
-        same = (a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
-                and a.tobytes() == b.tobytes())
-        row['identical'] += same
-        if a.shape == b.shape and a.size and np.issubdtype(a.dtype, np.number):
-          diffs.append(float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))))
-        elif not same:
-          diffs.append(float('inf'))
-      row['max_diff'] = max(diffs) if diffs else 0.0
-      row['data_equal'] = (read_text_files(os.path.join(ref_path, 'data'))
-                           == read_text_files(os.path.join(run_path, 'data')) != {})
-    ref_evals = read_json(os.path.join(reference_dir, stage.dir, 'eval_results.json'))
-    run_evals = read_json(os.path.join(killed_dir, stage.dir, 'eval_results.json'))
-    row['evals_equal'] = ref_evals is not None and ref_evals == run_evals
-    row['evals_note'] = ('equal' if row['evals_equal'] else
-                         'missing in killed run' if run_evals is None else
-                         'missing in reference' if ref_evals is None else 'differ')
-    row['ok'] = (ref_step is not None and ref_step == run_step == stage.total_steps
-                 and row['arrays'] > 0 and row['identical'] == row['arrays']
-                 and not row['missing'] and row['data_equal'] and row['evals_equal'])
-    ok &= row['ok']
-    rows.append(row)
-  return rows, ok
-
-
-def comparison_problems(row: dict, stages: list[Stage]) -> list[str]:
-  total = next(s.total_steps for s in stages if s.name == row['stage'])
-  problems = []
-  if not (row['ref_step'] == row['run_step'] == total):
-    problems.append(f'final steps {row["ref_step"]} / {row["run_step"]}, expected {total}')
-  if row['identical'] != row['arrays'] or row['missing'] or not row['arrays']:
-    problems.append(f'{row["arrays"] - row["identical"]} of {row["arrays"]} arrays differ '
-                    f'(max abs diff {row["max_diff"]:.3g})')
-  if not row['data_equal']:
-    problems.append('data iterator positions differ')
-  if not row['evals_equal']:
-    problems.append(f'eval_results.json {row["evals_note"]}')
-  return problems
-
-
-def format_table(rows: list) -> str:
-  lines = ['| stage | final step (ref / killed) | arrays | bit-identical | max abs diff '
-           '| data iterator | eval_results.json |',
-           '|-------|--------------------------:|-------:|--------------:|-------------:'
-           '|---------------|-------------------|']
-  for r in rows:
-    lines.append(f'| {r["stage"]} | {r["ref_step"]} / {r["run_step"]} | {r["arrays"]} '
-                 f'| {r["identical"]} | {r["max_diff"]:.3g} '
-                 f'| {"equal" if r["data_equal"] else "DIFFERS"} | {r["evals_note"]} |')
-  return '\n'.join(lines)
-
 
 # --- The whole test.
 
@@ -535,15 +292,15 @@ def prepare_root(workdir: str | None) -> str:
   return os.path.abspath(workdir)
 
 
-def run_reference(command: list[str], log_path: str, timeout: float) -> float:
+def run_reference(args: list[str], log_path: str, timeout: float) -> float:
   start = time.monotonic()
-  attempt = Attempt(command, log_path)
+  attempt = Attempt(args, log_path)
   try:
     rc = attempt.wait(timeout)
-  except subprocess.TimeoutExpired:
-    sys.exit(f'The reference run took over {timeout:.0f} s; see {log_path}.')
   finally:
     attempt.close()
+  if rc is None:
+    sys.exit(f'The reference run took over {timeout:.0f} s; see {log_path}.')
   if rc != 0:
     sys.exit(f'The reference run failed (exit code {rc}); see {log_path}:\n{attempt.tail()}')
   return time.monotonic() - start
@@ -560,7 +317,7 @@ def main():
   log_dir = os.path.join(root, 'logs')
   os.makedirs(log_dir, exist_ok=True)
   print(f'workdir: {root}  (killed run: {killed_dir}; logs: {log_dir})')
-  print('command: ' + ' '.join(main_command(config_spec, overrides, killed_dir)))
+  print('command: ' + ' '.join(command(main_args(config_spec, overrides, killed_dir))))
   print('stages: ' + ', '.join(f'{s.name} ({s.total_steps} steps, saves every {s.save_every})'
                                for s in stages))
   print(f'\nKill schedule (seed {args.seed}):')
@@ -578,26 +335,25 @@ def main():
   else:
     reference_dir = os.path.join(root, 'reference')
     print(f'\nReference: uninterrupted run in {reference_dir} ...', flush=True)
-    seconds = run_reference(main_command(config_spec, overrides, reference_dir),
+    seconds = run_reference(main_args(config_spec, overrides, reference_dir),
                             os.path.join(log_dir, 'reference.log'), 3 * args.attempt_timeout)
     print(f'Reference: finished in {seconds:.0f} s.')
 
   print(f'\nKilled run in {killed_dir}:', flush=True)
   killed_start = time.monotonic()
-  command = main_command(config_spec, overrides, killed_dir)
+  killed_args = main_args(config_spec, overrides, killed_dir)
   failures, kinds, resumes, corrupt, leftovers = [], [], 0, [], 0
   previous_kill, completed = None, False
   attempt = None
   try:
     for number in range(1, len(schedule) + 2):
-      attempt = Attempt(command, os.path.join(log_dir, f'attempt_{number:02d}.log'))
+      attempt = Attempt(killed_args, os.path.join(log_dir, f'attempt_{number:02d}.log'))
       last = number > len(schedule)
       fatal = False
       try:
         if last:
-          try:
-            rc = attempt.wait(args.attempt_timeout)
-          except subprocess.TimeoutExpired:
+          rc = attempt.wait(args.attempt_timeout)
+          if rc is None:
             raise AttemptFailed(f'the last attempt ran over {args.attempt_timeout:.0f} s.')
           if rc != 0:
             raise AttemptFailed(f'the last attempt exited with code {rc}.')

@@ -1,0 +1,187 @@
+"""The cases reliability/bad_inputs.py runs: the table of bad inputs and faults as filed
+(TABLE_ROWS; a row may name several cases), and the cases that cover it and a few more, each
+with what was done and the check that does it (reliability/bad_input_checks.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import signal
+from typing import Callable
+
+from big_pretrain.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_STOPPED, EXIT_USAGE
+from reliability.bad_input_checks import (
+    CARRY_ON, EXIT_OK, REFUSE, Context, Observed, chain_unreadable, checkpoints_deleted,
+    disk_full, empty_lock_file, finished_rerun, held_out_smaller_than_batch, image_folder_run,
+    read_only_workdir, refused_at_start, refused_unchanged, remove_arrays, remove_metadata,
+    resume_allowed, sigkill_then_rerun, signalled, truncate_config_json, truncate_largest,
+    two_runs_at_once, unreadable_checkpoint)
+
+# The table of bad inputs and faults every run must answer clearly, as it was filed:
+# row id -> (the row's words; the case names that cover it).
+TABLE_ROWS = {
+    'identity': ('restart in the same workdir with lr, mask ratio, batch size, seed or data '
+                 'source changed', ('lr', 'mask_ratio', 'batch_size', 'seed', 'data_source')),
+    'width': ('restart with a different model width', ('model_width',)),
+    'metadata': ('checkpoints/<latest>/state/_METADATA missing', ('metadata_missing',)),
+    'unreadable': ('every image in the folder unreadable', ('all_unreadable',)),
+    'held_out': ('held-out folder smaller than an evaluator\'s batch', ('held_out_7_of_8',)),
+    'mask_range': ('objective.mask_ratio=1.0 or 1.5 for MAE', ('mask_ratio_1.0',
+                                                                'mask_ratio_1.5')),
+    'one_line': ('--config.total_steps=abc, missing config file, a config that raises, :dmeo, '
+                 'no --workdir, workdir is a file, read-only workdir, image size not a multiple '
+                 'of the patch',
+                 ('total_steps_abc', 'missing_config', 'config_raises', 'dmeo', 'no_workdir',
+                  'workdir_is_file', 'read_only_workdir', 'image_size_30')),
+    'late': ('batch not divisible by the devices; data path missing or empty',
+             ('batch_vs_devices', 'data_path_missing', 'data_path_empty')),
+    'two_runs': ('two runs started into one workdir', ('two_runs',)),
+    'disk_full': ('disk full during a save', ('disk_full',)),
+    'chain': ('an earlier stage\'s final checkpoint unreadable in a chain', ('chain_unreadable',)),
+    'signals': ('SIGINT (Ctrl-C); SIGTERM', ('sigint', 'sigterm')),
+    'deleted': ('all checkpoints deleted, folder kept', ('checkpoints_deleted',)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """A bad input or fault, and the check that tries it against main.py."""
+  name: str
+  row: str           # an TABLE_ROWS id, or 'added'
+  done: str          # what was done, for the table
+  check: Callable[[Context], Observed]
+  needs: str = ''    # a shared fixture it copies: 'trained' or 'chain'
+
+
+def _identity_case(name: str, override: str, diff: str) -> Case:
+  return Case(name, 'identity', f'resume the 4-step workdir (total_steps 4 -> 6) with `{override}`',
+              lambda ctx: refused_unchanged(ctx, *override.split(), evidence=re.escape(diff)),
+              needs='trained')
+
+
+def _bad_override(name: str, row: str, override: str, evidence: str, done_note: str = '',
+                  devices: int = 1) -> Case:
+  """A new run of the tiny config with `override`, which must be refused at the start."""
+  return Case(name, row, f'`{override}`{done_note}',
+              lambda ctx: refused_at_start(ctx, ctx.tiny(), ctx.fresh(), override,
+                                           evidence=evidence, devices=devices))
+
+
+def cases() -> list[Case]:
+  """Every case, in the order of the table's rows; added ones after their row."""
+  bad_images = ['--config.data.source=image_folder']
+  return [
+      _identity_case('lr', '--config.optim.lr_per_256=2e-3', 'optim.lr_per_256: 0.001 -> 0.002'),
+      _identity_case('mask_ratio', '--config.objective.mask_ratio=0.5',
+                     'objective.mask_ratio: 0.75 -> 0.5'),
+      _identity_case('batch_size', '--config.batch_size=32', 'batch_size: 16 -> 32'),
+      _identity_case('seed', '--config.seed=1', 'seed: 0 -> 1'),
+      Case('data_source', 'identity', 'resume the 4-step workdir with `--config.data.source='
+           'image_folder --config.data.path=<16 PNGs>`',
+           lambda ctx: refused_unchanged(
+               ctx, *bad_images, f'--config.data.path={ctx.fixture("good_images")}',
+               evidence=re.escape('data.source: "synthetic" -> "image_folder"')),
+           needs='trained'),
+      Case('resume_with_changes', 'added', 'the `lr` case with `--config.resume_with_changes='
+           'True`', lambda ctx: resume_allowed(
+               ctx, '--config.optim.lr_per_256=2e-3', '--config.resume_with_changes=True',
+               evidence='resume_with_changes=True allows'), needs='trained'),
+      Case('longer_schedule', 'added', 'resume the 4-step workdir with total_steps 6 only',
+           lambda ctx: resume_allowed(ctx, evidence='Resuming with changed keys'),
+           needs='trained'),
+      Case('model_width', 'width', 'resume the 4-step workdir with `--config.model.variant=Ti/8`'
+           ' (width 192)', lambda ctx: refused_unchanged(
+               ctx, '--config.model.variant=Ti/8', evidence=re.escape(
+                   'model.variant: "mu/8" -> "Ti/8"')), needs='trained'),
+      Case('metadata_missing', 'metadata', 'delete checkpoints/4/state/_METADATA, rerun',
+           lambda ctx: unreadable_checkpoint(ctx, remove_metadata, '_METADATA is missing'),
+           needs='trained'),
+      Case('arrays_missing', 'added', 'delete the array files of checkpoints/4, rerun',
+           lambda ctx: unreadable_checkpoint(ctx, remove_arrays, 'cannot be read'),
+           needs='trained'),
+      Case('truncated_file', 'added', 'truncate the largest file of checkpoints/4 to half, rerun',
+           lambda ctx: unreadable_checkpoint(ctx, truncate_largest, 'cannot be read'),
+           needs='trained'),
+      Case('all_unreadable', 'unreadable', 'train on a folder of 8 garbage .jpg files only',
+           lambda ctx: image_folder_run(ctx, 'garbage_images', expect=REFUSE,
+                                        exit_codes=(EXIT_STOPPED,),
+                                        evidence='max_consecutive_unreadable')),
+      Case('half_unreadable', 'added', 'train on 16 PNGs and 8 garbage .jpg files',
+           lambda ctx: image_folder_run(ctx, 'half_garbage', expect=CARRY_ON,
+                                        exit_codes=(EXIT_OK,),
+                                        evidence='Skipping unreadable image')),
+      Case('held_out_7_of_8', 'held_out', 'reconstruction of 8 images, held-out folder of 7; '
+           'then the same command again', held_out_smaller_than_batch),
+      _bad_override('mask_ratio_1.0', 'mask_range', '--config.objective.mask_ratio=1.0',
+                    re.escape('must be in [0, 1)')),
+      _bad_override('mask_ratio_1.5', 'mask_range', '--config.objective.mask_ratio=1.5',
+                    re.escape('must be in [0, 1)')),
+      _bad_override('mask_ratio_0.99', 'added', '--config.objective.mask_ratio=0.99',
+                    'keeps 0 of the 16 patches visible', ' (16 patches)'),
+      _bad_override('total_steps_abc', 'one_line', '--config.total_steps=abc', 'invalid literal'),
+      Case('missing_config', 'one_line', '`--config=configs/nope.py`',
+           lambda ctx: refused_at_start(ctx, '--config=configs/nope.py', ctx.fresh(),
+                                        evidence='no such file')),
+      Case('config_raises', 'one_line', 'a config file whose get_config raises ValueError',
+           lambda ctx: refused_at_start(ctx, f'--config={ctx.fixture("raising.py")}',
+                                        ctx.fresh(), evidence='ValueError: no such recipe')),
+      Case('dmeo', 'one_line', '`--config=configs/mae.py:dmeo`',
+           lambda ctx: refused_at_start(ctx, '--config=configs/mae.py:dmeo', ctx.fresh(),
+                                        evidence="unknown variant 'dmeo'")),
+      Case('no_workdir', 'one_line', 'no `--workdir`',
+           lambda ctx: refused_at_start(ctx, ctx.tiny(), evidence='--workdir=DIR is required')),
+      Case('no_config', 'added', 'no `--config`',
+           lambda ctx: refused_at_start(ctx, ctx.fresh(), evidence='--config=.* is required')),
+      _bad_override('unknown_key', 'added', '--config.optim.lr=1', 'lr_per_256',
+                    ' (no such key)'),
+      Case('workdir_is_file', 'one_line', '`--workdir=` an existing file',
+           lambda ctx: refused_at_start(ctx, ctx.tiny(),
+                                        f'--workdir={ctx.fixture("raising.py")}',
+                                        evidence='is a file, not a folder')),
+      Case('read_only_workdir', 'one_line', '`--workdir=` inside a read-only tmpfs mount',
+           read_only_workdir),
+      _bad_override('image_size_30', 'one_line', '--config.data.image_size=30',
+                    'not a multiple of the patch size 8', ' (patch 8)'),
+      _bad_override('batch_vs_devices', 'late', '--config.batch_size=12',
+                    'multiple of the 8 devices', ' on 8 CPU devices', devices=8),
+      Case('data_path_missing', 'late', '`--config.data.path=` a folder that does not exist',
+           lambda ctx: refused_at_start(ctx, ctx.tiny(), ctx.fresh(), *bad_images,
+                                        f'--config.data.path={ctx.fixture("nowhere")}',
+                                        evidence='does not exist')),
+      Case('data_path_empty', 'late', '`--config.data.path=` a class folder with no images',
+           lambda ctx: refused_at_start(ctx, ctx.tiny(), ctx.fresh(), *bad_images,
+                                        f'--config.data.path={ctx.fixture("no_images")}',
+                                        evidence='No images found')),
+      Case('two_runs', 'two_runs', 'start the same command twice at once into one new workdir',
+           two_runs_at_once),
+      Case('empty_lock', 'added', 'an empty run.lock in the workdir (a run killed while '
+           'writing it)', lambda ctx: refused_unchanged(
+               ctx, damage=empty_lock_file, exit_codes=(EXIT_USAGE,),
+               evidence='lock file that names no run'), needs='trained'),
+      Case('disk_full', 'disk_full', 'workdir on a 64 MiB tmpfs, filled up after the first '
+           'checkpoint; then freed and the same command rerun', disk_full),
+      Case('chain_unreadable', 'chain', 'MAE -> WSP chain finished; delete '
+           'mae/checkpoints/4/state/_METADATA, rerun', chain_unreadable, needs='chain'),
+      Case('sigint', 'signals', 'SIGINT (Ctrl-C) after the first checkpoint; then the same '
+           'command', lambda ctx: signalled(ctx, (signal.SIGINT,), (EXIT_PREEMPTED,),
+                                            'Preempted', resume=True)),
+      Case('sigterm', 'signals', 'SIGTERM after the first checkpoint',
+           lambda ctx: signalled(ctx, (signal.SIGTERM,), (EXIT_PREEMPTED,), 'Preempted',
+                                 resume=False)),
+      Case('double_ctrl_c', 'added', 'two SIGINTs 20 ms apart after the first checkpoint',
+           lambda ctx: signalled(ctx, (signal.SIGINT, signal.SIGINT),
+                                 (EXIT_INTERRUPTED, EXIT_PREEMPTED), 'Interrupted|Preempted',
+                                 resume=False)),
+      Case('sigkill', 'added', 'SIGKILL after the first checkpoint; then the same command',
+           sigkill_then_rerun),
+      Case('checkpoints_deleted', 'deleted', 'delete everything in checkpoints/, keep the folder,'
+           ' rerun', checkpoints_deleted, needs='trained'),
+      Case('finished_rerun', 'added', 'rerun the finished 4-step workdir as it was',
+           finished_rerun, needs='trained'),
+      Case('damaged_config_json', 'added', 'truncate the workdir\'s config.json to half, rerun',
+           lambda ctx: refused_unchanged(ctx, damage=truncate_config_json,
+                                         evidence='config.json cannot be read'),
+           needs='trained'),
+  ]
+
