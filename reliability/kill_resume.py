@@ -44,8 +44,8 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 # pylint: disable=wrong-import-position
 from reliability.kill_schedule import (KINDS, Kill, Stage, config_spec_path, describe_workdir,
-                                       load_stages, plan_kills, scan_checkpoints,
-                                       stage_is_finished, tmp_step)
+                                       final_checkpoint_saved, load_stages, plan_kills,
+                                       scan_checkpoints, stage_is_finished, tmp_step)
 from reliability.processes import ProcessGroup, command
 from reliability.run_comparison import comparison_problems, compare_runs, format_table
 
@@ -53,6 +53,8 @@ from reliability.run_comparison import comparison_problems, compare_runs, format
 _STAGE_START = re.compile(r"Stage '([^']+)': training in")
 _STAGE_SKIP = re.compile(r"Stage '([^']+)' finished earlier")
 _RESUMING = re.compile(r'Resuming at step (\d+) of (\d+)')
+# A stage killed between its final checkpoint and its final evaluations resumes there.
+_FINAL_EVALUATIONS = re.compile(r'finished training at step (\d+), but its final evaluations')
 _STEP_LOGGED = re.compile(r'\] \[(\d+)\] ')  # the metric writer's console line: "[250] loss=..."
 _INITIALISED = 'Initialised params/'
 _CORRUPT = 'cannot be read'
@@ -159,7 +161,7 @@ def run_until_kill(attempt: Attempt, kill: Kill, run_dir: str, stages: list[Stag
   """Polls the attempt's log and checkpoint folders; SIGKILLs it when `kill` is due."""
   names = [s.name for s in stages]
   first = stages[0]
-  finished_at_start = stage_is_finished(run_dir, stages[kill.stage])
+  finished_at_start = final_checkpoint_saved(run_dir, stages[kill.stage])
   variant = kill.variant
   if kill.kind == 'between' and variant == 'stage finished' and finished_at_start:
     variant = 'next stage log line'  # already finished: it cannot happen again
@@ -198,7 +200,7 @@ def run_until_kill(attempt: Attempt, kill: Kill, run_dir: str, stages: list[Stag
         if due:
           fire_at, trigger = now, f'{names[current]}/checkpoints/{due[0]} appeared'
       elif kill.kind == 'between':
-        if variant == 'stage finished' and stage_is_finished(run_dir, stages[kill.stage]):
+        if variant == 'stage finished' and final_checkpoint_saved(run_dir, stages[kill.stage]):
           fire_at = now
           trigger = (f'{names[kill.stage]}/checkpoints/'
                      f'{scan_checkpoints(run_dir, stages[kill.stage])[0][-1]} appeared: '
@@ -231,7 +233,7 @@ def restart_report(attempt: Attempt) -> dict:
       if stage is not None and not decided:
         undecided.append(stage)
       stage, decided = match.group(1), False
-    elif (match := _RESUMING.search(line)) and not decided:
+    elif (match := _RESUMING.search(line) or _FINAL_EVALUATIONS.search(line)) and not decided:
       resumed.append((stage, int(match.group(1))))
       decided = True
     elif _INITIALISED in line:
@@ -257,10 +259,10 @@ def expected_restart(run_dir: str, stages: list[Stage]) -> tuple[list[str], str,
   """(stages to skip, stage to continue, its step or None for a fresh start) after a kill."""
   skipped = []
   for stage in stages:
-    finished, _ = scan_checkpoints(run_dir, stage)
-    if finished and finished[-1] >= stage.total_steps:
+    if stage_is_finished(run_dir, stage):
       skipped.append(stage.name)
       continue
+    finished, _ = scan_checkpoints(run_dir, stage)
     return skipped, stage.name, (finished[-1] if finished else None)
   return skipped, '', None
 

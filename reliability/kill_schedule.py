@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+
+from big_pretrain.stages.stage_dir import StageDir, final_evaluations_recorded
 import re
 
 from reliability.processes import REPO
@@ -26,6 +28,7 @@ class Stage:
   total_steps: int
   save_every: int
   log_every: int
+  has_evaluators: bool = False  # its final evaluations run after its final checkpoint
 
 
 def config_spec_path(spec: str) -> str:
@@ -46,7 +49,7 @@ def load_stages(spec: str, overrides: list[str]) -> list[Stage]:
   config = values['config'].value
   stage_configs = dict(config.stages.items()) if 'stages' in config else {'main': config}
   return [Stage(name, name if 'stages' in config else '', c.total_steps, c.checkpoint.every_steps,
-                c.log.every_steps) for name, c in stage_configs.items()]
+                c.log.every_steps, bool(c.evals)) for name, c in stage_configs.items()]
 
 
 # --- The workdir as the kills see it.
@@ -77,9 +80,15 @@ def describe_workdir(run_dir: str, stages: list[Stage]) -> str:
   return '; '.join(parts)
 
 
-def stage_is_finished(run_dir: str, stage: Stage) -> bool:
+def final_checkpoint_saved(run_dir: str, stage: Stage) -> bool:
   finished, _ = scan_checkpoints(run_dir, stage)
   return bool(finished) and finished[-1] >= stage.total_steps
+
+
+def stage_is_finished(run_dir: str, stage: Stage) -> bool:
+  """Its final checkpoint and the final evaluations that follow it (the chain skips it)."""
+  return final_checkpoint_saved(run_dir, stage) and final_evaluations_recorded(
+      StageDir(os.path.join(run_dir, stage.dir)), stage.has_evaluators, stage.total_steps)
 
 
 # --- The kill schedule.
