@@ -8,6 +8,8 @@ Any config key can be overridden on the command line (--config.total_steps=20).
 # The flags and their one-line errors are big_pretrain/cli.py's; each error's exit code is
 # big_pretrain/errors.py's (README, "Exit codes").
 
+import signal
+
 import jax
 from absl import app, flags, logging
 
@@ -17,6 +19,7 @@ from big_pretrain.errors import (EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, C
                                  UserFacingError, WorkdirError)
 from big_pretrain.storage import files as storage
 from big_pretrain.storage import run_lock
+from big_pretrain.train import faults
 
 flags.adopt_module_key_flags(cli)  # `main.py --help` lists them
 
@@ -24,8 +27,19 @@ flags.adopt_module_key_flags(cli)  # `main.py --help` lists them
 def main(argv):
   del argv  # cli.parse_flags refused any beyond the flags
   cli.set_up_logging()
-  command = cli.parsed_command()
+  # A SIGTERM before the training loop takes it over (while starting up or compiling, and
+  # between stages) stops with the preemption exit code: there is nothing new to save.
+  signal.signal(signal.SIGTERM, faults.preempted_outside_training)
+  try:
+    _run(cli.parsed_command())
+  except KeyboardInterrupt:
+    cli.exit_with('Interrupted (Ctrl-C): stopped without saving; the same command resumes '
+                  'from the last checkpoint.', EXIT_INTERRUPTED)
+  except UserFacingError as e:
+    _stop(e)
 
+
+def _run(command) -> None:
   # Validate the config and the workdir, before any device is touched.
   try:
     validate_config(command.config)
@@ -46,16 +60,10 @@ def main(argv):
   from big_pretrain.stages import chain  # pylint: disable=import-outside-toplevel
 
   # Take the workdir's lock (one run per workdir; process 0 holds it for the whole chain)
-  # and run the chain; every way it can stop ends with its exit code.
-  try:
-    with run_lock.run_lock(command.workdir, take=jax.process_index() == 0,
-                           agree=distributed.process_0_message):
-      chain.run_validated(command.config, command.workdir)  # validated above
-  except KeyboardInterrupt:
-    cli.exit_with('Interrupted (Ctrl-C): stopped without saving; the same command resumes '
-                  'from the last checkpoint.', EXIT_INTERRUPTED)
-  except UserFacingError as e:
-    _stop(e)
+  # and run the chain; every way it can stop ends with its exit code (main).
+  with run_lock.run_lock(command.workdir, take=jax.process_index() == 0,
+                         agree=distributed.process_0_message):
+    chain.run_validated(command.config, command.workdir)  # validated above
 
 
 def _stop(error: UserFacingError):

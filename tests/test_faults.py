@@ -206,6 +206,27 @@ def test_ctrl_c_saves_and_main_exits_75_to_be_rerun(tmp_path):
   assert saved[0] == 1 and len(saved) == 2  # and the step it stopped at
 
 
+def test_sigterm_while_starting_up_exits_75_in_one_line_and_releases_the_workdir(tmp_path):
+  # Schedulers send SIGTERM whenever they preempt, also while a run starts or compiles.
+  workdir = tmp_path / 'run'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1',
+             XLA_FLAGS='--xla_backend_optimization_level=0')
+  process = subprocess.Popen(
+      [sys.executable, 'main.py', '--config=tests/tiny_config.py', f'--workdir={workdir}'],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  lock = workdir / 'run.lock'  # taken once the command is known to run, before any step
+  deadline = time.monotonic() + 120
+  while not lock.exists() and process.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 75, stderr[-3000:]
+  assert stderr.strip().splitlines()[-1].startswith(
+      "main.py: Preempted: SIGTERM before a stage's next step")
+  assert 'Traceback' not in stderr and not lock.exists()
+  assert not (workdir / 'checkpoints').exists() or not os.listdir(workdir / 'checkpoints')
+
+
 def test_a_failed_save_stops_the_run_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch):
   save = ocp.CheckpointManager.save
 

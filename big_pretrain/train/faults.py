@@ -24,7 +24,15 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from big_pretrain.errors import NonFiniteLossError
+from big_pretrain.errors import NonFiniteLossError, Preempted
+
+
+def preempted_outside_training(signum, frame) -> None:
+  """main.py's SIGTERM handler outside the training loop (PreemptionNotice's inside it)."""
+  del signum, frame
+  raise Preempted('SIGTERM before a stage\'s next step (while starting up, compiling or '
+                  'between stages): nothing new to save. Run the same command to carry on '
+                  'from the last checkpoint.')
 
 
 class PreemptionNotice:

@@ -113,8 +113,9 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   # --- Steps.
   interval = LogInterval(speed, config.batch_size, config.total_steps)
   last_metrics, history, step, end = {}, [], start_step, None
-  try:
-    with faults.PreemptionNotice() as preemption:
+  # The notice's handlers stay until the checkpoint in flight is whole and closed.
+  with faults.PreemptionNotice() as preemption:
+    try:
       stop = faults.StopPolicy(config.total_steps, start_step, stop_after_steps, preemption)
       if final_evaluations_missing:
         evaluations.run_final(state, step)
@@ -142,8 +143,8 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
           evaluations.run_due(state, step, final=end.final)
         if end.stopping:
           break
-  finally:
-    _close(checkpointer, batches, data, writer)
+    finally:
+      _close(checkpointer, batches, data, writer)
   preempted = end is not None and end.preempted
   if preempted:
     logging.warning('Preemption notice (SIGTERM or Ctrl-C): saved a checkpoint at step %d and '
