@@ -66,7 +66,7 @@ from big_pretrain import sharding as sharding_lib  # noqa: E402
 from big_pretrain.config.defaults import stage_config  # noqa: E402
 from big_pretrain.config.validation import validate_stage_config  # noqa: E402
 from big_pretrain.data import augment as augment_lib  # noqa: E402
-from big_pretrain.data import pipeline as pipeline_lib  # noqa: E402
+from big_pretrain.data import train_input as pipeline_lib  # noqa: E402
 from big_pretrain.data import sources  # noqa: E402
 from big_pretrain.data import transforms  # noqa: E402
 

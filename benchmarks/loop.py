@@ -54,7 +54,7 @@ import jax  # noqa: E402
 from absl import logging  # noqa: E402
 
 from big_pretrain import sharding as sharding_lib  # noqa: E402
-from big_pretrain.data import pipeline as pipeline_lib  # noqa: E402
+from big_pretrain.data import train_input as pipeline_lib  # noqa: E402
 from big_pretrain.train.loop import train_stage  # noqa: E402
 
 import input as input_benchmark  # noqa: E402  (benchmarks/input.py, beside this script)

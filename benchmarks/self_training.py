@@ -41,7 +41,7 @@ from absl import logging  # noqa: E402
 
 from big_pretrain.stages import chain  # noqa: E402
 from big_pretrain.config.defaults import chain_config  # noqa: E402
-from big_pretrain.data import pseudo_labels as records_lib  # noqa: E402
+from big_pretrain.data.sources import pseudo_labelled as records_lib  # noqa: E402
 from big_pretrain.data import sources  # noqa: E402
 from configs import mae, self_training  # noqa: E402
 

@@ -9,7 +9,7 @@
 """
 
 from big_pretrain.config.defaults import stage_config, use_embedded_demo_data
-from big_pretrain.data.labels import synthetic_vocabulary_path
+from big_pretrain.data.text.labels import synthetic_vocabulary_path
 from big_pretrain.evaluators import evaluator_config
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from big_pretrain.config.validation import ConfigError, validate_stage_config
 from big_pretrain.data import convert
-from big_pretrain.data import pipeline
+from big_pretrain.data import train_input as pipeline
 from big_pretrain.data import sources
 from big_pretrain.data import transforms
 from configs import mae as mae_config

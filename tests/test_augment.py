@@ -13,7 +13,7 @@ import pytest
 from big_pretrain.config.defaults import default_data_config
 from big_pretrain import sharding
 from big_pretrain.data import augment
-from big_pretrain.data import pipeline
+from big_pretrain.data import train_input as pipeline
 
 FILL = (124, 116, 104)  # round(255 * ImageNet mean), timm's img_mean hparam.
 BICUBIC = Image.Resampling.BICUBIC

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.data import pipeline
+from big_pretrain.data import train_input as pipeline
 from big_pretrain.data.device_prefetch import DevicePrefetch
 from test_data import assert_batches_equal, make_mesh, small_config
 

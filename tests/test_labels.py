@@ -9,8 +9,8 @@ from PIL import Image
 import pytest
 
 from big_pretrain.config.defaults import default_data_config
-from big_pretrain.data import labels
-from big_pretrain.data import pipeline
+from big_pretrain.data.text import labels
+from big_pretrain.data import train_input as pipeline
 from big_pretrain.data import sources
 
 MAX_LABELS = 6
@@ -257,7 +257,7 @@ def test_command_over_an_image_folder_with_caption_words(tmp_path, capsys):
 def test_command_as_a_module_and_its_errors(tmp_path):
   output = tmp_path / 'vocab.txt'
   completed = subprocess.run(
-      [sys.executable, '-m', 'big_pretrain.data.labels', 'build', '--source=synthetic',
+      [sys.executable, '-m', 'big_pretrain.data.text.labels', 'build', '--source=synthetic',
        '--num_examples=50', f'--output={output}'],
       capture_output=True, text=True, timeout=60, check=False)
   assert completed.returncode == 0, completed.stderr

@@ -17,7 +17,7 @@ import pytest
 from big_pretrain.config.defaults import default_data_config
 from big_pretrain.stages import chain
 from big_pretrain.storage.checkpoints import Checkpointer
-from big_pretrain.data import pipeline
+from big_pretrain.data import train_input as pipeline
 from big_pretrain.data.device_prefetch import DevicePrefetch
 from big_pretrain.errors import UnreadableDataError
 from big_pretrain.evaluators import evaluator_config

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from big_pretrain.data import pseudo_labels, records, sources
+from big_pretrain.data import records, sources
+from big_pretrain.data.sources import pseudo_labelled as pseudo_labels
 
 # Written by the converter of commit 6d94fda, which encoded with TensorFlow's example_pb2:
 # an image folder of circle/{circle_0.png (caption), circle_1.jpeg}, square/square_0.png

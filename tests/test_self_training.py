@@ -16,9 +16,9 @@ from big_pretrain import sharding as sharding_lib
 from big_pretrain.config.defaults import chain_config
 from big_pretrain.config.validation import validate_config
 from big_pretrain.data import augment as augment_lib
-from big_pretrain.data import pseudo_labels as records_lib
+from big_pretrain.data.sources import pseudo_labelled as records_lib
 from big_pretrain.data import sources
-from big_pretrain.data.pipeline import InputPipeline
+from big_pretrain.data.train_input import InputPipeline
 from big_pretrain.errors import ConfigError
 from big_pretrain.objectives import build_objective, self_training
 from big_pretrain.stages.pseudo_label_job import run_pseudo_label

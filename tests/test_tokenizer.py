@@ -10,9 +10,9 @@ from PIL import Image
 import pytest
 
 from big_pretrain.config.defaults import default_data_config
-from big_pretrain.data import pipeline
+from big_pretrain.data import train_input as pipeline
 from big_pretrain.data import sources
-from big_pretrain.data import tokenizer as tokenizer_lib
+from big_pretrain.data.text import tokenizer as tokenizer_lib
 
 MAX_LENGTH = 32
 

@@ -9,7 +9,7 @@ import pytest
 from big_pretrain.stages import transfer
 from big_pretrain.errors import CheckpointMismatchError
 from big_pretrain.config.defaults import stage_config
-from big_pretrain.data.labels import synthetic_vocabulary_path
+from big_pretrain.data.text.labels import synthetic_vocabulary_path
 from big_pretrain.objectives import build_objective
 from big_pretrain.train.loop import train_stage
 from tiny_config import one_device, tiny_mae_config

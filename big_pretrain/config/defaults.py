@@ -12,7 +12,7 @@ from __future__ import annotations
 import ml_collections
 
 from big_pretrain.data import sources
-from big_pretrain.data.pipeline import DEFAULT_MAX_CONSECUTIVE_UNREADABLE
+from big_pretrain.data.train_input import DEFAULT_MAX_CONSECUTIVE_UNREADABLE
 from big_pretrain.models import vit as vit_lib
 from big_pretrain.objectives import objective_defaults
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from big_pretrain.data.labels import LabelVocabulary
+from big_pretrain.data.text.labels import LabelVocabulary
 from big_pretrain.errors import ConfigError
 from big_pretrain.models.patches import normalize_images
 from big_pretrain.models.vit import VisionTransformer, dense, vit_from_config

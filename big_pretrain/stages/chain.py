@@ -22,7 +22,7 @@ from big_pretrain.storage import files as storage
 from big_pretrain.storage.checkpoints import saved_steps, unreadable_reason
 from big_pretrain.config.defaults import is_pseudo_label_config
 from big_pretrain.config.validation import validate_config
-from big_pretrain.data import pseudo_labels as pseudo_labels_lib
+from big_pretrain.data.sources import pseudo_labelled as pseudo_labels_lib
 from big_pretrain.errors import Preempted
 from big_pretrain.stages.pseudo_label_job import run_pseudo_label
 from big_pretrain.train.loop import AT_START_RESULTS_FILE, final_evaluations_recorded, train_stage

@@ -39,10 +39,10 @@ from jax.experimental import multihost_utils
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.stages import transfer
 from big_pretrain.storage import files as storage
-from big_pretrain.data import pseudo_labels as records_lib
+from big_pretrain.data.sources import pseudo_labelled as records_lib
 from big_pretrain.data import sources
-from big_pretrain.data.labels import LabelVocabulary
-from big_pretrain.data.pipeline import decode_key, ordered_batches
+from big_pretrain.data.text.labels import LabelVocabulary
+from big_pretrain.data.train_input import decode_key, ordered_batches
 from big_pretrain.errors import ConfigError
 from big_pretrain.objectives import build_objective
 

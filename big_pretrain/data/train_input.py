@@ -39,10 +39,10 @@ import numpy as np
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data import augment as augment_lib
-from big_pretrain.data import labels as labels_lib
-from big_pretrain.data import pseudo_labels as pseudo_labels_lib
+from big_pretrain.data.text import labels as labels_lib
+from big_pretrain.data.sources import pseudo_labelled as pseudo_labels_lib
 from big_pretrain.data import sources
-from big_pretrain.data import tokenizer as tokenizer_lib
+from big_pretrain.data.text import tokenizer as tokenizer_lib
 from big_pretrain.data import transforms
 from big_pretrain.errors import UnreadableDataError
 

@@ -1,0 +1,1 @@
+"""Text: caption tokenizers (FLIP) and the label vocabulary (WSP)."""
