@@ -11,7 +11,7 @@ from flax import linen as nn
 
 from big_pretrain.config.defaults import stage_config
 from big_pretrain.data.text.labels import synthetic_vocabulary_path
-from big_pretrain.data.train_input import random_batch
+from big_pretrain.data.batch_features import random_batch
 from big_pretrain.data.text.tokenizer import synthetic_tokenizer_path
 from big_pretrain.models import attention as attention_lib
 from big_pretrain.models.vit import VisionTransformer

@@ -15,7 +15,7 @@ import pytest
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.config.defaults import stage_config
-from big_pretrain.data.train_input import global_batch_shapes
+from big_pretrain.data.batch_features import global_batch_shapes
 from big_pretrain.train import remat_choice
 from big_pretrain.train.loop import train_stage
 from big_pretrain.train.optim import make_optimizer, make_schedule

@@ -151,7 +151,7 @@ class ImageTextEvaluator(Evaluator):
       raise ValueError(
           f'config.evals.{self.name} embeds text, but config.data.text.tokenizer is not set. '
           'Set it to the tokenizer the model trains with, e.g. '
-          'big_pretrain.data.tokenizer.synthetic_tokenizer_path() for the synthetic data.')
+          'big_pretrain.data.text.tokenizer.synthetic_tokenizer_path() for the synthetic data.')
 
   def _culprit(self, key: str) -> str:
     return f'config.evals.{self.name}.{key}'

@@ -67,13 +67,13 @@ class WSP(Objective):
     if not vocabulary:
       raise ConfigError(
           f'{path}.data.labels.vocabulary is not set: WSP needs a label vocabulary. Build one '
-          'with `python -m big_pretrain.data.labels build --source=image_folder '
+          'with `python -m big_pretrain.data.text.build_vocabulary labels --source=image_folder '
           '--path=DATA_DIR --output=vocab.txt` and set it.')
     if not os.path.isfile(vocabulary):
       raise ConfigError(
           f'{path}.data.labels.vocabulary={vocabulary!r} is not a file. Build it with '
-          f'`python -m big_pretrain.data.labels build --source=image_folder --path=DATA_DIR '
-          f'--output={vocabulary}`.')
+          f'`python -m big_pretrain.data.text.build_vocabulary labels --source=image_folder '
+          f'--path=DATA_DIR --output={vocabulary}`.')
 
   def __init__(self, config):
     super().__init__(config)

@@ -22,7 +22,7 @@ from big_pretrain.storage import files as storage
 from big_pretrain.storage.checkpoints import saved_steps, unreadable_reason
 from big_pretrain.config.defaults import is_pseudo_label_config
 from big_pretrain.config.validation import validate_config
-from big_pretrain.data.sources import pseudo_labelled as pseudo_labels_lib
+from big_pretrain.data import records
 from big_pretrain.errors import Preempted
 from big_pretrain.stages.pseudo_label_job import run_pseudo_label
 from big_pretrain.train.loop import AT_START_RESULTS_FILE, final_evaluations_recorded, train_stage
@@ -129,7 +129,7 @@ def collect_eval_results(stage_dirs: dict[str, str]) -> dict[str, dict]:
     if at_start is not None:
       results[f'{name} (start)'] = at_start
     stage_results = storage.read_json(os.path.join(stage_dir, 'eval_results.json'))
-    metadata = storage.read_json(os.path.join(stage_dir, pseudo_labels_lib.METADATA_FILE))
+    metadata = storage.read_json(os.path.join(stage_dir, records.METADATA_FILE))
     if stage_results is not None:
       results[name] = stage_results
     elif metadata is not None:

@@ -23,7 +23,8 @@ from big_pretrain.storage import files as storage
 from big_pretrain.storage.checkpoints import Checkpointer, saved_steps
 from big_pretrain.config.validation import validate_stage_config
 from big_pretrain.data.device_prefetch import DevicePrefetch
-from big_pretrain.data.train_input import InputPipeline, global_batch_shapes
+from big_pretrain.data.batch_features import global_batch_shapes
+from big_pretrain.data.train_input import InputPipeline
 from big_pretrain.data.text.tokenizer import record_tokenizer
 from big_pretrain.errors import FinalEvaluationError, NonFiniteLossError
 from big_pretrain.evaluators import build_evaluators

@@ -1,1 +1,2 @@
-"""Text: caption tokenizers (FLIP) and the label vocabulary (WSP)."""
+"""Text: caption tokenizers (FLIP), the label vocabulary (WSP), and the command that builds
+their vocabulary files from a source's texts (build_vocabulary.py)."""
