@@ -14,18 +14,18 @@ Per process::
     .map(select_device_features)
     .batch(per_process_batch, drop_remainder=True)
 
-(the maps in example_maps.py, ProcessShare in process_share.py, the skipping in
-corrupt_images.py, the features in batch_features.py)
-
 and each per-process batch becomes a global ``jax.Array`` whose batch dimension
-is sharded over the mesh axes ('data', 'fsdp').
+is sharded over the mesh axes ('data', 'fsdp'). The maps are in example_maps.py,
+ProcessShare in process_share.py, the skipping in corrupt_images.py, the
+features in batch_features.py.
 
 All randomness (shuffle order, crops, flips, RandAugment, erasing) is a
 deterministic function of the seeds and the element's global index, so restoring
 ``grain_iterator``'s state resumes the exact same stream of batches, and a run on
 N processes sees the same global batches, row for row, as a run on one.
 
-Evaluators read every example once, in order, through eval_input.py instead.
+Evaluators and the pseudo-label job read every example of a split exactly once
+through eval_input.py instead.
 """
 
 from __future__ import annotations

@@ -104,6 +104,7 @@ SIZES: tuple[tuple[str, tuple[float, float]], ...] = (
 _MIN_BACKGROUND_CONTRAST = 150
 _NOISE_STD = 6.0
 _GRADIENT_AMPLITUDE = 20.0
+
 # Example i of a split is drawn from the random stream (seed, i, *_SPLIT_STREAMS[split]).
 _SPLIT_STREAMS = {'train': (), 'test': (1,)}
 SYNTHETIC_LABELS = ('shape', 'colour')
