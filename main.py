@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from big_pretrain import cli, distributed
 from big_pretrain.config.validation import check_fits_devices, validate_config
 from big_pretrain.errors import (EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, ConfigError,
-                                 UserFacingError, WorkdirError)
+                                 Preempted, UserFacingError, WorkdirError)
 from big_pretrain.storage import files as storage
 from big_pretrain.storage import run_lock
 from big_pretrain.train import faults
@@ -29,14 +29,16 @@ def main(argv):
   cli.set_up_logging()
   # A SIGTERM before the training loop takes it over (while starting up or compiling, and
   # between stages) stops with the preemption exit code: there is nothing new to save.
-  signal.signal(signal.SIGTERM, faults.preempted_outside_training)
+  previous_handler = signal.signal(signal.SIGTERM, faults.preempted_outside_training)
   try:
     _run(cli.parsed_command())
   except KeyboardInterrupt:
     cli.exit_with('Interrupted (Ctrl-C): stopped without saving; the same command resumes '
                   'from the last checkpoint.', EXIT_INTERRUPTED)
-  except UserFacingError as e:
+  except (UserFacingError, Preempted) as e:
     _stop(e)
+  finally:  # main() run in-process (tests) leaves the process's handler as it was
+    signal.signal(signal.SIGTERM, previous_handler)
 
 
 def _run(command) -> None:
@@ -66,7 +68,7 @@ def _run(command) -> None:
     chain.run_validated(command.config, command.workdir)  # validated above
 
 
-def _stop(error: UserFacingError):
+def _stop(error: UserFacingError | Preempted):
   """Exits with the error's code and one line: logged too, unless the command was unusable."""
   if error.exit_code == EXIT_USAGE:
     cli.exit_usage(str(error))

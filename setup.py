@@ -13,7 +13,7 @@ setup(
     version='0.1.0',
     description='Vision Transformer pretraining with MAE, WSP, FLIP and AIM on TPU pods and GPUs.',
     packages=find_packages(include=['big_pretrain', 'big_pretrain.*']),
-    package_data={'big_pretrain.data': ['vocabularies/*.txt']},
+    package_data={'big_pretrain.data.text': ['vocabularies/*.txt']},
     python_requires='>=3.11',
     install_requires=[r for r in pinned_requirements() if not r.startswith('pytest')],
     # pip install -e .[tf]: TensorFlow, only to prepare TFDS datasets and for the tf.data

@@ -66,8 +66,9 @@ from big_pretrain import sharding as sharding_lib  # noqa: E402
 from big_pretrain.config.defaults import stage_config  # noqa: E402
 from big_pretrain.config.validation import validate_stage_config  # noqa: E402
 from big_pretrain.data import augment as augment_lib  # noqa: E402
-from big_pretrain.data import pipeline as pipeline_lib  # noqa: E402
+from big_pretrain.data import example_maps  # noqa: E402
 from big_pretrain.data import sources  # noqa: E402
+from big_pretrain.data import train_input as pipeline_lib  # noqa: E402
 from big_pretrain.data import transforms  # noqa: E402
 
 import step as step_benchmark  # noqa: E402  (benchmarks/step.py: this script's folder is on sys.path)
@@ -256,7 +257,7 @@ def grain_example_function(args, config, decode_at_crop_scale: bool):
   data = config.data
 
   def process(path: str) -> np.ndarray:
-    example = pipeline_lib.augment_for_training(
+    example = example_maps.augment_for_training(
         {'image_path': path, 'label': 0}, rng, image_size=data.image_size,
         crop_scale=tuple(data.crop_scale), augment=augment_lib.parse_augment(data.augment),
         randaugment_ops=data.randaugment_ops, randaugment_magnitude=data.randaugment_magnitude,

@@ -54,7 +54,8 @@ import jax  # noqa: E402
 from absl import logging  # noqa: E402
 
 from big_pretrain import sharding as sharding_lib  # noqa: E402
-from big_pretrain.data import pipeline as pipeline_lib  # noqa: E402
+from big_pretrain.data import process_share  # noqa: E402
+from big_pretrain.data import train_input as pipeline_lib  # noqa: E402
 from big_pretrain.train.loop import train_stage  # noqa: E402
 
 import input as input_benchmark  # noqa: E402  (benchmarks/input.py, beside this script)
@@ -200,7 +201,7 @@ def main(argv=None):
       if on_images:
         for threads in thread_counts:
           config.data.num_threads = threads
-          name = f'input alone, {pipeline_lib.num_reader_threads(config.data)} Grain threads'
+          name = f'input alone, {process_share.num_reader_threads(config.data)} Grain threads'
           images_per_second, images_per_cpu_second = input_alone(
               config, threads, batches=max(4, 2048 // config.batch_size))
           print(f'  repeat {repeat + 1}: {name}: {images_per_second:.0f} images/s, '
@@ -210,7 +211,7 @@ def main(argv=None):
       for prefetch, threads in rows:
         config.data.num_threads = threads
         name = (f'loop, prefetch {prefetch}, '
-                f'{pipeline_lib.num_reader_threads(config.data)} Grain threads')
+                f'{process_share.num_reader_threads(config.data)} Grain threads')
         images_per_second = loop_images_per_second(config, prefetch, threads, args)
         print(f'  repeat {repeat + 1}: {name}: {images_per_second:.0f} images/s', flush=True)
         best[name] = max(best.get(name, 0.0), images_per_second)

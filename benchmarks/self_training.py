@@ -40,8 +40,9 @@ import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
 from big_pretrain.config.defaults import chain_config  # noqa: E402
-from big_pretrain.data import pseudo_labels as records_lib  # noqa: E402
 from big_pretrain.data import sources  # noqa: E402
+from big_pretrain.data.records import decode_pseudo_label_record  # noqa: E402
+from big_pretrain.data.sources import pseudo_labelled as records_lib  # noqa: E402
 from big_pretrain.stages import chain  # noqa: E402
 from configs import mae, self_training  # noqa: E402
 
@@ -77,7 +78,7 @@ def pseudo_label_accuracy(folder: str) -> float:
   records = grain.sources.ArrayRecordDataSource(shards)
   right = 0
   for i in range(len(records)):
-    record = records_lib.decode_record(records[i])
+    record = decode_pseudo_label_record(records[i])
     right += int(record['label_ids'][0]) == unlabelled[record['index']]['label']
   return right / max(len(records), 1)
 

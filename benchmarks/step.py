@@ -53,8 +53,8 @@ import numpy as np  # noqa: E402
 from big_pretrain import sharding as sharding_lib  # noqa: E402
 from big_pretrain.config.defaults import stage_config  # noqa: E402
 from big_pretrain.config.validation import validate_stage_config  # noqa: E402
-from big_pretrain.data import pipeline as pipeline_lib  # noqa: E402
-from big_pretrain.data.tokenizer import synthetic_tokenizer_path  # noqa: E402
+from big_pretrain.data import batch_features as pipeline_lib  # noqa: E402
+from big_pretrain.data.text.tokenizer import synthetic_tokenizer_path  # noqa: E402
 from big_pretrain.models import attention as attention_lib  # noqa: E402
 from big_pretrain.models import vit as vit_lib  # noqa: E402
 from big_pretrain.objectives import objective_names  # noqa: E402

@@ -49,6 +49,9 @@ class UnreadableDataError(UserFacingError, RuntimeError):
   """A source gave no readable image in config.data.max_consecutive_unreadable tries."""
 
 
-class Preempted(UserFacingError):
-  """A run saved a checkpoint on a preemption notice (SIGTERM or Ctrl-C) and stopped."""
+class Preempted(BaseException):
+  """A run stopped on a preemption notice (SIGTERM or Ctrl-C), after saving what it had.
+
+  A BaseException, as KeyboardInterrupt is: it may be raised from a signal handler
+  anywhere (train/faults.py), and code that catches Exception must not swallow it."""
   exit_code = EXIT_PREEMPTED

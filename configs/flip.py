@@ -12,7 +12,7 @@ Each stage trains in DIR/<stage>; run the same command again to resume.
 """
 
 from big_pretrain.config.defaults import chain_config, stage_config, use_embedded_demo_data
-from big_pretrain.data.tokenizer import synthetic_tokenizer_path
+from big_pretrain.data.text.tokenizer import synthetic_tokenizer_path
 from big_pretrain.evaluators import evaluator_config
 
 LAION_400M = 400_000_000

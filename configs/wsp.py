@@ -9,7 +9,7 @@
 """
 
 from big_pretrain.config.defaults import stage_config, use_embedded_demo_data
-from big_pretrain.data.labels import synthetic_vocabulary_path
+from big_pretrain.data.text.labels import synthetic_vocabulary_path
 from big_pretrain.evaluators import evaluator_config
 
 
@@ -26,7 +26,8 @@ def get_config(arg: str | None = None):
   config.optim.clip_grad_norm = 1.0
   config.data.source = 'image_folder'
   config.data.path = None                   # Required: your image-text data.
-  config.data.labels.vocabulary = None      # Required: see `python -m big_pretrain.data.labels build`.
+  # Required: see `python -m big_pretrain.data.text.build_vocabulary labels`.
+  config.data.labels.vocabulary = None
   config.data.image_size = 224
   config.data.crop_scale = (0.08, 1.0)      # WSP uses the classification crop range.
   config.checkpoint.every_steps = 1000

@@ -58,7 +58,7 @@ TINY_CONFIG = '''\
 """Tiny configs for reliability/bad_inputs.py: width 64, 2 blocks, 32 px, batch 16."""
 
 from big_pretrain.config.defaults import chain_config, stage_config
-from big_pretrain.data.labels import synthetic_vocabulary_path
+from big_pretrain.data.text.labels import synthetic_vocabulary_path
 from big_pretrain.evaluators import evaluator_config
 
 

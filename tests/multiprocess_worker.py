@@ -66,7 +66,7 @@ def main(process_id: int, num_processes: int, port: int, workdir: str, task: str
                          initialization_timeout_s=60)
   import jax  # noqa: PLC0415  (after the distributed runtime)
   from big_pretrain import sharding as sharding_lib  # noqa: PLC0415
-  from big_pretrain.data.pipeline import InputPipeline  # noqa: PLC0415
+  from big_pretrain.data.train_input import InputPipeline  # noqa: PLC0415
   from tiny_config import tiny_multiprocess_config  # noqa: PLC0415
 
   config = tiny_multiprocess_config()

@@ -15,9 +15,11 @@ import pytest
 
 from big_pretrain.config.validation import ConfigError, validate_stage_config
 from big_pretrain.data import convert
-from big_pretrain.data import pipeline
+from big_pretrain.data import records as records_lib
 from big_pretrain.data import sources
+from big_pretrain.data import train_input
 from big_pretrain.data import transforms
+from big_pretrain.data.sources import source_texts
 from configs import mae as mae_config
 from test_data import (IMAGE_SIZE, VALID_IMAGES_PER_CLASS, assert_batches_equal,  # pylint: disable=unused-import
                        fixture_image_folder, make_mesh, read_until_exhausted, small_config, take,
@@ -55,7 +57,7 @@ def test_image_folder_conversion_round_trips(image_folder, converted):
   assert metadata['class_names'] == ['cats', 'dogs'] and metadata['num_examples'] == 10
   assert [s['file'] for s in metadata['shards']] == shard_names
   assert [s['num_examples'] for s in metadata['shards']] == [3, 3, 3, 1]
-  assert metadata['format_version'] == sources.ARRAY_RECORD_FORMAT_VERSION
+  assert metadata['format_version'] == records_lib.IMAGE_FORMAT_VERSION
 
   source = sources.ArrayRecordSource(str(output))
   assert len(source) == len(folder)
@@ -84,9 +86,9 @@ def test_converted_folder_gives_the_image_folder_batches_and_skips_corrupt_recor
   folder_config = small_config(source='image_folder', path=str(image_folder))
   record_config = small_config(source='array_record', path=str(output))
   # A batch of 2 divides the 10 examples: the eval epoch reads every one.
-  folder_data = pipeline.InputPipeline(folder_config, global_batch_size=2, mesh=make_mesh(),
+  folder_data = train_input.InputPipeline(folder_config, global_batch_size=2, mesh=make_mesh(),
                                        train=False)
-  record_data = pipeline.InputPipeline(record_config, global_batch_size=2, mesh=make_mesh(),
+  record_data = train_input.InputPipeline(record_config, global_batch_size=2, mesh=make_mesh(),
                                        train=False)
   with caplog.at_level(logging.WARNING):
     records = read_until_exhausted(record_data)
@@ -102,14 +104,14 @@ def test_converted_folder_gives_the_image_folder_batches_and_skips_corrupt_recor
 def test_array_record_pipeline_resumes_exactly(converted):
   output, _ = converted
   config = small_config(source='array_record', path=str(output))
-  data = pipeline.InputPipeline(config, global_batch_size=4, mesh=make_mesh(), seed=3)
+  data = train_input.InputPipeline(config, global_batch_size=4, mesh=make_mesh(), seed=3)
   take(data, 3)  # Past one epoch: the 2 corrupt records were skipped once.
   state = _state_round_trip(data)
   count_at_save = data.corrupt_images_skipped
   expected = take(data, 3)
   assert count_at_save >= 2
 
-  resumed = pipeline.InputPipeline(config, global_batch_size=4, mesh=make_mesh(), seed=3)
+  resumed = train_input.InputPipeline(config, global_batch_size=4, mesh=make_mesh(), seed=3)
   resumed.grain_iterator.set_state(state)
   assert resumed.corrupt_images_skipped == count_at_save
   assert_batches_equal(expected, take(resumed, 3))
@@ -217,7 +219,7 @@ def test_corrupt_image_in_a_record_is_skipped_and_counted(tmp_path, caplog):
     _add(archive, 'garbage.png', b'not a png at all')
   convert.convert(str(tmp_path / 'data.tar'), str(tmp_path / 'out'))
   config = small_config(source='array_record', path=str(tmp_path / 'out'))
-  data = pipeline.InputPipeline(config, global_batch_size=4, mesh=make_mesh(), train=False)
+  data = train_input.InputPipeline(config, global_batch_size=4, mesh=make_mesh(), train=False)
   with caplog.at_level(logging.WARNING):
     batches = read_until_exhausted(data)
   assert len(batches) == 2 and data.corrupt_images_skipped == 2
@@ -230,7 +232,7 @@ def test_missing_array_record_path_says_how_to_convert(tmp_path):
   missing = str(tmp_path / 'no_such_folder')
   config = small_config(source='array_record', path=missing)
   with pytest.raises(FileNotFoundError, match='no_such_folder') as error:
-    pipeline.InputPipeline(config, global_batch_size=4, mesh=make_mesh())
+    train_input.InputPipeline(config, global_batch_size=4, mesh=make_mesh())
   assert 'config.data.path' in str(error.value)
   assert 'python -m big_pretrain.data.convert' in str(error.value)
   with pytest.raises(FileNotFoundError, match='No ArrayRecord shard matches'):
@@ -379,13 +381,13 @@ def test_tfds_source_reads_images_labels_and_captions(tfds_dir):
 
 def test_tfds_pipeline_yields_batches_and_resumes_exactly(tfds_dir):
   config = tfds_config(tfds_dir)
-  data = pipeline.InputPipeline(config, global_batch_size=4, mesh=make_mesh(), seed=1)
+  data = train_input.InputPipeline(config, global_batch_size=4, mesh=make_mesh(), seed=1)
   first = take(data, 4)  # More than one epoch of 12.
   assert first[0]['image'].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3)
   assert np.all((first[0]['label'] >= 0) & (first[0]['label'] < 3))
   state = _state_round_trip(data)
   expected = take(data, 3)
-  resumed = pipeline.InputPipeline(config, global_batch_size=4, mesh=make_mesh(), seed=1)
+  resumed = train_input.InputPipeline(config, global_batch_size=4, mesh=make_mesh(), seed=1)
   resumed.grain_iterator.set_state(state)
   assert_batches_equal(expected, take(resumed, 3))
   assert data.corrupt_images_skipped == 0
@@ -408,12 +410,12 @@ def test_tfds_errors_say_how_to_prepare_the_dataset(tfds_dir, tmp_path, tmp_path
 def test_source_texts_of_array_record_and_tfds_for_the_build_commands(converted, tfds_dir):
   output, _ = converted
   parser = argparse.ArgumentParser()
-  sources.add_source_arguments(parser)
-  texts = sources.read_source_texts(
+  source_texts.add_source_arguments(parser)
+  texts = source_texts.read_source_texts(
       parser.parse_args(['--source=array_record', f'--path={output}']), parser)
   assert len(texts) == 10 and texts[0] == {'hashtags': ['#cat', '#cute'],
                                            'caption': 'a fluffy cat #cat #cute'}
-  texts = sources.read_source_texts(parser.parse_args([
+  texts = source_texts.read_source_texts(parser.parse_args([
       '--source=tfds', '--tfds_name=tiny_tfds_for_test', f'--tfds_data_dir={tfds_dir}',
       '--tfds_caption_key=caption', '--num_examples=5']), parser)
   assert len(texts) == 5 and all(t['hashtags'][0][1:] in TFDS_CLASSES for t in texts)

@@ -10,9 +10,9 @@ import pytest
 from flax import linen as nn
 
 from big_pretrain.config.defaults import stage_config
-from big_pretrain.data.labels import synthetic_vocabulary_path
-from big_pretrain.data.pipeline import random_batch
-from big_pretrain.data.tokenizer import synthetic_tokenizer_path
+from big_pretrain.data.batch_features import random_batch
+from big_pretrain.data.text.labels import synthetic_vocabulary_path
+from big_pretrain.data.text.tokenizer import synthetic_tokenizer_path
 from big_pretrain.models import attention as attention_lib
 from big_pretrain.models.vit import VisionTransformer
 from big_pretrain.objectives import build_objective

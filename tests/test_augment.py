@@ -13,7 +13,7 @@ import pytest
 from big_pretrain import sharding
 from big_pretrain.config.defaults import default_data_config
 from big_pretrain.data import augment
-from big_pretrain.data import pipeline
+from big_pretrain.data import train_input
 
 FILL = (124, 116, 104)  # round(255 * ImageNet mean), timm's img_mean hparam.
 BICUBIC = Image.Resampling.BICUBIC
@@ -364,7 +364,7 @@ def _pipeline(augment_spec, seed=0):
                 prefetch_buffer_size=8, augment=augment_spec)
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)),
                             jax.devices()[:1])
-  return pipeline.InputPipeline(config, global_batch_size=8, mesh=mesh, seed=seed)
+  return train_input.InputPipeline(config, global_batch_size=8, mesh=mesh, seed=seed)
 
 
 def test_pipeline_with_randaugment_and_erasing_is_deterministic():

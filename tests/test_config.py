@@ -10,9 +10,9 @@ import pytest
 from big_pretrain.config.defaults import (SCHEMA_VERSION, default_data_config,
                                           pseudo_label_config, stage_config)
 from big_pretrain.config.upgrade import upgrade
-from big_pretrain.config.value_rules import leaf_keys, rule_for
 from big_pretrain.config.validation import ConfigError, validate_stage_config
-from big_pretrain.data.labels import synthetic_vocabulary_path
+from big_pretrain.config.value_rules import leaf_keys, rule_for
+from big_pretrain.data.text.labels import synthetic_vocabulary_path
 from big_pretrain.evaluators import evaluator_config, evaluator_names
 from big_pretrain.objectives import objective_names
 from configs import mae as mae_config

@@ -10,9 +10,12 @@ from PIL import Image
 import pytest
 
 from big_pretrain.config.defaults import default_data_config
-from big_pretrain.data import pipeline
+from big_pretrain.data import example_maps
+from big_pretrain.data import process_share
 from big_pretrain.data import sources
+from big_pretrain.data import train_input
 from big_pretrain.data import transforms
+from big_pretrain.data.sources import synthetic
 
 IMAGE_SIZE = 32
 
@@ -79,10 +82,10 @@ def test_synthetic_examples_differ_between_indices():
 
 def test_synthetic_example_format_and_caption_match_label():
   source = sources.SyntheticShapes(300, 40)
-  assert source.num_classes == len(sources.SHAPE_NAMES) >= 8
-  assert source.class_names == list(sources.SHAPE_NAMES)
-  colour_names = {name for name, _ in sources.PALETTE}
-  size_names = {name for name, _ in sources.SIZES}
+  assert source.num_classes == len(synthetic.SHAPE_NAMES) >= 8
+  assert source.class_names == list(synthetic.SHAPE_NAMES)
+  colour_names = {name for name, _ in synthetic.PALETTE}
+  size_names = {name for name, _ in synthetic.SIZES}
   labels = []
   for index in range(len(source)):
     example = source[index]
@@ -104,12 +107,12 @@ def test_synthetic_colour_and_size_vary_within_a_class():
   source = sources.SyntheticShapes(400, 32)
   circles = [source[i] for i in range(len(source)) if source[i]['label'] == 0]
   assert len({example['hashtags'][1] for example in circles}) >= 5
-  assert len({example['hashtags'][2] for example in circles}) == len(sources.SIZES)
+  assert len({example['hashtags'][2] for example in circles}) == len(synthetic.SIZES)
 
 
 def test_synthetic_images_are_textured_and_show_the_shape_colour():
   source = sources.SyntheticShapes(10, 64)
-  palette = dict(sources.PALETTE)
+  palette = dict(synthetic.PALETTE)
   for index in range(len(source)):
     example = source[index]
     pixels = example['image'].reshape(-1, 3).astype(np.int32)
@@ -191,7 +194,7 @@ def test_decoding_a_jpeg_at_its_crops_scale_matches_the_full_decode(tmp_path):
 
   def crop_flip(name, decode_at_crop_scale, seed):
     rng = np.random.default_rng(seed)
-    example = pipeline.augment_for_training(
+    example = example_maps.augment_for_training(
         {'image_path': str(tmp_path / name), 'label': 0}, rng, image_size=size,
         crop_scale=crop_scale, augment=('crop', 'flip'), randaugment_ops=0,
         randaugment_magnitude=0.0, randaugment_magnitude_std=0.0, erasing_prob=0.0,
@@ -220,7 +223,7 @@ def test_decoding_a_jpeg_at_its_crops_scale_matches_the_full_decode(tmp_path):
   (tmp_path / 'truncated.jpeg').write_bytes(_truncated_jpeg_bytes())
   (tmp_path / 'garbage.jpeg').write_bytes(np.random.default_rng(0).bytes(300))
   for name in ('truncated.jpeg', 'garbage.jpeg'):
-    skipped = pipeline.augment_for_training(
+    skipped = example_maps.augment_for_training(
         {'image_path': str(tmp_path / name)}, np.random.default_rng(0), image_size=size,
         crop_scale=crop_scale, augment=('crop',), randaugment_ops=0, randaugment_magnitude=0.0,
         randaugment_magnitude_std=0.0, erasing_prob=0.0, scale_jitter=(1.0, 1.0),
@@ -231,7 +234,7 @@ def test_decoding_a_jpeg_at_its_crops_scale_matches_the_full_decode(tmp_path):
 # --- Pipeline on synthetic data -----------------------------------------------
 
 def test_pipeline_yields_sharded_global_batches():
-  data = pipeline.InputPipeline(small_config(), global_batch_size=8, mesh=make_mesh())
+  data = train_input.InputPipeline(small_config(), global_batch_size=8, mesh=make_mesh())
   batch = next(data)
   assert set(batch) == {'image', 'label'}
   assert isinstance(batch['image'], jax.Array)
@@ -240,13 +243,13 @@ def test_pipeline_yields_sharded_global_batches():
   assert batch['label'].shape == (8,) and batch['label'].dtype == np.int32
   assert batch['image'].sharding.spec == jax.sharding.PartitionSpec(('data', 'fsdp'))
   assert np.all((np.asarray(batch['label']) >= 0) & (np.asarray(batch['label']) < data.num_classes))
-  assert data.class_names == list(sources.SHAPE_NAMES)
+  assert data.class_names == list(synthetic.SHAPE_NAMES)
 
 
 def test_pipeline_shards_batch_over_data_and_fsdp():
   mesh = make_mesh((4, 2, 1))
-  data = pipeline.InputPipeline(small_config(), global_batch_size=16, mesh=mesh)
-  twin = pipeline.InputPipeline(small_config(), global_batch_size=16, mesh=mesh)
+  data = train_input.InputPipeline(small_config(), global_batch_size=16, mesh=mesh)
+  twin = train_input.InputPipeline(small_config(), global_batch_size=16, mesh=mesh)
   batch = next(data)
   shards = batch['image'].addressable_shards
   assert len(shards) == 8
@@ -257,32 +260,32 @@ def test_pipeline_shards_batch_over_data_and_fsdp():
 
 def test_pipeline_rejects_batch_not_divisible_by_batch_devices():
   with pytest.raises(ValueError, match='divisible'):
-    pipeline.InputPipeline(small_config(), global_batch_size=12, mesh=make_mesh((4, 2, 1)))
+    train_input.InputPipeline(small_config(), global_batch_size=12, mesh=make_mesh((4, 2, 1)))
 
 
 def test_pipeline_resumes_exactly_from_saved_state():
   config = small_config()
-  data = pipeline.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), seed=5)
+  data = train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), seed=5)
   take(data, 3)
   # Orbax stores the state as JSON (grain.checkpoint.CheckpointSave).
   state = json.loads(json.dumps(data.grain_iterator.get_state()))
   expected = take(data, 2)
 
-  resumed = pipeline.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), seed=5)
+  resumed = train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), seed=5)
   resumed.grain_iterator.set_state(state)
   assert_batches_equal(expected, take(resumed, 2))
 
 
 def test_run_seed_changes_order_and_augmentation():
   config = small_config()
-  first = pipeline.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), seed=0)
-  second = pipeline.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), seed=1)
+  first = train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), seed=0)
+  second = train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), seed=1)
   assert not np.array_equal(first.next_local_numpy()['image'], second.next_local_numpy()['image'])
 
 
 def test_train_pipeline_reshuffles_each_epoch():
   config = small_config(num_examples=16)
-  data = pipeline.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
+  data = train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
   epoch_labels = [np.concatenate([b['label'] for b in take(data, 2)]) for _ in range(2)]
   # Same multiset of examples per epoch, different order.
   np.testing.assert_array_equal(np.sort(epoch_labels[0]), np.sort(epoch_labels[1]))
@@ -292,14 +295,15 @@ def test_train_pipeline_reshuffles_each_epoch():
 def test_eval_pipeline_reads_one_epoch_in_a_fixed_shuffled_order():
   config = small_config(num_examples=24)
   read = lambda seed: np.concatenate([
-      batch['label'] for batch in read_until_exhausted(pipeline.InputPipeline(
+      batch['label'] for batch in read_until_exhausted(train_input.InputPipeline(
           config, global_batch_size=8, mesh=make_mesh(), train=False, seed=seed))])
   labels = read(seed=0)
   # Every example exactly once ...
-  np.testing.assert_array_equal(np.sort(labels), np.sort(np.arange(24) % len(sources.SHAPE_NAMES)))
+  np.testing.assert_array_equal(np.sort(labels),
+                                np.sort(np.arange(24) % len(synthetic.SHAPE_NAMES)))
   # ... not in listing order (so the first N span the classes), and the same
   # order whatever the run's seed, so evaluations compare across runs.
-  assert not np.array_equal(labels, np.arange(24) % len(sources.SHAPE_NAMES))
+  assert not np.array_equal(labels, np.arange(24) % len(synthetic.SHAPE_NAMES))
   np.testing.assert_array_equal(labels, read(seed=7))
 
 
@@ -358,7 +362,7 @@ def test_image_folder_lists_classes_captions_and_hashtags(image_folder):
 def test_eval_pipeline_skips_and_counts_corrupt_images(image_folder, caplog):
   config = small_config(source='image_folder', path=str(image_folder))
   # Batch 2 divides the 10 files: eval pipelines read whole global batches only.
-  data = pipeline.InputPipeline(config, global_batch_size=2, mesh=make_mesh(), train=False)
+  data = train_input.InputPipeline(config, global_batch_size=2, mesh=make_mesh(), train=False)
   with caplog.at_level(logging.WARNING):
     batches = read_until_exhausted(data)
   labels = np.concatenate([batch['label'] for batch in batches])
@@ -371,14 +375,14 @@ def test_eval_pipeline_skips_and_counts_corrupt_images(image_folder, caplog):
 
 def test_train_pipeline_skips_corrupt_images_and_resumes_the_count(image_folder):
   config = small_config(source='image_folder', path=str(image_folder))
-  data = pipeline.InputPipeline(config, global_batch_size=4, mesh=make_mesh())
+  data = train_input.InputPipeline(config, global_batch_size=4, mesh=make_mesh())
   take(data, 2)  # One epoch's worth of valid images.
   state = data.grain_iterator.get_state()
   count_at_save = data.corrupt_images_skipped
   expected = take(data, 3)
   assert data.corrupt_images_skipped >= 2  # Read at least one full epoch by now.
 
-  resumed = pipeline.InputPipeline(config, global_batch_size=4, mesh=make_mesh())
+  resumed = train_input.InputPipeline(config, global_batch_size=4, mesh=make_mesh())
   resumed.grain_iterator.set_state(state)
   assert resumed.corrupt_images_skipped == count_at_save
   assert_batches_equal(expected, take(resumed, 3))
@@ -389,7 +393,7 @@ def test_missing_image_folder_names_the_path(tmp_path):
   missing = str(tmp_path / 'no_such_folder')
   config = small_config(source='image_folder', path=missing)
   with pytest.raises(FileNotFoundError, match='no_such_folder') as error:
-    pipeline.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
+    train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
   assert missing in str(error.value) and 'config.data.path' in str(error.value)
 
 
@@ -413,7 +417,7 @@ def test_unknown_source_lists_valid_names():
 def test_synthetic_colour_label_names_the_shape_colour_in_the_caption():
   shapes = sources.SyntheticShapes(50, 32)
   colours = sources.SyntheticShapes(50, 32, label='colour')
-  assert colours.class_names == [name for name, _ in sources.PALETTE]
+  assert colours.class_names == [name for name, _ in synthetic.PALETTE]
   for index in range(50):
     shape_example, colour_example = shapes[index], colours[index]
     np.testing.assert_array_equal(shape_example['image'], colour_example['image'])  # same pixels
@@ -427,9 +431,9 @@ def test_synthetic_colour_label_names_the_shape_colour_in_the_caption():
 def test_reader_threads_default_to_the_available_cores_capped_at_grains_default(monkeypatch):
   config = default_data_config()
   assert config.num_threads is None
-  monkeypatch.setattr(pipeline.os, 'sched_getaffinity', lambda pid: set(range(2)))
-  assert pipeline.num_reader_threads(config) == 2
-  monkeypatch.setattr(pipeline.os, 'sched_getaffinity', lambda pid: set(range(96)))
-  assert pipeline.num_reader_threads(config) == pipeline.MAX_AUTO_THREADS
+  monkeypatch.setattr(process_share.os, 'sched_getaffinity', lambda pid: set(range(2)))
+  assert process_share.num_reader_threads(config) == 2
+  monkeypatch.setattr(process_share.os, 'sched_getaffinity', lambda pid: set(range(96)))
+  assert process_share.num_reader_threads(config) == process_share.MAX_AUTO_THREADS
   config.num_threads = 5
-  assert pipeline.num_reader_threads(config) == 5
+  assert process_share.num_reader_threads(config) == 5

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.data import pipeline
+from big_pretrain.data import train_input
 from big_pretrain.data.device_prefetch import DevicePrefetch
 from test_data import assert_batches_equal, make_mesh, small_config
 
@@ -17,7 +17,8 @@ BATCH = 8
 
 
 def new_pipeline():
-  return pipeline.InputPipeline(small_config(), global_batch_size=BATCH, mesh=make_mesh(), seed=3)
+  return train_input.InputPipeline(small_config(), global_batch_size=BATCH, mesh=make_mesh(),
+                                   seed=3)
 
 
 def prefetched(data, size=3):

@@ -14,7 +14,7 @@ from flax import linen as nn
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.config.defaults import optim_defaults
 from big_pretrain.config.validation import validate_config
-from big_pretrain.data.pipeline import random_batch
+from big_pretrain.data.batch_features import random_batch
 from big_pretrain.errors import ConfigError
 from big_pretrain.objectives import build_objective
 from big_pretrain.objectives.finetune import (cutmix_box, mixup_or_cutmix, multi_hot_targets,

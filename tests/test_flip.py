@@ -82,7 +82,7 @@ def test_loss_stays_finite_when_scaled_cosine_is_100():
 
 def tiny_flip_config():
   from big_pretrain.config.defaults import stage_config
-  from big_pretrain.data.tokenizer import synthetic_tokenizer_path
+  from big_pretrain.data.text.tokenizer import synthetic_tokenizer_path
   config = stage_config('flip')
   config.model.update(variant='mu/8', use_cls_token=False, pool='gap')
   config.objective.update(mask_ratio=0.5, embed_dim=32, text_width=32, text_depth=1, text_heads=4)
@@ -98,7 +98,7 @@ def tiny_flip_config():
 
 def test_patches_are_dropped_in_training_only():
   from flax import linen as nn
-  from big_pretrain.data.pipeline import InputPipeline
+  from big_pretrain.data.train_input import InputPipeline
   from big_pretrain.objectives import build_objective
   config = tiny_flip_config()
   objective = build_objective(config)
@@ -120,7 +120,7 @@ def test_patches_are_dropped_in_training_only():
 
 def test_flip_loss_and_gradients_on_8_devices_equal_one_device():
   """The whole objective (towers, masking, global InfoNCE) under data + FSDP sharding."""
-  from big_pretrain.data.pipeline import InputPipeline
+  from big_pretrain.data.train_input import InputPipeline
   from big_pretrain.objectives import build_objective
   from big_pretrain.train.optim import make_optimizer, make_schedule
   from big_pretrain.train.step import build_trainer

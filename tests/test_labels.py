@@ -1,4 +1,5 @@
-"""Tests for big_pretrain.data.labels: the WSP label vocabulary, its command and its pipeline feature."""
+"""Tests for big_pretrain.data.text.labels: the WSP label vocabulary, its command and its
+pipeline feature."""
 
 import subprocess
 import sys
@@ -9,9 +10,12 @@ from PIL import Image
 import pytest
 
 from big_pretrain.config.defaults import default_data_config
-from big_pretrain.data import labels
-from big_pretrain.data import pipeline
+from big_pretrain.data import batch_features
 from big_pretrain.data import sources
+from big_pretrain.data import train_input
+from big_pretrain.data.sources import synthetic
+from big_pretrain.data.text import build_vocabulary
+from big_pretrain.data.text import labels
 
 MAX_LABELS = 6
 IMAGE_SIZE = 32
@@ -139,7 +143,7 @@ def test_missing_vocabulary_file_says_how_to_build_one(tmp_path):
   with pytest.raises(FileNotFoundError) as error:
     labels.LabelVocabulary.from_file(missing)
   assert missing in str(error.value)
-  assert 'python -m big_pretrain.data.labels build' in str(error.value)
+  assert 'python -m big_pretrain.data.text.build_vocabulary labels' in str(error.value)
   assert f'--output={missing}' in str(error.value)
 
 
@@ -197,7 +201,7 @@ def test_build_vocabulary_rejects_bad_limits():
 # --- The shipped synthetic vocabulary and the command -----------------------------
 
 def _flag_value(name):
-  (value,) = [flag.split('=', 1)[1] for flag in labels.SYNTHETIC_VOCABULARY_BUILD_FLAGS
+  (value,) = [flag.split('=', 1)[1] for flag in build_vocabulary.SYNTHETIC_BUILD_FLAGS
               if flag.startswith(f'--{name}=')]
   return int(value)
 
@@ -209,17 +213,17 @@ def test_shipped_synthetic_vocabulary_is_in_sync_with_the_source():
       (source[i] for i in range(len(source))),
       min_count=_flag_value('min_count'), max_size=_flag_value('max_size'))
   assert shipped == rebuilt, (
-      'Rebuild the shipped vocabulary: python -m big_pretrain.data.labels build '
-      + ' '.join(labels.SYNTHETIC_VOCABULARY_BUILD_FLAGS) + ' --output='
+      'Rebuild the shipped vocabulary: python -m big_pretrain.data.text.build_vocabulary labels '
+      + ' '.join(build_vocabulary.SYNTHETIC_BUILD_FLAGS) + ' --output='
       + labels.synthetic_vocabulary_path())
 
 
 def test_shipped_synthetic_vocabulary_covers_every_synthetic_hashtag():
   vocabulary = labels.LabelVocabulary.from_file(labels.synthetic_vocabulary_path())
-  colours = [name for name, _ in sources.PALETTE]
-  expected = ({f'#{shape}' for shape in sources.SHAPE_NAMES}
+  colours = [name for name, _ in synthetic.PALETTE]
+  expected = ({f'#{shape}' for shape in synthetic.SHAPE_NAMES}
               | {f'#{colour}' for colour in colours}
-              | {f'#{size}' for size, _ in sources.SIZES}
+              | {f'#{size}' for size, _ in synthetic.SIZES}
               | {f'#{colour}_background' for colour in colours})
   assert {tag for tag in expected if vocabulary.label_id(tag) is None} == set()
   assert len(vocabulary) == len(expected)
@@ -233,8 +237,8 @@ def test_shipped_synthetic_vocabulary_covers_every_synthetic_hashtag():
 
 def test_command_writes_a_vocabulary_that_loads(tmp_path, capsys):
   output = str(tmp_path / 'vocab.txt')
-  exit_code = labels.main(
-      ['build', *labels.SYNTHETIC_VOCABULARY_BUILD_FLAGS, f'--output={output}'])
+  exit_code = build_vocabulary.main(
+      ['labels', *build_vocabulary.SYNTHETIC_BUILD_FLAGS, f'--output={output}'])
   assert exit_code == 0
   printed = capsys.readouterr().out
   assert 'Read 2000 examples' in printed and '0 of 2000 examples have no label' in printed
@@ -246,8 +250,9 @@ def test_command_writes_a_vocabulary_that_loads(tmp_path, capsys):
 def test_command_over_an_image_folder_with_caption_words(tmp_path, capsys):
   root = _write_image_folder(tmp_path)
   output = str(tmp_path / 'out' / 'vocab.txt')
-  assert labels.main(['build', '--source=image_folder', f'--path={root}', '--min_count=2',
-                      '--use_caption_words', f'--output={output}']) == 0
+  assert build_vocabulary.main(['labels', '--source=image_folder', f'--path={root}',
+                                '--min_count=2', '--use_caption_words',
+                                f'--output={output}']) == 0
   printed = capsys.readouterr().out
   assert 'Read 3 examples' in printed and '1 of 3 examples have no label' in printed
   # 'a' (2 captions) and 'circle' (a hashtag and a word) reach min_count=2.
@@ -257,16 +262,16 @@ def test_command_over_an_image_folder_with_caption_words(tmp_path, capsys):
 def test_command_as_a_module_and_its_errors(tmp_path):
   output = tmp_path / 'vocab.txt'
   completed = subprocess.run(
-      [sys.executable, '-m', 'big_pretrain.data.labels', 'build', '--source=synthetic',
-       '--num_examples=50', f'--output={output}'],
+      [sys.executable, '-m', 'big_pretrain.data.text.build_vocabulary', 'labels',
+       '--source=synthetic', '--num_examples=50', f'--output={output}'],
       capture_output=True, text=True, timeout=60, check=False)
   assert completed.returncode == 0, completed.stderr
   assert 'Read 50 examples' in completed.stdout
   assert len(labels.LabelVocabulary.from_file(str(output))) > 10
   with pytest.raises(SystemExit):
-    labels.main(['build', '--source=image_folder', f'--output={output}'])  # No --path.
-  assert labels.main(['build', '--source=synthetic', '--num_examples=5', '--min_count=10',
-                      f'--output={tmp_path / "empty.txt"}']) == 1
+    build_vocabulary.main(['labels', '--source=image_folder', f'--output={output}'])  # No --path.
+  assert build_vocabulary.main(['labels', '--source=synthetic', '--num_examples=5',
+                                '--min_count=10', f'--output={tmp_path / "empty.txt"}']) == 1
   assert not (tmp_path / 'empty.txt').exists()
 
 
@@ -287,15 +292,15 @@ def small_config(**overrides):
 def test_pipeline_without_vocabulary_has_no_label_ids():
   config = small_config()
   assert config.labels.vocabulary is None
-  assert pipeline.device_feature_names(config) == pipeline.DEVICE_FEATURES
-  data = pipeline.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
+  assert batch_features.device_feature_names(config) == batch_features.DEVICE_FEATURES
+  data = train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
   assert set(next(data)) == {'image', 'label'} and data.label_vocabulary is None
 
 
 def test_pipeline_batches_carry_synthetic_label_ids():
   config = small_config()
   config.labels.vocabulary = labels.synthetic_vocabulary_path()
-  data = pipeline.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
+  data = train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
   vocabulary = data.label_vocabulary
   batch = next(data)
   assert set(batch) == {'image', 'label', 'label_ids'}
@@ -303,7 +308,7 @@ def test_pipeline_batches_carry_synthetic_label_ids():
   assert isinstance(batch['label_ids'], jax.Array)
   label_ids, class_labels = np.asarray(batch['label_ids']), np.asarray(batch['label'])
   for row, class_label in zip(label_ids, class_labels):
-    assert vocabulary.label_id(sources.SHAPE_NAMES[class_label]) in row
+    assert vocabulary.label_id(synthetic.SHAPE_NAMES[class_label]) in row
     # 4 hashtags per synthetic example: sorted ids, then -1 padding.
     assert np.all(np.diff(row[:4]) > 0) and np.all(row[4:] == -1)
 
@@ -312,7 +317,7 @@ def test_pipeline_truncates_to_the_lowest_ids():
   config = small_config(num_examples=8)
   config.labels.vocabulary = labels.synthetic_vocabulary_path()
   config.labels.max_labels_per_example = 2
-  data = pipeline.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), train=False)
+  data = train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), train=False)
   vocabulary = data.label_vocabulary
   source = sources.SyntheticShapes(8, 32)
   rows = data.next_local_numpy()['label_ids']
@@ -335,7 +340,7 @@ def _write_image_folder(tmp_path):
 def test_image_folder_example_without_known_hashtag_has_an_all_padding_row(tmp_path):
   config = small_config(source='image_folder', path=str(_write_image_folder(tmp_path)))
   config.labels.vocabulary = labels.synthetic_vocabulary_path()
-  data = pipeline.InputPipeline(config, global_batch_size=3, mesh=make_mesh(), train=False)
+  data = train_input.InputPipeline(config, global_batch_size=3, mesh=make_mesh(), train=False)
   circle = data.label_vocabulary.label_id('circle')
   rows = np.asarray(next(data)['label_ids'])
   # The eval order is shuffled: compare the rows as a multiset.
@@ -343,7 +348,7 @@ def test_image_folder_example_without_known_hashtag_has_an_all_padding_row(tmp_p
       (circle,) + (-1,) * (MAX_LABELS - 1), (-1,) * MAX_LABELS, (-1,) * MAX_LABELS])
   # With caption words, the bare word 'circle' and 'red' count as well.
   config.labels.use_caption_words = True
-  data = pipeline.InputPipeline(config, global_batch_size=3, mesh=make_mesh(), train=False)
+  data = train_input.InputPipeline(config, global_batch_size=3, mesh=make_mesh(), train=False)
   rows = np.asarray(next(data)['label_ids'])
   red = data.label_vocabulary.label_id('red')
   assert sorted(map(tuple, rows[:, :2].tolist())) == sorted(
@@ -354,6 +359,6 @@ def test_pipeline_with_missing_vocabulary_names_the_path_and_the_command(tmp_pat
   config = small_config()
   config.labels.vocabulary = str(tmp_path / 'missing_vocab.txt')
   with pytest.raises(FileNotFoundError, match='missing_vocab.txt') as error:
-    pipeline.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
+    train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
   assert f'--output={config.labels.vocabulary}' in str(error.value)
-  assert 'python -m big_pretrain.data.labels build' in str(error.value)
+  assert 'python -m big_pretrain.data.text.build_vocabulary labels' in str(error.value)

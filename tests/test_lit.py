@@ -8,7 +8,7 @@ import pytest
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.config.defaults import chain_config, stage_config
 from big_pretrain.config.validation import validate_config
-from big_pretrain.data.pipeline import random_batch
+from big_pretrain.data.batch_features import random_batch
 from big_pretrain.errors import ConfigError
 from big_pretrain.objectives import build_objective
 from big_pretrain.stages import chain

@@ -15,8 +15,8 @@ import pytest
 from flax import linen as nn
 
 from big_pretrain.config.defaults import stage_config
-from big_pretrain.data.labels import synthetic_vocabulary_path
-from big_pretrain.data.tokenizer import synthetic_tokenizer_path
+from big_pretrain.data.text.labels import synthetic_vocabulary_path
+from big_pretrain.data.text.tokenizer import synthetic_tokenizer_path
 from big_pretrain.models.masking import num_kept
 from big_pretrain.models.vit import vit_from_config
 from big_pretrain.objectives import build_objective

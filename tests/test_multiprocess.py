@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.data.pipeline import InputPipeline
+from big_pretrain.data.train_input import InputPipeline
 from big_pretrain.train.loop import train_stage
 from reliability.processes import ProcessGroup
 from tiny_config import tiny_multiprocess_config

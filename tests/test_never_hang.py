@@ -15,7 +15,8 @@ from PIL import Image
 import pytest
 
 from big_pretrain.config.defaults import default_data_config
-from big_pretrain.data import pipeline
+from big_pretrain.data import corrupt_images
+from big_pretrain.data import train_input
 from big_pretrain.data.device_prefetch import DevicePrefetch
 from big_pretrain.errors import UnreadableDataError
 from big_pretrain.evaluators import evaluator_config
@@ -83,21 +84,21 @@ def _skip_warnings(caplog) -> list[str]:
 
 def test_folder_of_only_unreadable_images_stops_naming_files_and_count(tmp_path, caplog):
   folder = _image_folder(tmp_path / 'images', readable=0, unreadable=4)
-  data = pipeline.InputPipeline(_data_config(folder), global_batch_size=4, mesh=_mesh())
+  data = train_input.InputPipeline(_data_config(folder), global_batch_size=4, mesh=_mesh())
   with caplog.at_level(logging.WARNING), time_limit(30):
     with pytest.raises(UnreadableDataError) as error:
       data.next_local_numpy()
   message = str(error.value)
-  assert f'last {pipeline.DEFAULT_MAX_CONSECUTIVE_UNREADABLE} read' in message
+  assert f'last {corrupt_images.DEFAULT_MAX_CONSECUTIVE_UNREADABLE} read' in message
   assert str(folder) in message and 'broken' in message and '.jpg' in message
   assert 'config.data.max_consecutive_unreadable' in message
   # Not one warning per try: the first few, then a summary every SKIP_SUMMARY_EVERY.
-  assert len(_skip_warnings(caplog)) <= pipeline.SKIPS_NAMED_ONE_BY_ONE + 1
+  assert len(_skip_warnings(caplog)) <= corrupt_images.SKIPS_NAMED_ONE_BY_ONE + 1
 
 
 def test_the_limit_is_configurable_and_reaches_the_training_loop_through_prefetch(tmp_path):
   folder = _image_folder(tmp_path / 'images', readable=0, unreadable=2)
-  data = pipeline.InputPipeline(_data_config(folder, max_consecutive_unreadable=5),
+  data = train_input.InputPipeline(_data_config(folder, max_consecutive_unreadable=5),
                                 global_batch_size=2, mesh=_mesh())
   # As train_stage reads: batches made in a background thread, errors raised in the loop.
   batches = DevicePrefetch(data.grain_iterator, data.to_global_arrays, 2)
@@ -110,13 +111,13 @@ def test_the_limit_is_configurable_and_reaches_the_training_loop_through_prefetc
 
 def test_partly_broken_folder_reads_on_with_a_bounded_number_of_warnings(tmp_path, caplog):
   folder = _image_folder(tmp_path / 'images', readable=4, unreadable=4)
-  data = pipeline.InputPipeline(_data_config(folder), global_batch_size=4, mesh=_mesh())
+  data = train_input.InputPipeline(_data_config(folder), global_batch_size=4, mesh=_mesh())
   with caplog.at_level(logging.WARNING), time_limit(30):
     batches = [data.next_local_numpy() for _ in range(20)]  # 10 epochs of the 8 good images
   assert all(batch['image'].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3) for batch in batches)
   assert data.corrupt_images_skipped >= 70  # about 8 broken files per epoch
   warnings = _skip_warnings(caplog)
-  assert len(warnings) == pipeline.SKIPS_NAMED_ONE_BY_ONE  # the rest wait for a summary
+  assert len(warnings) == corrupt_images.SKIPS_NAMED_ONE_BY_ONE  # the rest wait for a summary
   assert 'broken' in warnings[0] and 'summarised every' in warnings[-1]
 
 

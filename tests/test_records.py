@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from big_pretrain.data import pseudo_labels, records, sources
+from big_pretrain.data import records, sources
 
 # Written by the converter of commit 6d94fda, which encoded with TensorFlow's example_pb2:
 # an image folder of circle/{circle_0.png (caption), circle_1.jpeg}, square/square_0.png
@@ -45,17 +45,17 @@ def test_shards_written_with_tensorflow_read_identically_and_re_encode_to_the_sa
   raw = grain.sources.ArrayRecordDataSource(
       sorted(str(p) for p in SHARDS_WRITTEN_WITH_TENSORFLOW.glob('*.array_record')))
   for index, example in enumerate(examples):
-    assert sources.encode_record(example['image_bytes'], example['caption'], example['label'],
+    assert records.encode_image_record(example['image_bytes'], example['caption'], example['label'],
                                  example['key']) == raw[index]
 
 
 def test_a_pseudo_label_written_with_tensorflow_reads_and_re_encodes_identically():
-  record = pseudo_labels.decode_record(PSEUDO_LABEL_WRITTEN_WITH_TENSORFLOW)
+  record = records.decode_pseudo_label_record(PSEUDO_LABEL_WRITTEN_WITH_TENSORFLOW)
   assert record['key'] == 'circle/circle_0.png' and record['index'] == 3
   np.testing.assert_array_equal(record['label_ids'], [2, 0])
   np.testing.assert_array_equal(record['label_probs'], np.float32([0.75, 0.25]))
   assert record['confidence'] == float(np.float32(0.7))
-  assert pseudo_labels.encode_record('circle/circle_0.png', 3, [2, 0], [0.75, 0.25],
+  assert records.encode_pseudo_label_record('circle/circle_0.png', 3, [2, 0], [0.75, 0.25],
                                      0.7) == PSEUDO_LABEL_WRITTEN_WITH_TENSORFLOW
 
 
@@ -85,7 +85,7 @@ def test_training_reading_data_and_writing_records_never_import_tensorflow():
 
 def test_both_directions_against_tensorflows_own_example():
   example_pb2 = pytest.importorskip('tensorflow.core.example.example_pb2')
-  ours = sources.encode_record(b'\x89PNG...', 'été #x', 4, 'a/b.png')
+  ours = records.encode_image_record(b'\x89PNG...', 'été #x', 4, 'a/b.png')
   theirs = example_pb2.Example()
   for name, value in (('image', b'\x89PNG...'), ('caption', 'été #x'.encode()),
                       ('key', b'a/b.png')):
@@ -95,4 +95,4 @@ def test_both_directions_against_tensorflows_own_example():
   assert example_pb2.Example.FromString(ours) == theirs
   parsed = example_pb2.Example.FromString(PSEUDO_LABEL_WRITTEN_WITH_TENSORFLOW)
   assert list(parsed.features.feature['label_probs'].float_list.value) == [0.75, 0.25]
-  assert sources.decode_record(theirs.SerializeToString())['caption'] == 'été #x'
+  assert records.decode_image_record(theirs.SerializeToString())['caption'] == 'été #x'

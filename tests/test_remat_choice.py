@@ -15,7 +15,7 @@ import pytest
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.config.defaults import stage_config
-from big_pretrain.data.pipeline import global_batch_shapes
+from big_pretrain.data.batch_features import global_batch_shapes
 from big_pretrain.train import remat_choice
 from big_pretrain.train.loop import train_stage
 from big_pretrain.train.optim import make_optimizer, make_schedule
@@ -132,8 +132,8 @@ def test_loop_with_auto_remat_trains_as_without_remat(monkeypatch, tmp_path):
 
 
 def test_global_batch_shapes_are_those_of_the_pipeline(tmp_path):
-  from big_pretrain.data.pipeline import InputPipeline
-  from big_pretrain.data.tokenizer import synthetic_tokenizer_path
+  from big_pretrain.data.train_input import InputPipeline
+  from big_pretrain.data.text.tokenizer import synthetic_tokenizer_path
   data_config = tiny_mae_config().data
   vocabulary = tmp_path / 'labels.txt'
   vocabulary.write_text('circle\nsquare\nred\n')

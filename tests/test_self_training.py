@@ -16,9 +16,10 @@ from big_pretrain import sharding as sharding_lib
 from big_pretrain.config.defaults import chain_config
 from big_pretrain.config.validation import validate_config
 from big_pretrain.data import augment as augment_lib
-from big_pretrain.data import pseudo_labels as records_lib
+from big_pretrain.data import records as records_lib
 from big_pretrain.data import sources
-from big_pretrain.data.pipeline import InputPipeline
+from big_pretrain.data.sources import pseudo_labelled
+from big_pretrain.data.train_input import InputPipeline
 from big_pretrain.errors import ConfigError
 from big_pretrain.objectives import build_objective, self_training
 from big_pretrain.stages.pseudo_label_job import run_pseudo_label
@@ -50,15 +51,15 @@ def pseudo_labels(teacher_dir, tmp_path_factory):
 def _file_hashes(folder, only_shards=False):
   return {name: hashlib.sha1(open(os.path.join(folder, name), 'rb').read()).hexdigest()
           for name in sorted(os.listdir(folder))
-          if not only_shards or name.startswith(records_lib.SHARD_PREFIX)}
+          if not only_shards or name.startswith(records_lib.PSEUDO_LABEL_SHARD_PREFIX)}
 
 
 def _records(folder):
-  metadata = records_lib.read_metadata(folder)
+  metadata = pseudo_labelled.read_metadata(folder)
   shards = [os.path.join(folder, shard['file']) for shard in metadata['shards']
             if shard['num_records']]
   data = grain.sources.ArrayRecordDataSource(shards)
-  return [records_lib.decode_record(data[i]) for i in range(len(data))]
+  return [records_lib.decode_pseudo_label_record(data[i]) for i in range(len(data))]
 
 
 def test_soft_labels_cover_every_unlabelled_image_once_and_sum_to_one(pseudo_labels):
@@ -71,7 +72,7 @@ def test_soft_labels_cover_every_unlabelled_image_once_and_sum_to_one(pseudo_lab
     assert record['label_ids'].shape == (3,) and len(set(record['label_ids'])) == 3
     assert np.isclose(record['label_probs'].sum(), 1.0, atol=1e-6)
     assert np.all(np.diff(record['label_probs']) <= 0)  # most probable first
-  metadata = records_lib.read_metadata(pseudo_labels)
+  metadata = pseudo_labelled.read_metadata(pseudo_labels)
   assert metadata['num_records'] == 192 and sum(metadata['label_counts']) == 192
   assert metadata['num_classes'] == 10 and metadata['class_names'][0] == 'circle'
 
@@ -85,7 +86,7 @@ def test_pseudo_labels_resume_after_a_kill_to_the_same_bytes(teacher_dir, pseudo
   assert not killed.finished and killed.shards_written == 1
   assert not os.path.exists(os.path.join(folder, records_lib.METADATA_FILE))
   # A kill while the second shard was being written left a partial file behind.
-  with open(os.path.join(folder, records_lib.shard_name(1, 3)), 'wb') as f:
+  with open(os.path.join(folder, records_lib.pseudo_label_shard_name(1, 3)), 'wb') as f:
     f.write(b'half a shard')
   resumed = run_pseudo_label(config, folder, teacher_dir=teacher_dir,
                              devices=jax.devices()[:FOUR_DEVICES])
@@ -103,7 +104,7 @@ def test_two_processes_write_the_same_pseudo_labels_as_one(teacher_dir, pseudo_l
   workers = launch('pseudo_label', str(tmp_path))
   assert [w['process_count'] for w in workers] == [2, 2]
   shards = {name: digest for name, digest in workers[0]['files'].items()
-            if name.startswith(records_lib.SHARD_PREFIX)}
+            if name.startswith(records_lib.PSEUDO_LABEL_SHARD_PREFIX)}
   assert len(shards) == 6  # 3 record files and their counts
   assert shards == _file_hashes(pseudo_labels, only_shards=True)
 

@@ -1,4 +1,4 @@
-"""Tests for big_pretrain.data.tokenizer: word and SentencePiece tokenizers, the build
+"""Tests for big_pretrain.data.text.tokenizer: word and SentencePiece tokenizers, the build
 command, recording in a workdir, and the 'text_tokens' pipeline feature."""
 
 import os
@@ -10,9 +10,13 @@ from PIL import Image
 import pytest
 
 from big_pretrain.config.defaults import default_data_config
-from big_pretrain.data import pipeline
+from big_pretrain.data import batch_features
 from big_pretrain.data import sources
-from big_pretrain.data import tokenizer as tokenizer_lib
+from big_pretrain.data import train_input
+from big_pretrain.data.sources import synthetic
+from big_pretrain.data.text import build_vocabulary
+from big_pretrain.data.text import sentencepiece_tokenizer
+from big_pretrain.data.text import tokenizer as tokenizer_lib
 
 MAX_LENGTH = 32
 
@@ -167,7 +171,8 @@ def test_bad_vocabulary_files_name_the_line(tmp_path, text, message):
 
 def test_missing_file_says_how_to_build_one(tmp_path):
   missing = str(tmp_path / 'missing.txt')
-  with pytest.raises(FileNotFoundError, match=r'python -m big_pretrain\.data\.tokenizer build'):
+  with pytest.raises(FileNotFoundError,
+                     match=r'python -m big_pretrain\.data\.text\.build_vocabulary tokenizer'):
     tokenizer_lib.load_tokenizer(missing)
   with pytest.raises(ValueError, match=r'set config\.data\.text\.tokenizer'):
     tokenizer_lib.load_tokenizer(None)
@@ -175,8 +180,8 @@ def test_missing_file_says_how_to_build_one(tmp_path):
 
 def test_shipped_synthetic_tokenizer_is_what_the_build_command_writes(tmp_path, capsys):
   output = str(tmp_path / 'rebuilt.txt')
-  assert tokenizer_lib.main(
-      ['build', *tokenizer_lib.SYNTHETIC_TOKENIZER_BUILD_FLAGS, f'--output={output}']) == 0
+  assert build_vocabulary.main(
+      ['tokenizer', *build_vocabulary.SYNTHETIC_BUILD_FLAGS, f'--output={output}']) == 0
   assert '0 of 16000 word occurrences are not in the vocabulary' in capsys.readouterr().out
   with open(output, encoding='utf-8') as rebuilt, open(
       tokenizer_lib.synthetic_tokenizer_path(), encoding='utf-8') as shipped:
@@ -185,8 +190,8 @@ def test_shipped_synthetic_tokenizer_is_what_the_build_command_writes(tmp_path, 
 
 def test_shipped_synthetic_tokenizer_covers_every_caption_word():
   # Every word the synthetic caption template can produce, not only those drawn.
-  words = {'a', 'on', 'background', *sources.SHAPE_NAMES,
-           *(name for name, _ in sources.PALETTE), *(name for name, _ in sources.SIZES)}
+  words = {'a', 'on', 'background', *synthetic.SHAPE_NAMES,
+           *(name for name, _ in synthetic.PALETTE), *(name for name, _ in synthetic.SIZES)}
   assert set(synthetic_tokenizer().words) == words
 
 
@@ -197,12 +202,12 @@ def test_command_over_an_image_folder(tmp_path, capsys):
     (tmp_path / 'data' / class_name / 'one.txt').write_text(caption, encoding='utf-8')
   Image.new('RGB', (8, 8)).save(tmp_path / 'data' / 'dogs' / 'uncaptioned.png')
   output = str(tmp_path / 'tokenizer.txt')
-  assert tokenizer_lib.main(['build', '--source=image_folder', f'--path={tmp_path / "data"}',
+  assert build_vocabulary.main(['tokenizer', '--source=image_folder', f'--path={tmp_path / "data"}',
                              f'--output={output}']) == 0
   assert '1 examples have no caption' in capsys.readouterr().err
   assert tokenizer_lib.load_tokenizer(output).words == ['a', ',', '.', 'cat', 'dog', 'sleeping']
   # Nothing reaches --min_count: nothing is written, and the exit status says so.
-  assert tokenizer_lib.main(['build', '--source=image_folder', f'--path={tmp_path / "data"}',
+  assert build_vocabulary.main(['tokenizer', '--source=image_folder', f'--path={tmp_path / "data"}',
                              '--min_count=5', f'--output={tmp_path / "none.txt"}']) == 1
   assert not os.path.exists(tmp_path / 'none.txt')
 
@@ -249,7 +254,7 @@ def train_sentencepiece(tmp_path, **flags):
 def test_sentencepiece_model_has_the_same_interface(tmp_path):
   path = train_sentencepiece(tmp_path)
   tokenizer = tokenizer_lib.load_tokenizer(path)
-  assert isinstance(tokenizer, tokenizer_lib.SentencePieceTokenizer)
+  assert isinstance(tokenizer, sentencepiece_tokenizer.SentencePieceTokenizer)
   assert tokenizer.vocab_size == 50
   # SentencePiece's defaults: <unk> 0, <bos> 1, <eos> 2, no <pad>, so padding falls back to 0.
   assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (1, 2, 0)
@@ -275,7 +280,8 @@ def test_sentencepiece_model_with_a_pad_piece_pads_with_it(tmp_path):
   config.text.tokenizer = path
   recorded = tokenizer_lib.record_tokenizer(config, str(tmp_path / 'workdir'))
   assert recorded.endswith('tokenizer.model')
-  assert isinstance(tokenizer_lib.load_tokenizer(recorded), tokenizer_lib.SentencePieceTokenizer)
+  assert isinstance(tokenizer_lib.load_tokenizer(recorded),
+                    sentencepiece_tokenizer.SentencePieceTokenizer)
 
 
 def test_sentencepiece_model_without_the_package_says_pip_install(tmp_path, monkeypatch):
@@ -302,17 +308,17 @@ def text_data_config(tokenizer_path=None, num_examples=16):
 
 def test_pipeline_without_tokenizer_has_no_text_tokens():
   config = text_data_config()
-  assert pipeline.device_feature_names(config) == pipeline.DEVICE_FEATURES
-  data = pipeline.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), train=False)
+  assert batch_features.device_feature_names(config) == batch_features.DEVICE_FEATURES
+  data = train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), train=False)
   assert set(data.next_local_numpy()) == {'image', 'label'}
   assert data.text_tokenizer is None
 
 
 def test_pipeline_batches_carry_the_tokenised_captions():
   config = text_data_config(tokenizer_lib.synthetic_tokenizer_path())
-  assert pipeline.device_feature_names(config)[-1] == 'text_tokens'
+  assert batch_features.device_feature_names(config)[-1] == 'text_tokens'
   # One eval batch holds every example of the source once.
-  data = pipeline.InputPipeline(config, global_batch_size=16, mesh=make_mesh(), train=False)
+  data = train_input.InputPipeline(config, global_batch_size=16, mesh=make_mesh(), train=False)
   batch = next(data)
   assert batch['text_tokens'].shape == (16, MAX_LENGTH)
   assert batch['text_tokens'].dtype == np.int32
@@ -330,7 +336,7 @@ def test_pipeline_rejects_a_bad_max_length_and_names_a_missing_tokenizer(tmp_pat
   config = text_data_config(tokenizer_lib.synthetic_tokenizer_path())
   config.text.max_length = 1
   with pytest.raises(ValueError, match=r'config\.data\.text\.max_length=1 must be'):
-    pipeline.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
+    train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
   config = text_data_config(str(tmp_path / 'missing.txt'))
-  with pytest.raises(FileNotFoundError, match=r'missing\.txt.*tokenizer build'):
-    pipeline.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
+  with pytest.raises(FileNotFoundError, match=r'missing\.txt.*build_vocabulary tokenizer'):
+    train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh())

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.data.pipeline import InputPipeline, global_batch_shapes
+from big_pretrain.data.batch_features import global_batch_shapes
+from big_pretrain.data.train_input import InputPipeline
 from big_pretrain.errors import CheckpointMismatchError
 from big_pretrain.objectives import build_objective, objective_class
 from big_pretrain.train.loop import train_stage

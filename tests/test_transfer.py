@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from big_pretrain.config.defaults import stage_config
-from big_pretrain.data.labels import synthetic_vocabulary_path
+from big_pretrain.data.text.labels import synthetic_vocabulary_path
 from big_pretrain.errors import CheckpointMismatchError
 from big_pretrain.objectives import build_objective
 from big_pretrain.stages import transfer

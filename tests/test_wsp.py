@@ -71,7 +71,7 @@ def test_wsp_config_without_a_vocabulary_is_refused_before_compute(tmp_path):
   from configs import wsp
   config = wsp.get_config('demo')
   config.data.labels.vocabulary = None
-  with pytest.raises(ConfigError, match=r'labels\.vocabulary is not set.*labels build'):
+  with pytest.raises(ConfigError, match=r'labels\.vocabulary is not set.*build_vocabulary labels'):
     validate_config(config)
   config.data.labels.vocabulary = str(tmp_path)  # a folder, not a file
   with pytest.raises(ConfigError, match=r'is not a file'):

@@ -16,7 +16,7 @@ import pytest
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.config.validation import validate_stage_config
-from big_pretrain.data import tokenizer as tokenizer_lib
+from big_pretrain.data.text import tokenizer as tokenizer_lib
 from big_pretrain.evaluators import build_evaluators, evaluator_config
 from big_pretrain.evaluators.retrieval import paired_ranks, retrieval_recalls
 from big_pretrain.evaluators.zero_shot import (

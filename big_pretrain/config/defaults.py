@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from big_pretrain.data import sources
-from big_pretrain.data.pipeline import DEFAULT_MAX_CONSECUTIVE_UNREADABLE
+from big_pretrain.data.corrupt_images import DEFAULT_MAX_CONSECUTIVE_UNREADABLE
+from big_pretrain.data.sources import synthetic
 from big_pretrain.models import vit as vit_lib
 from big_pretrain.objectives import objective_defaults
 
@@ -147,7 +147,7 @@ def pseudo_label_config() -> ml_collections.ConfigDict:
 def default_data_config() -> ml_collections.ConfigDict:
   """The schema and defaults of ``config.data``."""
   config = ml_collections.ConfigDict()
-  config.source = 'synthetic'  # One of sources.SOURCE_NAMES.
+  config.source = 'synthetic'  # One of data.sources.SOURCE_NAMES.
   # image_folder: a folder of class subfolders. array_record: a folder of shards
   # written by `python -m big_pretrain.data.convert` (or a glob of shards).
   config.path = ml_collections.config_dict.placeholder(str)
@@ -176,7 +176,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       path=ml_collections.config_dict.placeholder(str),   # or its folder
       fraction=0.5,  # of every batch (exactly: batch_size * fraction must be whole); 1:1
   ))
-  config.num_examples = sources.DEFAULT_SYNTHETIC_EXAMPLES  # synthetic only.
+  config.num_examples = synthetic.DEFAULT_NUM_EXAMPLES  # synthetic only.
   config.source_image_size = 64  # synthetic only: size of the generated images.
   config.synthetic_label = 'shape'  # synthetic only: the class label, 'shape' or 'colour'.
   config.seed = 0  # Dataset seed: synthetic content, shuffle order, augmentation.
@@ -216,7 +216,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Training batches batched and copied to the devices ahead of the step, in a
   # background thread (big_pretrain.data.device_prefetch); 0: in the loop.
   config.device_prefetch = 2
-  # WSP labels: hashtags mapped to a fixed vocabulary (see big_pretrain.data.labels).
+  # WSP labels: hashtags mapped to a fixed vocabulary (see big_pretrain.data.text.labels).
   config.labels = ml_collections.ConfigDict(dict(
       # A vocabulary file; None: no WSP labels (no 'label_ids' in batches).
       vocabulary=ml_collections.config_dict.placeholder(str),
@@ -224,7 +224,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       max_labels_per_example=16,
       use_caption_words=False,  # Also map every caption word, not only hashtags.
   ))
-  # Captions for image-text objectives (FLIP), see big_pretrain.data.tokenizer.
+  # Captions for image-text objectives (FLIP), see big_pretrain.data.text.tokenizer.
   config.text = ml_collections.ConfigDict(dict(
       # A word vocabulary file or a SentencePiece .model; None: no text (no 'text_tokens').
       tokenizer=ml_collections.config_dict.placeholder(str),

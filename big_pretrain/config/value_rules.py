@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 from absl import logging
 
+from big_pretrain.data import sources
+from big_pretrain.data.sources.synthetic import SYNTHETIC_LABELS
 from big_pretrain.errors import ConfigError
 
 
@@ -80,18 +82,18 @@ POSITIVE_INTEGERS = Rule(lambda v: len(v) > 0 and all(_integer(x) and x >= 1 for
 FREE_FORM = Rule(lambda v: True, 'anything')  # checked where it is used (named groups)
 
 _DATA_RULES = {
-    'source': one_of('synthetic', 'image_folder', 'array_record', 'tfds'),
+    'source': one_of(*sources.SOURCE_NAMES),
     'path': text(), 'test_path': text(),
     'tfds_name': text(), 'tfds_data_dir': text(), 'tfds_train_split': text(or_none=False),
     'tfds_test_split': text(or_none=False), 'tfds_image_key': text(or_none=False),
     'tfds_label_key': text(), 'tfds_caption_key': text(),
-    'split': one_of('train', 'test'),
+    'split': one_of(*sources.SPLITS),
     'subset.fraction': within(0, 1, low_open=True), 'subset.complement': BOOLEAN,
     'pseudo_labels.stage': text(), 'pseudo_labels.path': text(),
     'pseudo_labels.fraction': within(0, 1, high_open=True),
     'num_examples': at_least(1, integer=True),
     'source_image_size': at_least(8, integer=True),
-    'synthetic_label': one_of('shape', 'colour'),
+    'synthetic_label': one_of(*SYNTHETIC_LABELS),
     'seed': at_least(0, integer=True),
     'image_size': at_least(1, integer=True),
     'crop_scale': FRACTION_PAIR,

@@ -18,12 +18,12 @@ Inputs:
     'text' of its .json member; its label the integer in its .cls member, else
     -1. Groups without an image are skipped and counted.
 
-Each record is a serialized ``tf.train.Example`` with the features 'image'
-(the original encoded bytes, never re-encoded), 'caption' (utf-8, may be
-empty), 'label' (int64, -1 when unknown) and 'key' (where the example came
-from). Shards are named ``SPLIT-00000-of-00004.array_record``; ``metadata.json``
-(class names, number of examples, the shards, the format version) is written
-last, so a folder without it is an unfinished conversion, and says so when read.
+Each record is an image record (data/records.py): the original encoded image
+(never re-encoded), its caption (may be empty), its label (-1 when unknown)
+and its key (where the example came from). Shards are named
+``SPLIT-00000-of-00004.array_record``; ``metadata.json`` (class names, number
+of examples, the shards, the format version) is written last, so a folder
+without it is an unfinished conversion, and says so when read.
 The output is a deterministic function of the input.
 """
 
@@ -40,14 +40,15 @@ import sys
 import tarfile
 from typing import Any, Iterable, Iterator, Sequence
 
-from big_pretrain.data import sources
+from big_pretrain.data import records as records_lib
+from big_pretrain.data.sources.image_folder import ImageFolder
 
 DEFAULT_EXAMPLES_PER_SHARD = 10_000
 # Grain reads records one at a time: group_size 1 makes each one directly addressable.
 WRITER_OPTIONS = 'group_size:1'
 WEBDATASET_IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
 _INCOMPLETE = '.incomplete'
-_SHARD_NAME = re.compile(r'^.+-\d{5}-of-\d{5}' + re.escape(sources.ARRAY_RECORD_SUFFIX) + '$')
+_SHARD_NAME = re.compile(r'^.+-\d{5}-of-\d{5}' + re.escape(records_lib.ARRAY_RECORD_SUFFIX) + '$')
 
 
 @dataclasses.dataclass
@@ -128,7 +129,7 @@ def _is_tar_name(name: str) -> bool:
 
 def image_folder_records(folder: str, summary: ConversionSummary) -> Iterator[Record]:
   """The 'image_folder' source's examples, with each image file's bytes."""
-  source = sources.ImageFolder(folder)
+  source = ImageFolder(folder)
   summary.class_names = source.class_names
   summary.num_classes = source.num_classes
   summary.num_inputs = len(source)
@@ -220,9 +221,9 @@ def webdataset_records(tar_paths: Sequence[str], summary: ConversionSummary) -> 
 def _prepare_output(output: pathlib.Path, overwrite: bool) -> None:
   """Creates the folder; clears an earlier conversion only with --overwrite."""
   output.mkdir(parents=True, exist_ok=True)
-  metadata = output / sources.ARRAY_RECORD_METADATA
+  metadata = output / records_lib.METADATA_FILE
   earlier = sorted(f for f in output.iterdir() if f.is_file() and (
-      _SHARD_NAME.match(f.name) or f.name.endswith(sources.ARRAY_RECORD_SUFFIX + _INCOMPLETE)))
+      _SHARD_NAME.match(f.name) or f.name.endswith(records_lib.ARRAY_RECORD_SUFFIX + _INCOMPLETE)))
   if not (earlier or metadata.exists()):
     return
   if not overwrite:
@@ -256,11 +257,12 @@ def write_shards(records: Iterable[Record], output: pathlib.Path, *, split: str,
 
   for record in records:
     if writer is None:
-      path = output / f'{split}-{len(written):05d}{sources.ARRAY_RECORD_SUFFIX}{_INCOMPLETE}'
+      path = output / f'{split}-{len(written):05d}{records_lib.ARRAY_RECORD_SUFFIX}{_INCOMPLETE}'
       writer = array_record_module.ArrayRecordWriter(str(path), WRITER_OPTIONS)
       written.append((path, 0))
       count = 0
-    writer.write(sources.encode_record(record.image, record.caption, record.label, record.key))
+    writer.write(records_lib.encode_image_record(record.image, record.caption, record.label,
+                                                 record.key))
     count += 1
     written[-1] = (written[-1][0], count)
     summary.num_examples += 1
@@ -271,7 +273,7 @@ def write_shards(records: Iterable[Record], output: pathlib.Path, *, split: str,
   close_shard()
 
   for index, (path, num_examples) in enumerate(written):
-    name = f'{split}-{index:05d}-of-{len(written):05d}{sources.ARRAY_RECORD_SUFFIX}'
+    name = f'{split}-{index:05d}-of-{len(written):05d}{records_lib.ARRAY_RECORD_SUFFIX}'
     path.rename(output / name)
     summary.shards.append({'file': name, 'num_examples': num_examples})
 
@@ -300,8 +302,8 @@ def convert(inputs: Sequence[str] | str, output: str, *, examples_per_shard: int
         f'No examples found in {", ".join(inputs)}: {summary.groups_without_image} groups'
         ' had no .jpg/.jpeg/.png/.webp member.')
   metadata = {
-      'format': sources.ARRAY_RECORD_FORMAT,
-      'format_version': sources.ARRAY_RECORD_FORMAT_VERSION,
+      'format': records_lib.IMAGE_FORMAT,
+      'format_version': records_lib.IMAGE_FORMAT_VERSION,
       'split': split,
       'input_kind': kind,
       'num_examples': summary.num_examples,
@@ -310,7 +312,7 @@ def convert(inputs: Sequence[str] | str, output: str, *, examples_per_shard: int
       'shards': summary.shards,
   }
   # Last, and atomically: its presence says the conversion finished.
-  metadata_path = output_dir / sources.ARRAY_RECORD_METADATA
+  metadata_path = output_dir / records_lib.METADATA_FILE
   partial = metadata_path.with_name(metadata_path.name + _INCOMPLETE)
   partial.write_text(json.dumps(metadata, indent=2) + '\n', encoding='utf-8')
   partial.replace(metadata_path)

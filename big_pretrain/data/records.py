@@ -1,7 +1,17 @@
-"""tf.train.Example records, read and written without TensorFlow.
+"""Our record formats: tf.train.Example records, read and written without TensorFlow.
 
-Our ArrayRecord shards (the converter's images, the pseudo-label jobs' labels)
-hold serialized `tf.train.Example`s, the format every TF and TFDS tool reads.
+Our ArrayRecord shards hold serialized `tf.train.Example`s, the format every TF
+and TFDS tool reads, in two formats (their features below):
+
+* image records, written by the converter (`python -m big_pretrain.data.convert`)
+  and read by the 'array_record' source (data/sources/array_record.py);
+* pseudo-label records, written by a pseudo-label stage
+  (big_pretrain/stages/pseudo_label_job.py) and read by a self-training student
+  (data/sources/pseudo_labelled.py).
+
+A folder of either holds its shards (`*.array_record`) and a `metadata.json`,
+written last, that names the format and its version.
+
 The protobuf schema is small (tensorflow/core/example/{example,feature}.proto):
 it is declared here, field for field, so that the wire format is TF's own and
 TensorFlow (1.3 GB) is never imported. The messages live in a private
@@ -16,6 +26,7 @@ import functools
 from typing import Any, Mapping, Sequence
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+import numpy as np
 
 _PACKAGE = 'big_pretrain.records'
 _LABEL_OPTIONAL = descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL
@@ -99,3 +110,81 @@ def decode_example(record: bytes) -> dict[str, list[Any]]:
     kind = feature.WhichOneof('kind')
     decoded[name] = list(getattr(feature, kind).value) if kind else []
   return decoded
+
+
+# --- The folders ----------------------------------------------------------------
+ARRAY_RECORD_SUFFIX = '.array_record'
+# Written last into a folder of shards: its format, version and shards.
+METADATA_FILE = 'metadata.json'
+
+
+# --- Image records (the converter's) ----------------------------------------------
+# A record's features:
+#   image    bytes  the original encoded image (never re-encoded)
+#   caption  bytes  utf-8, may be empty
+#   label    int64  -1 when unknown
+#   key      bytes  where the example came from (its path in the folder or tar)
+IMAGE_FORMAT = 'big_pretrain.array_record'
+IMAGE_FORMAT_VERSION = 1
+
+
+def encode_image_record(image_bytes: bytes, caption: str, label: int, key: str) -> bytes:
+  """One image record (features above); the same values always give the same bytes."""
+  return encode_example(
+      bytes_features={'image': [image_bytes], 'caption': [caption.encode('utf-8')],
+                      'key': [key.encode('utf-8')]},
+      int64_features={'label': [label]})
+
+
+def decode_image_record(record: bytes) -> dict[str, Any]:
+  """{'image_bytes', 'label', 'caption', 'key'} of an image record; raises ValueError if it
+  is not one. A missing label reads -1, a missing caption or key ''."""
+  feature = decode_example(record)
+  if not feature.get('image'):
+    raise ValueError(
+        "a tf.train.Example without an 'image' bytes feature (features:"
+        f' {sorted(feature)})')
+
+  def text(name: str) -> str:
+    values = feature.get(name)
+    return values[0].decode('utf-8', errors='replace') if values else ''
+
+  labels = feature.get('label')
+  return {'image_bytes': feature['image'][0],
+          'label': int(labels[0]) if labels else -1,
+          'caption': text('caption'),
+          'key': text('key')}
+
+
+# --- Pseudo-label records (a pseudo-label stage's) ---------------------------------
+# A record's features:
+#   key          bytes    the example's key in the unlabelled source (checked on read)
+#   index        int64    its index in that source
+#   label_ids    int64[k] the teacher's classes, most probable first (hard labels: k = 1)
+#   label_probs  float[k] their probabilities, summing to 1 (hard labels: [1.0])
+#   confidence   float    the teacher's top probability, before any renormalisation
+PSEUDO_LABEL_FORMAT = 'big_pretrain.pseudo_labels'
+PSEUDO_LABEL_FORMAT_VERSION = 1
+PSEUDO_LABEL_SHARD_PREFIX = 'pseudo_labels'
+
+
+def pseudo_label_shard_name(shard: int, num_shards: int) -> str:
+  return f'{PSEUDO_LABEL_SHARD_PREFIX}-{shard:05d}-of-{num_shards:05d}{ARRAY_RECORD_SUFFIX}'
+
+
+def encode_pseudo_label_record(key: str, index: int, label_ids, label_probs,
+                               confidence: float) -> bytes:
+  """One pseudo-label record (features above); the same values always give the same bytes."""
+  return encode_example(
+      bytes_features={'key': [key.encode('utf-8')]},
+      int64_features={'index': [index], 'label_ids': label_ids},
+      float_features={'label_probs': label_probs, 'confidence': [confidence]})
+
+
+def decode_pseudo_label_record(record: bytes) -> dict[str, Any]:
+  feature = decode_example(record)
+  return {'key': feature['key'][0].decode('utf-8'),
+          'index': int(feature['index'][0]),
+          'label_ids': np.asarray(feature['label_ids'], np.int32),
+          'label_probs': np.asarray(feature['label_probs'], np.float32),
+          'confidence': float(feature['confidence'][0])}

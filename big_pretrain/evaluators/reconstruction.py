@@ -25,7 +25,7 @@ from PIL import Image
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data import sources
-from big_pretrain.data.pipeline import eval_order, ordered_batches
+from big_pretrain.data.eval_input import eval_order, ordered_batches
 from big_pretrain.evaluators.base import EvalResult, Evaluator
 from big_pretrain.evaluators.features import round_up, split_data_config
 from big_pretrain.storage import files as storage

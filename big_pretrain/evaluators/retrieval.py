@@ -24,7 +24,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from big_pretrain.data import pipeline as pipeline_lib
+from big_pretrain.data import batch_features as pipeline_lib
 from big_pretrain.evaluators.base import EvalResult
 from big_pretrain.evaluators.features import extract_outputs
 from big_pretrain.evaluators.zero_shot import ImageTextEvaluator

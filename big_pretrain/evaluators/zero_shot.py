@@ -31,7 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.data import tokenizer as tokenizer_lib
+from big_pretrain.data.text import tokenizer as tokenizer_lib
 from big_pretrain.evaluators.base import EvalResult, Evaluator
 from big_pretrain.evaluators.features import extract_features, round_up, split_data_config
 from big_pretrain.evaluators.knn import l2_normalize
@@ -151,7 +151,7 @@ class ImageTextEvaluator(Evaluator):
       raise ValueError(
           f'config.evals.{self.name} embeds text, but config.data.text.tokenizer is not set. '
           'Set it to the tokenizer the model trains with, e.g. '
-          'big_pretrain.data.tokenizer.synthetic_tokenizer_path() for the synthetic data.')
+          'big_pretrain.data.text.tokenizer.synthetic_tokenizer_path() for the synthetic data.')
 
   def _culprit(self, key: str) -> str:
     return f'config.evals.{self.name}.{key}'

@@ -30,7 +30,7 @@ import ml_collections
 from flax import linen as nn
 
 from big_pretrain.data import sources
-from big_pretrain.data.labels import LabelVocabulary
+from big_pretrain.data.text.labels import LabelVocabulary
 from big_pretrain.errors import ConfigError
 from big_pretrain.models.patches import normalize_images
 from big_pretrain.models.vit import (VisionTransformer, dense, layer_norm, parse_variant,

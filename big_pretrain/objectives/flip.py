@@ -23,7 +23,7 @@ import ml_collections
 import optax
 from flax import linen as nn
 
-from big_pretrain.data.tokenizer import load_tokenizer
+from big_pretrain.data.text.tokenizer import load_tokenizer
 from big_pretrain.errors import ConfigError
 from big_pretrain.models.masking import random_masking
 from big_pretrain.models.patches import normalize_images
@@ -111,7 +111,8 @@ class FLIP(Objective):
     if not config.data.text.tokenizer:
       raise ConfigError(
           f'{path}.data.text.tokenizer is not set: FLIP needs a tokenizer for the captions. '
-          'Build one with `python -m big_pretrain.data.tokenizer build --source=image_folder '
+          'Build one with `python -m big_pretrain.data.text.build_vocabulary tokenizer '
+          '--source=image_folder '
           '--path=DATA_DIR --output=tokenizer.txt`, or give a SentencePiece .model file.')
     if not 0.0 <= config.objective.mask_ratio < 1.0:
       raise ConfigError(f'{path}.objective.mask_ratio={config.objective.mask_ratio}: '

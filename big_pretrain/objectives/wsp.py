@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from big_pretrain.data.labels import LabelVocabulary
+from big_pretrain.data.text.labels import LabelVocabulary
 from big_pretrain.errors import ConfigError
 from big_pretrain.models.patches import normalize_images
 from big_pretrain.models.vit import VisionTransformer, dense, vit_from_config
@@ -67,13 +67,13 @@ class WSP(Objective):
     if not vocabulary:
       raise ConfigError(
           f'{path}.data.labels.vocabulary is not set: WSP needs a label vocabulary. Build one '
-          'with `python -m big_pretrain.data.labels build --source=image_folder '
+          'with `python -m big_pretrain.data.text.build_vocabulary labels --source=image_folder '
           '--path=DATA_DIR --output=vocab.txt` and set it.')
     if not os.path.isfile(vocabulary):
       raise ConfigError(
           f'{path}.data.labels.vocabulary={vocabulary!r} is not a file. Build it with '
-          f'`python -m big_pretrain.data.labels build --source=image_folder --path=DATA_DIR '
-          f'--output={vocabulary}`.')
+          f'`python -m big_pretrain.data.text.build_vocabulary labels --source=image_folder '
+          f'--path=DATA_DIR --output={vocabulary}`.')
 
   def __init__(self, config):
     super().__init__(config)

@@ -19,7 +19,7 @@ from absl import logging
 
 from big_pretrain.config.defaults import is_pseudo_label_config
 from big_pretrain.config.validation import validate_config
-from big_pretrain.data import pseudo_labels as pseudo_labels_lib
+from big_pretrain.data import records
 from big_pretrain.errors import Preempted
 from big_pretrain.objectives import objective_class
 from big_pretrain.stages import resume_identity
@@ -149,7 +149,7 @@ def collect_eval_results(stage_dirs: dict[str, str]) -> dict[str, dict]:
     if at_start is not None:
       results[f'{name} (start)'] = at_start
     stage_results = storage.read_json(StageDir(stage_dir).eval_results_file)
-    metadata = storage.read_json(os.path.join(stage_dir, pseudo_labels_lib.METADATA_FILE))
+    metadata = storage.read_json(os.path.join(stage_dir, records.METADATA_FILE))
     if stage_results is not None:
       results[name] = stage_results
     elif metadata is not None:

@@ -12,7 +12,7 @@ crops at the teacher's image size.
 
 The unlabelled source is cut into shards of `examples_per_shard` consecutive
 examples. For each shard, process 0 writes an ArrayRecord file of the
-examples that pass the confidence threshold (big_pretrain/data/pseudo_labels.py
+examples that pass the confidence threshold (big_pretrain/data/records.py
 has the record format), renamed into place once whole, then a small JSON of
 the shard's counts. A killed job therefore resumes at the first shard
 without counts, and a job run again writes the same bytes. `metadata.json`
@@ -38,14 +38,17 @@ from jax.experimental import multihost_utils
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.config.upgrade import upgrade
-from big_pretrain.data import pseudo_labels as records_lib
+from big_pretrain.data import records as records_lib
 from big_pretrain.data import sources
-from big_pretrain.data.labels import LabelVocabulary
-from big_pretrain.data.pipeline import decode_key, ordered_batches
+from big_pretrain.data.eval_input import decode_key, ordered_batches
+from big_pretrain.data.sources import pseudo_labelled
+from big_pretrain.data.text.labels import LabelVocabulary
 from big_pretrain.errors import ConfigError
 from big_pretrain.objectives import build_objective
 from big_pretrain.stages import transfer
+from big_pretrain.stages import transfer
 from big_pretrain.stages.stage_dir import CONFIG_FILE, StageDir
+from big_pretrain.storage import files as storage
 from big_pretrain.storage import files as storage
 
 
@@ -86,7 +89,7 @@ def job_settings(config, teacher_step_dir: str, num_examples: int) -> dict:
   """What the labels depend on: a folder holding labels made otherwise is not resumed."""
   data = config.data.to_dict()
   return {'teacher': teacher_step_dir,
-          'data': {key: data[key] for key in records_lib.SOURCE_KEYS if key in data},
+          'data': {key: data[key] for key in pseudo_labelled.SOURCE_KEYS if key in data},
           'labels': config.labels.to_dict(),
           'num_examples': num_examples,
           'examples_per_shard': config.examples_per_shard}
@@ -176,7 +179,7 @@ def run_pseudo_label(config, workdir: str, *, teacher_dir: str | None = None, de
       for row in np.flatnonzero(rows['index'] >= 0):
         record = counts.label(bool(rows['valid'][row]), probs[row], ids[row], labels)
         if record is not None:
-          records.append(records_lib.encode_record(
+          records.append(records_lib.encode_pseudo_label_record(
               decode_key(rows['key_bytes'][row]), int(rows['index'][row]), *record))
     if jax.process_index() == 0:
       _write_shard(workdir, shard, num_shards, records, counts.as_dict())
@@ -225,7 +228,7 @@ class _ShardCounts:
 
 
 def _counts_file(shard: int, num_shards: int) -> str:
-  return records_lib.shard_name(shard, num_shards).replace('.array_record', '.json')
+  return records_lib.pseudo_label_shard_name(shard, num_shards).replace('.array_record', '.json')
 
 
 def _finished_shards(workdir: str, num_shards: int) -> np.ndarray:
@@ -251,7 +254,7 @@ def _write_shard(workdir: str, shard: int, num_shards: int, records: list[bytes]
     writer.close()
     with open(path, 'rb') as f:
       storage.write_bytes(
-          os.path.join(workdir, records_lib.shard_name(shard, num_shards)), f.read())
+          os.path.join(workdir, records_lib.pseudo_label_shard_name(shard, num_shards)), f.read())
   storage.write_text(os.path.join(workdir, _counts_file(shard, num_shards)),
                          json.dumps(counts))
 
@@ -280,12 +283,13 @@ def _summary(workdir: str, num_shards: int, settings: dict, num_classes: int,
   label_counts = np.zeros(num_classes, np.int64)
   for shard in range(num_shards):
     counts = storage.read_json(os.path.join(workdir, _counts_file(shard, num_shards)))
-    shards.append({'file': records_lib.shard_name(shard, num_shards),
+    shards.append({'file': records_lib.pseudo_label_shard_name(shard, num_shards),
                    'num_records': counts['num_records']})
     label_counts += np.asarray(counts.pop('label_counts'), np.int64)
     for key, value in counts.items():
       totals[key] = totals.get(key, 0) + value
-  return {'format': records_lib.FORMAT, 'format_version': records_lib.FORMAT_VERSION,
+  return {'format': records_lib.PSEUDO_LABEL_FORMAT,
+          'format_version': records_lib.PSEUDO_LABEL_FORMAT_VERSION,
           **settings, **totals, 'num_classes': num_classes, 'class_names': class_names,
           'label_counts': label_counts.tolist(), 'shards': shards}
 

@@ -23,9 +23,10 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from big_pretrain import sharding as sharding_lib
+from big_pretrain.data.batch_features import global_batch_shapes
 from big_pretrain.data.device_prefetch import DevicePrefetch
-from big_pretrain.data.pipeline import InputPipeline, global_batch_shapes
-from big_pretrain.data.tokenizer import record_tokenizer
+from big_pretrain.data.text.tokenizer import record_tokenizer
+from big_pretrain.data.train_input import InputPipeline
 from big_pretrain.evaluators import build_evaluators
 from big_pretrain.models import attention as attention_lib
 from big_pretrain.objectives import objective_class

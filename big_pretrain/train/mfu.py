@@ -159,7 +159,7 @@ def _prefixed(prefix: str, parts: dict[str, float]) -> dict[str, float]:
 
 
 def _wsp_num_labels(config) -> int:
-  from big_pretrain.data.labels import LabelVocabulary  # only WSP needs the file
+  from big_pretrain.data.text.labels import LabelVocabulary  # only WSP needs the file
   return len(LabelVocabulary.from_file(config.data.labels.vocabulary))
 
 

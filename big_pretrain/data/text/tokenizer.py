@@ -7,8 +7,9 @@ the file name:
   built from a source's captions by the command below, needs no download. A
   vocabulary for the embedded synthetic data ships with the package
   (``synthetic_tokenizer_path()``).
-* A SentencePiece model you already have (``SentencePieceTokenizer``, a file
-  ending in ``.model``), if the ``sentencepiece`` package is installed. Set
+* A SentencePiece model you already have (``SentencePieceTokenizer`` in
+  sentencepiece_tokenizer.py, a file ending in ``.model``), if the
+  ``sentencepiece`` package is installed. Set
   ``config.data.text.tokenizer=/path/to/spm.model``; nothing is downloaded.
 
 Word tokenizer ids::
@@ -31,7 +32,7 @@ whenever every word of ``t`` is in the vocabulary.
 
 Build a word vocabulary from a data source's captions::
 
-  python -m big_pretrain.data.tokenizer build --source=image_folder \\
+  python -m big_pretrain.data.text.build_vocabulary tokenizer --source=image_folder \\
       --path=/data/images --min_count=5 --max_size=30000 --output=tokenizer.txt
 
 Training records the tokenizer in its workdir (``record_tokenizer``), so a
@@ -41,11 +42,9 @@ checkpoint is always evaluated with the tokenizer it was trained with.
 from __future__ import annotations
 
 import abc
-import argparse
 import collections
 import os
 import re
-import sys
 import unicodedata
 from typing import Iterable, Sequence
 
@@ -53,7 +52,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from big_pretrain.data import sources
+from big_pretrain.data.text import frequent_tokens
 from big_pretrain.storage import files as storage
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = '<pad>', '<bos>', '<eos>', '<unk>'
@@ -70,21 +69,10 @@ SENTENCEPIECE_SUFFIX = '.model'
 RECORDED_WORD_TOKENIZER = 'tokenizer.txt'
 RECORDED_SENTENCEPIECE_TOKENIZER = 'tokenizer.model'
 
-# How `big_pretrain/data/vocabularies/synthetic_captions_tokenizer.txt` was built
-# (the tests rebuild it with these flags to check it is still in sync with sources.py).
-SYNTHETIC_TOKENIZER_BUILD_FLAGS = (
-    '--source=synthetic', '--num_examples=2000', '--min_count=1', '--max_size=1000')
-
 
 def synthetic_tokenizer_path() -> str:
-  """The shipped word vocabulary of every word the synthetic captions use.
-
-  Rebuild it after changing the synthetic source with::
-
-    python -m big_pretrain.data.tokenizer build --source=synthetic --num_examples=2000 \\
-        --min_count=1 --max_size=1000 \\
-        --output=big_pretrain/data/vocabularies/synthetic_captions_tokenizer.txt
-  """
+  """The shipped word vocabulary of every word the synthetic captions use (how it is built:
+  build_vocabulary.SYNTHETIC_BUILD_FLAGS)."""
   return os.path.join(os.path.dirname(__file__), 'vocabularies',
                       'synthetic_captions_tokenizer.txt')
 
@@ -184,6 +172,9 @@ class WordTokenizer(Tokenizer):
       given twice; the message names where.
   """
 
+  # Every word vocabulary has the same special ids: the first four lines of its file.
+  pad_id, bos_id, eos_id, unk_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID
+
   def __init__(self, words: Sequence[str], *, locations: Sequence[str] | None = None):
     words = list(words)
     if locations is None:
@@ -220,9 +211,9 @@ class WordTokenizer(Tokenizer):
     except FileNotFoundError:
       raise FileNotFoundError(
           f'Tokenizer file {path!r} does not exist. Build one from your captions with'
-          ' `python -m big_pretrain.data.tokenizer build --source=image_folder'
+          ' `python -m big_pretrain.data.text.build_vocabulary tokenizer --source=image_folder'
           f' --path=DATA_DIR --output={path}` (or --source=synthetic), or use the shipped'
-          ' synthetic one, big_pretrain.data.tokenizer.synthetic_tokenizer_path().'
+          ' synthetic one, big_pretrain.data.text.tokenizer.synthetic_tokenizer_path().'
       ) from None
     except UnicodeDecodeError as error:
       raise ValueError(
@@ -233,7 +224,8 @@ class WordTokenizer(Tokenizer):
       raise ValueError(
           f'Tokenizer file {path!r} starts with {header}, but a word vocabulary starts with'
           f' the lines {list(SPECIAL_TOKENS)} (ids 0-3). Rebuild it with `python -m'
-          ' big_pretrain.data.tokenizer build ... --output=PATH`; a SentencePiece model'
+          ' big_pretrain.data.text.build_vocabulary tokenizer ... --output=PATH`; a'
+          ' SentencePiece model'
           f' needs a name ending in {SENTENCEPIECE_SUFFIX!r}.')
     words = lines[len(SPECIAL_TOKENS):]
     for line_number, word in enumerate(words, start=len(SPECIAL_TOKENS) + 1):
@@ -247,14 +239,7 @@ class WordTokenizer(Tokenizer):
 
   def write(self, path: str) -> None:
     """Writes the vocabulary file, one token per line in id order."""
-    directory = os.path.dirname(path)
-    if directory:
-      os.makedirs(directory, exist_ok=True)
-    # Write then rename, so a reader never sees half a vocabulary.
-    temporary_path = f'{path}.tmp'
-    with open(temporary_path, 'w', encoding='utf-8') as file:
-      file.write(''.join(token + '\n' for token in self._tokens))
-    os.replace(temporary_path, path)
+    storage.write_text(path, ''.join(token + '\n' for token in self._tokens))  # whole or not at all
 
   @property
   def tokens(self) -> list[str]:
@@ -270,21 +255,6 @@ class WordTokenizer(Tokenizer):
   def vocab_size(self) -> int:
     return len(self._tokens)
 
-  @property
-  def pad_id(self) -> int:
-    return PAD_ID
-
-  @property
-  def bos_id(self) -> int:
-    return BOS_ID
-
-  @property
-  def eos_id(self) -> int:
-    return EOS_ID
-
-  @property
-  def unk_id(self) -> int:
-    return UNK_ID
 
   def token_id(self, word: str) -> int:
     """The id of one normalised token, or UNK_ID."""
@@ -323,90 +293,10 @@ def build_tokenizer(captions: Iterable[str], min_count: int, max_size: int) -> W
   `min_count` times, at most `max_size` of them (besides the 4 special
   tokens); ties are broken alphabetically, so the result is deterministic.
   """
-  if min_count < 1:
-    raise ValueError(f'min_count must be at least 1, got {min_count}.')
-  if max_size < 1:
-    raise ValueError(f'max_size must be at least 1, got {max_size}.')
   counts = collections.Counter()
   for caption in captions:
     counts.update(split_words(caption))
-  frequent = sorted((word for word, count in counts.items() if count >= min_count),
-                    key=lambda word: (-counts[word], word))
-  return WordTokenizer(frequent[:max_size])
-
-
-# --- SentencePiece ------------------------------------------------------------
-
-class SentencePieceTokenizer(Tokenizer):
-  """A SentencePiece model with the Tokenizer interface; its own normalisation applies.
-
-  <bos>, <eos> and <pad> are the model's. A model trained without a pad piece
-  (SentencePiece's default) pads with id 0, which such models give to <unk>:
-  train with ``--pad_id=0 --bos_id=1 --eos_id=2 --unk_id=3`` to get the word
-  tokenizer's layout and keep padding distinct. A model without <bos> or <eos>
-  just leaves them out, so position 0 then holds the first piece.
-  """
-
-  def __init__(self, path: str):
-    try:
-      import sentencepiece  # Optional: only SentencePiece models need it.
-    except ImportError:
-      raise ImportError(
-          f'Tokenizer {path!r} is a SentencePiece model, but the sentencepiece package is'
-          ' not installed: `pip install sentencepiece` (requirements.txt pins the tested'
-          ' version), or use a word vocabulary built with `python -m'
-          ' big_pretrain.data.tokenizer build`.') from None
-    if not epath.Path(path).is_file():
-      raise FileNotFoundError(
-          f'SentencePiece model {path!r} does not exist. Set config.data.text.tokenizer to'
-          ' the .model file written by spm_train.')
-    try:
-      self._processor = sentencepiece.SentencePieceProcessor(
-          model_proto=epath.Path(path).read_bytes())
-    except (OSError, RuntimeError) as error:
-      raise ValueError(
-          f'{path!r} could not be read as a SentencePiece model ({error}). Only files'
-          f' ending in {SENTENCEPIECE_SUFFIX!r} are read as SentencePiece models; rename a'
-          ' word vocabulary to .txt.') from None
-    self._path = path
-    # -1: the model has no such piece.
-    self._bos_id = _present(self._processor.bos_id())
-    self._eos_id = _present(self._processor.eos_id())
-    self._pad_id = _present(self._processor.pad_id())
-    if self._pad_id is None:
-      self._pad_id = 0
-
-  @property
-  def vocab_size(self) -> int:
-    return int(self._processor.get_piece_size())
-
-  @property
-  def pad_id(self) -> int:
-    return self._pad_id
-
-  @property
-  def bos_id(self) -> int | None:
-    return self._bos_id
-
-  @property
-  def eos_id(self) -> int | None:
-    return self._eos_id
-
-  def encode(self, text: str) -> list[int]:
-    ids = list(self._processor.encode(text, out_type=int))
-    return ([self._bos_id] if self._bos_id is not None else []) + ids + (
-        [self._eos_id] if self._eos_id is not None else [])
-
-  def decode(self, ids: Iterable[int]) -> str:
-    dropped = {self._pad_id, self._bos_id, self._eos_id}
-    return self._processor.decode([int(i) for i in ids if int(i) not in dropped])
-
-  def __repr__(self) -> str:
-    return f'SentencePieceTokenizer({self._path!r}, {self.vocab_size} pieces)'
-
-
-def _present(piece_id: int) -> int | None:
-  return None if piece_id < 0 else int(piece_id)
+  return WordTokenizer(frequent_tokens.most_frequent(counts, min_count, max_size))
 
 
 # --- Loading, and recording in a workdir --------------------------------------
@@ -416,10 +306,14 @@ def load_tokenizer(path: str) -> Tokenizer:
   if not path:
     raise ValueError(
         'No tokenizer given: set config.data.text.tokenizer to a word vocabulary (e.g.'
-        ' big_pretrain.data.tokenizer.synthetic_tokenizer_path(), or one built with'
-        ' `python -m big_pretrain.data.tokenizer build`) or a SentencePiece .model file.')
+        ' big_pretrain.data.text.tokenizer.synthetic_tokenizer_path(), or one built with'
+        ' `python -m big_pretrain.data.text.build_vocabulary tokenizer`) or a SentencePiece'
+        ' .model file.')
   if path.endswith(SENTENCEPIECE_SUFFIX):
-    return SentencePieceTokenizer(path)
+    # Imported here: it subclasses Tokenizer above, and only .model files need it.
+    # pylint: disable-next=g-import-not-at-top
+    from big_pretrain.data.text import sentencepiece_tokenizer
+    return sentencepiece_tokenizer.SentencePieceTokenizer(path)
   return WordTokenizer.from_file(path)
 
 
@@ -464,8 +358,8 @@ def record_tokenizer(data_config, workdir: str) -> str | None:
   if not epath.Path(path).is_file():
     raise FileNotFoundError(
         f'config.data.text.tokenizer={path!r} is not a file. Build a word vocabulary with'
-        f' `python -m big_pretrain.data.tokenizer build ... --output={path}`, or point it at'
-        ' a SentencePiece .model file.')
+        ' `python -m big_pretrain.data.text.build_vocabulary tokenizer ...'
+        f' --output={path}`, or point it at a SentencePiece .model file.')
   recorded = os.path.join(workdir, _recorded_name(path))
   if jax.process_index() == 0:
     existing = recorded_tokenizer_path(workdir)
@@ -482,56 +376,3 @@ def record_tokenizer(data_config, workdir: str) -> str | None:
       return recorded
     storage.write_bytes(recorded, epath.Path(path).read_bytes())  # whole or not at all
   return recorded
-
-
-# --- Command line -------------------------------------------------------------
-
-def _argument_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog='python -m big_pretrain.data.tokenizer',
-      description='Word vocabularies for the text tower of image-text pretraining (FLIP).')
-  commands = parser.add_subparsers(dest='command', required=True)
-  build = commands.add_parser(
-      'build', help="Count a source's caption words and write the most frequent as a vocabulary.")
-  sources.add_source_arguments(build)
-  build.add_argument('--min_count', type=int, default=1,
-                     help='Keep words seen at least this many times.')
-  build.add_argument('--max_size', type=int, default=30000,
-                     help='Keep at most this many words (besides the 4 special tokens).')
-  build.add_argument('--output', required=True, help='Where to write the vocabulary file.')
-  return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = _argument_parser()
-  args = parser.parse_args(argv)
-  if args.min_count < 1 or args.max_size < 1:
-    parser.error(f'--min_count and --max_size must be positive, got {args.min_count} and'
-                 f' {args.max_size}.')
-  texts = sources.read_source_texts(args, parser)
-  captions = [text['caption'] for text in texts]
-  without_caption = sum(not caption.strip() for caption in captions)
-  counts = collections.Counter(word for caption in captions for word in split_words(caption))
-  print(f'Read {len(captions)} captions from the {args.source} source, with'
-        f' {len(counts)} distinct words.')
-  if without_caption:
-    print(f'{without_caption} examples have no caption (image folders read it from a .txt'
-          ' file with the image\'s name).', file=sys.stderr)
-  tokenizer = build_tokenizer(captions, min_count=args.min_count, max_size=args.max_size)
-  if not tokenizer.words:
-    print(f'No word occurs --min_count={args.min_count} times; nothing written. Lower'
-          ' --min_count or read more examples (do the images have .txt captions?).',
-          file=sys.stderr)
-    return 1
-  known = set(tokenizer.words)
-  unknown_occurrences = sum(count for word, count in counts.items() if word not in known)
-  print(f'{unknown_occurrences} of {sum(counts.values())} word occurrences are not in the'
-        ' vocabulary (they become <unk>).')
-  tokenizer.write(args.output)
-  print(f'Wrote {len(tokenizer.words)} words (+ {len(SPECIAL_TOKENS)} special tokens) to'
-        f' {args.output}.')
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())

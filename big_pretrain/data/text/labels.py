@@ -33,7 +33,7 @@ Vocabulary file format (UTF-8, one label per line)::
 
 Build a vocabulary from a data source's hashtags::
 
-  python -m big_pretrain.data.labels build --source=image_folder \\
+  python -m big_pretrain.data.text.build_vocabulary labels --source=image_folder \\
       --path=/data/images --min_count=5 --max_size=30000 --output=vocab.txt
 
 Labels are ordered by how many examples carry them (most frequent first, ties
@@ -42,38 +42,31 @@ alphabetically), so low ids are the common labels.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
+import re
 import string
-import sys
 import unicodedata
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from big_pretrain.data import sources
+from big_pretrain.data.text import frequent_tokens
+from big_pretrain.storage import files as storage
 
 # Pads the 'label_ids' rows the pipeline sends to the device; never a label id.
 PADDING_LABEL_ID = -1
 
+# A caption's hashtags: '#' and a run of word characters.
+_HASHTAG = re.compile(r'#\w+')
+
 # The format's separators: a tag containing one cannot be written to a file.
 _SEPARATORS = (':', ',', '\n', '\r')
 
-# How `big_pretrain/data/vocabularies/synthetic_shapes.txt` was built (the
-# tests rebuild it with these flags to check it is still in sync with sources.py).
-SYNTHETIC_VOCABULARY_BUILD_FLAGS = (
-    '--source=synthetic', '--num_examples=2000', '--min_count=1', '--max_size=1000')
-
 
 def synthetic_vocabulary_path() -> str:
-  """The shipped vocabulary of every hashtag the synthetic shapes source emits.
-
-  Rebuild it after changing the synthetic source with::
-
-    python -m big_pretrain.data.labels build --source=synthetic --num_examples=2000 \\
-        --min_count=1 --max_size=1000 --output=big_pretrain/data/vocabularies/synthetic_shapes.txt
-  """
+  """The shipped vocabulary of every hashtag the synthetic source emits (how it is built:
+  build_vocabulary.SYNTHETIC_BUILD_FLAGS)."""
   return os.path.join(os.path.dirname(__file__), 'vocabularies', 'synthetic_shapes.txt')
 
 
@@ -100,6 +93,11 @@ def normalize_tag(tag: str) -> str:
   while end > start and _is_punctuation_or_space(tag[end - 1]):
     end -= 1
   return tag[start:end]
+
+
+def caption_hashtags(caption: str) -> list[str]:
+  """The '#word's of a caption, in order: the 'hashtags' of the sources that read captions."""
+  return _HASHTAG.findall(caption)
 
 
 def _candidate_tags(hashtags: Iterable[str], caption: str, use_caption_words: bool) -> set[str]:
@@ -211,9 +209,9 @@ class LabelVocabulary:
     except FileNotFoundError:
       raise FileNotFoundError(
           f'Label vocabulary file {path!r} does not exist. Build one from your data with'
-          f' `python -m big_pretrain.data.labels build --source=image_folder'
+          f' `python -m big_pretrain.data.text.build_vocabulary labels --source=image_folder'
           f' --path=DATA_DIR --output={path}` (or --source=synthetic), or use the'
-          ' shipped synthetic one, big_pretrain.data.labels.synthetic_vocabulary_path().'
+          ' shipped synthetic one, big_pretrain.data.text.labels.synthetic_vocabulary_path().'
       ) from None
     except UnicodeDecodeError as error:
       raise ValueError(
@@ -232,7 +230,8 @@ class LabelVocabulary:
     if not labels:
       raise ValueError(
           f'Label vocabulary file {path!r} has no labels (only blank or comment lines).'
-          ' Rebuild it with `python -m big_pretrain.data.labels build ... --output=PATH`.')
+          ' Rebuild it with `python -m big_pretrain.data.text.build_vocabulary labels ...'
+          ' --output=PATH`.')
     if len(set(labels)) != len(labels):
       # The same raw text twice: the synonyms dict keeps one; report the duplicate line.
       first_line = {}
@@ -249,14 +248,7 @@ class LabelVocabulary:
     """Writes the vocabulary in the file format, one label per line in id order."""
     lines = [label + (': ' + ', '.join(self._synonyms[label]) if label in self._synonyms else '')
              for label in self._labels]
-    directory = os.path.dirname(path)
-    if directory:
-      os.makedirs(directory, exist_ok=True)
-    # Write then rename, so a reader never sees half a vocabulary.
-    temporary_path = f'{path}.tmp'
-    with open(temporary_path, 'w', encoding='utf-8') as file:
-      file.write(''.join(line + '\n' for line in lines))
-    os.replace(temporary_path, path)
+    storage.write_text(path, ''.join(line + '\n' for line in lines))  # whole or not at all
 
   @property
   def labels(self) -> list[str]:
@@ -317,61 +309,16 @@ def build_vocabulary(examples: Iterable[Mapping[str, Any]], min_count: int, max_
   deterministic. Tags containing ':' or ',' (e.g. URLs among caption words)
   cannot be written to a vocabulary file and are never kept.
   """
-  if min_count < 1:
-    raise ValueError(f'min_count must be at least 1, got {min_count}.')
-  if max_size < 1:
-    raise ValueError(f'max_size must be at least 1, got {max_size}.')
   counts = collections.Counter()
   for example in examples:
     counts.update(example_tags(example, use_caption_words))
-  frequent = sorted(
-      (tag for tag, count in counts.items() if count >= min_count and _storable(tag)),
-      key=lambda tag: (-counts[tag], tag))
-  return LabelVocabulary(frequent[:max_size])
+  storable = {tag: count for tag, count in counts.items() if _storable(tag)}
+  return LabelVocabulary(frequent_tokens.most_frequent(storable, min_count, max_size))
 
 
-# --- Command line -------------------------------------------------------------
+# --- The vocabulary a data config names -----------------------------------------
 
-def _argument_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog='python -m big_pretrain.data.labels',
-      description='Label vocabularies for weakly-supervised pretraining (WSP).')
-  commands = parser.add_subparsers(dest='command', required=True)
-  build = commands.add_parser(
-      'build', help="Count a source's hashtags and write the most frequent as a vocabulary.")
-  sources.add_source_arguments(build)
-  build.add_argument('--min_count', type=int, default=1,
-                     help='Keep tags carried by at least this many examples.')
-  build.add_argument('--max_size', type=int, default=1000,
-                     help='Keep at most this many labels, the most frequent.')
-  build.add_argument('--use_caption_words', action='store_true',
-                     help="Count every word of the caption as well as its hashtags.")
-  build.add_argument('--output', required=True, help='Where to write the vocabulary file.')
-  return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = _argument_parser()
-  args = parser.parse_args(argv)
-  texts = sources.read_source_texts(args, parser)
-  vocabulary = build_vocabulary(texts, min_count=args.min_count, max_size=args.max_size,
-                                use_caption_words=args.use_caption_words)
-  distinct_tags = set().union(*(example_tags(t, args.use_caption_words) for t in texts))
-  print(f'Read {len(texts)} examples from the {args.source} source, with'
-        f' {len(distinct_tags)} distinct tags.')
-  if not len(vocabulary):
-    print(f'No tag is carried by --min_count={args.min_count} examples; nothing written.'
-          ' Lower --min_count, read more examples, or add --use_caption_words.',
-          file=sys.stderr)
-    return 1
-  unlabelled = sum(
-      not vocabulary.encode(t['hashtags'], t['caption'], args.use_caption_words) for t in texts)
-  print(f'{unlabelled} of {len(texts)} examples have no label in the vocabulary'
-        ' (WSP leaves them out of the loss).')
-  vocabulary.write(args.output)
-  print(f'Wrote {len(vocabulary)} labels to {args.output}.')
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())
+def configured_vocabulary_path(data_config) -> str | None:
+  """config.data.labels.vocabulary, or None when WSP labels are off."""
+  # .get: configs written before WSP labels existed have no 'labels' group.
+  return (data_config.get('labels') or {}).get('vocabulary')

@@ -1,17 +1,11 @@
-"""Pseudo-labels on disk: a teacher's labels for unlabelled images, keyed by the example key.
+"""The 'pseudo-labelled' source: a teacher's labels joined to the unlabelled images they are for.
 
 `python main.py` with a pseudo-label stage (big_pretrain/stages/pseudo_label_job.py)
-writes a folder of ArrayRecord shards plus a `metadata.json`; a self-training
-student reads it back here as one more source (`PseudoLabelledSource`), which
-joins each record to its image in the unlabelled source and drops everything
-that source knows about the image's true class (label, caption, hashtags).
-
-A record is a serialized tf.train.Example:
-  key          bytes    the example's key in the unlabelled source (checked on read)
-  index        int64    its index in that source
-  label_ids    int64[k] the teacher's classes, most probable first (hard labels: k = 1)
-  label_probs  float[k] their probabilities, summing to 1 (hard labels: [1.0])
-  confidence   float    the teacher's top probability, before any renormalisation
+writes a folder of pseudo-label records (data/records.py) plus a `metadata.json`;
+a self-training student reads it back here as one more source
+(`PseudoLabelledSource`), which joins each record to its image in the unlabelled
+source and drops everything that source knows about the image's true class
+(label, caption, hashtags).
 """
 
 from __future__ import annotations
@@ -26,11 +20,6 @@ import numpy as np
 from big_pretrain.data import records
 from big_pretrain.errors import ConfigError
 
-SHARD_PREFIX = 'pseudo_labels'
-METADATA_FILE = 'metadata.json'
-FORMAT = 'big_pretrain.pseudo_labels'
-FORMAT_VERSION = 1
-
 # The keys of config.data that say which images a source holds (not how they are
 # augmented or batched): the unlabelled source is rebuilt from these.
 SOURCE_KEYS = ('source', 'path', 'tfds_name', 'tfds_data_dir', 'tfds_train_split',
@@ -43,37 +32,17 @@ def example_key(example: dict[str, Any], index: int) -> str:
   return str(example.get('key') or index)
 
 
-def shard_name(shard: int, num_shards: int) -> str:
-  return f'{SHARD_PREFIX}-{shard:05d}-of-{num_shards:05d}.array_record'
-
-
-def encode_record(key: str, index: int, label_ids, label_probs, confidence: float) -> bytes:
-  """One record (see the module doc); the same values always give the same bytes."""
-  return records.encode_example(
-      bytes_features={'key': [key.encode('utf-8')]},
-      int64_features={'index': [index], 'label_ids': label_ids},
-      float_features={'label_probs': label_probs, 'confidence': [confidence]})
-
-
-def decode_record(record: bytes) -> dict[str, Any]:
-  feature = records.decode_example(record)
-  return {'key': feature['key'][0].decode('utf-8'),
-          'index': int(feature['index'][0]),
-          'label_ids': np.asarray(feature['label_ids'], np.int32),
-          'label_probs': np.asarray(feature['label_probs'], np.float32),
-          'confidence': float(feature['confidence'][0])}
-
-
 def read_metadata(folder: str) -> dict[str, Any]:
   """The finished job's metadata.json; a clear error when the folder holds no finished job."""
-  path = pathlib.Path(folder) / METADATA_FILE
+  path = pathlib.Path(folder) / records.METADATA_FILE
   if not path.is_file():
     raise FileNotFoundError(
-        f'No finished pseudo-labels in {folder!r} ({METADATA_FILE} is missing): run the '
+        f'No finished pseudo-labels in {folder!r} ({records.METADATA_FILE} is missing): run the '
         'pseudo-label stage first (it writes that file last), or point '
         'config.data.pseudo_labels.path at its folder.')
   metadata = json.loads(path.read_text(encoding='utf-8'))
-  if metadata.get('format') != FORMAT or metadata.get('format_version') != FORMAT_VERSION:
+  if (metadata.get('format') != records.PSEUDO_LABEL_FORMAT
+      or metadata.get('format_version') != records.PSEUDO_LABEL_FORMAT_VERSION):
     raise ValueError(f'{str(path)!r} is not pseudo-label metadata of this version '
                      f'(format {metadata.get("format")!r} v{metadata.get("format_version")}).')
   return metadata
@@ -132,7 +101,7 @@ class PseudoLabelledSource:
     return list(self.metadata.get('class_names') or [])
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    record = decode_record(self._records[int(index)])
+    record = records.decode_pseudo_label_record(self._records[int(index)])
     example = self._unlabelled[record['index']]
     key = example_key(example, record['index'])
     if key != record['key']:

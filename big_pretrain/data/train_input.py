@@ -1,0 +1,228 @@
+"""The training input: source -> shuffle -> shard -> augment -> batch -> global arrays.
+
+Per process::
+
+  MapDataset.source(source)
+    .shuffle(seed)                        # train only; reshuffled every epoch
+    .repeat(None)                         # train only; eval reads one epoch of whole batches
+    .map(add_label_ids)                   # only when config.labels.vocabulary is set (WSP)
+    .map(add_text_tokens)                 # only when config.text.tokenizer is set (FLIP)
+    .random_map(decode, config.augment)   # e.g. crop+flip (data/augment.py); eval: centre crop
+    -> ProcessShare                       # this process's rows of every global batch
+    .to_iter_dataset(ReadOptions(...))    # decoding runs in num_threads threads
+    -> skip and count corrupt images      # stop after max_consecutive_unreadable in a row
+    .map(select_device_features)
+    .batch(per_process_batch, drop_remainder=True)
+
+and each per-process batch becomes a global ``jax.Array`` whose batch dimension
+is sharded over the mesh axes ('data', 'fsdp'). The maps are in example_maps.py,
+ProcessShare in process_share.py, the skipping in corrupt_images.py, the
+features in batch_features.py.
+
+All randomness (shuffle order, crops, flips, RandAugment, erasing) is a
+deterministic function of the seeds and the element's global index, so restoring
+``grain_iterator``'s state resumes the exact same stream of batches, and a run on
+N processes sees the same global batches, row for row, as a run on one.
+
+Evaluators and the pseudo-label job read every example of a split exactly once
+through eval_input.py instead.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from big_pretrain import sharding as sharding_lib
+from big_pretrain.data import augment as augment_lib
+from big_pretrain.data import batch_features
+from big_pretrain.data import corrupt_images
+from big_pretrain.data import example_maps
+from big_pretrain.data import process_share
+from big_pretrain.data import seeds
+from big_pretrain.data import sources
+from big_pretrain.data.sources import pseudo_labelled
+from big_pretrain.data.text import labels as labels_lib
+from big_pretrain.data.text import tokenizer as tokenizer_lib
+
+
+class InputPipeline:
+  """Iterates over global batches ``{'image': uint8 (B, S, S, 3), 'label': int32 (B,)}``.
+
+  With ``config.labels.vocabulary`` set, batches also hold ``'label_ids'``: int32
+  ``(B, max_labels_per_example)``, each example's WSP label ids padded with -1
+  (all -1 for an example with no known label). With ``config.text.tokenizer``
+  set, they hold ``'text_tokens'``: int32 ``(B, max_length)``, each example's
+  caption tokenised (see ``Tokenizer.tokenize``).
+
+  ``B`` is ``global_batch_size``; each process loads its own
+  ``B / process_count`` examples and the batch dimension is sharded over the
+  mesh axes ('data', 'fsdp'). Images stay uint8: the model normalises on the
+  device, which keeps host-to-device traffic 4x smaller than float32.
+
+  Training pipelines shuffle and repeat forever; eval pipelines (``train=False``)
+  read the source once, in order, and stop. Both drop the final incomplete
+  batch, because global arrays need a fixed shape.
+  """
+
+  def __init__(
+      self,
+      data_config: ml_collections.ConfigDict,
+      *,
+      global_batch_size: int,
+      mesh: jax.sharding.Mesh,
+      train: bool = True,
+      seed: int = 0,
+  ):
+    process_count = jax.process_count()
+    batch_shards = sharding_lib.num_batch_shards(mesh)
+    if global_batch_size <= 0 or global_batch_size % process_count:
+      raise ValueError(
+          f'global_batch_size={global_batch_size} must be a positive multiple of'
+          f' the number of processes ({process_count}), since each process loads'
+          ' an equal share of every batch.')
+    if global_batch_size % batch_shards:
+      raise ValueError(
+          f'global_batch_size={global_batch_size} must be divisible by the'
+          f' {batch_shards} devices along mesh axes {sharding_lib.BATCH_AXES} (mesh shape'
+          f' {dict(mesh.shape)}), which split the batch dimension.')
+
+    max_consecutive_unreadable = corrupt_images.max_consecutive_unreadable(data_config)
+
+    self._source = sources.build_source(data_config)
+    self._label_vocabulary, self._text_tokenizer = batch_features.load_text_features(data_config)
+    self._sharding = sharding_lib.batch_sharding(mesh)
+    self._skipped = corrupt_images.SkippedExampleCounter()
+    per_process_batch = global_batch_size // process_count
+
+    dataset = grain.MapDataset.source(self._source)
+    self._pseudo_labelled = None
+    if train:
+      dataset = dataset.shuffle(
+          seed=seeds.derive_seed(data_config.seed, seed, seeds.SHUFFLE_STREAM))
+      dataset = dataset.repeat(None)
+      if batch_features.pseudo_label_folder(data_config):
+        dataset = self._mixed_with_pseudo_labels(dataset, data_config, global_batch_size, seed)
+    else:
+      # A fixed order, independent of the run's seed, so evaluations compare
+      # across runs; shuffled so the first N examples span every class (image
+      # folders are listed class by class).
+      dataset = dataset.shuffle(
+          seed=seeds.derive_seed(data_config.seed, seeds.EVAL_SHUFFLE_STREAM))
+      # Whole global batches only, so every process reads the same number of
+      # batches and none waits at the end of the epoch for a batch that never comes.
+      dataset = dataset[:len(dataset) // global_batch_size * global_batch_size]
+    dataset = example_maps.with_label_ids_and_text_tokens(
+        dataset, data_config, self._label_vocabulary, self._text_tokenizer)
+    if train:
+      # Checked here, so a bad name or setting fails before any image is read.
+      augment_settings = dict(
+          randaugment_ops=data_config.randaugment_ops,
+          randaugment_magnitude=float(data_config.randaugment_magnitude),
+          randaugment_magnitude_std=float(data_config.randaugment_magnitude_std),
+          erasing_prob=float(data_config.erasing_prob),
+          scale_jitter=tuple(float(s) for s in data_config.scale_jitter))
+      augment_lib.check_augment_settings(**augment_settings)
+      dataset = dataset.random_map(
+          functools.partial(
+              example_maps.augment_for_training,
+              image_size=data_config.image_size,
+              crop_scale=tuple(data_config.crop_scale),
+              augment=augment_lib.parse_augment(data_config.augment),
+              # .get: configs written before the option existed decode whole.
+              decode_at_crop_scale=data_config.get('decode_at_crop_scale', False),
+              **augment_settings),
+          seed=seeds.derive_seed(data_config.seed, seed, seeds.AUGMENT_STREAM))
+    else:
+      dataset = dataset.map(functools.partial(
+          example_maps.prepare_for_eval, image_size=data_config.image_size,
+          crop_fraction=data_config.get('eval_crop_fraction', 1.0)))
+    # After the random maps, so an example's crop depends on its global index
+    # alone, not on how many processes share the run. Lazy: each process only
+    # decodes its own rows.
+    iter_dataset = process_share.read_process_share(dataset, data_config, per_process_batch)
+    iter_dataset = corrupt_images.SkipCorruptExamplesIterDataset(
+        iter_dataset, self._skipped, max_consecutive=max_consecutive_unreadable,
+        source_description=corrupt_images.describe_source(data_config))
+    iter_dataset = iter_dataset.map(functools.partial(
+        batch_features.select_device_features,
+        feature_names=batch_features.device_feature_names(data_config, train)))
+    iter_dataset = iter_dataset.batch(per_process_batch, drop_remainder=True)
+    self._iterator = iter_dataset.__iter__()
+
+  def _mixed_with_pseudo_labels(self, labelled: grain.MapDataset, data_config,
+                                global_batch_size: int, seed: int) -> grain.MapDataset:
+    """`labelled` (shuffled, repeated) mixed with the pseudo-labelled images, each global
+    batch holding exactly batch * fraction of them (Grain's deterministic mix)."""
+    folder = batch_features.pseudo_label_folder(data_config)
+    fraction = float(data_config.pseudo_labels.fraction)
+    if not 0.0 < fraction < 1.0 or abs(global_batch_size * fraction
+                                       - round(global_batch_size * fraction)) > 1e-9:
+      raise ValueError(
+          f'config.data.pseudo_labels.fraction={fraction}: must be in (0, 1) and give a whole '
+          f'number of rows of the global batch of {global_batch_size} (e.g. 0.5 for 1:1).')
+    metadata = pseudo_labelled.read_metadata(folder)
+    unlabelled = sources.build_source(pseudo_labelled.unlabelled_data_config(data_config, metadata))
+    width = batch_features.pseudo_label_width(data_config)
+    self._pseudo_labelled = pseudo_labelled.PseudoLabelledSource(folder, unlabelled, width=width)
+    if self._pseudo_labelled.num_classes != self._source.num_classes and not (
+        labels_lib.configured_vocabulary_path(data_config)):
+      raise ValueError(
+          f'The pseudo-labels in {folder!r} have {self._pseudo_labelled.num_classes} classes '
+          f'(the teacher\'s), the labelled source {self._source.num_classes}: the student '
+          'learns one set of classes. Pseudo-label with a teacher of the same classes.')
+    pseudo = grain.MapDataset.source(self._pseudo_labelled)
+    pseudo = pseudo.shuffle(
+        seed=seeds.derive_seed(data_config.seed, seed, seeds.PSEUDO_SHUFFLE_STREAM))
+    pseudo = pseudo.repeat(None).map(example_maps.as_pseudo_labelled_row)
+    labelled = labelled.map(functools.partial(example_maps.as_human_labelled_row, width=width))
+    return grain.MapDataset.mix([labelled, pseudo], weights=[1.0 - fraction, fraction])
+
+  def __iter__(self) -> InputPipeline:
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    return self.to_global_arrays(self.next_local_numpy())
+
+  def to_global_arrays(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's numpy batch -> global arrays, batch-sharded over the mesh."""
+    return {
+        name: jax.make_array_from_process_local_data(self._sharding, array)
+        for name, array in local_batch.items()
+    }
+
+  def next_local_numpy(self) -> dict[str, np.ndarray]:
+    """The next batch of this process as numpy arrays (for evaluators and tests)."""
+    return next(self._iterator)
+
+  @property
+  def grain_iterator(self) -> grain.DatasetIterator:
+    """The underlying Grain iterator; checkpoint it with grain.checkpoint.CheckpointSave/Restore."""
+    return self._iterator
+
+  @property
+  def corrupt_images_skipped(self) -> int:
+    """Unreadable images skipped so far by this process (a file counts once per epoch read)."""
+    return self._skipped.count
+
+  @property
+  def label_vocabulary(self) -> labels_lib.LabelVocabulary | None:
+    """The WSP label vocabulary ('label_ids' index its labels), or None when WSP labels are off."""
+    return self._label_vocabulary
+
+  @property
+  def text_tokenizer(self) -> tokenizer_lib.Tokenizer | None:
+    """The tokenizer of 'text_tokens', or None when text is off."""
+    return self._text_tokenizer
+
+  @property
+  def num_classes(self) -> int:
+    return self._source.num_classes
+
+  @property
+  def class_names(self) -> list[str]:
+    return self._source.class_names
