@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.evaluators.base import EvalResult
+from big_pretrain.evaluators.evaluator import EvalResult
 from big_pretrain.evaluators.features import FrozenFeatureEvaluator, feature_eval_defaults
 from big_pretrain.evaluators.linear_probe import MIN_FEATURE_STD
 

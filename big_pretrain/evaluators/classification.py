@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.evaluators.base import EvalResult, Evaluator
+from big_pretrain.evaluators.evaluator import EvalResult, Evaluator
 from big_pretrain.evaluators.features import extract_outputs, split_data_config
 
 

@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data import sources
 from big_pretrain.data.pipeline import eval_order, ordered_batches
-from big_pretrain.evaluators.base import Evaluator
+from big_pretrain.evaluators.evaluator import Evaluator
 
 SPLIT_KEYS = ('train', 'test')
 

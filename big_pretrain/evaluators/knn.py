@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_pretrain.evaluators.base import EvalResult
+from big_pretrain.evaluators.evaluator import EvalResult
 from big_pretrain.evaluators.features import FrozenFeatureEvaluator, feature_eval_defaults
 
 # Rows of train and of test features compared at once: the similarity block is

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from big_pretrain.evaluators.base import EvalResult
+from big_pretrain.evaluators.evaluator import EvalResult
 from big_pretrain.evaluators.features import FrozenFeatureEvaluator, feature_eval_defaults
 
 # The fit stops early once the gradient norm of the objective falls below this.

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from big_pretrain.errors import ConfigError
-from big_pretrain.evaluators.base import EvalResult
+from big_pretrain.evaluators.evaluator import EvalResult
 from big_pretrain.evaluators.features import FrozenFeatureEvaluator, feature_eval_defaults
 from big_pretrain.evaluators.linear_probe import classify, fit_linear_classifier, standardize
 

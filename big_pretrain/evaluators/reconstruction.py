@@ -27,7 +27,7 @@ from big_pretrain import sharding as sharding_lib
 from big_pretrain.storage import files as storage
 from big_pretrain.data import sources
 from big_pretrain.data.pipeline import eval_order, ordered_batches
-from big_pretrain.evaluators.base import EvalResult, Evaluator
+from big_pretrain.evaluators.evaluator import EvalResult, Evaluator
 from big_pretrain.evaluators.features import round_up, split_data_config
 
 

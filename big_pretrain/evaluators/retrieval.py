@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from big_pretrain.data import pipeline as pipeline_lib
-from big_pretrain.evaluators.base import EvalResult
+from big_pretrain.evaluators.evaluator import EvalResult
 from big_pretrain.evaluators.features import extract_outputs
 from big_pretrain.evaluators.zero_shot import ImageTextEvaluator
 

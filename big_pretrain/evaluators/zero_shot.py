@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data import tokenizer as tokenizer_lib
-from big_pretrain.evaluators.base import EvalResult, Evaluator
+from big_pretrain.evaluators.evaluator import EvalResult, Evaluator
 from big_pretrain.evaluators.features import extract_features, round_up, split_data_config
 from big_pretrain.evaluators.knn import l2_normalize
 

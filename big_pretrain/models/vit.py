@@ -153,7 +153,7 @@ class PatchEmbedding(nn.Module):
   with the kernel viewed as (p*p*C, D). MAE and FLIP embed only their visible patches
   this way (the MAE reference embeds all 196 and then drops 75% of them).
   'conv': a strided convolution over every patch, then the kept tokens gathered; the
-  same numbers up to float rounding, kept to measure against (benchmarks/step.py).
+  same numbers up to float rounding, kept to measure against (benchmarks/step_speed.py).
 
   The parameters are nn.Conv's, same names, shapes, init and rng: kernel (p, p, C, D),
   whose (p, q, c) order is patchify's, and bias (D,). Checkpoints, init_from and the

@@ -20,7 +20,7 @@ from big_pretrain.data.labels import LabelVocabulary
 from big_pretrain.errors import ConfigError
 from big_pretrain.models.patches import normalize_images
 from big_pretrain.models.vit import VisionTransformer, dense, vit_from_config
-from big_pretrain.objectives.base import Objective
+from big_pretrain.objectives.objective import Objective
 
 
 def default_config() -> ml_collections.ConfigDict:

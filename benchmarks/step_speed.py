@@ -16,14 +16,15 @@ Peak memory is the compiled step's memory_analysis(): temp + arguments +
 outputs + code - aliased (donated) bytes, per device
 (remat_choice.step_bytes_per_device, what remat 'auto' compares).
 
-  python benchmarks/step.py --variant=Ti/16 --batch_size=8 --image_size=64      # CPU, 2-3 min
-  python benchmarks/step.py --variant=B/16 --batch_size=256 --dtype=bfloat16
+  python benchmarks/step_speed.py --variant=Ti/16 --batch_size=8 --image_size=64      # CPU, 2-3 min
+  python benchmarks/step_speed.py --variant=B/16 --batch_size=256 --dtype=bfloat16
       # one GPU: --attention=auto (the default) picks cuDNN's fused attention there
-  python benchmarks/step.py --objectives= --mae_all_tokens --variant=B/16 --batch_size=4 --steps=3
+  python benchmarks/step_speed.py --objectives= --mae_all_tokens --variant=B/16 --batch_size=4 \\
+      --steps=3
       # MAE's encoder on the visible tokens vs on all tokens with mask tokens (CPU, ~2.5 min)
-  python benchmarks/step.py --objectives= --compile_scan=wsp --variant=L/16 --batch_size=2 \\
+  python benchmarks/step_speed.py --objectives= --compile_scan=wsp --variant=L/16 --batch_size=2 \\
       --image_size=64                       # scanned vs unrolled layers (CPU, ~1.5 min)
-  python benchmarks/step.py --set=aim.objective.head_depth=2 --set=objective.text_depth=4 ...
+  python benchmarks/step_speed.py --set=aim.objective.head_depth=2 --set=objective.text_depth=4 ...
 
 On a CPU use --devices=1: fake CPU devices share the same cores (see mfu.py).
 The machine may be shared: compare rows of one run, not numbers across runs.

@@ -34,12 +34,12 @@ generated into a temporary folder of 10 class subfolders from the embedded
 synthetic shapes, upscaled and overlaid with multi-scale colour texture and
 noise so that they encode to realistic sizes (~70 KB).
 
-  python benchmarks/input.py                                        # ~2 min on 2 cores
-  python benchmarks/input.py --num_examples=600 --batches=10 --batch_size=32   # ~30 s
-  python benchmarks/input.py --data=/path/to/imagenet/train --threads=16
-  python benchmarks/input.py --step_images_per_sec=2500     # cores needed to feed that step
-  python benchmarks/input.py --measure_step --step_batch_size=256 --step_dtype=bfloat16
-      # also times the MAE train step (benchmarks/step.py) on this machine's first device
+  python benchmarks/input_speed.py                                        # ~2 min on 2 cores
+  python benchmarks/input_speed.py --num_examples=600 --batches=10 --batch_size=32   # ~30 s
+  python benchmarks/input_speed.py --data=/path/to/imagenet/train --threads=16
+  python benchmarks/input_speed.py --step_images_per_sec=2500     # cores needed to feed that step
+  python benchmarks/input_speed.py --measure_step --step_batch_size=256 --step_dtype=bfloat16
+      # also times the MAE train step (benchmarks/step_speed.py) on this machine's first device
 
 The machine may be shared: compare rows of one run, not numbers across runs.
 """
@@ -70,7 +70,7 @@ from big_pretrain.data import pipeline as pipeline_lib  # noqa: E402
 from big_pretrain.data import sources  # noqa: E402
 from big_pretrain.data import transforms  # noqa: E402
 
-import step as step_benchmark  # noqa: E402  (benchmarks/step.py: this script's folder is on sys.path)
+import step_speed as step_benchmark  # noqa: E402  (this script's folder is on sys.path)
 
 JPEG_SUFFIXES = ('.jpg', '.jpeg')
 NUM_CLASSES = 10
@@ -96,10 +96,12 @@ def parse_args(argv=None):
   parser.add_argument('--no_decode_and_crop', action='store_true',
                       help='leave out the extra tf.data decode_and_crop_jpeg row')
   parser.add_argument('--step_images_per_sec', type=float, default=None,
-                      help='the train step\'s images/s per device (e.g. benchmarks/step.py\'s '
-                           'images/s column), to say how many cores feed it')
+                      help='the train step\'s images/s per device (e.g. '
+                           'benchmarks/step_speed.py\'s images/s column), to say how many cores '
+                           'feed it')
   parser.add_argument('--measure_step', action='store_true',
-                      help='time the MAE train step here with benchmarks/step.py (slow on a CPU)')
+                      help='time the MAE train step here with benchmarks/step_speed.py '
+                           '(slow on a CPU)')
   parser.add_argument('--step_variant', default='B/16')
   parser.add_argument('--step_batch_size', type=int, default=0, help='default: --batch_size')
   parser.add_argument('--step_dtype', default='float32', choices=('float32', 'bfloat16'))
@@ -376,7 +378,7 @@ def time_tf(tf, name, paths, labels, args, config, decode_and_crop: bool) -> Res
 # --- The train step ------------------------------------------------------------
 
 def measure_step_images_per_second(args) -> tuple[float, str]:
-  """images/s per device of the MAE train step, timed with benchmarks/step.py's run_row."""
+  """images/s per device of the MAE train step, timed with benchmarks/step_speed.py's run_row."""
   batch_size = args.step_batch_size or args.batch_size
   step_args = step_benchmark.parse_args([
       '--objectives=mae', f'--variant={args.step_variant}', f'--batch_size={batch_size}',
@@ -454,7 +456,7 @@ def report(args, runs: dict[str, list[Result]], files: str, crop_scale: tuple[fl
             f'{r.images_per_cpu_second:.1f} images/CPU-s)')
   else:
     print('Cores needed per 1000 images/s of train step (pass --step_images_per_sec=N, e.g. '
-          "benchmarks/step.py's images/s per device for ViT-B/16 MAE on the accelerator, or "
+          "benchmarks/step_speed.py's images/s per device for ViT-B/16 MAE on the accelerator, or "
           '--measure_step):')
     for r in main_rows:
       print(f'  {r.name}: {1000 / r.per_core:.1f} cores at {r.per_core:.1f} images/s per core '

@@ -17,8 +17,8 @@ Prints held-out top-1 of each, the pseudo-labels' accuracy against the
 unlabelled images' true labels (which no student sees), and the paper's
 three claims as measured here.
 
-  python benchmarks/self_training.py                     # ~25 min on 2 CPU cores
-  python benchmarks/self_training.py --steps=1600 --policies=S4
+  python benchmarks/self_training_vs_pretraining.py                     # ~25 min on 2 CPU cores
+  python benchmarks/self_training_vs_pretraining.py --steps=1600 --policies=S4
 """
 
 from __future__ import annotations
