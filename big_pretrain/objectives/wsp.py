@@ -58,6 +58,11 @@ class WSPModel(nn.Module):
     return head(pooled)
 
 
+def _build_vocabulary_command(output: str) -> str:
+  return ('python -m big_pretrain.data.labels build --source=image_folder --path=DATA_DIR '
+          f'--output={output}')
+
+
 class WSP(Objective):
   name = 'wsp'
 
@@ -67,13 +72,10 @@ class WSP(Objective):
     if not vocabulary:
       raise ConfigError(
           f'{path}.data.labels.vocabulary is not set: WSP needs a label vocabulary. Build one '
-          'with `python -m big_pretrain.data.labels build --source=image_folder '
-          '--path=DATA_DIR --output=vocab.txt` and set it.')
+          f'with `{_build_vocabulary_command("vocab.txt")}` and set it.')
     if not os.path.isfile(vocabulary):
-      raise ConfigError(
-          f'{path}.data.labels.vocabulary={vocabulary!r} is not a file. Build it with '
-          f'`python -m big_pretrain.data.labels build --source=image_folder --path=DATA_DIR '
-          f'--output={vocabulary}`.')
+      raise ConfigError(f'{path}.data.labels.vocabulary={vocabulary!r} is not a file. Build it '
+                        f'with `{_build_vocabulary_command(vocabulary)}`.')
 
   def __init__(self, config):
     super().__init__(config)
