@@ -1,8 +1,9 @@
-"""What every objective provides to the one training loop.
+"""What every objective provides to the one training loop (the contract: `Objective`).
 
 An objective builds its model from the stage config and defines
 `loss(params, batch, rng, train) -> (loss, metrics)`. The loop, the step,
-sharding, checkpoints and logging know nothing else about it.
+sharding, checkpoints and logging know nothing else about it. README.md,
+"Adding an objective", walks through writing one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,55 @@ from big_pretrain.models.vit import SCAN_AUTO, parse_variant, scan_layers, stack
 
 
 class Objective(abc.ABC):
-  """Base class; subclasses set `name` and implement `init_params` and `loss`."""
+  """The contract of an objective. A module objectives/<name>.py defines:
+
+    default_config() -> ConfigDict (a module function): every `config.objective` key,
+      `name` among them, with the paper's defaults. It is registered with the class
+      in objectives/__init__.py, and stage_config(name) (config/defaults.py) builds a
+      stage config from it, so every key exists and can be set on the command line.
+
+  and a subclass of this class that defines:
+
+    name: the registry name, e.g. 'mae'.
+    check_config(config, path) (class method, optional): the checks of the whole stage
+      config that this objective needs, run before any compute; raise ConfigError
+      naming `path.key` and the fix. Among them: that the data config gives the batch
+      features `loss` reads (below).
+    resolve_config(config) (class method, optional): the stage config with values
+      derived once per stage filled in (recorded in config.json); extend, do not drop,
+      this base version.
+    __init__(config): builds `self.model` (a flax module) from the stage config. The
+      encoder is the ViT of `models.vit.vit_from_config(config.model)`, held as
+      `self.model.encoder` and named 'encoder' in the parameters, so probes
+      (`encode`), init_from (which takes the 'encoder' subtree by default) and the
+      other objectives share it.
+    init_params(rng): fresh parameters for one example shape (`dummy_images`), with
+      their logical-axis metadata (boxed, as nn.with_logical_partitioning gives). The
+      trainer calls it under jax.eval_shape and jit, so nothing is materialised whole.
+    loss(params, batch, rng, train) -> (scalar loss, {name: scalar}): pure and
+      jittable. `batch` holds global arrays: 'image' (uint8 (B, H, W, 3); see
+      models.patches.normalize_images) and 'label' (int32 (B,)) always; 'label_ids'
+      when config.data.labels.vocabulary is set; 'text_tokens' when
+      config.data.text.tokenizer is set; 'is_pseudo', 'pseudo_ids', 'pseudo_probs'
+      when config.data.pseudo_labels is set (data.pipeline.device_feature_names).
+      `rng` is this step's key (fold_in(base, step): draw masks, drops, mixup from it,
+      so resumption is exact). `train` is True in the train step; with False, no
+      training-only randomness (FLIP's patch dropping, drop path). The metrics are
+      logged under their names, averaged over each log interval, beside the 'loss',
+      'grad_norm' and 'learning_rate' the step adds.
+
+  Optional, each used where present:
+    is_trainable(path): False freezes a parameter (no gradient, no optimiser state).
+    encode(params, images, num_last_blocks): frozen features for the probes (given
+      here for the shared encoder).
+    predict(params, uint8 images) -> (B, num_classes) logits: scored by the
+      'classification' evaluator, and makes the stage a pseudo-label teacher. (MAE's
+      predict(params, images, rng) is its reconstruction, not this hook.)
+    embed_images(params, images), embed_texts(params, tokens) -> (B, E) unit vectors:
+      scored by the 'zero_shot' and 'retrieval' evaluators.
+    visualize(params, uint8 images, rng) -> {panel: (B, H, W, 3) in [0, 1]} and
+      `visualization_panels` (their column order): drawn by 'reconstruction'.
+  """
 
   name: str = ''
 
