@@ -47,7 +47,6 @@ The machine may be shared: compare rows of one run, not numbers across runs.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import gc
 import os
@@ -70,10 +69,11 @@ from big_pretrain.data import pipeline as pipeline_lib  # noqa: E402
 from big_pretrain.data import sources  # noqa: E402
 from big_pretrain.data import transforms  # noqa: E402
 
-import step_speed as step_benchmark  # noqa: E402  (this script's folder is on sys.path)
+# Beside this script (its folder is on sys.path).
+import step_speed as step_benchmark  # noqa: E402
+from generated_jpegs import generate_image_folder  # noqa: E402
 
 JPEG_SUFFIXES = ('.jpg', '.jpeg')
-NUM_CLASSES = 10
 
 
 def parse_args(argv=None):
@@ -113,40 +113,6 @@ def parse_args(argv=None):
 
 
 # --- Data --------------------------------------------------------------------
-
-def _texture_image(shapes: sources.SyntheticShapes, index: int,
-                   size: tuple[int, int] = (500, 375)) -> Image.Image:
-  """A `size` (width, height; every 4th one upright) RGB image: a synthetic shape under colour
-  texture + noise."""
-  rng = np.random.default_rng((1, index))
-  width, height = size[::-1] if index % 4 == 0 else size
-  base = Image.fromarray(shapes[index % len(shapes)]['image']).resize(
-      (width, height), Image.Resampling.BICUBIC)
-  image = np.asarray(base, np.int16).copy()
-  # Colour noise at 4 scales (cells across the width, amplitude), then pixel noise.
-  for cells, amplitude in ((8, 90), (32, 60), (128, 40), (250, 30)):
-    small = rng.integers(0, 256, (max(2, cells * height // width), cells, 3), np.uint8)
-    up = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC),
-                    np.int16)
-    image += (up - 128) * amplitude // 256
-  image += rng.integers(-12, 13, image.shape, np.int16)
-  return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
-
-
-def generate_image_folder(directory: str, num_examples: int,
-                          size: tuple[int, int] = (500, 375)) -> None:
-  """num_examples JPEGs (quality 90) of `size` in NUM_CLASSES class subfolders of directory."""
-  shapes = sources.SyntheticShapes(min(num_examples, 1000), image_size=128, seed=0)
-  for label in range(NUM_CLASSES):
-    os.makedirs(os.path.join(directory, f'class_{label:02d}'), exist_ok=True)
-
-  def write(index: int) -> None:
-    path = os.path.join(directory, f'class_{index % NUM_CLASSES:02d}', f'{index:06d}.jpg')
-    _texture_image(shapes, index, size).save(path, format='JPEG', quality=90)
-
-  with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-    list(pool.map(write, range(num_examples)))
-
 
 def list_files(directory: str) -> tuple[list[str], list[int]]:
   """The image folder's files and labels, in the order ImageFolder (the Grain source) lists them."""

@@ -57,7 +57,7 @@ from big_pretrain import sharding as sharding_lib  # noqa: E402
 from big_pretrain.data import pipeline as pipeline_lib  # noqa: E402
 from big_pretrain.train.loop import train_stage  # noqa: E402
 
-import input_speed as input_benchmark  # noqa: E402  (beside this script)
+from generated_jpegs import generate_image_folder  # noqa: E402  (beside this script)
 import step_speed as step_benchmark  # noqa: E402  (beside this script)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,7 +178,7 @@ def main(argv=None):
       if args.jpegs:
         folder = os.path.join(workdir, 'jpegs')
         start = time.perf_counter()
-        input_benchmark.generate_image_folder(
+        generate_image_folder(
             folder, args.jpegs, size=tuple(int(v) for v in args.jpeg_size.split('x')))
         print(f'  generated {args.jpegs} JPEGs of {args.jpeg_size} in '
               f'{time.perf_counter() - start:.1f} s', flush=True)
