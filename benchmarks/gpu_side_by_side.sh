@@ -112,8 +112,8 @@ run() {
   cp /tmp/gpu_side_by_side_profile/hlo_mae.txt "$OUT/hlo_mae_b16.txt" 2>/dev/null || true
 
   echo "== 2. MAE $l16 ($SECONDS s)"
-  within_budget 60 "$PYTHON" benchmarks/step_speed.py --variant="$l16" --objectives=mae "${step[@]}" \
-    --json="$OUT/rows_l16.json"
+  within_budget 60 "$PYTHON" benchmarks/step_speed.py --variant="$l16" --objectives=mae \
+    "${step[@]}" --json="$OUT/rows_l16.json"
 
   echo "== 3. The PyTorch reference, B/16 ($SECONDS s)"
   local torch_log="$OUT/torch.txt"
@@ -135,14 +135,14 @@ run() {
 
   echo "== 5. MAE $b16 scanned, WHILE loops in the command buffers ($SECONDS s)"
   (export XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_command_buffer=+WHILE"
-   within_budget 45 "$PYTHON" benchmarks/step_speed.py --variant="$b16" --objectives=mae --scan=true \
-     "${step[@]}" --json="$OUT/rows_b16_scan_while.json")
+   within_budget 45 "$PYTHON" benchmarks/step_speed.py --variant="$b16" --objectives=mae \
+     --scan=true "${step[@]}" --json="$OUT/rows_b16_scan_while.json")
 
   echo "== 6. WSP $b16, patch embedding by convolution; AIM $b16 ($SECONDS s)"
   within_budget 50 "$PYTHON" benchmarks/step_speed.py --variant="$b16" --objectives= "${step[@]}" \
     --patch_embed=wsp --json="$OUT/rows_b16_patch_embed.json"
-  within_budget 90 "$PYTHON" benchmarks/step_speed.py --variant="$b16" --objectives=aim "${step[@]}" \
-    --json="$OUT/rows_b16_aim.json"
+  within_budget 90 "$PYTHON" benchmarks/step_speed.py --variant="$b16" --objectives=aim \
+    "${step[@]}" --json="$OUT/rows_b16_aim.json"
 
   echo "== Goals ($SECONDS s)"
   "$PYTHON" benchmarks/gpu_goals.py --loop="$OUT/loop.json" "$OUT"/rows_*.json "$torch_log"
