@@ -48,6 +48,8 @@ class Evaluator(abc.ABC):
     default_config() -> ConfigDict (static): every key it reads, with defaults, and
       `kind` (its registry name) and `every_steps` (0: only at a stage's final step).
       Keys named `*_data` override config.data for a split it reads (`split_outputs`).
+      The loop also reads two optional keys: `at_start` (score the stage's starting
+      parameters too) and `also_ema` (score the moving average too, as ema_<key>).
     check_config(eval_config, path) (class method): the checks that need only its own
       config (defaults filled in), raising ConfigError that names `path.key`. Run
       before any compute by config validation, and again by the constructor.
