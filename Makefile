@@ -24,7 +24,7 @@ install-gpu: $(INSTALLED)
 	  $(VENV)/bin/python -m pip install --quiet "jax[$$cuda]==$$(sed -n 's/^jax==//p' requirements.txt)"
 	$(VENV)/bin/python -c 'import jax; print(jax.default_backend(), jax.devices())'
 
-# TensorFlow, only to prepare TFDS datasets and for benchmarks/input.py's tf.data rows:
+# TensorFlow, only to prepare TFDS datasets and for benchmarks/input_speed.py's tf.data rows:
 # training, data reading and logging never import it.
 install-tf: $(INSTALLED)
 	$(VENV)/bin/python -m pip install --quiet -r requirements-tf.txt

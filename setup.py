@@ -17,6 +17,6 @@ setup(
     python_requires='>=3.11',
     install_requires=[r for r in pinned_requirements() if not r.startswith('pytest')],
     # pip install -e .[tf]: TensorFlow, only to prepare TFDS datasets and for the tf.data
-    # rows of benchmarks/input.py.
+    # rows of benchmarks/input_speed.py.
     extras_require={'tf': pinned_requirements('requirements-tf.txt')},
 )

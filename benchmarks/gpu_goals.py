@@ -2,9 +2,9 @@
 
   python benchmarks/gpu_goals.py [--loop=LOOP_JSON] ROWS_JSON... TORCH_LOG
 
-ROWS_JSON: benchmarks/step.py --json outputs (every table's rows; a row named as its
+ROWS_JSON: benchmarks/step_speed.py --json outputs (every table's rows; a row named as its
 objective, e.g. 'mae', is a main-table row, others are named for their variant, e.g.
-'mae scan=True'); LOOP_JSON: benchmarks/loop.py --json; TORCH_LOG: the 'TORCH ...' lines of
+'mae scan=True'); LOOP_JSON: benchmarks/loop_speed.py --json; TORCH_LOG: the 'TORCH ...' lines of
 the PyTorch MAE reference (torch_mae_bench.py), eager and compiled. Prints one table, every
 row from the same run on the same card, then each goal with its measured value and whether
 it holds: MAE B/16 at most 45 ms/step and at least 1.25x faster than the compiled PyTorch

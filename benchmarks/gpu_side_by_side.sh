@@ -3,12 +3,12 @@
 # on one GPU that fits 10 minutes, with a profile and a check of the speed goals.
 #
 # Measured (global batch 256, bfloat16 compute, float32 weights; every program compiled once):
-#   1. MAE, WSP, FLIP B/16 (benchmarks/step.py; MAE's profiled with command buffers kept on
+#   1. MAE, WSP, FLIP B/16 (benchmarks/step_speed.py; MAE's profiled with command buffers kept on
 #      while tracing), and MAE B/16 with scanned layers;
 #   2. MAE L/16;
 #   3. the peer (facebookresearch/mae's models_mae.py) at B/16, eager and torch.compile +
 #      fused AdamW;
-#   4. the real training loop (benchmarks/loop.py) on 2048 generated 500x375 JPEGs converted
+#   4. the real training loop (benchmarks/loop_speed.py) on 2048 generated 500x375 JPEGs converted
 #      to ArrayRecord, MAE B/16, against its bare step (the same program, from the cache);
 #   then, while the time budget lasts (BUDGET_S, default 540 s; each is skipped and said so
 #   when it would not fit):
@@ -96,7 +96,7 @@ run() {
   fi
   step+=(--batch_size=$batch --image_size=$image)
   export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
-  # Every program is compiled once: a process that builds one again (loop.py's bare step and
+  # Every program is compiled once: a process that builds one again (loop_speed.py's bare step and
   # loop, the scan table's unrolled row) loads it from this cache.
   export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/gpu_side_by_side_jax_cache}"
   # Command buffers (CUDA graphs) stay on while profiling, as they are untraced. In every
@@ -106,14 +106,14 @@ run() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true
 
   echo "== 1. MAE, WSP, FLIP $b16; MAE scanned ($SECONDS s)"
-  within_budget 60 "$PYTHON" benchmarks/step.py --variant="$b16" --objectives=mae,wsp,flip \
+  within_budget 60 "$PYTHON" benchmarks/step_speed.py --variant="$b16" --objectives=mae,wsp,flip \
     "${step[@]}" --profile=/tmp/gpu_side_by_side_profile --profile_objectives=mae \
     --json="$OUT/rows_b16.json" --compile_scan=mae
   cp /tmp/gpu_side_by_side_profile/hlo_mae.txt "$OUT/hlo_mae_b16.txt" 2>/dev/null || true
 
   echo "== 2. MAE $l16 ($SECONDS s)"
-  within_budget 60 "$PYTHON" benchmarks/step.py --variant="$l16" --objectives=mae "${step[@]}" \
-    --json="$OUT/rows_l16.json"
+  within_budget 60 "$PYTHON" benchmarks/step_speed.py --variant="$l16" --objectives=mae \
+    "${step[@]}" --json="$OUT/rows_l16.json"
 
   echo "== 3. The PyTorch reference, B/16 ($SECONDS s)"
   local torch_log="$OUT/torch.txt"
@@ -128,21 +128,21 @@ run() {
   fi
 
   echo "== 4. The training loop on $jpegs JPEGs, MAE $b16, against its bare step ($SECONDS s)"
-  within_budget 60 "$PYTHON" benchmarks/loop.py --jpegs="$jpegs" --variant="$b16" \
+  within_budget 60 "$PYTHON" benchmarks/loop_speed.py --jpegs="$jpegs" --variant="$b16" \
     --batch_size="$batch" --image_size="$image" --dtype=bfloat16 --steps="$loop_steps" \
     --log_every=$((loop_steps / 8)) --prefetch=2 --repeats=1 --json="$OUT/loop.json" \
     $([[ "$SIZE" == tiny ]] && echo --set=objective.decoder_depth=1)
 
   echo "== 5. MAE $b16 scanned, WHILE loops in the command buffers ($SECONDS s)"
   (export XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_command_buffer=+WHILE"
-   within_budget 45 "$PYTHON" benchmarks/step.py --variant="$b16" --objectives=mae --scan=true \
-     "${step[@]}" --json="$OUT/rows_b16_scan_while.json")
+   within_budget 45 "$PYTHON" benchmarks/step_speed.py --variant="$b16" --objectives=mae \
+     --scan=true "${step[@]}" --json="$OUT/rows_b16_scan_while.json")
 
   echo "== 6. WSP $b16, patch embedding by convolution; AIM $b16 ($SECONDS s)"
-  within_budget 50 "$PYTHON" benchmarks/step.py --variant="$b16" --objectives= "${step[@]}" \
+  within_budget 50 "$PYTHON" benchmarks/step_speed.py --variant="$b16" --objectives= "${step[@]}" \
     --patch_embed=wsp --json="$OUT/rows_b16_patch_embed.json"
-  within_budget 90 "$PYTHON" benchmarks/step.py --variant="$b16" --objectives=aim "${step[@]}" \
-    --json="$OUT/rows_b16_aim.json"
+  within_budget 90 "$PYTHON" benchmarks/step_speed.py --variant="$b16" --objectives=aim \
+    "${step[@]}" --json="$OUT/rows_b16_aim.json"
 
   echo "== Goals ($SECONDS s)"
   "$PYTHON" benchmarks/gpu_goals.py --loop="$OUT/loop.json" "$OUT"/rows_*.json "$torch_log"

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from big_pretrain.evaluators.features import extract_outputs
+from big_pretrain.evaluators.eval_split import extract_outputs
 
 ODD_EXAMPLES = 13
 

@@ -7,7 +7,8 @@ import pytest
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.config.validation import validate_stage_config
 from big_pretrain.evaluators import build_evaluators, evaluator_defaults
-from big_pretrain.evaluators.features import SplitFeatures, extract_features, split_data_config
+from big_pretrain.evaluators.eval_split import split_data_config
+from big_pretrain.evaluators.features import SplitFeatures, extract_features
 from big_pretrain.evaluators.knn import knn_classify, nearest_neighbours, weighted_vote
 from big_pretrain.evaluators.linear_probe import classify, fit_linear_classifier, standardize
 from tiny_config import tiny_mae_config, tiny_trainer

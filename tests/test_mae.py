@@ -505,7 +505,7 @@ def test_mae_without_cls_token_is_rejected_or_decodes_aligned():
 
 
 def test_encoder_on_all_tokens_option_same_outputs_mask_token_in_encoder(params, uint8_images):
-  """objective.encoder_on_all_tokens (benchmarks/step.py --mae_all_tokens): the
+  """objective.encoder_on_all_tokens (benchmarks/step_speed.py --mae_all_tokens): the
   encoder runs over every patch, the masked ones replaced by a learned mask patch."""
   config = tiny_config()
   config.objective.encoder_on_all_tokens = True

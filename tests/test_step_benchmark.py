@@ -1,4 +1,4 @@
-"""benchmarks/step.py's reading of a profiler trace: the device's busy and idle time per step."""
+"""benchmarks/step_profile.py reads a profiler trace: the device's busy and idle time per step."""
 
 import os
 import sys
@@ -6,7 +6,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 'benchmarks'))
 
-import step as step_benchmark  # noqa: E402  (benchmarks/step.py)
+import step_profile as step_benchmark  # noqa: E402
 
 
 def test_device_time_takes_the_union_of_kernels_over_streams():

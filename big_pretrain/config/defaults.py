@@ -191,7 +191,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   # With 'crop' first: a JPEG whose crop window is 2, 4 or 8 times image_size is decoded
   # at 1/2, 1/4 or 1/8 of its size (PIL's draft mode; the same crop, of a slightly
   # differently low-passed image): 2.4x less work per 1600x1200 photo (benchmarks/
-  # README.md, input.py). Crops smaller than that, and other formats, are decoded whole,
+  # README.md, input_speed.py). Crops smaller than that, and other formats, are decoded whole,
   # exactly as with False. See transforms.decode_random_resized_crop.
   config.decode_at_crop_scale = True
   # RandAugment, timm's 'rand-m9-mstd0.5-inc1' (MAE fine-tuning): ops per image,
@@ -207,7 +207,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.eval_crop_fraction = 1.0
   # Grain threads decoding and augmenting images; None: one per CPU core this
   # process may use, at most MAX_AUTO_THREADS (more threads than cores slow the
-  # step on a CPU: benchmarks/README.md, loop.py).
+  # step on a CPU: benchmarks/README.md, loop_speed.py).
   config.num_threads = ml_collections.config_dict.placeholder(int)
   # Unreadable images are skipped; this many in a row (on one process) stop the run with
   # an error naming some of them, instead of skipping forever (a folder of no images).

@@ -1,7 +1,10 @@
 """Evaluator registry: config.evals.<name>.kind -> the evaluator class.
 
 Evaluators are declared in the config, built lazily by the loop, and run every
-`every_steps` steps (0: only at the end of the stage).
+`every_steps` steps (0: only at the end of the stage). A new kind follows the
+contract in evaluator.py (`Evaluator`), reads data only through
+`Evaluator.split_outputs` (eval_split.py) and compiles only through
+`Evaluator.jit`, and is registered below.
 """
 
 from __future__ import annotations

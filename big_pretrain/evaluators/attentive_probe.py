@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from big_pretrain import sharding as sharding_lib
-from big_pretrain.evaluators.base import EvalResult
+from big_pretrain.errors import ConfigError
+from big_pretrain.evaluators.evaluator import EvalResult, check_positive
 from big_pretrain.evaluators.features import FrozenFeatureEvaluator, feature_eval_defaults
 from big_pretrain.evaluators.linear_probe import MIN_FEATURE_STD
 
@@ -203,38 +203,31 @@ class AttentiveProbeEvaluator(FrozenFeatureEvaluator):
     config.weight_decay = 1e-4
     return config
 
+  @classmethod
+  def check_config(cls, eval_config, path):
+    super().check_config(eval_config, path)
+    check_positive(eval_config, path, ('num_steps', 'probe_batch_size', 'learning_rate'))
+    if eval_config.weight_decay < 0:
+      raise ConfigError(f'{path}.weight_decay={eval_config.weight_decay} must be non-negative.')
+
   def __init__(self, *args):
     super().__init__(*args)
     config = self.eval_config
-    encoder = self.objective.model.encoder
+    encoder = self.objective.model.encoder  # the bounds below depend on the model
     if not 1 <= config.num_last_blocks <= encoder.depth:
       raise ValueError(
-          f'{self._culprit("num_last_blocks")}={config.num_last_blocks} must lie in '
+          f'{self.culprit("num_last_blocks")}={config.num_last_blocks} must lie in '
           f'[1, {encoder.depth}], the encoder depth of config.model.variant='
           f'{self.stage_config.model.variant!r}: lower it.')
     if config.num_heads <= 0 or encoder.width % config.num_heads:
       raise ValueError(
-          f'{self._culprit("num_heads")}={config.num_heads} must divide the encoder width '
+          f'{self.culprit("num_heads")}={config.num_heads} must divide the encoder width '
           f'{encoder.width}: pick a divisor.')
-    for key in ('num_steps', 'probe_batch_size', 'learning_rate'):
-      if config[key] <= 0:
-        raise ValueError(f'{self._culprit(key)}={config[key]} must be positive.')
-    if config.weight_decay < 0:
-      raise ValueError(
-          f'{self._culprit("weight_decay")}={config.weight_decay} must be non-negative.')
 
-  def _encode_fn(self):
-    # The base class extracts whatever this returns per batch; here the block-mean tokens.
-    if self._encode is None:
-      objective, num_last_blocks = self.objective, self.eval_config.num_last_blocks
-
-      def encode(params, images):
-        outputs = objective.encode(params, images, num_last_blocks=num_last_blocks)
-        return outputs['last_blocks_mean'].astype(jnp.float32)
-
-      self._encode = jax.jit(
-          encode, out_shardings=sharding_lib.batch_sharding(self.trainer.mesh))
-    return self._encode
+  def encode_images(self, params, images):
+    outputs = self.objective.encode(params, images,
+                                    num_last_blocks=self.eval_config.num_last_blocks)
+    return outputs['last_blocks_mean'].astype(jnp.float32)
 
   def run(self, params, step):
     data = self.features(params)

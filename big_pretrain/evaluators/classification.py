@@ -9,14 +9,12 @@ moving average of the parameters too (metrics prefixed `ema_`).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from big_pretrain import sharding as sharding_lib
-from big_pretrain.evaluators.base import EvalResult, Evaluator
-from big_pretrain.evaluators.features import extract_outputs, split_data_config
+from big_pretrain.evaluators.eval_split import images_only
+from big_pretrain.evaluators.evaluator import (EvalResult, Evaluator, check_positive,
+                                               held_out_defaults)
 
 
 def top_k_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -29,44 +27,33 @@ class ClassificationEvaluator(Evaluator):
 
   @staticmethod
   def default_config():
-    return ml_collections.ConfigDict(dict(
-        kind='classification',
-        every_steps=0,
-        test_examples=50_000,  # At most this many held-out images (ImageNet val: all).
-        batch_size=256,        # Global; rounded up to a multiple of the batch shards.
-        test_data=ml_collections.ConfigDict(dict(split='test')),
-        also_ema=False,        # Also score config.optim.ema_decay's moving average.
-    ))
+    config = held_out_defaults('classification', test_examples=50_000)  # ImageNet val: all
+    config.also_ema = False  # Also score config.optim.ema_decay's moving average.
+    return config
+
+  @classmethod
+  def check_config(cls, eval_config, path):
+    check_positive(eval_config, path, ('test_examples', 'batch_size'))
 
   def __init__(self, *args):
     super().__init__(*args)
-    culprit = f'config.evals.{self.name}'
     if not hasattr(self.objective, 'predict'):
       raise ValueError(
-          f'{culprit}: kind=classification scores class logits, which the '
+          f'{self.culprit()}: kind=classification scores class logits, which the '
           f'{self.objective.name!r} objective does not give. Use it with objective '
           "'finetune', or probe this encoder with kind='linear_probe'.")
     if self.eval_config.also_ema and self.stage_config.optim.ema_decay is None:
-      raise ValueError(f'{culprit}.also_ema=True, but config.optim.ema_decay is not set: '
-                       'there is no moving average to score.')
-    for key in ('test_examples', 'batch_size'):
-      if self.eval_config[key] <= 0:
-        raise ValueError(f'{culprit}.{key}={self.eval_config[key]} must be positive.')
-    objective = self.objective
-    self._predict = jax.jit(
-        lambda params, batch: objective.predict(params, batch['image']).astype(jnp.float32),
-        out_shardings=sharding_lib.batch_sharding(self.trainer.mesh))
+      raise ValueError(f'{self.culprit("also_ema")}=True, but config.optim.ema_decay is not '
+                       'set: there is no moving average to score.')
+
+  def predict(self, params, images):
+    return self.objective.predict(params, images).astype(jnp.float32)
 
   def run(self, params, step):
     del step
-    num_examples = self.eval_config.test_examples
-    data_config = split_data_config(
-        self.stage_config.data, self.eval_config.test_data, num_examples=num_examples,
-        culprit=f'config.evals.{self.name}.test_data')
-    logits, labels, class_names = extract_outputs(
-        self._predict, params, data_config, num_examples=num_examples,
-        batch_size=self.eval_config.batch_size, mesh=self.trainer.mesh,
-        rules=self.trainer.rules, culprit=f'config.evals.{self.name}')
+    logits, labels, class_names = self.split_outputs(
+        images_only(self.jit('predict', self.predict)), params, data_key='test_data',
+        num_examples=self.eval_config.test_examples)
     scalars = {'top1': top_k_accuracy(logits, labels, 1)}
     if logits.shape[1] >= 5:
       scalars['top5'] = top_k_accuracy(logits, labels, 5)

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_pretrain.evaluators.base import EvalResult
+from big_pretrain.errors import ConfigError
+from big_pretrain.evaluators.evaluator import EvalResult
 from big_pretrain.evaluators.features import FrozenFeatureEvaluator, feature_eval_defaults
 
 # Rows of train and of test features compared at once: the similarity block is
@@ -148,18 +149,22 @@ class KnnEvaluator(FrozenFeatureEvaluator):
     config.temperature = 0.07  # Vote weight exp(similarity / temperature), as in DINO.
     return config
 
-  def __init__(self, *args):
-    super().__init__(*args)
-    if not 1 <= self.eval_config.k <= self.eval_config.train_examples:
-      raise ValueError(
-          f'config.evals.{self.name}.k={self.eval_config.k} must lie in [1, train_examples='
-          f'{self.eval_config.train_examples}]: lower k or raise train_examples.')
+  @classmethod
+  def check_config(cls, eval_config, path):
+    super().check_config(eval_config, path)
+    if not 1 <= eval_config.k <= eval_config.train_examples:
+      raise ConfigError(
+          f'{path}.k={eval_config.k} must lie in [1, train_examples='
+          f'{eval_config.train_examples}]: lower k or raise train_examples.')
+    if eval_config.temperature <= 0:
+      raise ConfigError(f'{path}.temperature={eval_config.temperature} must be positive '
+                        '(DINO uses 0.07).')
 
   def run(self, params, step):
     data = self.features(params)
     if self.eval_config.k > len(data.train_labels):
       raise ValueError(
-          f'config.evals.{self.name}.k={self.eval_config.k} exceeds the '
+          f'{self.culprit("k")}={self.eval_config.k} exceeds the '
           f'{len(data.train_labels)} train examples read: the train split is smaller than '
           'train_examples. Lower k, or point train_data at a larger split.')
     predictions = knn_classify(

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from big_pretrain.evaluators.base import EvalResult
+from big_pretrain.errors import ConfigError
+from big_pretrain.evaluators.evaluator import EvalResult
 from big_pretrain.evaluators.features import FrozenFeatureEvaluator, feature_eval_defaults
 
 # The fit stops early once the gradient norm of the objective falls below this.
@@ -113,6 +114,13 @@ def classify(features, weights, bias) -> np.ndarray:
   return logits.argmax(axis=1)
 
 
+def check_probe_settings(eval_config, path: str) -> None:
+  """Raises ConfigError unless `eval_config`'s l2 >= 0 and num_steps >= 1."""
+  if eval_config.l2 < 0 or eval_config.num_steps < 1:
+    raise ConfigError(f'{path}: need l2 >= 0 and num_steps >= 1; got l2={eval_config.l2}, '
+                      f'num_steps={eval_config.num_steps}.')
+
+
 class LinearProbeEvaluator(FrozenFeatureEvaluator):
 
   @staticmethod
@@ -121,6 +129,11 @@ class LinearProbeEvaluator(FrozenFeatureEvaluator):
     config.l2 = 1e-4       # L2 penalty on the weights (features are standardised).
     config.num_steps = 500  # At most this many L-BFGS iterations.
     return config
+
+  @classmethod
+  def check_config(cls, eval_config, path):
+    super().check_config(eval_config, path)
+    check_probe_settings(eval_config, path)
 
   def run(self, params, step):
     data = self.features(params)

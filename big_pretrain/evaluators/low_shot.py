@@ -31,9 +31,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from big_pretrain.errors import ConfigError
-from big_pretrain.evaluators.base import EvalResult
+from big_pretrain.evaluators.evaluator import EvalResult
 from big_pretrain.evaluators.features import FrozenFeatureEvaluator, feature_eval_defaults
-from big_pretrain.evaluators.linear_probe import classify, fit_linear_classifier, standardize
+from big_pretrain.evaluators.linear_probe import (check_probe_settings, classify,
+                                                  fit_linear_classifier, standardize)
 
 DEFAULT_SHOTS = (1, 5, 10, 25)
 # Short classes named in the error when a pool lacks examples; the rest are counted.
@@ -154,6 +155,7 @@ class LowShotEvaluator(FrozenFeatureEvaluator):
 
   @classmethod
   def check_config(cls, eval_config, path):
+    super().check_config(eval_config, path)
     shots = eval_config.shots
     if (not isinstance(shots, (tuple, list)) or not shots
         or not all(_is_whole_number(k) and k >= 1 for k in shots)):
@@ -169,21 +171,13 @@ class LowShotEvaluator(FrozenFeatureEvaluator):
     if not _is_whole_number(eval_config.seeds) or eval_config.seeds < 1:
       raise ConfigError(f'{path}.seeds={eval_config.seeds!r}: give the number of draws per k, '
                         'a whole number >= 1 (3 is usual).')
-    if eval_config.l2 < 0 or eval_config.num_steps < 1:
-      raise ConfigError(f'{path}: need l2 >= 0 and num_steps >= 1; got l2={eval_config.l2}, '
-                        f'num_steps={eval_config.num_steps}.')
-
-  def __init__(self, *args):
-    super().__init__(*args)
-    # Evaluators built without a validated config (tests, scripts) fail here, not mid-run.
-    self.check_config(self.eval_config, f'config.evals.{self.name}')
+    check_probe_settings(eval_config, path)
 
   def run(self, params, step):
     data = self.features(params)
     shots = tuple(self.eval_config.shots)
     # Every k at once, before any fit: a short pool fails in seconds, not after k=1..
-    check_pool_has_shots(data.train_labels, max(shots), data.class_names,
-                         f'config.evals.{self.name}')
+    check_pool_has_shots(data.train_labels, max(shots), data.class_names, self.culprit())
     accuracies = low_shot_accuracies(
         data.train_features, data.train_labels, data.test_features, data.test_labels,
         num_classes=data.num_classes, shots=shots, seeds=self.eval_config.seeds,

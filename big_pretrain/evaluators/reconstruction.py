@@ -5,10 +5,9 @@ Each row is one held-out image; the columns are the panels the objective's
 normalised target beside the normalised prediction). Written as an image
 summary and as a PNG in the workdir.
 
-The images are the first `num_images` of the held-out split in its fixed order
-(`pipeline.eval_order`), read once like the feature evaluators' (`pipeline.ordered_batches`):
-a split smaller than `num_images` shows every image it has, and an unreadable
-image leaves out its row.
+The images are the first `num_images` of the held-out split, read as every
+evaluator reads a split (eval_split.py) in one batch: a split smaller than
+`num_images` shows every image it has, and an unreadable image leaves out its row.
 """
 
 from __future__ import annotations
@@ -20,14 +19,9 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from PIL import Image
 
-from big_pretrain import sharding as sharding_lib
-from big_pretrain.data import sources
-from big_pretrain.data.eval_input import eval_order, ordered_batches
-from big_pretrain.evaluators.base import EvalResult, Evaluator
-from big_pretrain.evaluators.features import round_up, split_data_config
+from big_pretrain.evaluators.evaluator import EvalResult, Evaluator, check_positive
 from big_pretrain.storage import files as storage
 
 
@@ -39,49 +33,32 @@ class ReconstructionEvaluator(Evaluator):
         kind='reconstruction', every_steps=0, num_images=8,
         test_data=ml_collections.ConfigDict(dict(split='test'))))  # overrides of config.data
 
+  @classmethod
+  def check_config(cls, eval_config, path):
+    check_positive(eval_config, path, ('num_images',))
+
   def __init__(self, *args):
     super().__init__(*args)
     if not hasattr(self.objective, 'visualize'):
       raise ValueError(
-          f'config.evals.{self.name}: kind=reconstruction needs an objective that predicts '
+          f'{self.culprit()}: kind=reconstruction needs an objective that predicts '
           f'pixels; {self.objective.name!r} does not.')
-    self._images = None  # batch-sharded, padded to whole batches
-    self._readable = None  # (batch,) bool: the rows that hold a held-out image
-    self._visualize = None
 
-  def _held_out_images(self):
-    """(images, readable rows) of the first images of the evaluation split, the same at
-    every run."""
-    if self._images is None:
-      num_images = self.eval_config.num_images
-      data = split_data_config(self.stage_config.data, self.eval_config.test_data,
-                               num_examples=num_images,
-                               culprit=f'config.evals.{self.name}.test_data')
-      source = sources.build_source(data)
-      indices = eval_order(data, len(source))[:num_images]
-      if len(indices) < num_images:
-        logging.info('config.evals.%s: the held-out split has %d images (%d asked for): '
-                     'showing each of them.', self.name, len(indices), num_images)
-      shards = sharding_lib.num_batch_shards(self.trainer.mesh) * jax.process_count()
-      # One batch holds them all; rows past them are padding that `run` leaves out.
-      batch, rows = next(ordered_batches(
-          source, indices, data, global_batch_size=round_up(len(indices), shards),
-          mesh=self.trainer.mesh))
-      self._images, self._readable = batch['image'], rows['valid']
-    return self._images, self._readable
+  def visualize(self, params, batch):
+    """The objective's panels of the batch's images, the same masks at every run."""
+    return self.objective.visualize(params, batch['image'],
+                                    jax.random.key(self.stage_config.seed))
 
   def run(self, params, step):
-    images, readable = self._held_out_images()
-    if not readable.any():
-      logging.warning('config.evals.%s: none of the held-out images could be read: no '
-                      'reconstructions to show.', self.name)
+    num_images = self.eval_config.num_images
+    panels, _, _ = self.split_outputs(self.jit('visualize', self.visualize), params,
+                                      data_key='test_data', num_examples=num_images,
+                                      batch_size=num_images)  # one batch holds them all
+    panels = {k: panels[k] for k in self.objective.visualization_panels}
+    if not len(next(iter(panels.values()))):
+      logging.warning('%s: none of the held-out images could be read: no reconstructions to '
+                      'show.', self.culprit())
       return EvalResult()
-    if self._visualize is None:
-      self._visualize = jax.jit(self.objective.visualize)
-    with sharding_lib.activate(self.trainer.mesh, self.trainer.rules):
-      panels = self._visualize(params, images, jax.random.key(self.stage_config.seed))
-    panels = {k: np.asarray(multihost_utils.process_allgather(panels[k], tiled=True))[readable]
-              for k in self.objective.visualization_panels}
     grid = panels_to_grid(panels)
     if jax.process_index() == 0:
       png = io.BytesIO()

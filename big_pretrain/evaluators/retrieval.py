@@ -17,16 +17,13 @@ broken towards the lower index, as a stable sort would.
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 from absl import logging
-import ml_collections
 import numpy as np
 
-from big_pretrain.data import batch_features as pipeline_lib
-from big_pretrain.evaluators.base import EvalResult
-from big_pretrain.evaluators.features import extract_outputs
+from big_pretrain.data import batch_features
+from big_pretrain.evaluators.evaluator import EvalResult, held_out_defaults
 from big_pretrain.evaluators.zero_shot import ImageTextEvaluator
 
 DEFAULT_RECALL_KS = (1, 5)
@@ -78,25 +75,14 @@ class RetrievalEvaluator(ImageTextEvaluator):
 
   @staticmethod
   def default_config():
-    return ml_collections.ConfigDict(dict(
-        kind='retrieval',
-        every_steps=0,
-        test_examples=512,  # Held-out image-caption pairs; each query ranks all of them.
-        batch_size=256,     # Global; rounded up to a multiple of the batch shards.
-        # Overrides of config.data keys for the held-out split (e.g. test_data.test_path).
-        test_data=ml_collections.ConfigDict(dict(split='test')),
-    ))
+    # Held-out image-caption pairs; each query ranks all of them.
+    return held_out_defaults('retrieval', test_examples=512)
 
-  @functools.cached_property
-  def _embed_pairs(self):
-    embed_images, embed_texts = self.embed_images, self.embed_texts
-
-    def embed_pairs(params, batch):
-      text_tokens = batch[pipeline_lib.TEXT_TOKENS_FEATURE]
-      return {'image': embed_images(params, batch['image']),
-              'text': embed_texts(params, text_tokens),
-              'text_tokens': text_tokens}  # Kept to count the examples without a caption.
-    return embed_pairs
+  def embed_pairs(self, params, batch):
+    text_tokens = batch[batch_features.TEXT_TOKENS_FEATURE]
+    return {'image': self.embed_images(params, batch['image']),
+            'text': self.embed_texts(params, text_tokens),
+            'text_tokens': text_tokens}  # Kept to count the examples without a caption.
 
   def _warn_about_missing_captions(self, text_tokens: np.ndarray) -> None:
     tokenizer = self.tokenizer
@@ -107,12 +93,10 @@ class RetrievalEvaluator(ImageTextEvaluator):
       logging.warning(
           '%s: %d of %d held-out examples have no caption, so retrieval cannot find them. '
           'Image folders read captions from a .txt file beside each image.',
-          self._culprit('test_data'), empty, len(text_tokens))
+          self.culprit('test_data'), empty, len(text_tokens))
 
   def run(self, params, step):
-    outputs, _, _ = extract_outputs(
-        self._embed_pairs, params, self.test_data_config(),
-        num_examples=self.eval_config.test_examples, batch_size=self.eval_config.batch_size,
-        mesh=self.trainer.mesh, rules=self.trainer.rules, culprit=self._culprit('test_data'))
+    outputs, _, _ = self.split_outputs(self.embed_pairs, params, data_key='test_data',
+                                       num_examples=self.eval_config.test_examples)
     self._warn_about_missing_captions(outputs['text_tokens'])
     return EvalResult(scalars=retrieval_recalls(outputs['image'], outputs['text']))

@@ -15,7 +15,7 @@ them means little.
 
 `ImageTextEvaluator` here is the base of this and the retrieval evaluator: the
 tokenizer the model was trained with, the objective's jitted embeddings, and
-embedding host token rows in sharded batches.
+embedding host token rows (the prompts) in sharded batches.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ from jax.experimental import multihost_utils
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data.text import tokenizer as tokenizer_lib
-from big_pretrain.evaluators.base import EvalResult, Evaluator
-from big_pretrain.evaluators.features import extract_features, round_up, split_data_config
+from big_pretrain.errors import ConfigError
+from big_pretrain.evaluators.eval_split import images_only, round_up
+from big_pretrain.evaluators.evaluator import (EvalResult, Evaluator, check_positive,
+                                               held_out_defaults)
 from big_pretrain.evaluators.knn import l2_normalize
 
 DEFAULT_PROMPTS = ('a photo of a {}.', 'a {}.', 'an image of a {}.')
@@ -135,26 +137,24 @@ class ImageTextEvaluator(Evaluator):
   `embed_texts(params, int32 tokens) -> (B, E)`, both L2-normalised.
   """
 
+  @classmethod
+  def check_config(cls, eval_config, path):
+    check_positive(eval_config, path, ('test_examples', 'batch_size'))
+
   def __init__(self, *args):
     super().__init__(*args)
-    for key in ('test_examples', 'batch_size'):
-      if self.eval_config[key] <= 0:
-        raise ValueError(f'{self._culprit(key)}={self.eval_config[key]} must be positive.')
     missing = [method for method in ('embed_images', 'embed_texts')
                if not callable(getattr(self.objective, method, None))]
     if missing:
       raise ValueError(
-          f'config.evals.{self.name}: kind {self.eval_config.kind!r} needs an image-text '
+          f'{self.culprit()}: kind {self.eval_config.kind!r} needs an image-text '
           f'objective (FLIP); {type(self.objective).__name__} has no {" or ".join(missing)}. '
           'Remove this evaluator, or train an image-text objective.')
     if not tokenizer_lib.configured_tokenizer_path(self.stage_config.data):
       raise ValueError(
-          f'config.evals.{self.name} embeds text, but config.data.text.tokenizer is not set. '
+          f'{self.culprit()} embeds text, but config.data.text.tokenizer is not set. '
           'Set it to the tokenizer the model trains with, e.g. '
           'big_pretrain.data.text.tokenizer.synthetic_tokenizer_path() for the synthetic data.')
-
-  def _culprit(self, key: str) -> str:
-    return f'config.evals.{self.name}.{key}'
 
   @functools.cached_property
   def tokenizer_path(self) -> str:
@@ -169,51 +169,44 @@ class ImageTextEvaluator(Evaluator):
   def max_length(self) -> int:
     return self.stage_config.data.text.max_length
 
-  def test_data_config(self) -> ml_collections.ConfigDict:
-    """The held-out split's data config, tokenising captions with `tokenizer_path`."""
-    data_config = split_data_config(
-        self.stage_config.data, self.eval_config.test_data,
-        num_examples=self.eval_config.test_examples, culprit=self._culprit('test_data'))
+  def split_config(self, data_key, num_examples):
+    """The split's data config, tokenising captions with `tokenizer_path`."""
+    data_config = super().split_config(data_key, num_examples)
     data_config.text.tokenizer = self.tokenizer_path
     return data_config
 
-  def _batch_sharded_jit(self, function):
-    return jax.jit(function, out_shardings=sharding_lib.batch_sharding(self.trainer.mesh))
-
-  @functools.cached_property
+  @property
   def embed_images(self):
-    """Jitted `(params, uint8 images) -> (B, E) float32`, reused by every run."""
+    """Jitted `(params, uint8 images) -> (B, E) float32`."""
     objective = self.objective
-    return self._batch_sharded_jit(
-        lambda params, images: objective.embed_images(params, images).astype(jnp.float32))
+    return self.jit('embed_images', lambda params, images: objective.embed_images(
+        params, images).astype(jnp.float32))
 
-  @functools.cached_property
+  @property
   def embed_texts(self):
-    """Jitted `(params, int32 tokens) -> (B, E) float32`, reused by every run."""
+    """Jitted `(params, int32 tokens) -> (B, E) float32`."""
     objective = self.objective
-    return self._batch_sharded_jit(
-        lambda params, tokens: objective.embed_texts(params, tokens).astype(jnp.float32))
+    return self.jit('embed_texts', lambda params, tokens: objective.embed_texts(
+        params, tokens).astype(jnp.float32))
 
 
 class ZeroShotEvaluator(ImageTextEvaluator):
 
   @staticmethod
   def default_config():
-    return ml_collections.ConfigDict(dict(
-        kind='zero_shot',
-        every_steps=0,
-        test_examples=1024,  # First images of the held-out split that are classified.
-        batch_size=256,      # Global; rounded up to a multiple of the batch shards.
-        prompts=DEFAULT_PROMPTS,  # Templates; '{}' takes the class name.
-        # Readable class names in class-id order; None: the source's (folder names).
-        class_names=ml_collections.config_dict.placeholder(tuple),
-        # Overrides of config.data keys for the held-out split (e.g. test_data.test_path).
-        test_data=ml_collections.ConfigDict(dict(split='test')),
-    ))
+    config = held_out_defaults('zero_shot', test_examples=1024)  # images classified
+    config.prompts = DEFAULT_PROMPTS  # Templates; '{}' takes the class name.
+    # Readable class names in class-id order; None: the source's (folder names).
+    config.class_names = ml_collections.config_dict.placeholder(tuple)
+    return config
 
-  def __init__(self, *args):
-    super().__init__(*args)
-    class_prompts(['class'], self.eval_config.prompts)  # Reject bad prompts before any compute.
+  @classmethod
+  def check_config(cls, eval_config, path):
+    super().check_config(eval_config, path)
+    try:
+      class_prompts(['class'], eval_config.prompts)
+    except ValueError as error:
+      raise ConfigError(f'{path}.prompts: {error}') from None
 
   def class_names(self, source_class_names: Sequence[str]) -> list[str]:
     """The names written into the prompts, one per class id."""
@@ -222,7 +215,7 @@ class ZeroShotEvaluator(ImageTextEvaluator):
       return [readable_class_name(name) for name in source_class_names]
     if len(configured) != len(source_class_names):
       raise ValueError(
-          f'{self._culprit("class_names")} has {len(configured)} names, but the held-out '
+          f'{self.culprit("class_names")} has {len(configured)} names, but the held-out '
           f'split has {len(source_class_names)} classes ({list(source_class_names)[:5]}...). '
           'Give one name per class, in the order of the sorted class folders.')
     return list(configured)
@@ -238,8 +231,8 @@ class ZeroShotEvaluator(ImageTextEvaluator):
       logging.warning(
           '%s: %d of %d class names have words outside the tokenizer %s (they become <unk>), '
           'e.g. %s. Give readable names in %s, or a tokenizer built from captions that use them.',
-          self._culprit('class_names'), len(unknown), len(class_names), self.tokenizer_path,
-          unknown[:5], self._culprit('class_names'))
+          self.culprit('class_names'), len(unknown), len(class_names), self.tokenizer_path,
+          unknown[:5], self.culprit('class_names'))
 
   def class_embeddings(self, params, class_names: Sequence[str]) -> np.ndarray:
     """(C, E): each class's prompt embeddings averaged (see `class_text_embeddings`)."""
@@ -251,10 +244,9 @@ class ZeroShotEvaluator(ImageTextEvaluator):
     return class_text_embeddings(prompt_embeddings, len(prompts))
 
   def run(self, params, step):
-    image_embeddings, labels, source_class_names = extract_features(
-        self.embed_images, params, self.test_data_config(),
-        num_examples=self.eval_config.test_examples, batch_size=self.eval_config.batch_size,
-        mesh=self.trainer.mesh, rules=self.trainer.rules, culprit=self._culprit('test_data'))
+    image_embeddings, labels, source_class_names = self.split_outputs(
+        images_only(self.embed_images), params, data_key='test_data',
+        num_examples=self.eval_config.test_examples, check_classes=True)
     class_names = self.class_names(source_class_names)
     self._warn_about_unknown_words(class_names)
     class_embeddings = self.class_embeddings(params, class_names)

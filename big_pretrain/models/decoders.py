@@ -8,26 +8,21 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from big_pretrain.models.patches import sincos_2d_position_embedding
-from big_pretrain.models.vit import MlpBlock, Transformer, dense, layer_norm
+from big_pretrain.models.vit import MlpBlock, TransformerTower, dense, layer_norm
 
 
-class MAEDecoder(nn.Module):
+class MAEDecoder(TransformerTower):
   """Encoded visible tokens (cls first, if any) -> per-patch pixel predictions (B, L, p*p*3).
 
   dense D -> width; append (L - K) copies of one learned mask token; unshuffle
   with ids_restore; add the fixed sin-cos decoder position embedding; blocks;
-  LN; dense -> p*p*3; drop cls.
+  LN; dense -> p*p*3; drop cls. The blocks' options: `TransformerTower`'s.
   """
   width: int
   depth: int
   num_heads: int
   patch_dim: int
   num_prefix_tokens: int = 1  # 1 when the encoder prepends a cls token, else 0
-  mlp_ratio: int = 4
-  dtype: Any = jnp.float32
-  scan: bool = False
-  remat: str = 'none'
-  attention_impl: str | None = 'auto'  # see attention.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, encoded, ids_restore, grid_hw: tuple[int, int]):
@@ -44,9 +39,7 @@ class MAEDecoder(nn.Module):
     posemb = sincos_2d_position_embedding(self.width, *grid_hw)
     patches = patches + jnp.asarray(posemb, x.dtype)[None]
     x = jnp.concatenate([prefix, patches], axis=1)
-    x = Transformer(
-        self.depth, self.num_heads, self.mlp_ratio * self.width, self.dtype,
-        self.scan, self.remat, self.attention_impl, name='transformer')(x)
+    x = self.make_transformer()(x)
     pred = dense(self.patch_dim, ('embed', None), self.dtype, name='predict')(x)
     return pred[:, self.num_prefix_tokens:]
 

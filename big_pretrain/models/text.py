@@ -10,25 +10,20 @@ as each caption's length: the form cuDNN's fused attention takes, where a
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax.numpy as jnp
 from flax import linen as nn
 
-from big_pretrain.models.vit import Transformer
+from big_pretrain.models.vit import TransformerTower
 
-class TextTransformer(nn.Module):
+
+class TextTransformer(TransformerTower):
+  """The blocks' options: `TransformerTower`'s."""
   vocab_size: int
   width: int
   depth: int
   num_heads: int
   max_length: int
   pad_id: int = 0  # the tokenizer's padding id: masked out of attention
-  mlp_ratio: int = 4
-  dtype: Any = jnp.float32
-  scan: bool = False
-  remat: str = 'none'
-  attention_impl: str | None = 'auto'  # see attention.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, tokens):
@@ -46,7 +41,5 @@ class TextTransformer(nn.Module):
     positions = jnp.arange(1, tokens.shape[1] + 1, dtype=jnp.int32)
     lengths = jnp.max(jnp.where(tokens != self.pad_id, positions, 0), axis=1)
     lengths = jnp.maximum(lengths, 1)  # an all-padding row attends to its first token
-    x = Transformer(
-        self.depth, self.num_heads, self.mlp_ratio * self.width, self.dtype,
-        self.scan, self.remat, self.attention_impl, name='transformer')(x, key_lengths=lengths)
+    x = self.make_transformer()(x, key_lengths=lengths)
     return x[:, 0]

@@ -25,12 +25,15 @@ from big_pretrain.models import attention as attention_lib
 from big_pretrain.models.patches import patchify, sincos_2d_position_embedding
 
 # (width, depth, heads), from METHODS.md section 1. 'mu' is a tiny size for tests.
-VIT_SIZES = {
+_VIT_SIZES = {
     'mu': (64, 2, 4), 'Ti': (192, 12, 3), 'S': (384, 12, 6), 'B': (768, 12, 12),
     'L': (1024, 24, 16), 'H': (1280, 32, 16), 'g': (1408, 40, 16), '2B': (2560, 24, 32),
-    # AIM's trunks (width over depth; heads our choice, head_dim 128).
+}
+# AIM's trunks (width over depth; heads our choice, head_dim 128).
+_AIM_TRUNK_SIZES = {
     '600M': (1536, 24, 12), '1B': (2048, 24, 16), '3B': (3072, 24, 24), '7B': (4096, 32, 32),
 }
+VIT_SIZES = {**_VIT_SIZES, **_AIM_TRUNK_SIZES}  # config.model.variant's SIZE
 
 # Names of the remat policies a config may choose.
 REMAT_POLICIES = {
@@ -144,7 +147,7 @@ class PatchEmbedding(nn.Module):
   with the kernel viewed as (p*p*C, D). MAE and FLIP embed only their visible patches
   this way (the MAE reference embeds all 196 and then drops 75% of them).
   'conv': a strided convolution over every patch, then the kept tokens gathered; the
-  same numbers up to float rounding, kept to measure against (benchmarks/step.py).
+  same numbers up to float rounding, kept to measure against (benchmarks/step_speed.py).
 
   The parameters are nn.Conv's, same names, shapes, init and rng: kernel (p, p, C, D),
   whose (p, q, c) order is patchify's, and bias (D,). Checkpoints, init_from and the
@@ -326,7 +329,26 @@ class Transformer(nn.Module):
     return layer_norm(self.dtype, name='norm')(x[:, :num_tokens])
 
 
-class VisionTransformer(nn.Module):
+class TransformerTower(nn.Module, kw_only=True):
+  """A tower built on one `Transformer` (the ViT, the MAE decoder, the text tower).
+
+  Holds the options the blocks take, keyword-only; a subclass declares `width`,
+  `depth` and `num_heads` and builds its blocks with `self.make_transformer()`.
+  """
+  mlp_ratio: int = 4
+  dtype: Any = jnp.float32
+  scan: bool = False
+  remat: str = 'none'
+  attention_impl: str | None = 'auto'  # see attention.ATTENTION_IMPLS
+
+  def make_transformer(self, drop_path: float = 0.0) -> Transformer:
+    """The tower's blocks, named 'transformer' (call inside the compact __call__)."""
+    return Transformer(self.depth, self.num_heads, self.mlp_ratio * self.width, self.dtype,
+                       self.scan, self.remat, self.attention_impl, drop_path,
+                       name='transformer')
+
+
+class VisionTransformer(TransformerTower):
   """ViT encoder.
 
   `__call__(images, keep_indices=None)`: images are normalised floats
@@ -346,14 +368,9 @@ class VisionTransformer(nn.Module):
   depth: int
   num_heads: int
   patch_size: int
-  mlp_ratio: int = 4
   use_cls_token: bool = True
   pool: str = 'cls'  # 'cls' | 'gap'
   posemb: str = 'sincos'  # 'sincos' (fixed) | 'learned'
-  dtype: Any = jnp.float32
-  scan: bool = False
-  remat: str = 'none'
-  attention_impl: str | None = 'auto'  # see attention.ATTENTION_IMPLS
   drop_path: float = 0.0
   patch_embed_impl: str = 'matmul'  # see PatchEmbedding
 
@@ -382,10 +399,7 @@ class VisionTransformer(nn.Module):
           nn.initializers.normal(0.02), (None, None, 'embed')), (1, 1, self.width))
       # The cls position embedding is zero (MAE reference), so it is not added.
       x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(self.dtype), x], 1)
-    x = Transformer(
-        self.depth, self.num_heads, self.mlp_ratio * self.width, self.dtype,
-        self.scan, self.remat, self.attention_impl, self.drop_path,
-        name='transformer')(x, attention_mask, train=train)
+    x = self.make_transformer(self.drop_path)(x, attention_mask, train=train)
     patch_tokens = x[:, 1:] if self.use_cls_token else x
     if self.pool == 'cls':
       if not self.use_cls_token:

@@ -24,8 +24,8 @@ from big_pretrain.errors import ConfigError
 from big_pretrain.models.decoders import AIMHead
 from big_pretrain.models.patches import normalize_images, patchify
 from big_pretrain.models.vit import VisionTransformer, compute_dtype, vit_from_config
-from big_pretrain.objectives.base import Objective
 from big_pretrain.objectives.mae import normalize_patches
+from big_pretrain.objectives.objective import Objective
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -35,7 +35,7 @@ from big_pretrain.errors import ConfigError
 from big_pretrain.models.patches import normalize_images
 from big_pretrain.models.vit import (VisionTransformer, dense, layer_norm, parse_variant,
                                      scan_layers, vit_from_config)
-from big_pretrain.objectives.base import Objective
+from big_pretrain.objectives.objective import Objective
 
 TRAINABLE_CHOICES = ('all', 'last_k_blocks', 'last_block_mlp', 'head')
 

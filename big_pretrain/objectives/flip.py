@@ -29,7 +29,7 @@ from big_pretrain.models.masking import random_masking
 from big_pretrain.models.patches import normalize_images
 from big_pretrain.models.text import TextTransformer
 from big_pretrain.models.vit import VisionTransformer, compute_dtype, dense, vit_from_config
-from big_pretrain.objectives.base import Objective
+from big_pretrain.objectives.objective import Objective
 
 MAX_LOGIT_SCALE = 100.0
 

@@ -20,7 +20,7 @@ from big_pretrain.models.masking import num_kept, random_masking
 from big_pretrain.models.patches import denormalize_images, normalize_images, patchify, unpatchify
 from big_pretrain.models.vit import (VisionTransformer, compute_dtype, parse_variant,
                                      vit_from_config)
-from big_pretrain.objectives.base import Objective
+from big_pretrain.objectives.objective import Objective
 
 NORM_PIX_EPSILON = 1e-6
 
@@ -34,7 +34,7 @@ def default_config() -> ml_collections.ConfigDict:
       decoder_width=512,
       decoder_depth=8,
       decoder_heads=16,
-      # For the benchmark only (benchmarks/step.py --mae_all_tokens): the design
+      # For the benchmark only (benchmarks/step_speed.py --mae_all_tokens): the design
       # the paper rejects (its Table 1c, "encoder w/ [M]"), the encoder over ALL
       # patches, the masked ones replaced by a learned mask token.
       encoder_on_all_tokens=False,

@@ -20,7 +20,7 @@ from big_pretrain.data.text.labels import LabelVocabulary
 from big_pretrain.errors import ConfigError
 from big_pretrain.models.patches import normalize_images
 from big_pretrain.models.vit import VisionTransformer, dense, vit_from_config
-from big_pretrain.objectives.base import Objective
+from big_pretrain.objectives.objective import Objective
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -58,6 +58,11 @@ class WSPModel(nn.Module):
     return head(pooled)
 
 
+def _build_vocabulary_command(output: str) -> str:
+  return ('python -m big_pretrain.data.text.build_vocabulary labels --source=image_folder '
+          f'--path=DATA_DIR --output={output}')
+
+
 class WSP(Objective):
   name = 'wsp'
 
@@ -67,13 +72,10 @@ class WSP(Objective):
     if not vocabulary:
       raise ConfigError(
           f'{path}.data.labels.vocabulary is not set: WSP needs a label vocabulary. Build one '
-          'with `python -m big_pretrain.data.text.build_vocabulary labels --source=image_folder '
-          '--path=DATA_DIR --output=vocab.txt` and set it.')
+          f'with `{_build_vocabulary_command("vocab.txt")}` and set it.')
     if not os.path.isfile(vocabulary):
-      raise ConfigError(
-          f'{path}.data.labels.vocabulary={vocabulary!r} is not a file. Build it with '
-          f'`python -m big_pretrain.data.text.build_vocabulary labels --source=image_folder '
-          f'--path=DATA_DIR --output={vocabulary}`.')
+      raise ConfigError(f'{path}.data.labels.vocabulary={vocabulary!r} is not a file. Build it '
+                        f'with `{_build_vocabulary_command(vocabulary)}`.')
 
   def __init__(self, config):
     super().__init__(config)

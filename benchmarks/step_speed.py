@@ -16,14 +16,15 @@ Peak memory is the compiled step's memory_analysis(): temp + arguments +
 outputs + code - aliased (donated) bytes, per device
 (remat_choice.step_bytes_per_device, what remat 'auto' compares).
 
-  python benchmarks/step.py --variant=Ti/16 --batch_size=8 --image_size=64      # CPU, 2-3 min
-  python benchmarks/step.py --variant=B/16 --batch_size=256 --dtype=bfloat16
+  python benchmarks/step_speed.py --variant=Ti/16 --batch_size=8 --image_size=64      # CPU, 2-3 min
+  python benchmarks/step_speed.py --variant=B/16 --batch_size=256 --dtype=bfloat16
       # one GPU: --attention=auto (the default) picks cuDNN's fused attention there
-  python benchmarks/step.py --objectives= --mae_all_tokens --variant=B/16 --batch_size=4 --steps=3
+  python benchmarks/step_speed.py --objectives= --mae_all_tokens --variant=B/16 --batch_size=4 \\
+      --steps=3
       # MAE's encoder on the visible tokens vs on all tokens with mask tokens (CPU, ~2.5 min)
-  python benchmarks/step.py --objectives= --compile_scan=wsp --variant=L/16 --batch_size=2 \\
+  python benchmarks/step_speed.py --objectives= --compile_scan=wsp --variant=L/16 --batch_size=2 \\
       --image_size=64                       # scanned vs unrolled layers (CPU, ~1.5 min)
-  python benchmarks/step.py --set=aim.objective.head_depth=2 --set=objective.text_depth=4 ...
+  python benchmarks/step_speed.py --set=aim.objective.head_depth=2 --set=objective.text_depth=4 ...
 
 On a CPU use --devices=1: fake CPU devices share the same cores (see mfu.py).
 The machine may be shared: compare rows of one run, not numbers across runs.
@@ -33,11 +34,7 @@ from __future__ import annotations
 
 import argparse
 import ast
-import collections
 import dataclasses
-import glob
-import gzip
-import json
 import os
 import statistics
 import sys
@@ -61,6 +58,11 @@ from big_pretrain.objectives import objective_names  # noqa: E402
 from big_pretrain.train import mfu as mfu_lib  # noqa: E402
 from big_pretrain.train import remat_choice  # noqa: E402
 from big_pretrain.train.optim import make_optimizer, make_schedule  # noqa: E402
+# Beside this script (its folder is on sys.path): the profile, and the tables printed.
+from step_profile import (PROFILE_WITH_COMMAND_BUFFERS, DeviceTime,  # noqa: E402
+                          add_xla_flag, profile_steps)
+from step_tables import (describe_peaks, describe_remat, describe_scan,  # noqa: E402
+                         describe_setup, fmt_tflop, main_table, print_table, write_json)
 
 MIB = 2 ** 20
 
@@ -330,193 +332,6 @@ def run_rows_interleaved(named_configs: list[tuple[str, object]], args) -> list[
           f'MFU {row.mfu:.1%}', flush=True)
     rows.append(row)
   return rows
-
-
-# --- Profile -----------------------------------------------------------------
-
-PROFILED_STEPS = 3
-# XLA runs a GPU step's kernels as command buffers (CUDA graphs) but turns them off while
-# a profiler is attached, unless told otherwise: without this flag a profile shows the
-# launch gaps that the untraced step does not have. It must be in XLA_FLAGS before JAX
-# starts its backends (main() adds it first thing); timing is always done untraced.
-PROFILE_WITH_COMMAND_BUFFERS = '--xla_enable_command_buffers_during_profiling=true'
-
-
-def add_xla_flag(flag: str) -> None:
-  """Appends `flag` to XLA_FLAGS (before JAX initialises a backend) unless it is set."""
-  flags = os.environ.get('XLA_FLAGS', '')
-  if flag.split('=')[0] not in flags:
-    os.environ['XLA_FLAGS'] = f'{flags} {flag}'.strip()
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceTime:
-  """Per step, from a trace of `steps` steps dispatched back to back (as the loop does)."""
-  wall_ms: float          # traced wall time per step
-  busy_ms: float          # time some kernel ran (the union over streams)
-  span_ms: float          # first kernel start to last kernel end, per step
-  launches: int           # kernel executions per step
-  kernel_ms: collections.Counter  # per kernel name, summed over its executions
-
-  @property
-  def idle_fraction(self) -> float:
-    """Of the traced device time, the part no kernel ran: launch gaps, host waits."""
-    return 1.0 - self.busy_ms / self.span_ms if self.span_ms else 0.0
-
-
-def device_time(events: list[dict], steps: int) -> DeviceTime | None:
-  """DeviceTime of a perfetto trace's events; None when it has no device kernels (a CPU)."""
-  process_names = {e['pid']: e.get('args', {}).get('name', '') for e in events
-                   if e.get('ph') == 'M' and e.get('name') == 'process_name'}
-  device_pids = {pid for pid, process in process_names.items()
-                 if any(kind in process for kind in ('GPU', 'TPU', '/device:'))}
-  kernels = [e for e in events if e.get('ph') == 'X' and e.get('pid') in device_pids]
-  if not kernels:
-    return None
-  kernel_us = collections.Counter()
-  for event in kernels:
-    kernel_us[event['name']] += event.get('dur', 0)
-  # Kernels on several streams overlap: busy time is the union of their intervals.
-  busy_us, covered_until = 0.0, float('-inf')
-  for start, end in sorted((e['ts'], e['ts'] + e.get('dur', 0)) for e in kernels):
-    if end > covered_until:
-      busy_us += end - max(start, covered_until)
-      covered_until = end
-  span_us = max(e['ts'] + e.get('dur', 0) for e in kernels) - min(e['ts'] for e in kernels)
-  return DeviceTime(
-      wall_ms=float('nan'), busy_ms=busy_us / steps / 1e3, span_ms=span_us / steps / 1e3,
-      launches=len(kernels) // steps,
-      kernel_ms=collections.Counter({k: v / steps / 1e3 for k, v in kernel_us.items()}))
-
-
-def profile_steps(name: str, compiled, state, batch, base_rng, directory: str):
-  """Traces PROFILED_STEPS steps, prints where their device time went.
-
-  Returns (state, metrics, DeviceTime or None)."""
-  label = name.replace(' ', '_').replace('(', '').replace(')', '')
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, f'hlo_{label}.txt'), 'w', encoding='utf-8') as file:
-    file.write(compiled.as_text())
-  trace_dir = os.path.join(directory, f'trace_{label}')
-  jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-  start = time.perf_counter()
-  for _ in range(PROFILED_STEPS):  # dispatched back to back, as the loop does
-    state, metrics = compiled(state, batch, base_rng)
-  jax.block_until_ready((state, metrics))
-  wall_ms = (time.perf_counter() - start) / PROFILED_STEPS * 1e3
-  jax.profiler.stop_trace()
-  traces = sorted(glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'),
-                            recursive=True))
-  if not traces:
-    print(f'  {name}: the profiler wrote no perfetto trace under {trace_dir}.')
-    return state, metrics, None
-  with gzip.open(traces[-1], 'rt', encoding='utf-8') as file:
-    events = json.load(file)
-  found = device_time(events['traceEvents'] if isinstance(events, dict) else events,
-                      PROFILED_STEPS)
-  if found is None:
-    print(f'  {name}: {wall_ms:.1f} ms/step traced; no device kernels in the trace (a CPU run).')
-    return state, metrics, None
-  found = dataclasses.replace(found, wall_ms=wall_ms)
-  print_kernel_times(name, found)
-  return state, metrics, found
-
-
-def print_kernel_times(name: str, found: DeviceTime, top: int = 25) -> None:
-  print(f'  {name}: {found.wall_ms:.1f} ms/step traced, kernels busy {found.busy_ms:.1f} ms of '
-        f'the {found.span_ms:.1f} ms from first to last kernel: {found.idle_fraction:.1%} idle; '
-        f'{found.launches} kernel launches of {len(found.kernel_ms)} kernels per step. '
-        f'Top {top}:')
-  total = sum(found.kernel_ms.values())
-  for kernel, milliseconds in found.kernel_ms.most_common(top):
-    print(f'    {milliseconds:8.2f} ms {100 * milliseconds / total:5.1f}% {kernel[:110]}')
-
-
-# --- Tables ------------------------------------------------------------------
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-  print('| ' + ' | '.join(h.rjust(w) for h, w in zip(header, widths)) + ' |')
-  print('|' + '|'.join('-' * (w + 1) + ':' for w in widths) + '|')
-  for row in rows:
-    print('| ' + ' | '.join(c.rjust(w) for c, w in zip(row, widths)) + ' |')
-  print()
-
-
-def describe_setup(args) -> str:
-  device = jax.devices()[0]
-  return (f'{device.platform} "{device.device_kind}" x{args.devices}, global batch '
-          f'{args.batch_size}, {args.image_size} px, median of {args.steps} steps after '
-          f'{args.warmup} warm-up')
-
-
-def describe_peaks(args, rows: list[Row]) -> str:
-  device = jax.devices()[0]
-  if mfu_lib.peak_flops_per_device(device, args.dtype):
-    return 'MFU vs ' + mfu_lib.describe_peak(device, args.dtype)
-  size = 2048 if device.platform == 'cpu' else 8192
-  return (f'MFU vs a {args.dtype} {size}x{size} matmul on {device}, measured just before and '
-          'after each row\'s timed steps (the faster; column "device peak"); model FLOPs analytic, '
-          '3 x forward, remat not counted')
-
-
-def describe_remat(args, config) -> str:
-  """The policy the row ran with; 'auto: dots' when --remat=auto chose it."""
-  if args.remat == vit_lib.REMAT_AUTO:
-    return f'{vit_lib.REMAT_AUTO}: {config.model.remat}'
-  return config.model.remat
-
-
-def describe_scan(config) -> str:
-  """'scanned' or 'unrolled', as model.scan resolves for the variant's depth."""
-  depth = vit_lib.parse_variant(config.model.variant).depth
-  chosen = 'scanned' if vit_lib.scan_layers(config.model.scan, depth) else 'unrolled'
-  return f'{vit_lib.SCAN_AUTO}: {chosen}' if config.model.scan == vit_lib.SCAN_AUTO else chosen
-
-
-def fmt_tflop(value: float) -> str:
-  return f'{value:.4g}'
-
-
-def main_table(args, rows: list[Row]) -> None:
-  print(f'\nTrain step per objective: {describe_setup(args)}')
-  print(describe_peaks(args, rows) + '\n')
-  header = ['objective', 'variant', 'dtype', 'scan', 'remat', 'attention', 'batch', 'ms/step',
-            'images/s', 'model TFLOP/step', 'TFLOP/s/device', 'device peak TFLOP/s', 'MFU',
-            'compile s', 'peak mem MiB/device']
-  print_table(header, [[
-      row.objective, row.config.model.variant, row.config.model.dtype,
-      describe_scan(row.config), describe_remat(args, row.config),
-      f'{args.attention}: {row.attention}',
-      str(row.config.batch_size), f'{row.seconds * 1e3:.1f}', f'{row.images_per_second:.1f}',
-      fmt_tflop(row.flops.train_step / 1e12), fmt_tflop(row.tflops_per_device),
-      fmt_tflop(row.peak / 1e12), f'{row.mfu:.1%}', f'{row.compile_seconds:.1f}',
-      f'{row.memory_mib:.0f}'] for row in rows])
-  if args.breakdown:
-    for row in rows:
-      print(f'{row.objective}: model FLOPs per part\n{row.flops.format_table()}\n')
-
-
-def write_json(args, rows: list[Row]) -> None:
-  """Every row of every table: `objective` is the row's name ('mae', 'mae scan=True', ...),
-  `objective_name` the objective it trains."""
-  device = jax.devices()[0]
-  with open(args.json, 'w', encoding='utf-8') as file:
-    json.dump([dict(
-        objective=row.objective, objective_name=row.config.objective.name,
-        variant=row.config.model.variant,
-        patch_embed_impl=row.config.model.get('patch_embed_impl', 'matmul'),
-        device=f'{device.platform} {device.device_kind}', devices=args.devices,
-        batch_size=row.config.batch_size, dtype=row.config.model.dtype,
-        remat=row.config.model.remat, attention=row.attention, ms_per_step=row.seconds * 1e3,
-        mfu=row.mfu, model_tflop_per_step=row.flops.train_step / 1e12,
-        compile_seconds=row.compile_seconds, peak_memory_mib=row.memory_mib,
-        scan=describe_scan(row.config), xla_flags=os.environ.get('XLA_FLAGS', ''),
-        profile=None if row.profile is None else dict(
-            traced_ms_per_step=row.profile.wall_ms, busy_ms=row.profile.busy_ms,
-            span_ms=row.profile.span_ms, idle_fraction=row.profile.idle_fraction,
-            launches=row.profile.launches, kernels=len(row.profile.kernel_ms)))
-        for row in rows], file, indent=2)
 
 
 def mae_all_tokens_table(args, workdir: str) -> list[Row]:

@@ -10,8 +10,8 @@ initialisation. Prints held-out top-1 of each and what it trained.
 MAE's paper (ViT-L, ImageNet): linear 73.5 (68.0 in its Fig. 9 protocol) ->
 last block's MLP 79.1 -> last block 81.0 -> full 84.9 (from scratch 82.6).
 
-  python benchmarks/finetune.py                          # ~10 min on 2 CPU cores
-  python benchmarks/finetune.py --mae_steps=3000 --finetune_steps=1200
+  python benchmarks/probe_vs_finetune.py                          # ~10 min on 2 CPU cores
+  python benchmarks/probe_vs_finetune.py --mae_steps=3000 --finetune_steps=1200
 """
 
 from __future__ import annotations

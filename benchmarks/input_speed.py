@@ -34,12 +34,12 @@ generated into a temporary folder of 10 class subfolders from the embedded
 synthetic shapes, upscaled and overlaid with multi-scale colour texture and
 noise so that they encode to realistic sizes (~70 KB).
 
-  python benchmarks/input.py                                        # ~2 min on 2 cores
-  python benchmarks/input.py --num_examples=600 --batches=10 --batch_size=32   # ~30 s
-  python benchmarks/input.py --data=/path/to/imagenet/train --threads=16
-  python benchmarks/input.py --step_images_per_sec=2500     # cores needed to feed that step
-  python benchmarks/input.py --measure_step --step_batch_size=256 --step_dtype=bfloat16
-      # also times the MAE train step (benchmarks/step.py) on this machine's first device
+  python benchmarks/input_speed.py                                        # ~2 min on 2 cores
+  python benchmarks/input_speed.py --num_examples=600 --batches=10 --batch_size=32   # ~30 s
+  python benchmarks/input_speed.py --data=/path/to/imagenet/train --threads=16
+  python benchmarks/input_speed.py --step_images_per_sec=2500     # cores needed to feed that step
+  python benchmarks/input_speed.py --measure_step --step_batch_size=256 --step_dtype=bfloat16
+      # also times the MAE train step (benchmarks/step_speed.py) on this machine's first device
 
 The machine may be shared: compare rows of one run, not numbers across runs.
 """
@@ -47,7 +47,6 @@ The machine may be shared: compare rows of one run, not numbers across runs.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import gc
 import os
@@ -71,10 +70,11 @@ from big_pretrain.data import sources  # noqa: E402
 from big_pretrain.data import train_input as pipeline_lib  # noqa: E402
 from big_pretrain.data import transforms  # noqa: E402
 
-import step as step_benchmark  # noqa: E402  (benchmarks/step.py: this script's folder is on sys.path)
+# Beside this script (its folder is on sys.path).
+import step_speed as step_benchmark  # noqa: E402
+from generated_jpegs import generate_image_folder  # noqa: E402
 
 JPEG_SUFFIXES = ('.jpg', '.jpeg')
-NUM_CLASSES = 10
 
 
 def parse_args(argv=None):
@@ -97,10 +97,12 @@ def parse_args(argv=None):
   parser.add_argument('--no_decode_and_crop', action='store_true',
                       help='leave out the extra tf.data decode_and_crop_jpeg row')
   parser.add_argument('--step_images_per_sec', type=float, default=None,
-                      help='the train step\'s images/s per device (e.g. benchmarks/step.py\'s '
-                           'images/s column), to say how many cores feed it')
+                      help='the train step\'s images/s per device (e.g. '
+                           'benchmarks/step_speed.py\'s images/s column), to say how many cores '
+                           'feed it')
   parser.add_argument('--measure_step', action='store_true',
-                      help='time the MAE train step here with benchmarks/step.py (slow on a CPU)')
+                      help='time the MAE train step here with benchmarks/step_speed.py '
+                           '(slow on a CPU)')
   parser.add_argument('--step_variant', default='B/16')
   parser.add_argument('--step_batch_size', type=int, default=0, help='default: --batch_size')
   parser.add_argument('--step_dtype', default='float32', choices=('float32', 'bfloat16'))
@@ -112,40 +114,6 @@ def parse_args(argv=None):
 
 
 # --- Data --------------------------------------------------------------------
-
-def _texture_image(shapes: sources.SyntheticShapes, index: int,
-                   size: tuple[int, int] = (500, 375)) -> Image.Image:
-  """A `size` (width, height; every 4th one upright) RGB image: a synthetic shape under colour
-  texture + noise."""
-  rng = np.random.default_rng((1, index))
-  width, height = size[::-1] if index % 4 == 0 else size
-  base = Image.fromarray(shapes[index % len(shapes)]['image']).resize(
-      (width, height), Image.Resampling.BICUBIC)
-  image = np.asarray(base, np.int16).copy()
-  # Colour noise at 4 scales (cells across the width, amplitude), then pixel noise.
-  for cells, amplitude in ((8, 90), (32, 60), (128, 40), (250, 30)):
-    small = rng.integers(0, 256, (max(2, cells * height // width), cells, 3), np.uint8)
-    up = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC),
-                    np.int16)
-    image += (up - 128) * amplitude // 256
-  image += rng.integers(-12, 13, image.shape, np.int16)
-  return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
-
-
-def generate_image_folder(directory: str, num_examples: int,
-                          size: tuple[int, int] = (500, 375)) -> None:
-  """num_examples JPEGs (quality 90) of `size` in NUM_CLASSES class subfolders of directory."""
-  shapes = sources.SyntheticShapes(min(num_examples, 1000), image_size=128, seed=0)
-  for label in range(NUM_CLASSES):
-    os.makedirs(os.path.join(directory, f'class_{label:02d}'), exist_ok=True)
-
-  def write(index: int) -> None:
-    path = os.path.join(directory, f'class_{index % NUM_CLASSES:02d}', f'{index:06d}.jpg')
-    _texture_image(shapes, index, size).save(path, format='JPEG', quality=90)
-
-  with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-    list(pool.map(write, range(num_examples)))
-
 
 def list_files(directory: str) -> tuple[list[str], list[int]]:
   """The image folder's files and labels, in the order ImageFolder (the Grain source) lists them."""
@@ -377,7 +345,7 @@ def time_tf(tf, name, paths, labels, args, config, decode_and_crop: bool) -> Res
 # --- The train step ------------------------------------------------------------
 
 def measure_step_images_per_second(args) -> tuple[float, str]:
-  """images/s per device of the MAE train step, timed with benchmarks/step.py's run_row."""
+  """images/s per device of the MAE train step, timed with benchmarks/step_speed.py's run_row."""
   batch_size = args.step_batch_size or args.batch_size
   step_args = step_benchmark.parse_args([
       '--objectives=mae', f'--variant={args.step_variant}', f'--batch_size={batch_size}',
@@ -455,7 +423,7 @@ def report(args, runs: dict[str, list[Result]], files: str, crop_scale: tuple[fl
             f'{r.images_per_cpu_second:.1f} images/CPU-s)')
   else:
     print('Cores needed per 1000 images/s of train step (pass --step_images_per_sec=N, e.g. '
-          "benchmarks/step.py's images/s per device for ViT-B/16 MAE on the accelerator, or "
+          "benchmarks/step_speed.py's images/s per device for ViT-B/16 MAE on the accelerator, or "
           '--measure_step):')
     for r in main_rows:
       print(f'  {r.name}: {1000 / r.per_core:.1f} cores at {r.per_core:.1f} images/s per core '

@@ -3,7 +3,7 @@
 Rows of one run, same model, batch and device:
 
   bare step         the compiled train step on one fixed device batch
-                    (benchmarks/step.py's run_row: no input at all)
+                    (benchmarks/step_speed.py's run_row: no input at all)
   input alone       (with --jpegs or --data) the Grain pipeline alone, batches
                     read on the host and dropped: images/s, and images per
                     CPU-second of this process (all threads), the input's
@@ -22,14 +22,14 @@ is the bare step's images/s over the input's images per CPU-second. Rows run
 
 Two ways to choose the stage:
 
-  python benchmarks/loop.py                                   # MAE demo config, ~2 min on 2 cores
-  python benchmarks/loop.py --config=configs/wsp.py:demo --prefetch=0,1,2,4 --threads=auto,8
+  python benchmarks/loop_speed.py                              # MAE demo config, ~2 min on 2 cores
+  python benchmarks/loop_speed.py --config=configs/wsp.py:demo --prefetch=0,1,2,4 --threads=auto,8
 
-  # MAE as benchmarks/step.py builds it (same flags, so the same compiled step), on real
-  # JPEGs: --jpegs=N generates N of them (500x375, as benchmarks/input.py does; --jpeg_size),
+  # MAE as benchmarks/step_speed.py builds it (same flags, so the same compiled step), on real
+  # JPEGs: --jpegs=N generates N of them (500x375, as benchmarks/input_speed.py does; --jpeg_size),
   # or --data=DIR takes an image folder; either is converted to ArrayRecord first
   # (python -m big_pretrain.data.convert) unless --source=image_folder.
-  python benchmarks/loop.py --jpegs=2048 --variant=B/16 --batch_size=256 --dtype=bfloat16 \
+  python benchmarks/loop_speed.py --jpegs=2048 --variant=B/16 --batch_size=256 --dtype=bfloat16 \
       --steps=80 --repeats=1 --json=loop.json                  # on a GPU host
 
 The machine may be shared: compare rows of one run, not numbers across runs.
@@ -58,8 +58,8 @@ from big_pretrain.data import process_share  # noqa: E402
 from big_pretrain.data import train_input as pipeline_lib  # noqa: E402
 from big_pretrain.train.loop import train_stage  # noqa: E402
 
-import input as input_benchmark  # noqa: E402  (benchmarks/input.py, beside this script)
-import step as step_benchmark  # noqa: E402  (benchmarks/step.py, beside this script)
+from generated_jpegs import generate_image_folder  # noqa: E402  (beside this script)
+import step_speed as step_benchmark  # noqa: E402  (beside this script)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,7 +81,7 @@ def parse_args(argv=None):
   parser.add_argument('--image_size', type=int, default=224)
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                      help='config override of the MAE stage, as benchmarks/step.py takes it')
+                      help='config override of the MAE stage, as benchmarks/step_speed.py takes it')
   parser.add_argument('--steps', type=int, default=60, help='steps per loop row')
   parser.add_argument('--log_every', type=int, default=10, help='steps per timed interval')
   parser.add_argument('--prefetch', default='0,2', help='device_prefetch values, one row each')
@@ -102,7 +102,7 @@ def load_config(text: str):
 
 
 def mae_on_images(args, folder: str, workdir: str):
-  """benchmarks/step.py's MAE stage for these flags (its compiled step is the same program),
+  """benchmarks/step_speed.py's MAE stage for these flags (its compiled step is the same program),
   reading `folder` (an image folder) as --source says."""
   step_args = step_benchmark.parse_args(
       ['--variant', args.variant, '--batch_size', str(args.batch_size), '--image_size',
@@ -179,12 +179,12 @@ def main(argv=None):
       if args.jpegs:
         folder = os.path.join(workdir, 'jpegs')
         start = time.perf_counter()
-        input_benchmark.generate_image_folder(
+        generate_image_folder(
             folder, args.jpegs, size=tuple(int(v) for v in args.jpeg_size.split('x')))
         print(f'  generated {args.jpegs} JPEGs of {args.jpeg_size} in '
               f'{time.perf_counter() - start:.1f} s', flush=True)
       config = mae_on_images(args, folder, workdir)
-      describe = (f'MAE as benchmarks/step.py builds it, on {folder} '
+      describe = (f'MAE as benchmarks/step_speed.py builds it, on {folder} '
                   f'({args.source}, decode_at_crop_scale={config.data.decode_at_crop_scale})')
     else:
       config = load_config(args.config)

@@ -17,8 +17,8 @@ Prints held-out top-1 of each, the pseudo-labels' accuracy against the
 unlabelled images' true labels (which no student sees), and the paper's
 three claims as measured here.
 
-  python benchmarks/self_training.py                     # ~25 min on 2 CPU cores
-  python benchmarks/self_training.py --steps=1600 --policies=S4
+  python benchmarks/self_training_vs_pretraining.py                     # ~25 min on 2 CPU cores
+  python benchmarks/self_training_vs_pretraining.py --steps=1600 --policies=S4
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import grain  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
-from big_pretrain.config.defaults import chain_config  # noqa: E402
+
 from big_pretrain.data import sources  # noqa: E402
 from big_pretrain.data.records import decode_pseudo_label_record  # noqa: E402
 from big_pretrain.data.sources import pseudo_labelled as records_lib  # noqa: E402

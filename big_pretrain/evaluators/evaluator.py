@@ -1,0 +1,155 @@
+"""What an evaluator is: built from its config, run on the current parameters."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from big_pretrain import sharding as sharding_lib
+from big_pretrain.errors import ConfigError
+from big_pretrain.evaluators.eval_split import (extract_outputs, split_data_config,
+                                                warn_about_missing_classes)
+
+
+@dataclasses.dataclass
+class EvalResult:
+  scalars: dict[str, float] = dataclasses.field(default_factory=dict)
+  images: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # (H, W, 3) in [0, 1]
+
+
+def held_out_defaults(kind: str, *, test_examples: int) -> ml_collections.ConfigDict:
+  """The config keys of an evaluator that scores the first `test_examples` held-out images."""
+  return ml_collections.ConfigDict(dict(
+      kind=kind,
+      every_steps=0,
+      test_examples=test_examples,  # At most this many images of the held-out split.
+      batch_size=256,               # Global; rounded up to a multiple of the batch shards.
+      # Overrides of config.data keys for the held-out split (e.g. test_data.test_path).
+      test_data=ml_collections.ConfigDict(dict(split='test')),
+  ))
+
+
+def check_positive(eval_config, path: str, keys) -> None:
+  """Raises ConfigError naming the first of `keys` whose value is not positive."""
+  for key in keys:
+    if eval_config[key] <= 0:
+      raise ConfigError(f'{path}.{key}={eval_config[key]} must be positive.')
+
+
+class Evaluator(abc.ABC):
+  """The contract of an evaluator (register a subclass in evaluators/__init__.py).
+
+  A subclass defines:
+    default_config() -> ConfigDict (static): every key it reads, with defaults, and
+      `kind` (its registry name) and `every_steps` (0: only at a stage's final step).
+      Keys named `*_data` override config.data for a split it reads (`split_outputs`).
+      The loop also reads two optional keys: `at_start` (score the stage's starting
+      parameters too) and `also_ema` (score the moving average too, as ema_<key>).
+    check_config(eval_config, path) (class method): the checks that need only its own
+      config (defaults filled in), raising ConfigError that names `path.key`. Run
+      before any compute by config validation, and again by the constructor.
+    run(params, step) -> EvalResult: scores `params` (sharded as in the train state)
+      at `step`: `scalars` are logged as eval/<name>/<key> and recorded in the stage's
+      folder, `images` are written as image summaries.
+  and may extend the constructor with checks that need the objective or the trainer
+  (raise ValueError naming `self.culprit(key)`).
+
+  The loop builds each evaluator once per stage, as
+  `cls(name, eval_config, stage_config, objective, trainer, workdir)`, and calls
+  `due(step, final)` then `run` on every process alike. `run` is collective: every
+  process must make the same device calls in the same order and return the same
+  result, or one waits forever for the others. The helpers here keep it so: read data
+  only with `split_outputs` (each process reads its share of the same batches, and
+  the outputs are gathered on all of them), and compile device code only with `jit`.
+  Host-side work on the gathered numpy arrays (fitting a probe, ranking) is then the
+  same on every process. Write files on process 0 only.
+  """
+
+  def __init__(self, name, eval_config, stage_config, objective, trainer, workdir):
+    self.name = name
+    self.eval_config = eval_config
+    self.stage_config = stage_config
+    self.objective = objective
+    self.trainer = trainer
+    self.workdir = workdir
+    self._jitted: dict[str, Callable] = {}
+    # Evaluators built without a validated config (tests, scripts) fail here, not mid-run.
+    self.check_config(eval_config, self.culprit())
+
+  @staticmethod
+  @abc.abstractmethod
+  def default_config() -> ml_collections.ConfigDict:
+    """Every key of this evaluator's config, with its default."""
+
+  @classmethod
+  def check_config(cls, eval_config, path: str) -> None:
+    """Evaluator-specific config checks, run before any compute (raise ConfigError).
+
+    `eval_config` holds every key (defaults filled in); `path` names it in errors
+    ('config.stages.mae.evals.low_shot'). Nothing to check by default.
+    """
+
+  @property
+  def every_steps(self) -> int:
+    return self.eval_config.every_steps
+
+  def due(self, step: int, final: bool) -> bool:
+    return final or (self.every_steps > 0 and step % self.every_steps == 0)
+
+  @abc.abstractmethod
+  def run(self, params, step: int) -> EvalResult:
+    """Evaluates `params` (sharded, as in the train state); collective (see the class doc)."""
+
+  def culprit(self, key: str | None = None) -> str:
+    """'config.evals.<name>[.<key>]': how errors and logs name this evaluator's config."""
+    return f'config.evals.{self.name}' + (f'.{key}' if key else '')
+
+  def jit(self, key: str, function: Callable) -> Callable:
+    """`function(params, ...)` jitted once for this evaluator, kept under `key`.
+
+    Every run reuses the compiled program. Its outputs are batch-sharded over the
+    trainer's mesh (each has a leading batch axis), and it is traced and run under
+    the trainer's mesh and logical-axis rules.
+    """
+    if key not in self._jitted:
+      mesh, rules = self.trainer.mesh, self.trainer.rules
+      jitted = jax.jit(function, out_shardings=sharding_lib.batch_sharding(mesh))
+
+      def on_mesh(*args):
+        with sharding_lib.activate(mesh, rules):
+          return jitted(*args)
+      self._jitted[key] = on_mesh
+    return self._jitted[key]
+
+  def split_config(self, data_key: str, num_examples: int) -> ml_collections.ConfigDict:
+    """config.data with this evaluator's `data_key` overrides ('test_data') applied."""
+    return split_data_config(self.stage_config.data, self.eval_config[data_key],
+                             num_examples=num_examples, culprit=self.culprit(data_key))
+
+  def split_outputs(self, function, params, *, data_key: str, num_examples: int,
+                    batch_size: int | None = None, check_classes: bool = False):
+    """`function(params, batch)` on the first `num_examples` examples of a split.
+
+    The one way an evaluator reads data (eval_split.extract_outputs): the split
+    `split_config(data_key)` gives, in its fixed order, each example once, in global
+    batches of `batch_size` (default: the config's `batch_size`). `check_classes`:
+    log when the examples read miss some of the split's classes (a class accuracy
+    then measures only those).
+
+    Returns:
+      (outputs: `function`'s pytree of (N, ...) numpy arrays, labels (N,) int32,
+      class_names of the split), identical on every process.
+    """
+    data_config = self.split_config(data_key, num_examples)
+    outputs, labels, class_names = extract_outputs(
+        function, params, data_config, num_examples=num_examples,
+        batch_size=batch_size or self.eval_config.batch_size, mesh=self.trainer.mesh,
+        rules=self.trainer.rules, culprit=self.culprit(data_key))
+    if check_classes:
+      warn_about_missing_classes(labels, class_names, data_config.split, self.culprit(data_key))
+    return outputs, labels, class_names

@@ -1,0 +1,134 @@
+"""What every objective provides to the one training loop (the contract: `Objective`).
+
+An objective builds its model from the stage config and defines
+`loss(params, batch, rng, train) -> (loss, metrics)`. The loop, the step,
+sharding, checkpoints and logging know nothing else about it. README.md,
+"Adding an objective", walks through writing one.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import jax
+import jax.numpy as jnp
+
+from big_pretrain.models.patches import normalize_images
+from big_pretrain.models.vit import SCAN_AUTO, parse_variant, scan_layers, stacked_block_outputs
+
+
+class Objective(abc.ABC):
+  """The contract of an objective. A module objectives/<name>.py defines:
+
+    default_config() -> ConfigDict (a module function): every `config.objective` key,
+      `name` among them, with the paper's defaults. It is registered with the class
+      in objectives/__init__.py, and stage_config(name) (config/defaults.py) builds a
+      stage config from it, so every key exists and can be set on the command line.
+
+  and a subclass of this class that defines:
+
+    name: the registry name, e.g. 'mae'.
+    check_config(config, path) (class method, optional): the checks of the whole stage
+      config that this objective needs, run before any compute; raise ConfigError
+      naming `path.key` and the fix. Among them: that the data config gives the batch
+      features `loss` reads (below).
+    resolve_config(config) (class method, optional): the stage config with values
+      derived once per stage filled in (recorded in config.json); extend, do not drop,
+      this base version.
+    __init__(config): builds `self.model` (a flax module) from the stage config. The
+      encoder is the ViT of `models.vit.vit_from_config(config.model)`, held as
+      `self.model.encoder` and named 'encoder' in the parameters, so probes
+      (`encode`), init_from (which takes the 'encoder' subtree by default) and the
+      other objectives share it.
+    init_params(rng): fresh parameters for one example shape (`dummy_images`), with
+      their logical-axis metadata (boxed, as nn.with_logical_partitioning gives). The
+      trainer calls it under jax.eval_shape and jit, so nothing is materialised whole.
+    loss(params, batch, rng, train) -> (scalar loss, {name: scalar}): pure and
+      jittable. `batch` holds global arrays: 'image' (uint8 (B, H, W, 3); see
+      models.patches.normalize_images) and 'label' (int32 (B,)) always; 'label_ids'
+      when config.data.labels.vocabulary is set; 'text_tokens' when
+      config.data.text.tokenizer is set; 'is_pseudo', 'pseudo_ids', 'pseudo_probs'
+      when config.data.pseudo_labels is set (data.batch_features.device_feature_names).
+      `rng` is this step's key (fold_in(base, step): draw masks, drops, mixup from it,
+      so resumption is exact). `train` is True in the train step; with False, no
+      training-only randomness (FLIP's patch dropping, drop path). The metrics are
+      logged under their names, averaged over each log interval, beside the 'loss',
+      'grad_norm' and 'learning_rate' the step adds.
+
+  Optional, each used where present:
+    is_trainable(path): False freezes a parameter (no gradient, no optimiser state).
+    encode(params, images, num_last_blocks): frozen features for the probes (given
+      here for the shared encoder).
+    predict(params, uint8 images) -> (B, num_classes) logits: scored by the
+      'classification' evaluator, and makes the stage a pseudo-label teacher. (MAE's
+      predict(params, images, rng) is its reconstruction, not this hook.)
+    embed_images(params, images), embed_texts(params, tokens) -> (B, E) unit vectors:
+      scored by the 'zero_shot' and 'retrieval' evaluators.
+    visualize(params, uint8 images, rng) -> {panel: (B, H, W, 3) in [0, 1]} and
+      `visualization_panels` (their column order): drawn by 'reconstruction'.
+  """
+
+  name: str = ''
+
+  def __init__(self, config):
+    self.config = config  # The full stage config (read-only by convention).
+
+  @classmethod
+  def check_config(cls, config, path: str) -> None:
+    """Objective-specific config checks, run before any compute (raise ConfigError)."""
+
+  @classmethod
+  def resolve_config(cls, config):
+    """The stage config with values derived from the data and the model filled in, once per
+    stage (the loop records the result in config.json): here model.scan='auto' becomes
+    the layout chosen for the encoder's depth, which the checkpoints hold."""
+    if config.model.scan != SCAN_AUTO:
+      return config
+    config = config.copy_and_resolve_references()
+    with config.ignore_type():  # resolved, the field holds a str ('auto'); it becomes a bool
+      config.model.scan = scan_layers(SCAN_AUTO, parse_variant(config.model.variant).depth)
+    return config
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    size = self.config.data.image_size
+    return (size, size, 3)
+
+  def dummy_images(self, batch_size: int = 1) -> jax.Array:
+    return jnp.zeros((batch_size, *self.image_shape), jnp.float32)
+
+  @abc.abstractmethod
+  def init_params(self, rng: jax.Array):
+    """Fresh parameters, with logical-axis metadata (boxed), for one example shape."""
+
+  @abc.abstractmethod
+  def loss(self, params, batch: dict, rng: jax.Array, train: bool = True):
+    """Returns (scalar loss, dict of scalar metrics)."""
+
+  def is_trainable(self, path: str) -> bool:
+    """Whether the parameter at `path` ('encoder/transformer/block_0/mlp/fc1/kernel') trains.
+
+    Frozen ones get no gradient and no optimiser state (train/optim.py).
+    """
+    del path
+    return True
+
+  def encode(self, params, images: jax.Array, num_last_blocks: int = 0) -> dict:
+    """Frozen-feature view for evaluators: the unmasked encoder on uint8 images.
+
+    Returns the ViT's dict: 'pooled' (B, D), 'patch_tokens' (B, L, D), 'tokens';
+    with `num_last_blocks` = k > 0 also 'last_blocks_mean' (B, L, D), the mean
+    of the last k blocks' patch-token outputs (AIM's attentive-probe features).
+    Every objective keeps its ViT under params['encoder'] and as `self.model.encoder`.
+    """
+    encoder = self.model.encoder
+    if not num_last_blocks:
+      return encoder.apply({'params': params['encoder']}, normalize_images(images))
+    outputs, variables = encoder.apply(
+        {'params': params['encoder']}, normalize_images(images), mutable=['intermediates'])
+    blocks = stacked_block_outputs(variables['intermediates']['transformer'])
+    if not 0 < num_last_blocks <= blocks.shape[0]:
+      raise ValueError(f'num_last_blocks={num_last_blocks}: the encoder has {blocks.shape[0]}.')
+    prefix = 1 if encoder.use_cls_token else 0
+    outputs['last_blocks_mean'] = blocks[-num_last_blocks:, :, prefix:].mean(axis=0)
+    return outputs
