@@ -39,7 +39,6 @@ import grain  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
-
 from big_pretrain.data import sources  # noqa: E402
 from big_pretrain.data.records import decode_pseudo_label_record  # noqa: E402
 from big_pretrain.data.sources import pseudo_labelled as records_lib  # noqa: E402
