@@ -186,7 +186,8 @@ def test_every_key_of_every_default_config_has_a_rule_for_its_values():
     ('data.num_threads', 0, r'data\.num_threads=0: must be an integer >= 1 \(or None\)'),
     ('mesh.fsdp', 0, r'mesh\.fsdp=0: must be -1 .* or an integer >= 1'),
     ('checkpoint.keep', 0, r'checkpoint\.keep=0: must be an integer >= 1'),
-    ('evals.knn.k', 0, r'evals\.knn\.k=0: must be an integer >= 1'),
+    ('evals.knn.k', 0, r'evals\.knn\.k=0 must lie in \[1, train_examples=2048\]'),
+    ('evals.knn.batch_size', 0, r'evals\.knn\.batch_size=0'),
     ('evals.knn.test_data.split', 'val', r"evals\.knn\.test_data\.split='val': choose one of"),
     ('data.text.max_length', 1, r'data\.text\.max_length=1: must be an integer >= 2'),
 ])

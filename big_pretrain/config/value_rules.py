@@ -81,25 +81,34 @@ POSITIVE_INTEGERS = Rule(lambda v: len(v) > 0 and all(_integer(x) and x >= 1 for
                          'must be a non-empty tuple of integers >= 1')
 FREE_FORM = Rule(lambda v: True, 'anything')  # checked where it is used (named groups)
 
+COUNT = at_least(1, integer=True)  # a size, a number of steps or of things
+NON_NEGATIVE_COUNT = at_least(0, integer=True)
+UNIT_FRACTION = within(0, 1, high_open=True)  # a probability or a ratio below 1
+OPTIONAL_TEXT, REQUIRED_TEXT = text(), text(or_none=False)
+
+# Keys under data. (also an evaluator's train_data / test_data overrides).
+_DATA_COUNTS = ('num_examples', 'image_size', 'max_consecutive_unreadable',
+                'labels.max_labels_per_example')
+_DATA_NON_NEGATIVE_COUNTS = ('seed', 'randaugment_ops', 'prefetch_buffer_size',
+                             'device_prefetch')
+_DATA_FLAGS = ('subset.complement', 'decode_at_crop_scale', 'labels.use_caption_words')
+_DATA_OPTIONAL_TEXTS = ('path', 'test_path', 'tfds_name', 'tfds_data_dir', 'tfds_label_key',
+                        'tfds_caption_key', 'pseudo_labels.stage', 'pseudo_labels.path',
+                        'labels.vocabulary', 'text.tokenizer')
+_DATA_REQUIRED_TEXTS = ('tfds_train_split', 'tfds_test_split', 'tfds_image_key', 'augment')
 _DATA_RULES = {
+    **dict.fromkeys(_DATA_COUNTS, COUNT),
+    **dict.fromkeys(_DATA_NON_NEGATIVE_COUNTS, NON_NEGATIVE_COUNT),
+    **dict.fromkeys(_DATA_FLAGS, BOOLEAN),
+    **dict.fromkeys(_DATA_OPTIONAL_TEXTS, OPTIONAL_TEXT),
+    **dict.fromkeys(_DATA_REQUIRED_TEXTS, REQUIRED_TEXT),
     'source': one_of(*sources.SOURCE_NAMES),
-    'path': text(), 'test_path': text(),
-    'tfds_name': text(), 'tfds_data_dir': text(), 'tfds_train_split': text(or_none=False),
-    'tfds_test_split': text(or_none=False), 'tfds_image_key': text(or_none=False),
-    'tfds_label_key': text(), 'tfds_caption_key': text(),
     'split': one_of(*sources.SPLITS),
-    'subset.fraction': within(0, 1, low_open=True), 'subset.complement': BOOLEAN,
-    'pseudo_labels.stage': text(), 'pseudo_labels.path': text(),
-    'pseudo_labels.fraction': within(0, 1, high_open=True),
-    'num_examples': at_least(1, integer=True),
+    'subset.fraction': within(0, 1, low_open=True),
+    'pseudo_labels.fraction': UNIT_FRACTION,
     'source_image_size': at_least(8, integer=True),
     'synthetic_label': one_of(*SYNTHETIC_LABELS),
-    'seed': at_least(0, integer=True),
-    'image_size': at_least(1, integer=True),
     'crop_scale': FRACTION_PAIR,
-    'augment': text(or_none=False),
-    'decode_at_crop_scale': BOOLEAN,
-    'randaugment_ops': at_least(0, integer=True),
     'randaugment_magnitude': within(0, 10),
     'randaugment_magnitude_std': at_least(0),
     'erasing_prob': within(0, 1),
@@ -107,89 +116,65 @@ _DATA_RULES = {
                          'must be (min, max) with 0 < min <= max'),
     'eval_crop_fraction': within(0, 1, low_open=True),
     'num_threads': at_least(1, integer=True, or_none=True),
-    'max_consecutive_unreadable': at_least(1, integer=True),
-    'prefetch_buffer_size': at_least(0, integer=True),
-    'device_prefetch': at_least(0, integer=True),
-    'labels.vocabulary': text(), 'labels.max_labels_per_example': at_least(1, integer=True),
-    'labels.use_caption_words': BOOLEAN,
-    'text.tokenizer': text(), 'text.max_length': at_least(2, integer=True),
+    'text.max_length': at_least(2, integer=True),
 }
 
+_COUNTS = (
+    'total_steps', 'batch_size', 'checkpoint.every_steps', 'checkpoint.keep', 'log.every_steps',
+    'objective.decoder_width', 'objective.decoder_depth', 'objective.decoder_heads',
+    'objective.embed_dim', 'objective.text_width', 'objective.text_depth',
+    'objective.text_heads', 'objective.head_width', 'objective.head_depth',
+    'objective.trainable_blocks', 'examples_per_shard', 'labels.top_k',
+    # Evaluators (evals.<name>.KEY).
+    'evals.*.batch_size', 'evals.*.probe_batch_size', 'evals.*.train_examples',
+    'evals.*.test_examples', 'evals.*.num_images', 'evals.*.k', 'evals.*.num_steps',
+    'evals.*.num_heads', 'evals.*.num_last_blocks', 'evals.*.seeds')
+_FLAGS = ('resume_with_changes', 'model.use_cls_token', 'objective.norm_pix_loss',
+          'objective.encoder_on_all_tokens', 'objective.balance_pseudo_loss',
+          'checkpoint.async_save', 'evals.*.at_start', 'evals.*.also_ema')
+# Names checked against their choices where they are used (validation.py, the objective's
+# or evaluator's check_config).
+_NAMES = ('model.variant', 'model.remat', 'model.patch_embed_impl', 'objective.name',
+          'objective.trainable', 'evals.*.kind')
+_OPTIONAL_TEXTS = ('model.attention_impl', 'init_from.stage', 'init_from.checkpoint',
+                   'teacher.stage', 'teacher.workdir')
+_UNIT_FRACTIONS = ('model.drop_path', 'objective.mask_ratio', 'objective.label_smoothing',
+                   'objective.head_dropout', 'optim.b1', 'optim.b2', 'labels.threshold')
+_NON_NEGATIVE = ('objective.mixup_alpha', 'objective.cutmix_alpha',
+                 'objective.pseudo_label_weight', 'optim.weight_decay', 'evals.*.l2',
+                 'evals.*.weight_decay',
+                 'optim.lr_per_256')  # 0 trains nothing; below it, the loss would ascend
+_POSITIVE = ('objective.temperature_init', 'optim.eps', 'evals.*.temperature',
+             'evals.*.learning_rate', 'labels.temperature')
+
 RULES: dict[str, Rule] = {
-    'schema_version': at_least(1, integer=True),  # equal to today's: validation.py
-    'seed': at_least(0, integer=True),
-    'total_steps': at_least(1, integer=True),
-    'batch_size': at_least(1, integer=True),
-    'resume_with_changes': BOOLEAN,
-    'model.variant': text(or_none=False),  # parsed by validation.py
-    'model.use_cls_token': BOOLEAN,
+    **dict.fromkeys(_COUNTS, COUNT),
+    **dict.fromkeys(_FLAGS, BOOLEAN),
+    **dict.fromkeys(_NAMES, REQUIRED_TEXT),
+    **dict.fromkeys(_OPTIONAL_TEXTS, OPTIONAL_TEXT),
+    **dict.fromkeys(_UNIT_FRACTIONS, UNIT_FRACTION),
+    **dict.fromkeys(_NON_NEGATIVE, at_least(0)),
+    **dict.fromkeys(_POSITIVE, above(0)),
+    **dict.fromkeys(('mesh.data', 'mesh.fsdp', 'mesh.tensor'), MESH_AXIS),
+    'schema_version': COUNT,  # equal to today's: validation.py
+    'seed': NON_NEGATIVE_COUNT,
     'model.pool': one_of('cls', 'gap'),
     'model.posemb': one_of('sincos', 'learned'),
     'model.dtype': one_of('float32', 'bfloat16'),
     'model.scan': one_of(True, False, 'auto'),
-    'model.remat': text(or_none=False),  # a policy name: validation.py
-    'model.attention_impl': text(),       # validation.py
-    'model.drop_path': within(0, 1, high_open=True),
-    'model.patch_embed_impl': text(or_none=False),  # validation.py
-    'objective.name': text(or_none=False),
-    'objective.mask_ratio': within(0, 1, high_open=True),
-    'objective.norm_pix_loss': BOOLEAN, 'objective.encoder_on_all_tokens': BOOLEAN,
-    'objective.decoder_width': at_least(1, integer=True),
-    'objective.decoder_depth': at_least(1, integer=True),
-    'objective.decoder_heads': at_least(1, integer=True),
-    'objective.embed_dim': at_least(1, integer=True),
-    'objective.text_width': at_least(1, integer=True),
-    'objective.text_depth': at_least(1, integer=True),
-    'objective.text_heads': at_least(1, integer=True),
-    'objective.temperature_init': above(0),
-    'objective.head_width': at_least(1, integer=True),
-    'objective.head_depth': at_least(1, integer=True),
     'objective.num_classes': at_least(1, integer=True, or_none=True),
-    'objective.label_smoothing': within(0, 1, high_open=True),
-    'objective.mixup_alpha': at_least(0), 'objective.cutmix_alpha': at_least(0),
     'objective.switch_prob': within(0, 1),
-    'objective.trainable': text(or_none=False),  # the objective's check_config
-    'objective.trainable_blocks': at_least(1, integer=True),
-    'objective.head_dropout': within(0, 1, high_open=True),
-    'objective.pseudo_label_weight': at_least(0),
-    'objective.balance_pseudo_loss': BOOLEAN,
     'optim.name': one_of('adamw'),
-    'optim.lr_per_256': at_least(0),  # 0 trains nothing; below, the loss would ascend
-    'optim.b1': within(0, 1, high_open=True), 'optim.b2': within(0, 1, high_open=True),
-    'optim.eps': above(0),
-    'optim.weight_decay': at_least(0),
-    'optim.warmup_steps': at_least(0, integer=True),
+    'optim.warmup_steps': NON_NEGATIVE_COUNT,
     'optim.end_lr_fraction': within(0, 1),
     'optim.clip_grad_norm': above(0, or_none=True),
-    'optim.skip_nonfinite_updates': at_least(0, integer=True),
+    'optim.skip_nonfinite_updates': NON_NEGATIVE_COUNT,
     'optim.no_weight_decay': texts(),
     'optim.layer_decay': within(0, 1, low_open=True, or_none=True),
     'optim.ema_decay': within(0, 1, high_open=True, or_none=True),
-    'mesh.data': MESH_AXIS, 'mesh.fsdp': MESH_AXIS, 'mesh.tensor': MESH_AXIS,
     'sharding_rules': FREE_FORM,
-    'checkpoint.every_steps': at_least(1, integer=True),
-    'checkpoint.keep': at_least(1, integer=True),
-    'checkpoint.async_save': BOOLEAN,
-    'log.every_steps': at_least(1, integer=True),
-    'init_from.stage': text(), 'init_from.checkpoint': text(), 'init_from.take': texts(),
-    # Evaluators (evals.<name>.KEY).
-    'evals.*.kind': text(or_none=False),
-    'evals.*.every_steps': at_least(0, integer=True),
-    'evals.*.at_start': BOOLEAN, 'evals.*.also_ema': BOOLEAN,
-    'evals.*.batch_size': at_least(1, integer=True),
-    'evals.*.probe_batch_size': at_least(1, integer=True),
-    'evals.*.train_examples': at_least(1, integer=True),
-    'evals.*.test_examples': at_least(1, integer=True),
-    'evals.*.num_images': at_least(1, integer=True),
-    'evals.*.k': at_least(1, integer=True),
-    'evals.*.temperature': above(0),
-    'evals.*.l2': at_least(0),
-    'evals.*.num_steps': at_least(1, integer=True),
-    'evals.*.learning_rate': above(0),
-    'evals.*.weight_decay': at_least(0),
-    'evals.*.num_heads': at_least(1, integer=True),
-    'evals.*.num_last_blocks': at_least(1, integer=True),
-    'evals.*.seeds': at_least(1, integer=True),
+    'init_from.take': texts(),
+    'evals.*.every_steps': NON_NEGATIVE_COUNT,
     'evals.*.shots': POSITIVE_INTEGERS,
     'evals.*.class_names': Rule(lambda v: v is None or texts().accepts(v),
                                 'must be a tuple of strings (or None: the data\'s names)'),
@@ -198,12 +183,7 @@ RULES: dict[str, Rule] = {
                             "must be a non-empty tuple of strings, each with '{}'"),
     # The pseudo-label job (config/defaults.py pseudo_label_config).
     'job': one_of('pseudo_label'),
-    'teacher.stage': text(), 'teacher.workdir': text(),
     'labels.kind': one_of('hard', 'soft'),
-    'labels.threshold': within(0, 1, high_open=True),
-    'labels.top_k': at_least(1, integer=True),
-    'labels.temperature': above(0),
-    'examples_per_shard': at_least(1, integer=True),
     **{f'data.{key}': rule for key, rule in _DATA_RULES.items()},
 }
 
