@@ -78,7 +78,7 @@ def load_text_features(
 
 def pseudo_label_folder(data_config: ml_collections.ConfigDict) -> str | None:
   """The pseudo-labels mixed into training batches (config.pseudo_labels.path), or None."""
-  return ((data_config.get('pseudo_labels') or {}).get('path')) or None
+  return data_config.pseudo_labels.path or None
 
 
 def pseudo_label_width(data_config: ml_collections.ConfigDict) -> int:

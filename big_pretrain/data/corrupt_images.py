@@ -31,7 +31,7 @@ SKIP_SUMMARY_EVERY = 1000
 def max_consecutive_unreadable(data_config: ml_collections.ConfigDict) -> int:
   """config.data.max_consecutive_unreadable, checked to be a positive integer."""
   # .get: configs written before the limit existed.
-  limit = data_config.get('max_consecutive_unreadable', DEFAULT_MAX_CONSECUTIVE_UNREADABLE)
+  limit = data_config.max_consecutive_unreadable
   if not isinstance(limit, int) or limit < 1:
     raise ValueError(
         f'config.data.max_consecutive_unreadable={limit!r} must be a '
@@ -47,11 +47,11 @@ class SkippedExampleCounter:
 
 def describe_source(data_config: ml_collections.ConfigDict) -> str:
   """Where a pipeline reads, for messages: "config.data.path='/data/train' (image_folder)"."""
-  split = data_config.get('split', 'train')
+  split = data_config.split
   if data_config.source == 'tfds':
-    return f'TFDS {data_config.get("tfds_name")!r} ({split} split)'
+    return f'TFDS {data_config.tfds_name!r} ({split} split)'
   key = 'test_path' if split == 'test' else 'path'
-  return f'config.data.{key}={data_config.get(key)!r} ({data_config.source})'
+  return f'config.data.{key}={data_config[key]!r} ({data_config.source})'
 
 
 class _SkipCorruptExamplesDatasetIterator(grain.DatasetIterator):

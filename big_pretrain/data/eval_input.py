@@ -121,7 +121,7 @@ def ordered_batches(source, indices: np.ndarray, data_config: ml_collections.Con
       dataset, data_config, *batch_features.load_text_features(data_config))
   dataset = dataset.map(functools.partial(
       _ordered_row, image_size=data_config.image_size,
-      crop_fraction=data_config.get('eval_crop_fraction', 1.0)))
+      crop_fraction=data_config.eval_crop_fraction))
   batches = process_share.read_process_share(dataset, data_config, per_process).batch(per_process)
   sharding = sharding_lib.batch_sharding(mesh)
   device_names = batch_features.device_feature_names(data_config, train=False)

@@ -134,13 +134,13 @@ class InputPipeline:
               crop_scale=tuple(data_config.crop_scale),
               augment=augment_lib.parse_augment(data_config.augment),
               # .get: configs written before the option existed decode whole.
-              decode_at_crop_scale=data_config.get('decode_at_crop_scale', False),
+              decode_at_crop_scale=data_config.decode_at_crop_scale,
               **augment_settings),
           seed=seeds.derive_seed(data_config.seed, seed, seeds.AUGMENT_STREAM))
     else:
       dataset = dataset.map(functools.partial(
           example_maps.prepare_for_eval, image_size=data_config.image_size,
-          crop_fraction=data_config.get('eval_crop_fraction', 1.0)))
+          crop_fraction=data_config.eval_crop_fraction))
     # After the random maps, so an example's crop depends on its global index
     # alone, not on how many processes share the run. Lazy: each process only
     # decodes its own rows.

@@ -94,27 +94,26 @@ def build_source(data_config) -> Source:
   """Builds the source named by ``data_config.source``; its training split limited to
   ``data_config.subset``'s part when that is set."""
   source = _build_whole_source(data_config)
-  subset = data_config.get('subset') or {}
-  if data_config.get('split', 'train') == 'train' and (
-      subset.get('fraction', 1.0) < 1.0 or subset.get('complement')):
-    source = SubsetSource(source, subset['fraction'], complement=subset.get('complement', False),
-                          seed=data_config.get('seed', 0))
+  subset = data_config.subset
+  if data_config.split == 'train' and (subset.fraction < 1.0 or subset.complement):
+    source = SubsetSource(source, subset.fraction, complement=subset.complement,
+                          seed=data_config.seed)
   return source
 
 
 def _build_whole_source(data_config) -> Source:
-  split = data_config.get('split', 'train')
+  split = data_config.split
   if data_config.source == 'synthetic':
     return SyntheticShapes(
         num_examples=data_config.num_examples,
         image_size=data_config.source_image_size,
         seed=data_config.seed,
         split=split,
-        label=data_config.get('synthetic_label', 'shape'))
+        label=data_config.synthetic_label)
   if data_config.source in PATH_SOURCES:
     what, source_class = PATH_SOURCES[data_config.source]
     if split == 'test':
-      if not data_config.get('test_path'):
+      if not data_config.test_path:
         raise ValueError(
             'Evaluators need a held-out split: set config.data.test_path to'
             f" {what} (e.g. ImageNet's val), separate from config.data.path.")
@@ -125,18 +124,18 @@ def _build_whole_source(data_config) -> Source:
           f" {what}, or use source='synthetic'.")
     return source_class(data_config.path)
   if data_config.source == 'tfds':
-    if not data_config.get('tfds_name'):
+    if not data_config.tfds_name:
       raise ValueError(
           "config.data.source='tfds' needs config.data.tfds_name: the name of a TFDS dataset"
           " prepared with file_format='array_record' (and config.data.tfds_data_dir).")
     split_key = 'tfds_test_split' if split == 'test' else 'tfds_train_split'
     return TfdsSource(
         data_config.tfds_name,
-        split=data_config.get(split_key) or ('validation' if split == 'test' else 'train'),
-        data_dir=data_config.get('tfds_data_dir'),
-        image_key=data_config.get('tfds_image_key') or 'image',
-        label_key=data_config.get('tfds_label_key', 'label'),
-        caption_key=data_config.get('tfds_caption_key'),
+        split=data_config[split_key],
+        data_dir=data_config.tfds_data_dir,
+        image_key=data_config.tfds_image_key,
+        label_key=data_config.tfds_label_key,
+        caption_key=data_config.tfds_caption_key,
         split_key=split_key)
   raise ValueError(
       f'Unknown data source {data_config.source!r}; config.data.source must be one'

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import ml_collections
 import numpy as np
 
+from big_pretrain.config.defaults import default_data_config
 from big_pretrain.data import sources
 from big_pretrain.data.sources import synthetic
 
@@ -46,13 +46,12 @@ def read_source_texts(args: argparse.Namespace,
     parser.error(f'--num_examples must be positive, got {args.num_examples}.')
   synthetic_examples = (args.num_examples if args.source == 'synthetic' and args.num_examples
                         else synthetic.DEFAULT_NUM_EXAMPLES)
-  source = sources.build_source(ml_collections.ConfigDict(dict(
-      source=args.source, path=args.path, seed=args.seed, split='train',
-      num_examples=synthetic_examples, source_image_size=args.source_image_size,
-      tfds_name=getattr(args, 'tfds_name', None),
-      tfds_data_dir=getattr(args, 'tfds_data_dir', None),
-      tfds_train_split=getattr(args, 'tfds_split', 'train'),
-      tfds_caption_key=getattr(args, 'tfds_caption_key', None))))
+  data = default_data_config()
+  data.update(source=args.source, path=args.path, seed=args.seed, split='train',
+              num_examples=synthetic_examples, source_image_size=args.source_image_size,
+              tfds_name=args.tfds_name, tfds_data_dir=args.tfds_data_dir,
+              tfds_train_split=args.tfds_split, tfds_caption_key=args.tfds_caption_key)
+  source = sources.build_source(data)
   indices = range(len(source))
   if args.num_examples is not None and args.num_examples < len(source):
     indices = np.unique(np.linspace(0, len(source) - 1, args.num_examples).astype(int))

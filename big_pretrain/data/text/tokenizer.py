@@ -320,7 +320,7 @@ def load_tokenizer(path: str) -> Tokenizer:
 def configured_tokenizer_path(data_config) -> str | None:
   """config.data.text.tokenizer, or None when text is off."""
   # .get: configs written before text support existed have no 'text' group.
-  return (data_config.get('text') or {}).get('tokenizer')
+  return data_config.text.tokenizer
 
 
 def _recorded_name(path: str) -> str:
