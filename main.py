@@ -29,14 +29,15 @@ def main(argv):
   cli.set_up_logging()
   # A SIGTERM before the training loop takes it over (while starting up or compiling, and
   # between stages) stops with the preemption exit code: there is nothing new to save.
-  previous_handler = signal.signal(signal.SIGTERM, faults.preempted_outside_training)
+  outside_training = faults.SigtermOutsideTraining()
+  previous_handler = signal.signal(signal.SIGTERM, outside_training)
   try:
     _run(cli.parsed_command())
   except KeyboardInterrupt:
     cli.exit_with('Interrupted (Ctrl-C): stopped without saving; the same command resumes '
                   'from the last checkpoint.', EXIT_INTERRUPTED)
   except (UserFacingError, Preempted) as e:
-    _stop(e)
+    _stop(e, interrupted_a_compile=outside_training.received)
   finally:  # main() run in-process (tests) leaves the process's handler as it was
     signal.signal(signal.SIGTERM, previous_handler)
 
@@ -68,13 +69,17 @@ def _run(command) -> None:
     chain.run_validated(command.config, command.workdir)  # validated above
 
 
-def _stop(error: UserFacingError | Preempted):
-  """Exits with the error's code and one line: logged too, unless the command was unusable."""
+def _stop(error: UserFacingError | Preempted, interrupted_a_compile: bool):
+  """Exits with the error's code and one line: logged too, unless the command was unusable.
+
+  `interrupted_a_compile`: a SIGTERM came outside the training loop, maybe while XLA was
+  compiling; the stage has closed its files and the lock is released, so exit at once.
+  """
   if error.exit_code == EXIT_USAGE:
     cli.exit_usage(str(error))
   if error.exit_code == EXIT_PREEMPTED:
     logging.warning('%s', error)
-    cli.exit_with(f'Preempted: {error}', EXIT_PREEMPTED)
+    cli.exit_with(f'Preempted: {error}', EXIT_PREEMPTED, skip_teardown=interrupted_a_compile)
   logging.error('%s', error)
   cli.exit_with(f'Stopped: {error}', error.exit_code)
 

@@ -146,11 +146,20 @@ def exit_usage(message: str, argv=None):
   exit_with(message, EXIT_USAGE, argv)
 
 
-def exit_with(message: str, code: int, argv=None):
-  """Exits with `code` and one line on stderr (and the traceback, if --verbose)."""
+def exit_with(message: str, code: int, argv=None, *, skip_teardown: bool = False):
+  """Exits with `code` and one line on stderr (and the traceback, if --verbose).
+
+  `skip_teardown`: exit without the interpreter's teardown, for a stop that interrupted
+  XLA while it compiles: its compiler threads run on and crash (SIGSEGV) into a teardown.
+  """
   if _is_verbose(argv) and sys.exc_info()[0] is not None:
     traceback.print_exc()
   print(f'{PROGRAM}: {message}', file=sys.stderr)
+  if skip_teardown:
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
   sys.exit(code)
 
 

@@ -3,6 +3,7 @@
 import errno
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from big_pretrain.errors import CheckpointSaveError, NonFiniteLossError
+from big_pretrain.errors import CheckpointSaveError, NonFiniteLossError, Preempted
 from big_pretrain.evaluators import evaluator_config
 from big_pretrain.evaluators.reconstruction import ReconstructionEvaluator
 from big_pretrain.stages import stage_dir
@@ -206,25 +207,59 @@ def test_ctrl_c_saves_and_main_exits_75_to_be_rerun(tmp_path):
   assert saved[0] == 1 and len(saved) == 2  # and the step it stopped at
 
 
-def test_sigterm_while_starting_up_exits_75_in_one_line_and_releases_the_workdir(tmp_path):
-  # Schedulers send SIGTERM whenever they preempt, also while a run starts or compiles.
+# Seconds after 'Model FLOPs per step' is logged: the initialisation is being compiled
+# (here for ~1 s after it), or on a faster machine the first steps run. None: at once
+# when the run lock is taken, while starting up.
+@pytest.mark.parametrize('seconds_after_flops_line', [None, 0.0, 0.4, 0.8, 1.2])
+def test_sigterm_while_starting_up_exits_75_in_one_line_and_releases_the_workdir(
+    tmp_path, seconds_after_flops_line):
+  # Schedulers send SIGTERM whenever they preempt, also while a run starts or compiles
+  # (XLA's compiler threads, still running, must not crash the exit).
   workdir = tmp_path / 'run'
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1',
              XLA_FLAGS='--xla_backend_optimization_level=0')
   process = subprocess.Popen(
       [sys.executable, 'main.py', '--config=tests/tiny_config.py', f'--workdir={workdir}'],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  lock = workdir / 'run.lock'  # taken once the command is known to run, before any step
-  deadline = time.monotonic() + 120
-  while not lock.exists() and process.poll() is None and time.monotonic() < deadline:
-    time.sleep(0.05)
+      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  stderr_lines = []
+  if seconds_after_flops_line is None:
+    deadline = time.monotonic() + 120
+    while (not (workdir / 'run.lock').exists() and process.poll() is None
+           and time.monotonic() < deadline):
+      time.sleep(0.05)
+  else:
+    for line in process.stderr:
+      stderr_lines.append(line)
+      if 'Model FLOPs per step' in line:
+        break
+    time.sleep(seconds_after_flops_line)
   process.send_signal(signal.SIGTERM)
-  _, stderr = process.communicate(timeout=120)
+  stderr = ''.join(stderr_lines) + process.communicate(timeout=120)[1]
   assert process.returncode == 75, stderr[-3000:]
-  assert stderr.strip().splitlines()[-1].startswith(
-      "main.py: Preempted: SIGTERM before a stage's next step")
-  assert 'Traceback' not in stderr and not lock.exists()
-  assert not (workdir / 'checkpoints').exists() or not os.listdir(workdir / 'checkpoints')
+  last_line = stderr.strip().splitlines()[-1]
+  if seconds_after_flops_line is None:
+    assert last_line.startswith("main.py: Preempted: SIGTERM before a stage's next step")
+    assert not (workdir / 'checkpoints').exists() or not os.listdir(workdir / 'checkpoints')
+  else:  # before the first step, or saved at a step
+    assert re.match(r"main.py: Preempted: (SIGTERM before a stage's next step|Stage 'main' "
+                    r'saved a checkpoint at step \d+)', last_line), stderr[-3000:]
+  assert 'Traceback' not in stderr and not (workdir / 'run.lock').exists()
+
+
+def test_a_sigterm_whose_exception_a_library_swallowed_still_stops_the_next_stage():
+  # The handler outside training raises wherever the main thread is; where that is a
+  # finaliser, Python drops the exception: the training loop's notice raises it again.
+  outside_training = faults.SigtermOutsideTraining()
+  previous = signal.signal(signal.SIGTERM, outside_training)
+  try:
+    with pytest.raises(Preempted, match="SIGTERM before a stage's next step"):
+      outside_training(signal.SIGTERM, None)
+    with pytest.raises(Preempted, match="SIGTERM before a stage's next step"):
+      with faults.PreemptionNotice():
+        pass
+    assert signal.getsignal(signal.SIGTERM) is outside_training  # nothing left installed
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def test_a_failed_save_stops_the_run_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch):

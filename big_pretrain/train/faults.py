@@ -27,12 +27,27 @@ from jax.experimental import multihost_utils
 from big_pretrain.errors import NonFiniteLossError, Preempted
 
 
-def preempted_outside_training(signum, frame) -> None:
-  """main.py's SIGTERM handler outside the training loop (PreemptionNotice's inside it)."""
-  del signum, frame
-  raise Preempted('SIGTERM before a stage\'s next step (while starting up, compiling or '
-                  'between stages): nothing new to save. Run the same command to carry on '
-                  'from the last checkpoint.')
+class SigtermOutsideTraining:
+  """main.py's SIGTERM handler outside the training loop (PreemptionNotice's inside it).
+
+  It raises Preempted wherever the main thread is (starting up, compiling, between stages).
+  A library may swallow an exception raised at an arbitrary point (in a finaliser, say), so
+  the notice is also remembered: the next stage's PreemptionNotice raises it again.
+  """
+
+  def __init__(self):
+    self.received = False
+
+  def __call__(self, signum, frame) -> None:
+    del signum, frame
+    self.received = True
+    raise self.preempted()
+
+  @staticmethod
+  def preempted() -> Preempted:
+    return Preempted('SIGTERM before a stage\'s next step (while starting up, compiling or '
+                     'between stages): nothing new to save. Run the same command to carry on '
+                     'from the last checkpoint.')
 
 
 class PreemptionNotice:
@@ -50,6 +65,9 @@ class PreemptionNotice:
     self._multi_process = False
 
   def __enter__(self) -> PreemptionNotice:
+    outside_training = signal.getsignal(signal.SIGTERM)
+    if isinstance(outside_training, SigtermOutsideTraining) and outside_training.received:
+      raise outside_training.preempted()  # it arrived before, and its exception was lost
     self._multi_process = jax.process_count() > 1
     self._previous_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
     if not self._multi_process:

@@ -14,6 +14,7 @@ nothing specific to any objective; what it leans on has a name of its own:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable
 
@@ -86,66 +87,73 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   speed = SpeedReference.of(config, mesh)
   logging.info('Model FLOPs per step: %.3g; %s.', speed.flops_per_step, speed.peak_description)
 
-  # --- Input.
-  data = InputPipeline(config.data, global_batch_size=config.batch_size, mesh=mesh,
-                       train=True, seed=config.seed)
-  batches, data_position = _training_batches(data, config.data.device_prefetch)
+  # Closed on every way out (also an error or a SIGTERM before the first step): the
+  # last checkpoint is whole, then the checkpointer, the prefetch thread and the writer stop.
+  with contextlib.ExitStack() as open_resources:
+    # --- Input.
+    data = InputPipeline(config.data, global_batch_size=config.batch_size, mesh=mesh,
+                         train=True, seed=config.seed)
+    batches, data_position = _training_batches(data, config.data.device_prefetch)
+    if batches is not data:
+      open_resources.callback(batches.close)
 
-  # --- Restore or initialise.
-  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-  checkpointer = Checkpointer(stage_dir.checkpoints, config.checkpoint)
-  start_step, state = _restore_or_initialise(checkpointer, trainer, data_position, init_rng,
-                                             initialise, config.total_steps)
-  final_evaluations_missing = (start_step >= config.total_steps
-                               and _final_evaluations_missing(config, stage_dir, start_step))
-  if jax.process_index() == 0:
-    resume_identity.record_start(requested_config, workdir, start_step, config_changes)
-  logging.info('Parameters:\n%s', sharding_lib.describe_param_shardings(
-      state.params, state.opt_state))
+    # --- Restore or initialise.
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+    checkpointer = Checkpointer(stage_dir.checkpoints, config.checkpoint)
+    open_resources.callback(checkpointer.close)
+    open_resources.callback(checkpointer.wait_until_finished)  # an asynchronous save completes
+    start_step, state = _restore_or_initialise(checkpointer, trainer, data_position, init_rng,
+                                               initialise, config.total_steps)
+    final_evaluations_missing = (start_step >= config.total_steps
+                                 and _final_evaluations_missing(config, stage_dir, start_step))
+    if jax.process_index() == 0:
+      resume_identity.record_start(requested_config, workdir, start_step, config_changes)
+    logging.info('Parameters:\n%s', sharding_lib.describe_param_shardings(
+        state.params, state.opt_state))
 
-  # --- Writer and evaluators.
-  writer = MetricWriter(workdir, write_events=jax.process_index() == 0)
-  writer.write_hparams(config.to_dict())
-  evaluations = StageEvaluations(build_evaluators(config, objective, trainer, workdir), writer,
-                                 stage_dir)
-  if start_step == 0:
-    evaluations.at_start(state.params)
+    # --- Writer and evaluators.
+    writer = MetricWriter(workdir, write_events=jax.process_index() == 0)
+    open_resources.callback(writer.close)
+    writer.write_hparams(config.to_dict())
+    evaluations = StageEvaluations(build_evaluators(config, objective, trainer, workdir), writer,
+                                   stage_dir)
+    if start_step == 0:
+      evaluations.at_start(state.params)
 
-  # --- Steps.
-  interval = LogInterval(speed, config.batch_size, config.total_steps)
-  last_metrics, history, step, end = {}, [], start_step, None
-  # The notice's handlers stay until the checkpoint in flight is whole and closed.
-  with faults.PreemptionNotice() as preemption:
-    try:
-      stop = faults.StopPolicy(config.total_steps, start_step, stop_after_steps, preemption)
-      if final_evaluations_missing:
-        evaluations.run_final(state, step)
-      while step < config.total_steps:
-        state, metrics = trainer.train_step(state, next(batches), step_rng)
-        step += 1
-        interval.add(metrics)
-        end = stop.after(step)
-        saving = end.final or end.stopping or checkpointer.should_save(step)
-        if step % config.log.every_steps == 0 or end.final or end.stopping:
-          faults.stop_if_nonfinite(interval.fetch(), step, config.optim.skip_nonfinite_updates,
-                                   checkpointer)
-          last_metrics = interval.summarise(step)
-          last_metrics['data/corrupt_images_skipped'] = data.corrupt_images_skipped
-          writer.write_scalars(step, last_metrics)
-          history.append((step, last_metrics))
-        elif saving:  # a NaN state is never written over a good one
-          faults.stop_if_nonfinite(interval.pending, step, config.optim.skip_nonfinite_updates,
-                                   checkpointer)
-        # The checkpoint first: an evaluator that fails (or a kill while it runs) loses no
-        # training, and a rerun of a finished stage runs only its final evaluations.
-        if saving:
-          checkpointer.save(step, state, data_position, force=True)
-        if not end.preempted:  # a preempted run has seconds left: evaluations wait
-          evaluations.run_due(state, step, final=end.final)
-        if end.stopping:
-          break
-    finally:
-      _close(checkpointer, batches, data, writer)
+    # --- Steps.
+    interval = LogInterval(speed, config.batch_size, config.total_steps)
+    last_metrics, history, step, end = {}, [], start_step, None
+    with faults.PreemptionNotice() as preemption:
+      try:
+        stop = faults.StopPolicy(config.total_steps, start_step, stop_after_steps, preemption)
+        if final_evaluations_missing:
+          evaluations.run_final(state, step)
+        while step < config.total_steps:
+          state, metrics = trainer.train_step(state, next(batches), step_rng)
+          step += 1
+          interval.add(metrics)
+          end = stop.after(step)
+          saving = end.final or end.stopping or checkpointer.should_save(step)
+          if step % config.log.every_steps == 0 or end.final or end.stopping:
+            faults.stop_if_nonfinite(interval.fetch(), step, config.optim.skip_nonfinite_updates,
+                                     checkpointer)
+            last_metrics = interval.summarise(step)
+            last_metrics['data/corrupt_images_skipped'] = data.corrupt_images_skipped
+            writer.write_scalars(step, last_metrics)
+            history.append((step, last_metrics))
+          elif saving:  # a NaN state is never written over a good one
+            faults.stop_if_nonfinite(interval.pending, step, config.optim.skip_nonfinite_updates,
+                                     checkpointer)
+          # The checkpoint first: an evaluator that fails (or a kill while it runs) loses no
+          # training, and a rerun of a finished stage runs only its final evaluations.
+          if saving:
+            checkpointer.save(step, state, data_position, force=True)
+          if not end.preempted:  # a preempted run has seconds left: evaluations wait
+            evaluations.run_due(state, step, final=end.final)
+          if end.stopping:
+            break
+      finally:  # inside the notice: its handlers stay until the last checkpoint is whole
+        open_resources.close()
   preempted = end is not None and end.preempted
   if preempted:
     logging.warning('Preemption notice (SIGTERM or Ctrl-C): saved a checkpoint at step %d and '
@@ -191,14 +199,3 @@ def _final_evaluations_missing(config, stage_dir: StageDir, final_step: int) -> 
                  'afresh).', final_step)
   return missing
 
-
-def _close(checkpointer: Checkpointer, batches, data, writer: MetricWriter) -> None:
-  """Also on errors: an asynchronous save in flight finishes, so the last good checkpoint is
-  whole; then the checkpointer, the prefetch thread and the writer are closed."""
-  try:
-    checkpointer.wait_until_finished()
-  finally:  # even when that save failed
-    checkpointer.close()
-    if batches is not data:
-      batches.close()
-    writer.close()
