@@ -49,6 +49,11 @@ class UnreadableDataError(UserFacingError, RuntimeError):
   """A source gave no readable image in config.data.max_consecutive_unreadable tries."""
 
 
+class DamagedFileError(UserFacingError, ValueError):
+  """A file the run reads (from a workdir or a data path) is cut short or not what it should
+  be; the message names it and what to do. Nothing was deleted."""
+
+
 class Preempted(BaseException):
   """A run stopped on a preemption notice (SIGTERM or Ctrl-C), after saving what it had.
 

@@ -20,7 +20,7 @@ from big_pretrain.data import records as records_lib
 from big_pretrain.data import sources
 from big_pretrain.data.sources import pseudo_labelled
 from big_pretrain.data.train_input import InputPipeline
-from big_pretrain.errors import ConfigError
+from big_pretrain.errors import ConfigError, DamagedFileError
 from big_pretrain.objectives import build_objective, self_training
 from big_pretrain.stages.pseudo_label_job import run_pseudo_label
 from big_pretrain.train.loop import train_stage
@@ -96,6 +96,32 @@ def test_pseudo_labels_resume_after_a_kill_to_the_same_bytes(teacher_dir, pseudo
   config.labels.kind = 'hard'
   with pytest.raises(ConfigError, match='other settings.*labels'):
     run_pseudo_label(config, folder, teacher_dir=teacher_dir)
+
+
+def test_damaged_job_files_are_rebuilt_or_named_and_nothing_is_deleted(teacher_dir,
+                                                                       pseudo_labels, tmp_path):
+  config = tiny_pseudo_label_config()
+  folder = tmp_path / 'labels'
+  shutil.copytree(pseudo_labels, folder)
+  # A shard's counts and the summary cut short (a full disk): set aside, the shard labelled
+  # again, the summary written again, to the same bytes.
+  counts = folder / records_lib.pseudo_label_shard_name(1, 3).replace('.array_record', '.json')
+  for path in (counts, folder / records_lib.METADATA_FILE):
+    path.write_bytes(path.read_bytes()[:10])
+  rerun = run_pseudo_label(config, str(folder), teacher_dir=teacher_dir,
+                           devices=jax.devices()[:FOUR_DEVICES])
+  assert rerun.finished and rerun.shards_written == 1
+  kept = {name for name in os.listdir(folder) if name.endswith('.damaged')}
+  assert kept == {counts.name + '.damaged', records_lib.METADATA_FILE + '.damaged'}
+  rebuilt = {name: digest for name, digest in _file_hashes(folder).items()
+             if not name.endswith('.damaged')}
+  assert rebuilt == _file_hashes(pseudo_labels)
+  # The job's settings cut short: nothing to check the job against, so it is refused.
+  job = folder / 'job.json'
+  job.write_bytes(job.read_bytes()[:10])
+  with pytest.raises(DamagedFileError, match=r'job\.json cannot be read .*restore it, or use '
+                                             'a new --workdir'):
+    run_pseudo_label(config, str(folder), teacher_dir=teacher_dir)
 
 
 def test_two_processes_write_the_same_pseudo_labels_as_one(teacher_dir, pseudo_labels,

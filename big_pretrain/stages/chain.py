@@ -145,11 +145,17 @@ def collect_eval_results(stage_dirs: dict[str, str]) -> dict[str, dict]:
   """{stage: evaluator results}; a pseudo-label stage reports how many images it labelled."""
   results = {}
   for name, stage_dir in stage_dirs.items():
-    at_start = storage.read_json(StageDir(stage_dir).at_start_results_file)
+    folder = StageDir(stage_dir)
+    at_start = stage_dir_lib.read_results(
+        folder.at_start_results_file,
+        "The stage's starting scores are left out of this summary (TensorBoard has them).")
     if at_start is not None:
       results[f'{name} (start)'] = at_start
-    stage_results = storage.read_json(StageDir(stage_dir).eval_results_file)
-    metadata = storage.read_json(os.path.join(stage_dir, records.METADATA_FILE))
+    stage_results = stage_dir_lib.read_results(
+        folder.eval_results_file, 'The same command evaluates the final checkpoint again.')
+    metadata = storage.read_json(
+        os.path.join(stage_dir, records.METADATA_FILE),
+        if_damaged='Run the same command: the pseudo-label stage writes it again.')
     if stage_results is not None:
       results[name] = stage_results
     elif metadata is not None:

@@ -43,14 +43,11 @@ from big_pretrain.data import sources
 from big_pretrain.data.eval_input import decode_key, ordered_batches
 from big_pretrain.data.sources import pseudo_labelled
 from big_pretrain.data.text.labels import LabelVocabulary
-from big_pretrain.errors import ConfigError
+from big_pretrain.errors import ConfigError, DamagedFileError
 from big_pretrain.objectives import build_objective
-from big_pretrain.stages import transfer
 from big_pretrain.stages import transfer
 from big_pretrain.stages.stage_dir import CONFIG_FILE, StageDir
 from big_pretrain.storage import files as storage
-from big_pretrain.storage import files as storage
-
 
 
 @dataclasses.dataclass
@@ -65,7 +62,10 @@ def read_teacher_config(teacher_dir: str) -> ml_collections.ConfigDict:
   """The stage config a teacher stage recorded (its config.json, with what the data decided),
   in today's schema."""
   path = StageDir(teacher_dir).config_file
-  recorded = storage.read_json(path)
+  recorded = storage.read_json(
+      path, if_damaged="It records the teacher's config, without which its checkpoint cannot "
+      'be read: restore it from a copy of the teacher folder (or the config the teacher was '
+      'trained with, as main.py wrote it), or label with another teacher.')
   if recorded is None:
     raise FileNotFoundError(
         f'The teacher folder {teacher_dir!r} has no {CONFIG_FILE}: point '
@@ -133,7 +133,7 @@ def run_pseudo_label(config, workdir: str, *, teacher_dir: str | None = None, de
   num_examples = len(source)
   settings = job_settings(config, step_dir, num_examples)
   _check_or_record_settings(workdir, settings)
-  metadata = storage.read_json(os.path.join(workdir, records_lib.METADATA_FILE))
+  metadata = _finished_metadata(workdir)
   if metadata is not None:
     logging.info('Pseudo-labels in %s are finished: nothing to do.', workdir)
     return PseudoLabelResult(workdir, True, 0, metadata)
@@ -192,7 +192,7 @@ def run_pseudo_label(config, workdir: str, *, teacher_dir: str | None = None, de
                       _class_names(teacher_config, num_classes))
   if jax.process_index() == 0:
     storage.write_text(os.path.join(workdir, records_lib.METADATA_FILE),
-                           json.dumps(metadata, indent=2))
+                       json.dumps(metadata, indent=2))
   multihost_utils.sync_global_devices('pseudo_label metadata')
   logging.info('%s', format_report(metadata))
   return PseudoLabelResult(workdir, True, written, metadata)
@@ -227,14 +227,43 @@ class _ShardCounts:
             'label_counts': self.label_counts.tolist()}
 
 
+def _finished_metadata(workdir: str) -> dict | None:
+  """The finished job's metadata.json, or None. A damaged one is set aside and written again
+  from the shards' counts (every process reads it before process 0 may rename it)."""
+  path = os.path.join(workdir, records_lib.METADATA_FILE)
+  try:
+    metadata = storage.read_json(path, if_damaged='')
+  except DamagedFileError as error:
+    metadata, damaged = None, error
+  else:
+    damaged = None
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('pseudo_label metadata read')
+  if damaged is not None and jax.process_index() == 0:
+    kept = storage.set_aside(path)
+    logging.warning('%s Set aside as %s; it is written again from the shards\' counts.',
+                    str(damaged).strip(), os.path.basename(kept))
+  return metadata
+
+
 def _counts_file(shard: int, num_shards: int) -> str:
   return records_lib.pseudo_label_shard_name(shard, num_shards).replace('.array_record', '.json')
 
 
 def _finished_shards(workdir: str, num_shards: int) -> np.ndarray:
-  """Which shards have their counts written (process 0 looks; every process agrees)."""
+  """Which shards have their counts written whole (process 0 looks; every process agrees).
+  A damaged counts file is set aside, and its shard labelled again (the same bytes)."""
   present = set(storage.list_dir(workdir)) if jax.process_index() == 0 else set()
   done = np.array([_counts_file(s, num_shards) in present for s in range(num_shards)], bool)
+  for shard in np.flatnonzero(done):
+    path = os.path.join(workdir, _counts_file(shard, num_shards))
+    try:
+      storage.read_json(path, if_damaged='')
+    except DamagedFileError as error:
+      kept = storage.set_aside(path)
+      logging.warning('%s Set aside as %s; shard %d is labelled again.', str(error).strip(),
+                      os.path.basename(kept), shard)
+      done[shard] = False
   if jax.process_count() > 1:
     done = np.asarray(multihost_utils.broadcast_one_to_all(done))
   return done
@@ -256,13 +285,16 @@ def _write_shard(workdir: str, shard: int, num_shards: int, records: list[bytes]
       storage.write_bytes(
           os.path.join(workdir, records_lib.pseudo_label_shard_name(shard, num_shards)), f.read())
   storage.write_text(os.path.join(workdir, _counts_file(shard, num_shards)),
-                         json.dumps(counts))
+                     json.dumps(counts))
 
 
 def _check_or_record_settings(workdir: str, settings: dict) -> None:
   """Resumes only the same job: other settings in the same folder are refused."""
   path = StageDir(workdir).job_file
-  recorded = storage.read_json(path)
+  recorded = storage.read_json(
+      path, if_damaged=f'It records the settings the pseudo-labels in {workdir} were made '
+      'with, so this job cannot be checked against them: restore it, or use a new --workdir. '
+      'Nothing was modified.')
   # Another process may already have written the same settings: every process
   # passes the barrier below whichever it saw.
   if recorded is None and jax.process_index() == 0:
@@ -282,7 +314,8 @@ def _summary(workdir: str, num_shards: int, settings: dict, num_classes: int,
   shards, totals = [], {}
   label_counts = np.zeros(num_classes, np.int64)
   for shard in range(num_shards):
-    counts = storage.read_json(os.path.join(workdir, _counts_file(shard, num_shards)))
+    counts = storage.read_json(os.path.join(workdir, _counts_file(shard, num_shards)),
+                               if_damaged='Run the same command: it labels that shard again.')
     shards.append({'file': records_lib.pseudo_label_shard_name(shard, num_shards),
                    'num_records': counts['num_records']})
     label_counts += np.asarray(counts.pop('label_counts'), np.int64)

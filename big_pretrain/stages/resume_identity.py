@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 
 from absl import logging
@@ -114,15 +115,11 @@ def check_resume(config, workdir: str, checkpoint_steps: list[int], *,
 
 def _read_record(workdir: str) -> dict | None:
   """The recorded config.json; a damaged one is refused, since nothing could be compared."""
-  path = StageDir(workdir).config_file
-  try:
-    return storage.read_json(path)
-  except ValueError as error:  # json.JSONDecodeError: edited by hand, or cut short
-    raise ConfigError(
-        f'{path} cannot be read ({type(error).__name__}: {error}); it records the config the '
-        f'checkpoints in {workdir} were trained with, so this run cannot be checked against it. '
-        f'Restore it, or delete it to resume without the check, or use a new --workdir. '
-        'Nothing was modified.') from error
+  return storage.read_json(
+      StageDir(workdir).config_file,
+      if_damaged=f'It records the config the checkpoints in {workdir} were trained with, so '
+      'this run cannot be checked against it. Restore it, or move it away to resume without '
+      'the check, or use a new --workdir. Nothing was modified.')
 
 
 def record_start(config, workdir: str, step: int, changes: ConfigChanges | None) -> None:
@@ -131,10 +128,25 @@ def record_start(config, workdir: str, step: int, changes: ConfigChanges | None)
   history_path = stage_dir.history_file
   entry = {'step': step, 'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
            'changes': {key: list(pair) for key, pair in (changes.all() if changes else {}).items()}}
-  previous = storage.read_text(history_path) or ''
+  previous = _readable_history(history_path)
   # The history first, so a kill in between never leaves a config.json it does not explain.
   storage.write_text(history_path, previous + json.dumps(entry) + '\n')
   storage.write_text(stage_dir.config_file, config.to_json_best_effort(indent=2))
+
+
+def _readable_history(path: str) -> str:
+  """config_history.jsonl's lines so far; a damaged file (a line that is not JSON) is set
+  aside with a warning, and a new history starts."""
+  text = storage.read_text(path) or ''
+  try:
+    for line in text.splitlines():
+      json.loads(line)
+  except ValueError as error:  # record_start runs on process 0 only: it alone renames
+    kept = storage.set_aside(path)
+    logging.warning('%s cannot be read (%s); set aside as %s, and a new history starts with '
+                    'this run.', path, error, os.path.basename(kept))
+    return ''
+  return text
 
 
 def _refusal(changes: ConfigChanges, workdir: str, latest_step: int, finished: bool) -> str:

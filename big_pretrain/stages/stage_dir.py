@@ -22,7 +22,9 @@ import json
 import os
 
 import jax
+from absl import logging
 
+from big_pretrain.errors import DamagedFileError
 from big_pretrain.storage import files as storage
 
 CHECKPOINTS = 'checkpoints'
@@ -61,5 +63,20 @@ def final_evaluations_recorded(stage_dir: StageDir, has_evaluators: bool,
   (always so for a stage without evaluators)."""
   if not has_evaluators:
     return True
-  recorded = storage.read_json(stage_dir.eval_results_file)
+  recorded = read_results(stage_dir.eval_results_file,
+                          'The final evaluations run again from the final checkpoint.')
   return recorded is not None and recorded.get('step', -1) >= final_step
+
+
+def read_results(path: str, rebuilt: str) -> dict | None:
+  """A results file (eval_results*.json), or None if there is none. A damaged one is set
+  aside (process 0 renames it to *.damaged; nothing is deleted) with a warning that ends
+  with `rebuilt`, and reads as None."""
+  try:
+    return storage.read_json(path, if_damaged='')
+  except DamagedFileError as error:
+    if jax.process_index() == 0:
+      kept = storage.set_aside(path)
+      logging.warning('%s Set aside as %s. %s', str(error).strip(), os.path.basename(kept),
+                      rebuilt)
+    return None

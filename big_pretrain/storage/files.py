@@ -13,7 +13,7 @@ import os
 
 from etils import epath
 
-from big_pretrain.errors import WorkdirError
+from big_pretrain.errors import DamagedFileError, WorkdirError
 
 
 def is_bucket(path) -> bool:
@@ -40,10 +40,38 @@ def write_bytes(path: str, data: bytes) -> None:
   temporary.replace(target)
 
 
-def read_json(path: str) -> dict | None:
-  """The JSON object in `path`, or None if there is no such file."""
-  text = read_text(path)
-  return json.loads(text) if text is not None else None
+def read_json(path: str, *, if_damaged: str) -> dict | None:
+  """The JSON object in `path`, or None if there is no such file.
+
+  A file that is not one whole JSON object (cut short by a full disk, edited by hand) raises
+  DamagedFileError naming it, followed by `if_damaged`: what the reader should do.
+  """
+  try:
+    text = read_text(path)
+    recorded = json.loads(text) if text is not None else None
+  except (ValueError, UnicodeDecodeError) as error:  # json.JSONDecodeError is a ValueError
+    raise DamagedFileError(f'{path} cannot be read ({_first_line(error)}). {if_damaged}'
+                           ) from error
+  if recorded is not None and not isinstance(recorded, dict):
+    raise DamagedFileError(f'{path} holds a {type(recorded).__name__}, not the JSON object '
+                           f'it should. {if_damaged}')
+  return recorded
+
+
+def set_aside(path: str) -> str:
+  """Renames a damaged file to `<path>.damaged` (or .damaged.2, ...), keeping it for the
+  user to inspect while the run rebuilds it; returns the new path."""
+  source = epath.Path(path)
+  target, n = epath.Path(f'{path}.damaged'), 1
+  while target.exists():
+    n += 1
+    target = epath.Path(f'{path}.damaged.{n}')
+  source.rename(target)
+  return str(target)
+
+
+def _first_line(error: Exception) -> str:
+  return f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}'
 
 
 def read_text(path: str) -> str | None:

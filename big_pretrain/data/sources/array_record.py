@@ -16,6 +16,7 @@ from absl import logging
 
 from big_pretrain.data import records
 from big_pretrain.data.text import labels as labels_lib
+from big_pretrain.errors import DamagedFileError
 
 _CONVERT_HINT = (
     'Convert an image folder or webdataset tar shards with `python -m big_pretrain.data.convert'
@@ -26,19 +27,20 @@ def read_array_record_metadata(directory: str | pathlib.Path) -> dict[str, Any] 
   """The converter's metadata.json in ``directory``, or None if there is none."""
   metadata_path = pathlib.Path(directory) / records.METADATA_FILE
   try:
-    text = metadata_path.read_text(encoding='utf-8')
+    metadata = json.loads(metadata_path.read_text(encoding='utf-8'))
   except FileNotFoundError:
     return None
-  try:
-    metadata = json.loads(text)
-  except json.JSONDecodeError as error:
-    raise ValueError(f'{str(metadata_path)!r} is not valid JSON ({error}). {_CONVERT_HINT}'
-                     ) from error
-  version = metadata.get('format_version')
-  if metadata.get('format') != records.IMAGE_FORMAT or version != records.IMAGE_FORMAT_VERSION:
-    raise ValueError(
-        f'{str(metadata_path)!r} is not metadata of this version of the converter (format'
-        f' {metadata.get("format")!r} version {version!r}; expected {records.IMAGE_FORMAT!r}'
+  except ValueError as error:  # not JSON (JSONDecodeError), or not text (UnicodeDecodeError)
+    raise DamagedFileError(
+        f'{metadata_path} cannot be read ({type(error).__name__}: {error}): the converter '
+        f'writes it last, and it lists the shards. Copy the folder again, or convert again. '
+        f'{_CONVERT_HINT}') from error
+  fields = metadata if isinstance(metadata, dict) else {}
+  version = fields.get('format_version')
+  if fields.get('format') != records.IMAGE_FORMAT or version != records.IMAGE_FORMAT_VERSION:
+    raise DamagedFileError(
+        f'{metadata_path} is not metadata of this version of the converter (format'
+        f' {fields.get("format")!r} version {version!r}; expected {records.IMAGE_FORMAT!r}'
         f' version {records.IMAGE_FORMAT_VERSION}). {_CONVERT_HINT}')
   return metadata
 
@@ -112,14 +114,10 @@ class ArrayRecordSource:
   """
 
   def __init__(self, path: str | Sequence[str]):
-    import grain  # pylint: disable=g-import-not-at-top  # Only needed here; slow to import.
     shards, metadata = array_record_shards(path)
-    try:
-      self._records = grain.sources.ArrayRecordDataSource(shards)
-    except (RuntimeError, ValueError) as error:
-      raise ValueError(
-          f'Cannot read the ArrayRecord shards {_describe_shards(shards, error)}. {_CONVERT_HINT}'
-      ) from error
+    self._records = open_shards(
+        shards, if_damaged='Copy it again from where it was converted, or convert again. '
+        + _CONVERT_HINT)
     self._shards = shards
     if metadata is None:
       logging.warning('No %s beside the ArrayRecord shards %s: no class names, num_classes=0.',
@@ -161,8 +159,22 @@ class ArrayRecordSource:
       return f'in one of {self._shards[:3]}{"..." if len(self._shards) > 3 else ""}'
 
 
-def _describe_shards(shards: Sequence[str], error: Exception) -> str:
-  """Names the first shard that array_record cannot open (its own message may not)."""
+def open_shards(shards: Sequence[str], *, if_damaged: str):
+  """Grain's random-access reader of `shards`; DamagedFileError naming the first shard that
+  is not a whole ArrayRecord file (cut short by a copy that did not finish, say), followed by
+  `if_damaged`: what to do."""
+  import grain  # pylint: disable=g-import-not-at-top  # Only needed here; slow to import.
+  try:
+    return grain.sources.ArrayRecordDataSource(list(shards))
+  except (RuntimeError, ValueError) as error:
+    raise DamagedFileError(
+        f'{_first_unreadable(shards)} cannot be read: it is not a whole ArrayRecord file '
+        f'({str(error).splitlines()[0] if str(error) else type(error).__name__}). {if_damaged}'
+    ) from error
+
+
+def _first_unreadable(shards: Sequence[str]) -> str:
+  """The first shard that array_record cannot open (its own message may not name it)."""
   # pylint: disable-next=g-import-not-at-top
   from array_record.python import array_record_module
   for shard in shards:
@@ -173,5 +185,5 @@ def _describe_shards(shards: Sequence[str], error: Exception) -> str:
     except Exception:  # pylint: disable=broad-exception-caught
       usable = False
     if not usable or pathlib.Path(shard).stat().st_size == 0:
-      return f'{shard!r} (not an ArrayRecord file: {error})'
-  return f'{list(shards[:3])}{"..." if len(shards) > 3 else ""} ({error})'
+      return f'ArrayRecord shard {shard}'
+  return f'One of the ArrayRecord shards {list(shards[:3])}{"..." if len(shards) > 3 else ""}'

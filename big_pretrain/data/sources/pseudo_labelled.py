@@ -18,7 +18,8 @@ import ml_collections
 import numpy as np
 
 from big_pretrain.data import records
-from big_pretrain.errors import ConfigError
+from big_pretrain.data.sources import array_record
+from big_pretrain.errors import ConfigError, DamagedFileError
 
 # The keys of config.data that say which images a source holds (not how they are
 # augmented or batched): the unlabelled source is rebuilt from these.
@@ -40,11 +41,21 @@ def read_metadata(folder: str) -> dict[str, Any]:
         f'No finished pseudo-labels in {folder!r} ({records.METADATA_FILE} is missing): run the '
         'pseudo-label stage first (it writes that file last), or point '
         'config.data.pseudo_labels.path at its folder.')
-  metadata = json.loads(path.read_text(encoding='utf-8'))
-  if (metadata.get('format') != records.PSEUDO_LABEL_FORMAT
-      or metadata.get('format_version') != records.PSEUDO_LABEL_FORMAT_VERSION):
-    raise ValueError(f'{str(path)!r} is not pseudo-label metadata of this version '
-                     f'(format {metadata.get("format")!r} v{metadata.get("format_version")}).')
+  try:
+    metadata = json.loads(path.read_text(encoding='utf-8'))
+  except (ValueError, UnicodeDecodeError) as error:
+    raise DamagedFileError(
+        f'{path} cannot be read ({type(error).__name__}: {error}). Run the pseudo-label stage '
+        'into that folder again (the same command): it writes metadata.json again from the '
+        "shards' counts without labelling anything twice.") from error
+  fields = metadata if isinstance(metadata, dict) else {}
+  if (fields.get('format') != records.PSEUDO_LABEL_FORMAT
+      or fields.get('format_version') != records.PSEUDO_LABEL_FORMAT_VERSION):
+    raise DamagedFileError(
+        f'{path} is not pseudo-label metadata of this version (format '
+        f'{fields.get("format")!r} v{fields.get("format_version")}; expected '
+        f'{records.PSEUDO_LABEL_FORMAT!r} v{records.PSEUDO_LABEL_FORMAT_VERSION}): point '
+        'config.data.pseudo_labels.path at a folder the pseudo-label stage wrote.')
   return metadata
 
 
@@ -73,7 +84,6 @@ class PseudoLabelledSource:
   """
 
   def __init__(self, folder: str, unlabelled, *, width: int):
-    import grain  # pylint: disable=g-import-not-at-top
     metadata = read_metadata(folder)
     shards = [str(pathlib.Path(folder) / shard['file']) for shard in metadata['shards']
               if shard['num_records']]
@@ -83,7 +93,10 @@ class PseudoLabelledSource:
           f'{metadata["num_examples"]} unlabelled images passed the teacher\'s confidence '
           f'threshold {metadata["labels"]["threshold"]}. Lower it and run the pseudo-label '
           'stage again (in a new folder).')
-    self._records = grain.sources.ArrayRecordDataSource(shards)
+    self._records = array_record.open_shards(
+        shards, if_damaged=f'Move it aside with its counts file (.json) and {folder}/'
+        f'{records.METADATA_FILE}, then run the pseudo-label stage into {folder} again: it '
+        'labels that shard again.')
     self._unlabelled = unlabelled
     self._width = width
     self._folder = folder

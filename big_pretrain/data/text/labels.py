@@ -52,6 +52,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from big_pretrain.data.text import frequent_tokens
+from big_pretrain.errors import DamagedFileError
 from big_pretrain.storage import files as storage
 
 # Pads the 'label_ids' rows the pipeline sends to the device; never a label id.
@@ -214,7 +215,7 @@ class LabelVocabulary:
           ' shipped synthetic one, big_pretrain.data.text.labels.synthetic_vocabulary_path().'
       ) from None
     except UnicodeDecodeError as error:
-      raise ValueError(
+      raise DamagedFileError(
           f'Label vocabulary file {path!r} is not UTF-8 ({error}); save it as UTF-8.') from None
 
     labels, synonyms, locations = [], {}, []
@@ -228,7 +229,7 @@ class LabelVocabulary:
       synonyms[label] = [s for s in synonyms_text.split(',') if s.strip()]
       locations.append(f'line {line_number} of {path}')
     if not labels:
-      raise ValueError(
+      raise DamagedFileError(
           f'Label vocabulary file {path!r} has no labels (only blank or comment lines).'
           ' Rebuild it with `python -m big_pretrain.data.text.build_vocabulary labels ...'
           ' --output=PATH`.')
@@ -237,12 +238,15 @@ class LabelVocabulary:
       first_line = {}
       for label, location in zip(labels, locations):
         if label in first_line:
-          raise ValueError(
+          raise DamagedFileError(
               f'{location}: label {normalize_tag(label)!r} is already defined at'
               f' {first_line[label]}. Remove one of them; list other spellings as'
               ' synonyms ("label: tag1, tag2").')
         first_line[label] = location
-    return cls(labels, synonyms, locations=locations)
+    try:
+      return cls(labels, synonyms, locations=locations)
+    except ValueError as error:  # a name that cannot be stored, or a synonym given twice
+      raise DamagedFileError(str(error)) from None
 
   def write(self, path: str) -> None:
     """Writes the vocabulary in the file format, one label per line in id order."""

@@ -11,6 +11,7 @@ from typing import Iterable
 from etils import epath
 
 from big_pretrain.data.text.tokenizer import SENTENCEPIECE_SUFFIX, Tokenizer
+from big_pretrain.errors import DamagedFileError
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -40,7 +41,7 @@ class SentencePieceTokenizer(Tokenizer):
       self._processor = sentencepiece.SentencePieceProcessor(
           model_proto=epath.Path(path).read_bytes())
     except (OSError, RuntimeError) as error:
-      raise ValueError(
+      raise DamagedFileError(
           f'{path!r} could not be read as a SentencePiece model ({error}). Only files'
           f' ending in {SENTENCEPIECE_SUFFIX!r} are read as SentencePiece models; rename a'
           ' word vocabulary to .txt.') from None

@@ -53,6 +53,7 @@ import numpy as np
 from etils import epath
 
 from big_pretrain.data.text import frequent_tokens
+from big_pretrain.errors import DamagedFileError
 from big_pretrain.storage import files as storage
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = '<pad>', '<bos>', '<eos>', '<unk>'
@@ -216,12 +217,12 @@ class WordTokenizer(Tokenizer):
           ' synthetic one, big_pretrain.data.text.tokenizer.synthetic_tokenizer_path().'
       ) from None
     except UnicodeDecodeError as error:
-      raise ValueError(
+      raise DamagedFileError(
           f'Tokenizer file {path!r} is not UTF-8 ({error}); save it as UTF-8, or give a'
           f' SentencePiece model a name ending in {SENTENCEPIECE_SUFFIX!r}.') from None
     header = lines[:len(SPECIAL_TOKENS)]
     if header != list(SPECIAL_TOKENS):
-      raise ValueError(
+      raise DamagedFileError(
           f'Tokenizer file {path!r} starts with {header}, but a word vocabulary starts with'
           f' the lines {list(SPECIAL_TOKENS)} (ids 0-3). Rebuild it with `python -m'
           ' big_pretrain.data.text.build_vocabulary tokenizer ... --output=PATH`; a'
@@ -230,12 +231,15 @@ class WordTokenizer(Tokenizer):
     words = lines[len(SPECIAL_TOKENS):]
     for line_number, word in enumerate(words, start=len(SPECIAL_TOKENS) + 1):
       if not word.strip():
-        raise ValueError(
+        raise DamagedFileError(
             f'Line {line_number} of tokenizer file {path!r} is blank. Remove it: ids are'
             ' line positions, so a blank line would shift every later id.')
     locations = [f'line {number} of {path}'
                  for number in range(len(SPECIAL_TOKENS) + 1, len(lines) + 1)]
-    return cls(words, locations=locations)
+    try:
+      return cls(words, locations=locations)
+    except ValueError as error:  # a word given twice, located by its line
+      raise DamagedFileError(str(error)) from None
 
   def write(self, path: str) -> None:
     """Writes the vocabulary file, one token per line in id order."""
@@ -366,8 +370,17 @@ def record_tokenizer(data_config, workdir: str) -> str | None:
     if existing is not None:
       if storage.absolute(existing) == storage.absolute(path):
         return recorded  # The config already points at the recorded copy.
-      if (existing != recorded
-          or epath.Path(path).read_bytes() != epath.Path(existing).read_bytes()):
+      configured, copy = epath.Path(path).read_bytes(), epath.Path(existing).read_bytes()
+      fix = (f'It is the copy of the tokenizer {workdir} was trained with: copy that tokenizer '
+             f'over it (config.data.text.tokenizer={path!r}, if it is the same one).')
+      if len(copy) < len(configured) and configured.startswith(copy):
+        raise DamagedFileError(f'{existing} is cut short: its {len(copy)} bytes are the start '
+                               f'of the {len(configured)} of {path}. {fix}')
+      try:
+        load_tokenizer(existing)
+      except DamagedFileError as error:
+        raise DamagedFileError(f'{error} {fix}') from None
+      if existing != recorded or configured != copy:
         raise ValueError(
             f'{workdir!r} was trained with the tokenizer recorded in {existing!r}, which'
             f' differs from config.data.text.tokenizer={path!r}. Its checkpoints index that'
