@@ -33,9 +33,9 @@ def main(argv):
   previous_handler = signal.signal(signal.SIGTERM, outside_training)
   try:
     _run(cli.parsed_command())
-  except KeyboardInterrupt:
+  except KeyboardInterrupt:  # maybe while XLA compiles; the stage has closed its files
     cli.exit_with('Interrupted (Ctrl-C): stopped without saving; the same command resumes '
-                  'from the last checkpoint.', EXIT_INTERRUPTED)
+                  'from the last checkpoint.', EXIT_INTERRUPTED, skip_teardown=True)
   except (UserFacingError, Preempted) as e:
     _stop(e, interrupted_a_compile=outside_training.received)
   finally:  # main() run in-process (tests) leaves the process's handler as it was

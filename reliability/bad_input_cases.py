@@ -12,11 +12,14 @@ from typing import Callable
 
 from big_pretrain.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_STOPPED, EXIT_USAGE
 from reliability.bad_input_checks import (
-    CARRY_ON, EXIT_OK, REFUSE, Context, Observed, chain_unreadable, checkpoints_deleted,
-    disk_full, empty_lock_file, finished_rerun, held_out_smaller_than_batch, image_folder_run,
-    read_only_workdir, refused_at_start, refused_unchanged, remove_arrays, remove_metadata,
-    resume_allowed, sigkill_then_rerun, signalled, truncate_config_json, truncate_largest,
-    two_runs_at_once, unreadable_checkpoint)
+    BASE_TOTAL_STEPS, CARRY_ON, EXIT_OK, REFUSE, Context, Observed, chain_unreadable,
+    checkpoints_deleted, disk_full, empty_lock_file, finished_rerun, held_out_smaller_than_batch,
+    image_folder_run, read_only_workdir, refused_at_start, refused_unchanged, remove_arrays,
+    remove_metadata, resume_allowed, sigkill_then_rerun, signalled, signalled_at_start,
+    truncate_config_json, truncate_largest, two_runs_at_once, unreadable_checkpoint)
+from reliability.damaged_file_checks import (
+    ARRAY_RECORD, EXIT_REFUSED_LATE, damaged_config_history, damaged_eval_results,
+    refused_data_file, text_file, truncated_converter_metadata, truncated_shard)
 
 # The table of bad inputs and faults every run must answer clearly, as it was filed:
 # row id -> (the row's words; the case names that cover it).
@@ -41,6 +44,17 @@ TABLE_ROWS = {
     'chain': ('an earlier stage\'s final checkpoint unreadable in a chain', ('chain_unreadable',)),
     'signals': ('SIGINT (Ctrl-C); SIGTERM', ('sigint', 'sigterm')),
     'deleted': ('all checkpoints deleted, folder kept', ('checkpoints_deleted',)),
+    'finished': ('a finished workdir run again with another config',
+                 ('finished_other_model', 'finished_other_mask_ratio', 'finished_other_seed')),
+    'values': ('a config value out of its range or choices, or legal but suspicious',
+               ('lr_negative', 'dtype_unknown', 'batch_size_0', 'warmup_beyond_total',
+                'lr_above_0.1')),
+    'damaged': ('a damaged file the run reads from its workdir or a data path',
+                ('eval_results_truncated', 'config_history_truncated', 'shard_truncated',
+                 'converter_metadata_truncated', 'vocabulary_not_utf8',
+                 'vocabulary_duplicate_label', 'tokenizer_empty')),
+    'start_signal': ('SIGTERM or Ctrl-C before the first step',
+                     ('sigterm_at_start', 'sigterm_while_compiling', 'sigint_while_compiling')),
 }
 
 
@@ -66,6 +80,80 @@ def _bad_override(name: str, row: str, override: str, evidence: str, done_note: 
   return Case(name, row, f'`{override}`{done_note}',
               lambda ctx: refused_at_start(ctx, ctx.tiny(), ctx.fresh(), override,
                                            evidence=evidence, devices=devices))
+
+
+def _finished_other(name: str, override: str, diff: str) -> Case:
+  return Case(name, 'finished', f'rerun the finished 4-step workdir with `{override}`',
+              lambda ctx: refused_unchanged(
+                  ctx, f'--config.total_steps={BASE_TOTAL_STEPS}', override,
+                  evidence=re.escape(diff) + '(?s:.*)That run is finished'), needs='trained')
+
+
+def _carries_on_warning(name: str, override: str, evidence: str) -> Case:
+  """A new run with `override`: legal, so it trains, after one warning line."""
+  return Case(name, 'values', f'`{override}`',
+              lambda ctx: Observed(ctx.main(ctx.tiny(), ctx.fresh(), override), CARRY_ON,
+                                   (EXIT_OK,), evidence))
+
+
+def _damaged_data_file(name: str, done: str, damage, evidence: str, *args: str,
+                       exit_codes=(EXIT_USAGE,)) -> Case:
+  return Case(name, 'damaged', done, lambda ctx: refused_data_file(
+      ctx, damage, *args, evidence=evidence, exit_codes=exit_codes))
+
+
+def _second_ring_cases() -> list[Case]:
+  """Finished stages, every config value, damaged files and a signal before the first step."""
+  return [
+      _finished_other('finished_other_model', '--config.model.variant=Ti/8',
+                      'model.variant: "mu/8" -> "Ti/8"'),
+      _finished_other('finished_other_mask_ratio', '--config.objective.mask_ratio=0.5',
+                      'objective.mask_ratio: 0.75 -> 0.5'),
+      _finished_other('finished_other_seed', '--config.seed=1', 'seed: 0 -> 1'),
+      _bad_override('lr_negative', 'values', '--config.optim.lr_per_256=-0.001',
+                    re.escape('optim.lr_per_256=-0.001')),
+      _bad_override('dtype_unknown', 'values', '--config.model.dtype=float17',
+                    re.escape("model.dtype='float17'")),
+      _bad_override('batch_size_0', 'values', '--config.batch_size=0',
+                    re.escape('batch_size=0')),
+      _carries_on_warning('warmup_beyond_total', '--config.optim.warmup_steps=10',
+                          re.escape('warmup_steps=10 is not below')),
+      _carries_on_warning('lr_above_0.1', '--config.optim.lr_per_256=5.0',
+                          re.escape('lr_per_256=5.0 at batch')),
+      Case('eval_results_truncated', 'damaged', 'the finished workdir with a reconstruction '
+           'evaluator and its eval_results.json cut short; the same command',
+           damaged_eval_results, needs='trained'),
+      Case('config_history_truncated', 'damaged', 'config_history.jsonl of the 4-step workdir '
+           'cut in half; resume to 6 steps', damaged_config_history, needs='trained'),
+      _damaged_data_file('shard_truncated', 'train on a converted folder whose ArrayRecord '
+                         'shard is cut in half', truncated_shard,
+                         'is not a whole ArrayRecord file', *ARRAY_RECORD,
+                         exit_codes=EXIT_REFUSED_LATE),
+      _damaged_data_file('converter_metadata_truncated', "the converted folder's metadata.json"
+                         ' cut in half', truncated_converter_metadata,
+                         r'metadata\.json cannot be read', *ARRAY_RECORD),
+      _damaged_data_file('vocabulary_not_utf8', '`--config.data.labels.vocabulary=` a binary '
+                         'file', text_file('vocab.txt', b'\xff\xfe\x00\x81',
+                                           'data.labels.vocabulary'), 'is not UTF-8'),
+      _damaged_data_file('vocabulary_duplicate_label', 'a label vocabulary with a label twice',
+                         text_file('vocab.txt', b'circle\nsquare\ncircle\n',
+                                   'data.labels.vocabulary'), 'already defined at line 1'),
+      _damaged_data_file('tokenizer_empty', '`--config.data.text.tokenizer=` an empty file (a '
+                         'copy that did not start)', text_file('tokenizer.txt', b'',
+                                                               'data.text.tokenizer'),
+                         'a word vocabulary starts with'),
+      Case('sigterm_at_start', 'start_signal', 'SIGTERM once the run lock is taken',
+           lambda ctx: signalled_at_start(ctx, signal.SIGTERM, (EXIT_PREEMPTED,),
+                                          "SIGTERM before a stage's next step")),
+      Case('sigterm_while_compiling', 'start_signal', 'SIGTERM 0.5 s after `Model FLOPs` is '
+           'logged (the initialisation compiles)',
+           lambda ctx: signalled_at_start(ctx, signal.SIGTERM, (EXIT_PREEMPTED,), 'Preempted',
+                                          after_line='Model FLOPs per step', delay=0.5)),
+      Case('sigint_while_compiling', 'start_signal', 'Ctrl-C 0.5 s after `Model FLOPs` is logged',
+           lambda ctx: signalled_at_start(ctx, signal.SIGINT, (EXIT_INTERRUPTED, EXIT_PREEMPTED),
+                                          'Interrupted|Preempted',
+                                          after_line='Model FLOPs per step', delay=0.5)),
+  ]
 
 
 def cases() -> list[Case]:
@@ -183,5 +271,4 @@ def cases() -> list[Case]:
            lambda ctx: refused_unchanged(ctx, damage=truncate_config_json,
                                          evidence='config.json cannot be read'),
            needs='trained'),
-  ]
-
+  ] + _second_ring_cases()

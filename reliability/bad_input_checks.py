@@ -304,6 +304,25 @@ def signalled(ctx: Context, signals: tuple[int, ...], exit_codes, evidence: str,
   return observed
 
 
+def signalled_at_start(ctx: Context, signum: int, exit_codes, evidence: str, *,
+                       after_line: str | None = None, delay: float = 0.0) -> Observed:
+  """Signals a new run while it starts up: once its run lock is taken, or `delay` s after the
+  log line `after_line` (e.g. while the step compiles). The lock must be released."""
+  workdir = os.path.join(ctx.folder, 'run')
+  lock = os.path.join(workdir, 'run.lock')
+  process = ctx.start(ctx.tiny(), f'--workdir={workdir}')
+  deadline = time.monotonic() + ctx.timeout
+  while process.poll() is None and time.monotonic() < deadline and not (
+      os.path.exists(lock) if after_line is None else after_line in process.output()):
+    time.sleep(POLL_SECONDS)
+  time.sleep(delay)
+  process.signal(signum)
+  observed = Observed(process.finish(ctx.timeout), CARRY_ON, exit_codes, evidence)
+  if os.path.exists(lock):
+    observed.problems.append('run.lock left behind')
+  return observed
+
+
 def disk_full(ctx: Context) -> Observed:
   """The workdir on a 64 MiB tmpfs, filled up once the first checkpoint is saved."""
   with tmpfs(os.path.join(ctx.folder, 'small_disk'), 'size=64m') as mount_point:

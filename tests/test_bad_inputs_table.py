@@ -23,7 +23,7 @@ def test_every_row_of_the_table_is_split_into_its_cases():
   assert set(rows) - {'added'} == set(bad_input_cases.TABLE_ROWS)
   for row, (_, expected_cases) in bad_input_cases.TABLE_ROWS.items():
     assert set(expected_cases) <= rows[row], f'row {row!r} lacks {set(expected_cases) - rows[row]}'
-  assert 35 <= len(cases) <= 50
+  assert 50 <= len(cases) <= 70
 
 
 def _observed(rc, output, expect=REFUSE, exit_codes=(2,), **fields):

@@ -1,4 +1,5 @@
-"""The MAE decoder: a light transformer that reconstructs every patch."""
+"""The pixel decoders: MAE's light transformer that reconstructs every patch (MAEDecoder), and
+AIM's head that predicts each next patch (AIMHead)."""
 
 from __future__ import annotations
 

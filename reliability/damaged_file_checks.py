@@ -1,0 +1,117 @@
+"""The damaged-file checks of reliability/bad_inputs.py: files a run reads from its workdir or a
+data path, cut short or garbled as a full disk, an unfinished copy or a hand edit leaves them.
+
+A file the run can rebuild (evaluation results, the config history) must be set aside as
+*.damaged, kept, and rebuilt; any other must be named in one line with what to do, and the
+run must change nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Callable
+
+from big_pretrain.errors import EXIT_STOPPED, EXIT_USAGE
+from reliability.bad_input_checks import (
+    BASE_TOTAL_STEPS, CARRY_ON, EXIT_OK, REFUSE, Context, Observed, changes_between)
+
+# A converted ArrayRecord folder written by the converter of an earlier version (3 images).
+CONVERTED_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                'tests', 'data', 'shards_written_with_tensorflow')
+
+
+def cut_in_half(path: str) -> None:
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+def damaged_eval_results(ctx: Context) -> Observed:
+  """The finished 4-step workdir, now with a reconstruction evaluator whose recorded results
+  were cut short: the same command sets them aside and evaluates the final checkpoint again."""
+  workdir = ctx.trained_copy()
+  results = os.path.join(workdir, 'eval_results.json')
+  with open(results, 'w', encoding='utf-8') as f:
+    f.write('{"step": 4, "reconstruction": {"mse": 0.1')
+  run = ctx.main(ctx.tiny('recon'), f'--workdir={workdir}',
+                 f'--config.total_steps={BASE_TOTAL_STEPS}')
+  observed = Observed(run, CARRY_ON, (EXIT_OK,), 'Set aside as eval_results.json.damaged')
+  if not os.path.exists(results + '.damaged'):
+    observed.lost.append('eval_results.json.damaged not kept')
+  try:
+    with open(results, encoding='utf-8') as f:
+      rebuilt = json.load(f)
+  except (OSError, ValueError):
+    rebuilt = {}
+  if rebuilt.get('step') != BASE_TOTAL_STEPS or 'reconstruction' not in rebuilt:
+    observed.problems.append('eval_results.json not written again')
+  return observed
+
+
+def damaged_config_history(ctx: Context) -> Observed:
+  """The 4-step workdir with config_history.jsonl cut short, resumed to 6 steps: the history
+  is set aside, a new one started."""
+  workdir = ctx.trained_copy()
+  history = os.path.join(workdir, 'config_history.jsonl')
+  cut_in_half(history)
+  run = ctx.main(ctx.tiny(), f'--workdir={workdir}')
+  observed = Observed(run, CARRY_ON, (EXIT_OK,), 'config_history.jsonl cannot be read')
+  if not os.path.exists(history + '.damaged'):
+    observed.lost.append('config_history.jsonl.damaged not kept')
+  return observed
+
+
+def refused_data_file(ctx: Context, damage: Callable[[str], str], *args: str, evidence: str,
+                      exit_codes=(EXIT_USAGE,)) -> Observed:
+  """A new run given a damaged data file (`damage(folder)` makes it in the case's folder and
+  returns the override that points at it): refused in one line, the file unchanged."""
+  override = damage(ctx.folder)
+  data = os.path.join(ctx.folder, 'data')
+  before = fingerprint_tree(data)
+  run = ctx.main(ctx.tiny(), ctx.fresh(), *args, override)
+  return Observed(run, REFUSE, exit_codes, evidence,
+                  lost=changes_between(before, fingerprint_tree(data)))
+
+
+def fingerprint_tree(folder: str) -> dict[str, str]:
+  """Relative path -> content hash of every file under `folder`."""
+  prints = {}
+  for root, _, names in os.walk(folder):
+    for name in names:
+      with open(os.path.join(root, name), 'rb') as f:
+        prints[os.path.relpath(os.path.join(root, name), folder)] = (
+            hashlib.sha1(f.read()).hexdigest())
+  return prints
+
+
+def converted_folder(folder: str, damage: Callable[[str], None]) -> str:
+  """A copy of the converted folder, one of its files damaged; the override that reads it."""
+  data = os.path.join(folder, 'data')
+  shutil.copytree(CONVERTED_FOLDER, data)
+  damage(data)
+  return f'--config.data.path={data}'
+
+
+def truncated_shard(folder: str) -> str:
+  return converted_folder(folder, lambda data: cut_in_half(
+      os.path.join(data, 'train-00000-of-00001.array_record')))
+
+
+def truncated_converter_metadata(folder: str) -> str:
+  return converted_folder(folder, lambda data: cut_in_half(os.path.join(data, 'metadata.json')))
+
+
+def text_file(name: str, content: bytes, key: str) -> Callable[[str], str]:
+  """A damage that writes `content` as data/`name`, given as config key `key`."""
+  def damage(folder: str) -> str:
+    path = os.path.join(folder, 'data', name)
+    os.makedirs(os.path.dirname(path))
+    with open(path, 'wb') as f:
+      f.write(content)
+    return f'--config.{key}={path}'
+  return damage
+
+
+ARRAY_RECORD = ('--config.data.source=array_record', '--config.batch_size=8')
+EXIT_REFUSED_LATE = (EXIT_STOPPED,)  # found once the stage reads its data, after compiling
