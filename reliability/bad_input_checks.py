@@ -213,7 +213,7 @@ def image_folder_run(ctx: Context, train: str, *, expect: str, exit_codes, evide
 
 def held_out_smaller_than_batch(ctx: Context) -> Observed:
   observed = image_folder_run(ctx, 'good_images', expect=CARRY_ON, exit_codes=(EXIT_OK,),
-                              evidence='held-out split has 7 images', variant='recon',
+                              evidence="'test' split has 7 examples", variant='recon',
                               test='held_out_7')
   workdir = os.path.join(ctx.folder, 'fresh')
   if checkpoint_steps(os.path.join(workdir, 'checkpoints'))[-1:] != [6]:

@@ -84,6 +84,22 @@ def test_other_processes_only_log_and_a_failed_write_is_raised(tmp_path, caplog)
     writer.close()
 
 
+def test_a_full_disk_at_close_is_a_warning_not_an_error_that_hides_the_runs_own(
+    tmp_path, monkeypatch, caplog):
+  # The loop closes the writer also when a checkpoint save failed on the same full disk:
+  # that CheckpointSaveError, not the events file's OSError, must reach the user.
+  writer = MetricWriter(str(tmp_path), write_events=True)
+  writer.write_scalars(1, {'loss': 1.0})
+
+  def disk_full():
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(metric_writer.EventFile, 'flush', lambda self: disk_full())
+  with caplog.at_level(logging.WARNING):
+    writer.close()
+  assert 'could not be written' in caplog.text and 'No space left' in caplog.text
+
+
 def test_a_bucket_workdir_gets_the_whole_event_file_at_each_flush(tmp_path, monkeypatch):
   bucket = tmp_path / 'bucket'
   bucket.mkdir()

@@ -97,7 +97,7 @@ def open_split(data_config, *, num_examples: int, batch_size: int, mesh,
   source = sources.build_source(data_config)
   available = len(source)
   if available < num_examples:
-    logging.info('%s: the %r split has %d examples (%d asked for): scoring each once.',
+    logging.info('%s: the %r split has %d examples (%d asked for): using each of them once.',
                  culprit, data_config.split, available, num_examples)
   indices = eval_order(data_config, available)[:num_examples]
   shards = sharding_lib.num_batch_shards(mesh) * jax.process_count()

@@ -194,11 +194,17 @@ class MetricWriter:
       self._thread.submit(self._events.flush).result()
 
   def close(self) -> None:
+    """Writes what is pending and closes the events file. A write that fails now (a full
+    disk) is a warning: the events are a log, and the run's own error must not be hidden."""
     try:
       self.flush()
-    finally:
       if self._events is not None:
         self._thread.submit(self._events.close).result()
+    except OSError as error:
+      logging.warning('The last TensorBoard events could not be written to %s (%s); the '
+                      'checkpoints are not affected.',
+                      self._events.path if self._events else 'the workdir', error)
+    finally:
       self._thread.shutdown()
 
 
