@@ -67,7 +67,7 @@ def main(process_id: int, num_processes: int, port: int, workdir: str, task: str
   import jax  # noqa: PLC0415  (after the distributed runtime)
   from big_pretrain import sharding as sharding_lib  # noqa: PLC0415
   from big_pretrain.data.train_input import InputPipeline  # noqa: PLC0415
-  from tiny_config import tiny_multiprocess_config  # noqa: PLC0415
+  from helpers.tiny_config import tiny_multiprocess_config  # noqa: PLC0415
 
   config = tiny_multiprocess_config()
   result = {'pid': os.getpid(), 'process_index': jax.process_index(),
@@ -86,12 +86,12 @@ def main(process_id: int, num_processes: int, port: int, workdir: str, task: str
     # others would hang there, so the counts must be equal.
     result['eval_rows'] = [image_hashes(batch) for batch in iter(evaluation.next_local_numpy, None)]
   elif task == 'eval_odd':
-    from eval_counting import held_out_images  # noqa: PLC0415
+    from helpers.eval_counting import held_out_images  # noqa: PLC0415
     images, labels = held_out_images(config, sharding_lib.make_mesh(config.mesh))
     result['images'], result['labels'] = image_hashes({'image': images}), labels.tolist()
   elif task == 'pseudo_label':
     from big_pretrain.stages.pseudo_label_job import run_pseudo_label  # noqa: PLC0415
-    from tiny_config import tiny_pseudo_label_config  # noqa: PLC0415
+    from helpers.tiny_config import tiny_pseudo_label_config  # noqa: PLC0415
     output = os.path.join(workdir, 'pseudo_labels')
     run_pseudo_label(tiny_pseudo_label_config(), output,
                      teacher_dir=os.path.join(workdir, 'teacher'))

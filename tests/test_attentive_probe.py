@@ -14,8 +14,8 @@ from big_pretrain.evaluators.linear_probe import classify, fit_linear_classifier
 from big_pretrain.objectives import build_objective
 from big_pretrain.train.optim import make_optimizer, make_schedule
 from big_pretrain.train.step import build_trainer
-from tiny_config import tiny_mae_config
-from numerics import assert_close_in_scale
+from helpers.numerics import assert_close_in_scale
+from helpers.tiny_config import tiny_mae_config
 
 NUM_HEADS = 4
 # One setting for every synthetic fit, so the probe's jitted fit compiles once per shape.

@@ -7,10 +7,10 @@ import jax
 import numpy as np
 
 from big_pretrain import sharding as sharding_lib
-from eval_counting import ODD_EXAMPLES, held_out_images
+from helpers.eval_counting import ODD_EXAMPLES, held_out_images
 from test_data import VALID_IMAGES_PER_CLASS, fixture_image_folder  # noqa: F401  (fixture)
 from test_multiprocess import launch
-from tiny_config import tiny_multiprocess_config
+from helpers.tiny_config import tiny_multiprocess_config
 
 
 def _hashes(images):

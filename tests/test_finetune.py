@@ -24,7 +24,7 @@ from big_pretrain.stages import transfer
 from big_pretrain.train import optim
 from big_pretrain.train.loop import train_stage
 from big_pretrain.train.step import build_trainer
-from tiny_config import one_device, tiny_finetune_config, tiny_mae_config
+from helpers.tiny_config import one_device, tiny_finetune_config, tiny_mae_config
 
 
 # ---------------------------------------------------------------- layer-wise lr decay

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.objectives.flip import contrastive_loss, l2_normalize, logit_scale_from
-from numerics import assert_trees_close_in_scale
+from helpers.numerics import assert_trees_close_in_scale
 
 
 def _raw_embeddings(n=16, dim=8, seed=0):

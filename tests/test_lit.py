@@ -16,7 +16,7 @@ from big_pretrain.stages import transfer
 from big_pretrain.train import mfu, optim
 from big_pretrain.train.step import build_trainer
 from test_flip import tiny_flip_config
-from tiny_config import _with_overrides, one_device, tiny_mae_config
+from helpers.tiny_config import _with_overrides, one_device, tiny_mae_config
 
 
 def tiny_lit_config(**overrides):

@@ -14,7 +14,7 @@ from big_pretrain.evaluators.linear_probe import classify, fit_linear_classifier
 from big_pretrain.evaluators.low_shot import (
     check_pool_has_shots, low_shot_accuracies, select_k_per_class, summarize_accuracies)
 from test_evaluators import gaussian_blobs
-from tiny_config import tiny_mae_config, tiny_trainer
+from helpers.tiny_config import tiny_mae_config, tiny_trainer
 
 NUM_CLASSES = 10
 

@@ -241,7 +241,7 @@ def test_a_workdir_in_use_stops_every_process_of_a_two_process_run(tmp_path):
   try:
     _write_lock(workdir, socket.gethostname(), holder.pid)
     processes = [
-        _start_main(['--config=tests/tiny_config.py', f'--workdir={workdir}',
+        _start_main(['--config=tests/helpers/tiny_config.py', f'--workdir={workdir}',
                      f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
                      f'--process_id={i}'],
                     JAX_NUM_CPU_DEVICES='1', XLA_FLAGS='--xla_backend_optimization_level=0')
@@ -353,7 +353,7 @@ def test_abandoned_save_tasks_are_not_logged_one_by_one(monkeypatch):
 def test_a_damaged_config_json_is_refused_in_one_line_naming_it(tmp_path):
   from big_pretrain.errors import ConfigError  # pylint: disable=import-outside-toplevel
   from big_pretrain.stages import resume_identity  # pylint: disable=import-outside-toplevel
-  from tiny_config import tiny_mae_config  # pylint: disable=import-outside-toplevel
+  from helpers.tiny_config import tiny_mae_config  # pylint: disable=import-outside-toplevel
   recorded = tmp_path / resume_identity.CONFIG_FILE
   recorded.write_text(tiny_mae_config().to_json_best_effort()[:100])  # cut short
   with pytest.raises(ConfigError, match=r'config\.json cannot be read \(JSONDecodeError.*'

@@ -21,7 +21,7 @@ from big_pretrain import sharding as sharding_lib
 from big_pretrain.data.train_input import InputPipeline
 from big_pretrain.train.loop import train_stage
 from reliability.processes import ProcessGroup
-from tiny_config import tiny_multiprocess_config
+from helpers.tiny_config import tiny_multiprocess_config
 
 WORKER = os.path.join(os.path.dirname(__file__), 'multiprocess_worker.py')
 NUM_PROCESSES = 2

@@ -26,7 +26,7 @@ from big_pretrain.stages import stage_dir
 from big_pretrain.storage.checkpoints import Checkpointer
 from big_pretrain.train import loop
 from test_metric_writer import read_events
-from tiny_config import one_device, tiny_mae_config
+from helpers.tiny_config import one_device, tiny_mae_config
 
 IMAGE_SIZE = 32
 

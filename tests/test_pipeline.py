@@ -15,7 +15,7 @@ from big_pretrain.stages import stage_dir
 from big_pretrain.train import loop
 from configs import aim, aim_then_wsp, flip, mae_then_wsp
 from test_transfer import tiny_wsp_config
-from tiny_config import one_device, tiny_mae_config
+from helpers.tiny_config import one_device, tiny_mae_config
 
 
 def tiny_chain():

@@ -14,7 +14,7 @@ from big_pretrain.stages import resume_identity
 from big_pretrain.stages import transfer
 from big_pretrain.storage.checkpoints import Checkpointer
 from big_pretrain.train.loop import train_stage
-from tiny_config import one_device, tiny_mae_config, tiny_trainer
+from helpers.tiny_config import one_device, tiny_mae_config, tiny_trainer
 
 
 def _config(**overrides):

@@ -8,7 +8,7 @@ from big_pretrain import sharding as sharding_lib
 from big_pretrain.objectives import build_objective
 from big_pretrain.train.optim import make_optimizer, make_schedule
 from big_pretrain.train.step import build_trainer
-from tiny_config import tiny_mae_config
+from helpers.tiny_config import tiny_mae_config
 
 
 def _trainer(mesh_shape: dict):

@@ -16,7 +16,7 @@ from big_pretrain.train.loop import train_stage
 from big_pretrain.train.optim import make_optimizer, make_schedule
 from big_pretrain.train.remat_choice import build_with_remat_choice
 from big_pretrain.train.step import ShardedTrainer, build_trainer
-from tiny_config import one_device, tiny_mae_config
+from helpers.tiny_config import one_device, tiny_mae_config
 
 
 def _run_steps(config, devices, num_steps):

@@ -12,7 +12,7 @@ from big_pretrain.errors import CheckpointMismatchError
 from big_pretrain.objectives import build_objective
 from big_pretrain.stages import transfer
 from big_pretrain.train.loop import train_stage
-from tiny_config import one_device, tiny_mae_config
+from helpers.tiny_config import one_device, tiny_mae_config
 
 
 def tiny_wsp_config(**model):

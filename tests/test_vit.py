@@ -17,7 +17,7 @@ from big_pretrain.models.patches import sincos_2d_position_embedding
 from big_pretrain.models.vit import (REMAT_POLICIES, VIT_SIZES, Attention, Projection,
                                      VisionTransformer, parse_variant)
 from big_pretrain.objectives import objective_class
-from numerics import assert_close_in_scale, assert_trees_close_in_scale
+from helpers.numerics import assert_close_in_scale, assert_trees_close_in_scale
 
 WIDTH, DEPTH, HEADS, PATCH = 64, 2, 4, 8
 BATCH, IMAGE_SIZE = 2, 32

@@ -36,7 +36,7 @@ def tiny_mae_config(**overrides):
 
 
 def get_config(arg=None):
-  """For main.py (--config=tests/tiny_config.py): the tiny MAE stage."""
+  """For main.py (--config=tests/helpers/tiny_config.py): the tiny MAE stage."""
   del arg
   return tiny_mae_config()
 
