@@ -8,9 +8,9 @@ import numpy as np
 
 from big_pretrain import sharding as sharding_lib
 from helpers.eval_counting import ODD_EXAMPLES, held_out_images
-from test_data import VALID_IMAGES_PER_CLASS, fixture_image_folder  # noqa: F401  (fixture)
-from test_multiprocess import launch
+from helpers.images import VALID_IMAGES_PER_CLASS
 from helpers.tiny_config import tiny_multiprocess_config
+from test_multiprocess import launch
 
 
 def _hashes(images):
