@@ -26,9 +26,8 @@ from big_pretrain.train import faults
 from big_pretrain.train import loop
 from big_pretrain.train import remat_choice
 from big_pretrain.train.loop import train_stage
+from helpers.paths import REPO_ROOT, TINY_CONFIG_FILE
 from helpers.tiny_config import one_device, tiny_mae_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _params(result):
@@ -191,9 +190,9 @@ def test_ctrl_c_saves_and_main_exits_75_to_be_rerun(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1',
              XLA_FLAGS='--xla_backend_optimization_level=0')
   process = subprocess.Popen(
-      [sys.executable, 'main.py', '--config=tests/helpers/tiny_config.py', f'--workdir={workdir}',
+      [sys.executable, 'main.py', f'--config={TINY_CONFIG_FILE}', f'--workdir={workdir}',
        '--config.total_steps=100000', '--config.checkpoint.every_steps=100000'],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   first_checkpoint = workdir / 'checkpoints' / '1'  # Orbax keeps a new run's first step
   deadline = time.monotonic() + 240
   while not first_checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -219,8 +218,8 @@ def test_sigterm_while_starting_up_exits_75_in_one_line_and_releases_the_workdir
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1',
              XLA_FLAGS='--xla_backend_optimization_level=0')
   process = subprocess.Popen(
-      [sys.executable, 'main.py', '--config=tests/helpers/tiny_config.py', f'--workdir={workdir}'],
-      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      [sys.executable, 'main.py', f'--config={TINY_CONFIG_FILE}', f'--workdir={workdir}'],
+      cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   stderr_lines = []
   if seconds_after_flops_line is None:
     deadline = time.monotonic() + 120
