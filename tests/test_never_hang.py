@@ -25,8 +25,8 @@ from big_pretrain.stages import stage_dir
 from big_pretrain.storage.checkpoints import Checkpointer
 from big_pretrain.train import loop
 from helpers.data import IMAGE_SIZE, first_devices_mesh, small_data_config
+from helpers.events import read_events
 from helpers.tiny_config import one_device, tiny_mae_config
-from test_metric_writer import read_events
 
 
 @contextlib.contextmanager
