@@ -28,14 +28,11 @@ from big_pretrain.train import remat_choice
 from big_pretrain.train.loop import train_stage
 from helpers.paths import REPO_ROOT, TINY_CONFIG_FILE
 from helpers.tiny_config import one_device, tiny_mae_config
+from helpers.trees import assert_trees_equal
 
 
 def _params(result):
   return jax.tree.map(np.asarray, jax.device_get(result.state.params))
-
-
-def _assert_trees_equal(a, b):
-  jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
 def _fault_config(**overrides):
@@ -68,7 +65,7 @@ def test_sigterm_saves_the_current_step_and_the_same_call_resumes_exactly(
   monkeypatch.setattr(faults.PreemptionNotice, 'reached', reached)
   resumed = train_stage(_fault_config(), str(tmp_path), devices=one_device())
   assert resumed.finished and resumed.steps_run == 5
-  _assert_trees_equal(_params(resumed), uninterrupted_params)
+  assert_trees_equal(_params(resumed), uninterrupted_params)
 
 
 def test_a_preempted_step_saves_without_evaluating_and_the_rerun_runs_the_final_ones(
@@ -171,7 +168,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(
   # Set aside, not deleted.
   [kept] = (tmp_path / 'corrupt_checkpoints').iterdir()
   assert kept.name.startswith('6-')
-  _assert_trees_equal(_params(resumed), uninterrupted_params)
+  assert_trees_equal(_params(resumed), uninterrupted_params)
 
 
 def test_a_second_ctrl_c_stops_at_once():
