@@ -1,8 +1,9 @@
 """Bad data and failing evaluators end a run with one clear error, never a hang or a loop.
 
-Issue 16, "never hang, never loop": a folder of only unreadable images, a
-partly broken one, a held-out folder smaller than an evaluator's batch, and an
-evaluator that fails at the final step.
+A folder of only unreadable images stops with an error naming its files, a partly broken
+one reads on with a bounded number of warnings, a held-out folder smaller than an
+evaluator's batch shows every image once, and an evaluator that fails at the final step
+keeps the checkpoint so that a rerun finishes.
 """
 
 import contextlib
