@@ -6,6 +6,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 # All of this must happen before JAX is imported anywhere.
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -47,3 +49,10 @@ _SLOWEST_FILES_FIRST = (
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(_SLOWEST_FILES_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
+
+@pytest.fixture(name='image_folder')
+def fixture_image_folder(tmp_path):
+  """helpers.images.write_image_folder_with_broken_files's folder, in tmp_path / 'images'."""
+  from helpers.images import write_image_folder_with_broken_files  # pylint: disable=import-outside-toplevel
+  return write_image_folder_with_broken_files(tmp_path / 'images')

@@ -14,7 +14,6 @@ writes the losses it logged; 'resume' then reruns the finished stage with a fina
 evaluation missing. Output: WORKDIR/<TASK>_process_<id>.json.
 """
 
-import hashlib
 import json
 import os
 import signal
@@ -23,12 +22,9 @@ import sys
 sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__))]
 
 from big_pretrain import distributed  # noqa: E402  (sys.path first)
+from helpers.hashes import file_hashes, image_hashes  # noqa: E402
 
 TRAIN_BATCHES_CHECKED = 3
-
-
-def image_hashes(batch) -> list[str]:
-  return [hashlib.sha1(image.tobytes()).hexdigest()[:16] for image in batch['image']]
 
 
 def _signal_at_step(signum: int, step: int, process_id: int) -> None:
@@ -67,7 +63,7 @@ def main(process_id: int, num_processes: int, port: int, workdir: str, task: str
   import jax  # noqa: PLC0415  (after the distributed runtime)
   from big_pretrain import sharding as sharding_lib  # noqa: PLC0415
   from big_pretrain.data.train_input import InputPipeline  # noqa: PLC0415
-  from tiny_config import tiny_multiprocess_config  # noqa: PLC0415
+  from helpers.tiny_config import tiny_multiprocess_config  # noqa: PLC0415
 
   config = tiny_multiprocess_config()
   result = {'pid': os.getpid(), 'process_index': jax.process_index(),
@@ -76,7 +72,7 @@ def main(process_id: int, num_processes: int, port: int, workdir: str, task: str
     mesh = sharding_lib.make_mesh(config.mesh)
     train = InputPipeline(config.data, global_batch_size=config.batch_size, mesh=mesh,
                           seed=config.seed)
-    result['train_rows'] = [image_hashes(train.next_local_numpy())
+    result['train_rows'] = [image_hashes(train.next_local_numpy()['image'])
                             for _ in range(TRAIN_BATCHES_CHECKED)]
     eval_data = config.data.copy_and_resolve_references()
     eval_data.split = 'test'
@@ -84,19 +80,19 @@ def main(process_id: int, num_processes: int, port: int, workdir: str, task: str
                                train=False)
     # Each eval batch feeds a collective: a process with a batch more than the
     # others would hang there, so the counts must be equal.
-    result['eval_rows'] = [image_hashes(batch) for batch in iter(evaluation.next_local_numpy, None)]
+    result['eval_rows'] = [image_hashes(batch['image'])
+                          for batch in iter(evaluation.next_local_numpy, None)]
   elif task == 'eval_odd':
-    from eval_counting import held_out_images  # noqa: PLC0415
+    from helpers.eval_counting import held_out_images  # noqa: PLC0415
     images, labels = held_out_images(config, sharding_lib.make_mesh(config.mesh))
-    result['images'], result['labels'] = image_hashes({'image': images}), labels.tolist()
+    result['images'], result['labels'] = image_hashes(images), labels.tolist()
   elif task == 'pseudo_label':
     from big_pretrain.stages.pseudo_label_job import run_pseudo_label  # noqa: PLC0415
-    from tiny_config import tiny_pseudo_label_config  # noqa: PLC0415
+    from helpers.tiny_config import tiny_pseudo_label_config  # noqa: PLC0415
     output = os.path.join(workdir, 'pseudo_labels')
     run_pseudo_label(tiny_pseudo_label_config(), output,
                      teacher_dir=os.path.join(workdir, 'teacher'))
-    result['files'] = {name: hashlib.sha1(open(os.path.join(output, name), 'rb').read()
-                                          ).hexdigest() for name in sorted(os.listdir(output))}
+    result['files'] = file_hashes(output)
   else:
     # Only the training tasks import the loop (Orbax, Grain, the models: seconds).
     from big_pretrain.train.loop import train_stage  # noqa: PLC0415

@@ -10,7 +10,6 @@ import tarfile
 
 from array_record.python import array_record_module
 import numpy as np
-from PIL import Image
 import pytest
 
 from big_pretrain.config.validation import ConfigError, validate_stage_config
@@ -21,15 +20,10 @@ from big_pretrain.data import train_input
 from big_pretrain.data import transforms
 from big_pretrain.data.sources import source_texts
 from configs import mae as mae_config
-from test_data import (IMAGE_SIZE, VALID_IMAGES_PER_CLASS, assert_batches_equal,  # pylint: disable=unused-import
-                       fixture_image_folder, make_mesh, read_until_exhausted, small_config, take,
-                       _truncated_jpeg_bytes)
-
-
-def _encoded(pixels, image_format):
-  buffer = io.BytesIO()
-  Image.fromarray(pixels).save(buffer, format=image_format)
-  return buffer.getvalue()
+from helpers.data import (IMAGE_SIZE, assert_batches_equal, first_devices_mesh,
+                          read_until_exhausted, small_data_config, take)
+from helpers.images import (VALID_IMAGES_PER_CLASS, encoded_image, random_pixels,
+                            truncated_jpeg_bytes)
 
 
 def _state_round_trip(data):
@@ -83,13 +77,13 @@ def test_image_folder_conversion_round_trips(image_folder, converted):
 def test_converted_folder_gives_the_image_folder_batches_and_skips_corrupt_records(
     image_folder, converted, caplog):
   output, _ = converted
-  folder_config = small_config(source='image_folder', path=str(image_folder))
-  record_config = small_config(source='array_record', path=str(output))
+  folder_config = small_data_config(source='image_folder', path=str(image_folder))
+  record_config = small_data_config(source='array_record', path=str(output))
   # A batch of 2 divides the 10 examples: the eval epoch reads every one.
-  folder_data = train_input.InputPipeline(folder_config, global_batch_size=2, mesh=make_mesh(),
-                                       train=False)
-  record_data = train_input.InputPipeline(record_config, global_batch_size=2, mesh=make_mesh(),
-                                       train=False)
+  folder_data = train_input.InputPipeline(folder_config, global_batch_size=2,
+                                          mesh=first_devices_mesh(), train=False)
+  record_data = train_input.InputPipeline(record_config, global_batch_size=2,
+                                          mesh=first_devices_mesh(), train=False)
   with caplog.at_level(logging.WARNING):
     records = read_until_exhausted(record_data)
   # Same examples in the same order, so the same pixels, labels and shuffled order.
@@ -103,15 +97,16 @@ def test_converted_folder_gives_the_image_folder_batches_and_skips_corrupt_recor
 
 def test_array_record_pipeline_resumes_exactly(converted):
   output, _ = converted
-  config = small_config(source='array_record', path=str(output))
-  data = train_input.InputPipeline(config, global_batch_size=4, mesh=make_mesh(), seed=3)
+  config = small_data_config(source='array_record', path=str(output))
+  data = train_input.InputPipeline(config, global_batch_size=4, mesh=first_devices_mesh(), seed=3)
   take(data, 3)  # Past one epoch: the 2 corrupt records were skipped once.
   state = _state_round_trip(data)
   count_at_save = data.corrupt_images_skipped
   expected = take(data, 3)
   assert count_at_save >= 2
 
-  resumed = train_input.InputPipeline(config, global_batch_size=4, mesh=make_mesh(), seed=3)
+  resumed = train_input.InputPipeline(config, global_batch_size=4, mesh=first_devices_mesh(),
+                                      seed=3)
   resumed.grain_iterator.set_state(state)
   assert resumed.corrupt_images_skipped == count_at_save
   assert_batches_equal(expected, take(resumed, 3))
@@ -123,11 +118,11 @@ def test_array_record_test_path_is_the_held_out_split(image_folder, converted, t
   held_out = tmp_path / 'held_out'
   convert.convert(str(image_folder), str(held_out), split='val')
   assert (held_out / 'val-00000-of-00001.array_record').is_file()
-  config = small_config(source='array_record', path=str(output), test_path=str(held_out),
-                        split='test')
+  config = small_data_config(source='array_record', path=str(output), test_path=str(held_out),
+                             split='test')
   assert len(sources.build_source(config)) == 10
   with pytest.raises(ValueError, match='config.data.test_path'):
-    sources.build_source(small_config(source='array_record', path=str(output), split='test'))
+    sources.build_source(small_data_config(source='array_record', path=str(output), split='test'))
 
 
 # --- Webdataset tars -> ArrayRecord -----------------------------------------------
@@ -138,21 +133,17 @@ def _add(archive, name, data):
   archive.addfile(info, io.BytesIO(data))
 
 
-def _pixels(seed, shape=(20, 24, 3)):
-  return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-
-
 @pytest.fixture(name='tar_shards')
 def fixture_tar_shards(tmp_path):
   """Two webdataset shards: 5 examples (jpg/png/webp/jpeg), 1 group without an image."""
   folder = tmp_path / 'shards'
   folder.mkdir()
   images = {
-      '000000.jpg': _encoded(_pixels(0), 'JPEG'),
-      '000001.png': _encoded(_pixels(1), 'PNG'),
-      'sub/000003.webp': _encoded(_pixels(3), 'WEBP'),
-      '000004.jpeg': _encoded(_pixels(4), 'JPEG'),
-      '000005.png': _encoded(_pixels(5, (16, 16)), 'PNG'),  # grey
+      '000000.jpg': encoded_image(random_pixels(0), 'JPEG'),
+      '000001.png': encoded_image(random_pixels(1), 'PNG'),
+      'sub/000003.webp': encoded_image(random_pixels(3), 'WEBP'),
+      '000004.jpeg': encoded_image(random_pixels(4), 'JPEG'),
+      '000005.png': encoded_image(random_pixels(5, (16, 16)), 'PNG'),  # grey
   }
   with tarfile.open(folder / 'shard-000.tar', 'w') as archive:
     _add(archive, '000000.jpg', images['000000.jpg'])
@@ -197,9 +188,9 @@ def test_webdataset_conversion_round_trips(tar_shards, tmp_path, capsys):
   for example, original in zip(examples, images.values()):
     assert example['image_bytes'] == original
   lossless = transforms.decode_image_bytes(examples[1]['image_bytes'], 'png')
-  np.testing.assert_array_equal(lossless, _pixels(1))
+  np.testing.assert_array_equal(lossless, random_pixels(1))
   grey = transforms.decode_image_bytes(examples[4]['image_bytes'], 'grey png')
-  np.testing.assert_array_equal(grey, np.repeat(_pixels(5, (16, 16))[..., None], 3, axis=-1))
+  np.testing.assert_array_equal(grey, np.repeat(random_pixels(5, (16, 16))[..., None], 3, axis=-1))
 
   # The same shards named as a range or a folder convert to the same records.
   again = tmp_path / 'again'
@@ -213,13 +204,14 @@ def test_webdataset_conversion_round_trips(tar_shards, tmp_path, capsys):
 def test_corrupt_image_in_a_record_is_skipped_and_counted(tmp_path, caplog):
   with tarfile.open(tmp_path / 'data.tar', 'w') as archive:
     for index in range(10):  # 10 good + 2 corrupt: 3 batches of 4 read, 2 full after skipping.
-      _add(archive, f'{index:03d}.jpg', _encoded(_pixels(index, (40, 40, 3)), 'JPEG'))
+      _add(archive, f'{index:03d}.jpg', encoded_image(random_pixels(index, (40, 40, 3)), 'JPEG'))
       _add(archive, f'{index:03d}.cls', str(index % 2).encode())
-    _add(archive, 'bad.jpg', _truncated_jpeg_bytes())
+    _add(archive, 'bad.jpg', truncated_jpeg_bytes())
     _add(archive, 'garbage.png', b'not a png at all')
   convert.convert(str(tmp_path / 'data.tar'), str(tmp_path / 'out'))
-  config = small_config(source='array_record', path=str(tmp_path / 'out'))
-  data = train_input.InputPipeline(config, global_batch_size=4, mesh=make_mesh(), train=False)
+  config = small_data_config(source='array_record', path=str(tmp_path / 'out'))
+  data = train_input.InputPipeline(config, global_batch_size=4, mesh=first_devices_mesh(),
+                                   train=False)
   with caplog.at_level(logging.WARNING):
     batches = read_until_exhausted(data)
   assert len(batches) == 2 and data.corrupt_images_skipped == 2
@@ -230,15 +222,15 @@ def test_corrupt_image_in_a_record_is_skipped_and_counted(tmp_path, caplog):
 
 def test_missing_array_record_path_says_how_to_convert(tmp_path):
   missing = str(tmp_path / 'no_such_folder')
-  config = small_config(source='array_record', path=missing)
+  config = small_data_config(source='array_record', path=missing)
   with pytest.raises(FileNotFoundError, match='no_such_folder') as error:
-    train_input.InputPipeline(config, global_batch_size=4, mesh=make_mesh())
+    train_input.InputPipeline(config, global_batch_size=4, mesh=first_devices_mesh())
   assert 'config.data.path' in str(error.value)
   assert 'python -m big_pretrain.data.convert' in str(error.value)
   with pytest.raises(FileNotFoundError, match='No ArrayRecord shard matches'):
     sources.ArrayRecordSource(str(tmp_path / '*.array_record'))
   with pytest.raises(ValueError, match='config.data.path'):
-    sources.build_source(small_config(source='array_record'))
+    sources.build_source(small_data_config(source='array_record'))
 
 
 def test_folder_without_shards_or_metadata_says_what_is_wrong(converted, tmp_path):
@@ -319,7 +311,7 @@ def _tiny_tfds_builder(data_dir, file_format):
 
     def _generate_examples(self, num_examples, stream):
       for index in range(num_examples):
-        yield index, {'image': _pixels((stream, index), (20 + index, 24, 3)),
+        yield index, {'image': random_pixels((stream, index), (20 + index, 24, 3)),
                       'label': index % 3,
                       'caption': f'a {TFDS_CLASSES[index % 3]} #{TFDS_CLASSES[index % 3]} {index}'}
 
@@ -355,9 +347,9 @@ def test_the_shipped_tfds_dataset_is_what_the_builder_prepares(tfds_dir, tmp_pat
 
 
 def tfds_config(tfds_dir, **overrides):
-  return small_config(**{'source': 'tfds', 'tfds_name': 'tiny_tfds_for_test',
-                          'tfds_data_dir': str(tfds_dir), 'tfds_caption_key': 'caption',
-                          **overrides})
+  return small_data_config(**{'source': 'tfds', 'tfds_name': 'tiny_tfds_for_test',
+                               'tfds_data_dir': str(tfds_dir), 'tfds_caption_key': 'caption',
+                               **overrides})
 
 
 def test_tfds_source_reads_images_labels_and_captions(tfds_dir):
@@ -372,7 +364,7 @@ def test_tfds_source_reads_images_labels_and_captions(tfds_dir):
     assert example['hashtags'] == [f'#{TFDS_CLASSES[number % 3]}']
     np.testing.assert_array_equal(  # Encoded losslessly (PNG), decoded by the pipeline.
         transforms.decode_image_bytes(example['image_bytes'], example['key']),
-        _pixels((0, number), (20 + number, 24, 3)))
+        random_pixels((0, number), (20 + number, 24, 3)))
   held_out = sources.build_source(tfds_config(tfds_dir, split='test'))
   assert len(held_out) == 6 and held_out.class_names == list(TFDS_CLASSES)
   no_labels = sources.build_source(tfds_config(tfds_dir, tfds_label_key=None))
@@ -381,13 +373,14 @@ def test_tfds_source_reads_images_labels_and_captions(tfds_dir):
 
 def test_tfds_pipeline_yields_batches_and_resumes_exactly(tfds_dir):
   config = tfds_config(tfds_dir)
-  data = train_input.InputPipeline(config, global_batch_size=4, mesh=make_mesh(), seed=1)
+  data = train_input.InputPipeline(config, global_batch_size=4, mesh=first_devices_mesh(), seed=1)
   first = take(data, 4)  # More than one epoch of 12.
   assert first[0]['image'].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3)
   assert np.all((first[0]['label'] >= 0) & (first[0]['label'] < 3))
   state = _state_round_trip(data)
   expected = take(data, 3)
-  resumed = train_input.InputPipeline(config, global_batch_size=4, mesh=make_mesh(), seed=1)
+  resumed = train_input.InputPipeline(config, global_batch_size=4, mesh=first_devices_mesh(),
+                                      seed=1)
   resumed.grain_iterator.set_state(state)
   assert_batches_equal(expected, take(resumed, 3))
   assert data.corrupt_images_skipped == 0
@@ -401,7 +394,7 @@ def test_tfds_errors_say_how_to_prepare_the_dataset(tfds_dir, tmp_path, tmp_path
   with pytest.raises(ValueError, match=r"no feature 'text'.*tfds_caption_key.*caption"):
     sources.build_source(tfds_config(tfds_dir, tfds_caption_key='text'))
   with pytest.raises(ValueError, match='tfds_name'):
-    sources.build_source(small_config(source='tfds'))
+    sources.build_source(small_data_config(source='tfds'))
   # Prepared, but without random access (its dataset_info.json; the records are not read).
   with pytest.raises(ValueError, match=r'(?i)tfrecord.*file_format=array_record'):
     sources.build_source(tfds_config(_shipped_tfds_copy(tmp_path_factory, 'tfrecord')))
@@ -422,7 +415,7 @@ def test_source_texts_of_array_record_and_tfds_for_the_build_commands(converted,
 
 
 def test_to_rgb_converts_decoded_arrays_like_decode_image():
-  grey = _pixels(0, (5, 6))
+  grey = random_pixels(0, (5, 6))
   np.testing.assert_array_equal(transforms.to_rgb(grey[..., None]),
                                 np.repeat(grey[..., None], 3, axis=-1))
   rgba = np.zeros((2, 2, 4), np.uint8)  # Fully transparent: white.

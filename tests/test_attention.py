@@ -16,8 +16,8 @@ from big_pretrain.data.text.tokenizer import synthetic_tokenizer_path
 from big_pretrain.models import attention as attention_lib
 from big_pretrain.models.vit import VisionTransformer
 from big_pretrain.objectives import build_objective
-from tiny_config import tiny_mae_config
-from numerics import assert_close_in_scale, assert_trees_close_in_scale
+from helpers.numerics import assert_close_in_scale, assert_trees_close_in_scale
+from helpers.tiny_config import tiny_mae_config
 
 # ---------------------------------------------------------------- choosing
 

@@ -5,17 +5,12 @@ import jax
 import numpy as np
 import pytest
 
-from big_pretrain import sharding as sharding_lib
-from big_pretrain.config.validation import validate_stage_config
-from big_pretrain.evaluators import build_evaluators, evaluator_config
+from big_pretrain.evaluators import build_evaluators
 from big_pretrain.evaluators.attentive_probe import (
     attentive_probe_logits, attentive_probe_predict, fit_attentive_probe, standardize_tokens)
 from big_pretrain.evaluators.linear_probe import classify, fit_linear_classifier, standardize
-from big_pretrain.objectives import build_objective
-from big_pretrain.train.optim import make_optimizer, make_schedule
-from big_pretrain.train.step import build_trainer
-from tiny_config import tiny_mae_config
-from numerics import assert_close_in_scale
+from helpers.numerics import assert_close_in_scale
+from helpers.tiny_config import tiny_mae_with_evaluator_on_eight_devices
 
 NUM_HEADS = 4
 # One setting for every synthetic fit, so the probe's jitted fit compiles once per shape.
@@ -117,18 +112,9 @@ def test_fit_rejects_bad_inputs():
 
 @pytest.fixture(scope='module')
 def tiny_mae_on_eight_devices():
-  config = tiny_mae_config()
-  config.mesh.update(data=2, fsdp=4, tensor=1)
-  config.evals.attentive_probe = evaluator_config(
+  return tiny_mae_with_evaluator_on_eight_devices(
       'attentive_probe', train_examples=128, test_examples=64, batch_size=64,
       num_steps=20, probe_batch_size=64)
-  validate_stage_config(config)
-  mesh = sharding_lib.make_mesh(config.mesh, jax.devices())
-  objective = build_objective(config)
-  schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
-  trainer = build_trainer(objective, make_optimizer(config.optim, schedule), schedule, mesh,
-                          sharding_lib.logical_axis_rules(config))
-  return config, objective, trainer
 
 
 def test_evaluator_runs_end_to_end_on_eight_devices(tiny_mae_on_eight_devices):

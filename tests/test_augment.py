@@ -2,18 +2,15 @@
 
 import collections
 
-import jax
-import ml_collections
 import numpy as np
 from PIL import Image
 from PIL import ImageEnhance
 from PIL import ImageOps
 import pytest
 
-from big_pretrain import sharding
-from big_pretrain.config.defaults import default_data_config
 from big_pretrain.data import augment
 from big_pretrain.data import train_input
+from helpers.data import first_devices_mesh, small_data_config
 
 FILL = (124, 116, 104)  # round(255 * ImageNet mean), timm's img_mean hparam.
 BICUBIC = Image.Resampling.BICUBIC
@@ -359,12 +356,9 @@ def test_scale_jitter_above_one_crops_at_random():
 # --- In the pipeline ------------------------------------------------------------
 
 def _pipeline(augment_spec, seed=0):
-  config = default_data_config()
-  config.update(num_examples=64, source_image_size=48, image_size=32, num_threads=2,
-                prefetch_buffer_size=8, augment=augment_spec)
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)),
-                            jax.devices()[:1])
-  return train_input.InputPipeline(config, global_batch_size=8, mesh=mesh, seed=seed)
+  config = small_data_config(num_examples=64, prefetch_buffer_size=8, augment=augment_spec)
+  return train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh(),
+                                   seed=seed)
 
 
 def test_pipeline_with_randaugment_and_erasing_is_deterministic():

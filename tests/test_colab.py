@@ -15,11 +15,11 @@ from ml_collections import config_flags
 from absl import flags
 
 from big_pretrain.config.validation import validate_config
+from helpers.paths import REPO_ROOT
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOK = os.path.join(REPO, 'launch', 'colab_demo.ipynb')
+NOTEBOOK = os.path.join(REPO_ROOT, 'launch', 'colab_demo.ipynb')
 # Imported the way the notebook imports it, so a test's monkeypatch reaches the notebook.
-sys.path.insert(0, os.path.join(REPO, 'launch'))
+sys.path.insert(0, os.path.join(REPO_ROOT, 'launch'))
 import colab_runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NO_PROGRAMS = lambda name: None  # pylint: disable=unnecessary-lambda-assignment
@@ -117,7 +117,7 @@ def test_jax_requirement_per_runtime():
 
 
 def test_pinned_version_is_the_jax_the_tests_run():
-  requirements = os.path.join(REPO, 'requirements.txt')
+  requirements = os.path.join(REPO_ROOT, 'requirements.txt')
   assert colab_runtime.pinned_version(requirements, 'jax') == jax.__version__
   assert colab_runtime.pinned_version(requirements, 'jaxlib') == jax.__version__
 
@@ -141,7 +141,7 @@ def _load_config(plan):
   config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values,
                                   lock_config=True, sys_argv=argv)
   cwd = os.getcwd()
-  os.chdir(REPO)  # the plan's config paths are relative to the repository, as in Colab
+  os.chdir(REPO_ROOT)  # the plan's config paths are relative to the repository, as in Colab
   try:
     flag_values(argv)
   finally:
@@ -247,7 +247,7 @@ def _run_notebook_until_training(tmp_path, runtime):
   for index, source in enumerate(cells):
     exec(compile(_as_python(source), f'<code cell {index}>', 'exec'), namespace)  # pylint: disable=exec-used
     if index == 0:  # the settings cell: this checkout, a scratch workdir, the runtime
-      namespace.update(REPO_DIR=REPO, RUNTIME=runtime, VENV=str(tmp_path / 'venv'))
+      namespace.update(REPO_DIR=REPO_ROOT, RUNTIME=runtime, VENV=str(tmp_path / 'venv'))
     if '!{TRAIN}' in source:
       return namespace, commands
   raise AssertionError('no code cell runs the training')

@@ -26,7 +26,7 @@ from big_pretrain.stages.pseudo_label_job import read_teacher_config
 from big_pretrain.stages.stage_dir import StageDir
 from big_pretrain.storage import files as storage
 from big_pretrain.train.loop import train_stage
-from tiny_config import one_device, tiny_mae_config
+from helpers.tiny_config import one_device, tiny_mae_config
 
 HERE = os.path.dirname(__file__)
 SHARDS_FOLDER = os.path.join(HERE, 'data', 'shards_written_with_tensorflow')

@@ -1,6 +1,5 @@
 """Tests for big_pretrain.data: sources, transforms and the Grain input pipeline."""
 
-import io
 import json
 import logging
 
@@ -16,48 +15,9 @@ from big_pretrain.data import sources
 from big_pretrain.data import train_input
 from big_pretrain.data import transforms
 from big_pretrain.data.sources import synthetic
-
-IMAGE_SIZE = 32
-
-
-def make_mesh(shape=(1, 1, 1)):
-  num_devices = int(np.prod(shape))
-  return jax.make_mesh(
-      shape, ('data', 'fsdp', 'tensor'),
-      axis_types=(jax.sharding.AxisType.Auto,) * 3,
-      devices=jax.devices()[:num_devices])
-
-
-def small_config(**overrides):
-  config = default_data_config()
-  config.num_examples = 200
-  config.source_image_size = 48
-  config.image_size = IMAGE_SIZE
-  config.num_threads = 2
-  config.prefetch_buffer_size = 16
-  config.update(overrides)
-  return config
-
-
-def take(data_pipeline, num_batches):
-  return [data_pipeline.next_local_numpy() for _ in range(num_batches)]
-
-
-def read_until_exhausted(data_pipeline):
-  batches = []
-  while True:
-    try:
-      batches.append(data_pipeline.next_local_numpy())
-    except StopIteration:
-      return batches
-
-
-def assert_batches_equal(expected, actual):
-  assert len(expected) == len(actual)
-  for want, got in zip(expected, actual):
-    assert want.keys() == got.keys()
-    for key in want:
-      np.testing.assert_array_equal(want[key], got[key])
+from helpers.data import (IMAGE_SIZE, assert_batches_equal, first_devices_mesh,
+                          read_until_exhausted, small_data_config, take)
+from helpers.images import VALID_IMAGES_PER_CLASS, truncated_jpeg_bytes
 
 
 # --- SyntheticShapes ----------------------------------------------------------
@@ -162,7 +122,7 @@ def test_decode_image_rejects_garbage_and_truncated_files(tmp_path):
   garbage = tmp_path / 'garbage.jpg'
   garbage.write_bytes(np.random.default_rng(0).bytes(500))
   truncated = tmp_path / 'truncated.jpg'
-  truncated.write_bytes(_truncated_jpeg_bytes())
+  truncated.write_bytes(truncated_jpeg_bytes())
   with Image.open(truncated) as lazily_opened:  # PIL only notices when decoding.
     assert lazily_opened.size == (48, 40)
   for path in (garbage, truncated):
@@ -220,7 +180,7 @@ def test_decoding_a_jpeg_at_its_crops_scale_matches_the_full_decode(tmp_path):
       assert difference.mean() < 1.0 and difference.max() <= 4, (name, difference.max())
     np.testing.assert_array_equal(*(crop_flip('small.jpeg', on, seed)[0] for on in (True, False)))
 
-  (tmp_path / 'truncated.jpeg').write_bytes(_truncated_jpeg_bytes())
+  (tmp_path / 'truncated.jpeg').write_bytes(truncated_jpeg_bytes())
   (tmp_path / 'garbage.jpeg').write_bytes(np.random.default_rng(0).bytes(300))
   for name in ('truncated.jpeg', 'garbage.jpeg'):
     skipped = example_maps.augment_for_training(
@@ -234,7 +194,8 @@ def test_decoding_a_jpeg_at_its_crops_scale_matches_the_full_decode(tmp_path):
 # --- Pipeline on synthetic data -----------------------------------------------
 
 def test_pipeline_yields_sharded_global_batches():
-  data = train_input.InputPipeline(small_config(), global_batch_size=8, mesh=make_mesh())
+  data = train_input.InputPipeline(small_data_config(), global_batch_size=8,
+                                   mesh=first_devices_mesh())
   batch = next(data)
   assert set(batch) == {'image', 'label'}
   assert isinstance(batch['image'], jax.Array)
@@ -247,9 +208,9 @@ def test_pipeline_yields_sharded_global_batches():
 
 
 def test_pipeline_shards_batch_over_data_and_fsdp():
-  mesh = make_mesh((4, 2, 1))
-  data = train_input.InputPipeline(small_config(), global_batch_size=16, mesh=mesh)
-  twin = train_input.InputPipeline(small_config(), global_batch_size=16, mesh=mesh)
+  mesh = first_devices_mesh((4, 2, 1))
+  data = train_input.InputPipeline(small_data_config(), global_batch_size=16, mesh=mesh)
+  twin = train_input.InputPipeline(small_data_config(), global_batch_size=16, mesh=mesh)
   batch = next(data)
   shards = batch['image'].addressable_shards
   assert len(shards) == 8
@@ -260,32 +221,34 @@ def test_pipeline_shards_batch_over_data_and_fsdp():
 
 def test_pipeline_rejects_batch_not_divisible_by_batch_devices():
   with pytest.raises(ValueError, match='divisible'):
-    train_input.InputPipeline(small_config(), global_batch_size=12, mesh=make_mesh((4, 2, 1)))
+    train_input.InputPipeline(small_data_config(), global_batch_size=12,
+                              mesh=first_devices_mesh((4, 2, 1)))
 
 
 def test_pipeline_resumes_exactly_from_saved_state():
-  config = small_config()
-  data = train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), seed=5)
+  config = small_data_config()
+  data = train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh(), seed=5)
   take(data, 3)
   # Orbax stores the state as JSON (grain.checkpoint.CheckpointSave).
   state = json.loads(json.dumps(data.grain_iterator.get_state()))
   expected = take(data, 2)
 
-  resumed = train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), seed=5)
+  resumed = train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh(),
+                                      seed=5)
   resumed.grain_iterator.set_state(state)
   assert_batches_equal(expected, take(resumed, 2))
 
 
 def test_run_seed_changes_order_and_augmentation():
-  config = small_config()
-  first = train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), seed=0)
-  second = train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), seed=1)
+  config = small_data_config()
+  first = train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh(), seed=0)
+  second = train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh(), seed=1)
   assert not np.array_equal(first.next_local_numpy()['image'], second.next_local_numpy()['image'])
 
 
 def test_train_pipeline_reshuffles_each_epoch():
-  config = small_config(num_examples=16)
-  data = train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
+  config = small_data_config(num_examples=16)
+  data = train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh())
   epoch_labels = [np.concatenate([b['label'] for b in take(data, 2)]) for _ in range(2)]
   # Same multiset of examples per epoch, different order.
   np.testing.assert_array_equal(np.sort(epoch_labels[0]), np.sort(epoch_labels[1]))
@@ -293,10 +256,10 @@ def test_train_pipeline_reshuffles_each_epoch():
 
 
 def test_eval_pipeline_reads_one_epoch_in_a_fixed_shuffled_order():
-  config = small_config(num_examples=24)
+  config = small_data_config(num_examples=24)
   read = lambda seed: np.concatenate([
       batch['label'] for batch in read_until_exhausted(train_input.InputPipeline(
-          config, global_batch_size=8, mesh=make_mesh(), train=False, seed=seed))])
+          config, global_batch_size=8, mesh=first_devices_mesh(), train=False, seed=seed))])
   labels = read(seed=0)
   # Every example exactly once ...
   np.testing.assert_array_equal(np.sort(labels),
@@ -308,44 +271,6 @@ def test_eval_pipeline_reads_one_epoch_in_a_fixed_shuffled_order():
 
 
 # --- Image folder -------------------------------------------------------------
-
-def _truncated_jpeg_bytes():
-  """A JPEG cut in half: its header is intact, so only decoding the pixels fails."""
-  data = _jpeg_bytes()
-  return data[:len(data) // 2]
-
-
-def _jpeg_bytes(size=(48, 40)):
-  pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-  buffer = io.BytesIO()
-  Image.fromarray(pixels).save(buffer, format='JPEG', quality=90)
-  return buffer.getvalue()
-
-
-VALID_IMAGES_PER_CLASS = 4
-
-
-@pytest.fixture(name='image_folder')
-def fixture_image_folder(tmp_path):
-  """2 classes x 4 valid images (PNG/JPEG, RGB/grey/RGBA, various sizes) + 2 broken files."""
-  root = tmp_path / 'images'
-  rng = np.random.default_rng(0)
-  for class_name in ('cats', 'dogs'):
-    (root / class_name).mkdir(parents=True)
-    for i in range(VALID_IMAGES_PER_CLASS):
-      pixels = rng.integers(0, 256, (30 + 4 * i, 40, 3), dtype=np.uint8)
-      image = Image.fromarray(pixels)
-      if i == 1:
-        image = image.convert('L')
-      if i == 2:
-        image = image.convert('RGBA')
-      image.save(root / class_name / f'{class_name}{i}.{"jpg" if i == 0 else "png"}')
-  (root / 'cats' / 'cats0.txt').write_text('a fluffy cat #cat #cute\n')
-  (root / 'cats' / 'notes.md').write_text('not an image')
-  (root / 'dogs' / 'broken.jpg').write_bytes(rng.bytes(300))
-  (root / 'dogs' / 'truncated.jpg').write_bytes(_truncated_jpeg_bytes())
-  return root
-
 
 def test_image_folder_lists_classes_captions_and_hashtags(image_folder):
   source = sources.ImageFolder(str(image_folder))
@@ -360,9 +285,10 @@ def test_image_folder_lists_classes_captions_and_hashtags(image_folder):
 
 
 def test_eval_pipeline_skips_and_counts_corrupt_images(image_folder, caplog):
-  config = small_config(source='image_folder', path=str(image_folder))
+  config = small_data_config(source='image_folder', path=str(image_folder))
   # Batch 2 divides the 10 files: eval pipelines read whole global batches only.
-  data = train_input.InputPipeline(config, global_batch_size=2, mesh=make_mesh(), train=False)
+  data = train_input.InputPipeline(config, global_batch_size=2, mesh=first_devices_mesh(),
+                                   train=False)
   with caplog.at_level(logging.WARNING):
     batches = read_until_exhausted(data)
   labels = np.concatenate([batch['label'] for batch in batches])
@@ -374,15 +300,15 @@ def test_eval_pipeline_skips_and_counts_corrupt_images(image_folder, caplog):
 
 
 def test_train_pipeline_skips_corrupt_images_and_resumes_the_count(image_folder):
-  config = small_config(source='image_folder', path=str(image_folder))
-  data = train_input.InputPipeline(config, global_batch_size=4, mesh=make_mesh())
+  config = small_data_config(source='image_folder', path=str(image_folder))
+  data = train_input.InputPipeline(config, global_batch_size=4, mesh=first_devices_mesh())
   take(data, 2)  # One epoch's worth of valid images.
   state = data.grain_iterator.get_state()
   count_at_save = data.corrupt_images_skipped
   expected = take(data, 3)
   assert data.corrupt_images_skipped >= 2  # Read at least one full epoch by now.
 
-  resumed = train_input.InputPipeline(config, global_batch_size=4, mesh=make_mesh())
+  resumed = train_input.InputPipeline(config, global_batch_size=4, mesh=first_devices_mesh())
   resumed.grain_iterator.set_state(state)
   assert resumed.corrupt_images_skipped == count_at_save
   assert_batches_equal(expected, take(resumed, 3))
@@ -391,15 +317,15 @@ def test_train_pipeline_skips_corrupt_images_and_resumes_the_count(image_folder)
 
 def test_missing_image_folder_names_the_path(tmp_path):
   missing = str(tmp_path / 'no_such_folder')
-  config = small_config(source='image_folder', path=missing)
+  config = small_data_config(source='image_folder', path=missing)
   with pytest.raises(FileNotFoundError, match='no_such_folder') as error:
-    train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
+    train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh())
   assert missing in str(error.value) and 'config.data.path' in str(error.value)
 
 
 def test_image_folder_source_without_path_says_what_to_set():
   with pytest.raises(ValueError, match='config.data.path'):
-    sources.build_source(small_config(source='image_folder'))
+    sources.build_source(small_data_config(source='image_folder'))
 
 
 def test_image_folder_without_images_names_folder_and_extensions(tmp_path):
@@ -411,7 +337,7 @@ def test_image_folder_without_images_names_folder_and_extensions(tmp_path):
 
 def test_unknown_source_lists_valid_names():
   with pytest.raises(ValueError, match="'synthetic', 'image_folder'"):
-    sources.build_source(small_config(source='imagenet'))
+    sources.build_source(small_data_config(source='imagenet'))
 
 
 def test_synthetic_colour_label_names_the_shape_colour_in_the_caption():

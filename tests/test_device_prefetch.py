@@ -11,14 +11,14 @@ import pytest
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data import train_input
 from big_pretrain.data.device_prefetch import DevicePrefetch
-from test_data import assert_batches_equal, make_mesh, small_config
+from helpers.data import assert_batches_equal, first_devices_mesh, small_data_config
 
 BATCH = 8
 
 
 def new_pipeline():
-  return train_input.InputPipeline(small_config(), global_batch_size=BATCH, mesh=make_mesh(),
-                                   seed=3)
+  return train_input.InputPipeline(small_data_config(), global_batch_size=BATCH,
+                                   mesh=first_devices_mesh(), seed=3)
 
 
 def prefetched(data, size=3):
@@ -35,7 +35,7 @@ def test_gives_the_pipelines_batches_on_device_in_order():
   with prefetched(new_pipeline()) as batches:
     got = [next(batches) for _ in range(5)]
   assert all(isinstance(array, jax.Array) for batch in got for array in batch.values())
-  assert got[0]['image'].sharding == sharding_lib.batch_sharding(make_mesh())
+  assert got[0]['image'].sharding == sharding_lib.batch_sharding(first_devices_mesh())
   assert_batches_equal(expected, to_numpy(got))
 
 

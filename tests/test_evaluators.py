@@ -11,13 +11,9 @@ from big_pretrain.evaluators.eval_split import split_data_config
 from big_pretrain.evaluators.features import SplitFeatures, extract_features
 from big_pretrain.evaluators.knn import knn_classify, nearest_neighbours, weighted_vote
 from big_pretrain.evaluators.linear_probe import classify, fit_linear_classifier, standardize
-from tiny_config import tiny_mae_config, tiny_trainer
-from numerics import assert_close_in_scale
-
-
-def gaussian_blobs(rng, num_examples, centres, spread=1.0):
-  labels = rng.integers(len(centres), size=num_examples)
-  return centres[labels] + spread * rng.normal(size=(num_examples, centres.shape[1])), labels
+from helpers.numerics import assert_close_in_scale
+from helpers.probe_data import gaussian_blobs
+from helpers.tiny_config import tiny_mae_config, tiny_trainer
 
 
 def brute_force_cosine(train, test):

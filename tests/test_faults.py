@@ -26,17 +26,13 @@ from big_pretrain.train import faults
 from big_pretrain.train import loop
 from big_pretrain.train import remat_choice
 from big_pretrain.train.loop import train_stage
-from tiny_config import one_device, tiny_mae_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers.paths import REPO_ROOT, TINY_CONFIG_FILE
+from helpers.tiny_config import one_device, tiny_mae_config
+from helpers.trees import assert_trees_equal
 
 
 def _params(result):
   return jax.tree.map(np.asarray, jax.device_get(result.state.params))
-
-
-def _assert_trees_equal(a, b):
-  jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
 def _fault_config(**overrides):
@@ -69,7 +65,7 @@ def test_sigterm_saves_the_current_step_and_the_same_call_resumes_exactly(
   monkeypatch.setattr(faults.PreemptionNotice, 'reached', reached)
   resumed = train_stage(_fault_config(), str(tmp_path), devices=one_device())
   assert resumed.finished and resumed.steps_run == 5
-  _assert_trees_equal(_params(resumed), uninterrupted_params)
+  assert_trees_equal(_params(resumed), uninterrupted_params)
 
 
 def test_a_preempted_step_saves_without_evaluating_and_the_rerun_runs_the_final_ones(
@@ -172,7 +168,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(
   # Set aside, not deleted.
   [kept] = (tmp_path / 'corrupt_checkpoints').iterdir()
   assert kept.name.startswith('6-')
-  _assert_trees_equal(_params(resumed), uninterrupted_params)
+  assert_trees_equal(_params(resumed), uninterrupted_params)
 
 
 def test_a_second_ctrl_c_stops_at_once():
@@ -191,9 +187,9 @@ def test_ctrl_c_saves_and_main_exits_75_to_be_rerun(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1',
              XLA_FLAGS='--xla_backend_optimization_level=0')
   process = subprocess.Popen(
-      [sys.executable, 'main.py', '--config=tests/tiny_config.py', f'--workdir={workdir}',
+      [sys.executable, 'main.py', f'--config={TINY_CONFIG_FILE}', f'--workdir={workdir}',
        '--config.total_steps=100000', '--config.checkpoint.every_steps=100000'],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   first_checkpoint = workdir / 'checkpoints' / '1'  # Orbax keeps a new run's first step
   deadline = time.monotonic() + 240
   while not first_checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -219,8 +215,8 @@ def test_sigterm_while_starting_up_exits_75_in_one_line_and_releases_the_workdir
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1',
              XLA_FLAGS='--xla_backend_optimization_level=0')
   process = subprocess.Popen(
-      [sys.executable, 'main.py', '--config=tests/tiny_config.py', f'--workdir={workdir}'],
-      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      [sys.executable, 'main.py', f'--config={TINY_CONFIG_FILE}', f'--workdir={workdir}'],
+      cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   stderr_lines = []
   if seconds_after_flops_line is None:
     deadline = time.monotonic() + 120

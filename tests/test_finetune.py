@@ -23,8 +23,9 @@ from big_pretrain.stages import chain
 from big_pretrain.stages import transfer
 from big_pretrain.train import optim
 from big_pretrain.train.loop import train_stage
-from big_pretrain.train.step import build_trainer
-from tiny_config import one_device, tiny_finetune_config, tiny_mae_config
+from helpers.tiny_config import (one_device, one_device_trainer, tiny_finetune_config,
+                                 tiny_mae_config)
+from helpers.trees import assert_trees_equal, named_leaves
 
 
 # ---------------------------------------------------------------- layer-wise lr decay
@@ -74,13 +75,6 @@ def test_fine_tuning_excludes_tokens_from_weight_decay():
 # ---------------------------------------------------------------- frozen parameters
 
 
-def _trainer(config):
-  mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
-  schedule = optim.make_schedule(config.optim, config.batch_size, config.total_steps)
-  return build_trainer(build_objective(config), optim.make_optimizer(config.optim, schedule),
-                       schedule, mesh, sharding_lib.logical_axis_rules(config))
-
-
 @pytest.mark.parametrize('trainable, trained', [
     ('head', ('head/', 'fc_norm/')),
     ('last_block_mlp', ('head/', 'fc_norm/', 'encoder/transformer/norm/',
@@ -94,7 +88,7 @@ def test_each_trainable_choice_trains_exactly_its_parameters(trainable, trained)
                                    'objective.trainable_blocks': 1})
   objective = build_objective(config)
   params = nn.meta.unbox(jax.eval_shape(objective.init_params, jax.random.key(0)))
-  for name, _ in _named_leaves(params):
+  for name in named_leaves(params):
     assert objective.is_trainable(name) == name.startswith(trained), name
 
 
@@ -105,7 +99,7 @@ def test_each_trainable_choice_trains_exactly_its_parameters(trainable, trained)
 def test_frozen_parameters_do_not_change_and_hold_no_optimizer_moments(trainable, trained):
   config = tiny_finetune_config(**{'objective.trainable': trainable,
                                    'optim.ema_decay': 0.9, 'optim.layer_decay': 0.75})
-  trainer = _trainer(config)
+  trainer = one_device_trainer(config)
   state = trainer.init_state(jax.random.key(0))
   before = jax.device_get(state.params)
   batch = jax.device_put(random_batch(config.data, config.batch_size, np.random.default_rng(0)),
@@ -129,15 +123,12 @@ def test_frozen_parameters_do_not_change_and_hold_no_optimizer_moments(trainable
   adam = optim.find_state(state.opt_state, optax.ScaleByAdamState)
   moments = [optim.param_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(adam.mu)]
   assert moments and all(is_trained(name) for name in moments)
-  assert len(moments) == len([n for n, _ in _named_leaves(before) if is_trained(n)])
+  assert len(moments) == len([n for n in named_leaves(before) if is_trained(n)])
   ema = optim.ema_params(state.opt_state, state.params)
-  for (name, frozen), ema_leaf in zip(_named_leaves(before), jax.tree_util.tree_leaves(ema)):
+  for (name, frozen), ema_leaf in zip(named_leaves(before).items(),
+                                     jax.tree_util.tree_leaves(ema)):
     if not is_trained(name):
       np.testing.assert_array_equal(ema_leaf, frozen)
-
-
-def _named_leaves(tree):
-  return [(optim.param_path(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def test_frozen_encoder_is_not_differentiated():
@@ -146,8 +137,8 @@ def test_frozen_encoder_is_not_differentiated():
             'label': jax.ShapeDtypeStruct((16,), np.int32)}
   flops = {}
   for trainable in ('all', 'head'):
-    compiled = _trainer(tiny_finetune_config(**{'objective.trainable': trainable})).compile_step(
-        shapes)
+    compiled = one_device_trainer(
+        tiny_finetune_config(**{'objective.trainable': trainable})).compile_step(shapes)
     flops[trainable] = compiled.cost_analysis()['flops']
   assert flops['head'] < 0.6 * flops['all'], flops
 
@@ -248,12 +239,12 @@ def test_a_stage_from_mae_takes_the_encoder_bit_exactly_and_resumes_bit_identica
 
   # The encoder is MAE's, bit for bit; the decoder and mask token are not taken.
   initialise = chain.initialiser_from(config.init_from, str(tmp_path))
-  fresh = _trainer(config).init_state(jax.random.key(0)).params
+  fresh = one_device_trainer(config).init_state(jax.random.key(0)).params
   started = jax.device_get(initialise(fresh))
   assert set(started) == {'encoder', 'fc_norm', 'head'}
   mae_encoder = transfer.read_subtrees(transfer.resolve_checkpoint_dir(mae_workdir),
                                        ('encoder',))['encoder']
-  jax.tree_util.tree_map(np.testing.assert_array_equal, started['encoder'], mae_encoder)
+  assert_trees_equal(started['encoder'], mae_encoder)
 
   whole = train_stage(config, str(tmp_path / 'whole'), initialise=initialise, devices=one_device())
   first = train_stage(config, str(tmp_path / 'split'), initialise=initialise, stop_after_steps=2,
@@ -262,11 +253,8 @@ def test_a_stage_from_mae_takes_the_encoder_bit_exactly_and_resumes_bit_identica
   resumed = train_stage(config, str(tmp_path / 'split'), initialise=initialise,
                         devices=one_device())
   assert resumed.finished and resumed.steps_run == 2
-  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(resumed.state.params),
-                         jax.device_get(whole.state.params))
-  jax.tree_util.tree_map(np.testing.assert_array_equal,
-                         jax.device_get(resumed.state.opt_state),
-                         jax.device_get(whole.state.opt_state))
+  assert_trees_equal(jax.device_get(resumed.state.params), jax.device_get(whole.state.params))
+  assert_trees_equal(jax.device_get(resumed.state.opt_state), jax.device_get(whole.state.opt_state))
   scores = whole.eval_results['classification']
   assert scores['examples'] == 24 and 0.0 <= scores['top1'] <= scores['top5'] <= 1.0
   assert os.path.exists(tmp_path / 'whole' / 'eval_results.json')

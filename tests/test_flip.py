@@ -10,7 +10,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.objectives.flip import contrastive_loss, l2_normalize, logit_scale_from
-from numerics import assert_trees_close_in_scale
+from helpers.numerics import assert_trees_close_in_scale
+from helpers.tiny_config import tiny_flip_config, tiny_trainer
 
 
 def _raw_embeddings(n=16, dim=8, seed=0):
@@ -80,22 +81,6 @@ def test_loss_stays_finite_when_scaled_cosine_is_100():
   np.testing.assert_allclose(loss, math.log(8), atol=2e-5)
 
 
-def tiny_flip_config():
-  from big_pretrain.config.defaults import stage_config
-  from big_pretrain.data.text.tokenizer import synthetic_tokenizer_path
-  config = stage_config('flip')
-  config.model.update(variant='mu/8', use_cls_token=False, pool='gap')
-  config.objective.update(mask_ratio=0.5, embed_dim=32, text_width=32, text_depth=1, text_heads=4)
-  config.data.update(source='synthetic', num_examples=256, source_image_size=32, image_size=32,
-                     num_threads=2)
-  config.data.text.tokenizer = synthetic_tokenizer_path()
-  config.data.text.max_length = 16
-  config.batch_size = 16
-  config.total_steps = 4
-  config.optim.update(lr_per_256=1e-3, warmup_steps=1)
-  return config
-
-
 def test_patches_are_dropped_in_training_only():
   from flax import linen as nn
   from big_pretrain.data.train_input import InputPipeline
@@ -121,19 +106,13 @@ def test_patches_are_dropped_in_training_only():
 def test_flip_loss_and_gradients_on_8_devices_equal_one_device():
   """The whole objective (towers, masking, global InfoNCE) under data + FSDP sharding."""
   from big_pretrain.data.train_input import InputPipeline
-  from big_pretrain.objectives import build_objective
-  from big_pretrain.train.optim import make_optimizer, make_schedule
-  from big_pretrain.train.step import build_trainer
   config = tiny_flip_config()
-  objective = build_objective(config)
   results = {}
   for name, mesh_shape, devices in (('sharded', (2, 4, 1), jax.devices()),
                                     ('single', (1, 1, 1), jax.devices()[:1])):
     config.mesh.update(data=mesh_shape[0], fsdp=mesh_shape[1], tensor=mesh_shape[2])
-    mesh = sharding_lib.make_mesh(config.mesh, devices)
-    rules = sharding_lib.logical_axis_rules(config)
-    schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
-    trainer = build_trainer(objective, make_optimizer(config.optim, schedule), schedule, mesh, rules)
+    objective, trainer = tiny_trainer(config, devices)
+    mesh, rules = trainer.mesh, trainer.rules
     params = trainer.init_state(jax.random.key(0)).params
     batch = next(InputPipeline(config.data, global_batch_size=16, mesh=mesh))
     grad_fn = jax.jit(jax.value_and_grad(objective.loss, has_aux=True), static_argnums=3)

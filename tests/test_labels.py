@@ -9,21 +9,15 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from big_pretrain.config.defaults import default_data_config
 from big_pretrain.data import batch_features
 from big_pretrain.data import sources
 from big_pretrain.data import train_input
 from big_pretrain.data.sources import synthetic
 from big_pretrain.data.text import build_vocabulary
 from big_pretrain.data.text import labels
+from helpers.data import first_devices_mesh, small_data_config
 
 MAX_LABELS = 6
-IMAGE_SIZE = 32
-
-
-def make_mesh():
-  return jax.make_mesh((1, 1, 1), ('data', 'fsdp', 'tensor'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[:1])
 
 
 def write_vocabulary_file(tmp_path, text, name='vocab.txt'):
@@ -277,30 +271,26 @@ def test_command_as_a_module_and_its_errors(tmp_path):
 
 # --- The pipeline's 'label_ids' ----------------------------------------------------------
 
-def small_config(**overrides):
-  config = default_data_config()
-  config.num_examples = 64
-  config.source_image_size = 32
-  config.image_size = IMAGE_SIZE
-  config.num_threads = 2
-  config.prefetch_buffer_size = 16
+def labels_data_config(**overrides):
+  """small_data_config over 64 synthetic 32x32 images, at most MAX_LABELS label ids each."""
+  config = small_data_config(num_examples=64, source_image_size=32)
   config.labels.max_labels_per_example = MAX_LABELS
   config.update(overrides)
   return config
 
 
 def test_pipeline_without_vocabulary_has_no_label_ids():
-  config = small_config()
+  config = labels_data_config()
   assert config.labels.vocabulary is None
   assert batch_features.device_feature_names(config) == batch_features.DEVICE_FEATURES
-  data = train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
+  data = train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh())
   assert set(next(data)) == {'image', 'label'} and data.label_vocabulary is None
 
 
 def test_pipeline_batches_carry_synthetic_label_ids():
-  config = small_config()
+  config = labels_data_config()
   config.labels.vocabulary = labels.synthetic_vocabulary_path()
-  data = train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
+  data = train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh())
   vocabulary = data.label_vocabulary
   batch = next(data)
   assert set(batch) == {'image', 'label', 'label_ids'}
@@ -314,10 +304,11 @@ def test_pipeline_batches_carry_synthetic_label_ids():
 
 
 def test_pipeline_truncates_to_the_lowest_ids():
-  config = small_config(num_examples=8)
+  config = labels_data_config(num_examples=8)
   config.labels.vocabulary = labels.synthetic_vocabulary_path()
   config.labels.max_labels_per_example = 2
-  data = train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), train=False)
+  data = train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh(),
+                                   train=False)
   vocabulary = data.label_vocabulary
   source = sources.SyntheticShapes(8, 32)
   rows = data.next_local_numpy()['label_ids']
@@ -338,9 +329,10 @@ def _write_image_folder(tmp_path):
 
 
 def test_image_folder_example_without_known_hashtag_has_an_all_padding_row(tmp_path):
-  config = small_config(source='image_folder', path=str(_write_image_folder(tmp_path)))
+  config = labels_data_config(source='image_folder', path=str(_write_image_folder(tmp_path)))
   config.labels.vocabulary = labels.synthetic_vocabulary_path()
-  data = train_input.InputPipeline(config, global_batch_size=3, mesh=make_mesh(), train=False)
+  data = train_input.InputPipeline(config, global_batch_size=3, mesh=first_devices_mesh(),
+                                   train=False)
   circle = data.label_vocabulary.label_id('circle')
   rows = np.asarray(next(data)['label_ids'])
   # The eval order is shuffled: compare the rows as a multiset.
@@ -348,7 +340,8 @@ def test_image_folder_example_without_known_hashtag_has_an_all_padding_row(tmp_p
       (circle,) + (-1,) * (MAX_LABELS - 1), (-1,) * MAX_LABELS, (-1,) * MAX_LABELS])
   # With caption words, the bare word 'circle' and 'red' count as well.
   config.labels.use_caption_words = True
-  data = train_input.InputPipeline(config, global_batch_size=3, mesh=make_mesh(), train=False)
+  data = train_input.InputPipeline(config, global_batch_size=3, mesh=first_devices_mesh(),
+                                   train=False)
   rows = np.asarray(next(data)['label_ids'])
   red = data.label_vocabulary.label_id('red')
   assert sorted(map(tuple, rows[:, :2].tolist())) == sorted(
@@ -356,9 +349,9 @@ def test_image_folder_example_without_known_hashtag_has_an_all_padding_row(tmp_p
 
 
 def test_pipeline_with_missing_vocabulary_names_the_path_and_the_command(tmp_path):
-  config = small_config()
+  config = labels_data_config()
   config.labels.vocabulary = str(tmp_path / 'missing_vocab.txt')
   with pytest.raises(FileNotFoundError, match='missing_vocab.txt') as error:
-    train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
+    train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh())
   assert f'--output={config.labels.vocabulary}' in str(error.value)
   assert 'python -m big_pretrain.data.text.build_vocabulary labels' in str(error.value)

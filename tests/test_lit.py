@@ -10,17 +10,16 @@ from big_pretrain.config.defaults import chain_config, stage_config
 from big_pretrain.config.validation import validate_config
 from big_pretrain.data.batch_features import random_batch
 from big_pretrain.errors import ConfigError
-from big_pretrain.objectives import build_objective
 from big_pretrain.stages import chain
 from big_pretrain.stages import transfer
 from big_pretrain.train import mfu, optim
-from big_pretrain.train.step import build_trainer
-from test_flip import tiny_flip_config
-from tiny_config import _with_overrides, one_device, tiny_mae_config
+from helpers.tiny_config import (one_device, one_device_trainer, tiny_flip_config, tiny_mae_config,
+                                 with_overrides)
+from helpers.trees import named_leaves
 
 
 def tiny_lit_config(**overrides):
-  """tests/test_flip.py's tiny towers, the image tower shaped as tiny MAE's (cls token)."""
+  """tiny_flip_config's towers, the image tower shaped as tiny MAE's (cls token)."""
   config = tiny_flip_config()
   text_tower = {key: config.objective[key] for key in ('embed_dim', 'text_width', 'text_depth',
                                                        'text_heads')}
@@ -30,7 +29,7 @@ def tiny_lit_config(**overrides):
   config.optim.update(ema_decay=0.9, weight_decay=0.05)  # neither may touch the locked tower
   config.checkpoint.every_steps = 2
   config.log.every_steps = 2
-  return _with_overrides(config, overrides)
+  return with_overrides(config, overrides)
 
 
 @pytest.fixture(scope='module')
@@ -55,36 +54,24 @@ def test_a_mae_then_lit_chain_reports_zero_shot_accuracy_beside_chance(chain_run
   assert 'zero_shot' in table and 'chance' in table
 
 
-def _trainer(config):
-  mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
-  schedule = optim.make_schedule(config.optim, config.batch_size, config.total_steps)
-  return build_trainer(build_objective(config), optim.make_optimizer(config.optim, schedule),
-                       schedule, mesh, sharding_lib.logical_axis_rules(config))
-
-
-def _named_leaves(tree):
-  return {optim.param_path(path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def test_the_image_tower_stays_bit_identical_and_holds_no_optimizer_state(chain_run, tmp_path):
   mae_workdir = str(chain_run[0] / 'mae')
   config = tiny_lit_config(**{'init_from.checkpoint': mae_workdir})
   validate_config(config)
-  trainer = _trainer(config)
+  trainer = one_device_trainer(config)
   state = trainer.init_state(jax.random.key(0))
   initialise = chain.initialiser_from(config.init_from, str(tmp_path))
   state = state.replace(params=initialise(state.params))  # as the loop starts a stage
-  before = _named_leaves(jax.device_get(state.params))
+  before = named_leaves(jax.device_get(state.params))
   batch = jax.device_put(random_batch(config.data, config.batch_size, np.random.default_rng(0)),
                          sharding_lib.batch_sharding(trainer.mesh))
   for _ in range(3):  # step 1 has lr 0 (warm-up)
     state, metrics = trainer.train_step(state, batch, jax.random.key(1))
   assert np.isfinite(float(metrics['loss']))
-  after = _named_leaves(jax.device_get(state.params))
+  after = named_leaves(jax.device_get(state.params))
 
   # Every image-tower leaf is MAE's, bit for bit; everything else trained.
-  mae_encoder = _named_leaves(transfer.read_subtrees(
+  mae_encoder = named_leaves(transfer.read_subtrees(
       transfer.resolve_checkpoint_dir(mae_workdir), ('encoder',)))
   image_tower = sorted(name for name in after if name.startswith('encoder/'))
   assert image_tower == sorted(mae_encoder)
@@ -98,10 +85,10 @@ def test_the_image_tower_stays_bit_identical_and_holds_no_optimizer_state(chain_
 
   # Adam's moments and the EMA exist for the trained leaves only.
   adam = optim.find_state(state.opt_state, optax.ScaleByAdamState)
-  moments = sorted(_named_leaves(adam.mu))
+  moments = sorted(named_leaves(adam.mu))
   assert moments == sorted(trained)
   ema = optim.find_state(state.opt_state, optim.EmaParamsState).ema
-  assert sorted(_named_leaves(ema)) == sorted(trained)
+  assert sorted(named_leaves(ema)) == sorted(trained)
 
 
 def test_the_locked_tower_runs_forward_only():
@@ -114,7 +101,7 @@ def test_the_locked_tower_runs_forward_only():
   flip.model.update(use_cls_token=True, pool='cls')  # the same towers, all trained
   # The program as traced (no XLA compile needed): a backward through the locked tower
   # would be in it.
-  traced = {name: _trainer(config).lower_step(shapes).cost_analysis()['flops']
+  traced = {name: one_device_trainer(config).lower_step(shapes).cost_analysis()['flops']
             for name, config in (('lit', lit), ('flip', flip))}
   analytic = {name: mfu.model_flops_per_step(config) for name, config in (('lit', lit),
                                                                            ('flip', flip))}

@@ -9,12 +9,12 @@ import pytest
 
 from big_pretrain.config.validation import validate_stage_config
 from big_pretrain.errors import ConfigError
-from big_pretrain.evaluators import build_evaluators, evaluator_config
+from big_pretrain.evaluators import build_evaluators
 from big_pretrain.evaluators.linear_probe import classify, fit_linear_classifier, standardize
 from big_pretrain.evaluators.low_shot import (
     check_pool_has_shots, low_shot_accuracies, select_k_per_class, summarize_accuracies)
-from test_evaluators import gaussian_blobs
-from tiny_config import tiny_mae_config, tiny_trainer
+from helpers.probe_data import gaussian_blobs
+from helpers.tiny_config import tiny_mae_config, tiny_mae_with_evaluator_on_eight_devices
 
 NUM_CLASSES = 10
 
@@ -148,13 +148,9 @@ def test_bad_config_is_named_before_any_compute(overrides, expected):
 
 @pytest.fixture(scope='module')
 def tiny_mae_on_eight_devices():
-  config = tiny_mae_config()
-  config.mesh.update(data=2, fsdp=4, tensor=1)
-  config.evals.low_shot = evaluator_config(
+  config, objective, trainer = tiny_mae_with_evaluator_on_eight_devices(
       'low_shot', shots=(1, 5), seeds=2, train_examples=256, test_examples=128,
       batch_size=128, num_steps=50)
-  validate_stage_config(config)
-  objective, trainer = tiny_trainer(config, jax.devices())
   params = trainer.init_state(jax.random.key(config.seed)).params
   return config, objective, trainer, params
 

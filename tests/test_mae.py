@@ -20,7 +20,7 @@ from big_pretrain.models.patches import normalize_images, patchify, unpatchify
 from big_pretrain.models.vit import VisionTransformer
 from big_pretrain.objectives.mae import (MAE, NORM_PIX_EPSILON, masked_patch_loss,
                                          normalize_patches)
-from numerics import assert_close_in_scale
+from helpers.numerics import assert_close_in_scale
 
 IMAGE_SIZE = 32
 PATCH = 8

@@ -19,9 +19,9 @@ from big_pretrain.errors import WorkdirError
 from big_pretrain.stages import chain
 from big_pretrain.storage import files as storage
 from big_pretrain.storage import run_lock
-from test_multiprocess import free_port
+from helpers.paths import REPO_ROOT, TINY_CONFIG_FILE
+from helpers.processes import free_port
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_USAGE = 2
 
 
@@ -29,7 +29,7 @@ def _start_main(args, **env_overrides):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('BIG_PRETRAIN_VERBOSE', None)
   env.update(env_overrides)
-  return subprocess.Popen([sys.executable, 'main.py', *args], cwd=REPO, env=env,
+  return subprocess.Popen([sys.executable, 'main.py', *args], cwd=REPO_ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -241,7 +241,7 @@ def test_a_workdir_in_use_stops_every_process_of_a_two_process_run(tmp_path):
   try:
     _write_lock(workdir, socket.gethostname(), holder.pid)
     processes = [
-        _start_main(['--config=tests/tiny_config.py', f'--workdir={workdir}',
+        _start_main([f'--config={TINY_CONFIG_FILE}', f'--workdir={workdir}',
                      f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
                      f'--process_id={i}'],
                     JAX_NUM_CPU_DEVICES='1', XLA_FLAGS='--xla_backend_optimization_level=0')
@@ -273,12 +273,12 @@ def test_a_library_errors_traceback_is_dropped_and_verbose_keeps_it(monkeypatch)
   # five) around main.py's one-line message that the save failed.
   monkeypatch.delenv('BIG_PRETRAIN_VERBOSE', raising=False)
   quiet = cli._QuietLibraryInfo()  # pylint: disable=protected-access
-  library = f'{REPO}/.venv/site-packages/orbax/future.py'  # a venv inside the repository
+  library = f'{REPO_ROOT}/.venv/site-packages/orbax/future.py'  # a venv inside the repository
   record = _error_record(library)
   assert quiet.filter(record)
   assert 'Traceback' not in logging.Formatter().format(record)
   assert 'raised an exception: RESOURCE_EXHAUSTED' in record.getMessage()
-  own = _error_record(f'{REPO}/big_pretrain/train/loop.py')
+  own = _error_record(f'{REPO_ROOT}/big_pretrain/train/loop.py')
   assert quiet.filter(own) and 'Traceback' in logging.Formatter().format(own)
 
   monkeypatch.setenv('BIG_PRETRAIN_VERBOSE', '1')
@@ -353,7 +353,7 @@ def test_abandoned_save_tasks_are_not_logged_one_by_one(monkeypatch):
 def test_a_damaged_config_json_is_refused_in_one_line_naming_it(tmp_path):
   from big_pretrain.errors import DamagedFileError  # pylint: disable=import-outside-toplevel
   from big_pretrain.stages import resume_identity  # pylint: disable=import-outside-toplevel
-  from tiny_config import tiny_mae_config  # pylint: disable=import-outside-toplevel
+  from helpers.tiny_config import tiny_mae_config  # pylint: disable=import-outside-toplevel
   recorded = tmp_path / resume_identity.CONFIG_FILE
   recorded.write_text(tiny_mae_config().to_json_best_effort()[:100])  # cut short
   with pytest.raises(DamagedFileError, match=r'config\.json cannot be read \(JSONDecodeError.*'

@@ -6,12 +6,8 @@ the reference runs in this process on 4 of its 8 devices, with the same
 """
 
 import glob
-import hashlib
 import json
 import os
-import re
-import socket
-import time
 
 import jax
 import numpy as np
@@ -20,68 +16,9 @@ import pytest
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data.train_input import InputPipeline
 from big_pretrain.train.loop import train_stage
-from reliability.processes import ProcessGroup
-from tiny_config import tiny_multiprocess_config
-
-WORKER = os.path.join(os.path.dirname(__file__), 'multiprocess_worker.py')
-NUM_PROCESSES = 2
-DEVICES_PER_PROCESS = 2
-LAUNCH_TIMEOUT_S = 240
-
-
-def free_port() -> int:
-  """A TCP port on 127.0.0.1 that nothing listens on now (for a coordinator)."""
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def _worker_env() -> dict:
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(DEVICES_PER_PROCESS))
-  env['XLA_FLAGS'] = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
-                            env.get('XLA_FLAGS', ''))
-  return env
-
-
-def launch(task: str, workdir: str) -> list[dict]:
-  """Runs TASK in NUM_PROCESSES worker processes; returns their results, by process id.
-
-  Every child is killed (its whole process group) if any fails or the launch
-  runs out of time, so a hung collective cannot outlive the test.
-  """
-  port = free_port()
-  logs, children = [], []
-  try:
-    for process_id in range(NUM_PROCESSES):
-      log_path = os.path.join(workdir, f'{task}_process_{process_id}.log')
-      logs.append(log_path)
-      children.append(ProcessGroup(
-          [str(process_id), str(NUM_PROCESSES), str(port), workdir, task], log_path,
-          env=_worker_env(), script=WORKER))
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    while any(child.poll() is None for child in children):
-      failed = [c for c in children if c.poll() not in (None, 0)]
-      if failed or time.monotonic() > deadline:
-        break
-      time.sleep(0.2)
-    codes = [child.poll() for child in children]
-    if codes != [0] * NUM_PROCESSES:
-      tails = '\n'.join(f'--- {path}\n' + open(path).read()[-3000:] for path in logs)
-      pytest.fail(f'{task}: worker exit codes {codes} (None: timed out after '
-                  f'{LAUNCH_TIMEOUT_S} s).\n{tails}')
-  finally:
-    for child in children:
-      if child.poll() is None:
-        child.kill()
-  results = []
-  for process_id in range(NUM_PROCESSES):
-    with open(os.path.join(workdir, f'{task}_process_{process_id}.json')) as f:
-      results.append(json.load(f))
-  return results
-
-
-def _hashes(images) -> list[str]:
-  return [hashlib.sha1(image.tobytes()).hexdigest()[:16] for image in images]
+from helpers.hashes import image_hashes
+from helpers.processes import DEVICES_PER_PROCESS, NUM_PROCESSES, launch_workers
+from helpers.tiny_config import tiny_multiprocess_config
 
 
 @pytest.fixture(scope='module')
@@ -90,7 +27,7 @@ def four_devices():
 
 
 def test_each_process_reads_its_rows_of_the_single_process_batches(tmp_path, four_devices):
-  workers = launch('data', str(tmp_path))
+  workers = launch_workers('data', str(tmp_path))
   assert [w['process_count'] for w in workers] == [2, 2]
   assert [w['device_count'] for w in workers] == [4, 4]
 
@@ -99,13 +36,13 @@ def test_each_process_reads_its_rows_of_the_single_process_batches(tmp_path, fou
   train = InputPipeline(config.data, global_batch_size=config.batch_size, mesh=mesh,
                         seed=config.seed)
   for step, worker_rows in enumerate(zip(*(w['train_rows'] for w in workers))):
-    single = _hashes(train.next_local_numpy()['image'])
+    single = image_hashes(train.next_local_numpy()['image'])
     # Process 0 holds the first half of every global batch, process 1 the second.
     assert worker_rows[0] + worker_rows[1] == single, f'train batch {step}'
 
   eval_data = config.data.copy_and_resolve_references()
   eval_data.split = 'test'
-  single_eval = [_hashes(batch['image']) for batch in iter(InputPipeline(
+  single_eval = [image_hashes(batch['image']) for batch in iter(InputPipeline(
       eval_data, global_batch_size=config.batch_size, mesh=mesh, train=False
   ).next_local_numpy, None)]
   # 64 examples, global batch 8: 8 batches each, none left over for one process alone.
@@ -119,8 +56,8 @@ def test_each_process_reads_its_rows_of_the_single_process_batches(tmp_path, fou
 def two_process_run(tmp_path_factory):
   """Two processes train 2 steps and stop; two new ones resume to step 4."""
   workdir = str(tmp_path_factory.mktemp('two_processes'))
-  stopped = launch('train', workdir)
-  resumed = launch('resume', workdir)
+  stopped = launch_workers('train', workdir)
+  resumed = launch_workers('resume', workdir)
   return workdir, stopped, resumed
 
 
@@ -173,7 +110,7 @@ def test_restoring_with_another_process_count_says_why(two_process_run):
 def test_a_ctrl_c_on_one_process_stops_both_at_the_same_saved_step(tmp_path):
   # Process 1 alone gets SIGINT, which it hands to JAX's preemption sync as the SIGTERM
   # a preempted host gets: so this covers both.
-  workers = launch('preempt', str(tmp_path))
+  workers = launch_workers('preempt', str(tmp_path))
   steps = [w['final_step'] for w in workers]
   assert all(w['preempted'] for w in workers)
   # JAX's preemption sync point: both stop together, soon after the notice.

@@ -1,8 +1,9 @@
 """Bad data and failing evaluators end a run with one clear error, never a hang or a loop.
 
-Issue 16, "never hang, never loop": a folder of only unreadable images, a
-partly broken one, a held-out folder smaller than an evaluator's batch, and an
-evaluator that fails at the final step.
+A folder of only unreadable images stops with an error naming its files, a partly broken
+one reads on with a bounded number of warnings, a held-out folder smaller than an
+evaluator's batch shows every image once, and an evaluator that fails at the final step
+keeps the checkpoint so that a rerun finishes.
 """
 
 import contextlib
@@ -14,7 +15,6 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from big_pretrain.config.defaults import default_data_config
 from big_pretrain.data import corrupt_images
 from big_pretrain.data import train_input
 from big_pretrain.data.device_prefetch import DevicePrefetch
@@ -25,10 +25,9 @@ from big_pretrain.stages import chain
 from big_pretrain.stages import stage_dir
 from big_pretrain.storage.checkpoints import Checkpointer
 from big_pretrain.train import loop
-from test_metric_writer import read_events
-from tiny_config import one_device, tiny_mae_config
-
-IMAGE_SIZE = 32
+from helpers.data import IMAGE_SIZE, first_devices_mesh, small_data_config
+from helpers.events import read_events
+from helpers.tiny_config import one_device, tiny_mae_config
 
 
 @contextlib.contextmanager
@@ -62,17 +61,8 @@ def _image_folder(root, *, readable: int, unreadable: int, classes=('cats', 'dog
 
 
 def _data_config(path, **overrides):
-  config = default_data_config()
-  config.update(source='image_folder', path=str(path), image_size=IMAGE_SIZE, num_threads=2,
-                prefetch_buffer_size=16, **overrides)
-  return config
-
-
-def _mesh():
-  import jax  # pylint: disable=import-outside-toplevel
-  return jax.make_mesh((1, 1, 1), ('data', 'fsdp', 'tensor'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=jax.devices()[:1])
+  """small_data_config over the image folder at `path`."""
+  return small_data_config(source='image_folder', path=str(path), **overrides)
 
 
 def _skip_warnings(caplog) -> list[str]:
@@ -84,7 +74,8 @@ def _skip_warnings(caplog) -> list[str]:
 
 def test_folder_of_only_unreadable_images_stops_naming_files_and_count(tmp_path, caplog):
   folder = _image_folder(tmp_path / 'images', readable=0, unreadable=4)
-  data = train_input.InputPipeline(_data_config(folder), global_batch_size=4, mesh=_mesh())
+  data = train_input.InputPipeline(_data_config(folder), global_batch_size=4,
+                                   mesh=first_devices_mesh())
   with caplog.at_level(logging.WARNING), time_limit(30):
     with pytest.raises(UnreadableDataError) as error:
       data.next_local_numpy()
@@ -99,7 +90,7 @@ def test_folder_of_only_unreadable_images_stops_naming_files_and_count(tmp_path,
 def test_the_limit_is_configurable_and_reaches_the_training_loop_through_prefetch(tmp_path):
   folder = _image_folder(tmp_path / 'images', readable=0, unreadable=2)
   data = train_input.InputPipeline(_data_config(folder, max_consecutive_unreadable=5),
-                                global_batch_size=2, mesh=_mesh())
+                                global_batch_size=2, mesh=first_devices_mesh())
   # As train_stage reads: batches made in a background thread, errors raised in the loop.
   batches = DevicePrefetch(data.grain_iterator, data.to_global_arrays, 2)
   try:
@@ -111,7 +102,8 @@ def test_the_limit_is_configurable_and_reaches_the_training_loop_through_prefetc
 
 def test_partly_broken_folder_reads_on_with_a_bounded_number_of_warnings(tmp_path, caplog):
   folder = _image_folder(tmp_path / 'images', readable=4, unreadable=4)
-  data = train_input.InputPipeline(_data_config(folder), global_batch_size=4, mesh=_mesh())
+  data = train_input.InputPipeline(_data_config(folder), global_batch_size=4,
+                                   mesh=first_devices_mesh())
   with caplog.at_level(logging.WARNING), time_limit(30):
     batches = [data.next_local_numpy() for _ in range(20)]  # 10 epochs of the 8 good images
   assert all(batch['image'].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3) for batch in batches)

@@ -5,7 +5,6 @@ import os
 
 import jax
 import ml_collections
-import numpy as np
 import pytest
 
 from big_pretrain.config.validation import ConfigError, validate_config
@@ -14,8 +13,8 @@ from big_pretrain.stages import chain
 from big_pretrain.stages import stage_dir
 from big_pretrain.train import loop
 from configs import aim, aim_then_wsp, flip, mae_then_wsp
-from test_transfer import tiny_wsp_config
-from tiny_config import one_device, tiny_mae_config
+from helpers.tiny_config import one_device, tiny_mae_config, tiny_wsp_config
+from helpers.trees import assert_trees_equal
 
 
 def tiny_chain():
@@ -89,8 +88,7 @@ def test_wsp_starts_from_the_mae_encoder(tmp_path, monkeypatch):
 
   monkeypatch.setattr(chain, 'train_stage', keep_final)
   chain.run(config, str(tmp_path), devices=one_device())
-  jax.tree_util.tree_map(np.testing.assert_array_equal,
-                         finals['wsp']['encoder'], finals['mae']['encoder'])
+  assert_trees_equal(finals['wsp']['encoder'], finals['mae']['encoder'])
 
 
 def test_chain_config_names_a_stage_that_is_not_earlier():

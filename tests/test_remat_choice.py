@@ -20,7 +20,8 @@ from big_pretrain.train import remat_choice
 from big_pretrain.train.loop import train_stage
 from big_pretrain.train.optim import make_optimizer, make_schedule
 from big_pretrain.train.step import ShardedTrainer
-from tiny_config import one_device, tiny_mae_config
+from helpers.tiny_config import one_device, tiny_mae_config
+from helpers.trees import assert_trees_equal
 
 
 def _config():
@@ -127,8 +128,7 @@ def test_loop_with_auto_remat_trains_as_without_remat(monkeypatch, tmp_path):
   auto = train_stage(config, str(tmp_path / 'auto'), stop_after_steps=2, devices=one_device())
   assert auto.steps_run == 2
   assert auto.last_metrics['loss'] == without.last_metrics['loss']
-  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(auto.state.params),
-                         jax.device_get(without.state.params))
+  assert_trees_equal(jax.device_get(auto.state.params), jax.device_get(without.state.params))
 
 
 def test_global_batch_shapes_are_those_of_the_pipeline(tmp_path):

@@ -14,7 +14,7 @@ from big_pretrain.stages import resume_identity
 from big_pretrain.stages import transfer
 from big_pretrain.storage.checkpoints import Checkpointer
 from big_pretrain.train.loop import train_stage
-from tiny_config import one_device, tiny_mae_config, tiny_trainer
+from helpers.tiny_config import one_device, one_device_trainer, tiny_mae_config
 
 
 def _config(**overrides):
@@ -87,7 +87,7 @@ def test_compare_configs_splits_allowed_from_identity_keys():
 
 def test_missing_metadata_or_arrays_fall_back_to_the_previous_readable_step(workdir, caplog):
   config = _config()
-  _, trainer = tiny_trainer(config, one_device())
+  trainer = one_device_trainer(config)
   (workdir / 'checkpoints' / '4' / 'state' / '_METADATA').unlink()
   for array_file in (workdir / 'checkpoints' / '2' / 'state').rglob('d/*'):
     array_file.unlink()
@@ -105,7 +105,7 @@ def test_missing_metadata_or_arrays_fall_back_to_the_previous_readable_step(work
 
 def test_a_readable_checkpoint_of_another_model_does_not_fit_and_nothing_moves(workdir):
   config = _config(**{'model.variant': 'Ti/8'})
-  _, trainer = tiny_trainer(config, one_device())
+  trainer = one_device_trainer(config)
   checkpointer = Checkpointer(str(workdir / 'checkpoints'), config.checkpoint)
   with pytest.raises(CheckpointMismatchError, match='does not fit the model'):
     checkpointer.restore_latest_readable(trainer.abstract_state)

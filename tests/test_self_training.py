@@ -1,7 +1,6 @@
 """Self-training: a teacher's pseudo-labels (sharded, resumable, byte-identical) and a
 student that learns from human and pseudo-labels mixed in every batch."""
 
-import hashlib
 import os
 import shutil
 
@@ -24,8 +23,9 @@ from big_pretrain.errors import ConfigError, DamagedFileError
 from big_pretrain.objectives import build_objective, self_training
 from big_pretrain.stages.pseudo_label_job import run_pseudo_label
 from big_pretrain.train.loop import train_stage
-from test_multiprocess import launch
-from tiny_config import tiny_pseudo_label_config, tiny_student_config, tiny_teacher_config
+from helpers.hashes import file_hashes
+from helpers.processes import launch_workers
+from helpers.tiny_config import tiny_pseudo_label_config, tiny_student_config, tiny_teacher_config
 
 FOUR_DEVICES = 4  # the two worker processes' 2 devices each, or one process's 4
 
@@ -46,12 +46,6 @@ def pseudo_labels(teacher_dir, tmp_path_factory):
                             devices=jax.devices()[:FOUR_DEVICES])
   assert result.finished and result.shards_written == 3
   return folder
-
-
-def _file_hashes(folder, only_shards=False):
-  return {name: hashlib.sha1(open(os.path.join(folder, name), 'rb').read()).hexdigest()
-          for name in sorted(os.listdir(folder))
-          if not only_shards or name.startswith(records_lib.PSEUDO_LABEL_SHARD_PREFIX)}
 
 
 def _records(folder):
@@ -91,7 +85,7 @@ def test_pseudo_labels_resume_after_a_kill_to_the_same_bytes(teacher_dir, pseudo
   resumed = run_pseudo_label(config, folder, teacher_dir=teacher_dir,
                              devices=jax.devices()[:FOUR_DEVICES])
   assert resumed.finished and resumed.shards_written == 2
-  assert _file_hashes(folder) == _file_hashes(pseudo_labels)
+  assert file_hashes(folder) == file_hashes(pseudo_labels)
   # Other settings in the same folder are refused, not mixed in.
   config.labels.kind = 'hard'
   with pytest.raises(ConfigError, match='other settings.*labels'):
@@ -113,9 +107,9 @@ def test_damaged_job_files_are_rebuilt_or_named_and_nothing_is_deleted(teacher_d
   assert rerun.finished and rerun.shards_written == 1
   kept = {name for name in os.listdir(folder) if name.endswith('.damaged')}
   assert kept == {counts.name + '.damaged', records_lib.METADATA_FILE + '.damaged'}
-  rebuilt = {name: digest for name, digest in _file_hashes(folder).items()
+  rebuilt = {name: digest for name, digest in file_hashes(folder).items()
              if not name.endswith('.damaged')}
-  assert rebuilt == _file_hashes(pseudo_labels)
+  assert rebuilt == file_hashes(pseudo_labels)
   # The job's settings cut short: nothing to check the job against, so it is refused.
   job = folder / 'job.json'
   job.write_bytes(job.read_bytes()[:10])
@@ -127,12 +121,13 @@ def test_damaged_job_files_are_rebuilt_or_named_and_nothing_is_deleted(teacher_d
 def test_two_processes_write_the_same_pseudo_labels_as_one(teacher_dir, pseudo_labels,
                                                            tmp_path):
   shutil.copytree(teacher_dir, tmp_path / 'teacher')
-  workers = launch('pseudo_label', str(tmp_path))
+  workers = launch_workers('pseudo_label', str(tmp_path))
   assert [w['process_count'] for w in workers] == [2, 2]
   shards = {name: digest for name, digest in workers[0]['files'].items()
             if name.startswith(records_lib.PSEUDO_LABEL_SHARD_PREFIX)}
   assert len(shards) == 6  # 3 record files and their counts
-  assert shards == _file_hashes(pseudo_labels, only_shards=True)
+  assert shards == file_hashes(pseudo_labels,
+                              name_prefix=records_lib.PSEUDO_LABEL_SHARD_PREFIX)
 
 
 def test_hard_labels_keep_only_images_at_or_above_the_threshold(teacher_dir, tmp_path):

@@ -5,20 +5,13 @@ import numpy as np
 import pytest
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.objectives import build_objective
-from big_pretrain.train.optim import make_optimizer, make_schedule
-from big_pretrain.train.step import build_trainer
-from tiny_config import tiny_mae_config
+from helpers.tiny_config import tiny_mae_config, tiny_trainer
 
 
 def _trainer(mesh_shape: dict):
   config = tiny_mae_config()
   config.mesh.update(**mesh_shape)
-  mesh = sharding_lib.make_mesh(config.mesh)
-  rules = sharding_lib.logical_axis_rules(config)
-  schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
-  trainer = build_trainer(build_objective(config), make_optimizer(config.optim, schedule),
-                          schedule, mesh, rules)
+  _, trainer = tiny_trainer(config, jax.devices())
   size = config.data.image_size
   batch = {'image': jax.ShapeDtypeStruct((config.batch_size, size, size, 3), np.uint8),
            'label': jax.ShapeDtypeStruct((config.batch_size,), np.int32)}

@@ -3,8 +3,9 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                'benchmarks'))
+from helpers.paths import REPO_ROOT
+
+sys.path.insert(0, os.path.join(REPO_ROOT, 'benchmarks'))
 
 import step_profile as step_benchmark  # noqa: E402
 

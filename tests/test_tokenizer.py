@@ -4,7 +4,6 @@ command, recording in a workdir, and the 'text_tokens' pipeline feature."""
 import os
 import sys
 
-import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -17,13 +16,9 @@ from big_pretrain.data.sources import synthetic
 from big_pretrain.data.text import build_vocabulary
 from big_pretrain.data.text import sentencepiece_tokenizer
 from big_pretrain.data.text import tokenizer as tokenizer_lib
+from helpers.data import first_devices_mesh, small_data_config
 
 MAX_LENGTH = 32
-
-
-def make_mesh():
-  return jax.make_mesh((1, 1, 1), ('data', 'fsdp', 'tensor'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[:1])
 
 
 def synthetic_tokenizer():
@@ -300,8 +295,9 @@ def test_unreadable_sentencepiece_model_is_named(tmp_path):
 # --- The pipeline feature ------------------------------------------------------------
 
 def text_data_config(tokenizer_path=None, num_examples=16):
-  config = default_data_config()
-  config.update(num_examples=num_examples, source_image_size=16, image_size=16, num_threads=2)
+  """small_data_config over `num_examples` synthetic 16x16 images, their captions tokenised by
+  the tokenizer at `tokenizer_path` (None: no text tokens)."""
+  config = small_data_config(num_examples=num_examples, source_image_size=16, image_size=16)
   config.text.tokenizer = tokenizer_path
   return config
 
@@ -309,7 +305,8 @@ def text_data_config(tokenizer_path=None, num_examples=16):
 def test_pipeline_without_tokenizer_has_no_text_tokens():
   config = text_data_config()
   assert batch_features.device_feature_names(config) == batch_features.DEVICE_FEATURES
-  data = train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh(), train=False)
+  data = train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh(),
+                                   train=False)
   assert set(data.next_local_numpy()) == {'image', 'label'}
   assert data.text_tokenizer is None
 
@@ -318,7 +315,8 @@ def test_pipeline_batches_carry_the_tokenised_captions():
   config = text_data_config(tokenizer_lib.synthetic_tokenizer_path())
   assert batch_features.device_feature_names(config)[-1] == 'text_tokens'
   # One eval batch holds every example of the source once.
-  data = train_input.InputPipeline(config, global_batch_size=16, mesh=make_mesh(), train=False)
+  data = train_input.InputPipeline(config, global_batch_size=16, mesh=first_devices_mesh(),
+                                   train=False)
   batch = next(data)
   assert batch['text_tokens'].shape == (16, MAX_LENGTH)
   assert batch['text_tokens'].dtype == np.int32
@@ -336,7 +334,7 @@ def test_pipeline_rejects_a_bad_max_length_and_names_a_missing_tokenizer(tmp_pat
   config = text_data_config(tokenizer_lib.synthetic_tokenizer_path())
   config.text.max_length = 1
   with pytest.raises(ValueError, match=r'config\.data\.text\.max_length=1 must be'):
-    train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
+    train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh())
   config = text_data_config(str(tmp_path / 'missing.txt'))
   with pytest.raises(FileNotFoundError, match=r'missing\.txt.*build_vocabulary tokenizer'):
-    train_input.InputPipeline(config, global_batch_size=8, mesh=make_mesh())
+    train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh())

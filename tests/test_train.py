@@ -11,22 +11,20 @@ from big_pretrain import sharding as sharding_lib
 from big_pretrain.data.batch_features import global_batch_shapes
 from big_pretrain.data.train_input import InputPipeline
 from big_pretrain.errors import CheckpointMismatchError
-from big_pretrain.objectives import build_objective, objective_class
+from big_pretrain.objectives import objective_class
 from big_pretrain.train.loop import train_stage
 from big_pretrain.train.optim import make_optimizer, make_schedule
 from big_pretrain.train.remat_choice import build_with_remat_choice
-from big_pretrain.train.step import ShardedTrainer, build_trainer
-from tiny_config import one_device, tiny_mae_config
+from big_pretrain.train.step import ShardedTrainer
+from helpers.tiny_config import one_device, tiny_mae_config, tiny_trainer
+from helpers.trees import assert_trees_equal
 
 
 def _run_steps(config, devices, num_steps):
   """Trains num_steps on `devices`; returns (losses, final params as numpy, trainer, state)."""
-  mesh = sharding_lib.make_mesh(config.mesh, devices)
-  rules = sharding_lib.logical_axis_rules(config)
-  objective = build_objective(config)
-  schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
-  trainer = build_trainer(objective, make_optimizer(config.optim, schedule), schedule, mesh, rules)
-  data = InputPipeline(config.data, global_batch_size=config.batch_size, mesh=mesh, seed=config.seed)
+  _, trainer = tiny_trainer(config, devices)
+  data = InputPipeline(config.data, global_batch_size=config.batch_size, mesh=trainer.mesh,
+                       seed=config.seed)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   state = trainer.init_state(init_rng)
   losses = []
@@ -87,7 +85,7 @@ def test_stopped_and_resumed_run_is_bit_identical(tmp_path):
   assert second.steps_run == 3 and second.finished
   straight = jax.device_get(uninterrupted.state.params)
   resumed = jax.device_get(second.state.params)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, straight, resumed)
+  assert_trees_equal(straight, resumed)
   assert uninterrupted.last_metrics['loss'] == second.last_metrics['loss']
   # Speed is logged with every interval: throughput and MFU against the CPU's measured peak.
   speed = second.last_metrics

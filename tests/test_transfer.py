@@ -6,34 +6,16 @@ import jax
 import numpy as np
 import pytest
 
-from big_pretrain.config.defaults import stage_config
-from big_pretrain.data.text.labels import synthetic_vocabulary_path
 from big_pretrain.errors import CheckpointMismatchError
-from big_pretrain.objectives import build_objective
 from big_pretrain.stages import transfer
 from big_pretrain.train.loop import train_stage
-from tiny_config import one_device, tiny_mae_config
-
-
-def tiny_wsp_config(**model):
-  config = stage_config('wsp')
-  config.model.variant = 'mu/8'
-  config.model.update(model)
-  config.data.update(source='synthetic', num_examples=256, source_image_size=32, image_size=32)
-  config.data.labels.vocabulary = synthetic_vocabulary_path()
-  config.batch_size = 16
-  config.total_steps = 2
-  return config
+from helpers.tiny_config import one_device, tiny_mae_config, tiny_trainer, tiny_wsp_config
+from helpers.trees import assert_trees_equal
 
 
 def _fresh_wsp_params(config):
-  from big_pretrain import sharding as sharding_lib
-  from big_pretrain.train.optim import make_optimizer, make_schedule
-  from big_pretrain.train.step import build_trainer
-  mesh = sharding_lib.make_mesh(config.mesh)
-  schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
-  trainer = build_trainer(build_objective(config), make_optimizer(config.optim, schedule),
-                          schedule, mesh, sharding_lib.logical_axis_rules(config))
+  """A WSP stage's initial parameters, on all 8 devices."""
+  _, trainer = tiny_trainer(config, jax.devices())
   return trainer.init_state(jax.random.key(1)).params
 
 
@@ -59,10 +41,9 @@ def test_mae_to_wsp_copies_every_encoder_tensor_bit_exactly(mae_run, scan, caplo
   expected = mae_params['encoder'] if scan else transfer.scanned_to_unrolled(mae_params['encoder'])
   got = jax.device_get(loaded['encoder'])
   assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(expected)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, got, expected)
+  assert_trees_equal(got, expected)
   # The head keeps its fresh (zero) initialisation; shardings are the fresh ones.
-  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(loaded['head']),
-                         jax.device_get(fresh['head']))
+  assert_trees_equal(jax.device_get(loaded['head']), jax.device_get(fresh['head']))
   for new, old in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(fresh)):
     assert new.sharding == old.sharding
 
@@ -122,7 +103,7 @@ def test_scanned_unrolled_round_trip():
   np.testing.assert_array_equal(unrolled['transformer']['block_2']['mlp']['kernel'],
                                 scanned['transformer']['blocks']['mlp']['kernel'][2])
   back = transfer.unrolled_to_scanned(unrolled)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, back, scanned)
+  assert_trees_equal(back, scanned)
   assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(scanned)
   again = transfer.scanned_to_unrolled(back)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, again, unrolled)
+  assert_trees_equal(again, unrolled)

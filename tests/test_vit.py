@@ -17,7 +17,8 @@ from big_pretrain.models.patches import sincos_2d_position_embedding
 from big_pretrain.models.vit import (REMAT_POLICIES, VIT_SIZES, Attention, Projection,
                                      VisionTransformer, parse_variant)
 from big_pretrain.objectives import objective_class
-from numerics import assert_close_in_scale, assert_trees_close_in_scale
+from helpers.numerics import assert_close_in_scale, assert_trees_close_in_scale
+from helpers.trees import assert_trees_equal
 
 WIDTH, DEPTH, HEADS, PATCH = 64, 2, 4, 8
 BATCH, IMAGE_SIZE = 2, 32
@@ -206,8 +207,7 @@ def test_patch_embedding_by_matmul_of_kept_patches_equals_conv_then_gather():
   # The same parameters as the nn.Conv the ViT had: names, shapes, init and rng.
   conv = nn.Conv(width, (patch, patch), strides=(patch, patch), padding='VALID',
                  kernel_init=vit_lib.xavier_uniform(in_axis=(0, 1, 2), out_axis=3))
-  jax.tree_util.tree_map(np.testing.assert_array_equal, params,
-                         conv.init(jax.random.key(3), x)['params'])
+  assert_trees_equal(params, conv.init(jax.random.key(3), x)['params'])
   params['bias'] = jnp.asarray(np.random.default_rng(4).normal(size=width), jnp.float32)
 
   @jax.jit

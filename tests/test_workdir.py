@@ -2,7 +2,7 @@
 
 from big_pretrain.storage import files as storage
 from big_pretrain.storage.checkpoints import Checkpointer
-from tiny_config import tiny_mae_config
+from helpers.tiny_config import tiny_mae_config
 
 
 def test_bucket_urls_are_kept_and_local_paths_made_absolute(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from big_pretrain.evaluators.retrieval import paired_ranks, retrieval_recalls
 from big_pretrain.evaluators.zero_shot import (
     DEFAULT_PROMPTS, class_prompts, class_text_embeddings, embed_token_rows,
     readable_class_name, zero_shot_predictions)
-from tiny_config import tiny_mae_config
+from helpers.tiny_config import tiny_mae_config
 
 CLASS_NAMES = ('circle', 'square', 'star', 'ring')
 IMAGES_PER_CLASS = 4
