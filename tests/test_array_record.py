@@ -20,7 +20,7 @@ from big_pretrain.data import train_input
 from big_pretrain.data import transforms
 from big_pretrain.data.sources import source_texts
 from configs import mae as mae_config
-from helpers.data import (IMAGE_SIZE, assert_batches_equal, first_devices_mesh,
+from helpers.batches import (IMAGE_SIZE, assert_batches_equal, first_devices_mesh,
                           read_until_exhausted, small_data_config, take)
 from helpers.images import (VALID_IMAGES_PER_CLASS, encoded_image, random_pixels,
                             truncated_jpeg_bytes)

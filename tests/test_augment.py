@@ -10,7 +10,7 @@ import pytest
 
 from big_pretrain.data import augment
 from big_pretrain.data import train_input
-from helpers.data import first_devices_mesh, small_data_config
+from helpers.batches import first_devices_mesh, small_data_config
 
 FILL = (124, 116, 104)  # round(255 * ImageNet mean), timm's img_mean hparam.
 BICUBIC = Image.Resampling.BICUBIC

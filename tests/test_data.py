@@ -15,7 +15,7 @@ from big_pretrain.data import sources
 from big_pretrain.data import train_input
 from big_pretrain.data import transforms
 from big_pretrain.data.sources import synthetic
-from helpers.data import (IMAGE_SIZE, assert_batches_equal, first_devices_mesh,
+from helpers.batches import (IMAGE_SIZE, assert_batches_equal, first_devices_mesh,
                           read_until_exhausted, small_data_config, take)
 from helpers.images import VALID_IMAGES_PER_CLASS, truncated_jpeg_bytes
 

@@ -11,7 +11,7 @@ import pytest
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data import train_input
 from big_pretrain.data.device_prefetch import DevicePrefetch
-from helpers.data import assert_batches_equal, first_devices_mesh, small_data_config
+from helpers.batches import assert_batches_equal, first_devices_mesh, small_data_config
 
 BATCH = 8
 

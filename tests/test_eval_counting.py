@@ -8,7 +8,7 @@ from big_pretrain import sharding as sharding_lib
 from helpers.eval_counting import ODD_EXAMPLES, held_out_images
 from helpers.hashes import image_hashes
 from helpers.images import VALID_IMAGES_PER_CLASS
-from helpers.processes import launch_workers
+from helpers.jax_workers import launch_workers
 from helpers.tiny_config import tiny_multiprocess_config
 
 

@@ -15,7 +15,7 @@ from big_pretrain.data import train_input
 from big_pretrain.data.sources import synthetic
 from big_pretrain.data.text import build_vocabulary
 from big_pretrain.data.text import labels
-from helpers.data import first_devices_mesh, small_data_config
+from helpers.batches import first_devices_mesh, small_data_config
 
 MAX_LABELS = 6
 

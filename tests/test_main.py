@@ -20,7 +20,7 @@ from big_pretrain.stages import chain
 from big_pretrain.storage import files as storage
 from big_pretrain.storage import run_lock
 from helpers.paths import REPO_ROOT, TINY_CONFIG_FILE
-from helpers.processes import free_port
+from helpers.jax_workers import free_port
 
 EXIT_USAGE = 2
 

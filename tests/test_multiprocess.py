@@ -17,7 +17,7 @@ from big_pretrain import sharding as sharding_lib
 from big_pretrain.data.train_input import InputPipeline
 from big_pretrain.train.loop import train_stage
 from helpers.hashes import image_hashes
-from helpers.processes import DEVICES_PER_PROCESS, NUM_PROCESSES, launch_workers
+from helpers.jax_workers import DEVICES_PER_PROCESS, NUM_PROCESSES, launch_workers
 from helpers.tiny_config import tiny_multiprocess_config
 
 

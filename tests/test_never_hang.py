@@ -25,7 +25,7 @@ from big_pretrain.stages import chain
 from big_pretrain.stages import stage_dir
 from big_pretrain.storage.checkpoints import Checkpointer
 from big_pretrain.train import loop
-from helpers.data import IMAGE_SIZE, first_devices_mesh, small_data_config
+from helpers.batches import IMAGE_SIZE, first_devices_mesh, small_data_config
 from helpers.events import read_events
 from helpers.tiny_config import one_device, tiny_mae_config
 

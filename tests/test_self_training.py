@@ -24,7 +24,7 @@ from big_pretrain.objectives import build_objective, self_training
 from big_pretrain.stages.pseudo_label_job import run_pseudo_label
 from big_pretrain.train.loop import train_stage
 from helpers.hashes import file_hashes
-from helpers.processes import launch_workers
+from helpers.jax_workers import launch_workers
 from helpers.tiny_config import tiny_pseudo_label_config, tiny_student_config, tiny_teacher_config
 
 FOUR_DEVICES = 4  # the two worker processes' 2 devices each, or one process's 4

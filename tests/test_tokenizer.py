@@ -16,7 +16,7 @@ from big_pretrain.data.sources import synthetic
 from big_pretrain.data.text import build_vocabulary
 from big_pretrain.data.text import sentencepiece_tokenizer
 from big_pretrain.data.text import tokenizer as tokenizer_lib
-from helpers.data import first_devices_mesh, small_data_config
+from helpers.batches import first_devices_mesh, small_data_config
 
 MAX_LENGTH = 32
 

@@ -2,10 +2,10 @@
 
 tiny_config: the tiny stage configs the tests train, and their trainers (also main.py's
     --config for the tiny MAE stage).
-data: small input pipelines (data config, mesh, reading and comparing batches).
+batches: small input pipelines (data config, mesh, reading and comparing batches).
 images: random pixels, encoded and broken images, an image folder with broken files.
 hashes: image and file digests that a test compares with its worker processes'.
-processes: a multi-process run on 127.0.0.1 (tests/multiprocess_worker.py) and free ports.
+jax_workers: a multi-process JAX run on 127.0.0.1 (tests/multiprocess_worker.py) and free ports.
 paths: the repository root and the files that other processes run.
 events: what TensorBoard's reader finds in a run's event files.
 trees: parameter trees by name, and exact equality.
