@@ -19,7 +19,7 @@ from ml_collections import config_flags
 
 from big_pretrain import distributed
 from big_pretrain.config.validation import unknown_key_in
-from big_pretrain.errors import EXIT_USAGE
+from big_pretrain.errors import EXIT_USAGE, Preempted
 
 PROGRAM = 'main.py'  # every one-line message starts with it
 VERBOSE_ENV = 'BIG_PRETRAIN_VERBOSE'
@@ -199,14 +199,19 @@ class _QuietLibraryInfo(std_logging.Filter):
 
 
 def _unraisable_hook(unraisable):
-  """Python's hook for errors raised where nothing can catch them, less one echo.
+  """Python's hook for errors raised where nothing can catch them, less two echoes
+  (--verbose prints them).
 
   When an Orbax save fails (a full disk), its event loop closes while tensorstore's
   C++ writer threads still have writes in flight; each reports back to the closed loop
   and prints a 'RuntimeError: Event loop is closed' traceback: about 36 around the
-  save error's one-line message. --verbose prints them.
+  save error's one-line message. And a SIGTERM's Preempted raised inside a finaliser
+  (e.g. JAX's garbage-collection callback) is dropped by Python; the handler remembers
+  the signal (train/faults.py), so the run still stops with its one line.
   """
-  if (isinstance(unraisable.exc_value, RuntimeError)
-      and str(unraisable.exc_value) == 'Event loop is closed' and not _is_verbose()):
+  if not _is_verbose() and (
+      isinstance(unraisable.exc_value, Preempted)
+      or (isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == 'Event loop is closed')):
     return
   sys.__unraisablehook__(unraisable)

@@ -320,6 +320,25 @@ def test_a_failed_saves_closed_loop_echoes_are_dropped_and_verbose_keeps_them(
   assert 'RuntimeError: Event loop is closed' in capsys.readouterr().err
 
 
+def test_a_sigterm_raised_inside_a_finaliser_prints_no_traceback(monkeypatch, capsys):
+  # JAX's garbage-collection callback is one place a SIGTERM's handler may run: Python
+  # drops the Preempted it raises there, and the next PreemptionNotice raises it again.
+  from big_pretrain.errors import Preempted  # pylint: disable=import-outside-toplevel
+  monkeypatch.delenv('BIG_PRETRAIN_VERBOSE', raising=False)
+  hook = cli._unraisable_hook  # pylint: disable=protected-access
+  monkeypatch.setattr(sys, 'unraisablehook', hook)
+
+  class HandlerRunsHere:
+    def __del__(self):
+      raise Preempted('SIGTERM before a stage\'s next step')
+
+  HandlerRunsHere()
+  assert capsys.readouterr().err == ''
+  monkeypatch.setenv('BIG_PRETRAIN_VERBOSE', '1')
+  HandlerRunsHere()
+  assert 'Preempted: SIGTERM' in capsys.readouterr().err
+
+
 def test_abandoned_save_tasks_are_not_logged_one_by_one(monkeypatch):
   # After a failed save, asyncio logs each of Orbax's abandoned write tasks (one per
   # array) with the error that main.py's one line already names.

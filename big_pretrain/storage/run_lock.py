@@ -32,13 +32,13 @@ def run_lock(path: str, take: bool = True, agree=None):
   others wait for it in their first collective.
   """
   lock_path = refusal = None
-  if take and not files.is_bucket(path):
-    lock_path = os.path.join(os.path.abspath(path), LOCK_FILE)
-    try:
-      _acquire(lock_path, path)
-    except WorkdirError as error:
-      lock_path, refusal = None, str(error)
-  try:
+  try:  # from before the lock exists: a SIGTERM while it is taken still releases it
+    if take and not files.is_bucket(path):
+      lock_path = os.path.join(os.path.abspath(path), LOCK_FILE)
+      try:
+        _acquire(lock_path, path)
+      except WorkdirError as error:
+        lock_path, refusal = None, str(error)
     if agree is not None:
       shared = agree(refusal)
       refusal = refusal or (shared and f'Process 0 of this run stopped: {shared}')
@@ -82,8 +82,12 @@ def _create_exclusively(path: str, text: str) -> bool:
     descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
   except FileExistsError:
     return False
-  with os.fdopen(descriptor, 'w') as lock_file:
-    lock_file.write(text)
+  try:
+    with os.fdopen(descriptor, 'w') as lock_file:
+      lock_file.write(text)
+  except BaseException:  # a signal while writing: no empty lock left behind
+    os.remove(path)
+    raise
   return True
 
 
