@@ -10,6 +10,7 @@
     <evaluator>.png                reconstruction grids
     tokenizer.{txt,model}          the tokenizer the text embeddings index (data/text)
     run.lock                       the run holding the folder (storage/run_lock.py)
+    <file>.damaged                 a damaged file set aside to be rebuilt, kept for the user
   A pseudo-label stage instead holds job.json (its settings), shards and metadata.json.
 
 The folder may be local or in a bucket (gs://...): paths are joined for both.
