@@ -43,7 +43,7 @@ from big_pretrain.data import sources
 from big_pretrain.data.eval_input import decode_key, ordered_batches
 from big_pretrain.data.sources import pseudo_labelled
 from big_pretrain.data.text.labels import LabelVocabulary
-from big_pretrain.errors import ConfigError, DamagedFileError
+from big_pretrain.errors import ConfigError
 from big_pretrain.objectives import build_objective
 from big_pretrain.stages import transfer
 from big_pretrain.stages.stage_dir import CONFIG_FILE, StageDir
@@ -228,22 +228,11 @@ class _ShardCounts:
 
 
 def _finished_metadata(workdir: str) -> dict | None:
-  """The finished job's metadata.json, or None. A damaged one is set aside and written again
-  from the shards' counts (every process reads it before process 0 may rename it)."""
-  path = os.path.join(workdir, records_lib.METADATA_FILE)
-  try:
-    metadata = storage.read_json(path, if_damaged='')
-  except DamagedFileError as error:
-    metadata, damaged = None, error
-  else:
-    damaged = None
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices('pseudo_label metadata read')
-  if damaged is not None and jax.process_index() == 0:
-    kept = storage.set_aside(path)
-    logging.warning('%s Set aside as %s; it is written again from the shards\' counts.',
-                    str(damaged).strip(), os.path.basename(kept))
-  return metadata
+  """The finished job's metadata.json, or None. A damaged one is set aside (by process 0; any
+  other process then finds none: None alike) and written again from the shards' counts."""
+  return storage.read_json_or_set_aside(
+      os.path.join(workdir, records_lib.METADATA_FILE),
+      "It is written again from the shards' counts.", rename=jax.process_index() == 0)
 
 
 def _counts_file(shard: int, num_shards: int) -> str:
@@ -255,15 +244,10 @@ def _finished_shards(workdir: str, num_shards: int) -> np.ndarray:
   A damaged counts file is set aside, and its shard labelled again (the same bytes)."""
   present = set(storage.list_dir(workdir)) if jax.process_index() == 0 else set()
   done = np.array([_counts_file(s, num_shards) in present for s in range(num_shards)], bool)
-  for shard in np.flatnonzero(done):
-    path = os.path.join(workdir, _counts_file(shard, num_shards))
-    try:
-      storage.read_json(path, if_damaged='')
-    except DamagedFileError as error:
-      kept = storage.set_aside(path)
-      logging.warning('%s Set aside as %s; shard %d is labelled again.', str(error).strip(),
-                      os.path.basename(kept), shard)
-      done[shard] = False
+  for shard in np.flatnonzero(done):  # present on process 0 only
+    done[shard] = storage.read_json_or_set_aside(
+        os.path.join(workdir, _counts_file(shard, num_shards)),
+        f'Shard {shard} is labelled again.', rename=True) is not None
   if jax.process_count() > 1:
     done = np.asarray(multihost_utils.broadcast_one_to_all(done))
   return done

@@ -23,9 +23,7 @@ import json
 import os
 
 import jax
-from absl import logging
 
-from big_pretrain.errors import DamagedFileError
 from big_pretrain.storage import files as storage
 
 CHECKPOINTS = 'checkpoints'
@@ -73,11 +71,4 @@ def read_results(path: str, rebuilt: str) -> dict | None:
   """A results file (eval_results*.json), or None if there is none. A damaged one is set
   aside (process 0 renames it to *.damaged; nothing is deleted) with a warning that ends
   with `rebuilt`, and reads as None."""
-  try:
-    return storage.read_json(path, if_damaged='')
-  except DamagedFileError as error:
-    if jax.process_index() == 0:
-      kept = storage.set_aside(path)
-      logging.warning('%s Set aside as %s. %s', str(error).strip(), os.path.basename(kept),
-                      rebuilt)
-    return None
+  return storage.read_json_or_set_aside(path, rebuilt, rename=jax.process_index() == 0)

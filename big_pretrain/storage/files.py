@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+from absl import logging
 from etils import epath
 
 from big_pretrain.errors import DamagedFileError, WorkdirError
@@ -56,6 +57,20 @@ def read_json(path: str, *, if_damaged: str) -> dict | None:
     raise DamagedFileError(f'{path} holds a {type(recorded).__name__}, not the JSON object '
                            f'it should. {if_damaged}')
   return recorded
+
+
+def read_json_or_set_aside(path: str, rebuilt: str, *, rename: bool) -> dict | None:
+  """`read_json` for a file the run can rebuild: a damaged one reads as None, is renamed to
+  *.damaged (when `rename`: one process of a run does it; nothing is deleted) and a warning
+  names it, ending with `rebuilt`: how the run rebuilds it."""
+  try:
+    return read_json(path, if_damaged='')
+  except DamagedFileError as error:
+    if rename:
+      kept = set_aside(path)
+      logging.warning('%s Set aside as %s. %s', str(error).strip(), os.path.basename(kept),
+                      rebuilt)
+    return None
 
 
 def set_aside(path: str) -> str:

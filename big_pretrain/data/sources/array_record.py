@@ -8,7 +8,6 @@ random access, through Grain's ArrayRecord reader.
 from __future__ import annotations
 
 import glob
-import json
 import pathlib
 from typing import Any, Sequence
 
@@ -17,6 +16,7 @@ from absl import logging
 from big_pretrain.data import records
 from big_pretrain.data.text import labels as labels_lib
 from big_pretrain.errors import DamagedFileError
+from big_pretrain.storage import files as storage
 
 _CONVERT_HINT = (
     'Convert an image folder or webdataset tar shards with `python -m big_pretrain.data.convert'
@@ -26,21 +26,16 @@ _CONVERT_HINT = (
 def read_array_record_metadata(directory: str | pathlib.Path) -> dict[str, Any] | None:
   """The converter's metadata.json in ``directory``, or None if there is none."""
   metadata_path = pathlib.Path(directory) / records.METADATA_FILE
-  try:
-    metadata = json.loads(metadata_path.read_text(encoding='utf-8'))
-  except FileNotFoundError:
+  metadata = storage.read_json(
+      str(metadata_path), if_damaged='The converter writes it last, and it lists the shards. '
+      f'Copy the folder again, or convert again. {_CONVERT_HINT}')
+  if metadata is None:
     return None
-  except ValueError as error:  # not JSON (JSONDecodeError), or not text (UnicodeDecodeError)
-    raise DamagedFileError(
-        f'{metadata_path} cannot be read ({type(error).__name__}: {error}): the converter '
-        f'writes it last, and it lists the shards. Copy the folder again, or convert again. '
-        f'{_CONVERT_HINT}') from error
-  fields = metadata if isinstance(metadata, dict) else {}
-  version = fields.get('format_version')
-  if fields.get('format') != records.IMAGE_FORMAT or version != records.IMAGE_FORMAT_VERSION:
+  version = metadata.get('format_version')
+  if metadata.get('format') != records.IMAGE_FORMAT or version != records.IMAGE_FORMAT_VERSION:
     raise DamagedFileError(
         f'{metadata_path} is not metadata of this version of the converter (format'
-        f' {fields.get("format")!r} version {version!r}; expected {records.IMAGE_FORMAT!r}'
+        f' {metadata.get("format")!r} version {version!r}; expected {records.IMAGE_FORMAT!r}'
         f' version {records.IMAGE_FORMAT_VERSION}). {_CONVERT_HINT}')
   return metadata
 

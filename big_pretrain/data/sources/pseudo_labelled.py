@@ -10,7 +10,6 @@ source and drops everything that source knows about the image's true class
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 from big_pretrain.data import records
 from big_pretrain.data.sources import array_record
 from big_pretrain.errors import ConfigError, DamagedFileError
+from big_pretrain.storage import files as storage
 
 # The keys of config.data that say which images a source holds (not how they are
 # augmented or batched): the unlabelled source is rebuilt from these.
@@ -41,19 +41,15 @@ def read_metadata(folder: str) -> dict[str, Any]:
         f'No finished pseudo-labels in {folder!r} ({records.METADATA_FILE} is missing): run the '
         'pseudo-label stage first (it writes that file last), or point '
         'config.data.pseudo_labels.path at its folder.')
-  try:
-    metadata = json.loads(path.read_text(encoding='utf-8'))
-  except (ValueError, UnicodeDecodeError) as error:
-    raise DamagedFileError(
-        f'{path} cannot be read ({type(error).__name__}: {error}). Run the pseudo-label stage '
-        'into that folder again (the same command): it writes metadata.json again from the '
-        "shards' counts without labelling anything twice.") from error
-  fields = metadata if isinstance(metadata, dict) else {}
-  if (fields.get('format') != records.PSEUDO_LABEL_FORMAT
-      or fields.get('format_version') != records.PSEUDO_LABEL_FORMAT_VERSION):
+  metadata = storage.read_json(
+      str(path), if_damaged='Run the pseudo-label stage into that folder again (the same '
+      "command): it writes metadata.json again from the shards' counts without labelling "
+      'anything twice.')
+  if (metadata.get('format') != records.PSEUDO_LABEL_FORMAT
+      or metadata.get('format_version') != records.PSEUDO_LABEL_FORMAT_VERSION):
     raise DamagedFileError(
         f'{path} is not pseudo-label metadata of this version (format '
-        f'{fields.get("format")!r} v{fields.get("format_version")}; expected '
+        f'{metadata.get("format")!r} v{metadata.get("format_version")}; expected '
         f'{records.PSEUDO_LABEL_FORMAT!r} v{records.PSEUDO_LABEL_FORMAT_VERSION}): point '
         'config.data.pseudo_labels.path at a folder the pseudo-label stage wrote.')
   return metadata
