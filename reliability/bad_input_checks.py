@@ -196,10 +196,14 @@ def remove_arrays(checkpoint: str) -> None:
         os.remove(os.path.join(root, name))
 
 
+def cut_in_half(path: str) -> None:
+  """Truncates `path` to half its bytes, as a full disk or an unfinished copy leaves it."""
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
 def truncate_largest(checkpoint: str) -> None:
   files = [os.path.join(root, name) for root, _, names in os.walk(checkpoint) for name in names]
-  largest = max(files, key=os.path.getsize)
-  os.truncate(largest, os.path.getsize(largest) // 2)
+  cut_in_half(max(files, key=os.path.getsize))
 
 
 def image_folder_run(ctx: Context, train: str, *, expect: str, exit_codes, evidence: str,
@@ -409,5 +413,4 @@ def empty_lock_file(workdir: str) -> None:
 
 
 def truncate_config_json(workdir: str) -> None:
-  path = os.path.join(workdir, 'config.json')
-  os.truncate(path, os.path.getsize(path) // 2)
+  cut_in_half(os.path.join(workdir, 'config.json'))

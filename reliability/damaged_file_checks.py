@@ -16,15 +16,12 @@ from typing import Callable
 
 from big_pretrain.errors import EXIT_STOPPED, EXIT_USAGE
 from reliability.bad_input_checks import (
-    BASE_TOTAL_STEPS, CARRY_ON, EXIT_OK, REFUSE, Context, Observed, changes_between)
+    BASE_TOTAL_STEPS, CARRY_ON, EXIT_OK, REFUSE, Context, Observed, changes_between,
+    cut_in_half)
 
 # A converted ArrayRecord folder written by the converter of an earlier version (3 images).
 CONVERTED_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 'tests', 'data', 'shards_written_with_tensorflow')
-
-
-def cut_in_half(path: str) -> None:
-  os.truncate(path, os.path.getsize(path) // 2)
 
 
 def damaged_eval_results(ctx: Context) -> Observed:

@@ -153,11 +153,6 @@ def test_a_damaged_converter_metadata_is_refused_before_any_compile(tmp_path, co
     validate_config(config)
 
 
-def _wsp_config(vocabulary: str):
-  config = tiny_mae_config(**{'data.labels.vocabulary': vocabulary})
-  return config
-
-
 @pytest.mark.parametrize('content, problem', [
     (b'', 'has no labels'),
     (b'\xff\xfecircle\n', 'is not UTF-8'),
@@ -169,7 +164,7 @@ def test_a_damaged_label_vocabulary_is_refused_before_any_compile(tmp_path, cont
   with pytest.raises(DamagedFileError, match=problem):
     labels_lib.LabelVocabulary.from_file(str(path))
   with pytest.raises(ConfigError, match=rf'config\.data\.labels\.vocabulary: .*{problem}'):
-    validate_config(_wsp_config(str(path)))
+    validate_config(tiny_mae_config(**{'data.labels.vocabulary': str(path)}))
 
 
 @pytest.mark.parametrize('cut', [0.0, 0.5])
