@@ -30,7 +30,6 @@ SKIP_SUMMARY_EVERY = 1000
 
 def max_consecutive_unreadable(data_config: ml_collections.ConfigDict) -> int:
   """config.data.max_consecutive_unreadable, checked to be a positive integer."""
-  # .get: configs written before the limit existed.
   limit = data_config.max_consecutive_unreadable
   if not isinstance(limit, int) or limit < 1:
     raise ValueError(

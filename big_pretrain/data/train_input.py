@@ -133,7 +133,6 @@ class InputPipeline:
               image_size=data_config.image_size,
               crop_scale=tuple(data_config.crop_scale),
               augment=augment_lib.parse_augment(data_config.augment),
-              # .get: configs written before the option existed decode whole.
               decode_at_crop_scale=data_config.decode_at_crop_scale,
               **augment_settings),
           seed=seeds.derive_seed(data_config.seed, seed, seeds.AUGMENT_STREAM))

@@ -324,5 +324,4 @@ def build_vocabulary(examples: Iterable[Mapping[str, Any]], min_count: int, max_
 
 def configured_vocabulary_path(data_config) -> str | None:
   """config.data.labels.vocabulary, or None when WSP labels are off."""
-  # .get: configs written before WSP labels existed have no 'labels' group.
   return data_config.labels.vocabulary

@@ -323,7 +323,6 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 def configured_tokenizer_path(data_config) -> str | None:
   """config.data.text.tokenizer, or None when text is off."""
-  # .get: configs written before text support existed have no 'text' group.
   return data_config.text.tokenizer
 
 
@@ -371,6 +370,8 @@ def record_tokenizer(data_config, workdir: str) -> str | None:
       if storage.absolute(existing) == storage.absolute(path):
         return recorded  # The config already points at the recorded copy.
       configured, copy = epath.Path(path).read_bytes(), epath.Path(existing).read_bytes()
+      if existing == recorded and configured == copy:
+        return recorded  # the same tokenizer: the usual resume
       fix = (f'It is the copy of the tokenizer {workdir} was trained with: copy that tokenizer '
              f'over it (config.data.text.tokenizer={path!r}, if it is the same one).')
       if len(copy) < len(configured) and configured.startswith(copy):
@@ -380,12 +381,10 @@ def record_tokenizer(data_config, workdir: str) -> str | None:
         load_tokenizer(existing)
       except DamagedFileError as error:
         raise DamagedFileError(f'{error} {fix}') from None
-      if existing != recorded or configured != copy:
-        raise ValueError(
-            f'{workdir!r} was trained with the tokenizer recorded in {existing!r}, which'
-            f' differs from config.data.text.tokenizer={path!r}. Its checkpoints index that'
-            ' tokenizer\'s ids: set config.data.text.tokenizer to the recorded file, or'
-            ' train in a new --workdir.')
-      return recorded
+      raise ValueError(
+          f'{workdir!r} was trained with the tokenizer recorded in {existing!r}, which'
+          f' differs from config.data.text.tokenizer={path!r}. Its checkpoints index that'
+          ' tokenizer\'s ids: set config.data.text.tokenizer to the recorded file, or'
+          ' train in a new --workdir.')
     storage.write_bytes(recorded, epath.Path(path).read_bytes())  # whole or not at all
   return recorded
