@@ -7,7 +7,7 @@ import dataclasses
 import os
 import random
 
-from big_pretrain.stages.stage_dir import StageDir, final_evaluations_recorded
+from big_pretrain.storage.stage_dir import StageDir, final_evaluations_recorded
 import re
 
 from reliability.processes import REPO

@@ -47,7 +47,7 @@ def _rerun_with_final_evaluations_missing(config, workdir: str, process_id: int)
   they are recorded (a host whose view of the shared folder lags): unless every process
   follows process 0, process 0 waits in the evaluator's collectives forever."""
   from big_pretrain.evaluators import evaluator_config  # noqa: PLC0415
-  from big_pretrain.stages import stage_dir  # noqa: PLC0415
+  from big_pretrain.storage import stage_dir  # noqa: PLC0415
   from big_pretrain.train import loop  # noqa: PLC0415
   config.evals.reconstruction = evaluator_config('reconstruction', num_images=8)
   if process_id == 1:

@@ -18,12 +18,13 @@ from big_pretrain.data.sources import pseudo_labelled
 from big_pretrain.data.sources.array_record import ArrayRecordSource
 from big_pretrain.data.text import labels as labels_lib
 from big_pretrain.data.text import tokenizer as tokenizer_lib
+from big_pretrain.data.text import tokenizer_files
 from big_pretrain.errors import ConfigError, DamagedFileError, UserFacingError
 from big_pretrain.evaluators import evaluator_config
 from big_pretrain.stages import chain
-from big_pretrain.stages import resume_identity
+from big_pretrain.storage import resume_identity
 from big_pretrain.stages.pseudo_label_job import read_teacher_config
-from big_pretrain.stages.stage_dir import StageDir
+from big_pretrain.storage.stage_dir import StageDir
 from big_pretrain.storage import files as storage
 from big_pretrain.train.loop import train_stage
 from helpers.tiny_config import one_device, tiny_mae_config
@@ -174,7 +175,7 @@ def test_a_damaged_tokenizer_is_refused_before_any_compile(tmp_path, cut):
   path = tmp_path / 'tokenizer.txt'
   path.write_bytes(whole[:int(len(whole) * cut)] + b'\n\n')  # cut short, a blank line after
   with pytest.raises(DamagedFileError, match='(?i)tokenizer file'):
-    tokenizer_lib.load_tokenizer(str(path))
+    tokenizer_files.load_tokenizer(str(path))
   config = tiny_mae_config(**{'data.text.tokenizer': str(path)})
   with pytest.raises(ConfigError, match=r'(?i)config\.data\.text\.tokenizer: .*tokenizer file'):
     validate_config(config)
@@ -185,19 +186,19 @@ def test_a_damaged_sentencepiece_model_is_named(tmp_path):
   path.write_bytes(b'\x0a\x05not a model')
   with pytest.raises(DamagedFileError, match='could not be read as a SentencePiece model'):
     pytest.importorskip('sentencepiece')
-    tokenizer_lib.load_tokenizer(str(path))
+    tokenizer_files.load_tokenizer(str(path))
 
 
 def test_a_damaged_copy_of_the_tokenizer_in_the_workdir_is_named_not_called_different(
     tmp_path):
   config = tiny_mae_config(**{'data.text.tokenizer': tokenizer_lib.synthetic_tokenizer_path()})
   workdir = str(tmp_path)
-  recorded = tokenizer_lib.record_tokenizer(config.data, workdir)
+  recorded = tokenizer_files.record_tokenizer(config.data, workdir)
   whole = _cut_in_half(recorded)
   with pytest.raises(DamagedFileError, match=rf'tokenizer.txt is cut short: its {len(whole) // 2} '
                                              r'bytes .*copy of the tokenizer .* was trained with'):
-    tokenizer_lib.record_tokenizer(config.data, workdir)
+    tokenizer_files.record_tokenizer(config.data, workdir)
   with open(recorded, 'wb') as f:
     f.write(b'\xff' + whole)  # not text at all
   with pytest.raises(DamagedFileError, match=r'not UTF-8.*copy that tokenizer over it'):
-    tokenizer_lib.record_tokenizer(config.data, workdir)
+    tokenizer_files.record_tokenizer(config.data, workdir)

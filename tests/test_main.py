@@ -371,7 +371,7 @@ def test_abandoned_save_tasks_are_not_logged_one_by_one(monkeypatch):
 
 def test_a_damaged_config_json_is_refused_in_one_line_naming_it(tmp_path):
   from big_pretrain.errors import DamagedFileError  # pylint: disable=import-outside-toplevel
-  from big_pretrain.stages import resume_identity  # pylint: disable=import-outside-toplevel
+  from big_pretrain.storage import resume_identity  # pylint: disable=import-outside-toplevel
   from helpers.tiny_config import tiny_mae_config  # pylint: disable=import-outside-toplevel
   recorded = tmp_path / resume_identity.CONFIG_FILE
   recorded.write_text(tiny_mae_config().to_json_best_effort()[:100])  # cut short

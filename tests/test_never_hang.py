@@ -22,7 +22,7 @@ from big_pretrain.errors import UnreadableDataError
 from big_pretrain.evaluators import evaluator_config
 from big_pretrain.evaluators import reconstruction
 from big_pretrain.stages import chain
-from big_pretrain.stages import stage_dir
+from big_pretrain.storage import stage_dir
 from big_pretrain.storage.checkpoints import Checkpointer
 from big_pretrain.train import loop
 from helpers.batches import IMAGE_SIZE, first_devices_mesh, small_data_config

@@ -10,7 +10,7 @@ import pytest
 from big_pretrain.config.validation import ConfigError, validate_config
 from big_pretrain.evaluators import evaluator_config
 from big_pretrain.stages import chain
-from big_pretrain.stages import stage_dir
+from big_pretrain.storage import stage_dir
 from big_pretrain.train import loop
 from configs import aim, aim_then_wsp, flip, mae_then_wsp
 from helpers.tiny_config import one_device, tiny_mae_config, tiny_wsp_config

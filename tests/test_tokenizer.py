@@ -16,13 +16,14 @@ from big_pretrain.data.sources import synthetic
 from big_pretrain.data.text import build_vocabulary
 from big_pretrain.data.text import sentencepiece_tokenizer
 from big_pretrain.data.text import tokenizer as tokenizer_lib
+from big_pretrain.data.text import tokenizer_files
 from helpers.batches import first_devices_mesh, small_data_config
 
 MAX_LENGTH = 32
 
 
 def synthetic_tokenizer():
-  return tokenizer_lib.load_tokenizer(tokenizer_lib.synthetic_tokenizer_path())
+  return tokenizer_files.load_tokenizer(tokenizer_lib.synthetic_tokenizer_path())
 
 
 def write_text_file(tmp_path, text, name='tokenizer.txt'):
@@ -147,7 +148,7 @@ def test_file_round_trip(tmp_path):
   tokenizer.write(path)
   with open(path, encoding='utf-8') as file:
     assert file.read() == '<pad>\n<bos>\n<eos>\n<unk>\na\nred\n,\n'
-  assert tokenizer_lib.load_tokenizer(path) == tokenizer
+  assert tokenizer_files.load_tokenizer(path) == tokenizer
 
 
 @pytest.mark.parametrize('text, message', [
@@ -161,16 +162,16 @@ def test_file_round_trip(tmp_path):
 ])
 def test_bad_vocabulary_files_name_the_line(tmp_path, text, message):
   with pytest.raises(ValueError, match=message):
-    tokenizer_lib.load_tokenizer(write_text_file(tmp_path, text))
+    tokenizer_files.load_tokenizer(write_text_file(tmp_path, text))
 
 
 def test_missing_file_says_how_to_build_one(tmp_path):
   missing = str(tmp_path / 'missing.txt')
   with pytest.raises(FileNotFoundError,
                      match=r'python -m big_pretrain\.data\.text\.build_vocabulary tokenizer'):
-    tokenizer_lib.load_tokenizer(missing)
+    tokenizer_files.load_tokenizer(missing)
   with pytest.raises(ValueError, match=r'set config\.data\.text\.tokenizer'):
-    tokenizer_lib.load_tokenizer(None)
+    tokenizer_files.load_tokenizer(None)
 
 
 def test_shipped_synthetic_tokenizer_is_what_the_build_command_writes(tmp_path, capsys):
@@ -200,7 +201,7 @@ def test_command_over_an_image_folder(tmp_path, capsys):
   assert build_vocabulary.main(['tokenizer', '--source=image_folder', f'--path={tmp_path / "data"}',
                              f'--output={output}']) == 0
   assert '1 examples have no caption' in capsys.readouterr().err
-  assert tokenizer_lib.load_tokenizer(output).words == ['a', ',', '.', 'cat', 'dog', 'sleeping']
+  assert tokenizer_files.load_tokenizer(output).words == ['a', ',', '.', 'cat', 'dog', 'sleeping']
   # Nothing reaches --min_count: nothing is written, and the exit status says so.
   assert build_vocabulary.main(['tokenizer', '--source=image_folder', f'--path={tmp_path / "data"}',
                              '--min_count=5', f'--output={tmp_path / "none.txt"}']) == 1
@@ -211,26 +212,26 @@ def test_command_over_an_image_folder(tmp_path, capsys):
 
 def test_record_tokenizer_copies_the_configured_file(tmp_path):
   config = default_data_config()
-  assert tokenizer_lib.record_tokenizer(config, str(tmp_path / 'unused')) is None
+  assert tokenizer_files.record_tokenizer(config, str(tmp_path / 'unused')) is None
   config.text.tokenizer = tokenizer_lib.synthetic_tokenizer_path()
   workdir = str(tmp_path / 'workdir')
-  recorded = tokenizer_lib.record_tokenizer(config, workdir)
+  recorded = tokenizer_files.record_tokenizer(config, workdir)
   assert recorded == os.path.join(workdir, 'tokenizer.txt')
-  assert synthetic_tokenizer() == tokenizer_lib.load_tokenizer(recorded)
-  assert tokenizer_lib.evaluation_tokenizer_path(config, workdir) == recorded
+  assert synthetic_tokenizer() == tokenizer_files.load_tokenizer(recorded)
+  assert tokenizer_files.evaluation_tokenizer_path(config, workdir) == recorded
   # Resuming with the same tokenizer, or with the recorded copy itself, is fine.
-  assert tokenizer_lib.record_tokenizer(config, workdir) == recorded
+  assert tokenizer_files.record_tokenizer(config, workdir) == recorded
   config.text.tokenizer = recorded
-  assert tokenizer_lib.record_tokenizer(config, workdir) == recorded
+  assert tokenizer_files.record_tokenizer(config, workdir) == recorded
   # Another tokenizer would silently change what the checkpoint's token ids mean.
   other = str(tmp_path / 'other.txt')
   tokenizer_lib.WordTokenizer(['a']).write(other)
   config.text.tokenizer = other
   with pytest.raises(ValueError, match=r'was trained with the tokenizer recorded in'):
-    tokenizer_lib.record_tokenizer(config, workdir)
+    tokenizer_files.record_tokenizer(config, workdir)
   config.text.tokenizer = str(tmp_path / 'missing.txt')
   with pytest.raises(FileNotFoundError, match=r'missing\.txt.* is not a file'):
-    tokenizer_lib.record_tokenizer(config, workdir)
+    tokenizer_files.record_tokenizer(config, workdir)
 
 
 # --- SentencePiece ---------------------------------------------------------------
@@ -248,7 +249,7 @@ def train_sentencepiece(tmp_path, **flags):
 
 def test_sentencepiece_model_has_the_same_interface(tmp_path):
   path = train_sentencepiece(tmp_path)
-  tokenizer = tokenizer_lib.load_tokenizer(path)
+  tokenizer = tokenizer_files.load_tokenizer(path)
   assert isinstance(tokenizer, sentencepiece_tokenizer.SentencePieceTokenizer)
   assert tokenizer.vocab_size == 50
   # SentencePiece's defaults: <unk> 0, <bos> 1, <eos> 2, no <pad>, so padding falls back to 0.
@@ -266,30 +267,30 @@ def test_sentencepiece_model_has_the_same_interface(tmp_path):
 
 def test_sentencepiece_model_with_a_pad_piece_pads_with_it(tmp_path):
   path = train_sentencepiece(tmp_path, pad_id=0, bos_id=1, eos_id=2, unk_id=3)
-  tokenizer = tokenizer_lib.load_tokenizer(path)
+  tokenizer = tokenizer_files.load_tokenizer(path)
   assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 1, 2)
   row = tokenizer.tokenize('a red star', MAX_LENGTH)
   assert row[0] == 1 and row[-1] == 0 and 3 not in row
   # Recorded in a workdir under a name that keeps it a SentencePiece model.
   config = default_data_config()
   config.text.tokenizer = path
-  recorded = tokenizer_lib.record_tokenizer(config, str(tmp_path / 'workdir'))
+  recorded = tokenizer_files.record_tokenizer(config, str(tmp_path / 'workdir'))
   assert recorded.endswith('tokenizer.model')
-  assert isinstance(tokenizer_lib.load_tokenizer(recorded),
+  assert isinstance(tokenizer_files.load_tokenizer(recorded),
                     sentencepiece_tokenizer.SentencePieceTokenizer)
 
 
 def test_sentencepiece_model_without_the_package_says_pip_install(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, 'sentencepiece', None)  # Makes the import fail.
   with pytest.raises(ImportError, match=r'pip install sentencepiece'):
-    tokenizer_lib.load_tokenizer(str(tmp_path / 'spm.model'))
+    tokenizer_files.load_tokenizer(str(tmp_path / 'spm.model'))
 
 
 def test_unreadable_sentencepiece_model_is_named(tmp_path):
   pytest.importorskip('sentencepiece')
   path = write_text_file(tmp_path, 'not a model', name='broken.model')
   with pytest.raises(ValueError, match=r'broken\.model.* could not be read as a SentencePiece'):
-    tokenizer_lib.load_tokenizer(path)
+    tokenizer_files.load_tokenizer(path)
 
 
 # --- The pipeline feature ------------------------------------------------------------

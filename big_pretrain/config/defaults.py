@@ -89,7 +89,7 @@ def stage_config(objective: str) -> ml_collections.ConfigDict:
   config.batch_size = 256             # global, over all processes and devices
   # Resuming a workdir whose checkpoints were trained with other model, objective,
   # optimiser, batch, seed or data settings is refused unless this is True
-  # (big_pretrain/stages/resume_identity.py lists the keys that may change freely).
+  # (big_pretrain/storage/resume_identity.py lists the keys that may change freely).
   config.resume_with_changes = False
   config.model = model_defaults()
   config.objective = objective_defaults(objective)

@@ -1,6 +1,6 @@
 """Configs that an earlier version of the code recorded, brought to today's schema.
 
-A stage records its config in its folder (stages/stage_dir.py: config.json), and
+A stage records its config in its folder (storage/stage_dir.py: config.json), and
 other stages read it back (a pseudo-label job reads its teacher's). Every config
 carries `schema_version`; one recorded before the key existed is version 1.
 `upgrade` turns a recorded config of any version into a complete one of

@@ -20,7 +20,7 @@ from big_pretrain.config.value_rules import check_values, warn_if_suspicious
 from big_pretrain.data import augment as augment_lib
 from big_pretrain.data import sources as sources_lib
 from big_pretrain.data.text import labels as labels_lib
-from big_pretrain.data.text import tokenizer as tokenizer_lib
+from big_pretrain.data.text import tokenizer_files
 from big_pretrain.errors import ConfigError
 from big_pretrain.evaluators import (evaluator_class, evaluator_config, evaluator_defaults,
                                      evaluator_names)
@@ -222,7 +222,7 @@ def _check_text_files_read(data, path: str) -> None:
   """The label vocabulary and the tokenizer, when local, are read once now (they are small):
   a damaged one is named before any compile, not after."""
   files = {'labels.vocabulary': (data.labels.vocabulary, labels_lib.LabelVocabulary.from_file),
-           'text.tokenizer': (data.text.tokenizer, tokenizer_lib.load_tokenizer)}
+           'text.tokenizer': (data.text.tokenizer, tokenizer_files.load_tokenizer)}
   for key, (location, read) in files.items():
     if not location or is_bucket(location):
       continue

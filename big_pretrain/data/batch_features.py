@@ -16,6 +16,7 @@ import numpy as np
 from big_pretrain.data.sources import pseudo_labelled
 from big_pretrain.data.text import labels as labels_lib
 from big_pretrain.data.text import tokenizer as tokenizer_lib
+from big_pretrain.data.text import tokenizer_files
 
 # Fields that go to the device. Strings (caption, hashtags) stay on the host.
 DEVICE_FEATURES = ('image', 'label')
@@ -45,7 +46,7 @@ def device_feature_names(data_config: ml_collections.ConfigDict,
   names = DEVICE_FEATURES
   if labels_lib.configured_vocabulary_path(data_config):
     names += (LABEL_IDS_FEATURE,)
-  if tokenizer_lib.configured_tokenizer_path(data_config):
+  if tokenizer_files.configured_tokenizer_path(data_config):
     names += (TEXT_TOKENS_FEATURE,)
   if train and pseudo_label_folder(data_config):
     names += PSEUDO_FEATURES
@@ -70,9 +71,9 @@ def load_text_features(
   if vocabulary_path := labels_lib.configured_vocabulary_path(data_config):
     row_width(data_config, LABEL_IDS_FEATURE)
     vocabulary = labels_lib.LabelVocabulary.from_file(vocabulary_path)
-  if tokenizer_path := tokenizer_lib.configured_tokenizer_path(data_config):
+  if tokenizer_path := tokenizer_files.configured_tokenizer_path(data_config):
     row_width(data_config, TEXT_TOKENS_FEATURE)
-    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
+    tokenizer = tokenizer_files.load_tokenizer(tokenizer_path)
   return vocabulary, tokenizer
 
 

@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data.text import tokenizer as tokenizer_lib
+from big_pretrain.data.text import tokenizer_files
 from big_pretrain.errors import ConfigError
 from big_pretrain.evaluators.eval_split import images_only, round_up
 from big_pretrain.evaluators.evaluator import (EvalResult, Evaluator, check_positive,
@@ -150,7 +151,7 @@ class ImageTextEvaluator(Evaluator):
           f'{self.culprit()}: kind {self.eval_config.kind!r} needs an image-text '
           f'objective (FLIP); {type(self.objective).__name__} has no {" or ".join(missing)}. '
           'Remove this evaluator, or train an image-text objective.')
-    if not tokenizer_lib.configured_tokenizer_path(self.stage_config.data):
+    if not tokenizer_files.configured_tokenizer_path(self.stage_config.data):
       raise ValueError(
           f'{self.culprit()} embeds text, but config.data.text.tokenizer is not set. '
           'Set it to the tokenizer the model trains with, e.g. '
@@ -159,11 +160,11 @@ class ImageTextEvaluator(Evaluator):
   @functools.cached_property
   def tokenizer_path(self) -> str:
     """The tokenizer recorded in the workdir (the one trained with) if any, else the configured."""
-    return tokenizer_lib.evaluation_tokenizer_path(self.stage_config.data, self.workdir)
+    return tokenizer_files.evaluation_tokenizer_path(self.stage_config.data, self.workdir)
 
   @functools.cached_property
   def tokenizer(self) -> tokenizer_lib.Tokenizer:
-    return tokenizer_lib.load_tokenizer(self.tokenizer_path)
+    return tokenizer_files.load_tokenizer(self.tokenizer_path)
 
   @property
   def max_length(self) -> int:

@@ -23,7 +23,7 @@ import ml_collections
 import optax
 from flax import linen as nn
 
-from big_pretrain.data.text.tokenizer import load_tokenizer
+from big_pretrain.data.text.tokenizer_files import load_tokenizer
 from big_pretrain.errors import ConfigError
 from big_pretrain.models.masking import random_masking
 from big_pretrain.models.patches import normalize_images

@@ -46,7 +46,7 @@ from big_pretrain.data.text.labels import LabelVocabulary
 from big_pretrain.errors import ConfigError
 from big_pretrain.objectives import build_objective
 from big_pretrain.stages import transfer
-from big_pretrain.stages.stage_dir import CONFIG_FILE, StageDir
+from big_pretrain.storage.stage_dir import CONFIG_FILE, StageDir
 from big_pretrain.storage import files as storage
 
 

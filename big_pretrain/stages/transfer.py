@@ -20,7 +20,7 @@ from etils import epath
 from absl import logging
 
 from big_pretrain.errors import CheckpointMismatchError, CheckpointUnreadableError
-from big_pretrain.stages.stage_dir import StageDir
+from big_pretrain.storage.stage_dir import StageDir
 from big_pretrain.storage import files as storage
 from big_pretrain.storage.checkpoints import (STATE_ITEM, check_shapes_fit, saved_steps,
                                               tree_shapes, unreadable_reason)

@@ -9,7 +9,7 @@ final evaluations.
 from __future__ import annotations
 
 from big_pretrain.errors import FinalEvaluationError
-from big_pretrain.stages.stage_dir import StageDir
+from big_pretrain.storage.stage_dir import StageDir
 from big_pretrain.train.optim import ema_params
 
 

@@ -8,7 +8,7 @@ nothing specific to any objective; what it leans on has a name of its own:
                   stop) and the NaN check run before every save
   throughput.py   each log interval's metrics, images/s and MFU
   evaluation.py   which evaluators run when, and their recorded scores
-  stages/         the stage's folder (StageDir) and the config its checkpoints were
+  storage/        the stage's folder (StageDir) and the config its checkpoints were
                   trained with (resume_identity)
 """
 
@@ -26,14 +26,14 @@ from jax.experimental import multihost_utils
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data.batch_features import global_batch_shapes
 from big_pretrain.data.device_prefetch import DevicePrefetch
-from big_pretrain.data.text.tokenizer import record_tokenizer
+from big_pretrain.data.text.tokenizer_files import record_tokenizer
 from big_pretrain.data.train_input import InputPipeline
 from big_pretrain.evaluators import build_evaluators
 from big_pretrain.models import attention as attention_lib
 from big_pretrain.objectives import objective_class
-from big_pretrain.stages import resume_identity
-from big_pretrain.stages import stage_dir as stage_dir_lib
-from big_pretrain.stages.stage_dir import StageDir
+from big_pretrain.storage import resume_identity
+from big_pretrain.storage import stage_dir as stage_dir_lib
+from big_pretrain.storage.stage_dir import StageDir
 from big_pretrain.storage.checkpoints import Checkpointer, saved_steps
 from big_pretrain.train import faults
 from big_pretrain.train.evaluation import StageEvaluations

@@ -1,7 +1,7 @@
 """Text tokenizers for image-text pretraining (FLIP): captions -> fixed-length int32 ids.
 
-Two kinds, with one interface (``Tokenizer``), chosen by ``load_tokenizer`` from
-the file name:
+Two kinds, with one interface (``Tokenizer``), chosen by
+``tokenizer_files.load_tokenizer`` from the file name:
 
 * A word-level vocabulary (``WordTokenizer``, any file not ending in ``.model``),
   built from a source's captions by the command below, needs no download. A
@@ -35,8 +35,8 @@ Build a word vocabulary from a data source's captions::
   python -m big_pretrain.data.text.build_vocabulary tokenizer --source=image_folder \\
       --path=/data/images --min_count=5 --max_size=30000 --output=tokenizer.txt
 
-Training records the tokenizer in its workdir (``record_tokenizer``), so a
-checkpoint is always evaluated with the tokenizer it was trained with.
+Loading either kind from its file, and recording it in a stage's folder so a checkpoint
+is always evaluated with the tokenizer it was trained with: tokenizer_files.py.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ import re
 import unicodedata
 from typing import Iterable, Sequence
 
-import jax
 import numpy as np
 from etils import epath
 
@@ -61,14 +60,12 @@ PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = '<pad>', '<bos>', '<eos>', '<unk>'
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
 
+# A file with this suffix is a SentencePiece model; anything else a word vocabulary.
+SENTENCEPIECE_SUFFIX = '.model'
+
 # Runs of word characters, or one punctuation mark / symbol on its own.
 _WORD_OR_PUNCTUATION = re.compile(r'\w+|[^\w\s]')
 
-# A file with this suffix is a SentencePiece model; anything else a word vocabulary.
-SENTENCEPIECE_SUFFIX = '.model'
-# Where record_tokenizer copies the tokenizer inside a workdir, by kind.
-RECORDED_WORD_TOKENIZER = 'tokenizer.txt'
-RECORDED_SENTENCEPIECE_TOKENIZER = 'tokenizer.model'
 
 
 def synthetic_tokenizer_path() -> str:
@@ -301,90 +298,3 @@ def build_tokenizer(captions: Iterable[str], min_count: int, max_size: int) -> W
   for caption in captions:
     counts.update(split_words(caption))
   return WordTokenizer(frequent_tokens.most_frequent(counts, min_count, max_size))
-
-
-# --- Loading, and recording in a workdir --------------------------------------
-
-def load_tokenizer(path: str) -> Tokenizer:
-  """A SentencePiece model for a '.model' file, else a word vocabulary file."""
-  if not path:
-    raise ValueError(
-        'No tokenizer given: set config.data.text.tokenizer to a word vocabulary (e.g.'
-        ' big_pretrain.data.text.tokenizer.synthetic_tokenizer_path(), or one built with'
-        ' `python -m big_pretrain.data.text.build_vocabulary tokenizer`) or a SentencePiece'
-        ' .model file.')
-  if path.endswith(SENTENCEPIECE_SUFFIX):
-    # Imported here: it subclasses Tokenizer above, and only .model files need it.
-    # pylint: disable-next=g-import-not-at-top
-    from big_pretrain.data.text import sentencepiece_tokenizer
-    return sentencepiece_tokenizer.SentencePieceTokenizer(path)
-  return WordTokenizer.from_file(path)
-
-
-def configured_tokenizer_path(data_config) -> str | None:
-  """config.data.text.tokenizer, or None when text is off."""
-  return data_config.text.tokenizer
-
-
-def _recorded_name(path: str) -> str:
-  return (RECORDED_SENTENCEPIECE_TOKENIZER if path.endswith(SENTENCEPIECE_SUFFIX)
-          else RECORDED_WORD_TOKENIZER)
-
-
-def recorded_tokenizer_path(workdir: str) -> str | None:
-  """The tokenizer `record_tokenizer` copied into `workdir`, or None if there is none."""
-  for name in (RECORDED_WORD_TOKENIZER, RECORDED_SENTENCEPIECE_TOKENIZER):
-    path = os.path.join(workdir, name)
-    if epath.Path(path).is_file():
-      return path
-  return None
-
-
-def evaluation_tokenizer_path(data_config, workdir: str | None) -> str | None:
-  """The tokenizer recorded in `workdir` (the one trained with) if any, else the configured one."""
-  recorded = recorded_tokenizer_path(workdir) if workdir else None
-  return recorded or configured_tokenizer_path(data_config)
-
-
-def record_tokenizer(data_config, workdir: str) -> str | None:
-  """Copies the configured tokenizer into `workdir` (process 0 writes); returns the copy's path.
-
-  The copy is ``workdir/tokenizer.txt`` (word vocabulary) or
-  ``workdir/tokenizer.model`` (SentencePiece). Returns None when
-  config.data.text.tokenizer is unset. A workdir that already records a
-  different tokenizer is an error: its checkpoints' text embeddings index that
-  one's ids.
-  """
-  path = configured_tokenizer_path(data_config)
-  if not path:
-    return None
-  if not epath.Path(path).is_file():
-    raise FileNotFoundError(
-        f'config.data.text.tokenizer={path!r} is not a file. Build a word vocabulary with'
-        ' `python -m big_pretrain.data.text.build_vocabulary tokenizer ...'
-        f' --output={path}`, or point it at a SentencePiece .model file.')
-  recorded = os.path.join(workdir, _recorded_name(path))
-  if jax.process_index() == 0:
-    existing = recorded_tokenizer_path(workdir)
-    if existing is not None:
-      if storage.absolute(existing) == storage.absolute(path):
-        return recorded  # The config already points at the recorded copy.
-      configured, copy = epath.Path(path).read_bytes(), epath.Path(existing).read_bytes()
-      if existing == recorded and configured == copy:
-        return recorded  # the same tokenizer: the usual resume
-      fix = (f'It is the copy of the tokenizer {workdir} was trained with: copy that tokenizer '
-             f'over it (config.data.text.tokenizer={path!r}, if it is the same one).')
-      if len(copy) < len(configured) and configured.startswith(copy):
-        raise DamagedFileError(f'{existing} is cut short: its {len(copy)} bytes are the start '
-                               f'of the {len(configured)} of {path}. {fix}')
-      try:
-        load_tokenizer(existing)
-      except DamagedFileError as error:
-        raise DamagedFileError(f'{error} {fix}') from None
-      raise ValueError(
-          f'{workdir!r} was trained with the tokenizer recorded in {existing!r}, which'
-          f' differs from config.data.text.tokenizer={path!r}. Its checkpoints index that'
-          ' tokenizer\'s ids: set config.data.text.tokenizer to the recorded file, or'
-          ' train in a new --workdir.')
-    storage.write_bytes(recorded, epath.Path(path).read_bytes())  # whole or not at all
-  return recorded

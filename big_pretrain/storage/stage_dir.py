@@ -8,7 +8,8 @@
     eval_results_at_start.json     `at_start` evaluators' scores of the starting parameters
     events.out.tfevents.*          TensorBoard (train/metric_writer.py)
     <evaluator>.png                reconstruction grids
-    tokenizer.{txt,model}          the tokenizer the text embeddings index (data/text)
+    tokenizer.{txt,model}          the tokenizer the text embeddings index (data/text/
+                                   tokenizer_files.py)
     run.lock                       the run holding the folder (storage/run_lock.py)
     <file>.damaged                 a damaged file set aside to be rebuilt, kept for the user
   A pseudo-label stage instead holds job.json (its settings), shards and metadata.json.
@@ -32,6 +33,9 @@ HISTORY_FILE = 'config_history.jsonl'
 EVAL_RESULTS_FILE = 'eval_results.json'
 AT_START_RESULTS_FILE = 'eval_results_at_start.json'
 JOB_FILE = 'job.json'
+# The tokenizer the stage's text embeddings index, copied in by kind (data/text/tokenizer_files.py).
+WORD_TOKENIZER_FILE = 'tokenizer.txt'
+SENTENCEPIECE_TOKENIZER_FILE = 'tokenizer.model'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +52,8 @@ class StageDir:
   eval_results_file = property(lambda self: self.file(EVAL_RESULTS_FILE))
   at_start_results_file = property(lambda self: self.file(AT_START_RESULTS_FILE))
   job_file = property(lambda self: self.file(JOB_FILE))
+  word_tokenizer_file = property(lambda self: self.file(WORD_TOKENIZER_FILE))
+  sentencepiece_tokenizer_file = property(lambda self: self.file(SENTENCEPIECE_TOKENIZER_FILE))
 
   def write_results(self, path: str, step: int, results: dict) -> None:
     """{'step': step, evaluator name: scalars} to `path` (one of the results files), by
