@@ -53,6 +53,7 @@ from big_pretrain.config.validation import validate_stage_config  # noqa: E402
 from big_pretrain.data import batch_features as pipeline_lib  # noqa: E402
 from big_pretrain.data.text.tokenizer import synthetic_tokenizer_path  # noqa: E402
 from big_pretrain.models import attention as attention_lib  # noqa: E402
+from big_pretrain.models import transformer as transformer_lib  # noqa: E402
 from big_pretrain.models import vit as vit_lib  # noqa: E402
 from big_pretrain.objectives import objective_names  # noqa: E402
 from big_pretrain.train import mfu as mfu_lib  # noqa: E402
@@ -94,8 +95,8 @@ def parse_args(argv=None):
   parser.add_argument('--scan', type=parse_scan, default=vit_lib.SCAN_AUTO,
                       help="config.model.scan: true, false or 'auto' (unrolled up to "
                            f'{vit_lib.UNROLLED_MAX_DEPTH} layers)')
-  parser.add_argument('--remat', default=vit_lib.REMAT_AUTO,
-                      choices=[vit_lib.REMAT_AUTO, *vit_lib.REMAT_POLICIES],
+  parser.add_argument('--remat', default=transformer_lib.REMAT_AUTO,
+                      choices=[transformer_lib.REMAT_AUTO, *transformer_lib.REMAT_POLICIES],
                       help="config.model.remat ('auto': the least remat whose step fits the "
                            'device, measured as the training loop does)')
   parser.add_argument('--attention', default='auto', choices=attention_lib.ATTENTION_IMPLS,

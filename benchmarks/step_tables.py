@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import jax
 
+from big_pretrain.models import transformer as transformer_lib
 from big_pretrain.models import vit as vit_lib
 from big_pretrain.train import mfu as mfu_lib
 
@@ -45,8 +46,8 @@ def describe_peaks(args, rows: list[Row]) -> str:
 
 def describe_remat(args, config) -> str:
   """The policy the row ran with; 'auto: dots' when --remat=auto chose it."""
-  if args.remat == vit_lib.REMAT_AUTO:
-    return f'{vit_lib.REMAT_AUTO}: {config.model.remat}'
+  if args.remat == transformer_lib.REMAT_AUTO:
+    return f'{transformer_lib.REMAT_AUTO}: {config.model.remat}'
   return config.model.remat
 
 

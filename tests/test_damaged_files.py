@@ -22,10 +22,10 @@ from big_pretrain.data.text import tokenizer_files
 from big_pretrain.errors import ConfigError, DamagedFileError, UserFacingError
 from big_pretrain.evaluators import evaluator_config
 from big_pretrain.stages import chain
-from big_pretrain.storage import resume_identity
 from big_pretrain.stages.pseudo_label_job import read_teacher_config
-from big_pretrain.storage.stage_dir import StageDir
 from big_pretrain.storage import files as storage
+from big_pretrain.storage import resume_identity
+from big_pretrain.storage.stage_dir import StageDir
 from big_pretrain.train.loop import train_stage
 from helpers.tiny_config import one_device, tiny_mae_config
 

@@ -18,10 +18,10 @@ import pytest
 from big_pretrain.errors import CheckpointSaveError, NonFiniteLossError, Preempted
 from big_pretrain.evaluators import evaluator_config
 from big_pretrain.evaluators.reconstruction import ReconstructionEvaluator
-from big_pretrain.storage import stage_dir
-from big_pretrain.storage.stage_dir import StageDir
 from big_pretrain.storage import checkpoints as checkpoint_lib
+from big_pretrain.storage import stage_dir
 from big_pretrain.storage.checkpoints import Checkpointer
+from big_pretrain.storage.stage_dir import StageDir
 from big_pretrain.train import faults
 from big_pretrain.train import loop
 from big_pretrain.train import remat_choice

@@ -61,7 +61,7 @@ def test_layer_decay_gives_each_parameter_lr_times_decay_to_the_depth_below_the_
   for name, layer in expected_layer.items():
     np.testing.assert_allclose(flat[name], -lr * decay ** (depth + 1 - layer), rtol=1e-6,
                                err_msg=name)
-  assert optim.encoder_depth(params) == depth
+  assert optim.tree_encoder_depth(params) == depth
 
 
 def test_fine_tuning_excludes_tokens_from_weight_decay():

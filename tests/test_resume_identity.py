@@ -10,8 +10,8 @@ import pytest
 from big_pretrain.errors import CheckpointMismatchError
 from big_pretrain.errors import ConfigError
 from big_pretrain.stages import chain
-from big_pretrain.storage import resume_identity
 from big_pretrain.stages import transfer
+from big_pretrain.storage import resume_identity
 from big_pretrain.storage.checkpoints import Checkpointer
 from big_pretrain.train.loop import train_stage
 from helpers.tiny_config import one_device, one_device_trainer, tiny_mae_config

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from big_pretrain.errors import CheckpointMismatchError
+from big_pretrain.models import transformer, vit
 from big_pretrain.stages import transfer
 from big_pretrain.train.loop import train_stage
 from helpers.tiny_config import one_device, tiny_mae_config, tiny_trainer, tiny_wsp_config
@@ -38,7 +39,7 @@ def test_mae_to_wsp_copies_every_encoder_tensor_bit_exactly(mae_run, scan, caplo
   # A normal chain prints no warning (Orbax once warned of missing step metadata).
   assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
   assert set(loaded) == {'encoder', 'head'}  # no decoder, no mask token
-  expected = mae_params['encoder'] if scan else transfer.scanned_to_unrolled(mae_params['encoder'])
+  expected = mae_params['encoder'] if scan else transformer.scanned_to_unrolled(mae_params['encoder'])
   got = jax.device_get(loaded['encoder'])
   assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(expected)
   assert_trees_equal(got, expected)
@@ -70,13 +71,13 @@ def test_missing_checkpoint_is_named(tmp_path):
 
 def test_position_embedding_resampling_keeps_a_constant_constant():
   constant = np.full((1, 16, 8), 0.37, np.float32)
-  resampled = transfer.resample_position_embedding(constant, 64)
+  resampled = vit.resample_position_embedding(constant, 64)
   assert resampled.shape == (1, 64, 8)
   np.testing.assert_allclose(resampled, 0.37, rtol=1e-6)
   ramp = np.arange(16, dtype=np.float32).reshape(1, 16, 1)
-  assert transfer.resample_position_embedding(ramp, 16) is ramp  # same grid: untouched
+  assert vit.resample_position_embedding(ramp, 16) is ramp  # same grid: untouched
   with pytest.raises(CheckpointMismatchError, match='square'):
-    transfer.resample_position_embedding(constant, 60)
+    vit.resample_position_embedding(constant, 60)
 
 
 def test_learned_position_embedding_is_resampled_on_load(tmp_path):
@@ -89,7 +90,7 @@ def test_learned_position_embedding_is_resampled_on_load(tmp_path):
   old = np.asarray(mae.state.params['encoder']['pos_embedding'])
   new = np.asarray(loaded['encoder']['pos_embedding'])
   assert new.shape == (1, 64, 64)
-  np.testing.assert_allclose(new, transfer.resample_position_embedding(old, 64))
+  np.testing.assert_allclose(new, vit.resample_position_embedding(old, 64))
 
 
 def test_scanned_unrolled_round_trip():
@@ -98,12 +99,12 @@ def test_scanned_unrolled_round_trip():
              'transformer': {'blocks': {'mlp': {'kernel': rng.normal(size=(4, 5, 6)),
                                                 'bias': rng.normal(size=(4, 6))}},
                              'norm': {'scale': rng.normal(size=(5,))}}}
-  unrolled = transfer.scanned_to_unrolled(scanned)
+  unrolled = transformer.scanned_to_unrolled(scanned)
   assert sorted(unrolled['transformer']) == ['block_0', 'block_1', 'block_2', 'block_3', 'norm']
   np.testing.assert_array_equal(unrolled['transformer']['block_2']['mlp']['kernel'],
                                 scanned['transformer']['blocks']['mlp']['kernel'][2])
-  back = transfer.unrolled_to_scanned(unrolled)
+  back = transformer.unrolled_to_scanned(unrolled)
   assert_trees_equal(back, scanned)
   assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(scanned)
-  again = transfer.scanned_to_unrolled(back)
+  again = transformer.scanned_to_unrolled(back)
   assert_trees_equal(again, unrolled)

@@ -12,10 +12,11 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec
 
 from big_pretrain.config.defaults import stage_config
+from big_pretrain.models import transformer as transformer_lib
 from big_pretrain.models import vit as vit_lib
 from big_pretrain.models.patches import sincos_2d_position_embedding
-from big_pretrain.models.vit import (REMAT_POLICIES, VIT_SIZES, Attention, Projection,
-                                     VisionTransformer, parse_variant)
+from big_pretrain.models.transformer import REMAT_POLICIES, Attention, Projection
+from big_pretrain.models.vit import VIT_SIZES, VisionTransformer, parse_variant
 from big_pretrain.objectives import objective_class
 from helpers.numerics import assert_close_in_scale, assert_trees_close_in_scale
 from helpers.trees import assert_trees_equal
@@ -206,7 +207,7 @@ def test_patch_embedding_by_matmul_of_kept_patches_equals_conv_then_gather():
   params = nn.meta.unbox(by_matmul.init(jax.random.key(3), x)['params'])
   # The same parameters as the nn.Conv the ViT had: names, shapes, init and rng.
   conv = nn.Conv(width, (patch, patch), strides=(patch, patch), padding='VALID',
-                 kernel_init=vit_lib.xavier_uniform(in_axis=(0, 1, 2), out_axis=3))
+                 kernel_init=transformer_lib.xavier_uniform(in_axis=(0, 1, 2), out_axis=3))
   assert_trees_equal(params, conv.init(jax.random.key(3), x)['params'])
   params['bias'] = jnp.asarray(np.random.default_rng(4).normal(size=width), jnp.float32)
 
@@ -403,8 +404,8 @@ def test_vit_init_dense_conv_and_norms(params):
 
 
 def test_layernorm_epsilon_is_1e6():
-  assert vit_lib.LAYERNORM_EPSILON == 1e-6
-  module = vit_lib.layer_norm(jnp.float32)
+  assert transformer_lib.LAYERNORM_EPSILON == 1e-6
+  module = transformer_lib.layer_norm(jnp.float32)
   assert module.epsilon == 1e-6
 
 

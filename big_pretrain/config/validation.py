@@ -26,6 +26,7 @@ from big_pretrain.evaluators import (evaluator_class, evaluator_config, evaluato
                                      evaluator_names)
 from big_pretrain.models import vit as vit_lib
 from big_pretrain.models.attention import ATTENTION_IMPLS
+from big_pretrain.models.transformer import REMAT_AUTO, REMAT_POLICIES
 from big_pretrain.objectives import objective_class, objective_names
 from big_pretrain.storage.files import is_bucket
 
@@ -261,7 +262,7 @@ def _check_model_choices(model, path: str) -> None:
         f'{path}.scan={model.scan!r}: choose True, False or {vit_lib.SCAN_AUTO!r}. (A model '
         'config copied with copy_and_resolve_references keeps its value as a string, so a '
         'command-line True arrives as the text; set it in the config file instead.)')
-  remat_choices = (vit_lib.REMAT_AUTO, *vit_lib.REMAT_POLICIES)
+  remat_choices = (REMAT_AUTO, *REMAT_POLICIES)
   if model.remat not in remat_choices:
     raise ConfigError(f'{path}.remat={model.remat!r}: choose one of {remat_choices}.')
   if model.attention_impl is not None and model.attention_impl not in ATTENTION_IMPLS:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from big_pretrain.models.patches import sincos_2d_position_embedding
-from big_pretrain.models.vit import MlpBlock, TransformerTower, dense, layer_norm
+from big_pretrain.models.transformer import MlpBlock, TransformerTower, dense, layer_norm
 
 
 class MAEDecoder(TransformerTower):

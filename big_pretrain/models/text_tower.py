@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import linen as nn
 
-from big_pretrain.models.vit import TransformerTower
+from big_pretrain.models.transformer import TransformerTower
 
 
 class TextTransformer(TransformerTower):

@@ -1,13 +1,14 @@
-"""Vision Transformer encoder shared by every objective.
+"""The Vision Transformer encoder shared by every objective, and its checkpoint layout.
 
-Pre-LN blocks, fixed 2-D sin-cos position embedding, cls/GAP pooling, optional
-`nn.scan` over layers and rematerialisation ('auto' is chosen by the training
-loop, see REMAT_AUTO), and attention through jax.nn.dot_product_attention
-('auto': cuDNN flash attention on GPUs where it can run, see
-big_pretrain/models/attention.py). Every parameter names its axes
-('embed', 'mlp', 'heads', 'kv', 'layers') so sharding is decided by the rules
-in `big_pretrain.sharding`, not here. Parameters are float32; the compute
-dtype comes from the config.
+Patches embedded by one matmul (or a strided convolution), a fixed 2-D sin-cos
+(or learned) position embedding, an optional cls token, the blocks of
+transformer.py, and cls or GAP pooling. `vit_from_config` builds it from
+`config.model`. Every objective holds it as params['encoder'] (ENCODER), so
+checkpoints transfer between objectives; what a checkpoint's encoder must go
+through to fit another one (scanned <-> unrolled layers, a learned position
+embedding resampled to a new patch grid) is `adapt_encoder_params`, and the
+layer each encoder parameter belongs to (layer-wise lr decay, partial
+fine-tuning) is `encoder_layer`.
 """
 
 from __future__ import annotations
@@ -16,13 +17,22 @@ import dataclasses
 import re
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from big_pretrain.models import attention as attention_lib
+from big_pretrain.errors import CheckpointMismatchError
+from big_pretrain.models import transformer
 from big_pretrain.models.patches import patchify, sincos_2d_position_embedding
+from big_pretrain.models.transformer import TransformerTower, xavier_uniform
+
+# Every objective holds its ViT as params[ENCODER] (and as `model.encoder`): the subtree
+# probes read, and init_from takes by default.
+ENCODER = 'encoder'
+# The ViT's own parameters, before its blocks (layer 0 for layer-wise lr decay).
+_EMBEDDINGS = ('patch_embed', 'cls_token', 'pos_embedding')
 
 # (width, depth, heads), from METHODS.md section 1. 'mu' is a tiny size for tests.
 _VIT_SIZES = {
@@ -35,19 +45,6 @@ _AIM_TRUNK_SIZES = {
 }
 VIT_SIZES = {**_VIT_SIZES, **_AIM_TRUNK_SIZES}  # config.model.variant's SIZE
 
-# Names of the remat policies a config may choose.
-REMAT_POLICIES = {
-    'none': None,
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'dots': jax.checkpoint_policies.checkpoint_dots,
-    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-# config.model.remat may also be 'auto': the training loop measures the compiled
-# step and picks a policy (big_pretrain/train/remat_choice.py). A model built
-# with 'auto' anywhere else (tests, a model built from a config by hand) has
-# nothing to measure and runs without remat.
-REMAT_AUTO = 'auto'
-
 # config.model.scan may also be 'auto' (the default): stacks up to UNROLLED_MAX_DEPTH
 # layers unrolled, deeper ones scanned. A scanned stack is a while loop: XLA's GPU
 # command buffers (CUDA graphs) leave WHILE out by default in jax 0.11, and its
@@ -59,17 +56,9 @@ REMAT_AUTO = 'auto'
 SCAN_AUTO = 'auto'
 UNROLLED_MAX_DEPTH = 24
 
-LAYERNORM_EPSILON = 1e-6
-
 # config.model.patch_embed_impl: how pixels become patch tokens (PatchEmbedding). Both
 # compute the same linear map with the same parameters.
 PATCH_EMBED_IMPLS = ('matmul', 'conv')
-
-# Xavier-uniform over the flattened (fan_in, fan_out) view, as the PyTorch
-# references initialise their Linear layers.
-def xavier_uniform(in_axis=-2, out_axis=-1):
-  return nn.initializers.xavier_uniform(in_axis=in_axis, out_axis=out_axis)
-
 
 @dataclasses.dataclass(frozen=True)
 class VitSize:
@@ -98,46 +87,6 @@ def scan_layers(scan: bool | str, depth: int) -> bool:
   if not isinstance(scan, bool):
     raise ValueError(f'model.scan={scan!r}: choose True, False or {SCAN_AUTO!r}.')
   return scan
-
-
-def dense(features, axes, dtype, name=None, use_bias=True, kernel_init=None):
-  """A Dense layer whose kernel and bias carry logical axis names."""
-  return nn.Dense(
-      features, dtype=dtype, use_bias=use_bias, name=name,
-      kernel_init=nn.with_logical_partitioning(kernel_init or xavier_uniform(), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
-
-
-def layer_norm(dtype, name=None):
-  return nn.LayerNorm(
-      epsilon=LAYERNORM_EPSILON, dtype=dtype, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
-
-
-class Projection(nn.Module):
-  """Dense layer over several input and/or output axes, its kernel kept in its real shape.
-
-  The first `num_in` kernel axes contract with the trailing axes of x. Xavier
-  fans are taken over the flattened (in, out) view, like a PyTorch Linear.
-  """
-  kernel_shape: tuple[int, ...]
-  axes: tuple[str | None, ...]
-  num_in: int = 1
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    in_axes = tuple(range(self.num_in))
-    out_axes = tuple(range(self.num_in, len(self.kernel_shape)))
-    kernel = self.param('kernel', nn.with_logical_partitioning(
-        xavier_uniform(in_axis=in_axes, out_axis=out_axes), self.axes), self.kernel_shape)
-    bias = self.param('bias', nn.with_logical_partitioning(
-        nn.initializers.zeros, self.axes[self.num_in:]), self.kernel_shape[self.num_in:])
-    contract_x = tuple(range(x.ndim - self.num_in, x.ndim))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                            ((contract_x, in_axes), ((), ())))
-    return y + bias.astype(self.dtype)
 
 
 class PatchEmbedding(nn.Module):
@@ -183,169 +132,6 @@ class PatchEmbedding(nn.Module):
         patches = jnp.take_along_axis(patches, keep_indices[..., None], axis=1)
       tokens = patches @ kernel.reshape(p * p * channels, self.width)
     return tokens + bias.astype(self.dtype)
-
-
-class Attention(nn.Module):
-  """Multi-head self-attention over the tokens `masking` allows (attention.TokenMasking).
-
-  `implementation`: 'xla' or 'cudnn', as the stack's attention.plan_attention chose.
-  """
-  num_heads: int
-  dtype: Any = jnp.float32
-  implementation: str = 'xla'
-
-  @nn.compact
-  def __call__(self, x, masking: attention_lib.TokenMasking | None = None):
-    width = x.shape[-1]
-    head_dim = width // self.num_heads
-    qkv_shape = (width, self.num_heads, head_dim)
-    qkv_axes = ('embed', 'heads', 'kv')
-    q = Projection(qkv_shape, qkv_axes, dtype=self.dtype, name='query')(x)
-    k = Projection(qkv_shape, qkv_axes, dtype=self.dtype, name='key')(x)
-    v = Projection(qkv_shape, qkv_axes, dtype=self.dtype, name='value')(x)
-    if masking is None:
-      masking = attention_lib.TokenMasking()
-    out = attention_lib.dot_product_attention(q, k, v, masking, self.implementation)
-    return Projection((self.num_heads, head_dim, width), ('heads', 'kv', 'embed'), num_in=2,
-                      dtype=self.dtype, name='out')(out)
-
-
-class MlpBlock(nn.Module):
-  mlp_dim: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    width = x.shape[-1]
-    x = dense(self.mlp_dim, ('embed', 'mlp'), self.dtype, name='fc1')(x)
-    x = nn.gelu(x, approximate=False)
-    return dense(width, ('mlp', 'embed'), self.dtype, name='fc2')(x)
-
-
-class EncoderBlock(nn.Module):
-  """Pre-LN block: x += Attn(LN(x)); x += MLP(LN(x)).
-
-  `num_real_tokens`: the tokens before any padding (attention.pad_tokens); the
-  sown block outputs hold only those. None: no padding. `drop_rate`: stochastic
-  depth, the probability that an example skips each residual branch (the
-  kept ones are scaled by 1 / (1 - rate)); None: never, and no rng is drawn.
-  """
-  num_heads: int
-  mlp_dim: int
-  dtype: Any = jnp.float32
-  attention_implementation: str = 'xla'
-  num_real_tokens: int | None = None
-
-  @nn.compact
-  def __call__(self, x, masking: attention_lib.TokenMasking | None = None, drop_rate=None):
-    x = nn.with_logical_constraint(x, ('batch', 'tokens', 'embed'))
-    attended = Attention(self.num_heads, self.dtype, self.attention_implementation,
-                         name='attention')(layer_norm(self.dtype, name='norm1')(x), masking)
-    x = x + self._drop_path(attended, drop_rate)
-    x = x + self._drop_path(MlpBlock(self.mlp_dim, self.dtype, name='mlp')(
-        layer_norm(self.dtype, name='norm2')(x)), drop_rate)
-    # Recorded only when the caller makes 'intermediates' mutable (probes).
-    self.sow('intermediates', 'output', x[:, :self.num_real_tokens])
-    return x
-
-  def _drop_path(self, branch, drop_rate):
-    """The residual branch, dropped per example with probability `drop_rate` (timm's DropPath)."""
-    if drop_rate is None:
-      return branch
-    keep = 1.0 - drop_rate
-    kept = jax.random.bernoulli(self.make_rng('dropout'), keep, (branch.shape[0], 1, 1))
-    return jnp.where(kept, branch / keep, 0).astype(branch.dtype)
-
-
-class _ScannedBlock(EncoderBlock):
-  """EncoderBlock with the (carry, x) -> (carry, y) signature nn.scan wants."""
-
-  def __call__(self, x, masking=None, drop_rate=None):
-    return super().__call__(x, masking, drop_rate), None
-
-
-def drop_path_rates(drop_path: float, depth: int) -> np.ndarray:
-  """Stochastic depth per layer: rising linearly from 0 to `drop_path` (timm's ViT rule)."""
-  return np.linspace(0.0, drop_path, depth, dtype=np.float32)
-
-
-class Transformer(nn.Module):
-  """A stack of blocks, unrolled ('block_0', ...) or scanned ('blocks', leading axis = layer).
-
-  `__call__(x, mask=None, key_lengths=None)`: tokens (B, T, D); `mask`
-  (B, 1|heads, T, T) bool, True = may attend; `key_lengths` (B,) int32, the
-  real tokens of each row when padding trails them (keys past it are never
-  attended). Returns the final-LN output. Used by every tower: the ViT, the
-  MAE decoder, FLIP's text tower. The attention implementation and any padding
-  are chosen here, once for all the blocks (attention.plan_attention).
-  `drop_path` > 0: stochastic depth in training (`train=True`; a 'dropout' rng),
-  per layer as drop_path_rates gives.
-  """
-  depth: int
-  num_heads: int
-  mlp_dim: int
-  dtype: Any = jnp.float32
-  scan: bool = False
-  remat: str = 'none'
-  attention_impl: str | None = 'auto'  # see attention.ATTENTION_IMPLS
-  drop_path: float = 0.0
-
-  @nn.compact
-  def __call__(self, x, mask=None, key_lengths=None, train: bool = False):
-    # 'auto' not resolved by the training loop: nothing was measured, so no remat.
-    remat = 'none' if self.remat == REMAT_AUTO else self.remat
-    if remat not in REMAT_POLICIES:
-      raise ValueError(f'Unknown remat policy {self.remat!r}; choose from '
-                       f'{sorted(REMAT_POLICIES) + [REMAT_AUTO]}.')
-    batch, num_tokens, width = x.shape
-    plan = attention_lib.plan_attention(
-        self.attention_impl, platform=attention_lib.platform_being_traced_for(),
-        dtype=self.dtype, batch=batch, num_tokens=num_tokens, num_heads=self.num_heads,
-        head_dim=width // self.num_heads, mask_shape=None if mask is None else mask.shape,
-        key_lengths=key_lengths is not None)
-    attention_lib.log_plan(plan, '/'.join(self.scope.path) or 'transformer')
-    x, masking = attention_lib.pad_tokens(plan, x, mask, key_lengths)
-    block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
-                        attention_implementation=plan.implementation,
-                        num_real_tokens=num_tokens if plan.padded else None)
-    block_cls = _ScannedBlock if self.scan else EncoderBlock
-    if remat != 'none':
-      block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat],
-                           prevent_cse=not self.scan)
-    drop_rates = (drop_path_rates(self.drop_path, self.depth)
-                  if train and self.drop_path > 0 else None)
-    if self.scan:
-      stack = nn.scan(
-          block_cls, variable_axes={'params': 0, 'intermediates': 0},
-          split_rngs={'params': True, 'dropout': True},
-          in_axes=(nn.broadcast, nn.broadcast if drop_rates is None else 0),
-          length=self.depth, metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = stack(**block_kwargs, name='blocks')(
-          x, masking, None if drop_rates is None else jnp.asarray(drop_rates))
-    else:
-      for layer in range(self.depth):
-        x = block_cls(**block_kwargs, name=f'block_{layer}')(
-            x, masking, None if drop_rates is None else float(drop_rates[layer]))
-    return layer_norm(self.dtype, name='norm')(x[:, :num_tokens])
-
-
-class TransformerTower(nn.Module, kw_only=True):
-  """A tower built on one `Transformer` (the ViT, the MAE decoder, the text tower).
-
-  Holds the options the blocks take, keyword-only; a subclass declares `width`,
-  `depth` and `num_heads` and builds its blocks with `self.make_transformer()`.
-  """
-  mlp_ratio: int = 4
-  dtype: Any = jnp.float32
-  scan: bool = False
-  remat: str = 'none'
-  attention_impl: str | None = 'auto'  # see attention.ATTENTION_IMPLS
-
-  def make_transformer(self, drop_path: float = 0.0) -> Transformer:
-    """The tower's blocks, named 'transformer' (call inside the compact __call__)."""
-    return Transformer(self.depth, self.num_heads, self.mlp_ratio * self.width, self.dtype,
-                       self.scan, self.remat, self.attention_impl, drop_path,
-                       name='transformer')
 
 
 class VisionTransformer(TransformerTower):
@@ -412,14 +198,6 @@ class VisionTransformer(TransformerTower):
     return {'tokens': x, 'patch_tokens': patch_tokens, 'pooled': pooled}
 
 
-def stacked_block_outputs(intermediates) -> jax.Array:
-  """The sown block outputs of a Transformer's 'intermediates' -> (depth, B, T, D)."""
-  if 'blocks' in intermediates:
-    return intermediates['blocks']['output'][0]
-  depth = len([k for k in intermediates if k.startswith('block_')])
-  return jnp.stack([intermediates[f'block_{i}']['output'][0] for i in range(depth)])
-
-
 def vit_from_config(model_config) -> VisionTransformer:
   """Builds the encoder from `config.model` (variant, pool, dtype, scan, remat, ...).
 
@@ -442,3 +220,86 @@ def compute_dtype(name: str):
   if name not in dtypes:
     raise ValueError(f'Unknown compute dtype {name!r}; choose from {sorted(dtypes)}.')
   return dtypes[name]
+
+
+# --- The encoder's parameters by layer, and fitting a checkpoint's encoder -----------------
+
+def encoder_block_prefix(layer: int) -> str:
+  """The path prefix of the unrolled encoder's block `layer`: 'encoder/transformer/block_3/'."""
+  return f'{ENCODER}/{transformer.TOWER_STACK}/{transformer.block_name(layer)}/'
+
+
+def encoder_final_norm_prefix() -> str:
+  return f'{ENCODER}/{transformer.TOWER_STACK}/{transformer.FINAL_NORM}/'
+
+
+_ENCODER_BLOCK = re.compile(rf'^{ENCODER}/{transformer.TOWER_STACK}/block_(\d+)/')
+_SCANNED_ENCODER_BLOCKS = re.compile(
+    rf'^{ENCODER}/{transformer.TOWER_STACK}/{transformer.SCANNED_BLOCKS}/')
+_ENCODER_EMBEDDINGS = re.compile(rf'^{ENCODER}/({"|".join(_EMBEDDINGS)})(/|$)')
+
+
+def encoder_layer(path: str, depth: int) -> int | None:
+  """The layer of a parameter at `path` ('encoder/transformer/block_0/mlp/fc1/kernel'), as
+  MAE's get_layer_id_for_vit counts: 0 for the patch embedding and tokens, i + 1 for block
+  i, depth + 1 for everything after the blocks (the final norm, any head); None for a
+  scanned stack's leaves, whose leading axis is the layer."""
+  if _ENCODER_EMBEDDINGS.search(path):
+    return 0
+  if match := _ENCODER_BLOCK.search(path):
+    return int(match.group(1)) + 1
+  if _SCANNED_ENCODER_BLOCKS.search(path):
+    return None
+  return depth + 1
+
+
+def encoder_depth(paths_and_shapes) -> int:
+  """The number of encoder blocks, from (path, shape) pairs of a parameter tree's leaves."""
+  depth = 0
+  for path, shape in paths_and_shapes:
+    if match := _ENCODER_BLOCK.search(path):
+      depth = max(depth, int(match.group(1)) + 1)
+    elif _SCANNED_ENCODER_BLOCKS.search(path):
+      depth = max(depth, shape[0])
+  return depth
+
+
+def resample_position_embedding(posemb: np.ndarray, num_tokens: int) -> np.ndarray:
+  """(1, gh*gw, D) learned embedding -> (1, num_tokens, D) by bilinear resizing of the grid.
+
+  A constant embedding stays constant; same size is returned unchanged.
+  """
+  old_tokens = posemb.shape[1]
+  if old_tokens == num_tokens:
+    return posemb
+  old_grid, new_grid = int(round(np.sqrt(old_tokens))), int(round(np.sqrt(num_tokens)))
+  if old_grid ** 2 != old_tokens or new_grid ** 2 != num_tokens:
+    raise CheckpointMismatchError(
+        f'pos_embedding: cannot resample {old_tokens} tokens to {num_tokens}: '
+        'only square patch grids are supported.')
+  grid = posemb.reshape(old_grid, old_grid, -1)
+  resized = jax.image.resize(grid, (new_grid, new_grid, grid.shape[-1]), method='bilinear')
+  logging.info('Resampled pos_embedding from a %dx%d to a %dx%d grid.',
+               old_grid, old_grid, new_grid, new_grid)
+  return np.asarray(resized, posemb.dtype).reshape(1, num_tokens, -1)
+
+
+def _resample_position_embeddings(source: dict, target_like: dict) -> dict:
+  if not isinstance(source, dict):
+    return source
+  out = {}
+  for key, value in source.items():
+    target_value = target_like.get(key) if isinstance(target_like, dict) else None
+    if key == 'pos_embedding' and target_value is not None:
+      out[key] = resample_position_embedding(value, target_value.shape[1])
+    else:
+      out[key] = _resample_position_embeddings(value, target_value)
+  return out
+
+
+def fit_layout(source: dict, target_like: dict) -> dict:
+  """A checkpoint's subtree (numpy) in the layout of `target_like`: its stacks scanned or
+  unrolled as the target's are, a learned position embedding resampled to the target's
+  patch grid. Shapes are not checked here."""
+  return _resample_position_embeddings(transformer.match_layer_layout(source, target_like),
+                                       target_like)

@@ -33,8 +33,10 @@ from big_pretrain.data import sources
 from big_pretrain.data.text.labels import LabelVocabulary
 from big_pretrain.errors import ConfigError
 from big_pretrain.models.patches import normalize_images
-from big_pretrain.models.vit import (VisionTransformer, dense, layer_norm, parse_variant,
-                                     scan_layers, vit_from_config)
+from big_pretrain.models.transformer import dense, layer_norm
+from big_pretrain.models.vit import (VisionTransformer, encoder_block_prefix,
+                                     encoder_final_norm_prefix, parse_variant, scan_layers,
+                                     vit_from_config)
 from big_pretrain.objectives.objective import Objective
 
 TRAINABLE_CHOICES = ('all', 'last_k_blocks', 'last_block_mlp', 'head')
@@ -259,8 +261,9 @@ def _trainable_pattern(trainable: str, blocks: int, depth: int) -> re.Pattern:
     return re.compile('')
   if trainable == 'head':
     return re.compile(head)
-  final_norm = r'^encoder/transformer/norm/'
+  final_norm = '^' + re.escape(encoder_final_norm_prefix())
   if trainable == 'last_block_mlp':
-    return re.compile(f'{head}|{final_norm}|^encoder/transformer/block_{depth - 1}/mlp/')
-  last = '|'.join(str(layer) for layer in range(max(depth - blocks, 0), depth))
-  return re.compile(f'{head}|{final_norm}|^encoder/transformer/block_({last})/')
+    return re.compile(f'{head}|{final_norm}|^{re.escape(encoder_block_prefix(depth - 1))}mlp/')
+  last = '|'.join('^' + re.escape(encoder_block_prefix(layer))
+                  for layer in range(max(depth - blocks, 0), depth))
+  return re.compile(f'{head}|{final_norm}|{last}')

@@ -28,7 +28,8 @@ from big_pretrain.errors import ConfigError
 from big_pretrain.models.masking import random_masking
 from big_pretrain.models.patches import normalize_images
 from big_pretrain.models.text_tower import TextTransformer
-from big_pretrain.models.vit import VisionTransformer, compute_dtype, dense, vit_from_config
+from big_pretrain.models.transformer import dense
+from big_pretrain.models.vit import VisionTransformer, compute_dtype, vit_from_config
 from big_pretrain.objectives.objective import Objective
 
 MAX_LOGIT_SCALE = 100.0

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ml_collections
 
 from big_pretrain.errors import ConfigError
+from big_pretrain.models.vit import ENCODER
 from big_pretrain.objectives import flip
 
 
@@ -72,4 +73,4 @@ class LiT(flip.FLIP):
 
   def is_trainable(self, path: str) -> bool:
     """The text tower, both projections and the temperature; not the image tower."""
-    return not path.startswith('encoder/')
+    return not path.startswith(f'{ENCODER}/')

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from big_pretrain.models.patches import normalize_images
-from big_pretrain.models.vit import SCAN_AUTO, parse_variant, scan_layers, stacked_block_outputs
+from big_pretrain.models.transformer import stacked_block_outputs
+from big_pretrain.models.vit import SCAN_AUTO, parse_variant, scan_layers
 
 
 class Objective(abc.ABC):

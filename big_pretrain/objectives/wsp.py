@@ -19,7 +19,8 @@ from flax import linen as nn
 from big_pretrain.data.text.labels import LabelVocabulary
 from big_pretrain.errors import ConfigError
 from big_pretrain.models.patches import normalize_images
-from big_pretrain.models.vit import VisionTransformer, dense, vit_from_config
+from big_pretrain.models.transformer import dense
+from big_pretrain.models.vit import VisionTransformer, vit_from_config
 from big_pretrain.objectives.objective import Objective
 
 

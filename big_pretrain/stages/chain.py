@@ -22,13 +22,13 @@ from big_pretrain.config.validation import validate_config
 from big_pretrain.data import records
 from big_pretrain.errors import Preempted
 from big_pretrain.objectives import objective_class
-from big_pretrain.storage import resume_identity
-from big_pretrain.storage import stage_dir as stage_dir_lib
 from big_pretrain.stages import transfer
 from big_pretrain.stages.pseudo_label_job import run_pseudo_label
-from big_pretrain.storage.stage_dir import StageDir
 from big_pretrain.storage import files as storage
+from big_pretrain.storage import resume_identity
+from big_pretrain.storage import stage_dir as stage_dir_lib
 from big_pretrain.storage.checkpoints import saved_steps, unreadable_reason
+from big_pretrain.storage.stage_dir import StageDir
 from big_pretrain.train.loop import train_stage
 
 

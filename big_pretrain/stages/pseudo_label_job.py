@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from big_pretrain import sharding as sharding_lib
@@ -46,8 +45,9 @@ from big_pretrain.data.text.labels import LabelVocabulary
 from big_pretrain.errors import ConfigError
 from big_pretrain.objectives import build_objective
 from big_pretrain.stages import transfer
-from big_pretrain.storage.stage_dir import CONFIG_FILE, StageDir
 from big_pretrain.storage import files as storage
+from big_pretrain.storage.stage_dir import CONFIG_FILE, StageDir
+from big_pretrain.train.step import abstract_params
 
 
 @dataclasses.dataclass
@@ -75,13 +75,8 @@ def read_teacher_config(teacher_dir: str) -> ml_collections.ConfigDict:
 
 
 def teacher_params(objective, step_dir: str, mesh, rules):
-  """The teacher's parameters from `step_dir`, created sharded as its model's are."""
-  with sharding_lib.activate(mesh, rules):
-    boxed = jax.eval_shape(objective.init_params, jax.random.key(0))
-    shardings = sharding_lib.logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
-  abstract = jax.tree_util.tree_map(
-      lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
-      nn.meta.unbox(boxed), shardings)
+  """The teacher's parameters from `step_dir`, sharded as its train state's are."""
+  abstract = abstract_params(objective, mesh, rules)
   return transfer.load_into(abstract, step_dir, tuple(abstract))
 
 

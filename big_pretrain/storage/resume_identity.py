@@ -27,8 +27,8 @@ import time
 from absl import logging
 
 from big_pretrain.errors import ConfigError
-from big_pretrain.storage.stage_dir import CONFIG_FILE, HISTORY_FILE, StageDir
 from big_pretrain.storage import files as storage
+from big_pretrain.storage.stage_dir import CONFIG_FILE, HISTORY_FILE, StageDir
 
 # The one list of keys (a key or a group of keys) that may change between a
 # run's starts without changing what its checkpoints mean; why, beside each.

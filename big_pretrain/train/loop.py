@@ -33,8 +33,8 @@ from big_pretrain.models import attention as attention_lib
 from big_pretrain.objectives import objective_class
 from big_pretrain.storage import resume_identity
 from big_pretrain.storage import stage_dir as stage_dir_lib
-from big_pretrain.storage.stage_dir import StageDir
 from big_pretrain.storage.checkpoints import Checkpointer, saved_steps
+from big_pretrain.storage.stage_dir import StageDir
 from big_pretrain.train import faults
 from big_pretrain.train.evaluation import StageEvaluations
 from big_pretrain.train.metric_writer import MetricWriter

@@ -23,9 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-_BLOCK = re.compile(r'^encoder/transformer/block_(\d+)/')
-_SCANNED_BLOCKS = re.compile(r'^encoder/transformer/blocks/')
-_LAYER_ZERO = re.compile(r'^encoder/(patch_embed|cls_token|pos_embedding)(/|$)')
+from big_pretrain.models.vit import encoder_depth, encoder_layer
 
 
 def param_path(path) -> str:
@@ -55,41 +53,20 @@ def weight_decay_mask(params, exclude: tuple[str, ...] = ()):
       params)
 
 
-def vit_layer_id(path: str, depth: int) -> int | None:
-  """The layer of an encoder parameter for lr decay (MAE's get_layer_id_for_vit).
-
-  0 for the patch embedding and tokens, i + 1 for block i, depth + 1 for the
-  rest; None for a scanned stack's leaves, whose leading axis is the layer.
-  """
-  if _LAYER_ZERO.search(path):
-    return 0
-  if match := _BLOCK.search(path):
-    return int(match.group(1)) + 1
-  if _SCANNED_BLOCKS.search(path):
-    return None
-  return depth + 1
-
-
 def layer_decay_scale(path: str, shape: tuple[int, ...], decay: float, depth: int):
   """decay^(L - layer) for the parameter at `path` (L = depth + 1): a float, or for a
   scanned stack's leaf an array (depth, 1, ...) with one scale per layer row."""
-  layer = vit_layer_id(path, depth)
+  layer = encoder_layer(path, depth)
   if layer is not None:
     return float(decay ** (depth + 1 - layer))
   rows = np.array([decay ** (depth - i) for i in range(shape[0])], np.float32)
   return rows.reshape((shape[0],) + (1,) * (len(shape) - 1))
 
 
-def encoder_depth(tree) -> int:
+def tree_encoder_depth(tree) -> int:
   """The number of blocks of the encoder in a parameter (or update) tree."""
-  depth = 0
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    name = param_path(path)
-    if match := _BLOCK.search(name):
-      depth = max(depth, int(match.group(1)) + 1)
-    elif _SCANNED_BLOCKS.search(name):
-      depth = max(depth, leaf.shape[0])
-  return depth
+  return encoder_depth((param_path(path), leaf.shape)
+                       for path, leaf in jax.tree_util.tree_leaves_with_path(tree))
 
 
 def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
@@ -97,7 +74,7 @@ def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
 
   def update(updates, state, params=None):
     del params
-    depth = encoder_depth(updates)
+    depth = tree_encoder_depth(updates)
     scaled = jax.tree_util.tree_map_with_path(
         lambda path, u: u * jnp.asarray(layer_decay_scale(param_path(path), u.shape, decay,
                                                           depth), u.dtype),

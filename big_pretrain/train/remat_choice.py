@@ -27,7 +27,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from big_pretrain.models.vit import REMAT_AUTO
+from big_pretrain.models.transformer import REMAT_AUTO
 from big_pretrain.objectives import build_objective
 from big_pretrain.train.step import ShardedTrainer, build_trainer
 

@@ -93,11 +93,7 @@ def build_trainer(objective, tx: optax.GradientTransformation, schedule: optax.S
   with sharding_lib.activate(mesh, rules):
     boxed_shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=boxed_params,
                               opt_state=jax.eval_shape(tx.init, boxed_params))
-    logical_specs = _logical_specs(boxed_shapes)
-    state_shardings = sharding_lib.logical_to_shardings(logical_specs, mesh, rules)
-  abstract_state = jax.tree_util.tree_map(
-      lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
-      nn.meta.unbox(boxed_shapes), state_shardings)
+  abstract_state, state_shardings = _sharded_abstract(boxed_shapes, mesh, rules)
 
   init_fn = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=state_shardings)
 
@@ -130,6 +126,26 @@ def build_trainer(objective, tx: optax.GradientTransformation, schedule: optax.S
       donate_argnums=(0,))
 
   return ShardedTrainer(mesh, rules, abstract_state, state_shardings, init_state, jitted_step)
+
+
+def abstract_params(objective, mesh: Mesh, rules):
+  """The objective's parameters as ShapeDtypeStructs carrying the shardings the train state
+  gives them, without allocating anything: what a checkpoint's parameters restore into
+  (a pseudo-label teacher's, say)."""
+  with sharding_lib.activate(mesh, rules):
+    boxed_params = jax.eval_shape(objective.init_params, jax.random.key(0))
+  return _sharded_abstract(boxed_params, mesh, rules)[0]
+
+
+def _sharded_abstract(boxed_tree, mesh: Mesh, rules):
+  """(ShapeDtypeStructs carrying their shardings, the NamedShardings) of an abstract tree
+  whose leaves are boxed with their logical axes."""
+  with sharding_lib.activate(mesh, rules):
+    shardings = sharding_lib.logical_to_shardings(_logical_specs(boxed_tree), mesh, rules)
+  abstract = jax.tree_util.tree_map(
+      lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+      nn.meta.unbox(boxed_tree), shardings)
+  return abstract, shardings
 
 
 def _logical_specs(boxed_tree):
