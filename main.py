@@ -14,9 +14,10 @@ import jax
 from absl import app, flags, logging
 
 from big_pretrain import cli, distributed
-from big_pretrain.config.validation import check_fits_devices, validate_config
+from big_pretrain.config.validation import check_fits_devices
 from big_pretrain.errors import (EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, ConfigError,
                                  Preempted, UserFacingError, WorkdirError)
+from big_pretrain.stages.chain_validation import validate_config
 from big_pretrain.storage import files as storage
 from big_pretrain.storage import run_lock
 from big_pretrain.train import faults

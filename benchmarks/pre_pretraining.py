@@ -1,7 +1,7 @@
 """Does MAE pre-pretraining help WSP? (the MAWS claim, measured on the embedded data)
 
 Trains MAE, then WSP twice with the same budget (steps, batch, lr, seed): once
-from random initialisation, once from the MAE encoder. Prints the linear-probe
+from random initialization, once from the MAE encoder. Prints the linear-probe
 and k-NN accuracy of both on the held-out split, and both WSP training losses
 at several points.
 
@@ -66,7 +66,7 @@ def main():
     wsp.init_from.checkpoint = init_checkpoint
     stage_dir = os.path.join(workdir, 'wsp_' + name.split()[0].lower())
     start = time.time()
-    runs[name] = (train_stage(wsp, stage_dir, initialise=chain.initialiser_from(wsp.init_from, workdir)),
+    runs[name] = (train_stage(wsp, stage_dir, initialize=chain.initializer_from(wsp.init_from, workdir)),
                   time.time() - start)
 
   mae_stage, wsp_stage = config.stages.mae, config.stages.wsp

@@ -5,7 +5,7 @@ One MAE encoder (configs/mae.py:demo), then with the same fine-tuning budget
 RandAugment, erasing, drop path): its linear probe (L-BFGS on frozen
 features), partial fine-tuning (the head alone; the last block's MLP; the
 last block), full fine-tuning, and full fine-tuning from random
-initialisation. Prints held-out top-1 of each and what it trained.
+initialization. Prints held-out top-1 of each and what it trained.
 
 MAE's paper (ViT-L, ImageNet): linear 73.5 (68.0 in its Fig. 9 protocol) ->
 last block's MLP 79.1 -> last block 81.0 -> full 84.9 (from scratch 82.6).
@@ -88,7 +88,7 @@ def main():
     stage.init_from.checkpoint = os.path.join(workdir, 'mae') if from_mae else None
     start = time.time()
     result = train_stage(stage, os.path.join(workdir, f'{trainable}_{int(from_mae)}'),
-                         initialise=chain.initialiser_from(stage.init_from, workdir))
+                         initialize=chain.initializer_from(stage.init_from, workdir))
     seconds = time.time() - start
     print(f'{name}: {seconds:.0f} s', flush=True)
     rows.append((name, trainable, result.eval_results['classification']['top1'],

@@ -27,7 +27,7 @@ PROFILE_WITH_COMMAND_BUFFERS = '--xla_enable_command_buffers_during_profiling=tr
 
 
 def add_xla_flag(flag: str) -> None:
-  """Appends `flag` to XLA_FLAGS (before JAX initialises a backend) unless it is set."""
+  """Appends `flag` to XLA_FLAGS (before JAX initializes a backend) unless it is set."""
   flags = os.environ.get('XLA_FLAGS', '')
   if flag.split('=')[0] not in flags:
     os.environ['XLA_FLAGS'] = f'{flags} {flag}'.strip()

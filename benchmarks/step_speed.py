@@ -119,7 +119,7 @@ def parse_args(argv=None):
                       help='after timing each row, trace 3 steps with jax.profiler into DIR and '
                            'print the step\'s wall time, its time in device kernels, the idle '
                            'time between them and the top kernels; DIR also gets each '
-                           "row's optimised HLO (look up a kernel's fusion name there)")
+                           "row's optimized HLO (look up a kernel's fusion name there)")
   parser.add_argument('--profile_objectives', default='',
                       help='with --profile: only these rows of the main table (comma-separated; '
                            'default all)')

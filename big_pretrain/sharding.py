@@ -16,6 +16,8 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from big_pretrain import schema
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 # The batch is split over every axis that holds a different slice of data.
@@ -33,6 +35,22 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ('layers', None),
     ('tokens', None),
 )
+
+
+_MESH_AXIS = schema.Rule(lambda v: isinstance(v, int) and not isinstance(v, bool)
+                         and (v == -1 or v >= 1),
+                         'must be -1 (all the devices left) or an integer >= 1')
+# config.mesh: the devices' layout, one size per axis.
+MESH_KEYS = schema.Group(
+    "the device mesh: each axis's size; one may be -1, the devices left",
+    data=schema.Key(-1, _MESH_AXIS, 'data parallelism: replicas that each see their own rows'),
+    fsdp=schema.Key(1, _MESH_AXIS, 'FSDP: the model width sharded, and the batch split too'),
+    tensor=schema.Key(1, _MESH_AXIS, 'tensor parallelism: MLP hidden units and heads sharded'),
+)
+# config.sharding_rules: overrides of DEFAULT_LOGICAL_AXIS_RULES, e.g. embed: None.
+SHARDING_RULES_KEY = schema.FreeForm(
+    'logical axis name -> mesh axes, overriding DEFAULT_LOGICAL_AXIS_RULES (e.g. embed: None '
+    'replicates the model width)')
 
 
 def resolve_mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
@@ -124,6 +142,6 @@ def describe_param_shardings(params, opt_state=None, max_rows: int = 12) -> str:
       f'{per_device / 2**20:.1f} MiB on each device.')
   if opt_state is not None:
     total, per_device = _bytes_in_all_and_per_device(opt_state)
-    lines.append(f'Optimiser state: {total / 2**20:.1f} MiB in all, '
+    lines.append(f'Optimizer state: {total / 2**20:.1f} MiB in all, '
                  f'{per_device / 2**20:.1f} MiB on each device.')
   return '\n'.join(lines)

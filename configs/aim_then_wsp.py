@@ -1,4 +1,4 @@
-"""AIM pretraining, then WSP initialised from the AIM trunk: the MAE chain's machinery.
+"""AIM pretraining, then WSP initialized from the AIM trunk: the MAE chain's machinery.
 
   python main.py --config=configs/aim_then_wsp.py:demo --workdir=DIR
 """

@@ -5,7 +5,7 @@
       --config.stages.pretrain.data.text.tokenizer=/data/laion/tokenizer.model ...
       The paper's ViT-L/16 recipe: 50% of patches dropped, batch 32768, AdamW
       (0.9, 0.95), wd 0.2, lr 4e-6 per 256, warmup + cosine; then r = 0 at a
-      lower lr, initialised from the masked stage.
+      lower lr, initialized from the masked stage.
   python main.py --config=configs/flip.py:demo --workdir=DIR    # CPU, embedded data
 
 Each stage trains in DIR/<stage>; run the same command again to resume.

@@ -5,8 +5,8 @@
       --config.data.path=/data/laion/train \
       --config.data.text.tokenizer=/data/laion/tokenizer.model
       The image tower is the checkpoint's encoder, locked (no gradient, no
-      optimiser state); `config.model` must describe it (default: ViT-L/16
-      with a cls token, as configs/wsp.py). The text tower, data and optimiser
+      optimizer state); `config.model` must describe it (default: ViT-L/16
+      with a cls token, as configs/wsp.py). The text tower, data and optimizer
       are configs/flip.py's (choice: LiT itself trained with Adafactor), with
       no patches dropped. Evaluators: zero_shot and retrieval.
 

@@ -6,7 +6,7 @@
       --config.stages.finetune.data.test_path=/data/imagenet/val
   python main.py --config=configs/mae_then_finetune.py:demo --workdir=DIR   # CPU, embedded data
 
-configs/mae.py (ViT-L/16), then configs/finetune.py:L initialised from MAE's
+configs/mae.py (ViT-L/16), then configs/finetune.py:L initialized from MAE's
 final encoder (the decoder and mask token are never read; the head is fresh).
 Each stage trains in DIR/<stage>; run the same command again to resume.
 """

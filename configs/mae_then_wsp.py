@@ -1,4 +1,4 @@
-"""MAE pre-pretraining, then WSP initialised from the MAE encoder (MAWS).
+"""MAE pre-pretraining, then WSP initialized from the MAE encoder (MAWS).
 
   python main.py --config=configs/mae_then_wsp.py --workdir=DIR \
       --config.stages.mae.data.path=/data/ig/train \

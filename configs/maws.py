@@ -8,7 +8,7 @@
       --config.stages.finetune.data.test_path=/data/imagenet/val
   python main.py --config=configs/maws.py:demo --workdir=DIR   # CPU, embedded data
 
-configs/mae_then_wsp.py, then configs/finetune.py:L initialised from the WSP
+configs/mae_then_wsp.py, then configs/finetune.py:L initialized from the WSP
 encoder (its hashtag head is dropped; a fresh class head is trained): how
 MAWS reports its fine-tuned ImageNet-1k numbers (B 86.8 ... 6.5B 90.1).
 Each stage trains in DIR/<stage>; run the same command again to resume.

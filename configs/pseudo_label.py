@@ -9,12 +9,12 @@ Hard labels with Noisy Student's confidence threshold (0.3); for soft labels
 Inside a chain, configs/self_training.py adds the same stage after its teacher.
 """
 
-from big_pretrain.config.defaults import pseudo_label_config
+from big_pretrain.stages import pseudo_label_job
 
 
 def get_config(arg: str | None = None):
   del arg
-  config = pseudo_label_config()
+  config = pseudo_label_job.default_config()
   config.teacher.workdir = None  # Required: the teacher stage's folder (config.json, checkpoints/)
   config.data.source = 'image_folder'
   config.data.path = None        # Required: the unlabelled images

@@ -24,7 +24,8 @@ Run the same command again to resume; every stage keeps its folder DIR/<stage>.
 
 import ml_collections
 
-from big_pretrain.config.defaults import chain_config, pseudo_label_config, stage_config
+from big_pretrain.config.defaults import chain_config, stage_config
+from big_pretrain.stages import pseudo_label_job
 from big_pretrain.evaluators import evaluator_config
 from configs import finetune
 
@@ -75,7 +76,7 @@ def teacher_config(size: str):
 
 
 def pseudo_labels_config(size: str, teacher_stage: str):
-  config = pseudo_label_config()
+  config = pseudo_label_job.default_config()
   config.teacher.stage = teacher_stage
   config.labels.update(kind='hard', threshold=0.3)  # Noisy Student's confidence filter
   if size == 'demo':

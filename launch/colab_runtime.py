@@ -54,16 +54,16 @@ def detect_runtime(env: Mapping[str, str] = os.environ, dev_dir: str = '/dev',
 
 def pinned_version(requirements_path: str, package: str) -> str:
   """The version that `requirements_path` pins `package` to (`package==VERSION`)."""
-  wanted = _normalised_name(package)
+  wanted = _normalized_name(package)
   with open(requirements_path) as f:
     for line in f:
       name, pinned, version = line.split('#', 1)[0].partition('==')
-      if pinned and _normalised_name(name.split('[', 1)[0]) == wanted:
+      if pinned and _normalized_name(name.split('[', 1)[0]) == wanted:
         return version.strip()
   raise ValueError(f'{requirements_path} pins no {package}==VERSION.')
 
 
-def _normalised_name(name: str) -> str:
+def _normalized_name(name: str) -> str:
   return re.sub(r'[-_.]+', '-', name.strip()).lower()  # PEP 503: jax-cuda12 == JAX_cuda12
 
 

@@ -146,7 +146,7 @@ def _second_ring_cases() -> list[Case]:
            lambda ctx: signalled_at_start(ctx, signal.SIGTERM, (EXIT_PREEMPTED,),
                                           "SIGTERM before a stage's next step")),
       Case('sigterm_while_compiling', 'start_signal', 'SIGTERM 0.5 s after `Model FLOPs` is '
-           'logged (the initialisation compiles)',
+           'logged (the initialization compiles)',
            lambda ctx: signalled_at_start(ctx, signal.SIGTERM, (EXIT_PREEMPTED,), 'Preempted',
                                           after_line='Model FLOPs per step', delay=0.5)),
       Case('sigint_while_compiling', 'start_signal', 'Ctrl-C 0.5 s after `Model FLOPs` is logged',

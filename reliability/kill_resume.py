@@ -56,11 +56,11 @@ _RESUMING = re.compile(r'Resuming at step (\d+) of (\d+)')
 # A stage killed between its final checkpoint and its final evaluations resumes there.
 _FINAL_EVALUATIONS = re.compile(r'finished training at step (\d+), but its final evaluations')
 _STEP_LOGGED = re.compile(r'\] \[(\d+)\] ')  # the metric writer's console line: "[250] loss=..."
-_INITIALISED = 'Initialised params/'
+_INITIALISED = 'Initialized params/'
 _CORRUPT = 'cannot be read'
 _TMP_LEFTOVER = 'Removing existing directory since it is not finalized'
 _TMP_RECREATED = re.compile(r'Attempted to create temporary directory (\S+) which already exists')
-_DECIDED = 'Parameters:'  # loop.py logs it once the stage has restored or initialised its state
+_DECIDED = 'Parameters:'  # loop.py logs it once the stage has restored or initialized its state
 
 POLL_SECONDS = 0.005
 
@@ -224,7 +224,7 @@ def run_until_kill(attempt: Attempt, kill: Kill, run_dir: str, stages: list[Stag
 def restart_report(attempt: Attempt) -> dict:
   """What the attempt's log says each stage did: skipped, resumed at a step, started fresh."""
   attempt.read_log()
-  skipped, resumed, fresh, undecided, initialised = [], [], [], [], []
+  skipped, resumed, fresh, undecided, initialized = [], [], [], [], []
   stage, decided = None, True
   for line in attempt.lines:
     if match := _STAGE_SKIP.search(line):
@@ -237,15 +237,15 @@ def restart_report(attempt: Attempt) -> dict:
       resumed.append((stage, int(match.group(1))))
       decided = True
     elif _INITIALISED in line:
-      initialised.append(stage)
+      initialized.append(stage)
     elif _DECIDED in line and not decided:
       fresh.append(stage)
       decided = True
   if stage is not None and not decided:
-    undecided.append(stage)  # killed before it restored or initialised anything
+    undecided.append(stage)  # killed before it restored or initialized anything
   return dict(
       skipped=skipped, resumed=resumed, fresh=fresh, undecided=undecided,
-      initialised=initialised,
+      initialized=initialized,
       corrupt=[line for line in attempt.lines if _CORRUPT in line],
       tmp_leftovers=[line for line in attempt.lines if _TMP_LEFTOVER in line],
   )
@@ -271,7 +271,7 @@ def describe_restart(report: dict) -> str:
   parts = [f'{s} skipped' for s in report['skipped']]
   parts += [f'{s} resumed at step {step}' for s, step in report['resumed']]
   parts += [f'{s} started fresh'
-            + (' (from the previous stage)' if s in report['initialised'] else '')
+            + (' (from the previous stage)' if s in report['initialized'] else '')
             for s in report['fresh']]
   parts += [f'{s} killed before restoring' for s in report['undecided']]
   if report['corrupt']:

@@ -1,4 +1,4 @@
-"""The AIM facts of METHODS.md section 5."""
+"""The AIM facts of docs/methods.md, section 5."""
 
 import jax
 import jax.numpy as jnp

@@ -12,18 +12,22 @@ from array_record.python import array_record_module
 import numpy as np
 import pytest
 
-from big_pretrain.config.validation import ConfigError, validate_stage_config
+from big_pretrain.config.validation import validate_stage_config
 from big_pretrain.data import convert
+from big_pretrain.data import data_config
 from big_pretrain.data import records as records_lib
 from big_pretrain.data import sources
 from big_pretrain.data import train_input
 from big_pretrain.data import transforms
 from big_pretrain.data.sources import source_texts
+from big_pretrain.errors import ConfigError
+from big_pretrain.evaluators import evaluator_config
 from configs import mae as mae_config
 from helpers.batches import (IMAGE_SIZE, assert_batches_equal, first_devices_mesh,
                           read_until_exhausted, small_data_config, take)
 from helpers.images import (VALID_IMAGES_PER_CLASS, encoded_image, random_pixels,
                             truncated_jpeg_bytes)
+from helpers.tiny_config import tiny_mae_config
 
 
 def _state_round_trip(data):
@@ -121,8 +125,11 @@ def test_array_record_test_path_is_the_held_out_split(image_folder, converted, t
   config = small_data_config(source='array_record', path=str(output), test_path=str(held_out),
                              split='test')
   assert len(sources.build_source(config)) == 10
+  stage = tiny_mae_config()  # evaluators read the held-out split: validation asks for it
+  stage.data = small_data_config(source='array_record', path=str(output))
+  stage.evals.knn = evaluator_config('knn')
   with pytest.raises(ValueError, match='config.data.test_path'):
-    sources.build_source(small_data_config(source='array_record', path=str(output), split='test'))
+    validate_stage_config(stage)
 
 
 # --- Webdataset tars -> ArrayRecord -----------------------------------------------
@@ -230,7 +237,7 @@ def test_missing_array_record_path_says_how_to_convert(tmp_path):
   with pytest.raises(FileNotFoundError, match='No ArrayRecord shard matches'):
     sources.ArrayRecordSource(str(tmp_path / '*.array_record'))
   with pytest.raises(ValueError, match='config.data.path'):
-    sources.build_source(small_data_config(source='array_record'))
+    data_config.check_config(small_data_config(source='array_record'))
 
 
 def test_folder_without_shards_or_metadata_says_what_is_wrong(converted, tmp_path):
@@ -394,7 +401,7 @@ def test_tfds_errors_say_how_to_prepare_the_dataset(tfds_dir, tmp_path, tmp_path
   with pytest.raises(ValueError, match=r"no feature 'text'.*tfds_caption_key.*caption"):
     sources.build_source(tfds_config(tfds_dir, tfds_caption_key='text'))
   with pytest.raises(ValueError, match='tfds_name'):
-    sources.build_source(small_data_config(source='tfds'))
+    data_config.check_config(small_data_config(source='tfds'))
   # Prepared, but without random access (its dataset_info.json; the records are not read).
   with pytest.raises(ValueError, match=r'(?i)tfrecord.*file_format=array_record'):
     sources.build_source(tfds_config(_shipped_tfds_copy(tmp_path_factory, 'tfrecord')))

@@ -8,9 +8,11 @@ from PIL import ImageEnhance
 from PIL import ImageOps
 import pytest
 
+from big_pretrain.config.validation import validate_stage_config
 from big_pretrain.data import augment
 from big_pretrain.data import train_input
 from helpers.batches import first_devices_mesh, small_data_config
+from helpers.tiny_config import tiny_mae_config
 
 FILL = (124, 116, 104)  # round(255 * ImageNet mean), timm's img_mean hparam.
 BICUBIC = Image.Resampling.BICUBIC
@@ -63,10 +65,10 @@ def test_parse_augment_rejects_bad_order_repeats_and_empty_names(spec, match):
                                         ('randaugment_magnitude_std', -0.1),
                                         ('scale_jitter', (2.0, 0.5))])
 def test_bad_settings_name_their_config_key(key, value):
-  settings = default_settings(**{key: value})
-  del settings['image_size'], settings['crop_scale']
+  config = tiny_mae_config()  # the settings are checked once, by config validation
+  config.data[key] = value
   with pytest.raises(ValueError, match=f'config.data.{key}='):
-    augment.check_augment_settings(**settings)
+    validate_stage_config(config)
 
 
 @pytest.mark.parametrize('spec', ['', 'crop', 'flip', 'randaugment', 'erasing', 'scale_jitter',
@@ -316,9 +318,9 @@ def test_erased_pixels_are_normal_noise_around_the_mean_colour():
     pixels.append(erased[top:top + h, left:left + w].reshape(-1, 3))
   pixels = np.concatenate(pixels).astype(np.float64)
   np.testing.assert_allclose(pixels.mean(axis=0), np.array([0.485, 0.456, 0.406]) * 255, atol=2.0)
-  # Normalised back with the ImageNet std, they are close to N(0, 1) (clipping trims a little).
-  normalised = (pixels / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-  np.testing.assert_allclose(normalised.std(axis=0), 1.0, atol=0.06)
+  # Normalized back with the ImageNet std, they are close to N(0, 1) (clipping trims a little).
+  normalized = (pixels / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  np.testing.assert_allclose(normalized.std(axis=0), 1.0, atol=0.06)
 
 
 # --- Large scale jitter ---------------------------------------------------------

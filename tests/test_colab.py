@@ -14,7 +14,7 @@ import pytest
 from ml_collections import config_flags
 from absl import flags
 
-from big_pretrain.config.validation import validate_config
+from big_pretrain.stages.chain_validation import validate_config
 from helpers.paths import REPO_ROOT
 
 NOTEBOOK = os.path.join(REPO_ROOT, 'launch', 'colab_demo.ipynb')

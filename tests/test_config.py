@@ -7,14 +7,16 @@ import pathlib
 import ml_collections
 import pytest
 
-from big_pretrain.config.defaults import (SCHEMA_VERSION, default_data_config,
-                                          pseudo_label_config, stage_config)
+from big_pretrain import schema
+from big_pretrain.config.defaults import SCHEMA_VERSION, stage_config, stage_keys
 from big_pretrain.config.upgrade import upgrade
-from big_pretrain.config.validation import ConfigError, validate_stage_config
-from big_pretrain.config.value_rules import leaf_keys, rule_for
+from big_pretrain.config.validation import validate_stage_config
+from big_pretrain.data.data_config import DATA_KEYS
 from big_pretrain.data.text.labels import synthetic_vocabulary_path
-from big_pretrain.evaluators import evaluator_config, evaluator_names
+from big_pretrain.errors import ConfigError
+from big_pretrain.evaluators import evaluator_config, evaluator_keys, evaluator_names
 from big_pretrain.objectives import objective_names
+from big_pretrain.stages import jobs
 from configs import mae as mae_config
 
 
@@ -89,7 +91,7 @@ def test_unknown_objective_evaluator_and_sharding_rule_are_named():
 def test_chains_run_their_stages_in_the_order_written_not_by_name(name, stages):
   import importlib
   from big_pretrain.stages import chain
-  from big_pretrain.config.validation import validate_config
+  from big_pretrain.stages.chain_validation import validate_config
   config = importlib.import_module(f'configs.{name}').get_config('demo')
   validate_config(config)  # each init_from.stage names an earlier stage
   assert list(config.stages) == stages
@@ -99,7 +101,7 @@ def test_chains_run_their_stages_in_the_order_written_not_by_name(name, stages):
 @pytest.mark.parametrize('variant, layer_decay, drop_path', [
     ('B', 0.65, 0.1), ('L', 0.75, 0.2), ('H', 0.75, 0.3)])
 def test_finetune_recipes_are_maes_and_ask_for_data(variant, layer_decay, drop_path):
-  from big_pretrain.config.validation import validate_config
+  from big_pretrain.stages.chain_validation import validate_config
   from configs import finetune
   config = finetune.get_config(variant)
   assert (config.optim.layer_decay, config.model.drop_path) == (layer_decay, drop_path)
@@ -153,27 +155,51 @@ def test_a_record_of_today_upgrades_to_itself_and_a_newer_one_is_refused():
     validate_stage_config(config)
 
 
-# --- Every key's values (config/value_rules.py) ------------------------------------------
+# --- Every key's values (declared with the key: schema.py) -------------------------------
+
+def _leaf_values(config, prefix: str = ''):
+  """(dotted key, value) of every leaf of `config`."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaf_values(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
 
 def _all_default_keys():
-  """Every key of every objective's stage config, every evaluator's config (its data
-  overrides as the data keys they override) and the pseudo-label job's config."""
-  keys = set()
+  """(where, dotted key, declaration, default) of every key of every objective's stage config,
+  every evaluator's config (its data overrides as the data keys they override) and every
+  job's config."""
+  keys = []
   for objective in objective_names():
-    config = stage_config(objective)
-    for kind in evaluator_names():
-      config.evals[kind] = evaluator_config(kind)
-      for group in ('train_data', 'test_data'):
-        if group in config.evals[kind]:
-          config.evals[kind][group] = default_data_config()
-    keys |= set(leaf_keys(config))
-  return keys | set(leaf_keys(pseudo_label_config()))
+    declared = stage_keys(objective)
+    keys += [(objective, key, declared.find(key), value)
+             for key, value in _leaf_values(stage_config(objective))]
+  for kind in evaluator_names():
+    declared = evaluator_keys(kind)
+    config = evaluator_config(kind)
+    for group in [key for key in config if key.endswith('_data')]:
+      keys += [(kind, f'{group}.{key}', DATA_KEYS.find(key), value)
+               for key, value in _leaf_values(DATA_KEYS.defaults())]
+      del config[group]
+    keys += [(kind, key, declared.find(key), value) for key, value in _leaf_values(config)]
+  for job in jobs.job_names():
+    declared = jobs.job_module(job).CONFIG_KEYS
+    keys += [(job, key, declared.find(key), value)
+             for key, value in _leaf_values(jobs.job_module(job).default_config())]
+  return keys
 
 
 def test_every_key_of_every_default_config_has_a_rule_for_its_values():
   keys = _all_default_keys()
-  assert len(keys) > 200
-  assert not sorted(key for key in keys if rule_for(key) is None)
+  assert len({(where, key) for where, key, _, _ in keys}) > 200
+  assert not sorted((where, key) for where, key, declared, _ in keys
+                    if not isinstance(declared, schema.Key))
+  # ... that its own default passes, and a meaning to show beside a value it refuses.
+  assert not sorted((where, key, default) for where, key, declared, default in keys
+                    if declared.rule.refuses(default))
+  assert not sorted((where, key) for where, key, declared, _ in keys
+                    if len(declared.meaning) < 10)
 
 
 @pytest.mark.parametrize('key, value, message', [

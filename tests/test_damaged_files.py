@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from big_pretrain.config.validation import validate_config
+from big_pretrain.config.defaults import chain_config
 from big_pretrain.data import records
 from big_pretrain.data.sources import pseudo_labelled
 from big_pretrain.data.sources.array_record import ArrayRecordSource
@@ -22,6 +22,7 @@ from big_pretrain.data.text import tokenizer_files
 from big_pretrain.errors import ConfigError, DamagedFileError, UserFacingError
 from big_pretrain.evaluators import evaluator_config
 from big_pretrain.stages import chain
+from big_pretrain.stages.chain_validation import validate_config
 from big_pretrain.stages.pseudo_label_job import read_teacher_config
 from big_pretrain.storage import files as storage
 from big_pretrain.storage import resume_identity
@@ -95,7 +96,8 @@ def test_damaged_results_are_left_out_of_a_chains_summary_and_set_aside(tmp_path
   stage.write_results(stage.eval_results_file, 4, {'probe': {'accuracy': 0.5}})
   _cut_in_half(stage.at_start_results_file)
   with caplog.at_level(logging.WARNING):
-    results = chain.collect_eval_results({'mae': str(tmp_path)})
+    results = chain.collect_eval_results(chain_config(mae=tiny_mae_config()),
+                                         {'mae': str(tmp_path)})
   assert results == {'mae': {'step': 4, 'probe': {'accuracy': 0.5}}}
   assert os.path.exists(stage.at_start_results_file + '.damaged')
   assert 'eval_results_at_start.json cannot be read' in caplog.text

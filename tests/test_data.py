@@ -8,16 +8,19 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from big_pretrain.config.defaults import default_data_config
+from big_pretrain.config.validation import check_fits_devices, validate_stage_config
+from big_pretrain.data import data_config
 from big_pretrain.data import example_maps
 from big_pretrain.data import process_share
 from big_pretrain.data import sources
 from big_pretrain.data import train_input
 from big_pretrain.data import transforms
+from big_pretrain.data.data_config import default_data_config
 from big_pretrain.data.sources import synthetic
 from helpers.batches import (IMAGE_SIZE, assert_batches_equal, first_devices_mesh,
                           read_until_exhausted, small_data_config, take)
 from helpers.images import VALID_IMAGES_PER_CLASS, truncated_jpeg_bytes
+from helpers.tiny_config import tiny_mae_config
 
 
 # --- SyntheticShapes ----------------------------------------------------------
@@ -219,10 +222,12 @@ def test_pipeline_shards_batch_over_data_and_fsdp():
   np.testing.assert_array_equal(np.asarray(batch['image']), twin.next_local_numpy()['image'])
 
 
-def test_pipeline_rejects_batch_not_divisible_by_batch_devices():
-  with pytest.raises(ValueError, match='divisible'):
-    train_input.InputPipeline(small_data_config(), global_batch_size=12,
-                              mesh=first_devices_mesh((4, 2, 1)))
+def test_a_batch_not_divisible_by_the_batch_devices_is_refused_before_the_pipeline():
+  config = tiny_mae_config(batch_size=12)
+  config.mesh.update(data=4, fsdp=2, tensor=1)
+  with pytest.raises(ValueError, match=r'batch_size=12 must be a multiple of the 8 devices '
+                                       r'along the batch axes'):
+    check_fits_devices(config, num_devices=8, num_processes=1)
 
 
 def test_pipeline_resumes_exactly_from_saved_state():
@@ -325,7 +330,7 @@ def test_missing_image_folder_names_the_path(tmp_path):
 
 def test_image_folder_source_without_path_says_what_to_set():
   with pytest.raises(ValueError, match='config.data.path'):
-    sources.build_source(small_data_config(source='image_folder'))
+    data_config.check_config(small_data_config(source='image_folder'))
 
 
 def test_image_folder_without_images_names_folder_and_extensions(tmp_path):
@@ -336,8 +341,10 @@ def test_image_folder_without_images_names_folder_and_extensions(tmp_path):
 
 
 def test_unknown_source_lists_valid_names():
+  config = tiny_mae_config()
+  config.data = small_data_config(source='imagenet')
   with pytest.raises(ValueError, match="'synthetic', 'image_folder'"):
-    sources.build_source(small_data_config(source='imagenet'))
+    validate_stage_config(config)
 
 
 def test_synthetic_colour_label_names_the_shape_colour_in_the_caption():

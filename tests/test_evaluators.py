@@ -6,7 +6,7 @@ import pytest
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.config.validation import validate_stage_config
-from big_pretrain.evaluators import build_evaluators, evaluator_defaults
+from big_pretrain.evaluators import build_evaluators, evaluator_config
 from big_pretrain.evaluators.eval_split import split_data_config
 from big_pretrain.evaluators.features import SplitFeatures, extract_features
 from big_pretrain.evaluators.knn import knn_classify, nearest_neighbours, weighted_vote
@@ -148,7 +148,7 @@ def _evaluate_untrained_mae(devices, mesh_shape):
   config = tiny_mae_config()
   config.mesh.update(data=mesh_shape[0], fsdp=mesh_shape[1], tensor=1)
   for kind in ('linear_probe', 'knn'):
-    config.evals[kind] = evaluator_defaults(kind)
+    config.evals[kind] = evaluator_config(kind)
     config.evals[kind].update(train_examples=256, test_examples=128, batch_size=128)
   config.evals.linear_probe.num_steps = 100
   validate_stage_config(config)

@@ -203,7 +203,7 @@ def test_ctrl_c_saves_and_main_exits_75_to_be_rerun(tmp_path):
   assert saved[0] == 1 and len(saved) == 2  # and the step it stopped at
 
 
-# Seconds after 'Model FLOPs per step' is logged: the initialisation is being compiled
+# Seconds after 'Model FLOPs per step' is logged: the initialization is being compiled
 # (here for ~1 s after it), or on a faster machine the first steps run. None: at once
 # when the run lock is taken, while starting up.
 @pytest.mark.parametrize('seconds_after_flops_line', [None, 0.0, 0.4, 0.8, 1.2])

@@ -12,8 +12,6 @@ import pytest
 from flax import linen as nn
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.config.defaults import optim_defaults
-from big_pretrain.config.validation import validate_config
 from big_pretrain.data.batch_features import random_batch
 from big_pretrain.errors import ConfigError
 from big_pretrain.objectives import build_objective
@@ -21,8 +19,10 @@ from big_pretrain.objectives.finetune import (cutmix_box, mixup_or_cutmix, multi
                                               smoothed_one_hot)
 from big_pretrain.stages import chain
 from big_pretrain.stages import transfer
+from big_pretrain.stages.chain_validation import validate_config
 from big_pretrain.train import optim
 from big_pretrain.train.loop import train_stage
+from big_pretrain.train.optim import OPTIM_KEYS
 from helpers.tiny_config import (one_device, one_device_trainer, tiny_finetune_config,
                                  tiny_mae_config)
 from helpers.trees import assert_trees_equal, named_leaves
@@ -36,7 +36,7 @@ def test_layer_decay_gives_each_parameter_lr_times_decay_to_the_depth_below_the_
   config = tiny_finetune_config(**{'model.scan': scan})
   params = nn.meta.unbox(jax.eval_shape(build_objective(config).init_params, jax.random.key(0)))
   params = jax.tree_util.tree_map(lambda p: jnp.ones(p.shape, p.dtype), params)
-  optim_config = optim_defaults()
+  optim_config = OPTIM_KEYS.defaults()
   optim_config.update(weight_decay=0.0, b1=0.0, b2=0.0, eps=0.0, layer_decay=0.5)
   lr, decay, depth = 0.1, 0.5, 2  # 'mu' has 2 blocks: L = 3
   tx = optim.make_optimizer(optim_config, optax.constant_schedule(lr))
@@ -207,7 +207,7 @@ def test_drop_path_is_random_in_training_and_off_at_evaluation():
   objective = build_objective(config)
   params = nn.meta.unbox(jax.jit(objective.init_params)(jax.random.key(0)))
   images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-  # The encoder's tokens (the zero-initialised head would hide any difference).
+  # The encoder's tokens (the zero-initialized head would hide any difference).
   apply = jax.jit(lambda p, x, train, rng: objective.model.encoder.apply(
       {'params': p['encoder']}, x, train=train, rngs={'dropout': rng})['tokens'],
                   static_argnums=2)
@@ -238,19 +238,19 @@ def test_a_stage_from_mae_takes_the_encoder_bit_exactly_and_resumes_bit_identica
   validate_config(config)
 
   # The encoder is MAE's, bit for bit; the decoder and mask token are not taken.
-  initialise = chain.initialiser_from(config.init_from, str(tmp_path))
+  initialize = chain.initializer_from(config.init_from, str(tmp_path))
   fresh = one_device_trainer(config).init_state(jax.random.key(0)).params
-  started = jax.device_get(initialise(fresh))
+  started = jax.device_get(initialize(fresh))
   assert set(started) == {'encoder', 'fc_norm', 'head'}
   mae_encoder = transfer.read_subtrees(transfer.resolve_checkpoint_dir(mae_workdir),
                                        ('encoder',))['encoder']
   assert_trees_equal(started['encoder'], mae_encoder)
 
-  whole = train_stage(config, str(tmp_path / 'whole'), initialise=initialise, devices=one_device())
-  first = train_stage(config, str(tmp_path / 'split'), initialise=initialise, stop_after_steps=2,
+  whole = train_stage(config, str(tmp_path / 'whole'), initialize=initialize, devices=one_device())
+  first = train_stage(config, str(tmp_path / 'split'), initialize=initialize, stop_after_steps=2,
                       devices=one_device())
   assert first.steps_run == 2 and not first.finished
-  resumed = train_stage(config, str(tmp_path / 'split'), initialise=initialise,
+  resumed = train_stage(config, str(tmp_path / 'split'), initialize=initialize,
                         devices=one_device())
   assert resumed.finished and resumed.steps_run == 2
   assert_trees_equal(jax.device_get(resumed.state.params), jax.device_get(whole.state.params))

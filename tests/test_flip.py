@@ -1,4 +1,4 @@
-"""The contrastive facts of METHODS.md section 4."""
+"""The contrastive facts of docs/methods.md, section 4."""
 
 import math
 

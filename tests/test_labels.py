@@ -26,9 +26,9 @@ def write_vocabulary_file(tmp_path, text, name='vocab.txt'):
   return str(path)
 
 
-# --- Normalisation -------------------------------------------------------------
+# --- Normalization -------------------------------------------------------------
 
-@pytest.mark.parametrize('tag, normalised', [
+@pytest.mark.parametrize('tag, normalized', [
     ('#Circle', 'circle'),
     ('circle', 'circle'),
     ('  #RED! ', 'red'),
@@ -40,8 +40,8 @@ def write_vocabulary_file(tmp_path, text, name='vocab.txt'):
     ('#!?', ''),
     ('', ''),
 ])
-def test_normalize_tag(tag, normalised):
-  assert labels.normalize_tag(tag) == normalised
+def test_normalize_tag(tag, normalized):
+  assert labels.normalize_tag(tag) == normalized
 
 
 # --- The file format -------------------------------------------------------------
@@ -122,7 +122,7 @@ def test_hashtag_claimed_by_two_labels_names_the_lines(tmp_path, text, message):
 
 
 def test_labels_that_cannot_be_stored_are_errors(tmp_path):
-  with pytest.raises(ValueError, match=r"line 2 of .*'!!!' is empty once normalised"):
+  with pytest.raises(ValueError, match=r"line 2 of .*'!!!' is empty once normalized"):
     labels.LabelVocabulary.from_file(write_vocabulary_file(tmp_path, 'circle\n!!!\n'))
   with pytest.raises(ValueError, match=r"labels\[1\]: label 'a,b' contains"):
     labels.LabelVocabulary(['circle', 'a,b'])

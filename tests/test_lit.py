@@ -7,11 +7,11 @@ import pytest
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.config.defaults import chain_config, stage_config
-from big_pretrain.config.validation import validate_config
 from big_pretrain.data.batch_features import random_batch
 from big_pretrain.errors import ConfigError
 from big_pretrain.stages import chain
 from big_pretrain.stages import transfer
+from big_pretrain.stages.chain_validation import validate_config
 from big_pretrain.train import mfu, optim
 from helpers.tiny_config import (one_device, one_device_trainer, tiny_flip_config, tiny_mae_config,
                                  with_overrides)
@@ -60,8 +60,8 @@ def test_the_image_tower_stays_bit_identical_and_holds_no_optimizer_state(chain_
   validate_config(config)
   trainer = one_device_trainer(config)
   state = trainer.init_state(jax.random.key(0))
-  initialise = chain.initialiser_from(config.init_from, str(tmp_path))
-  state = state.replace(params=initialise(state.params))  # as the loop starts a stage
+  initialize = chain.initializer_from(config.init_from, str(tmp_path))
+  state = state.replace(params=initialize(state.params))  # as the loop starts a stage
   before = named_leaves(jax.device_get(state.params))
   batch = jax.device_put(random_batch(config.data, config.batch_size, np.random.default_rng(0)),
                          sharding_lib.batch_sharding(trainer.mesh))

@@ -1,4 +1,4 @@
-"""MAE faithfulness tests (METHODS.md section 2).
+"""MAE faithfulness tests (docs/methods.md, section 2).
 
 Tiny models only (ViT 'mu/8' on 32x32 images -> 16 patches; a 1-block decoder
 of width 32): the suite runs on 8 fake CPU devices of a 2-core machine.
@@ -67,7 +67,7 @@ def uint8_images():
 
 @pytest.fixture(scope='module')
 def apply_with_encoder_tokens(mae):
-  """(params, normalised images, rng) -> (pred, RandomMask, encoder output dict)."""
+  """(params, normalized images, rng) -> (pred, RandomMask, encoder output dict)."""
 
   def run(params, images, rng):
     (pred, masking), state = mae.model.apply(
@@ -433,8 +433,8 @@ def test_cls_and_mask_token_init_is_normal_002():
 def test_visualize_panels(mae, params, uint8_images, apply_with_encoder_tokens):
   rng = jax.random.key(21)
   panels = jax.jit(mae.visualize)(params, uint8_images, rng)
-  assert set(panels) == {'input', 'masked', 'reconstruction', 'target_normalised',
-                         'prediction_normalised'}
+  assert set(panels) == {'input', 'masked', 'reconstruction', 'target_normalized',
+                         'prediction_normalized'}
   for name, panel in panels.items():
     panel = np.asarray(panel)
     assert panel.shape == (BATCH, IMAGE_SIZE, IMAGE_SIZE, 3), name
@@ -453,9 +453,9 @@ def test_visualize_panels(mae, params, uint8_images, apply_with_encoder_tokens):
   np.testing.assert_allclose(masked_panel[visible], inputs[visible], atol=1e-5)
   # Masked patches are blanked in the 'masked' panel (no input pixels leak there).
   assert not np.allclose(masked_panel[~visible], inputs[~visible], atol=1e-2)
-  # The normalised prediction panel shows the target on visible patches.
-  np.testing.assert_allclose(to_patches(panels['prediction_normalised'])[visible],
-                             to_patches(panels['target_normalised'])[visible], atol=1e-5)
+  # The normalized prediction panel shows the target on visible patches.
+  np.testing.assert_allclose(to_patches(panels['prediction_normalized'])[visible],
+                             to_patches(panels['target_normalized'])[visible], atol=1e-5)
 
 
 # ---------------------------------------------------------------- known defects (fail today)

@@ -6,19 +6,19 @@ import numpy as np
 import optax
 import pytest
 
-from big_pretrain.config.defaults import optim_defaults
 from big_pretrain.train.optim import (make_optimizer, make_schedule, peak_learning_rate,
                                       weight_decay_mask)
+from big_pretrain.train.optim import OPTIM_KEYS
 
 
 def test_peak_lr_follows_the_linear_scaling_rule():
-  config = optim_defaults()
+  config = OPTIM_KEYS.defaults()
   config.lr_per_256 = 1.5e-4
   assert peak_learning_rate(config, 4096) == pytest.approx(2.4e-3)
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine_to_the_end_fraction():
-  config = optim_defaults()
+  config = OPTIM_KEYS.defaults()
   config.update(lr_per_256=1.0, warmup_steps=10, end_lr_fraction=0.1)
   schedule = make_schedule(config, 256, total_steps=110)
   assert float(schedule(0)) == 0.0
@@ -35,7 +35,7 @@ def test_biases_and_norms_are_not_decayed():
   mask = weight_decay_mask(params)
   assert mask == {'dense': {'kernel': True, 'bias': False}, 'norm': {'scale': False},
                   'cls_token': True}
-  config = optim_defaults()
+  config = OPTIM_KEYS.defaults()
   config.update(lr_per_256=1.0, warmup_steps=0, weight_decay=0.5)
   tx = make_optimizer(config, optax.constant_schedule(1.0))
   zero_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -47,7 +47,7 @@ def test_biases_and_norms_are_not_decayed():
 
 
 def test_gradient_clipping_bounds_the_global_norm():
-  config = optim_defaults()
+  config = OPTIM_KEYS.defaults()
   # eps=1 makes Adam's step depend on the gradient's magnitude, so clipping shows.
   config.update(weight_decay=0.0, clip_grad_norm=1.0, b1=0.0, eps=1.0)
   params = {'w': jnp.zeros((4,))}

@@ -7,9 +7,10 @@ import jax
 import ml_collections
 import pytest
 
-from big_pretrain.config.validation import ConfigError, validate_config
+from big_pretrain.errors import ConfigError
 from big_pretrain.evaluators import evaluator_config
 from big_pretrain.stages import chain
+from big_pretrain.stages.chain_validation import validate_config
 from big_pretrain.storage import stage_dir
 from big_pretrain.train import loop
 from configs import aim, aim_then_wsp, flip, mae_then_wsp

@@ -118,7 +118,7 @@ def test_a_stage_whose_final_checkpoint_is_unreadable_is_not_finished(workdir, c
   (workdir / 'checkpoints' / '4' / 'state' / '_METADATA').unlink()
   with caplog.at_level(logging.WARNING):
     assert not chain._stage_finished(_config(), str(workdir))
-    # A later stage initialised from it takes the latest readable step.
+    # A later stage initialized from it takes the latest readable step.
     assert transfer.resolve_checkpoint_dir(str(workdir)) == str(workdir / 'checkpoints' / '2')
   assert 'final checkpoint cannot be read' in caplog.text
   assert 'Skipping checkpoint step 4' in caplog.text and '_METADATA is missing' in caplog.text

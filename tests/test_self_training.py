@@ -13,7 +13,6 @@ from flax import linen as nn
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.config.defaults import chain_config
-from big_pretrain.config.validation import validate_config
 from big_pretrain.data import augment as augment_lib
 from big_pretrain.data import records as records_lib
 from big_pretrain.data import sources
@@ -21,6 +20,7 @@ from big_pretrain.data.sources import pseudo_labelled
 from big_pretrain.data.train_input import InputPipeline
 from big_pretrain.errors import ConfigError, DamagedFileError
 from big_pretrain.objectives import build_objective, self_training
+from big_pretrain.stages.chain_validation import validate_config
 from big_pretrain.stages.pseudo_label_job import run_pseudo_label
 from big_pretrain.train.loop import train_stage
 from helpers.hashes import file_hashes
@@ -192,7 +192,7 @@ def test_the_student_never_sees_the_unlabelled_images_true_labels(pseudo_labels,
       np.testing.assert_array_equal(batch[name], clean_batch[name], err_msg=name)
 
 
-def test_the_loss_normalises_each_part_separately_as_computed_by_hand(pseudo_labels):
+def test_the_loss_normalizes_each_part_separately_as_computed_by_hand(pseudo_labels):
   config = tiny_student_config(pseudo_labels, **{'objective.pseudo_label_weight': 2.0,
                                                  'objective.label_smoothing': 0.1})
   objective = build_objective(config)
@@ -239,7 +239,7 @@ def test_teacher_pseudo_labels_student_as_a_chain(teacher_dir, tmp_path):
   stage_dirs = chain.stage_workdirs(config, str(tmp_path / 'chain'))
   # Stop the student half way, as a preemption would; the same command resumes it.
   run_pseudo_label(labels, stage_dirs['pseudo_labels'], teacher_dir=stage_dirs['teacher'])
-  resolved = chain.with_pseudo_label_folder(student, stage_dirs)
+  resolved = chain.with_stage_folders(student, stage_dirs)
   half = train_stage(resolved, stage_dirs['student'], stop_after_steps=2)
   assert not half.finished
   results = chain.run(config, str(tmp_path / 'chain'))

@@ -60,4 +60,4 @@ def test_startup_table_shows_shardings_and_bytes_per_device(mesh_shape, sharded_
   assert params_mib_per_device == pytest.approx(
       sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(state.params))
       / 2**20, abs=0.05)
-  assert 'Optimiser state' in table.splitlines()[-1]
+  assert 'Optimizer state' in table.splitlines()[-1]

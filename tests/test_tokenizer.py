@@ -8,16 +8,18 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from big_pretrain.config.defaults import default_data_config
+from big_pretrain.config.validation import validate_stage_config
 from big_pretrain.data import batch_features
 from big_pretrain.data import sources
 from big_pretrain.data import train_input
+from big_pretrain.data.data_config import default_data_config
 from big_pretrain.data.sources import synthetic
 from big_pretrain.data.text import build_vocabulary
 from big_pretrain.data.text import sentencepiece_tokenizer
 from big_pretrain.data.text import tokenizer as tokenizer_lib
 from big_pretrain.data.text import tokenizer_files
 from helpers.batches import first_devices_mesh, small_data_config
+from helpers.tiny_config import tiny_mae_config
 
 MAX_LENGTH = 32
 
@@ -32,7 +34,7 @@ def write_text_file(tmp_path, text, name='tokenizer.txt'):
   return str(path)
 
 
-# --- Normalisation, encode and decode ----------------------------------------------
+# --- Normalization, encode and decode ----------------------------------------------
 
 def test_split_words_lowercases_and_splits_off_punctuation():
   assert tokenizer_lib.split_words('  A red, Circle!\ton "Blue" ') == [
@@ -45,7 +47,7 @@ def test_split_words_lowercases_and_splits_off_punctuation():
     'A Large RED circle   on a blue background',
     'a small, gray star on a white background.',
 ])
-def test_round_trip_gives_the_normalised_text(text):
+def test_round_trip_gives_the_normalized_text(text):
   tokenizer = tokenizer_lib.build_tokenizer([text], min_count=1, max_size=100)
   ids = tokenizer.encode(text)
   assert ids[0] == tokenizer_lib.BOS_ID and ids[-1] == tokenizer_lib.EOS_ID
@@ -156,8 +158,8 @@ def test_file_round_trip(tmp_path):
     ('<pad>\n<bos>\n<eos>\n<unk>\nred\n\nblue\n', r'Line 6 of .* is blank'),
     ('<pad>\n<bos>\n<eos>\n<unk>\nred\nblue\nred\n',
      r"line 7 of .*: 'red' is already listed at line 5"),
-    ('<pad>\n<bos>\n<eos>\n<unk>\nRed\n', r"line 5 of .*: 'Red' is not one normalised token"),
-    ('<pad>\n<bos>\n<eos>\n<unk>\nred circle\n', r"'red circle' is not one normalised token"),
+    ('<pad>\n<bos>\n<eos>\n<unk>\nRed\n', r"line 5 of .*: 'Red' is not one normalized token"),
+    ('<pad>\n<bos>\n<eos>\n<unk>\nred circle\n', r"'red circle' is not one normalized token"),
     ('<pad>\n<bos>\n<eos>\n<unk>\n<unk>\n', r"line 5 of .*: '<unk>' is a special token"),
 ])
 def test_bad_vocabulary_files_name_the_line(tmp_path, text, message):
@@ -331,11 +333,12 @@ def test_pipeline_batches_carry_the_tokenised_captions():
   assert got == want
 
 
-def test_pipeline_rejects_a_bad_max_length_and_names_a_missing_tokenizer(tmp_path):
-  config = text_data_config(tokenizer_lib.synthetic_tokenizer_path())
-  config.text.max_length = 1
-  with pytest.raises(ValueError, match=r'config\.data\.text\.max_length=1 must be'):
-    train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh())
+def test_a_bad_max_length_is_refused_and_the_pipeline_names_a_missing_tokenizer(tmp_path):
+  stage = tiny_mae_config()  # max_length is checked once, by config validation
+  stage.data = text_data_config(tokenizer_lib.synthetic_tokenizer_path())
+  stage.data.text.max_length = 1
+  with pytest.raises(ValueError, match=r'config\.data\.text\.max_length=1: must be'):
+    validate_stage_config(stage)
   config = text_data_config(str(tmp_path / 'missing.txt'))
   with pytest.raises(FileNotFoundError, match=r'missing\.txt.*build_vocabulary tokenizer'):
     train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh())

@@ -43,7 +43,7 @@ def test_mae_to_wsp_copies_every_encoder_tensor_bit_exactly(mae_run, scan, caplo
   got = jax.device_get(loaded['encoder'])
   assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(expected)
   assert_trees_equal(got, expected)
-  # The head keeps its fresh (zero) initialisation; shardings are the fresh ones.
+  # The head keeps its fresh (zero) initialization; shardings are the fresh ones.
   assert_trees_equal(jax.device_get(loaded['head']), jax.device_get(fresh['head']))
   for new, old in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(fresh)):
     assert new.sharding == old.sharding

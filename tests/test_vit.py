@@ -1,4 +1,4 @@
-"""ViT encoder tests (METHODS.md section 1).
+"""ViT encoder tests (docs/methods.md, section 1).
 
 Tiny models only ('mu': width 64, depth 2, heads 4, patch 8 on 32x32 images ->
 16 patches); every apply is jitted once per module configuration.

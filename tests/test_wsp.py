@@ -1,4 +1,4 @@
-"""The WSP loss facts of METHODS.md section 3."""
+"""The WSP loss facts of docs/methods.md, section 3."""
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ def test_one_hot_target_equals_standard_cross_entropy():
   assert has_label.all()
 
 
-def test_k_hot_equals_ce_against_normalised_multi_hot_and_gradient_is_softmax_minus_y_over_k():
+def test_k_hot_equals_ce_against_normalized_multi_hot_and_gradient_is_softmax_minus_y_over_k():
   logits = _logits()
   label_ids = jnp.array([[1, 4, 7, -1], [0, -1, -1, -1], [2, 3, 5, 8],
                          [6, 7, -1, -1], [0, 8, -1, -1], [3, 4, 5, -1]])
@@ -66,7 +66,7 @@ def test_stable_for_large_logits():
 
 def test_wsp_config_without_a_vocabulary_is_refused_before_compute(tmp_path):
   import pytest
-  from big_pretrain.config.validation import validate_config
+  from big_pretrain.stages.chain_validation import validate_config
   from big_pretrain.errors import ConfigError
   from configs import wsp
   config = wsp.get_config('demo')

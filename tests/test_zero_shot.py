@@ -2,7 +2,7 @@
 
 The model is a lookup table standing in for FLIP's two towers, so the expected
 scores are known exactly and nothing large compiles: an image's embedding is a
-row picked by its (uniform) pixel value, a text's the normalised sum of rows
+row picked by its (uniform) pixel value, a text's the normalized sum of rows
 picked by its token ids.
 """
 
@@ -135,8 +135,9 @@ def test_zero_shot_config_errors_are_named(classification_data):
   config, trainer = image_text_config(
       data_path, tokenizer_path, 'zero_shot', jax.devices()[:1], (1, 1))
   config.evals.zero_shot.prompts = ('a photo of a {}.', 'a photo')
-  with pytest.raises(ValueError, match=r"Prompt 'a photo' must contain '\{\}' exactly once"):
-    build_evaluators(config, LookupObjective(config), trainer, workdir=None)
+  with pytest.raises(ValueError, match=r"zero_shot\.prompts=\('a photo of a \{\}\.', 'a photo'\): "
+                                       r"must be a non-empty tuple of strings, each with '\{\}' once"):
+    validate_stage_config(config)  # before any evaluator is built
   config.evals.zero_shot.prompts = DEFAULT_PROMPTS
   config.evals.zero_shot.class_names = ('only one',)
   (evaluator,) = build_evaluators(config, LookupObjective(config), trainer, workdir=None)
@@ -159,7 +160,7 @@ def test_class_prompts_are_class_major_and_names_readable():
     class_prompts(['cat'], ())
 
 
-def test_class_embeddings_average_normalised_prompts():
+def test_class_embeddings_average_normalized_prompts():
   prompt_embeddings = np.array([[2, 0], [0, 5],   # class 0: two prompts
                                 [0, -1], [0, -3]], np.float32)
   np.testing.assert_allclose(class_text_embeddings(prompt_embeddings, 2),

@@ -1,3 +1,3 @@
-"""Configs: every key's default (defaults.py), the values each may take (value_rules.py),
-their validation, run once (validation.py), and recorded configs brought to today's schema
-(upgrade.py)."""
+"""A training stage's config: its keys gathered from the modules that declare them
+(defaults.py), their validation, run once before anything compiles (validation.py), and
+recorded configs brought to today's schema (upgrade.py)."""

@@ -17,8 +17,8 @@ from typing import Any, Mapping
 import ml_collections
 from absl import logging
 
-from big_pretrain.config.defaults import (SCHEMA_VERSION, is_pseudo_label_config,
-                                          pseudo_label_config, stage_config)
+from big_pretrain.config.defaults import SCHEMA_VERSION, stage_config
+from big_pretrain.objectives import objective_names
 from big_pretrain.errors import ConfigError
 
 # The keys whose default changed when they were added: what a config recorded without them
@@ -31,7 +31,7 @@ _MEANING_OF_ABSENT_KEYS_IN_VERSION_1 = {
 
 
 def upgrade(recorded: Mapping[str, Any], where: str) -> ml_collections.ConfigDict:
-  """A recorded stage or pseudo-label config (a dict from JSON) as a complete config of
+  """A recorded training stage's config (a dict from JSON) as a complete config of
   SCHEMA_VERSION. `where` names the file, for errors. Keys the schema no longer has are
   dropped, and logged."""
   version = recorded.get('schema_version', 1)
@@ -39,14 +39,10 @@ def upgrade(recorded: Mapping[str, Any], where: str) -> ml_collections.ConfigDic
     raise ConfigError(
         f'{where} has schema_version={version!r}; this code reads versions 1 to '
         f'{SCHEMA_VERSION}. It was written by a newer version of big_pretrain: run that one.')
-  if is_pseudo_label_config(recorded):
-    config = pseudo_label_config()
-  else:
-    objective = (recorded.get('objective') or {}).get('name')
-    try:
-      config = stage_config(objective)
-    except KeyError as error:
-      raise ConfigError(f'{where} names no known objective ({objective!r}).') from error
+  objective = (recorded.get('objective') or {}).get('name')
+  if objective not in objective_names():
+    raise ConfigError(f'{where} names no known objective ({objective!r}).')
+  config = stage_config(objective)
   config.unlock()
   dropped = _overlay(config, recorded, '', absent=(
       _MEANING_OF_ABSENT_KEYS_IN_VERSION_1 if version == 1 else {}))

@@ -38,7 +38,9 @@ from PIL import Image
 from PIL import ImageEnhance
 from PIL import ImageOps
 
+from big_pretrain import schema
 from big_pretrain.data import transforms
+from big_pretrain.errors import ConfigError
 from big_pretrain.models import patches
 
 AUGMENT_NAMES = ('crop', 'flip', 'randaugment', 'erasing', 'scale_jitter')
@@ -62,6 +64,47 @@ MAX_LEVEL = 10.0
 
 
 # --- The augment spec -----------------------------------------------------------
+
+# The keys of config.data that shape training images (evaluation: a centre crop only).
+DATA_KEYS = schema.Group(
+    'training augmentation',
+    crop_scale=schema.Key((0.2, 1.0), schema.ordered_pair(0, 1),
+                          "RandomResizedCrop's range of the crop's share of the image area"),
+    augment=schema.Key(
+        'crop+flip', schema.REQUIRED_TEXT,
+        "training transforms joined by '+', applied left to right: crop, flip, randaugment, "
+        'erasing, scale_jitter; or a policy S1...S4 (MAE fine-tuning: '
+        "'crop+flip+randaugment+erasing'); without crop or scale_jitter, images are "
+        'centre-cropped to image_size first'),
+    decode_at_crop_scale=schema.Key(
+        True, schema.BOOLEAN,
+        "with 'crop' first: a JPEG whose crop window is 2, 4 or 8 times image_size is decoded "
+        "at 1/2, 1/4 or 1/8 of its size (PIL's draft mode: the same crop of a slightly "
+        'differently low-passed image, 2.4x less work per 1600x1200 photo)'),
+    randaugment_ops=schema.Key(2, schema.NON_NEGATIVE_COUNT,
+                               "RandAugment's ops per image, each applied with p=0.5 (timm's "
+                               "'rand-m9-mstd0.5-inc1')"),
+    randaugment_magnitude=schema.Key(9.0, schema.within(0, MAX_LEVEL),
+                                     "RandAugment's magnitude (9 in MAE fine-tuning)"),
+    randaugment_magnitude_std=schema.Key(
+        0.5, schema.at_least(0),
+        'the magnitude is drawn from N(magnitude, std) clipped to [0, 10]; 0: fixed; inf: '
+        'uniform in [0, magnitude]'),
+    erasing_prob=schema.Key(0.25, schema.within(0, 1),
+                            'random erasing: the chance of erasing one box (MAE fine-tuning)'),
+    scale_jitter=schema.Key((0.5, 2.0), schema.ordered_pair(0, None),
+                            'large scale jitter: the longer side is resized to image_size * '
+                            'U(min, max)'),
+)
+
+
+def check_config(data, path: str) -> None:
+  """Raises ConfigError when config.data.augment does not parse (see parse_augment)."""
+  try:
+    parse_augment(data.augment)
+  except ValueError as error:
+    raise ConfigError(str(error).replace('config.data.', f'{path}.data.')) from None
+
 
 def parse_augment(spec: str) -> tuple[str, ...]:
   """'crop+flip' -> ('crop', 'flip'); raises ValueError naming config.data.augment.
@@ -88,26 +131,6 @@ def parse_augment(spec: str) -> tuple[str, ...]:
     raise ValueError(f'config.data.augment={spec!r}: scale_jitter must come before crop'
                      ' (crop then cuts its random resized crop out of the jittered image).')
   return names
-
-
-def check_augment_settings(*, randaugment_ops: int, randaugment_magnitude: float,
-                           randaugment_magnitude_std: float, erasing_prob: float,
-                           scale_jitter: tuple[float, float]) -> None:
-  """Raises ValueError naming the config.data key of the first setting out of range."""
-  if not isinstance(randaugment_ops, int) or randaugment_ops < 0:
-    raise ValueError(f'config.data.randaugment_ops={randaugment_ops!r} must be an integer >= 0'
-                     ' (ops applied per image; 2 in MAE fine-tuning).')
-  if not 0 <= randaugment_magnitude <= MAX_LEVEL:
-    raise ValueError(f'config.data.randaugment_magnitude={randaugment_magnitude!r} must lie'
-                     f' in [0, {MAX_LEVEL:g}] (9 in MAE fine-tuning).')
-  if not randaugment_magnitude_std >= 0:
-    raise ValueError(f'config.data.randaugment_magnitude_std={randaugment_magnitude_std!r}'
-                     ' must be >= 0 (0.5 in MAE fine-tuning; inf: uniform in [0, magnitude]).')
-  if not 0 <= erasing_prob <= 1:
-    raise ValueError(f'config.data.erasing_prob={erasing_prob!r} must lie in [0, 1].')
-  if len(scale_jitter) != 2 or not 0 < scale_jitter[0] <= scale_jitter[1]:
-    raise ValueError(f'config.data.scale_jitter={scale_jitter!r} must be (min, max) with'
-                     ' 0 < min <= max, e.g. (0.5, 2.0).')
 
 
 def augment_image(
@@ -343,7 +366,7 @@ def erasing_box(
 
 
 def normal_noise_pixels(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-  """uint8 pixels whose normalised values are N(0, 1): (z * std + mean) * 255, rounded, clipped."""
+  """uint8 pixels whose normalized values are N(0, 1): (z * std + mean) * 255, rounded, clipped."""
   z = rng.standard_normal(shape)
   pixels = (z * np.asarray(patches.IMAGENET_STD) + np.asarray(patches.IMAGENET_MEAN)) * 255
   return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
@@ -353,9 +376,9 @@ def random_erasing(image: np.ndarray, rng: np.random.Generator, *, probability: 
                    ) -> np.ndarray:
   """timm's RandomErasing(probability, mode='pixel', max_count=1) on a uint8 (H, W, 3) image.
 
-  (choice) timm erases the normalised tensor with per-pixel N(0, 1) values; the
-  image is still uint8 here (the model normalises on the device), so the box
-  gets N(0, 1) noise in normalised space mapped back to pixels. What differs is
+  (choice) timm erases the normalized tensor with per-pixel N(0, 1) values; the
+  image is still uint8 here (the model normalizes on the device), so the box
+  gets N(0, 1) noise in normalized space mapped back to pixels. What differs is
   the rounding to uint8 and the clipping to [0, 255] of the few percent of
   draws beyond about two standard deviations.
   """

@@ -1,8 +1,9 @@
 """What a batch holds: its features' names, global shapes and dtypes; random batches like it.
 
-Every batch holds 'image' (uint8 (B, S, S, 3)) and 'label' (int32 (B,)); WSP adds
-'label_ids', FLIP 'text_tokens', and a self-training student's batches the
-pseudo-label features. Strings (captions, hashtags) stay on the host.
+Every batch holds 'image' (uint8 (B, S, S, 3)) and 'label' (int32 (B,)); a label
+vocabulary adds 'label_ids' (WSP), a tokenizer 'text_tokens' (FLIP), and a second
+source mixed into training batches the features it declares (a self-training
+student's: sources/pseudo_labelled.py). Strings (captions, hashtags) stay on the host.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from big_pretrain.data.sources import pseudo_labelled
+from big_pretrain.data import sources
 from big_pretrain.data.text import labels as labels_lib
 from big_pretrain.data.text import tokenizer as tokenizer_lib
 from big_pretrain.data.text import tokenizer_files
@@ -24,42 +25,20 @@ DEVICE_FEATURES = ('image', 'label')
 LABEL_IDS_FEATURE = 'label_ids'
 # Added to DEVICE_FEATURES when config.text.tokenizer is set: the tokenised caption.
 TEXT_TOKENS_FEATURE = 'text_tokens'
-# Added to training batches when config.pseudo_labels is set (self-training's student):
-# 1 for a pseudo-labelled row, and its teacher's classes and probabilities.
-PSEUDO_FEATURES = ('is_pseudo', 'pseudo_ids', 'pseudo_probs')
-
-# The features whose rows have a configured width: config.data.<group>.<key>, its least
-# value, and what it must be.
-_ROW_WIDTHS = {
-    LABEL_IDS_FEATURE: ('labels', 'max_labels_per_example', 1,
-                        'a positive integer: the width of the padded label_ids rows.'),
-    TEXT_TOKENS_FEATURE: ('text', 'max_length', 2,
-                          'an integer of at least 2: the width of the text_tokens rows, which'
-                          ' hold <bos> and <eos> (32 in FLIP).'),
-}
 
 
 def device_feature_names(data_config: ml_collections.ConfigDict,
                          train: bool = True) -> tuple[str, ...]:
   """DEVICE_FEATURES, plus 'label_ids' if WSP labels are on, 'text_tokens' if text is,
-  and in training PSEUDO_FEATURES if pseudo-labels are mixed in."""
+  and in training the features of a second source mixed in (sources.second_source)."""
   names = DEVICE_FEATURES
   if labels_lib.configured_vocabulary_path(data_config):
     names += (LABEL_IDS_FEATURE,)
   if tokenizer_files.configured_tokenizer_path(data_config):
     names += (TEXT_TOKENS_FEATURE,)
-  if train and pseudo_label_folder(data_config):
-    names += PSEUDO_FEATURES
+  if train and (second_source := sources.second_source(data_config)) is not None:
+    names += tuple(second_source.feature_shapes)
   return names
-
-
-def row_width(data_config: ml_collections.ConfigDict, feature: str) -> int:
-  """The width of `feature`'s rows (LABEL_IDS_FEATURE or TEXT_TOKENS_FEATURE), checked."""
-  group, key, least, requirement = _ROW_WIDTHS[feature]
-  width = data_config[group][key]
-  if not isinstance(width, int) or width < least:
-    raise ValueError(f'config.data.{group}.{key}={width!r} must be {requirement}')
-  return width
 
 
 def load_text_features(
@@ -69,23 +48,10 @@ def load_text_features(
   is not set. An input loads them once, so every example is encoded with the same ones."""
   vocabulary = tokenizer = None
   if vocabulary_path := labels_lib.configured_vocabulary_path(data_config):
-    row_width(data_config, LABEL_IDS_FEATURE)
     vocabulary = labels_lib.LabelVocabulary.from_file(vocabulary_path)
   if tokenizer_path := tokenizer_files.configured_tokenizer_path(data_config):
-    row_width(data_config, TEXT_TOKENS_FEATURE)
     tokenizer = tokenizer_files.load_tokenizer(tokenizer_path)
   return vocabulary, tokenizer
-
-
-def pseudo_label_folder(data_config: ml_collections.ConfigDict) -> str | None:
-  """The pseudo-labels mixed into training batches (config.pseudo_labels.path), or None."""
-  return data_config.pseudo_labels.path or None
-
-
-def pseudo_label_width(data_config: ml_collections.ConfigDict) -> int:
-  """Width of the 'pseudo_ids' / 'pseudo_probs' rows: the job's top_k (1 for hard labels)."""
-  labels = pseudo_labelled.read_metadata(pseudo_label_folder(data_config))['labels']
-  return 1 if labels['kind'] == 'hard' else int(labels['top_k'])
 
 
 def global_batch_shapes(data_config: ml_collections.ConfigDict,
@@ -97,18 +63,15 @@ def global_batch_shapes(data_config: ml_collections.ConfigDict,
   size, batch = data_config.image_size, global_batch_size
   shapes = {'image': jax.ShapeDtypeStruct((batch, size, size, 3), np.uint8),
             'label': jax.ShapeDtypeStruct((batch,), np.int32)}
-  names = device_feature_names(data_config)
-  if LABEL_IDS_FEATURE in names:
+  if labels_lib.configured_vocabulary_path(data_config):
     shapes[LABEL_IDS_FEATURE] = jax.ShapeDtypeStruct(
         (batch, data_config.labels.max_labels_per_example), np.int32)
-  if TEXT_TOKENS_FEATURE in names:
+  if tokenizer_files.configured_tokenizer_path(data_config):
     shapes[TEXT_TOKENS_FEATURE] = jax.ShapeDtypeStruct(
         (batch, data_config.text.max_length), np.int32)
-  if 'is_pseudo' in names:
-    width = pseudo_label_width(data_config)
-    shapes['is_pseudo'] = jax.ShapeDtypeStruct((batch,), np.int32)
-    shapes['pseudo_ids'] = jax.ShapeDtypeStruct((batch, width), np.int32)
-    shapes['pseudo_probs'] = jax.ShapeDtypeStruct((batch, width), np.float32)
+  if (second_source := sources.second_source(data_config)) is not None:
+    for name, (shape, dtype) in second_source.feature_shapes.items():
+      shapes[name] = jax.ShapeDtypeStruct((batch, *shape), dtype)
   return shapes
 
 

@@ -28,16 +28,6 @@ SKIPS_NAMED_ONE_BY_ONE = 10
 SKIP_SUMMARY_EVERY = 1000
 
 
-def max_consecutive_unreadable(data_config: ml_collections.ConfigDict) -> int:
-  """config.data.max_consecutive_unreadable, checked to be a positive integer."""
-  limit = data_config.max_consecutive_unreadable
-  if not isinstance(limit, int) or limit < 1:
-    raise ValueError(
-        f'config.data.max_consecutive_unreadable={limit!r} must be a '
-        f'positive integer (default {DEFAULT_MAX_CONSECUTIVE_UNREADABLE}).')
-  return limit
-
-
 @dataclasses.dataclass
 class SkippedExampleCounter:
   """How many examples were skipped; owned by one pipeline, saved in its iterator state."""

@@ -26,7 +26,7 @@ from big_pretrain.data import example_maps
 from big_pretrain.data import process_share
 from big_pretrain.data import seeds
 from big_pretrain.data import transforms
-from big_pretrain.data.sources import pseudo_labelled
+from big_pretrain.data.sources.source import example_key
 
 # Keys travel between processes as fixed-width UTF-8 rows of this many bytes.
 MAX_KEY_BYTES = 512
@@ -90,7 +90,7 @@ def _ordered_row(example: dict[str, Any], *, image_size: int,
     logging.warning('Skipping unreadable image %s (%s).', prepared.path, prepared.reason)
   return {'image': prepared['image'] if valid else blank, 'valid': np.bool_(valid),
           'index': np.int64(example['index']), 'label': np.int32(example.get('label', -1)),
-          'key_bytes': _encode_key(pseudo_labelled.example_key(example, example['index'])),
+          'key_bytes': _encode_key(example_key(example, example['index'])),
           **extra}
 
 

@@ -149,12 +149,3 @@ def with_label_ids_and_text_tokens(
         add_text_tokens, tokenizer=tokenizer, max_length=data_config.text.max_length))
   return dataset
 
-
-def as_human_labelled_row(example: dict[str, Any], *, width: int) -> dict[str, Any]:
-  """A human-labelled row of a mixed batch: no pseudo-label (is_pseudo 0, ids -1)."""
-  return {**example, 'is_pseudo': np.int32(0), 'pseudo_ids': np.full(width, -1, np.int32),
-          'pseudo_probs': np.zeros(width, np.float32)}
-
-
-def as_pseudo_labelled_row(example: dict[str, Any]) -> dict[str, Any]:
-  return {**example, 'is_pseudo': np.int32(1)}

@@ -162,7 +162,7 @@ def decode_image_record(record: bytes) -> dict[str, Any]:
 #   index        int64    its index in that source
 #   label_ids    int64[k] the teacher's classes, most probable first (hard labels: k = 1)
 #   label_probs  float[k] their probabilities, summing to 1 (hard labels: [1.0])
-#   confidence   float    the teacher's top probability, before any renormalisation
+#   confidence   float    the teacher's top probability, before any renormalization
 PSEUDO_LABEL_FORMAT = 'big_pretrain.pseudo_labels'
 PSEUDO_LABEL_FORMAT_VERSION = 1
 PSEUDO_LABEL_SHARD_PREFIX = 'pseudo_labels'

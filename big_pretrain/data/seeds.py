@@ -11,7 +11,7 @@ import numpy as np
 SHUFFLE_STREAM = 0
 AUGMENT_STREAM = 1
 EVAL_SHUFFLE_STREAM = 2
-PSEUDO_SHUFFLE_STREAM = 3
+SECOND_SOURCE_SHUFFLE_STREAM = 3  # a second source mixed into the batches (source.py)
 
 
 def derive_seed(*seeds: int) -> int:

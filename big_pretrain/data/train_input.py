@@ -5,6 +5,7 @@ Per process::
   MapDataset.source(source)
     .shuffle(seed)                        # train only; reshuffled every epoch
     .repeat(None)                         # train only; eval reads one epoch of whole batches
+    -> MapDataset.mix with a second source  # only when config.data gives one (self-training)
     .map(add_label_ids)                   # only when config.labels.vocabulary is set (WSP)
     .map(add_text_tokens)                 # only when config.text.tokenizer is set (FLIP)
     .random_map(decode, config.augment)   # e.g. crop+flip (data/augment.py); eval: centre crop
@@ -45,7 +46,7 @@ from big_pretrain.data import example_maps
 from big_pretrain.data import process_share
 from big_pretrain.data import seeds
 from big_pretrain.data import sources
-from big_pretrain.data.sources import pseudo_labelled
+from big_pretrain.data.sources import SecondSource
 from big_pretrain.data.text import labels as labels_lib
 from big_pretrain.data.text import tokenizer as tokenizer_lib
 
@@ -59,9 +60,14 @@ class InputPipeline:
   set, they hold ``'text_tokens'``: int32 ``(B, max_length)``, each example's
   caption tokenised (see ``Tokenizer.tokenize``).
 
-  ``B`` is ``global_batch_size``; each process loads its own
+  With a second source mixed in (``sources.second_source``: a self-training
+  student's pseudo-labelled images), exactly its ``fraction`` of every batch
+  comes from it, and every row carries its features (``feature_shapes``).
+
+  ``B`` is ``global_batch_size`` (config validation has checked that the
+  processes and the mesh's batch axes divide it); each process loads its own
   ``B / process_count`` examples and the batch dimension is sharded over the
-  mesh axes ('data', 'fsdp'). Images stay uint8: the model normalises on the
+  mesh axes ('data', 'fsdp'). Images stay uint8: the model normalizes on the
   device, which keeps host-to-device traffic 4x smaller than float32.
 
   Training pipelines shuffle and repeat forever; eval pipelines (``train=False``)
@@ -78,35 +84,19 @@ class InputPipeline:
       train: bool = True,
       seed: int = 0,
   ):
-    process_count = jax.process_count()
-    batch_shards = sharding_lib.num_batch_shards(mesh)
-    if global_batch_size <= 0 or global_batch_size % process_count:
-      raise ValueError(
-          f'global_batch_size={global_batch_size} must be a positive multiple of'
-          f' the number of processes ({process_count}), since each process loads'
-          ' an equal share of every batch.')
-    if global_batch_size % batch_shards:
-      raise ValueError(
-          f'global_batch_size={global_batch_size} must be divisible by the'
-          f' {batch_shards} devices along mesh axes {sharding_lib.BATCH_AXES} (mesh shape'
-          f' {dict(mesh.shape)}), which split the batch dimension.')
-
-    max_consecutive_unreadable = corrupt_images.max_consecutive_unreadable(data_config)
-
     self._source = sources.build_source(data_config)
     self._label_vocabulary, self._text_tokenizer = batch_features.load_text_features(data_config)
     self._sharding = sharding_lib.batch_sharding(mesh)
     self._skipped = corrupt_images.SkippedExampleCounter()
-    per_process_batch = global_batch_size // process_count
+    per_process_batch = global_batch_size // jax.process_count()
 
     dataset = grain.MapDataset.source(self._source)
-    self._pseudo_labelled = None
     if train:
       dataset = dataset.shuffle(
           seed=seeds.derive_seed(data_config.seed, seed, seeds.SHUFFLE_STREAM))
       dataset = dataset.repeat(None)
-      if batch_features.pseudo_label_folder(data_config):
-        dataset = self._mixed_with_pseudo_labels(dataset, data_config, global_batch_size, seed)
+      if (second_source := sources.second_source(data_config)) is not None:
+        dataset = self._mixed_with(dataset, second_source, data_config.seed, seed)
     else:
       # A fixed order, independent of the run's seed, so evaluations compare
       # across runs; shuffled so the first N examples span every class (image
@@ -119,14 +109,6 @@ class InputPipeline:
     dataset = example_maps.with_label_ids_and_text_tokens(
         dataset, data_config, self._label_vocabulary, self._text_tokenizer)
     if train:
-      # Checked here, so a bad name or setting fails before any image is read.
-      augment_settings = dict(
-          randaugment_ops=data_config.randaugment_ops,
-          randaugment_magnitude=float(data_config.randaugment_magnitude),
-          randaugment_magnitude_std=float(data_config.randaugment_magnitude_std),
-          erasing_prob=float(data_config.erasing_prob),
-          scale_jitter=tuple(float(s) for s in data_config.scale_jitter))
-      augment_lib.check_augment_settings(**augment_settings)
       dataset = dataset.random_map(
           functools.partial(
               example_maps.augment_for_training,
@@ -134,7 +116,11 @@ class InputPipeline:
               crop_scale=tuple(data_config.crop_scale),
               augment=augment_lib.parse_augment(data_config.augment),
               decode_at_crop_scale=data_config.decode_at_crop_scale,
-              **augment_settings),
+              randaugment_ops=data_config.randaugment_ops,
+              randaugment_magnitude=float(data_config.randaugment_magnitude),
+              randaugment_magnitude_std=float(data_config.randaugment_magnitude_std),
+              erasing_prob=float(data_config.erasing_prob),
+              scale_jitter=tuple(float(s) for s in data_config.scale_jitter)),
           seed=seeds.derive_seed(data_config.seed, seed, seeds.AUGMENT_STREAM))
     else:
       dataset = dataset.map(functools.partial(
@@ -145,7 +131,7 @@ class InputPipeline:
     # decodes its own rows.
     iter_dataset = process_share.read_process_share(dataset, data_config, per_process_batch)
     iter_dataset = corrupt_images.SkipCorruptExamplesIterDataset(
-        iter_dataset, self._skipped, max_consecutive=max_consecutive_unreadable,
+        iter_dataset, self._skipped, max_consecutive=data_config.max_consecutive_unreadable,
         source_description=corrupt_images.describe_source(data_config))
     iter_dataset = iter_dataset.map(functools.partial(
         batch_features.select_device_features,
@@ -153,33 +139,18 @@ class InputPipeline:
     iter_dataset = iter_dataset.batch(per_process_batch, drop_remainder=True)
     self._iterator = iter_dataset.__iter__()
 
-  def _mixed_with_pseudo_labels(self, labelled: grain.MapDataset, data_config,
-                                global_batch_size: int, seed: int) -> grain.MapDataset:
-    """`labelled` (shuffled, repeated) mixed with the pseudo-labelled images, each global
-    batch holding exactly batch * fraction of them (Grain's deterministic mix)."""
-    folder = batch_features.pseudo_label_folder(data_config)
-    fraction = float(data_config.pseudo_labels.fraction)
-    if not 0.0 < fraction < 1.0 or abs(global_batch_size * fraction
-                                       - round(global_batch_size * fraction)) > 1e-9:
-      raise ValueError(
-          f'config.data.pseudo_labels.fraction={fraction}: must be in (0, 1) and give a whole '
-          f'number of rows of the global batch of {global_batch_size} (e.g. 0.5 for 1:1).')
-    metadata = pseudo_labelled.read_metadata(folder)
-    unlabelled = sources.build_source(pseudo_labelled.unlabelled_data_config(data_config, metadata))
-    width = batch_features.pseudo_label_width(data_config)
-    self._pseudo_labelled = pseudo_labelled.PseudoLabelledSource(folder, unlabelled, width=width)
-    if self._pseudo_labelled.num_classes != self._source.num_classes and not (
-        labels_lib.configured_vocabulary_path(data_config)):
-      raise ValueError(
-          f'The pseudo-labels in {folder!r} have {self._pseudo_labelled.num_classes} classes '
-          f'(the teacher\'s), the labelled source {self._source.num_classes}: the student '
-          'learns one set of classes. Pseudo-label with a teacher of the same classes.')
-    pseudo = grain.MapDataset.source(self._pseudo_labelled)
-    pseudo = pseudo.shuffle(
-        seed=seeds.derive_seed(data_config.seed, seed, seeds.PSEUDO_SHUFFLE_STREAM))
-    pseudo = pseudo.repeat(None).map(example_maps.as_pseudo_labelled_row)
-    labelled = labelled.map(functools.partial(example_maps.as_human_labelled_row, width=width))
-    return grain.MapDataset.mix([labelled, pseudo], weights=[1.0 - fraction, fraction])
+  def _mixed_with(self, main: grain.MapDataset, second_source: SecondSource, data_seed: int,
+                  seed: int) -> grain.MapDataset:
+    """`main` (shuffled, repeated) mixed with the second source's examples (shuffled,
+    repeated): every global batch holds exactly batch * fraction of them (Grain's
+    deterministic mix; validation has checked the rows are whole)."""
+    mixed = grain.MapDataset.source(second_source.build(self._source, sources.build_source))
+    mixed = mixed.shuffle(
+        seed=seeds.derive_seed(data_seed, seed, seeds.SECOND_SOURCE_SHUFFLE_STREAM))
+    mixed = mixed.repeat(None).map(second_source.as_mixed_row)
+    main = main.map(second_source.as_main_row)
+    fraction = second_source.fraction
+    return grain.MapDataset.mix([main, mixed], weights=[1.0 - fraction, fraction])
 
   def __iter__(self) -> InputPipeline:
     return self

@@ -40,8 +40,9 @@ def evaluator_class(kind: str):
   return _REGISTRY[kind]
 
 
-def evaluator_defaults(kind: str):
-  return _REGISTRY[kind].default_config()
+def evaluator_keys(kind: str):
+  """The declared keys of an evaluator of `kind` (its class's config_keys)."""
+  return _REGISTRY[kind].config_keys
 
 
 def evaluator_config(kind: str, **overrides):
@@ -52,7 +53,7 @@ def evaluator_config(kind: str, **overrides):
   """
   if kind not in _REGISTRY:
     raise ValueError(f'Unknown evaluator kind {kind!r}; choose one of {evaluator_names()}.')
-  config = _REGISTRY[kind].default_config()
+  config = _REGISTRY[kind].config_keys.defaults()
   config.update(overrides)
   return config
 

@@ -1,10 +1,10 @@
-"""Attentive probe (AIM, METHODS.md section 5) on the frozen encoder's patch tokens.
+"""Attentive probe (AIM, docs/methods.md section 5) on the frozen encoder's patch tokens.
 
 The features of an image are its patch tokens averaged over the encoder's last
 `num_last_blocks` blocks ('last_blocks_mean'). One learned query attends over
 them with multi-head attention (keys and values projected from the tokens; no
 position embedding, so the probe ignores token order), the pooled vector is
-layer-normalised, and a linear layer gives the class logits. Features are
+layer-normalized, and a linear layer gives the class logits. Features are
 standardised per channel with the training tokens' statistics; the probe is
 trained with AdamW on a cosine schedule over minibatches drawn with a fixed
 seed, so the fit is deterministic. Reports the top-1 `accuracy` on the held-out
@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from big_pretrain.errors import ConfigError
-from big_pretrain.evaluators.evaluator import EvalResult, check_positive
-from big_pretrain.evaluators.features import FrozenFeatureEvaluator, feature_eval_defaults
+from big_pretrain import schema
+from big_pretrain.evaluators.evaluator import EvalResult
+from big_pretrain.evaluators.features import FrozenFeatureEvaluator, feature_eval_keys
 from big_pretrain.evaluators.linear_probe import MIN_FEATURE_STD
 
 # HIGHEST: TPUs otherwise multiply float32 in bfloat16 passes.
@@ -126,11 +126,11 @@ def fit_attentive_probe(token_features, labels, num_classes: int, *, num_heads: 
     labels: (N,) ints in [0, num_classes).
     num_classes: C, the number of outputs.
     num_heads: attention heads; must divide D.
-    num_steps: optimiser steps.
+    num_steps: optimizer steps.
     batch_size: examples per step (capped at N).
     learning_rate: peak learning rate, decayed to 0 by a cosine over `num_steps`.
     weight_decay: decoupled weight decay on the kernels.
-    seed: seeds the initialisation and the minibatch order; equal inputs give equal params.
+    seed: seeds the initialization and the minibatch order; equal inputs give equal params.
 
   Returns:
     The probe's params (a pytree of numpy arrays), for `attentive_probe_predict`.
@@ -190,25 +190,17 @@ def attentive_probe_predict(params, token_features, num_heads: int) -> np.ndarra
 class AttentiveProbeEvaluator(FrozenFeatureEvaluator):
   """`FrozenFeatureEvaluator` whose features are (N, L, D) tokens, not pooled (N, D)."""
 
-  @staticmethod
-  def default_config():
-    config = feature_eval_defaults('attentive_probe')
-    # Blocks averaged into the features. AIM's paper uses the last 6 of its deep
-    # trunks; the tiny test models have only 2.
-    config.num_last_blocks = 2
-    config.num_heads = 4            # Must divide the encoder width.
-    config.num_steps = 300          # AdamW steps of the probe.
-    config.probe_batch_size = 256   # Examples per probe step (capped at train_examples).
-    config.learning_rate = 1e-3     # Peak; cosine-decayed to 0.
-    config.weight_decay = 1e-4
-    return config
-
-  @classmethod
-  def check_config(cls, eval_config, path):
-    super().check_config(eval_config, path)
-    check_positive(eval_config, path, ('num_steps', 'probe_batch_size', 'learning_rate'))
-    if eval_config.weight_decay < 0:
-      raise ConfigError(f'{path}.weight_decay={eval_config.weight_decay} must be non-negative.')
+  config_keys = feature_eval_keys(
+      'attentive_probe', 'one learned query over the frozen tokens, then a linear layer',
+      # AIM's paper averages the last 6 of its deep trunks; the tiny test models have 2.
+      num_last_blocks=schema.Key(2, schema.COUNT, 'the last blocks averaged into the features'),
+      num_heads=schema.Key(4, schema.COUNT, "the probe's heads; must divide the encoder width"),
+      num_steps=schema.Key(300, schema.COUNT, 'AdamW steps of the probe'),
+      probe_batch_size=schema.Key(256, schema.COUNT,
+                                  'examples per probe step (capped at train_examples)'),
+      learning_rate=schema.Key(1e-3, schema.above(0), 'the peak; cosine-decayed to 0'),
+      weight_decay=schema.Key(1e-4, schema.at_least(0), "the probe's AdamW weight decay"),
+  )
 
   def __init__(self, *args):
     super().__init__(*args)

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_pretrain.evaluators.eval_split import images_only
-from big_pretrain.evaluators.evaluator import (EvalResult, Evaluator, check_positive,
-                                               held_out_defaults)
+from big_pretrain import schema
+from big_pretrain.evaluators.evaluator import EvalResult, Evaluator, held_out_keys
 
 
 def top_k_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -25,15 +25,11 @@ def top_k_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
 
 class ClassificationEvaluator(Evaluator):
 
-  @staticmethod
-  def default_config():
-    config = held_out_defaults('classification', test_examples=50_000)  # ImageNet val: all
-    config.also_ema = False  # Also score config.optim.ema_decay's moving average.
-    return config
-
-  @classmethod
-  def check_config(cls, eval_config, path):
-    check_positive(eval_config, path, ('test_examples', 'batch_size'))
+  config_keys = held_out_keys(
+      'classification', "top-1 / top-5 of the objective's own head on held-out images",
+      test_examples=50_000,  # ImageNet val: all of it
+      also_ema=schema.Key(False, schema.BOOLEAN,
+                          "also score config.optim.ema_decay's moving average (as ema_*)"))
 
   def __init__(self, *args):
     super().__init__(*args)

@@ -10,8 +10,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from big_pretrain import schema
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.errors import ConfigError
 from big_pretrain.evaluators.eval_split import (extract_outputs, split_data_config,
                                                 warn_about_missing_classes)
 
@@ -22,37 +22,47 @@ class EvalResult:
   images: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # (H, W, 3) in [0, 1]
 
 
-def held_out_defaults(kind: str, *, test_examples: int) -> ml_collections.ConfigDict:
-  """The config keys of an evaluator that scores the first `test_examples` held-out images."""
-  return ml_collections.ConfigDict(dict(
-      kind=kind,
-      every_steps=0,
-      test_examples=test_examples,  # At most this many images of the held-out split.
-      batch_size=256,               # Global; rounded up to a multiple of the batch shards.
-      # Overrides of config.data keys for the held-out split (e.g. test_data.test_path).
-      test_data=ml_collections.ConfigDict(dict(split='test')),
-  ))
+def split_overrides(split: str, which: str) -> schema.FreeForm:
+  """A `*_data` key: overrides of config.data keys for a split an evaluator reads."""
+  return schema.FreeForm(f'config.data keys overridden for the {which} split (e.g. '
+                         f'{split}_data.test_path)', default=(('split', split),))
 
 
-def check_positive(eval_config, path: str, keys) -> None:
-  """Raises ConfigError naming the first of `keys` whose value is not positive."""
-  for key in keys:
-    if eval_config[key] <= 0:
-      raise ConfigError(f'{path}.{key}={eval_config[key]} must be positive.')
+def evaluator_keys(kind: str, meaning: str, **declared) -> schema.Group:
+  """An evaluator's keys: its `kind`, when it runs, and `declared`."""
+  return schema.Group(
+      meaning,
+      kind=schema.Key(kind, schema.REQUIRED_TEXT, 'the evaluator'),
+      every_steps=schema.Key(0, schema.NON_NEGATIVE_COUNT,
+                             'run every this many steps; 0: only at the final step'),
+      **declared)
+
+
+def held_out_keys(kind: str, meaning: str, *, test_examples: int, **declared) -> schema.Group:
+  """The keys of an evaluator that scores the first `test_examples` held-out images."""
+  return evaluator_keys(
+      kind, meaning,
+      test_examples=schema.Key(test_examples, schema.COUNT,
+                               'at most this many images of the held-out split'),
+      batch_size=schema.Key(256, schema.COUNT,
+                            'the global batch; rounded up to a multiple of the batch shards'),
+      test_data=split_overrides('test', 'held-out'),
+      **declared)
 
 
 class Evaluator(abc.ABC):
   """The contract of an evaluator (register a subclass in evaluators/__init__.py).
 
   A subclass defines:
-    default_config() -> ConfigDict (static): every key it reads, with defaults, and
+    config_keys: a schema.Group declaring every key it reads, with its default, rule and
+      meaning (`evaluator_keys` / `held_out_keys` give the shared ones), among them
       `kind` (its registry name) and `every_steps` (0: only at a stage's final step).
       Keys named `*_data` override config.data for a split it reads (`split_outputs`).
       The loop also reads two optional keys: `at_start` (score the stage's starting
       parameters too) and `also_ema` (score the moving average too, as ema_<key>).
-    check_config(eval_config, path) (class method): the checks that need only its own
-      config (defaults filled in), raising ConfigError that names `path.key`. Run
-      before any compute by config validation, and again by the constructor.
+    check_config(eval_config, path) (class method, optional): the checks across its keys
+      (defaults filled in; a single key's range is its rule's), raising ConfigError that
+      names `path.key`. Run before any compute by config validation.
     run(params, step) -> EvalResult: scores `params` (sharded as in the train state)
       at `step`: `scalars` are logged as eval/<name>/<key> and recorded in the stage's
       folder, `images` are written as image summaries.
@@ -78,17 +88,12 @@ class Evaluator(abc.ABC):
     self.trainer = trainer
     self.workdir = workdir
     self._jitted: dict[str, Callable] = {}
-    # Evaluators built without a validated config (tests, scripts) fail here, not mid-run.
-    self.check_config(eval_config, self.culprit())
 
-  @staticmethod
-  @abc.abstractmethod
-  def default_config() -> ml_collections.ConfigDict:
-    """Every key of this evaluator's config, with its default."""
+  config_keys: schema.Group = schema.Group()
 
   @classmethod
   def check_config(cls, eval_config, path: str) -> None:
-    """Evaluator-specific config checks, run before any compute (raise ConfigError).
+    """Evaluator-specific checks across keys, run before any compute (raise ConfigError).
 
     `eval_config` holds every key (defaults filled in); `path` names it in errors
     ('config.stages.mae.evals.low_shot'). Nothing to check by default.

@@ -13,27 +13,28 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from big_pretrain import schema
 from big_pretrain.evaluators.eval_split import (extract_outputs, images_only,
                                                 warn_about_missing_classes)
-from big_pretrain.evaluators.evaluator import Evaluator, check_positive, held_out_defaults
+from big_pretrain.evaluators.evaluator import Evaluator, held_out_keys, split_overrides
 
 SPLIT_KEYS = ('train', 'test')
 
 
-def feature_eval_defaults(kind: str) -> ml_collections.ConfigDict:
-  """The config keys every frozen-feature evaluator shares."""
-  config = held_out_defaults(kind, test_examples=1024)  # held-out images it is scored on
-  config.train_examples = 2048  # First images of the train split the probe is fitted on.
-  # Also score the stage's starting parameters, before its first step (only when it
-  # starts fresh): the baseline its final score is read against (an untrained
-  # encoder, or the one an earlier stage handed over).
-  config.at_start = False
-  # Overrides of config.data keys for the train split.
-  config.train_data = ml_collections.ConfigDict(dict(split='train'))
-  return config
+def feature_eval_keys(kind: str, meaning: str, **declared) -> schema.Group:
+  """The config keys every frozen-feature evaluator shares, and `declared`."""
+  return held_out_keys(
+      kind, meaning, test_examples=1024,
+      train_examples=schema.Key(2048, schema.COUNT,
+                                'the first images of the train split the probe is fitted on'),
+      at_start=schema.Key(False, schema.BOOLEAN,
+                          "also score the stage's starting parameters, before its first step "
+                          '(when it starts fresh): the baseline its final score is read '
+                          'against'),
+      train_data=split_overrides('train', 'train'),
+      **declared)
 
 
 def extract_features(encode, params, data_config, *, num_examples: int, batch_size: int,
@@ -87,10 +88,6 @@ class FrozenFeatureEvaluator(Evaluator):
   `encode_images(params, uint8 images)` gives the features (by default the pooled
   (B, D) output); a subclass may override it, e.g. with (B, L, D) tokens.
   """
-
-  @classmethod
-  def check_config(cls, eval_config, path):
-    check_positive(eval_config, path, ('train_examples', 'test_examples', 'batch_size'))
 
   def encode_images(self, params, images):
     return self.objective.encode(params, images)['pooled'].astype(jnp.float32)

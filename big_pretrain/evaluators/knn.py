@@ -1,6 +1,6 @@
 """Weighted k-nearest-neighbour classification on frozen, pooled features.
 
-As in DINO (Caron et al., 2021): features are L2-normalised, each held-out
+As in DINO (Caron et al., 2021): features are L2-normalized, each held-out
 feature finds its `k` most cosine-similar training features, and every
 neighbour votes for its label with weight exp(similarity / temperature).
 Reports the top-1 `accuracy` of the vote on the held-out split.
@@ -16,7 +16,8 @@ import numpy as np
 
 from big_pretrain.errors import ConfigError
 from big_pretrain.evaluators.evaluator import EvalResult
-from big_pretrain.evaluators.features import FrozenFeatureEvaluator, feature_eval_defaults
+from big_pretrain import schema
+from big_pretrain.evaluators.features import FrozenFeatureEvaluator, feature_eval_keys
 
 # Rows of train and of test features compared at once: the similarity block is
 # at most this squared (4096^2 float32 = 64 MiB), however large the splits.
@@ -142,23 +143,18 @@ def knn_classify(train_features, train_labels, test_features, *, num_classes: in
 
 class KnnEvaluator(FrozenFeatureEvaluator):
 
-  @staticmethod
-  def default_config():
-    config = feature_eval_defaults('knn')
-    config.k = 20              # Neighbours that vote.
-    config.temperature = 0.07  # Vote weight exp(similarity / temperature), as in DINO.
-    return config
+  config_keys = feature_eval_keys(
+      'knn', 'weighted cosine k-nearest-neighbour classification on the frozen features',
+      k=schema.Key(20, schema.COUNT, 'the neighbours that vote'),
+      temperature=schema.Key(0.07, schema.above(0),
+                             'a vote weighs exp(similarity / temperature), as in DINO'))
 
   @classmethod
   def check_config(cls, eval_config, path):
-    super().check_config(eval_config, path)
     if not 1 <= eval_config.k <= eval_config.train_examples:
       raise ConfigError(
           f'{path}.k={eval_config.k} must lie in [1, train_examples='
           f'{eval_config.train_examples}]: lower k or raise train_examples.')
-    if eval_config.temperature <= 0:
-      raise ConfigError(f'{path}.temperature={eval_config.temperature} must be positive '
-                        '(DINO uses 0.07).')
 
   def run(self, params, step):
     data = self.features(params)

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from big_pretrain.errors import ConfigError
 from big_pretrain.evaluators.evaluator import EvalResult
-from big_pretrain.evaluators.features import FrozenFeatureEvaluator, feature_eval_defaults
+from big_pretrain import schema
+from big_pretrain.evaluators.features import FrozenFeatureEvaluator, feature_eval_keys
 
 # The fit stops early once the gradient norm of the objective falls below this.
 GRADIENT_TOLERANCE = 1e-6
@@ -114,26 +114,18 @@ def classify(features, weights, bias) -> np.ndarray:
   return logits.argmax(axis=1)
 
 
-def check_probe_settings(eval_config, path: str) -> None:
-  """Raises ConfigError unless `eval_config`'s l2 >= 0 and num_steps >= 1."""
-  if eval_config.l2 < 0 or eval_config.num_steps < 1:
-    raise ConfigError(f'{path}: need l2 >= 0 and num_steps >= 1; got l2={eval_config.l2}, '
-                      f'num_steps={eval_config.num_steps}.')
+# The probe's keys (the low-shot probes share them).
+PROBE_KEYS = dict(
+    l2=schema.Key(1e-4, schema.at_least(0),
+                  'the L2 penalty on the weights (the features are standardised)'),
+    num_steps=schema.Key(500, schema.COUNT, 'at most this many L-BFGS iterations'),
+)
 
 
 class LinearProbeEvaluator(FrozenFeatureEvaluator):
 
-  @staticmethod
-  def default_config():
-    config = feature_eval_defaults('linear_probe')
-    config.l2 = 1e-4       # L2 penalty on the weights (features are standardised).
-    config.num_steps = 500  # At most this many L-BFGS iterations.
-    return config
-
-  @classmethod
-  def check_config(cls, eval_config, path):
-    super().check_config(eval_config, path)
-    check_probe_settings(eval_config, path)
+  config_keys = feature_eval_keys(
+      'linear_probe', 'L-BFGS logistic regression on the frozen features', **PROBE_KEYS)
 
   def run(self, params, step):
     data = self.features(params)

@@ -30,13 +30,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from big_pretrain import schema
 from big_pretrain.errors import ConfigError
 from big_pretrain.evaluators.evaluator import EvalResult
-from big_pretrain.evaluators.features import FrozenFeatureEvaluator, feature_eval_defaults
-from big_pretrain.evaluators.linear_probe import (check_probe_settings, classify,
-                                                  fit_linear_classifier, standardize)
+from big_pretrain.evaluators.features import FrozenFeatureEvaluator, feature_eval_keys
+from big_pretrain.evaluators.linear_probe import (PROBE_KEYS, classify, fit_linear_classifier,
+                                                  standardize)
 
 DEFAULT_SHOTS = (1, 5, 10, 25)
+_SHOTS = schema.Rule(
+    lambda v: (isinstance(v, (tuple, list)) and len(v) > 0
+               and all(_is_whole_number(k) and k >= 1 for k in v)),
+    f'give a tuple of positive whole numbers of training images per class, e.g. {DEFAULT_SHOTS}')
 # Short classes named in the error when a pool lacks examples; the rest are counted.
 MAX_CLASSES_NAMED = 5
 
@@ -144,23 +149,20 @@ def summarize_accuracies(accuracies: dict[int, Sequence[float]]) -> dict[str, fl
 
 class LowShotEvaluator(FrozenFeatureEvaluator):
 
-  @staticmethod
-  def default_config():
-    config = feature_eval_defaults('low_shot')
-    config.shots = DEFAULT_SHOTS  # Training images per class of each probe.
-    config.seeds = 3        # Draws of the training images per k (mean, std over them).
-    config.l2 = 1e-4        # As the linear probe: L2 penalty on standardised features.
-    config.num_steps = 500  # At most this many L-BFGS iterations per probe.
-    return config
+  config_keys = feature_eval_keys(
+      'low_shot', 'linear probes on k images per class, several draws',
+      shots=schema.Key(DEFAULT_SHOTS, _SHOTS, 'the training images per class of each probe'),
+      seeds=schema.Key(3, schema.Rule(lambda v: _is_whole_number(v) and v >= 1,
+                                      'give the number of draws per k, a whole number >= 1 '
+                                      '(3 is usual)'),
+                       'draws of the training images per k (mean, std over them)'),
+      **PROBE_KEYS)
 
   @classmethod
   def check_config(cls, eval_config, path):
-    super().check_config(eval_config, path)
     shots = eval_config.shots
-    if (not isinstance(shots, (tuple, list)) or not shots
-        or not all(_is_whole_number(k) and k >= 1 for k in shots)):
-      raise ConfigError(f'{path}.shots={shots!r}: give a tuple of positive whole numbers of '
-                        f'training images per class, e.g. {DEFAULT_SHOTS}.')
+    if _SHOTS.refuses(shots):
+      return  # its rule names it
     if len(set(shots)) != len(shots):
       raise ConfigError(f'{path}.shots={tuple(shots)} repeats a value: list each k once.')
     if max(shots) > eval_config.train_examples:
@@ -168,10 +170,6 @@ class LowShotEvaluator(FrozenFeatureEvaluator):
           f'{path}.shots={tuple(shots)}: {max(shots)} images per class cannot come from '
           f'train_examples={eval_config.train_examples} images. Raise {path}.train_examples '
           '(to well above max(shots) x the number of classes) or lower shots.')
-    if not _is_whole_number(eval_config.seeds) or eval_config.seeds < 1:
-      raise ConfigError(f'{path}.seeds={eval_config.seeds!r}: give the number of draws per k, '
-                        'a whole number >= 1 (3 is usual).')
-    check_probe_settings(eval_config, path)
 
   def run(self, params, step):
     data = self.features(params)

@@ -2,7 +2,7 @@
 
 Each row is one held-out image; the columns are the panels the objective's
 `visualize` returns (for MAE: input, masked input, reconstruction, and the
-normalised target beside the normalised prediction). Written as an image
+normalized target beside the normalized prediction). Written as an image
 summary and as a PNG in the workdir.
 
 The images are the first `num_images` of the held-out split, read as every
@@ -17,25 +17,20 @@ import os
 
 from absl import logging
 import jax
-import ml_collections
 import numpy as np
 from PIL import Image
 
-from big_pretrain.evaluators.evaluator import EvalResult, Evaluator, check_positive
+from big_pretrain import schema
+from big_pretrain.evaluators.evaluator import EvalResult, Evaluator, evaluator_keys, split_overrides
 from big_pretrain.storage import files as storage
 
 
 class ReconstructionEvaluator(Evaluator):
 
-  @staticmethod
-  def default_config():
-    return ml_collections.ConfigDict(dict(
-        kind='reconstruction', every_steps=0, num_images=8,
-        test_data=ml_collections.ConfigDict(dict(split='test'))))  # overrides of config.data
-
-  @classmethod
-  def check_config(cls, eval_config, path):
-    check_positive(eval_config, path, ('num_images',))
+  config_keys = evaluator_keys(
+      'reconstruction', "a grid of the objective's reconstructions of held-out images",
+      num_images=schema.Key(8, schema.COUNT, 'the images in the grid'),
+      test_data=split_overrides('test', 'held-out'))
 
   def __init__(self, *args):
     super().__init__(*args)

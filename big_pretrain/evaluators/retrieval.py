@@ -23,7 +23,7 @@ from absl import logging
 import numpy as np
 
 from big_pretrain.data import batch_features
-from big_pretrain.evaluators.evaluator import EvalResult, held_out_defaults
+from big_pretrain.evaluators.evaluator import EvalResult, held_out_keys
 from big_pretrain.evaluators.zero_shot import ImageTextEvaluator
 
 DEFAULT_RECALL_KS = (1, 5)
@@ -73,10 +73,9 @@ def retrieval_recalls(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
 
 class RetrievalEvaluator(ImageTextEvaluator):
 
-  @staticmethod
-  def default_config():
-    # Held-out image-caption pairs; each query ranks all of them.
-    return held_out_defaults('retrieval', test_examples=512)
+  # Held-out image-caption pairs; each query ranks all of them.
+  config_keys = held_out_keys('retrieval', 'image <-> text recall@k on held-out pairs',
+                              test_examples=512)
 
   def embed_pairs(self, params, batch):
     text_tokens = batch[batch_features.TEXT_TOKENS_FEATURE]

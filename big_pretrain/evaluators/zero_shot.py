@@ -2,8 +2,8 @@
 
 As in CLIP (Radford et al., 2021): every class name is written into each of
 the `prompts` ("a photo of a {}."), the prompts are embedded by the text tower,
-and a class's embedding is the mean of its L2-normalised prompt embeddings,
-normalised again. Each held-out image is assigned the class whose embedding is
+and a class's embedding is the mean of its L2-normalized prompt embeddings,
+normalized again. Each held-out image is assigned the class whose embedding is
 most cosine-similar to the image's. Reports `accuracy` and, beside it,
 `chance` = 1 / number of classes.
 
@@ -26,17 +26,15 @@ from typing import Sequence
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data.text import tokenizer as tokenizer_lib
 from big_pretrain.data.text import tokenizer_files
-from big_pretrain.errors import ConfigError
 from big_pretrain.evaluators.eval_split import images_only, round_up
-from big_pretrain.evaluators.evaluator import (EvalResult, Evaluator, check_positive,
-                                               held_out_defaults)
+from big_pretrain import schema
+from big_pretrain.evaluators.evaluator import EvalResult, Evaluator, held_out_keys
 from big_pretrain.evaluators.knn import l2_normalize
 
 DEFAULT_PROMPTS = ('a photo of a {}.', 'a {}.', 'an image of a {}.')
@@ -71,7 +69,7 @@ def class_prompts(class_names: Sequence[str], prompts: Sequence[str]) -> list[st
 
 
 def class_text_embeddings(prompt_embeddings: np.ndarray, num_prompts: int) -> np.ndarray:
-  """(C, E): the normalised mean of each class's normalised prompt embeddings.
+  """(C, E): the normalized mean of each class's normalized prompt embeddings.
 
   Args:
     prompt_embeddings: (C * num_prompts, E), class-major as `class_prompts` orders them.
@@ -135,12 +133,8 @@ class ImageTextEvaluator(Evaluator):
   """Base of the evaluators of an image-text objective (see the module docstring).
 
   The objective provides `embed_images(params, uint8 images) -> (B, E)` and
-  `embed_texts(params, int32 tokens) -> (B, E)`, both L2-normalised.
+  `embed_texts(params, int32 tokens) -> (B, E)`, both L2-normalized.
   """
-
-  @classmethod
-  def check_config(cls, eval_config, path):
-    check_positive(eval_config, path, ('test_examples', 'batch_size'))
 
   def __init__(self, *args):
     super().__init__(*args)
@@ -193,21 +187,21 @@ class ImageTextEvaluator(Evaluator):
 
 class ZeroShotEvaluator(ImageTextEvaluator):
 
-  @staticmethod
-  def default_config():
-    config = held_out_defaults('zero_shot', test_examples=1024)  # images classified
-    config.prompts = DEFAULT_PROMPTS  # Templates; '{}' takes the class name.
-    # Readable class names in class-id order; None: the source's (folder names).
-    config.class_names = ml_collections.config_dict.placeholder(tuple)
-    return config
-
-  @classmethod
-  def check_config(cls, eval_config, path):
-    super().check_config(eval_config, path)
-    try:
-      class_prompts(['class'], eval_config.prompts)
-    except ValueError as error:
-      raise ConfigError(f'{path}.prompts: {error}') from None
+  config_keys = held_out_keys(
+      'zero_shot', 'zero-shot classification of held-out images from prompts',
+      test_examples=1024,
+      prompts=schema.Key(
+          DEFAULT_PROMPTS, schema.Rule(
+              lambda v: len(v) > 0 and all(isinstance(p, str) and p.count(CLASS_NAME_SLOT) == 1
+                                           for p in v),
+              f"must be a non-empty tuple of strings, each with {CLASS_NAME_SLOT!r} once"),
+          "the templates; '{}' takes the class name"),
+      class_names=schema.Key(
+          None, schema.Rule(lambda v: v is None or schema.texts().accepts(v),
+                            "must be a tuple of strings (or None: the data's names)"),
+          "readable class names in class-id order; None: the source's (folder names)",
+          type=tuple),
+  )
 
   def class_names(self, source_class_names: Sequence[str]) -> list[str]:
     """The names written into the prompts, one per class id."""

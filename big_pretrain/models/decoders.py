@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from big_pretrain.models.patches import sincos_2d_position_embedding
-from big_pretrain.models.transformer import MlpBlock, TransformerTower, dense, layer_norm
+from big_pretrain.models.transformer import MLP_RATIO, MlpBlock, TransformerTower, dense, layer_norm
 
 
 class MAEDecoder(TransformerTower):
@@ -54,7 +54,7 @@ class AIMHead(nn.Module):
   width: int
   depth: int
   patch_dim: int
-  mlp_ratio: int = 4
+  mlp_ratio: int = MLP_RATIO
   dtype: Any = jnp.float32
 
   @nn.compact

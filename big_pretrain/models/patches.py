@@ -1,4 +1,4 @@
-"""Pixels <-> patches, image normalisation and fixed sin-cos position embeddings.
+"""Pixels <-> patches, image normalization and fixed sin-cos position embeddings.
 
 Pure functions shared by the encoder, the MAE decoder and the visualisations.
 """
@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 
-# Inputs arrive as uint8 (4x less host->device traffic) and are normalised on
+# Inputs arrive as uint8 (4x less host->device traffic) and are normalized on
 # device with the ImageNet statistics, as MAE, FLIP and AIM do.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def normalize_images(images: jnp.ndarray) -> jnp.ndarray:
-  """uint8 [0, 255] (or float [0, 1] when not uint8) -> ImageNet-normalised float32."""
+  """uint8 [0, 255] (or float [0, 1] when not uint8) -> ImageNet-normalized float32."""
   images = jnp.asarray(images)
   if images.dtype == jnp.uint8:
     images = images.astype(jnp.float32) / 255.0

@@ -40,6 +40,8 @@ REMAT_POLICIES = {
 REMAT_AUTO = 'auto'
 
 LAYERNORM_EPSILON = 1e-6
+# The MLP's width over the model's, in every tower here.
+MLP_RATIO = 4
 
 # How a stack names its parameters: block_<i> per layer when unrolled, one 'blocks' whose
 # leaves have a leading layer axis when scanned, and 'norm', the final LayerNorm.
@@ -54,7 +56,7 @@ def block_name(layer: int) -> str:
   return f'block_{layer}'
 
 # Xavier-uniform over the flattened (fan_in, fan_out) view, as the PyTorch
-# references initialise their Linear layers.
+# references initialize their Linear layers.
 def xavier_uniform(in_axis=-2, out_axis=-1):
   return nn.initializers.xavier_uniform(in_axis=in_axis, out_axis=out_axis)
 
@@ -249,7 +251,7 @@ class TransformerTower(nn.Module, kw_only=True):
   Holds the options the blocks take, keyword-only; a subclass declares `width`,
   `depth` and `num_heads` and builds its blocks with `self.make_transformer()`.
   """
-  mlp_ratio: int = 4
+  mlp_ratio: int = MLP_RATIO
   dtype: Any = jnp.float32
   scan: bool = False
   remat: str = 'none'
@@ -323,3 +325,30 @@ def match_layer_layout(source: dict, target_like: dict) -> dict:
   if _is_unrolled(source) and _is_scanned(target_like):
     return unrolled_to_scanned(source)
   return source
+
+
+# --- Analytic FLOPs (train/mfu.py: only matmuls count, 2 * m * n * k each) ---------
+
+def dense_flops(rows: float, fan_in: int, fan_out: int) -> float:
+  """2 * m * n * k: `rows` vectors through a (fan_in, fan_out) matmul."""
+  return 2.0 * rows * fan_in * fan_out
+
+
+def transformer_forward_flops(batch: int, tokens: int, width: int, depth: int, heads: int,
+                              prefix: str, mlp_dim: int | None = None) -> dict[str, float]:
+  """Forward matmul FLOPs of `depth` pre-LN blocks over (batch, tokens, width), by part,
+  each named '<prefix>/<part>'.
+
+  Per block: q, k, v and out projections (width <-> heads * head_dim), the
+  scores QK^T and the values AV (tokens x tokens per head, dense: a mask does
+  not remove them), fc1 and fc2.
+  """
+  mlp_dim = MLP_RATIO * width if mlp_dim is None else mlp_dim
+  inner = heads * (width // heads)  # heads * head_dim, as Attention builds its kernels
+  rows = batch * tokens
+  return {
+      f'{prefix}/attention_projections': depth * 4 * dense_flops(rows, width, inner),
+      f'{prefix}/attention_scores': depth * 2 * dense_flops(rows, inner, tokens),  # QK^T, AV
+      f'{prefix}/mlp': depth * (dense_flops(rows, width, mlp_dim)
+                               + dense_flops(rows, mlp_dim, width)),
+  }

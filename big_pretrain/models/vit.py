@@ -23,10 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from big_pretrain.errors import CheckpointMismatchError
+from big_pretrain import schema
+from big_pretrain.errors import CheckpointMismatchError, ConfigError
 from big_pretrain.models import transformer
+from big_pretrain.models.attention import ATTENTION_IMPLS
 from big_pretrain.models.patches import patchify, sincos_2d_position_embedding
-from big_pretrain.models.transformer import TransformerTower, xavier_uniform
+from big_pretrain.models.transformer import (REMAT_AUTO, REMAT_POLICIES, TransformerTower,
+                                             xavier_uniform)
 
 # Every objective holds its ViT as params[ENCODER] (and as `model.encoder`): the subtree
 # probes read, and init_from takes by default.
@@ -34,7 +37,7 @@ ENCODER = 'encoder'
 # The ViT's own parameters, before its blocks (layer 0 for layer-wise lr decay).
 _EMBEDDINGS = ('patch_embed', 'cls_token', 'pos_embedding')
 
-# (width, depth, heads), from METHODS.md section 1. 'mu' is a tiny size for tests.
+# (width, depth, heads), docs/methods.md section 1. 'mu' is a tiny size for tests.
 _VIT_SIZES = {
     'mu': (64, 2, 4), 'Ti': (192, 12, 3), 'S': (384, 12, 6), 'B': (768, 12, 12),
     'L': (1024, 24, 16), 'H': (1280, 32, 16), 'g': (1408, 40, 16), '2B': (2560, 24, 32),
@@ -137,7 +140,7 @@ class PatchEmbedding(nn.Module):
 class VisionTransformer(TransformerTower):
   """ViT encoder.
 
-  `__call__(images, keep_indices=None)`: images are normalised floats
+  `__call__(images, keep_indices=None)`: images are normalized floats
   (B, H, W, 3). With `keep_indices` (B, K), only those patches (after the
   position embedding is added) enter the blocks: MAE and FLIP drop the rest
   before any compute is spent on them.
@@ -196,6 +199,82 @@ class VisionTransformer(TransformerTower):
     else:
       raise ValueError(f"Unknown pool {self.pool!r}; choose 'cls' or 'gap'.")
     return {'tokens': x, 'patch_tokens': patch_tokens, 'pooled': pooled}
+
+
+def _is_variant(variant) -> bool:
+  try:
+    parse_variant(variant)
+  except (TypeError, ValueError):
+    return False
+  return True
+
+
+# config.model: the encoder every objective shares.
+MODEL_KEYS = schema.Group(
+    'the ViT encoder every objective shares',
+    variant=schema.Key('B/16', schema.Rule(
+        _is_variant, f'must be SIZE/PATCH with SIZE one of {sorted(VIT_SIZES)}, e.g. "B/16"'),
+        'the ViT size and patch size: B/16 is width 768, 12 blocks of 12 heads, 16x16 patches'),
+    use_cls_token=schema.Key(True, schema.BOOLEAN, 'prepend a learned cls token'),
+    pool=schema.Key('cls', schema.one_of('cls', 'gap'),
+                    "the pooled feature: the cls token, or the patch tokens' mean (gap)"),
+    posemb=schema.Key('sincos', schema.one_of('sincos', 'learned'),
+                      'the position embedding: fixed 2-D sin-cos, or learned'),
+    dtype=schema.Key('float32', schema.one_of('float32', 'bfloat16'),
+                     'the compute dtype; parameters stay float32'),
+    scan=schema.Key(
+        SCAN_AUTO, schema.Rule(
+            lambda v: isinstance(v, bool) or v == SCAN_AUTO,
+            f'choose True, False or {SCAN_AUTO!r}. (A model config copied with '
+            'copy_and_resolve_references keeps its value as a string, so a command-line True '
+            'arrives as the text; set it in the config file instead.)'),
+        f"the layers under nn.scan: {SCAN_AUTO!r} unrolls up to {UNROLLED_MAX_DEPTH} layers "
+        'and scans deeper encoders; the stage records the layout chosen', type=object),
+    remat=schema.Key(
+        REMAT_AUTO, schema.one_of(REMAT_AUTO, *REMAT_POLICIES),
+        f'what the backward pass recomputes; {REMAT_AUTO!r}: the least remat whose compiled '
+        'step fits the device, measured when the stage starts (none on a CPU)'),
+    attention_impl=schema.Key(
+        'auto', schema.Rule(lambda v: v is None or v in ATTENTION_IMPLS,
+                            f'choose one of {ATTENTION_IMPLS} (or None: xla)'),
+        "the attention kernel; 'auto': cuDNN flash attention on a GPU with a 16-bit dtype "
+        "where cuDNN supports the shapes, else XLA's", type=str),
+    drop_path=schema.Key(0.0, schema.UNIT_FRACTION,
+                         'stochastic depth in training, rising linearly over the layers to '
+                         'this rate (fine-tuning: 0.1 B, 0.2 L, 0.3 H); 0: off'),
+    patch_embed_impl=schema.Key(
+        'matmul', schema.one_of(*PATCH_EMBED_IMPLS),
+        "how pixels become patch tokens: 'matmul' embeds only the visible patches; 'conv' "
+        'convolves every patch, then keeps the visible ones (same parameters, same math)'),
+)
+
+
+def num_patches(model_config, image_size: int) -> int:
+  """The patches of an image_size x image_size image."""
+  return (image_size // parse_variant(model_config.variant).patch_size) ** 2
+
+
+def vit_forward_flops(model_config, batch: int, patches_seen: int) -> dict[str, float]:
+  """The encoder's forward matmul FLOPs, by part ('encoder/mlp', ...), when its blocks see
+  `patches_seen` patches per example (plus the cls token): the patch embedding of those
+  patches only, then the blocks."""
+  size = parse_variant(model_config.variant)
+  tokens = patches_seen + int(model_config.use_cls_token)
+  parts = {f'{ENCODER}/patch_embed': transformer.dense_flops(
+      batch * patches_seen, size.patch_size ** 2 * 3, size.width)}
+  parts.update(transformer.transformer_forward_flops(batch, tokens, size.width, size.depth,
+                                                     size.heads, prefix=ENCODER))
+  return parts
+
+
+def check_fits_images(model_config, image_size: int, path: str) -> None:
+  """Raises ConfigError when `image_size` is not a whole number of the variant's patches."""
+  patch = parse_variant(model_config.variant).patch_size
+  if image_size % patch:
+    raise ConfigError(
+        f'{path}.data.image_size={image_size} is not a multiple of the patch size {patch} of '
+        f'{path}.model.variant={model_config.variant!r}: use e.g. '
+        f'{max(patch, image_size // patch * patch)} or {(image_size // patch + 1) * patch}.')
 
 
 def vit_from_config(model_config) -> VisionTransformer:

@@ -1,4 +1,5 @@
-"""Objective registry: config.objective.name -> the module that implements it."""
+"""Objective registry: config.objective.name -> the class that implements it (objective.py
+has the contract)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,11 @@ import types
 
 from big_pretrain.objectives import aim, finetune, flip, lit, mae, self_training, wsp
 
-# Read-only: a name maps to (Objective class, default config factory).
+# Read-only: a name maps to its Objective class.
 _REGISTRY = types.MappingProxyType({
-    'mae': (mae.MAE, mae.default_config),
-    'wsp': (wsp.WSP, wsp.default_config),
-    'flip': (flip.FLIP, flip.default_config),
-    'lit': (lit.LiT, lit.default_config),
-    'aim': (aim.AIM, aim.default_config),
-    'finetune': (finetune.Finetune, finetune.default_config),
-    'self_training': (self_training.SelfTrainingStudent, self_training.default_config),
+    objective.name: objective
+    for objective in (mae.MAE, wsp.WSP, flip.FLIP, lit.LiT, aim.AIM, finetune.Finetune,
+                      self_training.SelfTrainingStudent)
 })
 
 
@@ -22,17 +19,17 @@ def objective_names() -> list[str]:
   return sorted(_REGISTRY)
 
 
-def objective_defaults(name: str):
+def objective_class(name: str):
   if name not in _REGISTRY:
     raise ValueError(f'Unknown objective {name!r}; choose one of {objective_names()}.')
-  return _REGISTRY[name][1]()
+  return _REGISTRY[name]
 
 
-def objective_class(name: str):
-  return _REGISTRY[name][0]
+def objective_defaults(name: str):
+  """config.objective of `name` with every key at its default."""
+  return objective_class(name).config_keys.defaults()
 
 
 def build_objective(config):
   """The Objective for a (validated) stage config."""
-  objective_cls, _ = _REGISTRY[config.objective.name]
-  return objective_cls(config)
+  return _REGISTRY[config.objective.name](config)

@@ -1,11 +1,11 @@
-"""AIM: autoregressive image pretraining with prefix-causal attention (METHODS.md 5).
+"""AIM: autoregressive image pretraining with prefix-causal attention (docs/methods.md, section 5).
 
 Patches in raster order; position i predicts patch i+1. Per example a prefix
 length P ~ U{1..L-1}: query i may attend key j iff j < P or j <= i, so the
 prefix is seen bidirectionally (as at evaluation, where attention is fully
 bidirectional) and the rest causally. Prefix patches are never targets: each
 example has L - P targets, patches P..L-1, predicted from positions P-1..L-2.
-The loss is MAE's per-patch normalised pixel MSE on those targets only.
+The loss is MAE's per-patch normalized pixel MSE on those targets only.
 
 (choice) The paper's trunk drops biases; ours keeps the shared ViT blocks'
 biases, so one encoder serves every objective and transfers between them.
@@ -17,25 +17,28 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import linen as nn
 
+from big_pretrain import schema
 from big_pretrain.errors import ConfigError
 from big_pretrain.models.decoders import AIMHead
 from big_pretrain.models.patches import normalize_images, patchify
-from big_pretrain.models.vit import VisionTransformer, compute_dtype, vit_from_config
+from big_pretrain.models.transformer import MLP_RATIO, dense_flops
+from big_pretrain.models.vit import (VisionTransformer, compute_dtype, num_patches,
+                                     parse_variant, vit_from_config)
 from big_pretrain.objectives.mae import normalize_patches
 from big_pretrain.objectives.objective import Objective
 
-
-def default_config() -> ml_collections.ConfigDict:
-  """`config.objective` keys for AIM (the paper's head: 12 MLP blocks of width 2048)."""
-  return ml_collections.ConfigDict(dict(
-      name='aim',
-      head_width=2048,
-      head_depth=12,
-      norm_pix_loss=True,
-  ))
+# config.objective for AIM (the paper's head: 12 MLP blocks of width 2048).
+CONFIG_KEYS = schema.Group(
+    'AIM: autoregressive image pretraining',
+    name=schema.Key('aim', schema.REQUIRED_TEXT, 'the objective'),
+    head_width=schema.Key(2048, schema.COUNT, "the per-patch MLP head's width"),
+    head_depth=schema.Key(12, schema.COUNT, "the head's MLP blocks"),
+    norm_pix_loss=schema.Key(True, schema.BOOLEAN,
+                             'targets are the pixels of each patch normalized by their mean '
+                             'and variance'),
+)
 
 
 def sample_prefix_lengths(rng: jax.Array, batch_size: int, num_patches: int) -> jax.Array:
@@ -81,12 +84,28 @@ class AIMModel(nn.Module):
 
 class AIM(Objective):
   name = 'aim'
+  config_keys = CONFIG_KEYS
 
   @classmethod
   def check_config(cls, config, path):
     if config.model.use_cls_token:
       raise ConfigError(f'{path}.model.use_cls_token must be False for AIM: its trunk has no '
                         "cls token (set model.pool='gap' too).")
+
+  @classmethod
+  def flops_beyond_encoder(cls, config, encoder_tokens, num_labels=None):
+    """The per-patch MLP head over every patch position."""
+    del encoder_tokens, num_labels
+    objective = config.objective
+    size = parse_variant(config.model.variant)
+    width, depth = objective.head_width, objective.head_depth
+    rows = config.batch_size * num_patches(config.model, config.data.image_size)
+    return {
+        'head/embed': dense_flops(rows, size.width, width),
+        'head/mlp': depth * (dense_flops(rows, width, MLP_RATIO * width)
+                             + dense_flops(rows, MLP_RATIO * width, width)),
+        'head/predict': dense_flops(rows, width, size.patch_size ** 2 * 3),
+    }
 
   def __init__(self, config):
     super().__init__(config)

@@ -1,11 +1,11 @@
 """Fine-tuning: the downstream protocol MAE and MAWS are judged by (MAE, appendix A.1).
 
 The encoder comes from an earlier stage or checkpoint (`init_from`), the head
-is fresh and zero-initialised. Pooling 'gap' is MAE's fine-tuning default:
+is fresh and zero-initialized. Pooling 'gap' is MAE's fine-tuning default:
 the mean of the patch tokens, then a LayerNorm (`fc_norm`); 'cls' takes the
 cls token. (choice) MAE drops the encoder's final norm when it pools this
 way; ours keeps it (it transfers from pretraining, so every encoder
-checkpoint fits unchanged) and normalises again after the mean.
+checkpoint fits unchanged) and normalizes again after the mean.
 
 In training, mixup / cutmix mix each batch with itself reversed (timm's
 `Mixup`, mode 'batch': one lambda per batch, cutmix with probability
@@ -13,11 +13,11 @@ In training, mixup / cutmix mix each batch with itself reversed (timm's
 label-smoothed; both are drawn from the step's rng inside the jitted step,
 so a resumed run mixes exactly as an uninterrupted one. Stochastic depth is
 `config.model.drop_path`; layer-wise lr decay and frozen parameters are the
-optimiser's (`config.optim.layer_decay`, `trainable` below).
+optimizer's (`config.optim.layer_decay`, `trainable` below).
 
 Labels: the source's class label ('label', single-label), or with
 `config.data.labels.vocabulary` set its several labels ('label_ids'), whose
-count-normalised multi-hot vector is the target (as WSP's).
+count-normalized multi-hot vector is the target (as WSP's).
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ import re
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import linen as nn
 
+from big_pretrain import schema
 from big_pretrain.data import sources
 from big_pretrain.data.text.labels import LabelVocabulary
 from big_pretrain.errors import ConfigError
 from big_pretrain.models.patches import normalize_images
-from big_pretrain.models.transformer import dense, layer_norm
+from big_pretrain.models.transformer import dense, dense_flops, layer_norm
 from big_pretrain.models.vit import (VisionTransformer, encoder_block_prefix,
                                      encoder_final_norm_prefix, parse_variant, scan_layers,
                                      vit_from_config)
@@ -41,24 +41,29 @@ from big_pretrain.objectives.objective import Objective
 
 TRAINABLE_CHOICES = ('all', 'last_k_blocks', 'last_block_mlp', 'head')
 
-
-def default_config() -> ml_collections.ConfigDict:
-  """`config.objective` keys for fine-tuning, with MAE's recipe where it has one."""
-  return ml_collections.ConfigDict(dict(
-      name='finetune',
-      # None: the number of classes of config.data's source (or the label vocabulary's size).
-      num_classes=ml_collections.config_dict.placeholder(int),
-      label_smoothing=0.1,
-      mixup_alpha=0.8,         # 0: no mixup
-      cutmix_alpha=1.0,        # 0: no cutmix
-      switch_prob=0.5,         # with both on: the chance a batch gets cutmix instead of mixup
-      # 'all' (full fine-tuning) | 'last_k_blocks' (the last `trainable_blocks` blocks,
-      # the final norm and the head) | 'last_block_mlp' (the last block's MLP, the final
-      # norm and the head) | 'head' (the head alone: a linear probe trained like the rest).
-      trainable='all',
-      trainable_blocks=1,
-      head_dropout=0.0,        # dropout before the head, in training (Noisy Student: 0.5)
-  ))
+# config.objective for fine-tuning, with MAE's recipe where it has one.
+CONFIG_KEYS = schema.Group(
+    'fine-tuning: a fresh head on an earlier stage\'s encoder',
+    name=schema.Key('finetune', schema.REQUIRED_TEXT, 'the objective'),
+    num_classes=schema.Key(
+        None, schema.at_least(1, integer=True, or_none=True),
+        "the head's classes; None: config.data's source's (or the label vocabulary's size)",
+        type=int),
+    label_smoothing=schema.Key(0.1, schema.UNIT_FRACTION, 'label smoothing of the targets'),
+    mixup_alpha=schema.Key(0.8, schema.at_least(0), "mixup's Beta(alpha, alpha); 0: no mixup"),
+    cutmix_alpha=schema.Key(1.0, schema.at_least(0),
+                            "cutmix's Beta(alpha, alpha); 0: no cutmix"),
+    switch_prob=schema.Key(0.5, schema.within(0, 1),
+                           'with both on: the chance a batch gets cutmix instead of mixup'),
+    trainable=schema.Key(
+        'all', schema.one_of(*TRAINABLE_CHOICES),
+        "what trains: 'all'; 'last_k_blocks' (the last trainable_blocks blocks, the final "
+        "norm and the head); 'last_block_mlp' (the last block's MLP, the final norm, the "
+        "head); 'head' (a linear probe trained like the rest)"),
+    trainable_blocks=schema.Key(1, schema.COUNT, "the blocks 'last_k_blocks' trains"),
+    head_dropout=schema.Key(0.0, schema.UNIT_FRACTION,
+                            'dropout before the head, in training (Noisy Student: 0.5)'),
+)
 
 
 def mixup_or_cutmix(rng: jax.Array, images: jax.Array, targets: jax.Array, *,
@@ -117,14 +122,14 @@ def smoothed_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> j
 
 
 def multi_hot_targets(label_ids: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
-  """label_ids (B, M), -1 = padding -> count-normalised multi-hot rows, label-smoothed.
+  """label_ids (B, M), -1 = padding -> count-normalized multi-hot rows, label-smoothed.
 
   A row without labels becomes uniform (it still sums to 1).
   """
   hot = jax.nn.one_hot(label_ids, num_classes).sum(axis=1)  # -1 gives an all-zero row
   count = hot.sum(axis=-1, keepdims=True)
-  normalised = jnp.where(count > 0, hot / jnp.maximum(count, 1), 1.0 / num_classes)
-  return normalised * (1.0 - smoothing) + smoothing / num_classes
+  normalized = jnp.where(count > 0, hot / jnp.maximum(count, 1), 1.0 / num_classes)
+  return normalized * (1.0 - smoothing) + smoothing / num_classes
 
 
 def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -162,41 +167,32 @@ class ClassifierModel(nn.Module):
       pooled = outputs['pooled']
     if self.head_dropout:
       pooled = nn.Dropout(self.head_dropout, deterministic=not train)(pooled)
-    # Zero-initialised: every class starts equally likely (MAE: std 2e-5, i.e. about zero).
+    # Zero-initialized: every class starts equally likely (MAE: std 2e-5, i.e. about zero).
     return dense(self.num_classes, ('embed', 'vocab'), self.encoder.dtype, name='head',
                  kernel_init=nn.initializers.zeros)(pooled)
 
 
 class Finetune(Objective):
   name = 'finetune'
+  config_keys = CONFIG_KEYS
 
   @classmethod
   def check_config(cls, config, path):
     objective = config.objective
-    if objective.trainable not in TRAINABLE_CHOICES:
-      raise ConfigError(f'{path}.objective.trainable={objective.trainable!r}: choose one of '
-                        f'{TRAINABLE_CHOICES}.')
     if objective.trainable in ('last_k_blocks', 'last_block_mlp') and scan_layers(
         config.model.scan, parse_variant(config.model.variant).depth):
       raise ConfigError(
           f'{path}.objective.trainable={objective.trainable!r} freezes some layers, which '
           f'needs unrolled layers: set {path}.model.scan=False (init_from converts a scanned '
           'checkpoint on load).')
-    if objective.trainable_blocks < 1:
-      raise ConfigError(f'{path}.objective.trainable_blocks={objective.trainable_blocks}: '
-                        'must be at least 1.')
-    if not 0.0 <= objective.label_smoothing < 1.0:
-      raise ConfigError(f'{path}.objective.label_smoothing={objective.label_smoothing}: '
-                        'must be in [0, 1).')
-    if not 0.0 <= objective.switch_prob <= 1.0:
-      raise ConfigError(f'{path}.objective.switch_prob={objective.switch_prob}: must be in '
-                        '[0, 1].')
-    if not 0.0 <= objective.head_dropout < 1.0:
-      raise ConfigError(f'{path}.objective.head_dropout={objective.head_dropout}: must be in '
-                        '[0, 1).')
-    if objective.mixup_alpha < 0 or objective.cutmix_alpha < 0:
-      raise ConfigError(f'{path}.objective.mixup_alpha and cutmix_alpha must be >= 0 '
-                        '(0 turns each off).')
+
+  @classmethod
+  def flops_beyond_encoder(cls, config, encoder_tokens, num_labels=None):
+    """The linear head over the classes."""
+    del encoder_tokens
+    classes = num_classes(config) if num_labels is None else num_labels
+    return {'head': dense_flops(config.batch_size, parse_variant(config.model.variant).width,
+                                classes)}
 
   @classmethod
   def resolve_config(cls, config):

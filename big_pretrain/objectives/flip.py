@@ -1,10 +1,10 @@
-"""FLIP: image-text contrastive learning with most image patches dropped (METHODS.md 4).
+"""FLIP: image-text contrastive learning with most image patches dropped (docs/methods.md, section 4).
 
 In training, a fraction `mask_ratio` of each image's patches is dropped
 before the image encoder (MAE's per-example masking), which is where FLIP's
 speed comes from; at evaluation nothing is dropped. Image embedding: mean of
-the output tokens -> dense (no bias) -> L2 normalise; text embedding: the
-text tower's first position -> dense (no bias) -> L2 normalise. The loss is
+the output tokens -> dense (no bias) -> L2 normalize; text embedding: the
+text tower's first position -> dense (no bias) -> L2 normalize. The loss is
 CLIP's symmetric InfoNCE over the GLOBAL batch with a learnable temperature.
 
 Global batch, exact gradients: the step is one jit over global arrays, so
@@ -19,33 +19,36 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import linen as nn
 
+from big_pretrain import schema
 from big_pretrain.data.text.tokenizer_files import load_tokenizer
 from big_pretrain.errors import ConfigError
-from big_pretrain.models.masking import random_masking
+from big_pretrain.models.masking import num_kept, random_masking
 from big_pretrain.models.patches import normalize_images
 from big_pretrain.models.text_tower import TextTransformer
-from big_pretrain.models.transformer import dense
-from big_pretrain.models.vit import VisionTransformer, compute_dtype, vit_from_config
+from big_pretrain.models.transformer import dense, dense_flops, transformer_forward_flops
+from big_pretrain.models.vit import (VisionTransformer, compute_dtype, num_patches,
+                                     parse_variant, vit_from_config)
 from big_pretrain.objectives.objective import Objective
 
 MAX_LOGIT_SCALE = 100.0
 
-
-def default_config() -> ml_collections.ConfigDict:
-  """`config.objective` keys for FLIP, with the paper's defaults."""
-  return ml_collections.ConfigDict(dict(
-      name='flip',
-      mask_ratio=0.5,          # 0 for the final unmasked tuning stage
-      embed_dim=512,
-      text_width=512,
-      text_depth=12,
-      text_heads=8,
-      temperature_init=0.07,   # logit scale starts at 1 / 0.07
-  ))
+# config.objective for FLIP, with the paper's defaults.
+CONFIG_KEYS = schema.Group(
+    'FLIP: image-text contrastive pretraining with image patches dropped',
+    name=schema.Key('flip', schema.REQUIRED_TEXT, 'the objective'),
+    mask_ratio=schema.Key(0.5, schema.UNIT_FRACTION,
+                          "the fraction of each image's patches dropped in training; 0 for "
+                          'the final unmasked tuning stage'),
+    embed_dim=schema.Key(512, schema.COUNT, 'the width of the joint image-text embedding'),
+    text_width=schema.Key(512, schema.COUNT, "the text tower's width"),
+    text_depth=schema.Key(12, schema.COUNT, "the text tower's blocks"),
+    text_heads=schema.Key(8, schema.COUNT, "the text tower's attention heads"),
+    temperature_init=schema.Key(0.07, schema.above(0),
+                                'the logit scale starts at 1 / temperature_init'),
+)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -61,7 +64,7 @@ def logit_scale_from(theta: jax.Array) -> jax.Array:
 def contrastive_loss(image_embeddings, text_embeddings, logit_scale):
   """CLIP's symmetric InfoNCE: 1/2 [CE(rows) + CE(cols)], the diagonal as targets.
 
-  Both inputs are L2-normalised (N, E); the log-softmax is the stable one.
+  Both inputs are L2-normalized (N, E); the log-softmax is the stable one.
   Returns (loss, image->text top-1 accuracy within the batch).
   """
   logits = logit_scale * image_embeddings @ text_embeddings.T
@@ -91,7 +94,7 @@ class FLIPModel(nn.Module):
             nn.initializers.constant(math.log(1 / self.temperature_init)), ()), ())
 
   def embed_images(self, images, keep_indices=None):
-    """Normalised images (and the visible patches, in training) -> (B, E) unit vectors."""
+    """Normalized images (and the visible patches, in training) -> (B, E) unit vectors."""
     tokens = self.encoder(images, keep_indices=keep_indices)['patch_tokens']
     return l2_normalize(self.image_projection(tokens.mean(axis=1)))
 
@@ -105,6 +108,7 @@ class FLIPModel(nn.Module):
 
 class FLIP(Objective):
   name = 'flip'
+  config_keys = CONFIG_KEYS
   model_class = FLIPModel  # LiT (objectives/lit.py) swaps in its locked image tower.
 
   @classmethod
@@ -115,9 +119,27 @@ class FLIP(Objective):
           'Build one with `python -m big_pretrain.data.text.build_vocabulary tokenizer '
           '--source=image_folder '
           '--path=DATA_DIR --output=tokenizer.txt`, or give a SentencePiece .model file.')
-    if not 0.0 <= config.objective.mask_ratio < 1.0:
-      raise ConfigError(f'{path}.objective.mask_ratio={config.objective.mask_ratio}: '
-                        'must be in [0, 1).')
+
+  @classmethod
+  def encoder_patches(cls, config):
+    """The patches left after dropping `mask_ratio` of them (in training)."""
+    return num_kept(num_patches(config.model, config.data.image_size),
+                    config.objective.mask_ratio)
+
+  @classmethod
+  def flops_beyond_encoder(cls, config, encoder_tokens, num_labels=None):
+    """The text tower, both projections, and the logits of every image against every text
+    of the GLOBAL batch (B x B)."""
+    del encoder_tokens, num_labels
+    objective, batch = config.objective, config.batch_size
+    image_width = parse_variant(config.model.variant).width
+    return {
+        **transformer_forward_flops(batch, config.data.text.max_length, objective.text_width,
+                                    objective.text_depth, objective.text_heads, prefix='text'),
+        'projections': (dense_flops(batch, image_width, objective.embed_dim)
+                        + dense_flops(batch, objective.text_width, objective.embed_dim)),
+        'logits': dense_flops(batch, objective.embed_dim, batch),
+    }
 
   def __init__(self, config):
     super().__init__(config)

@@ -10,13 +10,13 @@ evaluators then score the pair.
 Locked means what fine-tuning's frozen layers mean, by the same mechanism:
 `is_trainable` is False under params['encoder'], so the step holds the tower
 out of the gradient (stop_gradient: XLA skips its backward, so the image
-features are one forward per batch) and the optimiser keeps no state for it
+features are one forward per batch) and the optimizer keeps no state for it
 and never moves it (train/optim.py `frozen_where_untrainable`: no moments,
 no weight decay, no EMA copy).
 
 The image embedding is the tower's own pooled feature (`config.model.pool`:
 the cls token, or the mean of the patch tokens), as the linear and k-NN
-probes read it, then the trained projection and an L2 normalisation. So
+probes read it, then the trained projection and an L2 normalization. So
 `config.model` must describe the earlier stage's encoder (variant, cls
 token, pool); the transfer checks every shape. Nothing is masked: a locked
 tower is seen whole, as at evaluation (objective.mask_ratio stays 0).
@@ -24,19 +24,18 @@ tower is seen whole, as at evaluation (objective.mask_ratio stays 0).
 
 from __future__ import annotations
 
-import ml_collections
-
+from big_pretrain import schema
 from big_pretrain.errors import ConfigError
 from big_pretrain.models.vit import ENCODER
 from big_pretrain.objectives import flip
 
-
-def default_config() -> ml_collections.ConfigDict:
-  """`config.objective` keys for LiT: FLIP's text tower and loss, nothing masked."""
-  config = flip.default_config()
-  config.name = 'lit'
-  config.mask_ratio = 0.0  # must stay 0 (see the module doc)
-  return config
+# config.objective for LiT: FLIP's text tower and loss, nothing masked.
+CONFIG_KEYS = flip.CONFIG_KEYS.with_keys(
+    'LiT: a text tower taught to read a locked image tower',
+    name=schema.Key('lit', schema.REQUIRED_TEXT, 'the objective'),
+    mask_ratio=schema.Key(0.0, schema.UNIT_FRACTION,
+                          'must stay 0: a locked tower is seen whole, as at evaluation'),
+)
 
 
 class LiTModel(flip.FLIPModel):
@@ -50,7 +49,10 @@ class LiTModel(flip.FLIPModel):
 
 class LiT(flip.FLIP):
   name = 'lit'
+  config_keys = CONFIG_KEYS
   model_class = LiTModel
+  # The locked image tower runs one forward per batch: no backward (train/mfu.py).
+  forward_only_parts = (f'{ENCODER}/',)
 
   @classmethod
   def check_config(cls, config, path):

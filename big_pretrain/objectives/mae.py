@@ -1,7 +1,7 @@
-"""MAE: masked autoencoder pre-training (METHODS.md section 2).
+"""MAE: masked autoencoder pre-training (docs/methods.md, section 2).
 
 75% of the patches are dropped per example; the encoder sees only the
-visible ones; a light decoder reconstructs the normalised pixels of every
+visible ones; a light decoder reconstructs the normalized pixels of every
 patch; the loss counts the masked patches only.
 """
 
@@ -11,34 +11,39 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import linen as nn
 
+from big_pretrain import schema
 from big_pretrain.errors import ConfigError
 from big_pretrain.models.decoders import MAEDecoder
 from big_pretrain.models.masking import num_kept, random_masking
 from big_pretrain.models.patches import denormalize_images, normalize_images, patchify, unpatchify
-from big_pretrain.models.vit import (VisionTransformer, compute_dtype, parse_variant,
-                                     vit_from_config)
+from big_pretrain.models.transformer import dense_flops, transformer_forward_flops
+from big_pretrain.models.vit import (VisionTransformer, compute_dtype, num_patches,
+                                     parse_variant, vit_from_config)
 from big_pretrain.objectives.objective import Objective
 
 NORM_PIX_EPSILON = 1e-6
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """`config.objective` keys for MAE, with the paper's defaults."""
-  return ml_collections.ConfigDict(dict(
-      name='mae',
-      mask_ratio=0.75,
-      norm_pix_loss=True,
-      decoder_width=512,
-      decoder_depth=8,
-      decoder_heads=16,
-      # For the benchmark only (benchmarks/step_speed.py --mae_all_tokens): the design
-      # the paper rejects (its Table 1c, "encoder w/ [M]"), the encoder over ALL
-      # patches, the masked ones replaced by a learned mask token.
-      encoder_on_all_tokens=False,
-  ))
+# config.objective for MAE, with the paper's defaults.
+CONFIG_KEYS = schema.Group(
+    'MAE: masked autoencoder pretraining',
+    name=schema.Key('mae', schema.REQUIRED_TEXT, 'the objective'),
+    mask_ratio=schema.Key(0.75, schema.UNIT_FRACTION,
+                          'the fraction of patches hidden from the encoder, per example'),
+    norm_pix_loss=schema.Key(True, schema.BOOLEAN,
+                             'targets are the pixels of each patch normalized by their mean '
+                             'and variance'),
+    decoder_width=schema.Key(512, schema.COUNT, "the decoder's width"),
+    decoder_depth=schema.Key(8, schema.COUNT, "the decoder's blocks"),
+    decoder_heads=schema.Key(16, schema.COUNT, "the decoder's attention heads"),
+    # (benchmarks/step_speed.py --mae_all_tokens)
+    encoder_on_all_tokens=schema.Key(
+        False, schema.BOOLEAN,
+        'benchmark only: the design the paper rejects (its Table 1c, "encoder w/ [M]"), the '
+        'encoder over every patch, the masked ones replaced by a learned mask token'),
+)
 
 
 def normalize_patches(patches: jax.Array) -> jax.Array:
@@ -101,16 +106,14 @@ class MAEModel(nn.Module):
 
 class MAE(Objective):
   name = 'mae'
+  config_keys = CONFIG_KEYS
   # Column order of the reconstruction grid (jit returns dict keys sorted).
-  visualization_panels = ('input', 'masked', 'reconstruction', 'target_normalised',
-                          'prediction_normalised')
+  visualization_panels = ('input', 'masked', 'reconstruction', 'target_normalized',
+                          'prediction_normalized')
 
   @classmethod
   def check_config(cls, config, path):
     ratio = config.objective.mask_ratio
-    if not 0 <= ratio < 1:
-      raise ConfigError(f'{path}.objective.mask_ratio={ratio}: must be in [0, 1) (the fraction '
-                        'of patches hidden from the encoder; MAE uses 0.75).')
     # The encoder needs a visible patch, and the loss (a mean over masked ones) a masked one.
     grid = config.data.image_size // parse_variant(config.model.variant).patch_size
     kept = num_kept(grid * grid, ratio)
@@ -124,6 +127,31 @@ class MAE(Objective):
           f'{path}.objective.mask_ratio={ratio} keeps {kept} of the {grid * grid} patches '
           f'visible: at least one must be visible and one masked. Choose a ratio between '
           f'{1 / (grid * grid):.3g} and {1 - 1 / (grid * grid):.3g}.')
+
+  @classmethod
+  def encoder_patches(cls, config):
+    """The visible patches (all of them with encoder_on_all_tokens, the rejected design)."""
+    total = num_patches(config.model, config.data.image_size)
+    if config.objective.encoder_on_all_tokens:
+      return total
+    return num_kept(total, config.objective.mask_ratio)
+
+  @classmethod
+  def flops_beyond_encoder(cls, config, encoder_tokens, num_labels=None):
+    """The decoder: it embeds the encoder's tokens, then runs its blocks and its prediction
+    over cls + every patch (mask tokens fill in the dropped ones; the prediction runs on
+    the cls position too, then drops it)."""
+    del num_labels
+    objective, batch = config.objective, config.batch_size
+    size = parse_variant(config.model.variant)
+    width = objective.decoder_width
+    tokens = num_patches(config.model, config.data.image_size) + int(config.model.use_cls_token)
+    return {
+        'decoder/embed': dense_flops(batch * encoder_tokens, size.width, width),
+        **transformer_forward_flops(batch, tokens, width, objective.decoder_depth,
+                                    objective.decoder_heads, prefix='decoder'),
+        'decoder/predict': dense_flops(batch * tokens, width, size.patch_size ** 2 * 3),
+    }
 
   def __init__(self, config):
     super().__init__(config)
@@ -145,7 +173,7 @@ class MAE(Objective):
     return self.model.init({'params': rng}, self.dummy_images(), rng, self.mask_ratio)['params']
 
   def predict(self, params, images, rng):
-    """Normalised images -> (predictions (B, L, p*p*3), RandomMask, target patches)."""
+    """Normalized images -> (predictions (B, L, p*p*3), RandomMask, target patches)."""
     pred, masking = self.model.apply({'params': params}, images, rng, self.mask_ratio)
     target = patchify(images, self.patch_size)
     if self.norm_pix_loss:
@@ -161,9 +189,9 @@ class MAE(Objective):
   def visualize(self, params, images, rng):
     """Panels for the reconstruction grid, each (B, H, W, 3) in [0, 1].
 
-    'reconstruction' un-normalises the norm-pix prediction with the TRUE patch
+    'reconstruction' un-normalizes the norm-pix prediction with the TRUE patch
     statistics, as the MAE paper's figures do; that leaks each patch's mean and
-    variance, so the normalised target and prediction are shown beside it.
+    variance, so the normalized target and prediction are shown beside it.
     """
     images = normalize_images(images)
     pred, masking, target = self.predict(params, images, rng)
@@ -177,12 +205,12 @@ class MAE(Objective):
       reconstructed = pred
     mask = masking.mask[..., None]
     to_image = lambda p: denormalize_images(unpatchify(p, self.patch_size))
-    # Normalised patches are ~N(0, 1): show them as 0.5 +- 0.25 per unit.
-    show_normalised = lambda p: jnp.clip(unpatchify(p, self.patch_size) * 0.25 + 0.5, 0, 1)
+    # Normalized patches are ~N(0, 1): show them as 0.5 +- 0.25 per unit.
+    show_normalized = lambda p: jnp.clip(unpatchify(p, self.patch_size) * 0.25 + 0.5, 0, 1)
     return {
         'input': denormalize_images(images),
         'masked': to_image(patches * (1 - mask)),
         'reconstruction': to_image(patches * (1 - mask) + reconstructed * mask),
-        'target_normalised': show_normalised(target),
-        'prediction_normalised': show_normalised(pred * mask + target * (1 - mask)),
+        'target_normalized': show_normalized(target),
+        'prediction_normalized': show_normalized(pred * mask + target * (1 - mask)),
     }

@@ -1,9 +1,10 @@
-"""What every objective provides to the one training loop (the contract: `Objective`).
+"""What every objective provides (the contract: `Objective`).
 
-An objective builds its model from the stage config and defines
-`loss(params, batch, rng, train) -> (loss, metrics)`. The loop, the step,
-sharding, checkpoints and logging know nothing else about it. README.md,
-"Adding an objective", walks through writing one.
+An objective is one module: its config keys, its checks, its model, its loss
+`loss(params, batch, rng, train) -> (loss, metrics)` and its analytic FLOPs.
+The loop, the step, sharding, checkpoints, logging, config validation and the
+MFU count know nothing else about it. README.md, "Adding an objective", walks
+through writing one.
 """
 
 from __future__ import annotations
@@ -13,26 +14,39 @@ import abc
 import jax
 import jax.numpy as jnp
 
+from big_pretrain import schema
+from big_pretrain.models import vit
 from big_pretrain.models.patches import normalize_images
 from big_pretrain.models.transformer import stacked_block_outputs
 from big_pretrain.models.vit import SCAN_AUTO, parse_variant, scan_layers
 
 
+def prefixed(prefix: str, parts: dict[str, float]) -> dict[str, float]:
+  """FLOPs parts renamed '<prefix>/<part>'."""
+  return {f'{prefix}/{name}': flops for name, flops in parts.items()}
+
+
 class Objective(abc.ABC):
-  """The contract of an objective. A module objectives/<name>.py defines:
-
-    default_config() -> ConfigDict (a module function): every `config.objective` key,
-      `name` among them, with the paper's defaults. It is registered with the class
-      in objectives/__init__.py, and stage_config(name) (config/defaults.py) builds a
-      stage config from it, so every key exists and can be set on the command line.
-
-  and a subclass of this class that defines:
+  """The contract of an objective. A module objectives/<name>.py defines a subclass,
+  registered in objectives/__init__.py, that defines:
 
     name: the registry name, e.g. 'mae'.
-    check_config(config, path) (class method, optional): the checks of the whole stage
-      config that this objective needs, run before any compute; raise ConfigError
-      naming `path.key` and the fix. Among them: that the data config gives the batch
-      features `loss` reads (below).
+    config_keys: a schema.Group declaring every `config.objective` key (`name` among
+      them) with its default (the paper's), the values it may take and its meaning.
+      stage_config(name) (config/defaults.py) builds a stage config from it, so every
+      key exists and can be set on the command line, and validation checks every value
+      against its rule before any compute: code past validation trusts the values.
+    check_config(config, path) (class method, optional): the checks across keys of the
+      whole stage config that this objective needs (a single key's range is its rule's),
+      run before any compute; raise ConfigError naming `path.key` and the fix. Among
+      them: that the data config gives the batch features `loss` reads (below).
+    flops_beyond_encoder(config, encoder_tokens, num_labels) (class method): the
+      analytic forward FLOPs of everything but the encoder (its decoder, heads, text
+      tower, logits) for the global batch, by part; train/mfu.py adds the encoder's and
+      counts a training step. `forward_only_parts` (prefixes of part names) run forward
+      only, with no gradient (LiT's locked image tower).
+    encoder_patches(config) (class method, optional): the patches the encoder's blocks
+      see per example in a training step; all of them unless the objective drops some.
     resolve_config(config) (class method, optional): the stage config with values
       derived once per stage filled in (recorded in config.json); extend, do not drop,
       this base version.
@@ -57,7 +71,7 @@ class Objective(abc.ABC):
       'grad_norm' and 'learning_rate' the step adds.
 
   Optional, each used where present:
-    is_trainable(path): False freezes a parameter (no gradient, no optimiser state).
+    is_trainable(path): False freezes a parameter (no gradient, no optimizer state).
     encode(params, images, num_last_blocks): frozen features for the probes (given
       here for the shared encoder).
     predict(params, uint8 images) -> (B, num_classes) logits: scored by the
@@ -70,6 +84,12 @@ class Objective(abc.ABC):
   """
 
   name: str = ''
+  config_keys: schema.Group = schema.Group()
+  forward_only_parts: tuple[str, ...] = ()
+  # Whether `loss` reads the rows of a second source mixed into its batches
+  # (config.data.pseudo_labels: data.sources.second_source), telling them apart from the
+  # main source's rows; an objective that does not would read them as its own.
+  reads_second_source: bool = False
 
   def __init__(self, config):
     self.config = config  # The full stage config (read-only by convention).
@@ -77,6 +97,21 @@ class Objective(abc.ABC):
   @classmethod
   def check_config(cls, config, path: str) -> None:
     """Objective-specific config checks, run before any compute (raise ConfigError)."""
+
+  @classmethod
+  def encoder_patches(cls, config) -> int:
+    """The patches the encoder's blocks see per example in a training step."""
+    return vit.num_patches(config.model, config.data.image_size)
+
+  @classmethod
+  @abc.abstractmethod
+  def flops_beyond_encoder(cls, config, encoder_tokens: int,
+                           num_labels: int | None = None) -> dict[str, float]:
+    """Forward matmul FLOPs of the parts beyond the encoder for config.batch_size examples,
+    by part name ('decoder/mlp', 'head', ...). `encoder_tokens`: the tokens the encoder
+    outputs per example (visible patches + cls). `num_labels`: the size of a head whose
+    size the data decides (a label vocabulary), when the caller knows it; else it is read
+    from the config."""
 
   @classmethod
   def resolve_config(cls, config):
@@ -109,7 +144,7 @@ class Objective(abc.ABC):
   def is_trainable(self, path: str) -> bool:
     """Whether the parameter at `path` ('encoder/transformer/block_0/mlp/fc1/kernel') trains.
 
-    Frozen ones get no gradient and no optimiser state (train/optim.py).
+    Frozen ones get no gradient and no optimizer state (train/optim.py).
     """
     del path
     return True

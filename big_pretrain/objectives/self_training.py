@@ -9,7 +9,7 @@ is the fine-tuning classifier, trained on both under strong augmentation
 jitter) and, as Noisy Student's, optionally stochastic depth
 (config.model.drop_path) and dropout before the head (objective.head_dropout).
 
-The loss normalises each part over its own rows and combines them with a
+The loss normalizes each part over its own rows and combines them with a
 weight w (objective.pseudo_label_weight):
 
     L = (L_h + w * s * L_p) / (1 + w)
@@ -31,23 +31,27 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
+from big_pretrain import schema
 from big_pretrain.errors import ConfigError
 from big_pretrain.models.patches import normalize_images
 from big_pretrain.objectives import finetune
 
-
-def default_config() -> ml_collections.ConfigDict:
-  config = finetune.default_config()
-  config.name = 'self_training'
-  # Mixup and cutmix would mix human with pseudo-labelled rows: off (the paper's students
-  # use neither).
-  config.mixup_alpha = 0.0
-  config.cutmix_alpha = 0.0
-  config.pseudo_label_weight = 1.0     # w above
-  config.balance_pseudo_loss = False   # s = L_h / L_p (the paper's loss normalisation)
-  return config
+# config.objective for the student: fine-tuning's keys, and the pseudo-label term's.
+CONFIG_KEYS = finetune.CONFIG_KEYS.with_keys(
+    "self-training's student: human labels and a teacher's pseudo-labels in every batch",
+    name=schema.Key('self_training', schema.REQUIRED_TEXT, 'the objective'),
+    # Mixup and cutmix would mix human with pseudo-labelled rows: off (the paper's students
+    # use neither).
+    mixup_alpha=schema.Key(0.0, schema.at_least(0), 'must stay 0: it would mix human- with '
+                           'pseudo-labelled rows'),
+    cutmix_alpha=schema.Key(0.0, schema.at_least(0), 'must stay 0: it would mix human- with '
+                            'pseudo-labelled rows'),
+    pseudo_label_weight=schema.Key(1.0, schema.at_least(0),
+                                   'w: the weight of the pseudo-label term'),
+    balance_pseudo_loss=schema.Key(False, schema.BOOLEAN,
+                                   "s = L_h / L_p (the paper's loss normalization); else 1"),
+)
 
 
 def pseudo_targets(pseudo_ids: jax.Array, pseudo_probs: jax.Array, num_classes: int):
@@ -68,6 +72,8 @@ def combined_loss(per_example: jax.Array, is_pseudo: jax.Array, weight: float,
 
 class SelfTrainingStudent(finetune.Finetune):
   name = 'self_training'
+  config_keys = CONFIG_KEYS
+  reads_second_source = True  # the pseudo-labelled rows, by their 'is_pseudo' feature
 
   @classmethod
   def check_config(cls, config, path):
@@ -77,11 +83,6 @@ class SelfTrainingStudent(finetune.Finetune):
       raise ConfigError(
           f'{path}.data.pseudo_labels: the student needs pseudo-labels. Set stage to an '
           'earlier pseudo-label stage of the chain, or path to its folder.')
-    if pseudo_labels.stage and pseudo_labels.path:
-      raise ConfigError(f'{path}.data.pseudo_labels: give stage or path, not both.')
-    if not 0.0 < pseudo_labels.fraction < 1.0:
-      raise ConfigError(f'{path}.data.pseudo_labels.fraction={pseudo_labels.fraction}: must '
-                        'be in (0, 1): the share of each batch that is pseudo-labelled.')
     rows = config.batch_size * pseudo_labels.fraction
     if abs(rows - round(rows)) > 1e-9:
       raise ConfigError(
@@ -90,8 +91,6 @@ class SelfTrainingStudent(finetune.Finetune):
     if objective.mixup_alpha or objective.cutmix_alpha:
       raise ConfigError(f'{path}.objective.mixup_alpha and cutmix_alpha must be 0 for the '
                         'student: they would mix human- with pseudo-labelled rows.')
-    if objective.pseudo_label_weight < 0:
-      raise ConfigError(f'{path}.objective.pseudo_label_weight must be >= 0.')
 
   def loss(self, params, batch, rng, train=True):
     objective = self.config.objective

@@ -1,9 +1,9 @@
-"""WSP: weakly-supervised pretraining on hashtags (METHODS.md section 3).
+"""WSP: weakly-supervised pretraining on hashtags (docs/methods.md, section 3).
 
 Each image's hashtags are mapped to a label vocabulary by the input pipeline
 ('label_ids': sorted ids padded with -1). The encoder's pooled feature feeds
 a linear head over the vocabulary; the loss is softmax cross-entropy against
-the count-normalised multi-hot target y / sum(y). Examples with no known
+the count-normalized multi-hot target y / sum(y). Examples with no known
 label are left out of the mean (and counted in the metrics).
 """
 
@@ -13,20 +13,21 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import linen as nn
 
+from big_pretrain import schema
 from big_pretrain.data.text.labels import LabelVocabulary
 from big_pretrain.errors import ConfigError
 from big_pretrain.models.patches import normalize_images
-from big_pretrain.models.transformer import dense
-from big_pretrain.models.vit import VisionTransformer, vit_from_config
+from big_pretrain.models.transformer import dense, dense_flops
+from big_pretrain.models.vit import VisionTransformer, parse_variant, vit_from_config
 from big_pretrain.objectives.objective import Objective
 
-
-def default_config() -> ml_collections.ConfigDict:
-  """`config.objective` keys for WSP. The head's size is the vocabulary's."""
-  return ml_collections.ConfigDict(dict(name='wsp'))
+# config.objective for WSP: no keys of its own; the head's size is the label vocabulary's
+# (config.data.labels.vocabulary).
+CONFIG_KEYS = schema.Group(
+    'WSP: weakly-supervised pretraining on hashtags',
+    name=schema.Key('wsp', schema.REQUIRED_TEXT, 'the objective'))
 
 
 def soft_target_cross_entropy(logits: jax.Array, label_ids: jax.Array):
@@ -53,7 +54,7 @@ class WSPModel(nn.Module):
   @nn.compact
   def __call__(self, images):
     pooled = self.encoder(images)['pooled']
-    # Zero-initialised head: every label starts equally likely.
+    # Zero-initialized head: every label starts equally likely.
     head = dense(self.num_labels, ('embed', 'vocab'), self.encoder.dtype, name='head',
                  kernel_init=nn.initializers.zeros)
     return head(pooled)
@@ -66,6 +67,7 @@ def _build_vocabulary_command(output: str) -> str:
 
 class WSP(Objective):
   name = 'wsp'
+  config_keys = CONFIG_KEYS
 
   @classmethod
   def check_config(cls, config, path):
@@ -77,6 +79,15 @@ class WSP(Objective):
     if not os.path.isfile(vocabulary):
       raise ConfigError(f'{path}.data.labels.vocabulary={vocabulary!r} is not a file. Build it '
                         f'with `{_build_vocabulary_command(vocabulary)}`.')
+
+  @classmethod
+  def flops_beyond_encoder(cls, config, encoder_tokens, num_labels=None):
+    """The linear head over the label vocabulary."""
+    del encoder_tokens
+    if num_labels is None:
+      num_labels = len(LabelVocabulary.from_file(config.data.labels.vocabulary))
+    return {'head': dense_flops(config.batch_size, parse_variant(config.model.variant).width,
+                                num_labels)}
 
   def __init__(self, config):
     super().__init__(config)

@@ -6,9 +6,12 @@ with `init_from.stage` starts from that earlier stage's final checkpoint
 (only the `init_from.take` subtrees; the rest fresh). The same command run
 again after a crash or preemption therefore carries on where it stopped.
 
-A stage may also be a pseudo-label job (`job='pseudo_label'`, self-training):
-its teacher is an earlier stage, and a later student stage names it in
-`data.pseudo_labels.stage`.
+A stage may also be a job (`config.job`, stages/jobs.py), which runs a trained
+model over data instead of training one: the pseudo-label job of self-training
+labels images with an earlier stage as its teacher, and a later student stage
+mixes them into its batches. A key that names an earlier stage (declared with
+`names_stage`) is checked by chain_validation.py; where the stage runs from that
+stage's folder, the chain fills it in (`with_stage_folders`).
 """
 
 from __future__ import annotations
@@ -17,14 +20,11 @@ import os
 
 from absl import logging
 
-from big_pretrain.config.defaults import is_pseudo_label_config
-from big_pretrain.config.validation import validate_config
-from big_pretrain.data import records
 from big_pretrain.errors import Preempted
 from big_pretrain.objectives import objective_class
+from big_pretrain.stages import jobs
 from big_pretrain.stages import transfer
-from big_pretrain.stages.pseudo_label_job import run_pseudo_label
-from big_pretrain.storage import files as storage
+from big_pretrain.stages.chain_validation import stage_references, validate_config
 from big_pretrain.storage import resume_identity
 from big_pretrain.storage import stage_dir as stage_dir_lib
 from big_pretrain.storage.checkpoints import saved_steps, unreadable_reason
@@ -45,8 +45,8 @@ def _stage_configs(config) -> dict:
 
 def _stage_finished(stage_config, stage_dir: str) -> bool:
   """Whether the stage's final checkpoint is there and readable (its metadata, cheaply)."""
-  if is_pseudo_label_config(stage_config):
-    return False  # run_pseudo_label checks its settings, then finds it has nothing to do
+  if jobs.is_job(stage_config):
+    return False  # a job checks its settings, then finds it has nothing to do
   checkpoint_dir = StageDir(stage_dir).checkpoints
   steps = saved_steps(checkpoint_dir)
   if not steps or steps[-1] < stage_config.total_steps:
@@ -72,7 +72,7 @@ def _check_same_run(stage_config, stage_dir: str) -> None:
                                saved_steps(StageDir(stage_dir).checkpoints), finished=True)
 
 
-def initialiser_from(init_from, workdir: str):
+def initializer_from(init_from, workdir: str):
   """params -> params with the taken subtrees from the source checkpoint, or None."""
   if not (init_from.stage or init_from.checkpoint):
     return None
@@ -80,11 +80,11 @@ def initialiser_from(init_from, workdir: str):
             else init_from.checkpoint)
   take = tuple(init_from.take)
 
-  def initialise(params):
+  def initialize(params):
     # Resolved only when the stage starts fresh: a resumed stage never reads it.
     return transfer.load_into(params, transfer.resolve_checkpoint_dir(source), take)
 
-  return initialise
+  return initialize
 
 
 def run(config, workdir: str, *, devices=None) -> dict[str, dict]:
@@ -103,20 +103,18 @@ def run_validated(config, workdir: str, *, devices=None) -> dict[str, dict]:
   stage_dirs = stage_workdirs(config, workdir)
   for name, stage_config in _stage_configs(config).items():
     stage_dir = stage_dirs[name]
+    stage_config = with_stage_folders(stage_config, stage_dirs)
     if _stage_finished(stage_config, stage_dir):
-      _check_same_run(with_pseudo_label_folder(stage_config, stage_dirs), stage_dir)
+      _check_same_run(stage_config, stage_dir)
       logging.info('Stage %r finished earlier (%s): skipping it.', name, stage_dir)
       continue
-    if is_pseudo_label_config(stage_config):
-      logging.info('Stage %r: pseudo-labelling into %s.', name, stage_dir)
-      teacher = stage_config.teacher.stage
-      run_pseudo_label(stage_config, stage_dir,
-                       teacher_dir=stage_dirs[teacher] if teacher else None, devices=devices)
+    if jobs.is_job(stage_config):
+      logging.info('Stage %r: job %r in %s.', name, stage_config.job, stage_dir)
+      jobs.job_module(stage_config.job).run(stage_config, stage_dir, devices=devices)
       continue
     logging.info('Stage %r: training in %s.', name, stage_dir)
-    result = train_stage(with_pseudo_label_folder(stage_config, stage_dirs), stage_dir,
-                         devices=devices,
-                         initialise=initialiser_from(stage_config.init_from, workdir))
+    result = train_stage(stage_config, stage_dir, devices=devices,
+                         initialize=initializer_from(stage_config.init_from, workdir))
     if not result.finished:
       logging.info('Stage %r stopped at step %d; run the same command to resume.',
                    name, result.state.step)
@@ -126,24 +124,33 @@ def run_validated(config, workdir: str, *, devices=None) -> dict[str, dict]:
             f'{stage_dir} on a preemption notice (SIGTERM or Ctrl-C) and stopped; run the '
             'same command to resume.')
       break
-  results = collect_eval_results(stage_dirs)
+  results = collect_eval_results(config, stage_dirs)
   print(format_eval_results(results))
   return results
 
 
-def with_pseudo_label_folder(stage_config, stage_dirs: dict[str, str]):
-  """A student's config with `data.pseudo_labels.stage` resolved to that stage's folder."""
-  stage = stage_config.data.pseudo_labels.stage
-  if not stage:
+def with_stage_folders(stage_config, stage_dirs: dict[str, str]):
+  """The stage's config with each key that names an earlier stage and runs from its folder
+  (declared with `chain_fills_path`: a student's data.pseudo_labels.stage, a job's
+  teacher.stage) replaced by that folder in its path key."""
+  filled = [(dotted, key, value) for dotted, key, value in stage_references(stage_config)
+            if value and key.chain_fills_path]
+  if not filled:
     return stage_config
   stage_config = stage_config.copy_and_resolve_references()
-  stage_config.data.pseudo_labels.update(stage=None, path=stage_dirs[stage])
+  for dotted, key, value in filled:
+    group = stage_config
+    *parents, leaf = dotted.split('.')
+    for parent in parents:
+      group = group[parent]
+    group.update({leaf: None, key.path_key: stage_dirs[value]})
   return stage_config
 
 
-def collect_eval_results(stage_dirs: dict[str, str]) -> dict[str, dict]:
-  """{stage: evaluator results}; a pseudo-label stage reports how many images it labelled."""
+def collect_eval_results(config, stage_dirs: dict[str, str]) -> dict[str, dict]:
+  """{stage: evaluator results}; a job reports what it made (its module's `results`)."""
   results = {}
+  stage_configs = _stage_configs(config)
   for name, stage_dir in stage_dirs.items():
     folder = StageDir(stage_dir)
     at_start = stage_dir_lib.read_results(
@@ -151,19 +158,13 @@ def collect_eval_results(stage_dirs: dict[str, str]) -> dict[str, dict]:
         "The stage's starting scores are left out of this summary (TensorBoard has them).")
     if at_start is not None:
       results[f'{name} (start)'] = at_start
-    stage_results = stage_dir_lib.read_results(
-        folder.eval_results_file, 'The same command evaluates the final checkpoint again.')
-    metadata = storage.read_json(
-        os.path.join(stage_dir, records.METADATA_FILE),
-        if_damaged='Run the same command: the pseudo-label stage writes it again.')
+    if jobs.is_job(stage_configs[name]):
+      stage_results = jobs.job_module(stage_configs[name].job).results(stage_dir)
+    else:
+      stage_results = stage_dir_lib.read_results(
+          folder.eval_results_file, 'The same command evaluates the final checkpoint again.')
     if stage_results is not None:
       results[name] = stage_results
-    elif metadata is not None:
-      total = max(metadata['num_examples'], 1)
-      results[name] = {'step': '', 'pseudo_labels': {
-          'labelled': float(metadata['num_records']),
-          'labelled_fraction': metadata['num_records'] / total,
-          'unreadable': float(metadata['num_unreadable'])}}
   return results
 
 

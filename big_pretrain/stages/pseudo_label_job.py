@@ -35,10 +35,14 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from big_pretrain import schema
 from big_pretrain import sharding as sharding_lib
+from big_pretrain.config.defaults import SCHEMA_VERSION_KEY
 from big_pretrain.config.upgrade import upgrade
+from big_pretrain.data import data_config
 from big_pretrain.data import records as records_lib
 from big_pretrain.data import sources
+from big_pretrain.data.data_config import DATA_KEYS
 from big_pretrain.data.eval_input import decode_key, ordered_batches
 from big_pretrain.data.sources import pseudo_labelled
 from big_pretrain.data.text.labels import LabelVocabulary
@@ -48,6 +52,73 @@ from big_pretrain.stages import transfer
 from big_pretrain.storage import files as storage
 from big_pretrain.storage.stage_dir import CONFIG_FILE, StageDir
 from big_pretrain.train.step import abstract_params
+
+
+JOB = 'pseudo_label'  # config.job of this stage
+LABEL_KINDS = ('hard', 'soft')
+
+# A pseudo-label stage's config: every key, its default, rule and meaning.
+CONFIG_KEYS = schema.Group(
+    'a pseudo-label stage: a teacher labels unlabelled images (self-training)',
+    schema_version=SCHEMA_VERSION_KEY,
+    job=schema.Key(JOB, schema.one_of(JOB),
+                   'marks a stage that labels images with a trained model instead of training'),
+    teacher=schema.Group(
+        'the teacher: a stage with a classification head (finetune, self_training, wsp)',
+        stage=schema.Key(None, schema.OPTIONAL_TEXT, 'an earlier stage of config.stages',
+                         type=str, names_stage='training', path_key='workdir',
+                         chain_fills_path=True),
+        workdir=schema.Key(None, schema.OPTIONAL_TEXT,
+                           "or such a stage's folder (config.json + checkpoints/)", type=str),
+    ),
+    # The unlabelled images (their labels are never read). Image size and eval crop are the
+    # teacher's; of the rest only the keys naming the source matter.
+    data=DATA_KEYS,
+    labels=schema.Group(
+        'the labels written',
+        kind=schema.Key('hard', schema.one_of(*LABEL_KINDS),
+                        "'hard': the teacher's top class; 'soft': its top_k classes with "
+                        "their probabilities renormalized to sum to 1 (Noisy Student's)"),
+        threshold=schema.Key(0.0, schema.UNIT_FRACTION,
+                             "only images whose top probability is at least this are "
+                             'labelled (Noisy Student: 0.3)'),
+        top_k=schema.Key(5, schema.COUNT, "'soft' only: the classes kept per image"),
+        temperature=schema.Key(1.0, schema.above(0), 'softmax(logits / temperature)'),
+    ),
+    batch_size=schema.Key(256, schema.COUNT, 'the global batch, over all processes and devices'),
+    examples_per_shard=schema.Key(50_000, schema.COUNT,
+                                  'the unit of resumption: a killed job redoes at most one'),
+    mesh=sharding_lib.MESH_KEYS,
+    sharding_rules=sharding_lib.SHARDING_RULES_KEY,
+)
+
+
+def default_config():
+  """A pseudo-label stage's config, every key at its default."""
+  return CONFIG_KEYS.defaults()
+
+
+def check_config(config, path: str) -> None:
+  """The checks across this job's keys (each value's own rule is checked before)."""
+  if bool(config.teacher.stage) == bool(config.teacher.workdir):
+    raise ConfigError(
+        f'{path}.teacher: give stage (an earlier stage of config.stages) or workdir (the '
+        'folder of a finished stage with a classification head), exactly one of them.')
+  data_config.check_config(config.data, path)
+
+
+def results(workdir: str) -> dict | None:
+  """What the results table shows of a finished job: how many images it labelled."""
+  metadata = storage.read_json(
+      os.path.join(workdir, records_lib.METADATA_FILE),
+      if_damaged='Run the same command: the pseudo-label stage writes it again.')
+  if metadata is None:
+    return None
+  total = max(metadata['num_examples'], 1)
+  return {'step': '', 'pseudo_labels': {
+      'labelled': float(metadata['num_records']),
+      'labelled_fraction': metadata['num_records'] / total,
+      'unreadable': float(metadata['num_unreadable'])}}
 
 
 @dataclasses.dataclass
@@ -321,3 +392,6 @@ def format_report(metadata: dict) -> str:
   if len(counts) > 20:
     lines.append(f'... {len(counts) - 20} more classes, {int((counts > 0).sum())} with images')
   return '\n'.join(lines)
+
+
+run = run_pseudo_label  # the job's runner, as stages/jobs.py names it: run(config, workdir, devices=)

@@ -1,4 +1,4 @@
-"""Initialising a stage from an earlier stage's checkpoint (MAE -> WSP).
+"""Initializing a stage from an earlier stage's checkpoint (MAE -> WSP).
 
 Only the taken subtrees (e.g. the encoder) are read from disk (Orbax partial
 restore); they are converted to the target's layout by the model's own rules
@@ -6,7 +6,7 @@ restore); they are converted to the target's layout by the model's own rules
 embeddings resampled to a new patch grid), checked
 against the fresh parameters' shapes (a mismatch names the parameter and both
 shapes), and copied bit-exactly. Everything not taken (the WSP head) keeps its
-fresh initialisation; what is not needed (the MAE decoder) is never read.
+fresh initialization; what is not needed (the MAE decoder) is never read.
 """
 
 from __future__ import annotations
@@ -111,6 +111,6 @@ def load_into(fresh_params: dict, step_dir: str, take: tuple[str, ...]) -> dict:
         lambda value, fresh: jax.make_array_from_callback(
             fresh.shape, fresh.sharding, lambda index, v=np.asarray(value, fresh.dtype): v[index]),
         adapted, fresh_params[name])
-    logging.info('Initialised params/%s from %s (%d arrays).', name, step_dir,
+    logging.info('Initialized params/%s from %s (%d arrays).', name, step_dir,
                  len(jax.tree_util.tree_leaves(adapted)))
   return params

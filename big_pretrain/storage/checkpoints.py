@@ -20,12 +20,22 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from big_pretrain import schema
 from big_pretrain.errors import (CheckpointMismatchError, CheckpointSaveError,
                                  CheckpointUnreadableError)
 from big_pretrain.storage import files as storage
 
 STATE_ITEM = 'state'
 DATA_ITEM = 'data'
+
+# config.checkpoint: how often a stage saves, and how many saves it keeps.
+CHECKPOINT_KEYS = schema.Group(
+    "a stage's checkpoints",
+    every_steps=schema.Key(1000, schema.COUNT, 'save every this many steps (and the last step)'),
+    keep=schema.Key(3, schema.COUNT, 'the latest saves kept; older ones are deleted'),
+    async_save=schema.Key(True, schema.BOOLEAN,
+                          'write in a background thread while training goes on'),
+)
 
 
 def saved_steps(directory: str) -> list[int]:
@@ -78,7 +88,7 @@ def check_shapes_fit(saved: dict, expected: dict, where: str) -> None:
     lines += ['In the model but not the checkpoint:'] + [f'  {p}' for p in missing[:20]]
   if unexpected:
     lines += ['In the checkpoint but not the model:'] + [f'  {p}' for p in unexpected[:20]]
-  lines.append('If you changed the model or optimiser, start in a new --workdir; nothing '
+  lines.append('If you changed the model or optimizer, start in a new --workdir; nothing '
                'was modified.')
   raise CheckpointMismatchError('\n'.join(lines))
 

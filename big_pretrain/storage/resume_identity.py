@@ -8,7 +8,7 @@ before anything is overwritten:
 - a change to a key in CHANGES_ALLOWED_ON_RESUME (logging, evaluators,
   checkpoint cadence, the schedule's length, the device layout, ...) is
   allowed and logged;
-- a change to any other key (model, objective, optimiser, batch size, seeds,
+- a change to any other key (model, objective, optimizer, batch size, seeds,
   data) would make the saved state mean something else: the run is refused
   with a diff, unless `config.resume_with_changes=True` says it is deliberate.
 

@@ -106,7 +106,7 @@ def first_nonfinite_step(pending_metrics: list[dict], first_step: int,
   """(step, its metrics) of the first step whose update made the state non-finite, or None.
 
   `pending_metrics[i]` are the (fetched) metrics of step `first_step + i`. A
-  non-finite step whose update the optimiser skipped (see
+  non-finite step whose update the optimizer skipped (see
   `config.optim.skip_nonfinite_updates`) is harmless, unless more than
   `max_skipped_in_a_row` came in a row, when the update is applied after all.
   """

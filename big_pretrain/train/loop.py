@@ -1,7 +1,7 @@
 """The one training loop, shared by every objective and every stage.
 
-`train_stage` reads top to bottom: config -> mesh -> objective, optimiser and the sharded
-step -> input -> restore or initialise -> writer and evaluators -> steps. It contains
+`train_stage` reads top to bottom: config -> mesh -> objective, optimizer and the sharded
+step -> input -> restore or initialize -> writer and evaluators -> steps. It contains
 nothing specific to any objective; what it leans on has a name of its own:
 
   faults.py       when to stop (StopPolicy: the last step, a preemption notice, an early
@@ -57,13 +57,13 @@ class StageResult:
 # Each attention stack's kernel and padding (attention.plan_attention) is logged once per stage.
 @attention_lib.choices_logged_per_stage()
 def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | None = None,
-                initialise: Callable[[dict], dict] | None = None) -> StageResult:
+                initialize: Callable[[dict], dict] | None = None) -> StageResult:
   """Trains one stage in `workdir`, resuming from its latest checkpoint if any.
 
   `config`: a stage config that config.validation accepts (stages.chain.run validates every
   stage before the first starts). `stop_after_steps` stops early (after saving a
   checkpoint), as a preempted run would; the same call without it resumes exactly.
-  `initialise` maps fresh parameters to the starting ones (e.g. an MAE encoder); it is used
+  `initialize` maps fresh parameters to the starting ones (e.g. an MAE encoder); it is used
   only when the stage has no checkpoint of its own yet.
   """
   stage_dir = StageDir(workdir)
@@ -75,7 +75,7 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   requested_config = config  # recorded as asked for (model.remat='auto' before it is chosen)
   record_tokenizer(config.data, workdir)  # the text embeddings index its ids: keep it beside
 
-  # --- Mesh, objective, optimiser and the sharded step (model.remat='auto' is chosen here,
+  # --- Mesh, objective, optimizer and the sharded step (model.remat='auto' is chosen here,
   # by compiling the step for the batches to come).
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   rules = sharding_lib.logical_axis_rules(config)
@@ -97,13 +97,13 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
     if batches is not data:
       open_resources.callback(batches.close)
 
-    # --- Restore or initialise.
+    # --- Restore or initialize.
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     checkpointer = Checkpointer(stage_dir.checkpoints, config.checkpoint)
     open_resources.callback(checkpointer.close)
     open_resources.callback(checkpointer.wait_until_finished)  # an asynchronous save completes
-    start_step, state = _restore_or_initialise(checkpointer, trainer, data_position, init_rng,
-                                               initialise, config.total_steps)
+    start_step, state = _restore_or_initialize(checkpointer, trainer, data_position, init_rng,
+                                               initialize, config.total_steps)
     final_evaluations_missing = (start_step >= config.total_steps
                                  and _final_evaluations_missing(config, stage_dir, start_step))
     if jax.process_index() == 0:
@@ -171,8 +171,8 @@ def _training_batches(data: InputPipeline, device_prefetch: int):
   return data, data.grain_iterator
 
 
-def _restore_or_initialise(checkpointer: Checkpointer, trainer, data_position, init_rng,
-                           initialise, total_steps: int) -> tuple[int, object]:
+def _restore_or_initialize(checkpointer: Checkpointer, trainer, data_position, init_rng,
+                           initialize, total_steps: int) -> tuple[int, object]:
   """(step, state) of the latest readable checkpoint, or step 0 and a fresh state."""
   restored = checkpointer.restore_latest_readable(trainer.abstract_state, data_position)
   if restored is not None:
@@ -180,8 +180,8 @@ def _restore_or_initialise(checkpointer: Checkpointer, trainer, data_position, i
       logging.info('Resuming at step %d of %d.', restored[0], total_steps)
     return restored
   state = trainer.init_state(init_rng)
-  if initialise is not None:
-    state = state.replace(params=initialise(state.params))
+  if initialize is not None:
+    state = state.replace(params=initialize(state.params))
   logging.info('No checkpoint in %s; starting at step 0.', checkpointer.directory)
   return 0, state
 

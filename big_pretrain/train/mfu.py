@@ -11,8 +11,10 @@ elementwise ops, and counts rematerialised forwards twice). The convention
   stride-p convolution is a matmul over every patch), the attention q/k/v/out
   projections, the attention scores QK^T and the values AV (dense: a
   prefix-causal or padding mask does not remove them), the MLP's fc1/fc2, and
-  each objective's heads. Layer norms, GELU, softmax, bias and position
-  embedding adds, the loss, the optimiser update and embedding lookups (the
+  each objective's heads. The models count their own (models/transformer.py,
+  models/vit.py), and each objective the parts beyond the encoder
+  (Objective.flops_beyond_encoder); this module adds them up. Layer norms, GELU, softmax, bias and position
+  embedding adds, the loss, the optimizer update and embedding lookups (the
   text tower's token embedding is a gather) are not counted.
 - A training step is 3 forwards: the backward of a matmul is two matmuls of
   the same size (gradient w.r.t. its input and w.r.t. its weight). This
@@ -24,10 +26,9 @@ elementwise ops, and counts rematerialised forwards twice). The convention
   does (hardware FLOPs utilisation, HFU, would count it), not work the model
   needs, so remat lowers MFU, as it should.
 
-Token counts follow the code: the ViT keeps `num_kept(L, r)` of the patches
-(MAE; FLIP in training), embeds only those and prepends the cls token when
-`model.use_cls_token`; the MAE decoder embeds the encoder's tokens, runs its
-blocks and prediction over cls + all L patches. (`model.patch_embed_impl='conv'`
+Token counts follow the code: the ViT keeps the patches its objective keeps
+(Objective.encoder_patches: `num_kept(L, r)` for MAE, and FLIP in training),
+embeds only those and prepends the cls token when `model.use_cls_token`. (`model.patch_embed_impl='conv'`
 embeds every patch before dropping some: extra work the model does not need,
 not counted, as remat's.)
 
@@ -53,12 +54,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_pretrain.models.masking import num_kept
-from big_pretrain.models.vit import parse_variant
-from big_pretrain.objectives import finetune
+from big_pretrain.models import vit
+from big_pretrain.objectives import objective_class
 
-# The MLP width over the model width, as every transformer here builds it.
-MLP_RATIO = 4
 # A training step is this many forwards (forward + backward 2x); remat is not counted.
 TRAIN_STEP_FORWARDS = 3
 
@@ -103,115 +101,33 @@ class StepFlops:
     return '\n'.join(lines)
 
 
-def dense_flops(rows: float, fan_in: int, fan_out: int) -> float:
-  """2 * m * n * k: `rows` vectors through a (fan_in, fan_out) matmul."""
-  return 2.0 * rows * fan_in * fan_out
-
-
-def transformer_forward_flops(batch: int, tokens: int, width: int, depth: int, heads: int,
-                              mlp_dim: int | None = None) -> dict[str, float]:
-  """Forward matmul FLOPs of `depth` pre-LN blocks over (batch, tokens, width).
-
-  Per block: q, k, v and out projections (width <-> heads * head_dim), the
-  scores QK^T and the values AV (tokens x tokens per head), fc1 and fc2.
-  """
-  mlp_dim = MLP_RATIO * width if mlp_dim is None else mlp_dim
-  inner = heads * (width // heads)  # heads * head_dim, as Attention builds its kernels
-  rows = batch * tokens
-  return {
-      'attention_projections': depth * 4 * dense_flops(rows, width, inner),
-      'attention_scores': depth * 2 * dense_flops(rows, inner, tokens),  # QK^T and AV
-      'mlp': depth * (dense_flops(rows, width, mlp_dim) + dense_flops(rows, mlp_dim, width)),
-  }
-
-
-def num_patches(config) -> int:
-  patch = parse_variant(config.model.variant).patch_size
-  return (config.data.image_size // patch) ** 2
-
-
 def encoder_num_tokens(config) -> int:
-  """Tokens the ViT's blocks see in a training step: visible patches (+ cls)."""
-  objective = config.objective
-  total = num_patches(config)
-  if objective.name == 'mae' and not objective.encoder_on_all_tokens:
-    patches = num_kept(total, objective.mask_ratio)
-  elif objective.name == 'flip' and objective.mask_ratio > 0:
-    patches = num_kept(total, objective.mask_ratio)
-  else:
-    patches = total
-  return patches + int(config.model.use_cls_token)
+  """Tokens the ViT's blocks see per example in a training step: the patches the objective
+  keeps (Objective.encoder_patches), plus the cls token."""
+  return (objective_class(config.objective.name).encoder_patches(config)
+          + int(config.model.use_cls_token))
 
 
 def vit_forward_flops(config, batch: int, tokens: int | None = None) -> dict[str, float]:
   """The ViT encoder's forward: patch embedding of the patches the blocks see, blocks over
   `tokens` (default: the training step's, encoder_num_tokens)."""
-  size = parse_variant(config.model.variant)
   tokens = encoder_num_tokens(config) if tokens is None else tokens
-  embedded = tokens - int(config.model.use_cls_token)
-  parts = {'patch_embed': dense_flops(batch * embedded, size.patch_size ** 2 * 3, size.width)}
-  parts.update(transformer_forward_flops(batch, tokens, size.width, size.depth, size.heads))
-  return parts
-
-
-def _prefixed(prefix: str, parts: dict[str, float]) -> dict[str, float]:
-  return {f'{prefix}/{name}': flops for name, flops in parts.items()}
-
-
-def _wsp_num_labels(config) -> int:
-  from big_pretrain.data.text.labels import LabelVocabulary  # only WSP needs the file
-  return len(LabelVocabulary.from_file(config.data.labels.vocabulary))
+  return vit.vit_forward_flops(config.model, batch, tokens - int(config.model.use_cls_token))
 
 
 def model_flops_breakdown(config, num_labels: int | None = None) -> StepFlops:
   """Analytic FLOPs of one training step of a stage config, per part (see the module doc).
 
-  Reads config.model (variant, use_cls_token), config.objective,
-  config.data.image_size (and data.text.max_length for FLIP) and
-  config.batch_size, the GLOBAL batch. WSP's vocabulary size is read from
-  config.data.labels.vocabulary unless `num_labels` is given.
+  The encoder's parts ('encoder/...') come from config.model and the tokens the objective
+  keeps; every other part is the objective's own (Objective.flops_beyond_encoder). Reads
+  config.batch_size, the GLOBAL batch. `num_labels`: the size of a head the data decides
+  (WSP's label vocabulary, fine-tuning's classes) when known; else read from the config.
   """
-  objective = config.objective
-  batch = config.batch_size
-  size = parse_variant(config.model.variant)
-  patch_dim = size.patch_size ** 2 * 3
-  total_patches = num_patches(config)
-  prefix = int(config.model.use_cls_token)
+  objective = objective_class(config.objective.name)
   encoder_tokens = encoder_num_tokens(config)
-  parts = _prefixed('encoder', vit_forward_flops(config, batch, encoder_tokens))
-
-  if objective.name == 'mae':
-    width = objective.decoder_width
-    decoder_tokens = total_patches + prefix  # mask tokens fill in every dropped patch
-    parts['decoder/embed'] = dense_flops(batch * encoder_tokens, size.width, width)
-    parts.update(_prefixed('decoder', transformer_forward_flops(
-        batch, decoder_tokens, width, objective.decoder_depth, objective.decoder_heads)))
-    # The prediction runs on the cls position too, then drops it.
-    parts['decoder/predict'] = dense_flops(batch * decoder_tokens, width, patch_dim)
-  elif objective.name == 'wsp':
-    labels = _wsp_num_labels(config) if num_labels is None else num_labels
-    parts['head'] = dense_flops(batch, size.width, labels)
-  elif objective.name in ('flip', 'lit'):
-    text_width = objective.text_width
-    parts.update(_prefixed('text', transformer_forward_flops(
-        batch, config.data.text.max_length, text_width, objective.text_depth,
-        objective.text_heads)))
-    parts['projections'] = (dense_flops(batch, size.width, objective.embed_dim)
-                            + dense_flops(batch, text_width, objective.embed_dim))
-    parts['logits'] = dense_flops(batch, objective.embed_dim, batch)  # global B x B
-  elif objective.name == 'aim':
-    width, depth = objective.head_width, objective.head_depth
-    rows = batch * total_patches
-    parts['head/embed'] = dense_flops(rows, size.width, width)
-    parts['head/mlp'] = depth * (dense_flops(rows, width, MLP_RATIO * width)
-                                 + dense_flops(rows, MLP_RATIO * width, width))
-    parts['head/predict'] = dense_flops(rows, width, patch_dim)
-  elif objective.name in ('finetune', 'self_training'):
-    parts['head'] = dense_flops(batch, size.width, finetune.num_classes(config))
-  else:
-    raise ValueError(f'No FLOPs model for objective {objective.name!r}.')
-  # LiT's locked image tower: one forward, no backward (objectives/lit.py).
-  return StepFlops(parts, forward_only=('encoder/',) if objective.name == 'lit' else ())
+  parts = vit_forward_flops(config, config.batch_size, encoder_tokens)
+  parts.update(objective.flops_beyond_encoder(config, encoder_tokens, num_labels))
+  return StepFlops(parts, forward_only=objective.forward_only_parts)
 
 
 def model_flops_per_step(config, num_labels: int | None = None) -> float:

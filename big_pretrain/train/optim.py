@@ -1,4 +1,4 @@
-"""The optimiser: AdamW with linear warmup + cosine decay (optax), and what fine-tuning adds.
+"""The optimizer: AdamW with linear warmup + cosine decay (optax), and what fine-tuning adds.
 
 - Gradient clipping by global norm; skipping a few NaN/Inf updates.
 - Layer-wise learning-rate decay (`optim.layer_decay`, MAE/BEiT fine-tuning):
@@ -8,9 +8,9 @@
   A scanned stack's leaves carry the layer on their leading axis: each row gets
   its own scale. Scaling the whole AdamW update scales its weight decay alike,
   as a per-group lr does in PyTorch.
-- Frozen parameters (`frozen_where_untrainable`): no optimiser state, no update.
+- Frozen parameters (`frozen_where_untrainable`): no optimizer state, no update.
 - An exponential moving average of the parameters (`optim.ema_decay`), kept in
-  the optimiser state so checkpoints and resumes carry it.
+  the optimizer state so checkpoints and resumes carry it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,43 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from big_pretrain import schema
 from big_pretrain.models.vit import encoder_depth, encoder_layer
+
+# config.optim: AdamW and what it is scheduled and wrapped with.
+OPTIM_KEYS = schema.Group(
+    'the optimizer: AdamW, linear warmup then cosine decay',
+    name=schema.Key('adamw', schema.one_of('adamw'), 'the optimizer'),
+    # 0 trains nothing; below it, the loss would ascend.
+    lr_per_256=schema.Key(1.5e-4, schema.at_least(0),
+                          'the peak learning rate is lr_per_256 * batch_size / 256'),
+    b1=schema.Key(0.9, schema.UNIT_FRACTION, "Adam's first-moment decay"),
+    b2=schema.Key(0.95, schema.UNIT_FRACTION, "Adam's second-moment decay"),
+    eps=schema.Key(1e-8, schema.above(0), "Adam's epsilon"),
+    weight_decay=schema.Key(0.05, schema.at_least(0), "AdamW's decoupled weight decay"),
+    warmup_steps=schema.Key(1000, schema.NON_NEGATIVE_COUNT, 'steps of linear warmup'),
+    end_lr_fraction=schema.Key(0.0, schema.within(0, 1),
+                               'the learning rate at the last step, over the peak'),
+    clip_grad_norm=schema.Key(None, schema.above(0, or_none=True),
+                              'clip the gradient to this global norm; None: no clipping',
+                              type=float),
+    skip_nonfinite_updates=schema.Key(
+        0, schema.NON_NEGATIVE_COUNT,
+        'a NaN/Inf gradient stops the run (0), or up to this many in a row are skipped (the '
+        'parameters left as they were) before it does'),
+    no_weight_decay=schema.Key(
+        (), schema.texts(),
+        "regexes of parameter paths never decayed, beside biases and norms (fine-tuning: "
+        "('cls_token', 'pos_embedding'), as MAE's no_weight_decay list)"),
+    layer_decay=schema.Key(
+        None, schema.within(0, 1, low_open=True, or_none=True),
+        'layer-wise lr decay (MAE fine-tuning: 0.65 B, 0.75 L/H): the update at encoder layer '
+        'l is scaled by layer_decay^(depth + 1 - l); None: off', type=float),
+    ema_decay=schema.Key(
+        None, schema.within(0, 1, low_open=True, high_open=True, or_none=True),
+        'a moving average of the parameters kept beside them (e.g. 0.9999), scored by '
+        'evaluators with also_ema; None: off', type=float),
+)
 
 
 def param_path(path) -> str:
@@ -110,7 +146,7 @@ def track_params_ema(decay: float) -> optax.GradientTransformation:
 
 
 def find_state(opt_state, state_type):
-  """The first `state_type` instance in an optimiser state tree (chains, masks), or None."""
+  """The first `state_type` instance in an optimizer state tree (chains, masks), or None."""
   found = [node for node in jax.tree_util.tree_leaves(
       opt_state, is_leaf=lambda node: isinstance(node, state_type))
            if isinstance(node, state_type)]
@@ -130,8 +166,6 @@ def ema_params(opt_state, params):
 
 def make_optimizer(optim_config, schedule: optax.Schedule) -> optax.GradientTransformation:
   """AdamW per `config.optim`, with what its other keys ask for (see the module doc)."""
-  if optim_config.name != 'adamw':
-    raise ValueError(f"config.optim.name={optim_config.name!r}: only 'adamw' is implemented.")
   exclude = tuple(optim_config.no_weight_decay)
   adamw = optax.adamw(
       schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
@@ -140,21 +174,12 @@ def make_optimizer(optim_config, schedule: optax.Schedule) -> optax.GradientTran
   parts = [adamw]
   if optim_config.clip_grad_norm:
     parts.insert(0, optax.clip_by_global_norm(optim_config.clip_grad_norm))
-  layer_decay = optim_config.layer_decay
-  if layer_decay is not None:
-    if not 0 < layer_decay <= 1:
-      raise ValueError(f'config.optim.layer_decay={layer_decay!r} must be in (0, 1].')
-    parts.append(scale_by_layer_decay(layer_decay))
-  ema_decay = optim_config.ema_decay
-  if ema_decay is not None:
-    if not 0 < ema_decay < 1:
-      raise ValueError(f'config.optim.ema_decay={ema_decay!r} must be in (0, 1).')
-    parts.append(track_params_ema(ema_decay))
+  if optim_config.layer_decay is not None:
+    parts.append(scale_by_layer_decay(optim_config.layer_decay))
+  if optim_config.ema_decay is not None:
+    parts.append(track_params_ema(optim_config.ema_decay))
   tx = parts[0] if len(parts) == 1 else optax.chain(*parts)
   skip = optim_config.skip_nonfinite_updates
-  if not isinstance(skip, int) or skip < 0:
-    raise ValueError(f'config.optim.skip_nonfinite_updates={skip!r} must be an integer >= 0: '
-                     'how many NaN/Inf updates in a row may be skipped (0: stop at the first).')
   if skip:
     tx = optax.apply_if_finite(tx, max_consecutive_errors=skip)
   return tx

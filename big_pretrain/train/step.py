@@ -50,7 +50,7 @@ class ShardedTrainer:
 
   def lower_step(self, batch_shapes: dict[str, jax.ShapeDtypeStruct]):
     """The step traced and lowered for `batch_shapes` (global shapes), not yet compiled:
-    its cost_analysis() counts the program as written, before XLA optimises it."""
+    its cost_analysis() counts the program as written, before XLA optimizes it."""
     batch = {name: jax.ShapeDtypeStruct(shape.shape, shape.dtype,
                                         sharding=sharding_lib.batch_sharding(self.mesh))
              for name, shape in batch_shapes.items()}
@@ -87,7 +87,7 @@ def build_trainer(objective, tx: optax.GradientTransformation, schedule: optax.S
 
   def init_boxed(rng):
     params = objective.init_params(rng)
-    # Optimiser moments mirror the boxed parameters, so they inherit their axes.
+    # Optimizer moments mirror the boxed parameters, so they inherit their axes.
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   with sharding_lib.activate(mesh, rules):
@@ -149,7 +149,7 @@ def _sharded_abstract(boxed_tree, mesh: Mesh, rules):
 
 
 def _logical_specs(boxed_tree):
-  """nn.get_partition_spec, but a frozen parameter's absent optimiser moment (optax's
+  """nn.get_partition_spec, but a frozen parameter's absent optimizer moment (optax's
   MaskedNode, boxed with the parameter's axes) stays absent instead of getting a spec."""
 
   def spec(leaf):

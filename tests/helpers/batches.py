@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from big_pretrain.config.defaults import default_data_config
+from big_pretrain.data.data_config import default_data_config
 
 IMAGE_SIZE = 32  # small_data_config's image_size
 

@@ -108,8 +108,8 @@ def tiny_teacher_config(**overrides):
 
 def tiny_pseudo_label_config(**overrides):
   """Pseudo-labels for the other three quarters (192 images): 3 shards of 64, batch 16."""
-  from big_pretrain.config.defaults import pseudo_label_config  # pylint: disable=import-outside-toplevel
-  config = pseudo_label_config()
+  from big_pretrain.stages import pseudo_label_job  # pylint: disable=import-outside-toplevel
+  config = pseudo_label_job.default_config()
   config.teacher.workdir = 'set by the test'
   config.data.update(source='synthetic', num_examples=256, source_image_size=32, num_threads=2)
   config.data.subset.update(fraction=0.25, complement=True)

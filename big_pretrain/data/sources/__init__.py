@@ -1,72 +1,38 @@
-"""Random-access data sources for ``grain.MapDataset.source``, and `build_source`.
+"""Random-access data sources for ``grain.MapDataset.source``: the registry.
 
 One module per source: synthetic.py (embedded shapes, no files),
 image_folder.py, array_record.py (the converter's shards), tfds_source.py,
 subset.py (a fixed part of another source) and pseudo_labelled.py (a teacher's
-labels joined to unlabelled images); source_texts.py reads a source's texts for
-the vocabulary build command. `build_source(config.data)` picks one by
-config.data.source.
+labels joined to unlabelled images, mixed into a self-training student's
+batches); source_texts.py reads a source's texts for the vocabulary build
+command. source.py states the contract every source keeps.
 
-The Source contract, what every source provides (see `Source`):
+`build_source(config.data)` picks one by config.data.source; `second_source`
+gives what is mixed into the training batches beside it, if anything;
+`DATA_KEYS` declares the keys of config.data that choose and configure the
+source (each source's own keys in its module).
 
-* ``len(source)``: the number of examples.
-* ``source[i]`` for ``0 <= i < len(source)``: an example, a dict with
-    'key'       str: names the example, the same in every run (in warnings, and
-                to join pseudo-labels to images);
-    the image   exactly one of 'image' (uint8 (H, W, 3) pixels), 'image_path'
-                (a file) or 'image_bytes' (an encoded image). Sources never decode
-                files: the input pipeline does, so that a corrupt image is skipped
-                and counted instead of stopping the run;
-    'label'     int: the class id in [0, num_classes), or -1 when unknown;
-    'caption'   str: '' when there is none;
-    'hashtags'  list[str]: the example's tags, e.g. '#circle' (for a source of
-                captions, the '#word's of the caption).
-  A source may add more (the pseudo-labelled source adds 'pseudo_ids' and
-  'pseudo_probs').
-* ``class_names`` (list[str], name of label i at i; '0', '1', ... when the labels
-  have no names) and ``num_classes`` (int; 0 when the source has no labels).
-* Determinism: example i is a pure function of the source's arguments and
-  files, the same on every call, thread, process and machine. Grain reads
-  any index from any process, in threads, and a resumed run must read the same
-  stream, so ``__getitem__`` keeps no state.
-* Errors: a missing or empty path, or a bad setting, raises when the source is
-  built (FileNotFoundError or ValueError, naming the config key and the fix), so
-  a run stops before anything is compiled. ``__getitem__`` does not decode the
-  image, so a damaged image never raises there (the input skips it); a damaged
-  record does (ValueError, naming where it is).
-
-A new source: a module here with a class that keeps this contract, its name in
-SOURCE_NAMES and a branch in `build_source` (its keys in config/defaults.py).
+A new source: a module here with a class that keeps the contract and its keys
+(`DATA_KEYS`), its name in SOURCE_NAMES, a branch in `build_source`, and its
+checks in `check_config`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
-
+from big_pretrain import schema
 from big_pretrain.data.sources import array_record
 from big_pretrain.data.sources import image_folder
+from big_pretrain.data.sources import pseudo_labelled
+from big_pretrain.data.sources import subset
+from big_pretrain.data.sources import synthetic
+from big_pretrain.data.sources import tfds_source
 from big_pretrain.data.sources.array_record import ArrayRecordSource
 from big_pretrain.data.sources.image_folder import ImageFolder
+from big_pretrain.data.sources.source import SPLITS, SecondSource, Source
 from big_pretrain.data.sources.subset import SubsetSource
 from big_pretrain.data.sources.synthetic import SyntheticShapes
 from big_pretrain.data.sources.tfds_source import TfdsSource
-
-# config.data.split: what every source serves ('test' is the held-out split evaluators read).
-SPLITS = ('train', 'test')
-
-
-class Source(Protocol):
-  """What every source provides; the module docstring states the contract."""
-
-  class_names: list[str]
-  num_classes: int
-
-  def __len__(self) -> int:
-    ...
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    ...
-
+from big_pretrain.errors import ConfigError
 
 SOURCE_NAMES = ('synthetic', 'image_folder', 'array_record', 'tfds')
 # The sources read from config.data.path: what the path must hold, and the class.
@@ -75,6 +41,43 @@ PATH_SOURCES = {
     'array_record': ('a folder of ArrayRecord shards written by `python -m'
                      ' big_pretrain.data.convert`', ArrayRecordSource),
 }
+
+# The keys of config.data that choose the images: the source, and each source's own keys.
+DATA_KEYS = schema.Group(
+    'which images a stage reads',
+    source=schema.Key('synthetic', schema.one_of(*SOURCE_NAMES), 'where the images come from'),
+    path=schema.Key(None, schema.OPTIONAL_TEXT,
+                    'image_folder: a folder of class subfolders; array_record: a folder of '
+                    'shards written by `python -m big_pretrain.data.convert` (or a glob of '
+                    'shards)', type=str),
+    test_path=schema.Key(None, schema.OPTIONAL_TEXT,
+                         'held-out images for evaluators, as `path` (synthetic data draws a '
+                         "disjoint 'test' stream; tfds reads tfds_test_split)", type=str),
+    split=schema.Key('train', schema.one_of(*SPLITS), "which of the two a pipeline reads"),
+    **synthetic.DATA_KEYS,
+    **tfds_source.DATA_KEYS,
+    subset=subset.DATA_KEYS,
+    pseudo_labels=pseudo_labelled.DATA_KEYS,
+)
+
+
+def check_config(data, path: str) -> None:
+  """Raises ConfigError when config.data lacks what its source needs (beside each key's own
+  rule): an image folder's or an ArrayRecord folder's path, a TFDS dataset's name."""
+  if data.source == 'tfds':
+    tfds_source.check_config(data, path)
+  elif data.source == 'array_record' and not data.path:
+    raise ConfigError(
+        f"{path}.data.path is not set, and {path}.data.source='array_record' needs it. Point "
+        'it at a folder written by `python -m big_pretrain.data.convert --input=IMAGES_OR_TARS '
+        '--output=DIR`, e.g. --config.data.path=DIR.')
+  elif data.source in PATH_SOURCES and not data.path:
+    raise ConfigError(
+        f'{path}.data.path is not set, and {path}.data.source={data.source!r} needs it. '
+        'Point it at your data, e.g. --config.data.path=/data/imagenet/train (a folder '
+        'of class subfolders of JPEG/PNG images, optional .txt captions beside them), '
+        'or try the embedded synthetic data with the ":demo" config variant '
+        '(e.g. --config=configs/mae.py:demo).')
 
 
 def check_has_data(source: str, path: str) -> None:
@@ -94,11 +97,27 @@ def build_source(data_config) -> Source:
   """Builds the source named by ``data_config.source``; its training split limited to
   ``data_config.subset``'s part when that is set."""
   source = _build_whole_source(data_config)
-  subset = data_config.subset
-  if data_config.split == 'train' and (subset.fraction < 1.0 or subset.complement):
-    source = SubsetSource(source, subset.fraction, complement=subset.complement,
+  subset_config = data_config.subset
+  if data_config.split == 'train' and (subset_config.fraction < 1.0 or subset_config.complement):
+    source = SubsetSource(source, subset_config.fraction, complement=subset_config.complement,
                           seed=data_config.seed)
   return source
+
+
+def second_source_key(data_config) -> str | None:
+  """The group of config.data that mixes a second source into the training batches
+  (source.SecondSource), when it is set: 'pseudo_labels'; else None."""
+  pseudo_labels = data_config.pseudo_labels
+  return pseudo_labelled.PseudoLabelMix.config_key if (
+      pseudo_labels.stage or pseudo_labels.path) else None
+
+
+def second_source(data_config) -> SecondSource | None:
+  """What is mixed into the training batches beside config.data's source, or None. (A chain
+  has put an earlier stage's folder in config.data.pseudo_labels.path by now.)"""
+  if data_config.pseudo_labels.path:
+    return pseudo_labelled.PseudoLabelMix.from_data_config(data_config)
+  return None
 
 
 def _build_whole_source(data_config) -> Source:
@@ -111,32 +130,19 @@ def _build_whole_source(data_config) -> Source:
         split=split,
         label=data_config.synthetic_label)
   if data_config.source in PATH_SOURCES:
-    what, source_class = PATH_SOURCES[data_config.source]
-    if split == 'test':
-      if not data_config.test_path:
-        raise ValueError(
-            'Evaluators need a held-out split: set config.data.test_path to'
-            f" {what} (e.g. ImageNet's val), separate from config.data.path.")
-      return source_class(data_config.test_path)
-    if not data_config.path:
-      raise ValueError(
-          f'config.data.source={data_config.source!r} needs config.data.path: set it to'
-          f" {what}, or use source='synthetic'.")
-    return source_class(data_config.path)
-  if data_config.source == 'tfds':
-    if not data_config.tfds_name:
-      raise ValueError(
-          "config.data.source='tfds' needs config.data.tfds_name: the name of a TFDS dataset"
-          " prepared with file_format='array_record' (and config.data.tfds_data_dir).")
-    split_key = 'tfds_test_split' if split == 'test' else 'tfds_train_split'
-    return TfdsSource(
-        data_config.tfds_name,
-        split=data_config[split_key],
-        data_dir=data_config.tfds_data_dir,
-        image_key=data_config.tfds_image_key,
-        label_key=data_config.tfds_label_key,
-        caption_key=data_config.tfds_caption_key,
-        split_key=split_key)
-  raise ValueError(
-      f'Unknown data source {data_config.source!r}; config.data.source must be one'
-      f' of {", ".join(repr(name) for name in SOURCE_NAMES)}.')
+    _, source_class = PATH_SOURCES[data_config.source]
+    return source_class(data_config.test_path if split == 'test' else data_config.path)
+  split_key = 'tfds_test_split' if split == 'test' else 'tfds_train_split'
+  return TfdsSource(
+      data_config.tfds_name,
+      split=data_config[split_key],
+      data_dir=data_config.tfds_data_dir,
+      image_key=data_config.tfds_image_key,
+      label_key=data_config.tfds_label_key,
+      caption_key=data_config.tfds_caption_key,
+      split_key=split_key)
+
+
+__all__ = ['DATA_KEYS', 'PATH_SOURCES', 'SOURCE_NAMES', 'SPLITS', 'SecondSource', 'Source',
+           'build_source', 'check_config', 'check_has_data', 'second_source',
+           'second_source_key']

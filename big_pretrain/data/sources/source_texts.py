@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from big_pretrain.config.defaults import default_data_config
+from big_pretrain.data.data_config import default_data_config
 from big_pretrain.data import sources
 from big_pretrain.data.sources import synthetic
 

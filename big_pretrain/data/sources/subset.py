@@ -6,6 +6,17 @@ from typing import Any
 
 import numpy as np
 
+from big_pretrain import schema
+
+# config.data.subset: a fixed part of the training split.
+DATA_KEYS = schema.Group(
+    "only a fixed random part of the training split (self-training's labelled subset), or "
+    'with complement=True all the others (its unlabelled rest)',
+    fraction=schema.Key(1.0, schema.within(0, 1, low_open=True),
+                        'the fraction of the examples in the part, drawn from data.seed'),
+    complement=schema.Key(False, schema.BOOLEAN, 'take every example not in the part'),
+)
+
 _SUBSET_STREAM = 7  # Keeps the subset's draw apart from the synthetic images' streams.
 
 
@@ -20,8 +31,6 @@ class SubsetSource:
   """
 
   def __init__(self, source, fraction: float, *, complement: bool = False, seed: int = 0):
-    if not 0.0 < fraction <= 1.0:
-      raise ValueError(f'config.data.subset.fraction={fraction}: must be in (0, 1].')
     order = np.random.default_rng((int(seed), _SUBSET_STREAM)).permutation(len(source))
     count = int(round(fraction * len(source)))
     indices = order[count:] if complement else order[:count]

@@ -11,7 +11,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-# Masks take coordinates normalised to the shape's half-extent (the shape's
+from big_pretrain import schema
+
+# Masks take coordinates normalized to the shape's half-extent (the shape's
 # bounding box is [-1, 1]^2) and return a boolean array.
 MaskFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -110,6 +112,17 @@ _SPLIT_STREAMS = {'train': (), 'test': (1,)}
 SYNTHETIC_LABELS = ('shape', 'colour')
 # config.data.num_examples's default, and how many examples the vocabulary build reads.
 DEFAULT_NUM_EXAMPLES = 50_000
+
+# The keys of config.data this source reads beside the shared ones (data_config.py).
+DATA_KEYS = schema.Group(
+    'the embedded synthetic shapes',
+    num_examples=schema.Key(DEFAULT_NUM_EXAMPLES, schema.COUNT,
+                            'synthetic only: the examples of the training split'),
+    source_image_size=schema.Key(64, schema.at_least(8, integer=True),
+                                 'synthetic only: the size of the generated images'),
+    synthetic_label=schema.Key('shape', schema.one_of(*SYNTHETIC_LABELS),
+                               "synthetic only: the class label, 'shape' or 'colour'"),
+)
 
 
 class SyntheticShapes:

@@ -7,8 +7,42 @@ from typing import Any
 from absl import logging
 import numpy as np
 
+from big_pretrain import schema
 from big_pretrain.data import transforms
 from big_pretrain.data.text import labels as labels_lib
+from big_pretrain.errors import ConfigError
+
+# The keys of config.data this source reads beside the shared ones (data_config.py).
+DATA_KEYS = schema.Group(
+    'a TFDS dataset prepared in ArrayRecord format',
+    tfds_name=schema.Key(None, schema.OPTIONAL_TEXT,
+                         "tfds only: the dataset, prepared with file_format='array_record', "
+                         "e.g. 'imagenet2012'", type=str),
+    tfds_data_dir=schema.Key(None, schema.OPTIONAL_TEXT,
+                             "tfds only: where it was prepared; None: TFDS's default",
+                             type=str),
+    tfds_train_split=schema.Key('train', schema.REQUIRED_TEXT,
+                                "tfds only: the training split, any TFDS split spec, e.g. "
+                                "'train[:90%]'"),
+    tfds_test_split=schema.Key('validation', schema.REQUIRED_TEXT,
+                               'tfds only: what evaluators read as the held-out split'),
+    tfds_image_key=schema.Key('image', schema.REQUIRED_TEXT,
+                              'tfds only: the image feature (encoded or decoded)'),
+    tfds_label_key=schema.Key('label', schema.OPTIONAL_TEXT,
+                              'tfds only: the integer label feature (a ClassLabel names the '
+                              'classes); None or absent: -1', type=str),
+    tfds_caption_key=schema.Key(None, schema.OPTIONAL_TEXT,
+                                'tfds only: a text feature, or None', type=str),
+)
+
+
+def check_config(data, path: str) -> None:
+  """What a 'tfds' source needs beside its keys' own rules."""
+  if not data.tfds_name:
+    raise ConfigError(
+        f"{path}.data.tfds_name is not set, and {path}.data.source='tfds' needs it: the name "
+        "of a TFDS dataset prepared with file_format='array_record' (`tfds build NAME "
+        '--file_format=array_record`), with --config.data.tfds_data_dir=ITS_DATA_DIR.')
 
 
 def _import_tfds():

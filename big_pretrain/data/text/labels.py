@@ -4,7 +4,7 @@ WSP labels an image with the hashtags of its text (optionally every word of
 its caption), mapped to a fixed vocabulary; the targets are multi-hot and an
 example with no label in the vocabulary is left out of the loss.
 
-Tags are compared after normalisation (``normalize_tag``): surrounding
+Tags are compared after normalization (``normalize_tag``): surrounding
 whitespace and one leading '#' are removed, the tag is lowercased, and
 punctuation at both ends is stripped, so '#Circle', 'circle' and 'Circle!'
 are the same tag.
@@ -23,7 +23,7 @@ Vocabulary file format (UTF-8, one label per line)::
 * ``label: tag1, tag2`` maps the hashtags ``tag1`` and ``tag2`` to ``label``
   (synonyms are comma-separated, a '#' before them is optional). A label always
   maps to itself.
-* Labels and synonyms are normalised when read, so they can never contain ':'
+* Labels and synonyms are normalized when read, so they can never contain ':'
   or ',' (the separators) nor start with '#'.
 * A blank line, or a line whose first non-space character is '#' followed by a
   space, a tab or the end of the line, is a comment. '#circle' (no space) is the
@@ -51,6 +51,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from big_pretrain import schema
 from big_pretrain.data.text import frequent_tokens
 from big_pretrain.errors import DamagedFileError
 from big_pretrain.storage import files as storage
@@ -71,7 +72,7 @@ def synthetic_vocabulary_path() -> str:
   return os.path.join(os.path.dirname(__file__), 'vocabularies', 'synthetic_shapes.txt')
 
 
-# --- Normalisation ------------------------------------------------------------
+# --- Normalization ------------------------------------------------------------
 
 def _is_punctuation_or_space(character: str) -> bool:
   # Unicode punctuation too ('…', '“'), plus ASCII symbols such as '$' or '+'.
@@ -102,7 +103,7 @@ def caption_hashtags(caption: str) -> list[str]:
 
 
 def _candidate_tags(hashtags: Iterable[str], caption: str, use_caption_words: bool) -> set[str]:
-  """The distinct non-empty normalised tags of one example's text."""
+  """The distinct non-empty normalized tags of one example's text."""
   texts = list(hashtags)
   if use_caption_words:
     texts.extend(caption.split())
@@ -110,7 +111,7 @@ def _candidate_tags(hashtags: Iterable[str], caption: str, use_caption_words: bo
 
 
 def example_tags(example: Mapping[str, Any], use_caption_words: bool = False) -> set[str]:
-  """The distinct normalised tags of a source example ('hashtags', and 'caption' words if asked)."""
+  """The distinct normalized tags of a source example ('hashtags', and 'caption' words if asked)."""
   return _candidate_tags(example.get('hashtags') or (), example.get('caption') or '',
                          use_caption_words)
 
@@ -122,16 +123,16 @@ def _storable(tag: str) -> bool:
 # --- The vocabulary -----------------------------------------------------------
 
 class LabelVocabulary:
-  """Maps normalised hashtags (labels and their synonyms) to label ids.
+  """Maps normalized hashtags (labels and their synonyms) to label ids.
 
   Args:
-    labels: the label names; label ``i`` has id ``i``. Names are normalised.
+    labels: the label names; label ``i`` has id ``i``. Names are normalized.
     synonyms: label name -> hashtags that also map to that label.
     locations: where each label was defined (e.g. "line 3 of vocab.txt"),
       used in error messages; defaults to "labels[i]".
 
   Raises:
-    ValueError: a label is empty after normalisation, contains ':' or ',', is
+    ValueError: a label is empty after normalization, contains ':' or ',', is
       given twice, or a hashtag maps to two labels; the message names where.
   """
 
@@ -193,7 +194,7 @@ class LabelVocabulary:
     name = normalize_tag(raw)
     if not name:
       raise ValueError(
-          f'{location}: {role} {raw!r} is empty once normalised (a leading "#",'
+          f'{location}: {role} {raw!r} is empty once normalized (a leading "#",'
           ' case and punctuation at the ends are stripped); give it letters or digits.')
     if not _storable(name):
       raise ValueError(
@@ -268,7 +269,7 @@ class LabelVocabulary:
     return len(self._labels)
 
   def label_id(self, tag: str) -> int | None:
-    """The id of the label `tag` (a label or a synonym, normalised first) maps to, or None."""
+    """The id of the label `tag` (a label or a synonym, normalized first) maps to, or None."""
     return self._ids.get(normalize_tag(tag))
 
   def encode(self, hashtags: Iterable[str], caption: str = '',
@@ -305,7 +306,7 @@ def pad_label_ids(label_ids: Sequence[int], length: int) -> np.ndarray:
 
 def build_vocabulary(examples: Iterable[Mapping[str, Any]], min_count: int, max_size: int,
                      use_caption_words: bool = False) -> LabelVocabulary:
-  """The most common normalised tags of `examples`, most frequent first.
+  """The most common normalized tags of `examples`, most frequent first.
 
   A tag's count is the number of examples carrying it (a tag repeated in one
   caption counts once). Keeps tags seen in at least `min_count` examples, at
@@ -321,6 +322,20 @@ def build_vocabulary(examples: Iterable[Mapping[str, Any]], min_count: int, max_
 
 
 # --- The vocabulary a data config names -----------------------------------------
+
+# config.data.labels: WSP's labels, hashtags mapped to a fixed vocabulary.
+DATA_KEYS = schema.Group(
+    "WSP's labels: each image's hashtags mapped to a fixed vocabulary ('label_ids')",
+    vocabulary=schema.Key(None, schema.OPTIONAL_TEXT,
+                          'a label vocabulary file; None: no labels (no label_ids in batches)',
+                          type=str),
+    max_labels_per_example=schema.Key(16, schema.COUNT,
+                                      "the width of the 'label_ids' rows; an example with "
+                                      'more labels keeps the lowest ids'),
+    use_caption_words=schema.Key(False, schema.BOOLEAN,
+                                 'also map every caption word, not only hashtags'),
+)
+
 
 def configured_vocabulary_path(data_config) -> str | None:
   """config.data.labels.vocabulary, or None when WSP labels are off."""

@@ -15,7 +15,7 @@ from big_pretrain.errors import DamagedFileError
 
 
 class SentencePieceTokenizer(Tokenizer):
-  """A SentencePiece model with the Tokenizer interface; its own normalisation applies.
+  """A SentencePiece model with the Tokenizer interface; its own normalization applies.
 
   <bos>, <eos> and <pad> are the model's. A model trained without a pad piece
   (SentencePiece's default) pads with id 0, which such models give to <unk>:

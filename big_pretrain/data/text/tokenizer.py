@@ -22,9 +22,9 @@ Word tokenizer ids::
 
 Vocabulary file format (UTF-8): one token per line, the line index is the id.
 The first four lines are exactly ``<pad>``, ``<bos>``, ``<eos>``, ``<unk>``; every
-other line is one normalised word (see ``split_words``); no blank lines.
+other line is one normalized word (see ``split_words``); no blank lines.
 
-Normalisation (word tokenizer): NFKC, lowercase, then split into runs of word
+Normalization (word tokenizer): NFKC, lowercase, then split into runs of word
 characters (letters, digits, '_') and single punctuation marks, whitespace
 dropped: "A red, Circle!" -> ['a', 'red', ',', 'circle', '!']. ``decode``
 joins tokens with single spaces, so ``decode(encode(t)) == normalize_text(t)``
@@ -75,7 +75,7 @@ def synthetic_tokenizer_path() -> str:
                       'synthetic_captions_tokenizer.txt')
 
 
-# --- Normalisation ------------------------------------------------------------
+# --- Normalization ------------------------------------------------------------
 
 def split_words(text: str) -> list[str]:
   """'A red, Circle!' -> ['a', 'red', ',', 'circle', '!'] (see the module docstring)."""
@@ -157,16 +157,16 @@ def _check_max_length(max_length: int) -> None:
 # --- Word tokenizer -----------------------------------------------------------
 
 class WordTokenizer(Tokenizer):
-  """A fixed word vocabulary; see the module docstring for ids and normalisation.
+  """A fixed word vocabulary; see the module docstring for ids and normalization.
 
   Args:
     words: the words, in id order from 4 (the special tokens come first and
-      are not listed). Each must be one normalised token.
+      are not listed). Each must be one normalized token.
     locations: where each word was defined (e.g. "line 7 of tokenizer.txt"),
       used in error messages; defaults to "words[i]".
 
   Raises:
-    ValueError: a word is a special token, not a single normalised token, or
+    ValueError: a word is a special token, not a single normalized token, or
       given twice; the message names where.
   """
 
@@ -189,7 +189,7 @@ class WordTokenizer(Tokenizer):
             ' listed among the words.')
       if split_words(word) != [word]:
         raise ValueError(
-            f'{location}: {word!r} is not one normalised token (it splits into'
+            f'{location}: {word!r} is not one normalized token (it splits into'
             f' {split_words(word)}), so no text would ever produce it. Write lowercase'
             ' words or single punctuation marks, one per line.')
       if word in defined_at:
@@ -258,7 +258,7 @@ class WordTokenizer(Tokenizer):
 
 
   def token_id(self, word: str) -> int:
-    """The id of one normalised token, or UNK_ID."""
+    """The id of one normalized token, or UNK_ID."""
     return self._ids.get(word, UNK_ID)
 
   def encode(self, text: str) -> list[int]:
@@ -288,7 +288,7 @@ class WordTokenizer(Tokenizer):
 
 
 def build_tokenizer(captions: Iterable[str], min_count: int, max_size: int) -> WordTokenizer:
-  """The most frequent normalised words of `captions`, most frequent first.
+  """The most frequent normalized words of `captions`, most frequent first.
 
   A word's count is its number of occurrences. Keeps words seen at least
   `min_count` times, at most `max_size` of them (besides the 4 special

@@ -12,10 +12,23 @@ from __future__ import annotations
 from etils import epath
 import jax
 
+from big_pretrain import schema
 from big_pretrain.data.text.tokenizer import SENTENCEPIECE_SUFFIX, Tokenizer, WordTokenizer
 from big_pretrain.errors import DamagedFileError
 from big_pretrain.storage import files as storage
 from big_pretrain.storage.stage_dir import StageDir
+
+
+# config.data.text: captions tokenised for image-text objectives (FLIP, LiT).
+DATA_KEYS = schema.Group(
+    "captions tokenised for image-text objectives ('text_tokens')",
+    tokenizer=schema.Key(None, schema.OPTIONAL_TEXT,
+                         'a word vocabulary file or a SentencePiece .model; None: no text '
+                         '(no text_tokens in batches)', type=str),
+    max_length=schema.Key(32, schema.at_least(2, integer=True),
+                          "the width of the 'text_tokens' rows: <bos> + caption + <eos>, "
+                          'padded or truncated'),
+)
 
 
 def load_tokenizer(path: str) -> Tokenizer:
