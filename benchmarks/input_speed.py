@@ -8,7 +8,7 @@ torchvision), a bicubic antialiased resize to image_size, a random horizontal
 flip, and batching into uint8 (B, S, S, 3) images + int32 labels, in `--threads`
 threads:
 
-  grain    the real code: InputPipeline(config.data, ..., train=True) of
+  grain    the real code: InputPipeline(config.data, ...) of
            stage_config('mae') with data.source='image_folder', iterated with
            next_local_numpy() (host numpy batches, no device transfer). PIL
            decode and resize (big_pretrain/data/transforms.py).
@@ -210,7 +210,7 @@ def time_grain(args, directory: str) -> Result:
   config = grain_config(args, directory)
   mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
   pipeline = pipeline_lib.InputPipeline(config.data, global_batch_size=args.batch_size,
-                                        mesh=mesh, train=True, seed=0)
+                                        mesh=mesh, seed=0)
   result = time_batches('grain', args.threads, pipeline.next_local_numpy, args)
   del pipeline
   gc.collect()

@@ -151,7 +151,7 @@ def input_alone(config, threads: int | None, batches: int) -> tuple[float, float
   data_config.num_threads = threads
   mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
   data = pipeline_lib.InputPipeline(data_config, global_batch_size=config.batch_size,
-                                    mesh=mesh, train=True, seed=config.seed)
+                                    mesh=mesh, seed=config.seed)
   for _ in range(2):  # fills Grain's buffers
     data.next_local_numpy()
   times = os.times()

@@ -76,12 +76,11 @@ def main(process_id: int, num_processes: int, port: int, workdir: str, task: str
                             for _ in range(TRAIN_BATCHES_CHECKED)]
     eval_data = config.data.copy_and_resolve_references()
     eval_data.split = 'test'
-    evaluation = InputPipeline(eval_data, global_batch_size=config.batch_size, mesh=mesh,
-                               train=False)
-    # Each eval batch feeds a collective: a process with a batch more than the
+    # Each batch of evaluation feeds a collective: a process with a batch more than the
     # others would hang there, so the counts must be equal.
+    from helpers.batches import eval_split_batches  # noqa: PLC0415
     result['eval_rows'] = [image_hashes(batch['image'])
-                          for batch in iter(evaluation.next_local_numpy, None)]
+                          for batch in eval_split_batches(eval_data, config.batch_size)]
   elif task == 'eval_odd':
     from helpers.eval_counting import held_out_images  # noqa: PLC0415
     images, labels = held_out_images(config, sharding_lib.make_mesh(config.mesh))

@@ -24,7 +24,8 @@ from big_pretrain.errors import ConfigError
 from big_pretrain.evaluators import evaluator_config
 from configs import mae as mae_config
 from helpers.batches import (IMAGE_SIZE, assert_batches_equal, first_devices_mesh,
-                          read_until_exhausted, small_data_config, take)
+                          eval_split_batches, small_data_config, take, unreadable_rows,
+                          valid_rows)
 from helpers.images import (VALID_IMAGES_PER_CLASS, encoded_image, random_pixels,
                             truncated_jpeg_bytes)
 from helpers.tiny_config import tiny_mae_config
@@ -83,20 +84,17 @@ def test_converted_folder_gives_the_image_folder_batches_and_skips_corrupt_recor
   output, _ = converted
   folder_config = small_data_config(source='image_folder', path=str(image_folder))
   record_config = small_data_config(source='array_record', path=str(output))
-  # A batch of 2 divides the 10 examples: the eval epoch reads every one.
-  folder_data = train_input.InputPipeline(folder_config, global_batch_size=2,
-                                          mesh=first_devices_mesh(), train=False)
-  record_data = train_input.InputPipeline(record_config, global_batch_size=2,
-                                          mesh=first_devices_mesh(), train=False)
+  # As evaluators read them: batches of 2 of the 12 files, in the fixed evaluation order.
   with caplog.at_level(logging.WARNING):
-    records = read_until_exhausted(record_data)
+    records = eval_split_batches(record_config, global_batch_size=2)
+  folder = eval_split_batches(folder_config, global_batch_size=2)
   # Same examples in the same order, so the same pixels, labels and shuffled order.
-  assert_batches_equal(read_until_exhausted(folder_data), records)
-  assert len(records) * 2 == 2 * VALID_IMAGES_PER_CLASS
-  assert record_data.corrupt_images_skipped == folder_data.corrupt_images_skipped == 2
+  assert_batches_equal(folder, records)
+  assert len(valid_rows(records, 'label')) == 2 * VALID_IMAGES_PER_CLASS
+  assert unreadable_rows(records) == unreadable_rows(folder) == 2
   # The warning names the record by the original file.
   assert 'dogs/broken.jpg' in caplog.text and 'dogs/truncated.jpg' in caplog.text
-  assert record_data.class_names == ['cats', 'dogs']
+  assert sources.build_source(record_config).class_names == ['cats', 'dogs']
 
 
 def test_array_record_pipeline_resumes_exactly(converted):
@@ -217,11 +215,9 @@ def test_corrupt_image_in_a_record_is_skipped_and_counted(tmp_path, caplog):
     _add(archive, 'garbage.png', b'not a png at all')
   convert.convert(str(tmp_path / 'data.tar'), str(tmp_path / 'out'))
   config = small_data_config(source='array_record', path=str(tmp_path / 'out'))
-  data = train_input.InputPipeline(config, global_batch_size=4, mesh=first_devices_mesh(),
-                                   train=False)
   with caplog.at_level(logging.WARNING):
-    batches = read_until_exhausted(data)
-  assert len(batches) == 2 and data.corrupt_images_skipped == 2
+    batches = eval_split_batches(config, global_batch_size=4)
+  assert len(valid_rows(batches, 'label')) == 10 and unreadable_rows(batches) == 2
   assert 'data.tar/bad.jpg' in caplog.text and 'data.tar/garbage.png' in caplog.text
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from big_pretrain.config.validation import check_fits_devices, validate_stage_config
 from big_pretrain.data import data_config
+from big_pretrain.data import eval_input
 from big_pretrain.data import example_maps
 from big_pretrain.data import process_share
 from big_pretrain.data import sources
@@ -18,7 +19,8 @@ from big_pretrain.data import transforms
 from big_pretrain.data.data_config import default_data_config
 from big_pretrain.data.sources import synthetic
 from helpers.batches import (IMAGE_SIZE, assert_batches_equal, first_devices_mesh,
-                          read_until_exhausted, small_data_config, take)
+                          eval_split_batches, small_data_config, take, unreadable_rows,
+                          valid_rows)
 from helpers.images import VALID_IMAGES_PER_CLASS, truncated_jpeg_bytes
 from helpers.tiny_config import tiny_mae_config
 
@@ -260,19 +262,21 @@ def test_train_pipeline_reshuffles_each_epoch():
   assert not np.array_equal(epoch_labels[0], epoch_labels[1])
 
 
-def test_eval_pipeline_reads_one_epoch_in_a_fixed_shuffled_order():
+def test_evaluation_reads_one_epoch_in_a_fixed_shuffled_order():
   config = small_data_config(num_examples=24)
-  read = lambda seed: np.concatenate([
-      batch['label'] for batch in read_until_exhausted(train_input.InputPipeline(
-          config, global_batch_size=8, mesh=first_devices_mesh(), train=False, seed=seed))])
-  labels = read(seed=0)
+  read = lambda data_config: valid_rows(eval_split_batches(data_config, 8), 'label')
+  labels = read(config)
   # Every example exactly once ...
   np.testing.assert_array_equal(np.sort(labels),
                                 np.sort(np.arange(24) % len(synthetic.SHAPE_NAMES)))
-  # ... not in listing order (so the first N span the classes), and the same
-  # order whatever the run's seed, so evaluations compare across runs.
+  # ... not in listing order (so the first N span the classes), but in the order drawn from
+  # the data's seed alone (eval_order takes nothing of the run), so evaluations compare
+  # across runs.
   assert not np.array_equal(labels, np.arange(24) % len(synthetic.SHAPE_NAMES))
-  np.testing.assert_array_equal(labels, read(seed=7))
+  source = sources.build_source(config)
+  np.testing.assert_array_equal(
+      labels, [source[int(i)]['label'] for i in eval_input.eval_order(config, 24)])
+  np.testing.assert_array_equal(labels, read(config))
 
 
 # --- Image folder -------------------------------------------------------------
@@ -289,18 +293,15 @@ def test_image_folder_lists_classes_captions_and_hashtags(image_folder):
   assert examples[1]['caption'] == '' and examples[1]['hashtags'] == []
 
 
-def test_eval_pipeline_skips_and_counts_corrupt_images(image_folder, caplog):
+def test_evaluation_marks_and_names_corrupt_images(image_folder, caplog):
   config = small_data_config(source='image_folder', path=str(image_folder))
-  # Batch 2 divides the 10 files: eval pipelines read whole global batches only.
-  data = train_input.InputPipeline(config, global_batch_size=2, mesh=first_devices_mesh(),
-                                   train=False)
   with caplog.at_level(logging.WARNING):
-    batches = read_until_exhausted(data)
-  labels = np.concatenate([batch['label'] for batch in batches])
+    batches = eval_split_batches(config, global_batch_size=2)
+  labels = valid_rows(batches, 'label')
   assert len(labels) == 2 * VALID_IMAGES_PER_CLASS
   assert np.bincount(labels).tolist() == [VALID_IMAGES_PER_CLASS] * 2
   assert all(batch['image'].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) for batch in batches)
-  assert data.corrupt_images_skipped == 2
+  assert unreadable_rows(batches) == 2
   assert 'broken.jpg' in caplog.text and 'truncated.jpg' in caplog.text
 
 

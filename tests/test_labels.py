@@ -15,7 +15,7 @@ from big_pretrain.data import train_input
 from big_pretrain.data.sources import synthetic
 from big_pretrain.data.text import build_vocabulary
 from big_pretrain.data.text import labels
-from helpers.batches import first_devices_mesh, small_data_config
+from helpers.batches import eval_split_batches, first_devices_mesh, small_data_config
 
 MAX_LABELS = 6
 
@@ -307,11 +307,10 @@ def test_pipeline_truncates_to_the_lowest_ids():
   config = labels_data_config(num_examples=8)
   config.labels.vocabulary = labels.synthetic_vocabulary_path()
   config.labels.max_labels_per_example = 2
-  data = train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh(),
-                                   train=False)
-  vocabulary = data.label_vocabulary
+  vocabulary = labels.LabelVocabulary.from_file(config.labels.vocabulary)
   source = sources.SyntheticShapes(8, 32)
-  rows = data.next_local_numpy()['label_ids']
+  (batch,) = eval_split_batches(config, global_batch_size=8)  # as evaluators read them
+  rows = batch['label_ids']
   expected = [vocabulary.encode(source[index]['hashtags'])[:2] for index in range(8)]
   # The eval order is shuffled: compare the rows as a multiset.
   assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, expected))
@@ -331,19 +330,18 @@ def _write_image_folder(tmp_path):
 def test_image_folder_example_without_known_hashtag_has_an_all_padding_row(tmp_path):
   config = labels_data_config(source='image_folder', path=str(_write_image_folder(tmp_path)))
   config.labels.vocabulary = labels.synthetic_vocabulary_path()
-  data = train_input.InputPipeline(config, global_batch_size=3, mesh=first_devices_mesh(),
-                                   train=False)
-  circle = data.label_vocabulary.label_id('circle')
-  rows = np.asarray(next(data)['label_ids'])
+  vocabulary = labels.LabelVocabulary.from_file(config.labels.vocabulary)
+  circle = vocabulary.label_id('circle')
+  (batch,) = eval_split_batches(config, global_batch_size=3)  # as evaluators read them
+  rows = batch['label_ids']
   # The eval order is shuffled: compare the rows as a multiset.
   assert sorted(map(tuple, rows.tolist())) == sorted([
       (circle,) + (-1,) * (MAX_LABELS - 1), (-1,) * MAX_LABELS, (-1,) * MAX_LABELS])
   # With caption words, the bare word 'circle' and 'red' count as well.
   config.labels.use_caption_words = True
-  data = train_input.InputPipeline(config, global_batch_size=3, mesh=first_devices_mesh(),
-                                   train=False)
-  rows = np.asarray(next(data)['label_ids'])
-  red = data.label_vocabulary.label_id('red')
+  (batch,) = eval_split_batches(config, global_batch_size=3)
+  rows = batch['label_ids']
+  red = vocabulary.label_id('red')
   assert sorted(map(tuple, rows[:, :2].tolist())) == sorted(
       [tuple(sorted([circle, red])), (circle, -1), (-1, -1)])
 

@@ -16,6 +16,7 @@ import pytest
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data.train_input import InputPipeline
 from big_pretrain.train.loop import train_stage
+from helpers.batches import eval_split_batches
 from helpers.hashes import image_hashes
 from helpers.jax_workers import DEVICES_PER_PROCESS, NUM_PROCESSES, launch_workers
 from helpers.tiny_config import tiny_multiprocess_config
@@ -42,9 +43,8 @@ def test_each_process_reads_its_rows_of_the_single_process_batches(tmp_path, fou
 
   eval_data = config.data.copy_and_resolve_references()
   eval_data.split = 'test'
-  single_eval = [image_hashes(batch['image']) for batch in iter(InputPipeline(
-      eval_data, global_batch_size=config.batch_size, mesh=mesh, train=False
-  ).next_local_numpy, None)]
+  single_eval = [image_hashes(batch['image'])
+                 for batch in eval_split_batches(eval_data, config.batch_size)]
   # 64 examples, global batch 8: 8 batches each, none left over for one process alone.
   assert len(workers[0]['eval_rows']) == len(workers[1]['eval_rows']) == len(single_eval) == 8
   rows = [set(sum(w['eval_rows'], [])) for w in workers]

@@ -18,7 +18,7 @@ from big_pretrain.data.text import build_vocabulary
 from big_pretrain.data.text import sentencepiece_tokenizer
 from big_pretrain.data.text import tokenizer as tokenizer_lib
 from big_pretrain.data.text import tokenizer_files
-from helpers.batches import first_devices_mesh, small_data_config
+from helpers.batches import eval_split_batches, first_devices_mesh, small_data_config
 from helpers.tiny_config import tiny_mae_config
 
 MAX_LENGTH = 32
@@ -308,24 +308,23 @@ def text_data_config(tokenizer_path=None, num_examples=16):
 def test_pipeline_without_tokenizer_has_no_text_tokens():
   config = text_data_config()
   assert batch_features.device_feature_names(config) == batch_features.DEVICE_FEATURES
-  data = train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh(),
-                                   train=False)
+  data = train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh())
   assert set(data.next_local_numpy()) == {'image', 'label'}
   assert data.text_tokenizer is None
+  assert 'text_tokens' not in eval_split_batches(config, global_batch_size=8)[0]
 
 
 def test_pipeline_batches_carry_the_tokenised_captions():
   config = text_data_config(tokenizer_lib.synthetic_tokenizer_path())
   assert batch_features.device_feature_names(config)[-1] == 'text_tokens'
-  # One eval batch holds every example of the source once.
-  data = train_input.InputPipeline(config, global_batch_size=16, mesh=first_devices_mesh(),
-                                   train=False)
-  batch = next(data)
+  # One batch of evaluation holds every example of the source once.
+  (batch,) = eval_split_batches(config, global_batch_size=16)
   assert batch['text_tokens'].shape == (16, MAX_LENGTH)
   assert batch['text_tokens'].dtype == np.int32
   source = sources.build_source(config)
   captions = [source[i]['caption'] for i in range(len(source))]
-  expected = data.text_tokenizer.tokenize_batch(captions, MAX_LENGTH)
+  tokenizer = tokenizer_files.load_tokenizer(config.text.tokenizer)
+  expected = tokenizer.tokenize_batch(captions, MAX_LENGTH)
   # The eval order is a fixed shuffle: compare (label, tokens) pairs as multisets.
   got = sorted((int(label), tuple(row)) for label, row in
                zip(np.asarray(batch['label']), np.asarray(batch['text_tokens'])))

@@ -102,6 +102,21 @@ def eval_order(data_config: ml_collections.ConfigDict, num_examples: int) -> np.
   return np.random.default_rng(seed).permutation(num_examples)
 
 
+def local_ordered_batches(source, indices: np.ndarray, data_config: ml_collections.ConfigDict,
+                          *, global_batch_size: int):
+  """This process's rows of each global batch of `ordered_batches`, as numpy: the device
+  features and ROW_FIELDS (for this process's rows only)."""
+  per_process = global_batch_size // jax.process_count()
+  length = -(-len(indices) // global_batch_size) * global_batch_size
+  dataset = _IndexedRows(source, np.asarray(indices), length)
+  dataset = example_maps.with_label_ids_and_text_tokens(
+      dataset, data_config, *batch_features.load_text_features(data_config))
+  dataset = dataset.map(functools.partial(
+      _ordered_row, image_size=data_config.image_size,
+      crop_fraction=data_config.eval_crop_fraction))
+  return process_share.read_process_share(dataset, data_config, per_process).batch(per_process)
+
+
 def ordered_batches(source, indices: np.ndarray, data_config: ml_collections.ConfigDict, *,
                     global_batch_size: int, mesh: jax.sharding.Mesh):
   """Global batches of the examples `indices` of `source`, in order, each exactly once.
@@ -113,21 +128,12 @@ def ordered_batches(source, indices: np.ndarray, data_config: ml_collections.Con
   row too, so every process reads the same number of whole batches and none
   waits in a collective for a batch that never comes.
   """
-  process_count = jax.process_count()
-  per_process = global_batch_size // process_count
-  length = -(-len(indices) // global_batch_size) * global_batch_size
-  dataset = _IndexedRows(source, np.asarray(indices), length)
-  dataset = example_maps.with_label_ids_and_text_tokens(
-      dataset, data_config, *batch_features.load_text_features(data_config))
-  dataset = dataset.map(functools.partial(
-      _ordered_row, image_size=data_config.image_size,
-      crop_fraction=data_config.eval_crop_fraction))
-  batches = process_share.read_process_share(dataset, data_config, per_process).batch(per_process)
   sharding = sharding_lib.batch_sharding(mesh)
   device_names = batch_features.device_feature_names(data_config, train=False)
-  for local in batches:
+  for local in local_ordered_batches(source, indices, data_config,
+                                     global_batch_size=global_batch_size):
     batch = {name: jax.make_array_from_process_local_data(sharding, local[name])
              for name in device_names}
     rows = {name: np.asarray(multihost_utils.process_allgather(local[name], tiled=True))
-            if process_count > 1 else local[name] for name in ROW_FIELDS}
+            if jax.process_count() > 1 else local[name] for name in ROW_FIELDS}
     yield batch, rows

@@ -3,12 +3,12 @@
 Per process::
 
   MapDataset.source(source)
-    .shuffle(seed)                        # train only; reshuffled every epoch
-    .repeat(None)                         # train only; eval reads one epoch of whole batches
+    .shuffle(seed)                        # reshuffled every epoch
+    .repeat(None)
     -> MapDataset.mix with a second source  # only when config.data gives one (self-training)
     .map(add_label_ids)                   # only when config.labels.vocabulary is set (WSP)
     .map(add_text_tokens)                 # only when config.text.tokenizer is set (FLIP)
-    .random_map(decode, config.augment)   # e.g. crop+flip (data/augment.py); eval: centre crop
+    .random_map(decode, config.augment)   # e.g. crop+flip (data/augment.py)
     -> ProcessShare                       # this process's rows of every global batch
     .to_iter_dataset(ReadOptions(...))    # decoding runs in num_threads threads
     -> skip and count corrupt images      # stop after max_consecutive_unreadable in a row
@@ -70,9 +70,8 @@ class InputPipeline:
   mesh axes ('data', 'fsdp'). Images stay uint8: the model normalizes on the
   device, which keeps host-to-device traffic 4x smaller than float32.
 
-  Training pipelines shuffle and repeat forever; eval pipelines (``train=False``)
-  read the source once, in order, and stop. Both drop the final incomplete
-  batch, because global arrays need a fixed shape.
+  It shuffles and repeats forever; evaluation reads every example of a split
+  once through eval_input.py instead.
   """
 
   def __init__(
@@ -81,7 +80,6 @@ class InputPipeline:
       *,
       global_batch_size: int,
       mesh: jax.sharding.Mesh,
-      train: bool = True,
       seed: int = 0,
   ):
     self._source = sources.build_source(data_config)
@@ -91,41 +89,25 @@ class InputPipeline:
     per_process_batch = global_batch_size // jax.process_count()
 
     dataset = grain.MapDataset.source(self._source)
-    if train:
-      dataset = dataset.shuffle(
-          seed=seeds.derive_seed(data_config.seed, seed, seeds.SHUFFLE_STREAM))
-      dataset = dataset.repeat(None)
-      if (second_source := sources.second_source(data_config)) is not None:
-        dataset = self._mixed_with(dataset, second_source, data_config.seed, seed)
-    else:
-      # A fixed order, independent of the run's seed, so evaluations compare
-      # across runs; shuffled so the first N examples span every class (image
-      # folders are listed class by class).
-      dataset = dataset.shuffle(
-          seed=seeds.derive_seed(data_config.seed, seeds.EVAL_SHUFFLE_STREAM))
-      # Whole global batches only, so every process reads the same number of
-      # batches and none waits at the end of the epoch for a batch that never comes.
-      dataset = dataset[:len(dataset) // global_batch_size * global_batch_size]
+    dataset = dataset.shuffle(seed=seeds.derive_seed(data_config.seed, seed, seeds.SHUFFLE_STREAM))
+    dataset = dataset.repeat(None)
+    if (second_source := sources.second_source(data_config)) is not None:
+      dataset = self._mixed_with(dataset, second_source, data_config.seed, seed)
     dataset = example_maps.with_label_ids_and_text_tokens(
         dataset, data_config, self._label_vocabulary, self._text_tokenizer)
-    if train:
-      dataset = dataset.random_map(
-          functools.partial(
-              example_maps.augment_for_training,
-              image_size=data_config.image_size,
-              crop_scale=tuple(data_config.crop_scale),
-              augment=augment_lib.parse_augment(data_config.augment),
-              decode_at_crop_scale=data_config.decode_at_crop_scale,
-              randaugment_ops=data_config.randaugment_ops,
-              randaugment_magnitude=float(data_config.randaugment_magnitude),
-              randaugment_magnitude_std=float(data_config.randaugment_magnitude_std),
-              erasing_prob=float(data_config.erasing_prob),
-              scale_jitter=tuple(float(s) for s in data_config.scale_jitter)),
-          seed=seeds.derive_seed(data_config.seed, seed, seeds.AUGMENT_STREAM))
-    else:
-      dataset = dataset.map(functools.partial(
-          example_maps.prepare_for_eval, image_size=data_config.image_size,
-          crop_fraction=data_config.eval_crop_fraction))
+    dataset = dataset.random_map(
+        functools.partial(
+            example_maps.augment_for_training,
+            image_size=data_config.image_size,
+            crop_scale=tuple(data_config.crop_scale),
+            augment=augment_lib.parse_augment(data_config.augment),
+            decode_at_crop_scale=data_config.decode_at_crop_scale,
+            randaugment_ops=data_config.randaugment_ops,
+            randaugment_magnitude=float(data_config.randaugment_magnitude),
+            randaugment_magnitude_std=float(data_config.randaugment_magnitude_std),
+            erasing_prob=float(data_config.erasing_prob),
+            scale_jitter=tuple(float(s) for s in data_config.scale_jitter)),
+        seed=seeds.derive_seed(data_config.seed, seed, seeds.AUGMENT_STREAM))
     # After the random maps, so an example's crop depends on its global index
     # alone, not on how many processes share the run. Lazy: each process only
     # decodes its own rows.
@@ -135,7 +117,7 @@ class InputPipeline:
         source_description=corrupt_images.describe_source(data_config))
     iter_dataset = iter_dataset.map(functools.partial(
         batch_features.select_device_features,
-        feature_names=batch_features.device_feature_names(data_config, train)))
+        feature_names=batch_features.device_feature_names(data_config)))
     iter_dataset = iter_dataset.batch(per_process_batch, drop_remainder=True)
     self._iterator = iter_dataset.__iter__()
 

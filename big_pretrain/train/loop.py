@@ -92,7 +92,7 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   with contextlib.ExitStack() as open_resources:
     # --- Input.
     data = InputPipeline(config.data, global_batch_size=config.batch_size, mesh=mesh,
-                         train=True, seed=config.seed)
+                         seed=config.seed)
     batches, data_position = _training_batches(data, config.data.device_prefetch)
     if batches is not data:
       open_resources.callback(batches.close)

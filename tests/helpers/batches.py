@@ -3,6 +3,8 @@
 import jax
 import numpy as np
 
+from big_pretrain.data import eval_input
+from big_pretrain.data import sources
 from big_pretrain.data.data_config import default_data_config
 
 IMAGE_SIZE = 32  # small_data_config's image_size
@@ -34,14 +36,24 @@ def take(data_pipeline, num_batches):
   return [data_pipeline.next_local_numpy() for _ in range(num_batches)]
 
 
-def read_until_exhausted(data_pipeline):
-  """Every host batch left in `data_pipeline` (an eval pipeline: one epoch)."""
-  batches = []
-  while True:
-    try:
-      batches.append(data_pipeline.next_local_numpy())
-    except StopIteration:
-      return batches
+def eval_split_batches(data_config, global_batch_size):
+  """This process's rows of every batch an evaluator reads of `data_config`'s split
+  (eval_input.ordered_batches: every example once, in the fixed evaluation order, the last
+  batch padded), as numpy: the device features and eval_input.ROW_FIELDS."""
+  source = sources.build_source(data_config)
+  order = eval_input.eval_order(data_config, len(source))
+  return list(eval_input.local_ordered_batches(source, order, data_config,
+                                               global_batch_size=global_batch_size))
+
+
+def valid_rows(batches, feature):
+  """`feature` of the rows of eval_split_batches that hold a readable image, concatenated."""
+  return np.concatenate([batch[feature][batch['valid']] for batch in batches])
+
+
+def unreadable_rows(batches) -> int:
+  """The rows of eval_split_batches whose image did not read (padding rows not counted)."""
+  return int(sum(((~batch['valid']) & (batch['index'] >= 0)).sum() for batch in batches))
 
 
 def assert_batches_equal(expected, actual):
