@@ -202,9 +202,9 @@ def cases() -> list[Case]:
       Case('held_out_7_of_8', 'held_out', 'reconstruction of 8 images, held-out folder of 7; '
            'then the same command again', held_out_smaller_than_batch),
       _bad_override('mask_ratio_1.0', 'mask_range', '--config.objective.mask_ratio=1.0',
-                    re.escape('must be in [0, 1)')),
+                    re.escape('must lie in [0, 1)')),
       _bad_override('mask_ratio_1.5', 'mask_range', '--config.objective.mask_ratio=1.5',
-                    re.escape('must be in [0, 1)')),
+                    re.escape('must lie in [0, 1)')),
       _bad_override('mask_ratio_0.99', 'added', '--config.objective.mask_ratio=0.99',
                     'keeps 0 of the 16 patches visible', ' (16 patches)'),
       _bad_override('total_steps_abc', 'one_line', '--config.total_steps=abc', 'invalid literal'),

@@ -15,7 +15,7 @@ import ml_collections
 from big_pretrain import schema
 from big_pretrain import sharding
 from big_pretrain.data.data_config import DATA_KEYS
-from big_pretrain.models.vit import MODEL_KEYS
+from big_pretrain.models.vit import ENCODER, MODEL_KEYS
 from big_pretrain.objectives import objective_class
 from big_pretrain.storage.checkpoints import CHECKPOINT_KEYS
 from big_pretrain.train.optim import OPTIM_KEYS
@@ -68,7 +68,7 @@ def stage_keys(objective: str) -> schema.Group:
           checkpoint=schema.Key(None, schema.OPTIONAL_TEXT,
                                 'or a checkpoint: a step folder, a folder of steps, or a '
                                 "stage's folder", type=str),
-          take=schema.Key(('encoder',), schema.texts(), 'the subtrees of params taken'),
+          take=schema.Key((ENCODER,), schema.texts(), 'the subtrees of params taken'),
       ),
   )
 

@@ -68,7 +68,7 @@ class LiT(flip.FLIP):
           f'{path}.init_from is not set: LiT locks the image tower it starts from, and a random '
           f"one would stay random. Set {path}.init_from.stage to an earlier stage (e.g. 'wsp') "
           f'or {path}.init_from.checkpoint=PATH, with init_from.take including "encoder".')
-    if 'encoder' not in tuple(init_from.take):
+    if ENCODER not in tuple(init_from.take):
       raise ConfigError(
           f'{path}.init_from.take={tuple(init_from.take)!r} does not take the "encoder": LiT '
           f"would lock a random image tower. Set {path}.init_from.take=('encoder',).")

@@ -159,9 +159,9 @@ class Objective(abc.ABC):
     """
     encoder = self.model.encoder
     if not num_last_blocks:
-      return encoder.apply({'params': params['encoder']}, normalize_images(images))
+      return encoder.apply({'params': params[vit.ENCODER]}, normalize_images(images))
     outputs, variables = encoder.apply(
-        {'params': params['encoder']}, normalize_images(images), mutable=['intermediates'])
+        {'params': params[vit.ENCODER]}, normalize_images(images), mutable=['intermediates'])
     blocks = stacked_block_outputs(variables['intermediates']['transformer'])
     if not 0 < num_last_blocks <= blocks.shape[0]:
       raise ValueError(f'num_last_blocks={num_last_blocks}: the encoder has {blocks.shape[0]}.')
