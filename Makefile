@@ -3,9 +3,10 @@
 PYTHON ?= python3
 VENV := .venv
 INSTALLED := $(VENV)/.installed
+TPU_COMPILE_INSTALLED := $(VENV)/.tpu-compile-installed
 DEMO_WORKDIR ?= workdirs/demo
 
-.PHONY: demo test install install-gpu install-tf clean-demo
+.PHONY: demo test install install-gpu install-tf install-tpu-compile clean-demo
 
 install: $(INSTALLED)
 
@@ -24,6 +25,14 @@ install-gpu: $(INSTALLED)
 	  $(VENV)/bin/python -m pip install --quiet "jax[$$cuda]==$$(sed -n 's/^jax==//p' requirements.txt)"
 	$(VENV)/bin/python -c 'import jax; print(jax.default_backend(), jax.devices())'
 
+# The TPU compiler (libtpu), to compile a run for a Cloud TPU slice on this machine:
+# main.py --compile_for=v5p-256. The tests need it; `make demo` does not.
+install-tpu-compile: $(TPU_COMPILE_INSTALLED)
+
+$(TPU_COMPILE_INSTALLED): $(INSTALLED) requirements-tpu-compile.txt
+	$(VENV)/bin/python -m pip install --quiet -r requirements-tpu-compile.txt
+	touch $(TPU_COMPILE_INSTALLED)
+
 # TensorFlow, only to prepare TFDS datasets and for benchmarks/input_speed.py's tf.data rows:
 # training, data reading and logging never import it.
 install-tf: $(INSTALLED)
@@ -37,7 +46,7 @@ demo: $(INSTALLED)
 # Three pytest-xdist workers, one test file each at a time: more workers than the
 # 2 cores CI has, because the multi-process tests' parents wait on their children
 # and checkpoint saves wait on threads (8:52 vs 9:17 with two, 15:32 with none).
-test: $(INSTALLED)
+test: $(INSTALLED) $(TPU_COMPILE_INSTALLED)
 	$(VENV)/bin/python -m pytest -q -n 3 --dist loadfile tests
 
 clean-demo:

@@ -2,6 +2,7 @@
 
   python main.py --config=configs/mae.py:demo --workdir=/tmp/mae_demo
   python main.py --config=configs/mae.py --workdir=gs://bucket/run --config.data.path=...
+  python main.py --config=configs/maws.py --workdir=/tmp/check --compile_for=v5p-256
 
 Any config key can be overridden on the command line (--config.total_steps=20).
 """
@@ -13,7 +14,7 @@ import signal
 import jax
 from absl import app, flags, logging
 
-from big_pretrain import cli, distributed
+from big_pretrain import cli, distributed, tpu_slices
 from big_pretrain.config.validation import check_fits_devices
 from big_pretrain.errors import (EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, ConfigError,
                                  Preempted, UserFacingError, WorkdirError)
@@ -27,6 +28,7 @@ flags.adopt_module_key_flags(cli)  # `main.py --help` lists them
 
 def main(argv):
   del argv  # cli.parse_flags refused any beyond the flags
+  tpu_slices.quiet_libtpu_without_tpu()  # before JAX starts a backend
   cli.set_up_logging()
   # A SIGTERM before the training loop takes it over (while starting up or compiling, and
   # between stages) stops with the preemption exit code: there is nothing new to save.
@@ -44,6 +46,9 @@ def main(argv):
 
 
 def _run(command) -> None:
+  if command.compile_for is not None:
+    _compile_for(command)
+    return
   # Validate the config and the workdir, before any device is touched.
   try:
     validate_config(command.config)
@@ -68,6 +73,17 @@ def _run(command) -> None:
   with run_lock.run_lock(command.workdir, take=jax.process_index() == 0,
                          agree=distributed.process_0_message):
     chain.run_validated(command.config, command.workdir)  # validated above
+
+
+def _compile_for(command) -> None:
+  """Compile every stage for the slice on this machine, report, and say whether it fits: the
+  config's keys and values validated as for a run, no data read, no lock, no checkpoint."""
+  jax.config.update('jax_platforms', 'cpu')  # the host runs nothing; it only compiles
+  from big_pretrain.stages import compile_check  # pylint: disable=import-outside-toplevel
+  try:
+    compile_check.check(command.config, command.compile_for, command.workdir)
+  except (ConfigError, RuntimeError) as e:  # RuntimeError: no TPU compiler here
+    cli.exit_usage(str(e))
 
 
 def _stop(error: UserFacingError | Preempted, interrupted_a_compile: bool):

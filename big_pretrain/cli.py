@@ -18,6 +18,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from big_pretrain import distributed
+from big_pretrain import tpu_slices
 from big_pretrain.config.validation import unknown_key_in
 from big_pretrain.errors import EXIT_USAGE, Preempted
 
@@ -39,6 +40,14 @@ _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0, reachable from every process.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's index, 0-based.")
+# Compile instead of run: is the config ready for a Cloud TPU slice, and does it fit?
+_COMPILE_FOR = flags.DEFINE_string(
+    'compile_for', None,
+    'Compile every stage for this Cloud TPU slice (v4-N, v5p-N, v5litepod-N or v5e-N, v6e-N) '
+    'on this machine, print whether each fits the chips, and exit: nothing is trained or '
+    'read, and nothing of a run in --workdir changes. Needs `make install-tpu-compile`.')
+_NUM_SLICES = flags.DEFINE_integer(
+    'num_slices', 1, 'With --compile_for: that many slices, joined by the data-centre network.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,13 +56,16 @@ class Command:
   config: ml_collections.ConfigDict
   workdir: str
   processes: dict  # distributed.initialize's keyword arguments
+  compile_for: tpu_slices.TpuSlice | None = None  # compile for this slice instead of running
 
 
 def parsed_command() -> Command:
   """The command, once parse_flags has accepted the flags."""
   return Command(_CONFIG.value, _WORKDIR.value, dict(
       mode=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
-      num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value))
+      num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value),
+      compile_for=(tpu_slices.parse_slice(_COMPILE_FOR.value, _NUM_SLICES.value)
+                   if _COMPILE_FOR.value else None))
 
 
 # --- Flags: every mistake answered in one line.
@@ -82,6 +94,13 @@ def parse_flags(argv):
   if not _WORKDIR.value:
     exit_usage('--workdir=DIR is required: where checkpoints, logs and results go (an '
                'existing one resumes its run).', argv)
+  if _COMPILE_FOR.value or _NUM_SLICES.value != 1:
+    try:
+      tpu_slices.parse_slice(_COMPILE_FOR.value or '', _NUM_SLICES.value)
+    except ValueError as error:
+      name = f'--compile_for={_COMPILE_FOR.value}' if _COMPILE_FOR.value else '--num_slices'
+      exit_usage(f'{name}: {error}' if _COMPILE_FOR.value else
+                 '--num_slices is for --compile_for=SLICE: give the slice too.', argv)
   return remaining
 
 

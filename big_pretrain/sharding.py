@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from big_pretrain import schema
@@ -79,12 +80,42 @@ def resolve_mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
-def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None,
+              num_slices: int | None = None) -> Mesh:
+  """The ('data', 'fsdp', 'tensor') mesh of `config.mesh` over `devices` (default: all).
+
+  Devices of several TPU slices (their `slice_index`; or `num_slices` equal blocks of
+  `devices`, which is how tests simulate them) are joined by the data-centre network, much
+  slower than the chips' own links: the data axis spans the slices, so only the gradients'
+  all-reduce crosses it, while FSDP and tensor parallelism stay inside one slice. Each
+  slice holds data / num_slices of the data axis, laid out on its chips as one slice's
+  mesh would be.
+  """
   devices = list(devices) if devices is not None else jax.devices()
   shape = resolve_mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(
-      shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-      devices=devices)
+  slices = _slices(devices, num_slices)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  if len(slices) == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  if shape[0] % len(slices):
+    raise ValueError(
+        f'config.mesh={dict(zip(MESH_AXES, shape))} over {len(slices)} slices: the data axis '
+        f'spans the slices, so data must be a multiple of {len(slices)} (FSDP and tensor '
+        'parallelism stay inside a slice).')
+  per_slice = (shape[0] // len(slices), *shape[1:])
+  blocks = [mesh_utils.create_device_mesh(per_slice, devices=block) for block in slices]
+  return Mesh(np.concatenate(blocks, axis=0), MESH_AXES, axis_types=axis_types)
+
+
+def _slices(devices: list, num_slices: int | None) -> list[list]:
+  """`devices` grouped by slice: by their slice_index, else in `num_slices` equal blocks."""
+  if num_slices is None:
+    indices = sorted({getattr(device, 'slice_index', 0) for device in devices})
+    return [[d for d in devices if getattr(d, 'slice_index', 0) == i] for i in indices]
+  if num_slices < 1 or len(devices) % num_slices:
+    raise ValueError(f'{len(devices)} devices do not split into {num_slices} equal slices.')
+  size = len(devices) // num_slices
+  return [devices[i * size:(i + 1) * size] for i in range(num_slices)]
 
 
 @contextlib.contextmanager
@@ -119,24 +150,32 @@ def num_batch_shards(mesh: Mesh) -> int:
   return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
 
 
+def shard_bytes(leaf) -> int:
+  """The bytes one device holds of a sharded array, or of a ShapeDtypeStruct with a sharding
+  (abstract state: nothing allocated)."""
+  shape = leaf.sharding.shard_shape(leaf.shape)
+  return int(np.prod(shape, dtype=np.int64)) * leaf.dtype.itemsize
+
+
 def _bytes_in_all_and_per_device(tree) -> tuple[int, int]:
-  leaves = [leaf for leaf in jax.tree_util.tree_leaves(tree) if hasattr(leaf, 'addressable_shards')]
+  leaves = [leaf for leaf in jax.tree_util.tree_leaves(tree)
+            if getattr(leaf, 'sharding', None) is not None]
   return (sum(leaf.size * leaf.dtype.itemsize for leaf in leaves),
-          sum(leaf.addressable_shards[0].data.nbytes for leaf in leaves))
+          sum(shard_bytes(leaf) for leaf in leaves))
 
 
 def describe_param_shardings(params, opt_state=None, max_rows: int = 12) -> str:
-  """A short table: the largest parameters, their shardings, bytes per device."""
+  """A short table: the largest parameters, their shardings, bytes per device (of arrays, or
+  of ShapeDtypeStructs with shardings)."""
   leaves = jax.tree_util.tree_leaves_with_path(params)
   total, per_device = _bytes_in_all_and_per_device(params)
   rows = sorted(leaves, key=lambda item: -item[1].size)[:max_rows]
   lines = [f'{"parameter":<60} {"shape":<18} {"spec":<30} {"MiB/device":>10}']
   for path, leaf in rows:
     spec = getattr(leaf.sharding, 'spec', '?')
-    shard_bytes = leaf.addressable_shards[0].data.nbytes
     lines.append(
         f'{jax.tree_util.keystr(path, simple=True, separator="/"):<60} {str(leaf.shape):<18} '
-        f'{str(spec):<30} {shard_bytes / 2**20:>10.2f}')
+        f'{str(spec):<30} {shard_bytes(leaf) / 2**20:>10.2f}')
   lines.append(
       f'{len(leaves)} parameter arrays, {total / 2**20:.1f} MiB in all, '
       f'{per_device / 2**20:.1f} MiB on each device.')

@@ -6,15 +6,24 @@
       head of 12 per-patch MLP blocks of width 2048; batch 4096, AdamW
       (0.9, 0.95), wd 0.05, lr 1e-3, cosine; 500k steps.
   python main.py --config=configs/aim.py:demo --workdir=DIR    # CPU, embedded data
+  python main.py --config=configs/aim.py:7B --workdir=DIR ...    # also :1B, :3B
 """
 
 from big_pretrain.config.defaults import stage_config, use_embedded_demo_data
 from big_pretrain.evaluators import evaluator_config
 
 
+# The paper's trunks (width x depth): 600M (1536 x 24), 1B (2048 x 24), 3B (3072 x 24),
+# 7B (4096 x 32); the larger ones shard their state over every chip (FSDP).
+SIZES = ('600M', '1B', '3B', '7B')
+
+
 def get_config(arg: str | None = None):
+  size = arg if arg in SIZES else '600M'
   config = stage_config('aim')
-  config.model.variant = '600M/14'
+  config.model.variant = f'{size}/14'
+  if size in ('3B', '7B'):
+    config.mesh.update(data=1, fsdp=-1)
   config.model.use_cls_token = False
   config.model.pool = 'gap'
   config.model.dtype = 'bfloat16'
@@ -58,6 +67,7 @@ def get_config(arg: str | None = None):
     config.evals.linear_probe_colour = evaluator_config(
         'linear_probe', train_data=dict(split='train', **colour),
         test_data=dict(split='test', **colour))
-  elif arg:
-    raise ValueError(f'configs/aim.py: unknown variant {arg!r}; use no argument or "demo".')
+  elif arg and arg not in SIZES:
+    raise ValueError(f'configs/aim.py: unknown variant {arg!r}; use no argument, one of '
+                     f'{SIZES} or "demo".')
   return config

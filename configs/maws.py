@@ -7,6 +7,9 @@
       --config.stages.finetune.data.path=/data/imagenet/train \
       --config.stages.finetune.data.test_path=/data/imagenet/val
   python main.py --config=configs/maws.py:demo --workdir=DIR   # CPU, embedded data
+  python main.py --config=configs/maws.py:6.5B --workdir=DIR --compile_for=v5p-512
+      The paper's other sizes (:H, :2B, :6.5B; no argument: L/16), here compiled for a
+      TPU slice to see whether each stage fits it (see README, "Before booking a TPU").
 
 configs/mae_then_wsp.py, then configs/finetune.py:L initialized from the WSP
 encoder (its hashtag head is dropped; a fresh class head is trained): how
@@ -16,10 +19,28 @@ Each stage trains in DIR/<stage>; run the same command again to resume.
 
 from configs import finetune, mae_then_wsp
 
+# The paper's encoders (width, depth, heads): L/16 (1024, 24, 16), H/14 (1280, 32, 16),
+# 2B/14 (2560, 24, 32), 6.5B/14 (4096, 32, 32). configs/maws.py:H and so on; the two
+# largest shard their state over every chip (FSDP), in every stage.
+SIZES = {'L': 'L/16', 'H': 'H/14', '2B': '2B/14', '6.5B': '6.5B/14'}
+
 
 def get_config(arg: str | None = None):
-  config = mae_then_wsp.get_config(arg)
-  config.stages.finetune = finetune.stage_after('wsp', arg)
+  if arg not in (None, '', 'demo', *SIZES):
+    raise ValueError(f'configs/maws.py: unknown variant {arg!r}; use no argument (L), one of '
+                     f'{tuple(SIZES)} or "demo".')
+  size = arg if arg in SIZES else None
+  config = mae_then_wsp.get_config(None if size else arg)
+  config.stages.finetune = finetune.stage_after('wsp', None if size else arg)
+  if size in ('H', '2B', '6.5B'):  # MAE's ViT-H/14 recipe for fine-tuning the larger ones
+    recipe = finetune.get_config('H')
+    recipe.init_from = config.stages.finetune.init_from
+    config.stages.finetune = recipe
+  if size:
+    for stage in config.stages.values():
+      stage.model.variant = SIZES[size]
+      if size in ('2B', '6.5B'):
+        stage.mesh.update(data=1, fsdp=-1)
   if arg == 'demo':
     mae_then_wsp.use_colour_as_demo_class(config)
     # Every stage's probe reads the same images as the fine-tuning stage's.

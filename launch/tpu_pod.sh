@@ -4,6 +4,8 @@
 # Usage: launch/tpu_pod.sh [--key=value ...] COMMAND [-- main.py overrides]
 #
 # Commands:
+#   compile  compile every stage of CONFIG for ACCELERATOR_TYPE on this machine: does it fit?
+#            (main.py --compile_for; needs `make install-tpu-compile`). `create` runs it first
 #   create   request the TPU as a queued resource, then wait until it is ACTIVE
 #   wait     poll the queued resource until ACTIVE (gives up after WAIT_TIMEOUT s)
 #   install  copy the code to every worker, make .venv, pip install with jax[tpu]
@@ -41,6 +43,8 @@
 #   FOLLOW            0: `run` returns without following the log (1)
 #   STOP_TIMEOUT      seconds `stop` waits for the checkpoint and exit (600)
 #   DRY_RUN           1: print the gcloud commands instead of running them (0)
+#   SKIP_COMPILE      1: `create` requests the slice without compiling CONFIG for it first (0)
+#   LOCAL_PYTHON      the Python that compiles here (this checkout's .venv/bin/python)
 #
 # Everything after `--` is passed to main.py (e.g. --config.stages.mae.data.path=...).
 # Running `run` again with the same WORKDIR resumes from the last checkpoint.
@@ -59,7 +63,8 @@ set -euo pipefail
 
 SETTINGS=(TPU_NAME QR_NAME ZONE PROJECT ACCELERATOR_TYPE RUNTIME_VERSION SPOT RESERVED
   CREATE_FLAGS WAIT_TIMEOUT POLL_SECONDS REPO_URL REPO_REF REMOTE_DIR JAX_EXTRA
-  PYTHON_VERSION MOUNT_BUCKETS CONFIG WORKDIR LOG_DIR LOG_WORKER FOLLOW STOP_TIMEOUT DRY_RUN)
+  PYTHON_VERSION MOUNT_BUCKETS CONFIG WORKDIR LOG_DIR LOG_WORKER FOLLOW STOP_TIMEOUT DRY_RUN
+  SKIP_COMPILE LOCAL_PYTHON)
 # The settings the workers need: passed to this script when it runs there.
 REMOTE_SETTINGS=(REPO_URL REPO_REF REMOTE_DIR JAX_EXTRA PYTHON_VERSION MOUNT_BUCKETS LOG_DIR
   STOP_TIMEOUT)
@@ -134,6 +139,9 @@ LOG_WORKER="${LOG_WORKER:-0}"
 FOLLOW="${FOLLOW:-1}"
 STOP_TIMEOUT="${STOP_TIMEOUT:-600}"
 DRY_RUN="${DRY_RUN:-0}"
+SKIP_COMPILE="${SKIP_COMPILE:-0}"
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LOCAL_PYTHON="${LOCAL_PYTHON:-$REPO_ROOT/.venv/bin/python}"
 
 if [[ -z "$RUNTIME_VERSION" ]]; then
   # https://cloud.google.com/tpu/docs/runtimes (JAX and PyTorch images).
@@ -397,8 +405,23 @@ need_workdir() {
   WORKDIR_CHECKED=1
 }
 
+cmd_compile() {
+  # The same config and overrides as `run`, compiled for the slice here, before it is paid for.
+  local report_dir="${TMPDIR:-/tmp}/big_pretrain_compile_for"
+  local command=("$LOCAL_PYTHON" "$REPO_ROOT/main.py" --config="$CONFIG" --workdir="$report_dir"
+    --compile_for="$ACCELERATOR_TYPE" "${OVERRIDES[@]}")
+  if [[ "$DRY_RUN" == 1 ]]; then
+    echo "${command[*]}"
+    return 0
+  fi
+  [[ -x "$LOCAL_PYTHON" ]] || die "no $LOCAL_PYTHON to compile with: run 'make install-tpu-compile' in $REPO_ROOT, set LOCAL_PYTHON, or SKIP_COMPILE=1"
+  log "compiling $CONFIG for $ACCELERATOR_TYPE on this machine first (SKIP_COMPILE=1 skips it)"
+  "${command[@]}" || die "$CONFIG does not compile or fit on $ACCELERATOR_TYPE (above); nothing was requested"
+}
+
 cmd_create() {
   local state
+  if [[ "$SKIP_COMPILE" != 1 ]]; then cmd_compile; fi
   state="$(qr_state)"
   if [[ "$state" != NOT_FOUND && "$DRY_RUN" != 1 ]]; then
     log "queued resource $QR_NAME exists ($state)"
@@ -466,6 +489,7 @@ cmd_delete() {
 }
 
 case "$COMMAND" in
+  compile) cmd_compile ;;
   create) cmd_create ;;
   wait) cmd_wait ;;
   install) cmd_install ;;

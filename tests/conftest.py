@@ -9,6 +9,9 @@ import tempfile
 import pytest
 
 # All of this must happen before JAX is imported anywhere.
+# The suite runs on 8 simulated CPU devices, also where the TPU compiler (libtpu, for the
+# compile tests, which compile for a TPU topology without running on one) or a GPU is there.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')

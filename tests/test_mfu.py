@@ -15,12 +15,15 @@ import pytest
 from flax import linen as nn
 
 from big_pretrain.config.defaults import stage_config
+from big_pretrain.data.batch_features import global_batch_shapes
 from big_pretrain.data.text.labels import synthetic_vocabulary_path
 from big_pretrain.data.text.tokenizer import synthetic_tokenizer_path
 from big_pretrain.models.masking import num_kept
 from big_pretrain.models.vit import vit_from_config
 from big_pretrain.objectives import build_objective
 from big_pretrain.train import mfu
+from big_pretrain.train import program_flops
+from helpers.tiny_config import tiny_trainer
 
 
 def small_config(objective, variant='mu/8', image_size=32, batch_size=4, **objective_keys):
@@ -191,3 +194,29 @@ def test_mfu_arithmetic():
     mfu.mfu(1e12, 0.0, 1, 1e12)
   with pytest.raises(ValueError):
     mfu.mfu(1e12, 1.0, 1, None)
+
+
+# ---------------------------------------------------------------- the lowered program's count
+
+
+@pytest.mark.parametrize('objective', ['mae', 'wsp', 'flip', 'aim', 'lit'])
+def test_the_lowered_programs_matmuls_count_every_layer_of_a_scanned_stack(objective):
+  """XLA's cost_analysis counts a while loop's body once; program_flops multiplies it by the
+  loop's trip count, so scanned and unrolled layers count the same, and both agree with the
+  analytic count (which adds the patch embedding's unneeded input gradient: under 1%)."""
+  counts = {}
+  for scan in (False, True):
+    config = small_config(objective, variant='S/16', image_size=64, batch_size=8)
+    config.model.scan = scan
+    if objective == 'lit':  # FLIP's towers, the image tower locked
+      config.model.update(use_cls_token=False, pool='gap')
+      config.data.text.update(tokenizer=synthetic_tokenizer_path(), max_length=8)
+      config.objective.update(text_width=64, text_depth=1, text_heads=4, embed_dim=32)
+    _, trainer = tiny_trainer(config, jax.devices()[:1])
+    lowered = trainer.lower_step(global_batch_shapes(config.data, config.batch_size))
+    counts[scan] = program_flops.program_flops(lowered.as_text())
+    assert counts[scan].exact
+  assert counts[True].loops > counts[False].loops  # the scanned stacks' loops
+  np.testing.assert_allclose(counts[True].flops, counts[False].flops, rtol=1e-9)
+  analytic = mfu.model_flops_per_step(config)
+  assert 0.99 * analytic <= counts[True].flops <= 1.001 * analytic, (counts[True], analytic)

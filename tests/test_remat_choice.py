@@ -16,10 +16,11 @@ import pytest
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.config.defaults import stage_config
 from big_pretrain.data.batch_features import global_batch_shapes
+from big_pretrain.objectives import build_objective
 from big_pretrain.train import remat_choice
 from big_pretrain.train.loop import train_stage
 from big_pretrain.train.optim import make_optimizer, make_schedule
-from big_pretrain.train.step import ShardedTrainer
+from big_pretrain.train.step import ShardedTrainer, build_trainer
 from helpers.tiny_config import one_device, tiny_mae_config
 from helpers.trees import assert_trees_equal
 
@@ -63,12 +64,31 @@ def _absl_warnings():
 
 @pytest.fixture(scope='module')
 def nothing_fits():
-  """The choice when no policy fits (a 1-byte device): every candidate compiled and measured."""
+  """The choice when no policy fits (a device that holds the parameters and optimizer state,
+  and not one byte more: below that, nothing would be compiled): every candidate compiled
+  and measured."""
+  mesh = sharding_lib.make_mesh(_config().mesh, jax.devices()[:1])
+  objective = build_objective(_config())
+  schedule = make_schedule(_config().optim, 8, 1000)
+  state = remat_choice.state_bytes_per_device(build_trainer(
+      objective, make_optimizer(_config().optim, schedule), schedule, mesh,
+      sharding_lib.logical_axis_rules(_config())))
   with pytest.MonkeyPatch.context() as monkeypatch:
-    _set_memory_limit(monkeypatch, 1)
+    _set_memory_limit(monkeypatch, int(state / remat_choice.MEMORY_FRACTION) + 1)
     with _absl_warnings() as warnings:
       choice = _choose(_config())
   return choice, warnings
+
+
+def test_state_alone_too_large_for_the_device_compiles_nothing(monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError('the parameters alone overflow the device: nothing to compile')
+  monkeypatch.setattr(ShardedTrainer, 'compile_step', refuse)
+  _set_memory_limit(monkeypatch, 1)
+  with _absl_warnings() as warnings:
+    choice = _choose(_config())
+  assert not choice.fits and set(choice.step_bytes) == {'state alone'}
+  assert any('no remat policy can fit' in w and 'mesh.fsdp' in w for w in warnings), warnings
 
 
 def test_no_memory_limit_means_no_remat_and_no_compile(monkeypatch):

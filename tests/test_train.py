@@ -4,6 +4,7 @@ syncs."""
 import re
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -20,9 +21,9 @@ from helpers.tiny_config import one_device, tiny_mae_config, tiny_trainer
 from helpers.trees import assert_trees_equal
 
 
-def _run_steps(config, devices, num_steps):
+def _run_steps(config, devices, num_steps, num_slices=None):
   """Trains num_steps on `devices`; returns (losses, final params as numpy, trainer, state)."""
-  _, trainer = tiny_trainer(config, devices)
+  _, trainer = tiny_trainer(config, devices, num_slices)
   data = InputPipeline(config.data, global_batch_size=config.batch_size, mesh=trainer.mesh,
                        seed=config.seed)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
@@ -51,6 +52,25 @@ def test_eight_devices_data_fsdp_tensor_equal_one_device():
   jax.tree_util.tree_map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
       sharded_params, single_params)
+
+
+def test_two_slices_split_the_data_axis_keep_fsdp_inside_one_and_train_as_one_device():
+  """Multi-slice (TPU slices joined by the data-centre network), simulated: the 8 devices as
+  2 slices of 4. The data axis spans the slices; an FSDP group never crosses one."""
+  config = tiny_mae_config()
+  config.mesh.update(data=4, fsdp=2, tensor=1)
+  losses, params, trainer, _ = _run_steps(config, jax.devices(), 2, num_slices=2)
+  slice_of = {device: index // 4 for index, device in enumerate(jax.devices())}
+  rows = trainer.mesh.devices[:, :, 0]
+  assert [{slice_of[d] for d in row} for row in rows] == [{0}, {0}, {1}, {1}]
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  single_losses, single_params, _, _ = _run_steps(config, jax.devices()[:1], 2)
+  np.testing.assert_allclose(losses, single_losses, rtol=1e-5)  # as the 2 x 2 x 2 test above
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params, single_params)
+  with pytest.raises(ValueError, match=r'data must be a multiple of 2'):
+    sharding_lib.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=8, tensor=1)),
+                           jax.devices(), num_slices=2)
 
 
 def test_parameters_and_optimizer_state_are_really_sharded():

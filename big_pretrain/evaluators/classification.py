@@ -45,6 +45,9 @@ class ClassificationEvaluator(Evaluator):
   def predict(self, params, images):
     return self.objective.predict(params, images).astype(jnp.float32)
 
+  def device_programs(self):
+    return {'predict': (self.predict, (self.image_batch(),))}
+
   def run(self, params, step):
     del step
     logits, labels, class_names = self.split_outputs(

@@ -12,7 +12,7 @@ import numpy as np
 
 from big_pretrain import schema
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.evaluators.eval_split import (extract_outputs, split_data_config,
+from big_pretrain.evaluators.eval_split import (extract_outputs, round_up, split_data_config,
                                                 warn_about_missing_classes)
 
 
@@ -66,6 +66,9 @@ class Evaluator(abc.ABC):
     run(params, step) -> EvalResult: scores `params` (sharded as in the train state)
       at `step`: `scalars` are logged as eval/<name>/<key> and recorded in the stage's
       folder, `images` are written as image summaries.
+    device_programs() (optional): the programs `run` compiles (`jit`), each with the
+      shapes of its inputs after the parameters, so a run can be compiled for a TPU
+      slice without data (main.py --compile_for).
   and may extend the constructor with checks that need the objective or the trainer
   (raise ValueError naming `self.culprit(key)`).
 
@@ -109,6 +112,36 @@ class Evaluator(abc.ABC):
   @abc.abstractmethod
   def run(self, params, step: int) -> EvalResult:
     """Evaluates `params` (sharded, as in the train state); collective (see the class doc)."""
+
+  def device_programs(self) -> dict[str, tuple[Callable, tuple]]:
+    """{key: (function(params, *inputs), the inputs' global ShapeDtypeStructs)} of the
+    programs `run` jits under `key`: what a compile check compiles (see `lower_programs`).
+    None by default."""
+    return {}
+
+  def lower_programs(self, abstract_params) -> dict:
+    """`device_programs` lowered for `abstract_params` (ShapeDtypeStructs with the train
+    state's shardings) on the trainer's mesh, as `jit` would compile them; nothing runs."""
+    mesh, rules = self.trainer.mesh, self.trainer.rules
+    lowered = {}
+    for key, (function, inputs) in self.device_programs().items():
+      jitted = jax.jit(function, out_shardings=sharding_lib.batch_sharding(mesh))
+      with sharding_lib.activate(mesh, rules):
+        lowered[key] = jitted.lower(abstract_params, *inputs)
+    return lowered
+
+  def batch_of(self, row_shape: tuple[int, ...], dtype, batch_size: int | None = None):
+    """The global shape of an input batch of rows of `row_shape`, as `split_outputs` reads
+    it: `batch_size` (default: the config's) rounded up to the batch shards."""
+    shards = sharding_lib.num_batch_shards(self.trainer.mesh)
+    rows = round_up(batch_size or self.eval_config.batch_size, shards)
+    return jax.ShapeDtypeStruct((rows, *row_shape), dtype,
+                                sharding=sharding_lib.batch_sharding(self.trainer.mesh))
+
+  def image_batch(self, batch_size: int | None = None):
+    """The global shape of a batch of uint8 images at the stage's image size."""
+    size = self.stage_config.data.image_size
+    return self.batch_of((size, size, 3), np.uint8, batch_size)
 
   def culprit(self, key: str | None = None) -> str:
     """'config.evals.<name>[.<key>]': how errors and logs name this evaluator's config."""

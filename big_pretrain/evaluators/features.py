@@ -92,6 +92,9 @@ class FrozenFeatureEvaluator(Evaluator):
   def encode_images(self, params, images):
     return self.objective.encode(params, images)['pooled'].astype(jnp.float32)
 
+  def device_programs(self):
+    return {'encode_images': (self.encode_images, (self.image_batch(),))}
+
   def split_features(self, params, split_key: str):
     """(features, labels, class_names) of the 'train' or 'test' split for `params`."""
     if split_key not in SPLIT_KEYS:

@@ -44,6 +44,10 @@ class ReconstructionEvaluator(Evaluator):
     return self.objective.visualize(params, batch['image'],
                                     jax.random.key(self.stage_config.seed))
 
+  def device_programs(self):
+    return {'visualize': (self.visualize,
+                          ({'image': self.image_batch(self.eval_config.num_images)},))}
+
   def run(self, params, step):
     num_images = self.eval_config.num_images
     panels, _, _ = self.split_outputs(self.jit('visualize', self.visualize), params,

@@ -170,19 +170,26 @@ class ImageTextEvaluator(Evaluator):
     data_config.text.tokenizer = self.tokenizer_path
     return data_config
 
+  def _image_embeddings(self, params, images):
+    return self.objective.embed_images(params, images).astype(jnp.float32)
+
+  def _text_embeddings(self, params, tokens):
+    return self.objective.embed_texts(params, tokens).astype(jnp.float32)
+
   @property
   def embed_images(self):
     """Jitted `(params, uint8 images) -> (B, E) float32`."""
-    objective = self.objective
-    return self.jit('embed_images', lambda params, images: objective.embed_images(
-        params, images).astype(jnp.float32))
+    return self.jit('embed_images', self._image_embeddings)
 
   @property
   def embed_texts(self):
     """Jitted `(params, int32 tokens) -> (B, E) float32`."""
-    objective = self.objective
-    return self.jit('embed_texts', lambda params, tokens: objective.embed_texts(
-        params, tokens).astype(jnp.float32))
+    return self.jit('embed_texts', self._text_embeddings)
+
+  def device_programs(self):
+    return {'embed_images': (self._image_embeddings, (self.image_batch(),)),
+            'embed_texts': (self._text_embeddings,
+                            (self.batch_of((self.max_length,), np.int32),))}
 
 
 class ZeroShotEvaluator(ImageTextEvaluator):

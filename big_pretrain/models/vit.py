@@ -41,6 +41,7 @@ _EMBEDDINGS = ('patch_embed', 'cls_token', 'pos_embedding')
 _VIT_SIZES = {
     'mu': (64, 2, 4), 'Ti': (192, 12, 3), 'S': (384, 12, 6), 'B': (768, 12, 12),
     'L': (1024, 24, 16), 'H': (1280, 32, 16), 'g': (1408, 40, 16), '2B': (2560, 24, 32),
+    '6.5B': (4096, 32, 32),  # MAWS's largest (MLP 16384)
 }
 # AIM's trunks (width over depth; heads our choice, head_dim 128).
 _AIM_TRUNK_SIZES = {
@@ -73,7 +74,7 @@ class VitSize:
 
 def parse_variant(variant: str) -> VitSize:
   """'B/16' -> VitSize(768, 12, 12, 16)."""
-  match = re.fullmatch(r'([A-Za-z0-9]+)/(\d+)', variant)
+  match = re.fullmatch(r'([A-Za-z0-9.]+)/(\d+)', variant)
   if not match or match.group(1) not in VIT_SIZES:
     raise ValueError(
         f'Unknown ViT variant {variant!r}: expected SIZE/PATCH with SIZE one of '

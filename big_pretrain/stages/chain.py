@@ -21,6 +21,7 @@ import os
 from absl import logging
 
 from big_pretrain.errors import Preempted
+from big_pretrain.models.vit import SCAN_AUTO
 from big_pretrain.objectives import objective_class
 from big_pretrain.stages import jobs
 from big_pretrain.stages import transfer
@@ -67,9 +68,11 @@ def _stage_finished(stage_config, stage_dir: str) -> bool:
 def _check_same_run(stage_config, stage_dir: str) -> None:
   """Refuses (ConfigError, with the diff) a config other than the one the finished stage in
   `stage_dir` was trained with: its folder's name alone does not make it this run."""
+  steps = saved_steps(StageDir(stage_dir).checkpoints)
   resolved = objective_class(stage_config.objective.name).resolve_config(stage_config)
-  resume_identity.check_resume(resolved, stage_dir,
-                               saved_steps(StageDir(stage_dir).checkpoints), finished=True)
+  resolved = resume_identity.with_recorded_layout(
+      resolved, stage_config.model.scan == SCAN_AUTO, stage_dir, steps)
+  resume_identity.check_resume(resolved, stage_dir, steps, finished=True)
 
 
 def initializer_from(init_from, workdir: str):

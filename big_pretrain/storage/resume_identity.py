@@ -113,6 +113,23 @@ def check_resume(config, workdir: str, checkpoint_steps: list[int], *,
   return changes
 
 
+def with_recorded_layout(config, asked_auto: bool, workdir: str, checkpoint_steps: list[int]):
+  """`config` with model.scan as the stage's checkpoints hold it. A stage that asked for
+  scan='auto' chose its layout when it started (by memory, where the device says how much it
+  has: train/remat_choice.py) and recorded it: once it has checkpoints, that layout it is,
+  whatever the depth rule resolved 'auto' to now."""
+  if not asked_auto or not checkpoint_steps:
+    return config
+  recorded = _read_record(workdir)
+  scan = (recorded or {}).get('model', {}).get('scan')
+  if not isinstance(scan, bool) or scan == config.model.scan:
+    return config
+  config = config.copy_and_resolve_references()
+  with config.ignore_type():
+    config.model.scan = scan
+  return config
+
+
 def _read_record(workdir: str) -> dict | None:
   """The recorded config.json; a damaged one is refused, since nothing could be compared."""
   return storage.read_json(

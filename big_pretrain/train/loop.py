@@ -30,6 +30,7 @@ from big_pretrain.data.text.tokenizer_files import record_tokenizer
 from big_pretrain.data.train_input import InputPipeline
 from big_pretrain.evaluators import build_evaluators
 from big_pretrain.models import attention as attention_lib
+from big_pretrain.models.vit import SCAN_AUTO
 from big_pretrain.objectives import objective_class
 from big_pretrain.storage import resume_identity
 from big_pretrain.storage import stage_dir as stage_dir_lib
@@ -69,9 +70,12 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   stage_dir = StageDir(workdir)
   # --- Config: what the data decides filled in, compared with the one the checkpoints were
   # trained with before anything is written (it is recorded once the run goes ahead).
+  checkpoint_steps = saved_steps(stage_dir.checkpoints)
+  layout_asked_auto = config.model.scan == SCAN_AUTO
   config = objective_class(config.objective.name).resolve_config(config)
-  config_changes = resume_identity.check_resume(config, workdir,
-                                                saved_steps(stage_dir.checkpoints))
+  config = resume_identity.with_recorded_layout(config, layout_asked_auto, workdir,
+                                                checkpoint_steps)
+  config_changes = resume_identity.check_resume(config, workdir, checkpoint_steps)
   requested_config = config  # recorded as asked for (model.remat='auto' before it is chosen)
   record_tokenizer(config.data, workdir)  # the text embeddings index its ids: keep it beside
 
@@ -82,8 +86,13 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   logging.info('Mesh %s over %d devices.', dict(mesh.shape), mesh.size)
   schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
   built = build_with_remat_choice(config, mesh, rules, make_optimizer(config.optim, schedule),
-                                  schedule, global_batch_shapes(config.data, config.batch_size))
+                                  schedule, global_batch_shapes(config.data, config.batch_size),
+                                  may_unroll=layout_asked_auto and not checkpoint_steps)
   config, objective, trainer = built.config, built.objective, built.trainer
+  if config.model.scan != requested_config.model.scan:  # unrolled to fit: the layout recorded
+    requested_config = requested_config.copy_and_resolve_references()
+    with requested_config.ignore_type():
+      requested_config.model.scan = config.model.scan
   speed = SpeedReference.of(config, mesh)
   logging.info('Model FLOPs per step: %.3g; %s.', speed.flops_per_step, speed.peak_description)
 

@@ -54,8 +54,9 @@ class ShardedTrainer:
     batch = {name: jax.ShapeDtypeStruct(shape.shape, shape.dtype,
                                         sharding=sharding_lib.batch_sharding(self.mesh))
              for name, shape in batch_shapes.items()}
+    rng = _abstract_key()
     with sharding_lib.activate(self.mesh, self.rules):
-      return self.jitted_step.lower(self.abstract_state, batch, jax.random.key(0))
+      return self.jitted_step.lower(self.abstract_state, batch, rng)
 
   def compile_step(self, batch_shapes: dict[str, jax.ShapeDtypeStruct]):
     """The step compiled for `batch_shapes` (global shapes): memory_analysis(), as_text()."""
@@ -79,8 +80,9 @@ def build_trainer(objective, tx: optax.GradientTransformation, schedule: optax.S
   Parameters the objective does not train (`objective.is_trainable`) are held
   out of the loss's gradient (XLA then skips their backward) and of `tx`.
   """
+  rng = _abstract_key()
   with sharding_lib.activate(mesh, rules):
-    boxed_params = jax.eval_shape(objective.init_params, jax.random.key(0))
+    boxed_params = jax.eval_shape(objective.init_params, rng)
   trainable = _trainable_mask(objective, nn.meta.unbox(boxed_params))
   if trainable is not None:
     tx = optim.frozen_where_untrainable(tx, objective.is_trainable)
@@ -132,9 +134,16 @@ def abstract_params(objective, mesh: Mesh, rules):
   """The objective's parameters as ShapeDtypeStructs carrying the shardings the train state
   gives them, without allocating anything: what a checkpoint's parameters restore into
   (a pseudo-label teacher's, say)."""
+  rng = _abstract_key()
   with sharding_lib.activate(mesh, rules):
-    boxed_params = jax.eval_shape(objective.init_params, jax.random.key(0))
+    boxed_params = jax.eval_shape(objective.init_params, rng)
   return _sharded_abstract(boxed_params, mesh, rules)[0]
+
+
+def _abstract_key() -> jax.ShapeDtypeStruct:
+  """The shape and dtype of an rng key, to trace with: no device work, so it serves a mesh
+  of a topology's devices too (which run nothing, and on which an eager op fails)."""
+  return jax.eval_shape(lambda: jax.random.key(0))
 
 
 def _sharded_abstract(boxed_tree, mesh: Mesh, rules):

@@ -64,9 +64,10 @@ def tiny_finetune_config(**overrides):
   return with_overrides(config, overrides)
 
 
-def tiny_trainer(config, devices):
-  """(objective, trainer) of a stage config on `devices`, laid out as config.mesh says."""
-  mesh = sharding_lib.make_mesh(config.mesh, devices)
+def tiny_trainer(config, devices, num_slices=None):
+  """(objective, trainer) of a stage config on `devices`, laid out as config.mesh says (over
+  `num_slices` simulated slices, each a block of the devices, if given)."""
+  mesh = sharding_lib.make_mesh(config.mesh, devices, num_slices=num_slices)
   objective = build_objective(config)
   schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
   trainer = build_trainer(objective, make_optimizer(config.optim, schedule), schedule, mesh,

@@ -1,0 +1,145 @@
+"""Compiling for a Cloud TPU slice on this CPU machine (main.py --compile_for), with the TPU
+compiler of the libtpu wheel: the mesh lies on the topology's chips, each chip's memory is
+reported, model.remat='auto' chooses against the chip's memory, a stage that does not fit
+ends in one line with a change that was compiled and fits, and a run's folder is left as
+it was."""
+
+import dataclasses
+import os
+
+import jax
+import pytest
+
+from big_pretrain import sharding as sharding_lib
+from big_pretrain import tpu_slices
+from big_pretrain.data.batch_features import global_batch_shapes
+from big_pretrain.stages import compile_check
+from big_pretrain.train import mfu
+from big_pretrain.train.optim import make_optimizer, make_schedule
+from big_pretrain.train.remat_choice import (CANDIDATES, MEMORY_FRACTION, build_with_remat_choice,
+                                             step_bytes_per_device)
+from helpers.tiny_config import tiny_mae_config
+
+pytest.importorskip('libtpu', reason='the TPU compiler: make install-tpu-compile')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _no_persistent_cache():
+  """Programs compiled for a topology cannot be read back from JAX's persistent cache (that
+  needs a TPU client): this module's stay out of the one tests/conftest.py sets up."""
+  was_on = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  yield
+  jax.config.update('jax_enable_compilation_cache', was_on)
+
+
+def _tiny_mae(**overrides):
+  config = tiny_mae_config(**overrides)
+  config.evals = {}
+  return config
+
+
+def test_slice_names_give_cloud_tpus_topologies():
+  assert tpu_slices.parse_slice('v5p-256').topology == 'v5p:4x4x8'
+  assert tpu_slices.parse_slice('v5p-128').chips == 64
+  assert tpu_slices.parse_slice('v4-32').topology == 'v4:2x2x4'
+  assert tpu_slices.parse_slice('v5litepod-16').topology == 'v5e:4x4'
+  assert tpu_slices.parse_slice('v5e-256').topology == 'v5e:16x16'
+  assert tpu_slices.parse_slice('v6e-64').topology == 'v6e:8x8'
+  assert tpu_slices.parse_slice('v6e-8').topology == 'v6e:2x4'
+  assert tpu_slices.parse_slice('v5p-8', num_slices=2).num_devices == 8
+  for bad, fix in (('v5p-6', 'a power of two of at least 8'), ('v5p-4', 'at least 8'),
+                   ('v7-8', "such as 'v4-32', 'v5p-256'"), ('tpu', "such as 'v4-32'")):
+    with pytest.raises(ValueError, match=f"'{bad}'.*{fix}"):
+      tpu_slices.parse_slice(bad)
+
+
+def test_the_mesh_lies_on_the_topologys_chips_and_each_chip_is_reported():
+  tpu_slice = tpu_slices.parse_slice('v5e-4')
+  devices = tpu_slices.topology_devices(tpu_slice)
+  assert len(devices) == 4 and {d.device_kind for d in devices} == {'TPU v5 lite'}
+  config = _tiny_mae()
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  assert set(mesh.devices.flat) == set(devices) and dict(mesh.shape)['data'] == 4
+
+  report = compile_check.check_stage('mae', config, 'config', tpu_slice, devices, '/tmp')
+  assert report.fits and report.mesh['data'] == 4
+  assert report.capacity_bytes == 16 * 2 ** 30  # v5e's HBM per chip: the table's
+  assert 0 < report.argument_bytes <= report.peak_bytes < report.capacity_bytes
+  # The analytic FLOPs and the lowered program's (loops multiplied out) agree.
+  assert report.analytic_flops == mfu.model_flops_per_step(config)
+  assert abs(report.program_flops / report.analytic_flops - 1) < 0.05
+
+
+def test_two_slices_keep_fsdp_inside_a_slice_and_split_the_data_axis_across_them():
+  tpu_slice = tpu_slices.parse_slice('v5p-8', num_slices=2)
+  devices = tpu_slices.topology_devices(tpu_slice)
+  assert sorted({d.slice_index for d in devices}) == [0, 1]
+  config = _tiny_mae(**{'mesh.data': -1, 'mesh.fsdp': 2})
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  assert dict(mesh.shape) == {'data': 4, 'fsdp': 2, 'tensor': 1}
+  for row, data_index in enumerate(range(4)):
+    # The first half of the data axis is slice 0; each FSDP pair is within one slice.
+    assert {d.slice_index for d in mesh.devices[data_index].flat} == {row // 2}
+  report = compile_check.check_stage('mae', config, 'config', tpu_slice, devices, '/tmp')
+  assert report.fits and report.mesh == {'data': 4, 'fsdp': 2, 'tensor': 1}
+
+
+def test_remat_auto_takes_the_first_policy_that_fits_the_chips_memory():
+  tpu_slice = tpu_slices.parse_slice('v5e-4')
+  devices = tpu_slices.topology_devices(tpu_slice)
+  config = _tiny_mae(**{'model.variant': 'mu/4'})  # more tokens: remat saves more
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  rules = sharding_lib.logical_axis_rules(config)
+  schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
+  shapes = global_batch_shapes(config.data, config.batch_size)
+
+  def build(remat, limit=None):
+    config.model.remat = remat
+    return build_with_remat_choice(config, mesh, rules, make_optimizer(config.optim, schedule),
+                                   schedule, shapes, memory_limit=limit)
+
+  needs = {policy: step_bytes_per_device(build(policy).trainer.compile_step(shapes))
+           for policy in CANDIDATES}
+  least = min(needs, key=needs.get)
+  assert needs[least] < needs['none']  # the test needs remat to save memory
+  # A chip just big enough for the least policy: 'auto' measures its way to the first
+  # candidate (in the order of least recomputation) that fits.
+  limit = int(needs[least] / MEMORY_FRACTION) + 1
+  choice = build('auto', limit)
+  expected = next(p for p in CANDIDATES if needs[p] <= MEMORY_FRACTION * limit)
+  assert choice.policy == expected and choice.fits
+  assert choice.step_bytes[expected] == needs[expected]
+  # A chip smaller than any policy needs: the least is kept, and said not to fit.
+  small = build('auto', int(min(needs.values()) / 2))
+  assert not small.fits
+
+
+def test_a_stage_that_does_not_fit_ends_in_one_line(monkeypatch, tmp_path, capsys):
+  # A v5e of 256 KiB of HBM: the tiny MAE's parameters and Adam moments alone (1.5 MiB,
+  # 0.4 MiB with FSDP over all 4 chips) overflow it, so no change can fit.
+  small = dataclasses.replace(tpu_slices.GENERATIONS['v5e'], hbm_per_device=256 * 2 ** 10)
+  monkeypatch.setitem(tpu_slices.GENERATIONS, 'v5e', small)
+  tpu_slice = tpu_slices.parse_slice('v5e-4')
+  with pytest.raises(compile_check.DoesNotFitError) as refusal:
+    compile_check.check(_tiny_mae(), tpu_slice, str(tmp_path / 'check'))
+  line = str(refusal.value)
+  assert '\n' not in line
+  assert "Stage 'main' (mae mu/8, batch 16) does not fit v5e-4" in line
+  assert 'it needs 1.53 MiB per chip, a chip has 256 KiB' in line
+  assert 'No change tried fits' in line
+  printed = capsys.readouterr().out
+  assert 'NO' in printed.splitlines()[2]
+
+
+def test_a_runs_folder_is_left_as_it_was(tmp_path):
+  run = tmp_path / 'run'
+  (run / 'checkpoints').mkdir(parents=True)
+  (run / 'config.json').write_text('{}')
+  before = {path: os.stat(path).st_mtime_ns for path in run.rglob('*')}
+  compile_check.check(_tiny_mae(), tpu_slices.parse_slice('v5e-4'), str(run))
+  assert {path: os.stat(path).st_mtime_ns for path in run.rglob('*')} == before
+  fresh = tmp_path / 'fresh'
+  compile_check.check(_tiny_mae(), tpu_slices.parse_slice('v5e-4'), str(fresh))
+  assert (fresh / 'compile_for' / 'v5e-4.json').is_file()
+  assert jax.devices()[0].platform == 'cpu'  # nothing left the CPU
