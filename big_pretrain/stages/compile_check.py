@@ -160,7 +160,7 @@ def _compile(name: str, config, tpu_slice, devices, with_evaluators: bool = True
     compiled = trainer.compiled_step
   elif not built.fits:  # nothing compiled fits: the state alone overflows, or every policy
     measured = [value for value in built.step_bytes.values() if value]
-    compiled = DoesNotFit(max(measured, default=None), built.memory_limit,
+    compiled = DoesNotFit(min(measured, default=None), built.memory_limit,  # the least need
                           'no remat policy fits')
   else:
     compiled = compile_or_refusal(trainer, batch_shapes)
