@@ -15,10 +15,18 @@ TPU, no data (stand-ins of typical size for what the data decides, as the table 
 Prints one table: row, stage, model, global batch, the smallest slice that fits, its
 mesh, remat and layout chosen, peak HBM per chip against the chip's, the model FLOPs
 per step, XLA's estimated step time and the MFU it implies, and the compile time.
+
+Each compile's report is kept in --results (one JSON file per generation) as soon as it
+is done, so a run that is stopped goes on where it stopped, and a rerun only prints;
+--fresh compiles everything again.
 """
 
 import argparse
+import dataclasses
+import datetime
+import json
 import os
+import platform
 import pathlib
 import runpy
 import sys
@@ -53,7 +61,47 @@ def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--only', default='', help=f'comma-separated rows of {list(ROWS)}')
   parser.add_argument('--generation', default='v5p', choices=sorted(tpu_slices.GENERATIONS))
+  parser.add_argument('--results', default='',
+                      help='the JSON file of compiles done (default: '
+                           'benchmarks/smallest_tpu_slice_GENERATION.json)')
+  parser.add_argument('--fresh', action='store_true', help='compile again what --results has')
   return parser.parse_args()
+
+
+def cpu_name() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    return platform.processor() or platform.machine()
+
+
+class Results:
+  """The compiles done, one report per row/stage/slice, written after each one."""
+
+  def __init__(self, path: str, fresh: bool):
+    self.path = path
+    self.records = {}
+    if not fresh and os.path.exists(path):
+      with open(path) as f:
+        self.records = json.load(f)['compiles']
+
+  def get(self, key: str):
+    record = self.records.get(key)
+    return None if record is None else compile_check.StageReport(**record['report'])
+
+  def put(self, key: str, report: compile_check.StageReport):
+    import jax
+    import libtpu  # pylint: disable=import-outside-toplevel
+    self.records[key] = {
+        'report': dataclasses.asdict(report),
+        'compiled_on': f'{datetime.date.today()}, {cpu_name()}, '
+                       f'{os.cpu_count()} cores, jax {jax.__version__}, '
+                       f'libtpu {getattr(libtpu, "__version__", "?")}'}
+    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    with open(self.path + '.tmp', 'w') as f:
+      json.dump({'compiles': self.records}, f, indent=1, default=str)
+    os.replace(self.path + '.tmp', self.path)
 
 
 def slices(generation: tpu_slices.TpuGeneration):
@@ -66,19 +114,23 @@ def slices(generation: tpu_slices.TpuGeneration):
     chips *= 2
 
 
-def smallest_fit(row: str, stage: str, config, generation, stand_ins: str):
+def smallest_fit(row: str, stage: str, config, generation, stand_ins: str, results: Results):
   """(the report of the smallest slice that fits, or of the last tried; the slices tried)."""
   tried, report = [], None
   for name in slices(generation):
     tpu_slice = tpu_slices.parse_slice(name)
-    try:
-      devices = tpu_slices.topology_devices(tpu_slice)
-      report = compile_check.check_stage(stage, config, f'config.stages.{stage}', tpu_slice,
-                                         devices, stand_ins, find_fix=False,
-                                         with_evaluators=False)
-    except ValueError as error:  # the batch no longer splits over the slice's chips
-      print(f'{row}/{stage}: stopped at {name}: {error}', flush=True)
-      break
+    key = f'{row}/{stage}/{name}'
+    report = results.get(key)
+    if report is None:
+      try:
+        devices = tpu_slices.topology_devices(tpu_slice)
+        report = compile_check.check_stage(stage, config, f'config.stages.{stage}', tpu_slice,
+                                           devices, stand_ins, find_fix=False,
+                                           with_evaluators=False)
+      except ValueError as error:  # the batch no longer splits over the slice's chips
+        print(f'{row}/{stage}: stopped at {name}: {error}', flush=True)
+        break
+      results.put(key, report)
     tried.append(name)
     print(f'{row}/{stage}: {name}: {"fits" if report.fits else "does not fit"} '
           f'({compile_check.describe_bytes(report.peak_bytes)} per chip, '
@@ -96,7 +148,9 @@ def main():
   unknown = [r for r in rows if r not in ROWS]
   if unknown:
     sys.exit(f'Unknown rows {unknown}: choose from {list(ROWS)}.')
-  results = []
+  results = Results(args.results or str(REPO / f'benchmarks/smallest_tpu_slice_{args.generation}.json'),
+                    args.fresh)
+  found = []
   started = time.perf_counter()
   with tempfile.TemporaryDirectory() as stand_ins:
     for row in rows:
@@ -104,12 +158,12 @@ def main():
       config = runpy.run_path(str(REPO / path))['get_config'](arg)
       for stage in stages:
         stage_config = config.stages[stage] if 'stages' in config else config
-        report, name = smallest_fit(row, stage, stage_config, generation, stand_ins)
-        results.append((row, report, name))
+        report, name = smallest_fit(row, stage, stage_config, generation, stand_ins, results)
+        found.append((row, report, name))
   header = ('row', 'stage', 'model', 'batch', 'smallest slice', 'mesh', 'remat', 'layout',
             'peak/chip', 'of', 'model FLOP/step', 'est. step', 'est. MFU', 'compile')
   lines = [header]
-  for row, r, name in results:
+  for row, r, name in found:
     lines.append((
         row, r.stage, f'{r.kind} {r.variant}', f'{r.batch_size:,}', name or 'none',
         compile_check.describe_mesh(r.mesh) if name else '', r.remat if name else '',
@@ -118,13 +172,17 @@ def main():
         compile_check.describe_count(r.analytic_flops),
         compile_check.describe_seconds(r.estimated_seconds) if r.estimated_seconds else '?',
         f'{r.estimated_mfu:.0%}' if r.estimated_mfu else '?', f'{r.compile_seconds:.0f} s'))
-  print(f'\nThe smallest {args.generation} slice each fits on ({time.perf_counter() - started:.0f} '
-        f's in all; a fit: peak <= {compile_check.MEMORY_FRACTION:.0%} of a chip):')
+  compile_seconds = sum(r['report']['compile_seconds'] for r in results.records.values())
+  print(f'\nThe smallest {args.generation} slice each fits on ({compile_seconds:.0f} s of compiling '
+        f'in all, {time.perf_counter() - started:.0f} s in this run; a fit: peak <= '
+        f'{compile_check.MEMORY_FRACTION:.0%} of a chip):')
   print('| ' + ' | '.join(str(v) for v in header) + ' |')
   print('|' + '|'.join('---' for _ in header) + '|')
   for line in lines[1:]:
     print('| ' + ' | '.join(str(v) for v in line) + ' |')
-  stand_in_notes = sorted({note for _, r, _ in results for note in r.stand_ins})
+  compiled_on = sorted({results.records[k]['compiled_on'] for k in results.records})
+  print(f'Compiled on: {" / ".join(compiled_on)}.')
+  stand_in_notes = sorted({note for _, r, _ in found for note in r.stand_ins})
   if stand_in_notes:
     print(f'Stand-ins for what the data decides: {"; ".join(stand_in_notes)}.')
 
