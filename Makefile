@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 INSTALLED := $(VENV)/.installed
 TPU_COMPILE_INSTALLED := $(VENV)/.tpu-compile-installed
+WEIGHTS_TEST_INSTALLED := $(VENV)/.weights-test-installed
 DEMO_WORKDIR ?= workdirs/demo
 
-.PHONY: demo test install install-gpu install-tf install-tpu-compile clean-demo
+.PHONY: demo test install install-gpu install-tf install-tpu-compile install-weights-test clean-demo
 
 install: $(INSTALLED)
 
@@ -33,6 +34,14 @@ $(TPU_COMPILE_INSTALLED): $(INSTALLED) requirements-tpu-compile.txt
 	$(VENV)/bin/python -m pip install --quiet -r requirements-tpu-compile.txt
 	touch $(TPU_COMPILE_INSTALLED)
 
+# torch, timm and transformers, which the weights' parity tests load our exports in (and
+# which importing a .pth needs torch of). The tests need them; `make demo` does not.
+install-weights-test: $(WEIGHTS_TEST_INSTALLED)
+
+$(WEIGHTS_TEST_INSTALLED): $(INSTALLED) requirements-weights-test.txt
+	$(VENV)/bin/python -m pip install --quiet -r requirements-weights-test.txt
+	touch $(WEIGHTS_TEST_INSTALLED)
+
 # TensorFlow, only to prepare TFDS datasets and for benchmarks/input_speed.py's tf.data rows:
 # training, data reading and logging never import it.
 install-tf: $(INSTALLED)
@@ -46,7 +55,7 @@ demo: $(INSTALLED)
 # Three pytest-xdist workers, one test file each at a time: more workers than the
 # 2 cores CI has, because the multi-process tests' parents wait on their children
 # and checkpoint saves wait on threads (8:52 vs 9:17 with two, 15:32 with none).
-test: $(INSTALLED) $(TPU_COMPILE_INSTALLED)
+test: $(INSTALLED) $(TPU_COMPILE_INSTALLED) $(WEIGHTS_TEST_INSTALLED)
 	$(VENV)/bin/python -m pytest -q -n 3 --dist loadfile tests
 
 clean-demo:

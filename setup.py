@@ -18,5 +18,8 @@ setup(
     install_requires=[r for r in pinned_requirements() if not r.startswith('pytest')],
     # pip install -e .[tf]: TensorFlow, only to prepare TFDS datasets and for the tf.data
     # rows of benchmarks/input_speed.py.
-    extras_require={'tf': pinned_requirements('requirements-tf.txt')},
+    # .[weights-test]: torch, timm and transformers, which the parity tests load our exported
+    # weights in (importing a MAE .pth needs torch alone).
+    extras_require={'tf': pinned_requirements('requirements-tf.txt'),
+                    'weights-test': pinned_requirements('requirements-weights-test.txt')},
 )

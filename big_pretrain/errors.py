@@ -54,6 +54,12 @@ class DamagedFileError(UserFacingError, ValueError):
   be; the message names it and what to do. Nothing was deleted."""
 
 
+class ExportRefusedError(UserFacingError, ValueError):
+  """Weights asked for in a format (timm, Hugging Face) that cannot express the model
+  faithfully: the message names the option; nothing approximate is written."""
+  exit_code = EXIT_USAGE
+
+
 class Preempted(BaseException):
   """A run stopped on a preemption notice (SIGTERM or Ctrl-C), after saving what it had.
 

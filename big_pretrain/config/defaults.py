@@ -67,7 +67,9 @@ def stage_keys(objective: str) -> schema.Group:
                            type=str, names_stage='training', path_key='checkpoint'),
           checkpoint=schema.Key(None, schema.OPTIONAL_TEXT,
                                 'or a checkpoint: a step folder, a folder of steps, or a '
-                                "stage's folder", type=str),
+                                "stage's folder; or public weights: a timm or Hugging Face "
+                                'model folder or .safetensors file, a MAE reference .pth, a '
+                                'big_vision .npz', type=str),
           take=schema.Key((ENCODER,), schema.texts(), 'the subtrees of params taken'),
       ),
   )

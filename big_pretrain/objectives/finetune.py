@@ -177,6 +177,10 @@ class Finetune(Objective):
   config_keys = CONFIG_KEYS
 
   @classmethod
+  def exported_head(cls, config):
+    return 'multi_label' if config.data.labels.vocabulary else 'single_label'
+
+  @classmethod
   def check_config(cls, config, path):
     objective = config.objective
     if objective.trainable in ('last_k_blocks', 'last_block_mlp') and scan_layers(

@@ -112,6 +112,14 @@ class MAE(Objective):
                           'prediction_normalized')
 
   @classmethod
+  def exported_decoder(cls, config):
+    objective = config.objective
+    return {'width': objective.decoder_width, 'depth': objective.decoder_depth,
+            'heads': objective.decoder_heads, 'mask_ratio': objective.mask_ratio,
+            'norm_pix_loss': objective.norm_pix_loss,
+            'encoder_on_all_tokens': objective.encoder_on_all_tokens}
+
+  @classmethod
   def check_config(cls, config, path):
     ratio = config.objective.mask_ratio
     # The encoder needs a visible patch, and the loss (a mean over masked ones) a masked one.

@@ -81,6 +81,12 @@ class Objective(abc.ABC):
       scored by the 'zero_shot' and 'retrieval' evaluators.
     visualize(params, uint8 images, rng) -> {panel: (B, H, W, 3) in [0, 1]} and
       `visualization_panels` (their column order): drawn by 'reconstruction'.
+    exported_head(config) (class method): what params' 'head' (after 'fc_norm', if any)
+      is when the weights leave for timm or Hugging Face (export.py):
+      'single_label' or 'multi_label' classification; None (the default): the encoder
+      leaves alone.
+    exported_decoder(config) (class method): the MAE decoder's settings, for
+      transformers' ViTMAEForPreTraining; None (the default): no decoder leaves.
   """
 
   name: str = ''
@@ -112,6 +118,18 @@ class Objective(abc.ABC):
     outputs per example (visible patches + cls). `num_labels`: the size of a head whose
     size the data decides (a label vocabulary), when the caller knows it; else it is read
     from the config."""
+
+  @classmethod
+  def exported_head(cls, config) -> str | None:
+    """'single_label' / 'multi_label' when params['head'] is a classifier worth exporting."""
+    del config
+    return None
+
+  @classmethod
+  def exported_decoder(cls, config) -> dict | None:
+    """The pixel decoder's settings when it exports with the encoder (MAE)."""
+    del config
+    return None
 
   @classmethod
   def resolve_config(cls, config):

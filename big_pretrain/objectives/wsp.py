@@ -70,6 +70,10 @@ class WSP(Objective):
   config_keys = CONFIG_KEYS
 
   @classmethod
+  def exported_head(cls, config):
+    return 'multi_label'  # one sigmoid per hashtag
+
+  @classmethod
   def check_config(cls, config, path):
     vocabulary = config.data.labels.vocabulary
     if not vocabulary:

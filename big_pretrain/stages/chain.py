@@ -85,7 +85,7 @@ def initializer_from(init_from, workdir: str):
 
   def initialize(params):
     # Resolved only when the stage starts fresh: a resumed stage never reads it.
-    return transfer.load_into(params, transfer.resolve_checkpoint_dir(source), take)
+    return transfer.load_from(params, source, take)
 
   return initialize
 

@@ -6,11 +6,15 @@ its module's declared keys and checks (stages/jobs.py). Then what only the
 chain can check: every key that names an earlier stage (a key declared with
 `names_stage`: init_from.stage, a job's teacher.stage, a student's
 data.pseudo_labels.stage) names one, of the right kind; and the data paths of
-every stage exist, so a typo in the third stage's path stops the run before
-the first stage trains for a day.
+every stage exist, and every init_from.checkpoint, so a typo in the third
+stage's path stops the run before the first stage trains for a day.
 """
 
 from __future__ import annotations
+
+import importlib.util
+
+from etils import epath
 
 from big_pretrain import schema
 from big_pretrain.config.defaults import stage_keys
@@ -19,6 +23,7 @@ from big_pretrain.config.validation import (check_keys, check_schema_version, ch
 from big_pretrain.data import data_config
 from big_pretrain.errors import ConfigError
 from big_pretrain.stages import jobs
+from big_pretrain.weights.weight_files import PYTORCH_SUFFIXES
 
 TRAINING = 'training'  # the kind a stage reference may ask for, beside a job's name
 
@@ -68,6 +73,7 @@ def validate_config(config) -> None:
             f'config.{dotted}={value!r} names a stage, but this config has no config.stages. '
             f'Use config.{sibling}=PATH instead.')
     data_config.check_data_exists(config.data)
+    check_init_from_exists(config, 'config')
     return
   for key in config.keys():
     if key != 'stages':
@@ -96,6 +102,23 @@ def validate_config(config) -> None:
     kinds[name] = stage_kind(stage)
   for name, stage in config.stages.items():
     data_config.check_data_exists(stage.data, f'config.stages.{name}')
+    check_init_from_exists(stage, f'config.stages.{name}')
+
+
+def check_init_from_exists(stage_config, path: str) -> None:
+  """init_from.checkpoint is there, and readable here (a .pth needs torch)."""
+  checkpoint = stage_config.init_from.checkpoint if 'init_from' in stage_config else None
+  if not checkpoint:
+    return
+  if not epath.Path(checkpoint).exists():
+    raise ConfigError(f'{path}.init_from.checkpoint={checkpoint!r} does not exist: point it at '
+                      "a step folder, a folder of steps or a stage's folder, or at public "
+                      'weights (a timm or Hugging Face folder, a .safetensors, .pth or .npz '
+                      'file).')
+  if checkpoint.endswith(PYTORCH_SUFFIXES) and importlib.util.find_spec('torch') is None:
+    raise ConfigError(f'{path}.init_from.checkpoint={checkpoint!r} is a PyTorch file, which '
+                      'needs torch to read: pip install torch (CPU is enough), or convert it '
+                      'to .safetensors.')
 
 
 def _value_at(config, dotted: str):

@@ -38,19 +38,17 @@ from jax.experimental import multihost_utils
 from big_pretrain import schema
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.config.defaults import SCHEMA_VERSION_KEY
-from big_pretrain.config.upgrade import upgrade
 from big_pretrain.data import data_config
 from big_pretrain.data import records as records_lib
 from big_pretrain.data import sources
 from big_pretrain.data.data_config import DATA_KEYS
 from big_pretrain.data.eval_input import decode_key, ordered_batches
 from big_pretrain.data.sources import pseudo_labelled
-from big_pretrain.data.text.labels import LabelVocabulary
 from big_pretrain.errors import ConfigError
 from big_pretrain.objectives import build_objective
-from big_pretrain.stages import transfer
+from big_pretrain.stages import stage_records, transfer
 from big_pretrain.storage import files as storage
-from big_pretrain.storage.stage_dir import CONFIG_FILE, StageDir
+from big_pretrain.storage.stage_dir import StageDir
 from big_pretrain.train.step import abstract_params
 
 
@@ -130,19 +128,15 @@ class PseudoLabelResult:
 
 
 def read_teacher_config(teacher_dir: str) -> ml_collections.ConfigDict:
-  """The stage config a teacher stage recorded (its config.json, with what the data decided),
-  in today's schema."""
-  path = StageDir(teacher_dir).config_file
-  recorded = storage.read_json(
-      path, if_damaged="It records the teacher's config, without which its checkpoint cannot "
-      'be read: restore it from a copy of the teacher folder (or the config the teacher was '
-      'trained with, as main.py wrote it), or label with another teacher.')
-  if recorded is None:
-    raise FileNotFoundError(
-        f'The teacher folder {teacher_dir!r} has no {CONFIG_FILE}: point '
-        'config.teacher.workdir at the folder of a trained stage (it holds config.json and '
-        'checkpoints/), or config.teacher.stage at an earlier stage of the chain.')
-  return upgrade(recorded, where=path)
+  """The stage config the teacher stage recorded, in today's schema."""
+  return stage_records.read_stage_config(
+      teacher_dir,
+      if_damaged="It records the teacher's config, without which its checkpoint cannot be "
+      'read: restore it from a copy of the teacher folder (or the config the teacher was '
+      'trained with, as main.py wrote it), or label with another teacher.',
+      if_missing='point config.teacher.workdir at the folder of a trained stage (it holds '
+      'config.json and checkpoints/), or config.teacher.stage at an earlier stage of the '
+      'chain.')
 
 
 def teacher_params(objective, step_dir: str, mesh, rules):
@@ -159,16 +153,6 @@ def job_settings(config, teacher_step_dir: str, num_examples: int) -> dict:
           'labels': config.labels.to_dict(),
           'num_examples': num_examples,
           'examples_per_shard': config.examples_per_shard}
-
-
-def _class_names(teacher_config, num_classes: int) -> list[str]:
-  if teacher_config.data.labels.vocabulary:
-    return list(LabelVocabulary.from_file(teacher_config.data.labels.vocabulary).labels)
-  try:
-    names = sources.build_source(teacher_config.data).class_names
-  except (OSError, ValueError):  # the teacher's data moved: the names are only for reports
-    names = []
-  return list(names) if len(names) == num_classes else [str(c) for c in range(num_classes)]
 
 
 def run_pseudo_label(config, workdir: str, *, teacher_dir: str | None = None, devices=None,
@@ -255,7 +239,7 @@ def run_pseudo_label(config, workdir: str, *, teacher_dir: str | None = None, de
                  num_shards, counts.labelled, len(indices))
 
   metadata = _summary(workdir, num_shards, settings, num_classes,
-                      _class_names(teacher_config, num_classes))
+                      stage_records.class_names(teacher_config, num_classes))
   if jax.process_index() == 0:
     storage.write_text(os.path.join(workdir, records_lib.METADATA_FILE),
                        json.dumps(metadata, indent=2))

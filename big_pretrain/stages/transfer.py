@@ -1,4 +1,4 @@
-"""Initializing a stage from an earlier stage's checkpoint (MAE -> WSP).
+"""Initializing a stage from an earlier stage's checkpoint (MAE -> WSP), or from public weights.
 
 Only the taken subtrees (e.g. the encoder) are read from disk (Orbax partial
 restore); they are converted to the target's layout by the model's own rules
@@ -7,6 +7,10 @@ embeddings resampled to a new patch grid), checked
 against the fresh parameters' shapes (a mismatch names the parameter and both
 shapes), and copied bit-exactly. Everything not taken (the WSP head) keeps its
 fresh initialization; what is not needed (the MAE decoder) is never read.
+
+init_from.checkpoint may also name public weights (weights/public_checkpoints.py: a timm or
+Hugging Face folder or .safetensors file, a MAE reference .pth, a big_vision .npz): they are
+read into the same subtrees and placed the same way; a mismatch is named in one line.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from big_pretrain.storage import files as storage
 from big_pretrain.storage.checkpoints import (STATE_ITEM, check_shapes_fit, saved_steps,
                                               tree_shapes, unreadable_reason)
 from big_pretrain.storage.stage_dir import StageDir
+from big_pretrain.weights import public_checkpoints
 
 def resolve_checkpoint_dir(path: str) -> str:
   """A readable step directory from a step dir, a checkpoints dir or a stage workdir.
@@ -61,13 +66,23 @@ def resolve_checkpoint_dir(path: str) -> str:
       'at an earlier stage of this config.')
 
 
+def _saved_tree(step_dir: str) -> dict:
+  # The handler's metadata: the tree alone (the checkpointer's would also look for step
+  # metadata, which lives one folder up, and warn that it is missing).
+  return ocp.PyTreeCheckpointHandler().metadata(
+      epath.Path(os.path.join(step_dir, STATE_ITEM))).tree
+
+
+def saved_param_names(step_dir: str) -> list[str]:
+  """The top-level subtrees of params in a step's checkpoint ('encoder', 'head', ...)."""
+  return sorted(_saved_tree(step_dir).get('params', {}))
+
+
 def read_subtrees(step_dir: str, take: tuple[str, ...]) -> dict:
   """{name: numpy tree} for each params/<name> in `take`, reading nothing else."""
   checkpointer = ocp.PyTreeCheckpointer()
   state_dir = os.path.join(step_dir, STATE_ITEM)
-  # The handler's metadata: the tree alone (the checkpointer's would also look for step
-  # metadata, which lives one folder up, and warn that it is missing).
-  metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir)).tree
+  metadata = _saved_tree(step_dir)
   missing = [name for name in take if name not in metadata.get('params', {})]
   if missing:
     raise CheckpointMismatchError(
@@ -99,18 +114,65 @@ def adapt_subtree(source: dict, target: dict, where: str) -> dict:
 def load_into(fresh_params: dict, step_dir: str, take: tuple[str, ...]) -> dict:
   """`fresh_params` with each subtree in `take` replaced by the checkpoint's, same shardings."""
   subtrees = read_subtrees(step_dir, take)
-  params = dict(fresh_params)
+  _check_takes(fresh_params, take)
+  adapted = {name: adapt_subtree(subtrees[name], fresh_params[name], f'{step_dir} params/{name}')
+             for name in take}
+  return _placed(fresh_params, adapted, step_dir)
+
+
+def load_public_into(fresh_params: dict, path: str, take: tuple[str, ...]) -> dict:
+  """`fresh_params` with each subtree in `take` from public weights (see the module doc)."""
+  _check_takes(fresh_params, take)
+  parts = public_checkpoints.read_public_checkpoint(path, fresh_params)
+  absent = [name for name in take if name not in parts]
+  if absent:
+    raise CheckpointMismatchError(
+        f'{path} has no {absent[0]!r} to take (it has {sorted(parts)}): fix init_from.take.')
+  adapted = {}
+  for name in take:
+    adapted[name] = fit_layout(parts[name], fresh_params[name])
+    _check_fits_in_one_line(adapted[name], fresh_params[name], name, path)
+  return _placed(fresh_params, adapted, path)
+
+
+def load_from(fresh_params: dict, source: str, take: tuple[str, ...]) -> dict:
+  """init_from.checkpoint (or an earlier stage's checkpoints) -> load_into or load_public_into."""
+  if public_checkpoints.is_public_checkpoint(source):
+    return load_public_into(fresh_params, source, take)
+  return load_into(fresh_params, resolve_checkpoint_dir(source), take)
+
+
+def _check_takes(fresh_params: dict, take: tuple[str, ...]) -> None:
   for name in take:
     if name not in fresh_params:
       raise CheckpointMismatchError(
           f'init_from.take names {name!r}, which this model does not have; it has '
           f'{sorted(fresh_params)}.')
-    adapted = adapt_subtree(subtrees[name], fresh_params[name], f'{step_dir} params/{name}')
+
+
+def _check_fits_in_one_line(adapted: dict, fresh: dict, name: str, path: str) -> None:
+  got, want = tree_shapes(adapted), tree_shapes(fresh)
+  problems = [f'{name}/{key} is {got[key]} there and {want[key]} here'
+              for key in sorted(set(got) & set(want)) if got[key] != want[key]]
+  problems += [f'{name}/{key} is missing there' for key in sorted(set(want) - set(got))]
+  problems += [f'{name}/{key} has no place here' for key in sorted(set(got) - set(want))]
+  if problems:
+    more = f' (and {len(problems) - 2} more)' if len(problems) > 2 else ''
+    raise CheckpointMismatchError(
+        f"{path} does not fit the model of this config: {'; '.join(problems[:2])}{more}. "
+        'Match model.variant, use_cls_token and posemb to the checkpoint.')
+
+
+def _placed(fresh_params: dict, adapted: dict, source: str) -> dict:
+  """`fresh_params` with the `adapted` subtrees (numpy) copied in, on the fresh ones'
+  shardings."""
+  params = dict(fresh_params)
+  for name, subtree in adapted.items():
     # Each device takes its own slice of the host copy (safe with several hosts).
     params[name] = jax.tree_util.tree_map(
         lambda value, fresh: jax.make_array_from_callback(
             fresh.shape, fresh.sharding, lambda index, v=np.asarray(value, fresh.dtype): v[index]),
-        adapted, fresh_params[name])
-    logging.info('Initialized params/%s from %s (%d arrays).', name, step_dir,
-                 len(jax.tree_util.tree_leaves(adapted)))
+        subtree, fresh_params[name])
+    logging.info('Initialized params/%s from %s (%d arrays).', name, source,
+                 len(jax.tree_util.tree_leaves(subtree)))
   return params
