@@ -16,8 +16,8 @@ from absl import app, flags, logging
 
 from big_pretrain import cli, distributed, tpu_slices
 from big_pretrain.config.validation import check_fits_devices
-from big_pretrain.errors import (EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, ConfigError,
-                                 Preempted, UserFacingError, WorkdirError)
+from big_pretrain.errors import (EXIT_INTERRUPTED, EXIT_NO_BACKEND, EXIT_PREEMPTED, EXIT_USAGE,
+                                 ConfigError, Preempted, UserFacingError, WorkdirError)
 from big_pretrain.stages.chain_validation import validate_config
 from big_pretrain.storage import files as storage
 from big_pretrain.storage import run_lock
@@ -60,7 +60,14 @@ def _run(command) -> None:
   # devices: before the first compile, where the input pipeline would find it only after.
   try:
     distributed.initialize(**command.processes)
-    check_fits_devices(command.config, jax.device_count(), jax.process_count())
+  except ValueError as e:
+    cli.exit_usage(str(e))
+  try:
+    device_count = jax.device_count()  # the backend starts here
+  except (RuntimeError, AssertionError) as e:  # AssertionError: JAX's, for an absent plugin
+    cli.exit_with(cli.backend_failure(e), EXIT_NO_BACKEND)
+  try:
+    check_fits_devices(command.config, device_count, jax.process_count())
   except ValueError as e:  # ConfigError included
     cli.exit_usage(str(e))
 

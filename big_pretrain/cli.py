@@ -14,6 +14,7 @@ import sys
 import traceback
 
 from absl import flags, logging
+import jax
 import ml_collections
 from ml_collections import config_flags
 
@@ -158,6 +159,24 @@ def _is_verbose(argv=None) -> bool:
     return _VERBOSE.value
   return any(arg in ('--verbose', '--verbose=true', '--verbose=True', '--verbose=1')
              for arg in (argv or sys.argv))
+
+
+def backend_failure(error: BaseException) -> str:
+  """One line for a JAX backend that does not start: the platform, the cause, the fix."""
+  platforms = os.environ.get('JAX_PLATFORMS') or jax.config.jax_platforms or ''
+  cause = str(error).strip().splitlines()[0] if str(error).strip() else (
+      'this JAX install has no such backend')
+  cause = cause.split(' (set JAX_PLATFORMS')[0].rstrip('.')
+  named = f'JAX_PLATFORMS={platforms}' if platforms else 'the default platform'
+  if 'tpu' in platforms:
+    fix = ("on a TPU VM, reinstall the TPU runtime: pip install 'jax[tpu]=="
+           f"{jax.__version__}'; on another machine, unset JAX_PLATFORMS")
+  elif 'cuda' in platforms or 'gpu' in platforms:
+    fix = ("on a GPU host, install the CUDA build of jax that the driver runs: make "
+           'install-gpu (nvidia-smi shows the driver); on another machine, unset JAX_PLATFORMS')
+  else:
+    fix = 'name platforms this install has (cpu; cuda after make install-gpu; tpu on a TPU VM)'
+  return f'JAX could not start its backend ({named}): {cause}. Fix: {fix}. Nothing was started.'
 
 
 def exit_usage(message: str, argv=None):

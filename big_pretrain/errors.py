@@ -5,6 +5,8 @@ class carries the exit code main.py ends with (README, "Exit codes")."""
 EXIT_STOPPED = 1      # the run stopped on purpose, saying why (NaN loss, a checkpoint that
                       # does not fit, a failed save): rerunning as it is will not help
 EXIT_USAGE = 2        # the command, config or workdir cannot run: nothing was started
+EXIT_NO_BACKEND = 3   # the accelerator's runtime does not start (libtpu missing, a CUDA build
+                      # that does not match the driver): fix the install, nothing was started
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: saved a checkpoint on SIGTERM/SIGINT; rerun to resume
 EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once, unsaved (the shell's 128 + SIGINT)
 

@@ -5,12 +5,15 @@ import numpy as np
 import pytest
 
 from big_pretrain import sharding as sharding_lib
+from big_pretrain.config.defaults import chain_config
 from big_pretrain.config.validation import validate_stage_config
 from big_pretrain.evaluators import build_evaluators, evaluator_config
 from big_pretrain.evaluators.eval_split import split_data_config
 from big_pretrain.evaluators.features import SplitFeatures, extract_features
 from big_pretrain.evaluators.knn import knn_classify, nearest_neighbours, weighted_vote
 from big_pretrain.evaluators.linear_probe import classify, fit_linear_classifier, standardize
+from big_pretrain.stages import chain
+from big_pretrain.storage.stage_dir import StageDir
 from helpers.numerics import assert_close_in_scale
 from helpers.probe_data import gaussian_blobs
 from helpers.tiny_config import tiny_mae_config, tiny_trainer
@@ -194,3 +197,17 @@ def test_chance_is_one_over_the_number_of_classes():
   features = SplitFeatures(empty, np.zeros(0, np.int32), np.zeros((5, 2), np.float32),
                            np.array([2, 0, 2, 1, 2], np.int32), ['a', 'b', 'c', 'd'])
   assert features.chance == 1 / 4  # not 3/5, however unbalanced the held-out labels
+
+
+def test_the_closing_summary_names_the_image_an_evaluator_drew(tmp_path):
+  """MAE's reconstruction scores nothing: the summary lists the grid it wrote, not '(no
+  evaluator results yet)'."""
+  stage = StageDir(str(tmp_path))
+  stage.write_results(stage.eval_results_file, 6, {'reconstruction': {}})
+  with open(stage.evaluator_image('reconstruction'), 'wb') as f:
+    f.write(b'\x89PNG')
+  results = chain.collect_eval_results(chain_config(mae=tiny_mae_config()), {'mae': str(tmp_path)})
+  table = chain.format_eval_results(results)
+  assert results == {'mae': {'step': 6, 'reconstruction': {'image': stage.evaluator_image(
+      'reconstruction')}}}
+  assert f'reconstruction           image                      {tmp_path}/reconstruction.png' in table

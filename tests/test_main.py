@@ -379,3 +379,17 @@ def test_a_damaged_config_json_is_refused_in_one_line_naming_it(tmp_path):
                                              r'Restore it, or move it away'):
     resume_identity.check_resume(tiny_mae_config(), str(tmp_path), checkpoint_steps=[4])
   assert len(recorded.read_text()) == 100  # nothing modified
+
+
+def test_a_backend_that_cannot_start_is_one_line_and_exit_3(tmp_path):
+  """JAX_PLATFORMS=tpu on a machine without a TPU (libtpu present or not): the platform, the
+  cause and the install command in one line, before anything starts."""
+  process = _start_main(['--config=configs/mae.py:demo', f'--workdir={tmp_path / "run"}'],
+                        JAX_PLATFORMS='tpu')
+  _, stderr = process.communicate(timeout=240)
+  assert process.returncode == 3, stderr
+  lines = stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      'main.py: JAX could not start its backend (JAX_PLATFORMS=tpu): '), stderr
+  assert "pip install 'jax[tpu]==" in lines[0]
+  assert not (tmp_path / 'run').exists()

@@ -13,7 +13,6 @@ evaluator reads a split (eval_split.py) in one batch: a split smaller than
 from __future__ import annotations
 
 import io
-import os
 
 from absl import logging
 import jax
@@ -23,6 +22,7 @@ from PIL import Image
 from big_pretrain import schema
 from big_pretrain.evaluators.evaluator import EvalResult, Evaluator, evaluator_keys, split_overrides
 from big_pretrain.storage import files as storage
+from big_pretrain.storage.stage_dir import StageDir
 
 
 class ReconstructionEvaluator(Evaluator):
@@ -62,7 +62,7 @@ class ReconstructionEvaluator(Evaluator):
     if jax.process_index() == 0:
       png = io.BytesIO()
       Image.fromarray((grid * 255).round().astype(np.uint8)).save(png, format='PNG')
-      storage.write_bytes(os.path.join(self.workdir, f'{self.name}.png'), png.getvalue())
+      storage.write_bytes(StageDir(self.workdir).evaluator_image(self.name), png.getvalue())
     return EvalResult(images={f'{self.name}/{"_".join(panels)}': grid})
 
 

@@ -27,6 +27,7 @@ from big_pretrain.stages import jobs
 from big_pretrain.stages import transfer
 from big_pretrain.stages.chain_validation import stage_references, validate_config
 from big_pretrain.storage import resume_identity
+from big_pretrain.storage import files as storage
 from big_pretrain.storage import stage_dir as stage_dir_lib
 from big_pretrain.storage.checkpoints import saved_steps, unreadable_reason
 from big_pretrain.storage.stage_dir import StageDir
@@ -167,8 +168,18 @@ def collect_eval_results(config, stage_dirs: dict[str, str]) -> dict[str, dict]:
       stage_results = stage_dir_lib.read_results(
           folder.eval_results_file, 'The same command evaluates the final checkpoint again.')
     if stage_results is not None:
-      results[name] = stage_results
+      results[name] = _with_images_named(stage_results, folder)
   return results
+
+
+def _with_images_named(stage_results: dict, folder: StageDir) -> dict:
+  """An evaluator that scores nothing but draws an image (MAE's reconstruction) is listed
+  with the image it wrote, {'image': path}."""
+  named = dict(stage_results)
+  for evaluator, scalars in stage_results.items():
+    if evaluator != 'step' and not scalars and storage.exists(folder.evaluator_image(evaluator)):
+      named[evaluator] = {'image': folder.evaluator_image(evaluator)}
+  return named
 
 
 def format_eval_results(results: dict[str, dict]) -> str:
@@ -179,5 +190,6 @@ def format_eval_results(results: dict[str, dict]) -> str:
       if evaluator == 'step':
         continue
       for metric, value in scalars.items():
-        lines.append(f'{stage:<14} {step:>7}  {evaluator:<24} {metric:<26} {value:>8.4f}')
+        shown = value if isinstance(value, str) else f'{value:>8.4f}'
+        lines.append(f'{stage:<14} {step:>7}  {evaluator:<24} {metric:<26} {shown}')
   return '\n'.join(lines) if len(lines) > 2 else '(no evaluator results yet)'

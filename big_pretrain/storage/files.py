@@ -95,6 +95,10 @@ def read_text(path: str) -> str | None:
   return source.read_text() if source.exists() else None
 
 
+def exists(path: str) -> bool:
+  return epath.Path(path).exists()
+
+
 def is_dir(path: str) -> bool:
   return epath.Path(path).is_dir()
 

@@ -55,6 +55,10 @@ class StageDir:
   word_tokenizer_file = property(lambda self: self.file(WORD_TOKENIZER_FILE))
   sentencepiece_tokenizer_file = property(lambda self: self.file(SENTENCEPIECE_TOKENIZER_FILE))
 
+  def evaluator_image(self, evaluator: str) -> str:
+    """The image an evaluator draws (MAE's reconstruction grid): '<evaluator>.png'."""
+    return self.file(f'{evaluator}.png')
+
   def write_results(self, path: str, step: int, results: dict) -> None:
     """{'step': step, evaluator name: scalars} to `path` (one of the results files), by
     process 0 only."""
