@@ -157,9 +157,18 @@ def hf_files(model: StageModel, params: dict, labels: list[str] | None) -> tuple
   return hf_layout.timm_to_hf(state, encoder_prefix=''), hf_layout.vit_config(**sizes)
 
 
+def read_params(stage_dir: str, wanted: list[str], step: int | None) -> tuple[str, dict]:
+  """(step dir, {name: numpy subtree}) of the `wanted` params the checkpoint has: of `step`,
+  or of the newest step whose arrays match their digests (a damaged one is skipped)."""
+  source = step_folder(stage_dir, step)
+  saved = transfer.saved_param_names(transfer.resolve_checkpoint_dir(source))
+  return transfer.read_intact_subtrees(source, tuple(name for name in wanted if name in saved))
+
+
 def step_folder(stage_dir: str, step: int | None) -> str:
+  """The folder of `step`, checked; or the stage's folder of steps (step None)."""
   if step is None:
-    return transfer.resolve_checkpoint_dir(stage_dir)
+    return StageDir(stage_dir).checkpoints
   path = os.path.join(StageDir(stage_dir).checkpoints, str(step))
   reason = unreadable_reason(path) if storage.is_dir(path) else 'there is no such step'
   if reason:
@@ -182,7 +191,7 @@ def stage_encoder_tokens(stage_dir: str, images: np.ndarray, *, step: int | None
   LayerNorm (timm's forward_features, HF's last_hidden_state)."""
   config = read_stage_config(stage_dir)
   config.model.dtype = 'float32'
-  encoder_params = transfer.read_subtrees(step_folder(stage_dir, step), (ENCODER,))[ENCODER]
+  encoder_params = read_params(stage_dir, [ENCODER], step)[1][ENCODER]
   encoder = vit_from_config(objective_class(config.objective.name).resolve_config(config).model)
   return np.asarray(encoder.apply({'params': encoder_params}, images)['tokens'])
 
@@ -194,11 +203,9 @@ def export(stage_dir: str, fmt: str, output: str, *, step: int | None = None,
     raise ExportRefusedError(f'--format={fmt!r}: choose one of {FORMATS}.')
   config = read_stage_config(stage_dir)
   model = stage_model(config, encoder_only)
-  step_dir = step_folder(stage_dir, step)
   wanted = [ENCODER] + (['fc_norm', 'head'] if model.head else []) + (
       ['decoder'] if model.decoder and fmt == 'hf' else [])
-  saved = transfer.saved_param_names(step_dir)
-  params = transfer.read_subtrees(step_dir, tuple(name for name in wanted if name in saved))
+  step_dir, params = read_params(stage_dir, wanted, step)
   labels = None
   if model.head:
     labels = stage_records.class_names(config, int(np.asarray(params['head']['kernel']).shape[-1]))

@@ -18,7 +18,8 @@ from reliability.bad_input_checks import (
     remove_metadata, resume_allowed, sigkill_then_rerun, signalled, signalled_at_start,
     truncate_config_json, truncate_largest, two_runs_at_once, unreadable_checkpoint)
 from reliability.damaged_file_checks import (
-    ARRAY_RECORD, EXIT_REFUSED_LATE, damaged_config_history, damaged_eval_results,
+    ARRAY_RECORD, EXIT_REFUSED_LATE, backend_cannot_start, damaged_block_mid_shard,
+    damaged_config_history, damaged_eval_results, flip_a_bit_that_still_decodes,
     refused_data_file, text_file, truncated_converter_metadata, truncated_shard)
 
 # The table of bad inputs and faults every run must answer clearly, as it was filed:
@@ -55,6 +56,9 @@ TABLE_ROWS = {
                  'vocabulary_duplicate_label', 'tokenizer_empty')),
     'start_signal': ('SIGTERM or Ctrl-C before the first step',
                      ('sigterm_at_start', 'sigterm_while_compiling', 'sigint_while_compiling')),
+    'altered': ("bytes of a checkpoint's array data altered after it was written; a block "
+                'damaged in the middle of an ArrayRecord shard; a backend that cannot start',
+                ('checkpoint_bit_flipped', 'shard_block_damaged', 'backend_cannot_start')),
 }
 
 
@@ -271,4 +275,22 @@ def cases() -> list[Case]:
            lambda ctx: refused_unchanged(ctx, damage=truncate_config_json,
                                          evidence='config.json cannot be read'),
            needs='trained'),
-  ] + _second_ring_cases()
+  ] + _second_ring_cases() + _third_ring_cases()
+
+
+def _third_ring_cases() -> list[Case]:
+  """Bytes altered in place (read back as other numbers), and a backend that does not start."""
+  return [
+      Case('checkpoint_bit_flipped', 'altered', 'flip one bit of checkpoints/4\'s largest array '
+           'file where it still decodes (to other numbers), rerun',
+           lambda ctx: unreadable_checkpoint(ctx, flip_a_bit_that_still_decodes,
+                                             'does not match the digest it was saved with'),
+           needs='trained'),
+      Case('shard_block_damaged', 'altered', 'train on a converted folder whose shard has bytes '
+           'zeroed inside its records (it still opens)',
+           lambda ctx: Observed(ctx.main(ctx.tiny(), ctx.fresh(), *ARRAY_RECORD,
+                                         damaged_block_mid_shard(ctx.folder)),
+                                CARRY_ON, (EXIT_OK,), 'Skipping damaged record at')),
+      Case('backend_cannot_start', 'altered', '`JAX_PLATFORMS=tpu` on this machine (no TPU)',
+           backend_cannot_start),
+  ]

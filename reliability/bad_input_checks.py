@@ -46,15 +46,16 @@ class Context:
   cache: str                     # JAX compilation cache shared by every run
   _runs: int = 0
 
-  def start(self, *args: str, devices: int = 1) -> ProcessGroup:
+  def start(self, *args: str, devices: int = 1, env_overrides=None) -> ProcessGroup:
     self._runs += 1
     env = _main_env(devices)
+    env.update(env_overrides or {})
     env['JAX_COMPILATION_CACHE_DIR'] = self.cache
     env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
     return ProcessGroup(list(args), os.path.join(self.folder, f'run{self._runs}.log'), env=env)
 
-  def main(self, *args: str, devices: int = 1) -> Run:
-    return self.start(*args, devices=devices).finish(self.timeout)
+  def main(self, *args: str, devices: int = 1, env_overrides=None) -> Run:
+    return self.start(*args, devices=devices, env_overrides=env_overrides).finish(self.timeout)
 
   def fresh(self) -> str:
     """--workdir= a new folder of the case's, which a refused run must leave unwritten."""

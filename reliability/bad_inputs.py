@@ -44,6 +44,8 @@ import time
 
 # Run from anywhere: the reliability and big_pretrain packages live at the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# This harness reads checkpoints to damage them; it needs no accelerator (and looks for none).
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 # pylint: disable=wrong-import-position
 from reliability.bad_input_cases import Case, cases

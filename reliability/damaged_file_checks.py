@@ -14,7 +14,7 @@ import os
 import shutil
 from typing import Callable
 
-from big_pretrain.errors import EXIT_STOPPED, EXIT_USAGE
+from big_pretrain.errors import EXIT_NO_BACKEND, EXIT_STOPPED, EXIT_USAGE
 from reliability.bad_input_checks import (
     BASE_TOTAL_STEPS, CARRY_ON, EXIT_OK, REFUSE, Context, Observed, changes_between,
     cut_in_half)
@@ -112,3 +112,74 @@ def text_file(name: str, content: bytes, key: str) -> Callable[[str], str]:
 
 ARRAY_RECORD = ('--config.data.source=array_record', '--config.batch_size=8')
 EXIT_REFUSED_LATE = (EXIT_STOPPED,)  # found once the stage reads its data, after compiling
+
+
+# --- The third ring: bytes altered in place, and a backend that does not start.
+
+
+def _orbax_reads(checkpoint: str) -> bool:
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  try:
+    ocp.PyTreeCheckpointer().restore(os.path.join(checkpoint, 'state'))
+  except Exception:  # noqa: BLE001  (any failure: the damage shows without digests)
+    return False
+  return True
+
+
+def flip_a_bit_that_still_decodes(checkpoint: str) -> None:
+  """One bit of the largest array file of `checkpoint` flipped where its compressed data still
+  decodes (to other numbers): the damage a disk fault leaves that nothing but a digest sees."""
+  files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(checkpoint, 'state'))
+           if os.path.basename(root) == 'd' for name in names]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, 'rb') as f:
+    original = f.read()
+  for offset in range(len(original) // 2, len(original) - 8, 97):
+    data = bytearray(original)
+    data[offset] ^= 0x10
+    with open(largest, 'wb') as f:
+      f.write(bytes(data))
+    if _orbax_reads(checkpoint):
+      return
+  raise RuntimeError(f'no bit of {largest} flips and still decodes')
+
+
+def _damage_a_block_of_records(data: str) -> None:
+  """Zeroes bytes inside the shard's records (not its index: it still opens) until one record
+  fails its hash."""
+  from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+  shard = os.path.join(data, 'train-00000-of-00001.array_record')
+  with open(shard, 'rb') as f:
+    original = f.read()
+  for offset in range(64, len(original) - 16, 61):
+    damaged = bytearray(original)
+    damaged[offset:offset + 8] = bytes(8)
+    with open(shard, 'wb') as f:
+      f.write(bytes(damaged))
+    try:
+      reader = array_record_module.ArrayRecordReader(shard)
+    except RuntimeError:
+      continue
+    bad = 0
+    for index in range(reader.num_records()):
+      try:
+        reader.read([index])
+      except RuntimeError:
+        bad += 1
+    reader.close()
+    if bad:
+      return
+  raise RuntimeError(f'no damage of {shard} that still opens')
+
+
+def damaged_block_mid_shard(folder: str) -> str:
+  return converted_folder(folder, _damage_a_block_of_records)
+
+
+def backend_cannot_start(ctx: Context) -> Observed:
+  """JAX_PLATFORMS=tpu on a machine without a TPU (or without libtpu)."""
+  run = ctx.main(ctx.tiny(), ctx.fresh(), env_overrides={'JAX_PLATFORMS': 'tpu'})
+  observed = Observed(run, REFUSE, (EXIT_NO_BACKEND,), 'JAX could not start its backend')
+  if os.path.exists(os.path.join(ctx.folder, 'fresh')):
+    observed.lost.append('the workdir was created')
+  return observed

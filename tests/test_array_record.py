@@ -20,7 +20,7 @@ from big_pretrain.data import sources
 from big_pretrain.data import train_input
 from big_pretrain.data import transforms
 from big_pretrain.data.sources import source_texts
-from big_pretrain.errors import ConfigError
+from big_pretrain.errors import ConfigError, UnreadableDataError
 from big_pretrain.evaluators import evaluator_config
 from configs import mae as mae_config
 from helpers.batches import (IMAGE_SIZE, assert_batches_equal, first_devices_mesh,
@@ -425,3 +425,102 @@ def test_to_rgb_converts_decoded_arrays_like_decode_image():
   np.testing.assert_array_equal(transforms.to_rgb(rgba), np.full((2, 2, 3), 255, np.uint8))
   with pytest.raises(ValueError, match='uint8'):
     transforms.to_rgb(np.zeros((2, 2, 3), np.float32))
+
+
+# --- Damaged bytes in the middle of a shard ----------------------------------------------
+
+def _tar_of_images(path, count):
+  with tarfile.open(path, 'w') as archive:
+    for index in range(count):
+      _add(archive, f'{index:03d}.jpg', encoded_image(random_pixels(index, (40, 40, 3)), 'JPEG'))
+      _add(archive, f'{index:03d}.cls', str(index % 2).encode())
+
+
+def _unreadable_records(shard) -> list[int]:
+  reader = array_record_module.ArrayRecordReader(str(shard))
+  bad = []
+  for index in range(reader.num_records()):
+    try:
+      reader.read([index])
+    except RuntimeError:
+      bad.append(index)
+  reader.close()
+  return bad
+
+
+def test_a_damaged_block_mid_shard_is_skipped_counted_and_named(tmp_path, caplog):
+  """Bytes zeroed in the middle of a shard (not cut short): the records whose bytes fail
+  their hash are skipped like corrupt images, counted as data/corrupt_records_skipped, named
+  by shard and position; the rest of the shard trains."""
+  _tar_of_images(tmp_path / 'data.tar', 64)
+  convert.convert(str(tmp_path / 'data.tar'), str(tmp_path / 'out'))
+  [shard] = (tmp_path / 'out').glob('*.array_record')
+  data = bytearray(shard.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + 16] = bytes(16)
+  shard.write_bytes(bytes(data))
+  damaged = _unreadable_records(shard)
+  assert 0 < len(damaged) < 8, damaged  # one block: a record or two, not the shard
+
+  config = small_data_config(source='array_record', path=str(tmp_path / 'out'))
+  pipeline = train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh(),
+                                       seed=0)
+  with caplog.at_level(logging.WARNING):
+    batches = take(pipeline, 8)  # one epoch of 64
+  assert pipeline.corrupt_records_skipped == len(damaged)
+  assert pipeline.corrupt_images_skipped == 0
+  assert all(batch['image'].shape[0] == 8 for batch in batches)
+  assert f'Skipping damaged record at record {damaged[0]}, position' in caplog.text
+  assert str(shard) in caplog.text and 'hash mismatch' in caplog.text
+  # The count survives a checkpoint of the data position.
+  state = _state_round_trip(pipeline)
+  assert state['corrupt_records_skipped'] == len(damaged)
+
+
+def test_a_shard_damaged_everywhere_stops_in_one_line(tmp_path):
+  _tar_of_images(tmp_path / 'data.tar', 160)
+  convert.convert(str(tmp_path / 'data.tar'), str(tmp_path / 'out'))
+  [shard] = (tmp_path / 'out').glob('*.array_record')
+  # Bytes zeroed all through the shard, except where the shard would no longer open (its
+  # index): every record is damaged, the file is not cut short.
+  for offset in range(0, shard.stat().st_size, 256):
+    before = shard.read_bytes()
+    data = bytearray(before)
+    data[offset:offset + 8] = bytes(8)
+    shard.write_bytes(bytes(data))
+    try:
+      array_record_module.ArrayRecordReader(str(shard)).close()
+      opens = True
+    except RuntimeError:
+      opens = False
+    if not opens:
+      shard.write_bytes(before)
+  assert len(_unreadable_records(shard)) > 150
+  config = small_data_config(source='array_record', path=str(tmp_path / 'out'),
+                             max_consecutive_unreadable=10)
+  pipeline = train_input.InputPipeline(config, global_batch_size=4, mesh=first_devices_mesh(),
+                                       seed=0)
+  with pytest.raises(UnreadableDataError, match=r'No readable image in the last 10 read from '
+                     r"config.data.path=.*damaged records in all, e.g. record") as error:
+    take(pipeline, 4)
+  assert '\n' not in str(error.value) and str(shard) in str(error.value)
+
+
+def test_the_converter_reads_each_shard_back_after_writing(tmp_path, monkeypatch):
+  """A shard that does not read back whole (here: a write the disk altered) fails the
+  conversion naming the shard, instead of leaving a damaged dataset behind."""
+  _tar_of_images(tmp_path / 'data.tar', 12)
+  real_verify = convert.verify_shard
+
+  def verify_after_damage(path, num_examples):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 16] = bytes(16)
+    path.write_bytes(bytes(data))
+    real_verify(path, num_examples)
+
+  monkeypatch.setattr(convert, 'verify_shard', verify_after_damage)
+  with pytest.raises(OSError, match=r'does not read back .*hash mismatch.*Convert again'):
+    convert.convert(str(tmp_path / 'data.tar'), str(tmp_path / 'out'))
+  monkeypatch.setattr(convert, 'verify_shard', real_verify)
+  summary = convert.convert(str(tmp_path / 'data.tar'), str(tmp_path / 'again'))
+  assert summary.num_examples == 12  # verified and kept

@@ -4,6 +4,7 @@ import errno
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from big_pretrain.errors import CheckpointSaveError, NonFiniteLossError, Preempted
+from big_pretrain.errors import (CheckpointSaveError, CheckpointUnreadableError, NonFiniteLossError,
+                                 Preempted)
 from big_pretrain.evaluators import evaluator_config
 from big_pretrain.evaluators.reconstruction import ReconstructionEvaluator
 from big_pretrain.storage import checkpoints as checkpoint_lib
@@ -319,3 +321,120 @@ def test_a_save_that_cannot_fit_is_refused_before_orbax_writes_anything(tmp_path
     train_stage(_fault_config(), str(tmp_path), devices=one_device())
   assert saves == [1, 2]  # step 4 never reached Orbax
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
+
+
+def _array_files(step_dir):
+  """The state's array data files (OCDBT), largest first."""
+  files = [p for p in (step_dir / 'state').rglob('*') if p.is_file() and '/d/' in str(p)]
+  return sorted(files, key=lambda p: p.stat().st_size, reverse=True)
+
+
+def _reads_back(step_dir) -> bool:
+  try:
+    ocp.PyTreeCheckpointer().restore(str(step_dir / 'state'))
+  except Exception:  # noqa: BLE001  (any failure: the damage shows without digests)
+    return False
+  return True
+
+
+def _damage_where_it_still_reads(step_dir, damage: str):
+  """Alters the largest array file where the (compressed) data still decodes: the damage
+  only a digest can see. Which offsets those are depends on the bytes, so they are tried
+  from the middle on."""
+  largest = _array_files(step_dir)[0]
+  original = largest.read_bytes()
+  for offset in range(len(original) // 2, len(original) - 8, 97):
+    data = bytearray(original)
+    if damage == 'one flipped bit':
+      data[offset] ^= 0x10
+    else:
+      data[offset:offset + 4] = b'\x5a\xa5\x5a\xa5'
+    largest.write_bytes(bytes(data))
+    if _reads_back(step_dir):
+      return
+  raise AssertionError('no offset in the second half decodes after damage')
+
+
+def _alter_one_value(step_dir, leaf: str):
+  """The step's stored state with one bit of one element of `leaf` ('params/encoder/...')
+  flipped, written in place of the original without its digests knowing: what a disk
+  fault in that array's bytes reads back as."""
+  state_dir = step_dir / 'state'
+  tree = ocp.PyTreeCheckpointer().restore(str(state_dir))
+  node = tree
+  *parents, name = leaf.split('/')
+  for parent in parents:
+    node = node[parent]
+  value = np.array(node[name])
+  value.reshape(-1).view(np.uint32)[value.size // 2] ^= 1 << 20
+  node[name] = value
+  shutil.rmtree(state_dir)
+  ocp.PyTreeCheckpointer().save(str(state_dir), tree)
+
+
+@pytest.mark.parametrize('damage', ['one flipped bit', 'overwritten bytes'])
+def test_altered_array_bytes_are_found_set_aside_and_the_previous_step_resumed_exactly(
+    tmp_path, caplog, uninterrupted_params, damage):
+  """Bytes of the latest checkpoint's array data changed after it was written (a disk or
+  bucket fault): the read succeeds, the digest does not match; that step is set aside and
+  the run continues from the previous one, ending bit-identical to a run never damaged."""
+  config = _fault_config()
+  train_stage(config, str(tmp_path), stop_after_steps=6, devices=one_device())
+  _damage_where_it_still_reads(tmp_path / 'checkpoints' / '6', damage)
+
+  with caplog.at_level(logging.WARNING):
+    resumed = train_stage(config, str(tmp_path), devices=one_device())
+  assert 'does not match the digest it was saved with' in caplog.text, caplog.text
+  assert resumed.steps_run == 4  # from step 4
+  [kept] = (tmp_path / 'corrupt_checkpoints').iterdir()
+  assert kept.name.startswith('6-')
+  assert_trees_equal(_params(resumed), uninterrupted_params)
+
+
+def test_a_checkpoint_without_digests_restores_with_one_warning(tmp_path, caplog,
+                                                                uninterrupted_params):
+  """Checkpoints written before digests existed still load, saying they cannot be verified."""
+  config = _fault_config()
+  train_stage(config, str(tmp_path), stop_after_steps=6, devices=one_device())
+  for step_dir in (tmp_path / 'checkpoints').iterdir():
+    shutil.rmtree(step_dir / 'digests')
+  with caplog.at_level(logging.WARNING):
+    resumed = train_stage(config, str(tmp_path), devices=one_device())
+  assert caplog.text.count('cannot be verified') == 1
+  assert resumed.steps_run == 2
+  assert_trees_equal(_params(resumed), uninterrupted_params)
+
+
+def test_when_every_checkpoint_is_damaged_the_stage_stops_in_one_line(tmp_path):
+  config = _fault_config(**{'checkpoint.keep': 1})
+  train_stage(config, str(tmp_path), stop_after_steps=6, devices=one_device())
+  [only] = (tmp_path / 'checkpoints').iterdir()
+  _damage_where_it_still_reads(only, 'one flipped bit')
+  with pytest.raises(CheckpointUnreadableError, match=r'No checkpoint in .* is intact: step 6 '
+                     r'did not read back whole') as error:
+    train_stage(config, str(tmp_path), devices=one_device())
+  assert '\n' not in str(error.value)
+
+
+def test_init_from_and_export_skip_a_damaged_step_for_the_previous_intact_one(tmp_path, caplog):
+  """A reader of another stage's checkpoints (init_from, the export) checks every array it
+  reads; a damaged newest step is skipped, and left where it is."""
+  from big_pretrain import export  # pylint: disable=import-outside-toplevel
+  from big_pretrain.stages import transfer  # pylint: disable=import-outside-toplevel
+  config = _fault_config()
+  train_stage(config, str(tmp_path), devices=one_device())  # steps 4, 6, 8 kept
+  checkpoints = tmp_path / 'checkpoints'
+  intact = transfer.read_subtrees(str(checkpoints / '6'), ('encoder',))
+  _alter_one_value(checkpoints / '8', 'params/encoder/transformer/block_1/mlp/fc1/kernel')
+  with pytest.raises(CheckpointUnreadableError,
+                     match=r'params/encoder/transformer/block_1/mlp/fc1/kernel of .*8 does not '
+                           r'match the digest'):
+    transfer.read_subtrees(str(checkpoints / '8'), ('encoder', 'decoder'))
+  with caplog.at_level(logging.WARNING):
+    step_dir, subtrees = transfer.read_intact_subtrees(str(tmp_path), ('encoder', 'decoder'))
+    exported_from, params = export.read_params(str(tmp_path), ['encoder'], None)
+  assert step_dir.endswith('/6') and exported_from.endswith('/6')
+  assert 'checkpoints/8: the array params/encoder/transformer/block_1/mlp/fc1/kernel' in caplog.text
+  assert_trees_equal(subtrees['encoder'], intact['encoder'])
+  assert_trees_equal(params['encoder'], intact['encoder'])
+  assert (checkpoints / '8').exists()  # a reader moves nothing

@@ -273,9 +273,35 @@ def write_shards(records: Iterable[Record], output: pathlib.Path, *, split: str,
   close_shard()
 
   for index, (path, num_examples) in enumerate(written):
+    verify_shard(path, num_examples)
     name = f'{split}-{index:05d}-of-{len(written):05d}{records_lib.ARRAY_RECORD_SUFFIX}'
     path.rename(output / name)
     summary.shards.append({'file': name, 'num_examples': num_examples})
+
+
+# Records read back per call when a written shard is verified.
+_VERIFY_BATCH = 1024
+
+
+def verify_shard(path: pathlib.Path, num_examples: int) -> None:
+  """Reads a written shard back whole: as many records as were written, each passing its
+  own hash; OSError naming the shard otherwise (a disk that dropped or altered a write)."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  try:
+    reader = array_record_module.ArrayRecordReader(str(path))
+    try:
+      found = reader.num_records()
+      for start in range(0, found, _VERIFY_BATCH):
+        reader.read(start, min(found, start + _VERIFY_BATCH))
+    finally:
+      reader.close()
+  except RuntimeError as error:
+    raise OSError(f'{path} does not read back ({str(error).splitlines()[0]}): the disk '
+                  'altered what was written. Convert again, to another disk if it recurs.'
+                  ) from error
+  if found != num_examples:
+    raise OSError(f'{path} holds {found} records after writing {num_examples}: the write '
+                  'did not reach the disk whole. Convert again.')
 
 
 def convert(inputs: Sequence[str] | str, output: str, *, examples_per_shard: int =

@@ -30,8 +30,10 @@ SKIP_SUMMARY_EVERY = 1000
 
 @dataclasses.dataclass
 class SkippedExampleCounter:
-  """How many examples were skipped; owned by one pipeline, saved in its iterator state."""
+  """How many examples were skipped; owned by one pipeline, saved in its iterator state:
+  `count` images that do not decode, `records` records damaged in their file."""
   count: int = 0
+  records: int = 0
 
 
 def describe_source(data_config: ml_collections.ConfigDict) -> str:
@@ -68,7 +70,10 @@ class _SkipCorruptExamplesDatasetIterator(grain.DatasetIterator):
       if not isinstance(element, transforms.SkippedExample):
         self._skipped_in_a_row.clear()
         return element
-      self._counter.count += 1
+      if element.damaged_record:
+        self._counter.records += 1
+      else:
+        self._counter.count += 1
       self._skipped_by_this_iterator += 1
       self._log_skip(element)
       self._skipped_in_a_row.append(element)
@@ -80,8 +85,13 @@ class _SkipCorruptExamplesDatasetIterator(grain.DatasetIterator):
     if skipped <= SKIPS_NAMED_ONE_BY_ONE:
       last_named = (f' Further skips are summarised every {SKIP_SUMMARY_EVERY}.'
                     if skipped == SKIPS_NAMED_ONE_BY_ONE else '')
-      logging.warning('Skipping unreadable image %s (%s). %d skipped so far.%s',
-                      element.path, element.reason, self._counter.count, last_named)
+      if element.damaged_record:
+        logging.warning('Skipping damaged record at %s (%s). %d damaged records skipped so '
+                        'far.%s', element.path, element.reason, self._counter.records,
+                        last_named)
+      else:
+        logging.warning('Skipping unreadable image %s (%s). %d skipped so far.%s',
+                        element.path, element.reason, self._counter.count, last_named)
     elif skipped % SKIP_SUMMARY_EVERY == 0:
       logging.warning('%d unreadable images skipped so far; the latest: %s (%s).',
                       self._counter.count, element.path, element.reason)
@@ -91,7 +101,8 @@ class _SkipCorruptExamplesDatasetIterator(grain.DatasetIterator):
     paths = list(dict.fromkeys(skipped.path for skipped in self._skipped_in_a_row))
     return (
         f'No readable image in the last {len(self._skipped_in_a_row)} read from '
-        f'{self._source_description}; {self._counter.count} unreadable in all, e.g. '
+        f'{self._source_description}; {self._counter.count} unreadable images and '
+        f'{self._counter.records} damaged records in all, e.g. '
         f'{", ".join(paths[:3])} (the last: {self._skipped_in_a_row[-1].reason}). Check that '
         'the source holds images (JPEG, PNG, ...) that are not damaged, or raise '
         f'config.data.max_consecutive_unreadable (now {self._max_consecutive}) to read past '
@@ -99,11 +110,13 @@ class _SkipCorruptExamplesDatasetIterator(grain.DatasetIterator):
 
   def get_state(self) -> dict[str, Any]:
     return {'parent': self._parent.get_state(),
-            'corrupt_images_skipped': self._counter.count}
+            'corrupt_images_skipped': self._counter.count,
+            'corrupt_records_skipped': self._counter.records}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state['parent'])
     self._counter.count = int(state['corrupt_images_skipped'])
+    self._counter.records = int(state.get('corrupt_records_skipped', 0))  # saved before: none
     self._skipped_in_a_row.clear()
 
   def __str__(self) -> str:

@@ -23,6 +23,11 @@ from big_pretrain.data.text import labels as labels_lib
 from big_pretrain.data.text import tokenizer as tokenizer_lib
 
 
+def _skipped_record(example: dict[str, Any]) -> transforms.SkippedExample:
+  return transforms.SkippedExample(path=example.get('key') or '<unnamed record>',
+                                   reason=example[transforms.DAMAGED_RECORD], damaged_record=True)
+
+
 def _with_decoded_image(example: dict[str, Any]) -> dict[str, Any] | transforms.SkippedExample:
   """Adds the decoded 'image', or marks the example skipped.
 
@@ -31,6 +36,8 @@ def _with_decoded_image(example: dict[str, Any]) -> dict[str, Any] | transforms.
   """
   if 'image' in example:
     return example
+  if transforms.DAMAGED_RECORD in example:
+    return _skipped_record(example)
   try:
     if 'image_bytes' in example:
       example = dict(example)
@@ -48,6 +55,8 @@ def _with_decoded_crop(example: dict[str, Any], rng: np.random.Generator, *, ima
                        ) -> dict[str, Any] | transforms.SkippedExample:
   """Adds the random resized crop of the example's encoded image ('image_bytes' or
   'image_path') as 'image', decoded at the scale the crop needs; or marks it skipped."""
+  if transforms.DAMAGED_RECORD in example:
+    return _skipped_record(example)
   example = dict(example)
   encoded = example.pop('image_bytes', None)  # Not kept, as in _with_decoded_image.
   if encoded is None:

@@ -157,6 +157,11 @@ class InputPipeline:
     return self._iterator
 
   @property
+  def corrupt_records_skipped(self) -> int:
+    """Records skipped because their bytes failed their own hash (damaged in the file)."""
+    return self._skipped.records
+
+  @property
   def corrupt_images_skipped(self) -> int:
     """Unreadable images skipped so far by this process (a file counts once per epoch read)."""
     return self._skipped.count

@@ -25,11 +25,19 @@ class CorruptImageError(Exception):
     self.reason = reason
 
 
+# A source's example for a record it could not read (its bytes fail their own hash) holds
+# the reason under this key, and 'key' says where; the decoding maps skip it.
+DAMAGED_RECORD = 'damaged_record'
+
+
 @dataclasses.dataclass(frozen=True)
 class SkippedExample:
-  """Stands in for an example the pipeline could not load, so it can be dropped and counted."""
+  """Stands in for an example the pipeline could not load, so it can be dropped and counted:
+  an image that does not decode, or (`damaged_record`) a record whose bytes fail their own
+  hash in the file (an ArrayRecord block or chunk damaged on disk)."""
   path: str
   reason: str
+  damaged_record: bool = False
 
 
 def decode_image(path: str) -> np.ndarray:

@@ -26,17 +26,23 @@ from absl import logging
 from big_pretrain.errors import CheckpointMismatchError, CheckpointUnreadableError
 from big_pretrain.models.vit import fit_layout
 from big_pretrain.storage import files as storage
-from big_pretrain.storage.checkpoints import (STATE_ITEM, check_shapes_fit, saved_steps,
-                                              tree_shapes, unreadable_reason)
+from big_pretrain.storage import checksums
+from big_pretrain.storage.checkpoints import (STATE_ITEM, check_shapes_fit, damaged_array,
+                                              read_digests, saved_steps, tree_shapes,
+                                              unreadable_reason)
 from big_pretrain.storage.stage_dir import StageDir
 from big_pretrain.weights import public_checkpoints
 
 def resolve_checkpoint_dir(path: str) -> str:
-  """A readable step directory from a step dir, a checkpoints dir or a stage workdir.
+  """A readable step directory from a step dir, a checkpoints dir or a stage workdir: the
+  first of `readable_step_dirs`."""
+  return readable_step_dirs(path)[0]
 
-  Of a folder of steps, the latest readable one (checked cheaply, by its
-  metadata); unreadable ones are skipped with a warning naming the file.
-  """
+
+def readable_step_dirs(path: str) -> list[str]:
+  """The step directories `path` offers, newest first: itself if it is a step dir, else
+  the steps of a folder of steps or of a stage workdir that look readable (checked cheaply,
+  by their metadata; unreadable ones are skipped with a warning naming the file)."""
   path = storage.absolute(path)
   if storage.is_dir(os.path.join(path, STATE_ITEM)):
     reason = unreadable_reason(path)
@@ -44,17 +50,20 @@ def resolve_checkpoint_dir(path: str) -> str:
       raise CheckpointUnreadableError(
           f'The checkpoint {path} cannot be read: {reason}. Point init_from at another step '
           'folder, or at the folder of steps to take its latest readable one.')
-    return path
+    return [path]
   for candidate in (path, StageDir(path).checkpoints):
-    reasons = []
+    readable, reasons = [], []
     for step in reversed(saved_steps(candidate)):
       step_dir = os.path.join(candidate, str(step))
       reason = unreadable_reason(step_dir)
       if reason is None:
-        return step_dir
+        readable.append(step_dir)
+        continue
       logging.warning('Skipping checkpoint step %d in %s: it cannot be read (%s).',
                       step, candidate, reason)
       reasons.append(reason)
+    if readable:
+      return readable
     if reasons:
       raise CheckpointUnreadableError(
           f'No checkpoint in {candidate} can be read:\n  ' + '\n  '.join(reasons[:5]) +
@@ -64,6 +73,27 @@ def resolve_checkpoint_dir(path: str) -> str:
       f'No checkpoint found at {path}: expected a step folder holding "{STATE_ITEM}/", or a '
       'folder of such step folders. Point init_from.checkpoint at one, or init_from.stage '
       'at an earlier stage of this config.')
+
+
+def read_intact_subtrees(path: str, take: tuple[str, ...]) -> tuple[str, dict]:
+  """(step dir, `read_subtrees`) of the newest step of `path` whose arrays read back and
+  match their digests; a damaged step is skipped with a warning (and left where it is: a
+  reader changes nothing in another stage's folder). A step dir given itself is read or
+  refused."""
+  step_dirs = readable_step_dirs(path)
+  skipped = []
+  for step_dir in step_dirs:
+    try:
+      return step_dir, read_subtrees(step_dir, take)
+    except CheckpointUnreadableError as error:
+      if len(step_dirs) == 1:
+        raise
+      logging.warning('Skipping checkpoint %s: %s. Trying the previous step.', step_dir, error)
+      skipped.append(str(error))
+  raise CheckpointUnreadableError(
+      f'No checkpoint in {path} is intact ({len(skipped)} damaged; the newest: {skipped[0]}). '
+      'If it is an earlier stage of this config, move its step folders aside and run the '
+      'same command: the stage runs again from its start.')
 
 
 def _saved_tree(step_dir: str) -> dict:
@@ -101,7 +131,23 @@ def read_subtrees(step_dir: str, take: tuple[str, ...]) -> dict:
         f'({type(error).__name__}: {str(error)[:300]}). If this is an earlier stage of this '
         f'config, move {step_dir} aside and run the same command: the stage resumes from its '
         'previous checkpoint and finishes again.') from error
+  _verify_digests(step_dir, restored)
   return restored['params']
+
+
+def _verify_digests(step_dir: str, restored: dict) -> None:
+  """Every array read is checked against the digest its step was saved with."""
+  if read_digests(step_dir) is None:
+    logging.warning('%s was written without digests (before this version): it cannot be '
+                    'verified.', step_dir)
+    return
+  digests = {path: checksums.numpy_digest(leaf) for path, leaf in checksums.leaf_paths(restored)}
+  problem = damaged_array(step_dir, digests)
+  if problem is not None:
+    raise CheckpointUnreadableError(
+        f'{problem}. If this is an earlier stage of this config, move {step_dir} aside and '
+        'run the same command: the stage resumes from its previous checkpoint and finishes '
+        'again.')
 
 
 def adapt_subtree(source: dict, target: dict, where: str) -> dict:
@@ -112,8 +158,9 @@ def adapt_subtree(source: dict, target: dict, where: str) -> dict:
 
 
 def load_into(fresh_params: dict, step_dir: str, take: tuple[str, ...]) -> dict:
-  """`fresh_params` with each subtree in `take` replaced by the checkpoint's, same shardings."""
-  subtrees = read_subtrees(step_dir, take)
+  """`fresh_params` with each subtree in `take` replaced by the checkpoint's, same shardings.
+  `step_dir`: a step folder, or a folder of steps (the newest intact one is read)."""
+  step_dir, subtrees = read_intact_subtrees(step_dir, take)
   _check_takes(fresh_params, take)
   adapted = {name: adapt_subtree(subtrees[name], fresh_params[name], f'{step_dir} params/{name}')
              for name in take}
@@ -139,7 +186,7 @@ def load_from(fresh_params: dict, source: str, take: tuple[str, ...]) -> dict:
   """init_from.checkpoint (or an earlier stage's checkpoints) -> load_into or load_public_into."""
   if public_checkpoints.is_public_checkpoint(source):
     return load_public_into(fresh_params, source, take)
-  return load_into(fresh_params, resolve_checkpoint_dir(source), take)
+  return load_into(fresh_params, source, take)
 
 
 def _check_takes(fresh_params: dict, take: tuple[str, ...]) -> None:

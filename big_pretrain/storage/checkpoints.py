@@ -3,6 +3,12 @@
 Saving the iterator position beside the model is what makes a resumed run see
 exactly the batches it would have seen (the rng needs no saving: it is folded
 from the step). Saves are asynchronous; a finished stage waits for them.
+
+Each step also holds the digests of its arrays and data position (storage/checksums.py),
+computed where the arrays are when the step is saved; a restore recomputes and compares
+them, so bytes altered on disk are found, named, set aside like any unreadable step, and
+the previous intact step is restored instead. Checkpoints written before digests existed
+restore with one warning that they cannot be verified.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import time
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -22,7 +29,8 @@ from jax.experimental import multihost_utils
 
 from big_pretrain import schema
 from big_pretrain.errors import (CheckpointMismatchError, CheckpointSaveError,
-                                 CheckpointUnreadableError)
+                                 CheckpointUnreadableError, DamagedFileError)
+from big_pretrain.storage import checksums
 from big_pretrain.storage import files as storage
 
 STATE_ITEM = 'state'
@@ -41,6 +49,30 @@ CHECKPOINT_KEYS = schema.Group(
 def saved_steps(directory: str) -> list[int]:
   """The step folders in a checkpoint directory, oldest first (in-progress saves excluded)."""
   return sorted(int(name) for name in storage.list_dir(directory) if name.isdigit())
+
+
+def read_digests(step_dir: str) -> dict | None:
+  """The digests a step was saved with ({'arrays': {path: [h1, h2]}, 'data_iterator':
+  {process: sha256}}), or None for a checkpoint written before digests existed."""
+  path = os.path.join(step_dir, checksums.DIGESTS_ITEM, checksums.DIGESTS_FILE)
+  try:
+    return storage.read_json(path, if_damaged='The checkpoint cannot be verified without it: '
+                             'treat the step as damaged.')
+  except DamagedFileError as error:
+    raise CheckpointUnreadableError(str(error)) from error
+
+
+def damaged_array(step_dir: str, restored: dict[str, list[int]]) -> str | None:
+  """The first restored array whose digest differs from the one its step was saved with
+  (a message naming it and the step), or None; None too when the step has no digests."""
+  recorded = read_digests(step_dir)
+  if recorded is None:
+    return None
+  path = checksums.first_mismatch(restored, recorded.get('arrays', {}))
+  if path is None:
+    return None
+  return (f'the array {path} of {step_dir} does not match the digest it was saved with: its '
+          'bytes changed on disk')
 
 
 def unreadable_reason(step_dir: str) -> str | None:
@@ -93,6 +125,15 @@ def check_shapes_fit(saved: dict, expected: dict, where: str) -> None:
   raise CheckpointMismatchError('\n'.join(lines))
 
 
+def _data_digests(data_iterator) -> dict[str, str]:
+  """{process index: sha256 of its data position}, for every process (each saves its own)."""
+  digest = checksums.bytes_digest(data_iterator.get_state())
+  words = np.frombuffer(bytes.fromhex(digest), np.uint32)
+  gathered = np.asarray(multihost_utils.process_allgather(words)).reshape(-1, words.size)
+  return {str(process): row.astype(np.uint32).tobytes().hex()
+          for process, row in enumerate(gathered)}
+
+
 class Checkpointer:
   """The train state and data iterator of one stage, in `directory`."""
 
@@ -104,10 +145,14 @@ class Checkpointer:
         enable_async_checkpointing=checkpoint_config.async_save,
         create=True)
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=(STATE_ITEM, DATA_ITEM),
+        self.directory, options=options,
+        item_names=(STATE_ITEM, DATA_ITEM, checksums.DIGESTS_ITEM),
         item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
-                       DATA_ITEM: grain.checkpoint.CheckpointHandler()})
+                       DATA_ITEM: grain.checkpoint.CheckpointHandler(),
+                       checksums.DIGESTS_ITEM: ocp.JsonCheckpointHandler(
+                           filename=checksums.DIGESTS_FILE)})
     self._last_started_step = None  # an asynchronous save's failure shows at the next call
+    self._warned_unverified = False
 
   def all_steps(self) -> list[int]:
     self._manager.reload()  # Other processes or runs may have written since.
@@ -126,14 +171,20 @@ class Checkpointer:
     Raises CheckpointSaveError when this save, or an asynchronous one before it,
     fails (a full disk, a lost bucket): training on would only lose more steps.
     """
-    if force or self._manager.should_save(step):
-      self._check_free_space(step, state)
+    if not (force or self._manager.should_save(step)):
+      return False
+    self._check_free_space(step, state)
+    # Computed on the devices that hold the state (a read of it, no host copy): Orbax then
+    # writes the digests with the step, in the same (asynchronous) save.
+    digests = {'arrays': checksums.tree_digests(state),
+               checksums.DATA_DIGEST_KEY: _data_digests(data_iterator)}
     try:
       started = self._manager.save(
           step, force=force,
           args=ocp.args.Composite(**{
               STATE_ITEM: ocp.args.StandardSave(state),
               DATA_ITEM: grain.checkpoint.CheckpointSave(data_iterator),
+              checksums.DIGESTS_ITEM: ocp.args.JsonSave(digests),
           }))
     except Exception as error:  # noqa: BLE001  (Orbax raises many kinds; all mean: not saved)
       raise self._save_error(step, error) from error
@@ -195,8 +246,33 @@ class Checkpointer:
       raise CheckpointUnreadableError(
           f'its arrays or data position in {self._step_dir(step)} do not read back: '
           f'{type(error).__name__}: {str(error)[:500]}') from error
+    self._verify(step, restored[STATE_ITEM], data_iterator)
     logging.info('Restored step %d from %s', step, self.directory)
     return restored[STATE_ITEM]
+
+  def _verify(self, step: int, state, data_iterator) -> None:
+    """CheckpointUnreadableError naming the first array (or data position) whose digest
+    differs from the one the step was saved with; every process reaches the same verdict."""
+    step_dir = self._step_dir(step)
+    recorded = read_digests(step_dir)
+    if recorded is None:
+      if not self._warned_unverified:
+        logging.warning('The checkpoints in %s were written without digests (before this '
+                        'version): they cannot be verified; saves from now on can.',
+                        self.directory)
+        self._warned_unverified = True
+      return
+    problem = damaged_array(step_dir, checksums.tree_digests(state))  # the same on every process
+    if problem is None and data_iterator is not None:
+      saved = recorded.get(checksums.DATA_DIGEST_KEY, {}).get(str(jax.process_index()))
+      here = checksums.bytes_digest(data_iterator.get_state())
+      damaged_here = saved is not None and saved != here
+      if np.any(multihost_utils.process_allgather(np.array([damaged_here]))):
+        problem = (f'the data position of {step_dir} (process '
+                   f'{jax.process_index()} or another) does not match the digest it was '
+                   'saved with: its bytes changed on disk')
+    if problem is not None:
+      raise CheckpointUnreadableError(problem)
 
   def restore_latest_readable(self, abstract_state, data_iterator=None):
     """(step, state) of the newest checkpoint that reads back whole, or None if there is none.
@@ -207,14 +283,24 @@ class Checkpointer:
     deleted), and the previous one is tried. A checkpoint that reads but does
     not fit this config is not damage: that CheckpointMismatchError is raised.
     """
+    set_aside = []
     for step in reversed(self.all_steps()):
       try:
         return step, self.restore(step, abstract_state, data_iterator)
       except CheckpointUnreadableError as error:
         moved_to = self._set_aside(step)
+        set_aside.append(step)
         logging.warning(
             'Checkpoint step %d in %s cannot be read: %s. Moved it to %s and trying the '
             'previous checkpoint.', step, self.directory, error, moved_to)
+    if set_aside:
+      raise CheckpointUnreadableError(
+          f'No checkpoint in {self.directory} is intact: step{"s" if len(set_aside) > 1 else ""} '
+          f'{", ".join(map(str, sorted(set_aside)))} did not read back whole and '
+          f'{"were" if len(set_aside) > 1 else "was"} moved to '
+          f'{os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")} (the log '
+          'says why). Run the same command to start the stage again from step 0, or put back '
+          'a copy of an intact checkpoint.')
     return None
 
   def unreadable_reason(self, step: int) -> str | None:

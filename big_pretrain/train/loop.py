@@ -148,6 +148,7 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
                                      checkpointer)
             last_metrics = interval.summarise(step)
             last_metrics['data/corrupt_images_skipped'] = data.corrupt_images_skipped
+            last_metrics['data/corrupt_records_skipped'] = data.corrupt_records_skipped
             writer.write_scalars(step, last_metrics)
             history.append((step, last_metrics))
           elif saving:  # a NaN state is never written over a good one

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from absl import logging
 
 from big_pretrain.data import records
+from big_pretrain.data.transforms import DAMAGED_RECORD
 from big_pretrain.data.text import labels as labels_lib
 from big_pretrain.errors import DamagedFileError
 from big_pretrain.storage import files as storage
@@ -135,7 +136,12 @@ class ArrayRecordSource:
     return len(self._records)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    record = self._records[int(index)]
+    try:
+      record = self._records[int(index)]
+    except RuntimeError as error:  # a block or chunk whose bytes fail their own hash
+      reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+      return {'key': f'record {int(index)}, {self._where(int(index))}', 'caption': '',
+              'label': -1, 'hashtags': [], DAMAGED_RECORD: reason}
     try:
       example = records.decode_image_record(record)
     except ValueError as error:
