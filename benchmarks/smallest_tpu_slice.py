@@ -65,6 +65,9 @@ def parse_args():
                       help='the JSON file of compiles done (default: '
                            'benchmarks/smallest_tpu_slice_GENERATION.json)')
   parser.add_argument('--fresh', action='store_true', help='compile again what --results has')
+  parser.add_argument('--print_only', action='store_true',
+                      help='print the table of what --results holds; compile nothing (a row '
+                           'not found in it reads "not compiled yet")')
   return parser.parse_args()
 
 
@@ -114,13 +117,16 @@ def slices(generation: tpu_slices.TpuGeneration):
     chips *= 2
 
 
-def smallest_fit(row: str, stage: str, config, generation, stand_ins: str, results: Results):
+def smallest_fit(row: str, stage: str, config, generation, stand_ins: str, results: Results,
+                 print_only: bool = False):
   """(the report of the smallest slice that fits, or of the last tried; the slices tried)."""
   tried, report = [], None
   for name in slices(generation):
     tpu_slice = tpu_slices.parse_slice(name)
     key = f'{row}/{stage}/{name}'
     report = results.get(key)
+    if report is None and print_only:
+      return report, None
     if report is None:
       try:
         devices = tpu_slices.topology_devices(tpu_slice)
@@ -158,12 +164,16 @@ def main():
       config = runpy.run_path(str(REPO / path))['get_config'](arg)
       for stage in stages:
         stage_config = config.stages[stage] if 'stages' in config else config
-        report, name = smallest_fit(row, stage, stage_config, generation, stand_ins, results)
-        found.append((row, report, name))
+        report, name = smallest_fit(row, stage, stage_config, generation, stand_ins, results,
+                                    args.print_only)
+        found.append((row, stage, report, name))
   header = ('row', 'stage', 'model', 'batch', 'smallest slice', 'mesh', 'remat', 'layout',
             'peak/chip', 'of', 'model FLOP/step', 'est. step', 'est. MFU', 'compile')
   lines = [header]
-  for row, r, name in found:
+  for row, stage, r, name in found:
+    if r is None:
+      lines.append((row, stage, '', '', 'not compiled yet') + ('',) * (len(header) - 5))
+      continue
     lines.append((
         row, r.stage, f'{r.kind} {r.variant}', f'{r.batch_size:,}', name or 'none',
         compile_check.describe_mesh(r.mesh) if name else '', r.remat if name else '',
@@ -182,7 +192,7 @@ def main():
     print('| ' + ' | '.join(str(v) for v in line) + ' |')
   compiled_on = sorted({results.records[k]['compiled_on'] for k in results.records})
   print(f'Compiled on: {" / ".join(compiled_on)}.')
-  stand_in_notes = sorted({note for _, r, _ in found for note in r.stand_ins})
+  stand_in_notes = sorted({note for _, _, r, _ in found if r for note in r.stand_ins})
   if stand_in_notes:
     print(f'Stand-ins for what the data decides: {"; ".join(stand_in_notes)}.')
 

@@ -347,6 +347,8 @@ def describe_count(value: float, unit: str = '') -> str:
 
 
 def describe_seconds(seconds: float) -> str:
+  if seconds >= 1:
+    return f'{seconds:.3g} s'
   return f'{seconds * 1e3:.3g} ms' if seconds >= 1e-3 else f'{seconds * 1e6:.3g} us'
 
 
