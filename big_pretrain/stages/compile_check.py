@@ -188,6 +188,10 @@ def _compile(name: str, config, tpu_slice, devices, with_evaluators: bool = True
   if report.estimated_seconds and peak:
     report.estimated_mfu = mfu_lib.mfu(report.analytic_flops, report.estimated_seconds,
                                        mesh.size, peak)
+    if report.estimated_mfu > 1:  # faster than the chips' peak: the cost model is wrong here
+      logging.info("%s: XLA's step estimate (%s) is below what the model's FLOPs take at the "
+                   "chips' peak: shown as '?'.", name, describe_seconds(report.estimated_seconds))
+      report.estimated_seconds = report.estimated_mfu = None
   if with_evaluators:
     evaluators = build_evaluators(config, built.objective, trainer, workdir=None)
     for evaluator in evaluators:

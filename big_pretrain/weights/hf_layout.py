@@ -1,8 +1,9 @@
 """timm's ViT names <-> Hugging Face transformers' ViT and ViTMAE names, and their configs.
 
 The names written are the Hub's (transformers 4's: 'encoder.layer.3.attention.attention.
-query'), which every version reads: transformers 5 renames them on load to its own
-('layers.3.attention.q_proj'). Reading accepts both. timm's fused qkv projection is split
+query'), the layout of the ViT checkpoints published there: transformers 4 reads them as they
+are, and transformers 5 renames them on load to its own ('layers.3.attention.q_proj'; the
+parity tests load them with 5.25). Reading accepts both. timm's fused qkv projection is split
 into HF's query, key and value (and joined back), rows unchanged.
 
   timm                         HF (under 'vit.' in the task models)
