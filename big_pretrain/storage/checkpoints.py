@@ -173,6 +173,10 @@ class Checkpointer:
     """
     if not (force or self._manager.should_save(step)):
       return False
+    # The previous asynchronous save finishes first (Orbax's save would wait for it too):
+    # its finalizing thread synchronizes the processes, and the digests below gather across
+    # them; run at once, two threads' collectives could pair up wrongly across processes.
+    self.wait_until_finished()
     self._check_free_space(step, state)
     # Computed on the devices that hold the state (a read of it, no host copy): Orbax then
     # writes the digests with the step, in the same (asynchronous) save.
