@@ -137,12 +137,13 @@ def read_subtrees(step_dir: str, take: tuple[str, ...]) -> dict:
 
 def _verify_digests(step_dir: str, restored: dict) -> None:
   """Every array read is checked against the digest its step was saved with."""
-  if read_digests(step_dir) is None:
+  recorded = read_digests(step_dir)
+  if recorded is None:
     logging.warning('%s was written without digests (before this version): it cannot be '
                     'verified.', step_dir)
     return
   digests = {path: checksums.numpy_digest(leaf) for path, leaf in checksums.leaf_paths(restored)}
-  problem = damaged_array(step_dir, digests)
+  problem = damaged_array(step_dir, digests, recorded)
   if problem is not None:
     raise CheckpointUnreadableError(
         f'{problem}. If this is an earlier stage of this config, move {step_dir} aside and '

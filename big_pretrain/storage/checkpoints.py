@@ -62,12 +62,9 @@ def read_digests(step_dir: str) -> dict | None:
     raise CheckpointUnreadableError(str(error)) from error
 
 
-def damaged_array(step_dir: str, restored: dict[str, list[int]]) -> str | None:
-  """The first restored array whose digest differs from the one its step was saved with
-  (a message naming it and the step), or None; None too when the step has no digests."""
-  recorded = read_digests(step_dir)
-  if recorded is None:
-    return None
+def damaged_array(step_dir: str, restored: dict[str, list[int]], recorded: dict) -> str | None:
+  """The first restored array whose digest differs from `recorded` (the step's
+  `read_digests`): a message naming it and the step, or None."""
   path = checksums.first_mismatch(restored, recorded.get('arrays', {}))
   if path is None:
     return None
@@ -266,7 +263,7 @@ class Checkpointer:
                         self.directory)
         self._warned_unverified = True
       return
-    problem = damaged_array(step_dir, checksums.tree_digests(state))  # the same on every process
+    problem = damaged_array(step_dir, checksums.tree_digests(state), recorded)  # same everywhere
     if problem is None and data_iterator is not None:
       saved = recorded.get(checksums.DATA_DIGEST_KEY, {}).get(str(jax.process_index()))
       here = checksums.bytes_digest(data_iterator.get_state())
