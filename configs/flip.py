@@ -11,6 +11,8 @@
 Each stage trains in DIR/<stage>; run the same command again to resume.
 """
 
+import copy
+
 from big_pretrain.config.defaults import chain_config, stage_config, use_embedded_demo_data
 from big_pretrain.data.text.tokenizer import synthetic_tokenizer_path
 from big_pretrain.evaluators import evaluator_config
@@ -31,6 +33,7 @@ def masked_stage(arg):
   config.objective.text_width = 768
   config.objective.text_depth = 12
   config.objective.text_heads = 12
+  config.objective.temperature_init = 0.07  # the logit scale starts at 1 / 0.07
   config.batch_size = 32768
   config.total_steps = 6_400_000_000 // 32768  # 6.4B samples seen (16 epochs of LAION-400M)
   config.optim.lr_per_256 = 4e-6
@@ -78,7 +81,13 @@ def masked_stage(arg):
 
 def get_config(arg: str | None = None):
   pretrain = masked_stage(arg)
-  unmasked = masked_stage(arg)
+  return chain_config(pretrain=pretrain, unmasked=unmasked_stage_after(pretrain))
+
+
+def unmasked_stage_after(pretrain):
+  """FLIP's short unmasked tuning stage (r = 0, lr / 10, 1/20 of the steps), starting from
+  every parameter of the masked stage `pretrain` (its loss's bias too, for the sigmoid)."""
+  unmasked = copy.deepcopy(pretrain)
   unmasked.objective.mask_ratio = 0.0
   unmasked.optim.lr_per_256 = pretrain.optim.lr_per_256 / 10
   unmasked.total_steps = max(1, pretrain.total_steps // 20)
@@ -88,5 +97,6 @@ def get_config(arg: str | None = None):
   unmasked.checkpoint.every_steps = min(unmasked.checkpoint.every_steps,
                                         max(1, unmasked.total_steps // 2))
   unmasked.init_from.stage = 'pretrain'
-  unmasked.init_from.take = FLIP_PARAMS
-  return chain_config(pretrain=pretrain, unmasked=unmasked)
+  unmasked.init_from.take = FLIP_PARAMS + (
+      ('logit_bias',) if pretrain.objective.loss == 'sigmoid' else ())
+  return unmasked

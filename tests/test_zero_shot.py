@@ -22,6 +22,7 @@ from big_pretrain.evaluators.retrieval import paired_ranks, retrieval_recalls
 from big_pretrain.evaluators.zero_shot import (
     DEFAULT_PROMPTS, class_prompts, class_text_embeddings, embed_token_rows,
     readable_class_name, zero_shot_predictions)
+from big_pretrain.objectives.objective import COSINE_SCORING, PairScoring
 from helpers.tiny_config import tiny_mae_config
 
 CLASS_NAMES = ('circle', 'square', 'star', 'ring')
@@ -45,6 +46,12 @@ class LookupObjective:
 
   def embed_texts(self, params, text_tokens):
     return normalize(params['text_table'][text_tokens].sum(axis=1))
+
+  def pair_scoring(self, params):
+    """A sigmoid-loss model's scale and bias where the params give them; else cosine."""
+    if 'scale' not in params:
+      return COSINE_SCORING
+    return PairScoring(scale=params['scale'], bias=params['bias'], independent=True)
 
 
 def write_image_folder(root, class_images):
@@ -116,8 +123,10 @@ def test_zero_shot_is_perfect_when_images_embed_as_their_class_name(
   config, trainer = image_text_config(
       data_path, tokenizer_path, 'zero_shot', jax.devices()[:devices], mesh_shape)
   params = {'image_table': image_table_for(lambda class_id, index: class_id),
-            'text_table': text_table}
-  assert run_evaluator(config, trainer, params) == {'accuracy': 1.0, 'chance': 0.25}
+            'text_table': text_table, 'scale': 10.0, 'bias': -10.0}
+  # Every image's own class at cosine 1: logit 10 * 1 - 10 = 0, a match probability of 1/2.
+  assert run_evaluator(config, trainer, params) == {'accuracy': 1.0, 'chance': 0.25,
+                                                    'true_class_probability': 0.5}
 
 
 def test_zero_shot_is_at_chance_with_a_shuffled_class_mapping(classification_data):
@@ -238,7 +247,10 @@ def test_recall_is_perfect_when_image_and_caption_embeddings_coincide(retrieval_
       data_path, tokenizer_path, 'retrieval', jax.devices(), (2, 4))
   params = {'image_table': retrieval_image_table(lambda i: np.eye(16)[i]),
             'text_table': text_table}
-  assert run_evaluator(config, trainer, params) == {
+  scalars = run_evaluator(config, trainer, params)
+  # Cosine scoring (no temperature): a softmax over 16 captions, the own one at cosine 1.
+  assert scalars.pop('pair_probability') == pytest.approx(np.e / (np.e + 15), rel=1e-6)
+  assert scalars == {
       'image_to_text_recall@1': 1.0, 'image_to_text_recall@5': 1.0,
       'text_to_image_recall@1': 1.0, 'text_to_image_recall@5': 1.0}
 
@@ -249,7 +261,13 @@ def test_recall_at_five_finds_a_pair_that_is_always_second(retrieval_data):
       data_path, tokenizer_path, 'retrieval', jax.devices(), (2, 4))
   # Image i is closest to caption i + 1 and second closest to its own, caption i.
   neighbour_first = lambda i: np.eye(16)[i] + 2 * np.eye(16)[(i + 1) % 16]
-  params = {'image_table': retrieval_image_table(neighbour_first), 'text_table': text_table}
-  assert run_evaluator(config, trainer, params) == {
+  params = {'image_table': retrieval_image_table(neighbour_first), 'text_table': text_table,
+            'scale': 10.0, 'bias': -10.0}
+  scalars = run_evaluator(config, trainer, params)
+  # The own caption at cosine 1 / sqrt(5), scored by the model's sigmoid.
+  own_logit = 10 / np.sqrt(5) - 10
+  assert scalars.pop('pair_probability') == pytest.approx(1 / (1 + np.exp(-own_logit)),
+                                                          rel=1e-5)
+  assert scalars == {
       'image_to_text_recall@1': 0.0, 'image_to_text_recall@5': 1.0,
       'text_to_image_recall@1': 0.0, 'text_to_image_recall@5': 1.0}

@@ -5,7 +5,12 @@ embedded; each image ranks all the captions by cosine similarity (image ->
 text) and each caption ranks all the images (text -> image). Recall@k is the
 fraction of queries whose own pair (the caption of that image, the image of
 that caption) is among the k best. Reports `image_to_text_recall@1`, `@5` and
-`text_to_image_recall@1`, `@5`.
+`text_to_image_recall@1`, `@5`, and `pair_probability`: the mean probability
+the model gives an image's own caption, from its logits (learned temperature,
+and bias for the sigmoid loss: the objective's `pair_scoring`): the pair's own
+sigmoid for the sigmoid loss, the softmax over the captions for the softmax
+loss. Ranks are read from the cosines (a positive scale and a shared bias keep
+the order).
 
 Only the paired index counts as a hit, as in the standard COCO / Flickr
 protocol. Where captions repeat (the synthetic captions describe shape, colour,
@@ -25,6 +30,7 @@ import numpy as np
 from big_pretrain.data import batch_features
 from big_pretrain.evaluators.evaluator import EvalResult, held_out_keys
 from big_pretrain.evaluators.zero_shot import ImageTextEvaluator
+from big_pretrain.objectives.objective import COSINE_SCORING, PairScoring
 
 DEFAULT_RECALL_KS = (1, 5)
 
@@ -45,13 +51,15 @@ def paired_ranks(similarities: np.ndarray) -> np.ndarray:
 
 
 def retrieval_recalls(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
-                      ks: Sequence[int] = DEFAULT_RECALL_KS) -> dict[str, float]:
+                      ks: Sequence[int] = DEFAULT_RECALL_KS,
+                      scoring: PairScoring = COSINE_SCORING) -> dict[str, float]:
   """Image->text and text->image recall@k; image i's caption is text i.
 
   Forms the (N, N) similarity matrix, so N is meant to be a few thousand at most.
 
   Returns:
-    {'image_to_text_recall@k': ..., 'text_to_image_recall@k': ...} for each k.
+    {'image_to_text_recall@k': ..., 'text_to_image_recall@k': ...} for each k, and
+    'pair_probability': the mean probability `scoring` gives image i's caption i.
   """
   images = np.asarray(image_embeddings, np.float32)
   texts = np.asarray(text_embeddings, np.float32)
@@ -68,6 +76,8 @@ def retrieval_recalls(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
   for k in ks:
     scalars[f'image_to_text_recall@{k}'] = float(np.mean(image_to_text < k))
     scalars[f'text_to_image_recall@{k}'] = float(np.mean(text_to_image < k))
+  scalars['pair_probability'] = float(np.mean(np.diagonal(
+      scoring.probabilities(similarities, axis=1))))
   return scalars
 
 
@@ -98,4 +108,5 @@ class RetrievalEvaluator(ImageTextEvaluator):
     outputs, _, _ = self.split_outputs(self.embed_pairs, params, data_key='test_data',
                                        num_examples=self.eval_config.test_examples)
     self._warn_about_missing_captions(outputs['text_tokens'])
-    return EvalResult(scalars=retrieval_recalls(outputs['image'], outputs['text']))
+    return EvalResult(scalars=retrieval_recalls(outputs['image'], outputs['text'],
+                                                scoring=self.pair_scoring(params)))

@@ -5,7 +5,13 @@ the `prompts` ("a photo of a {}."), the prompts are embedded by the text tower,
 and a class's embedding is the mean of its L2-normalized prompt embeddings,
 normalized again. Each held-out image is assigned the class whose embedding is
 most cosine-similar to the image's. Reports `accuracy` and, beside it,
-`chance` = 1 / number of classes.
+`chance` = 1 / number of classes, and `true_class_probability`: the mean
+probability the model gives each image's own class, from its logits (its
+learned temperature, and bias for the sigmoid loss: the objective's
+`pair_scoring`). With the sigmoid loss each class is its own yes/no decision;
+with the softmax loss the classes share one softmax. A positive scale and a
+shared bias do not change which class ranks first, so the prediction is read
+from the cosines themselves (the logits' float32 rounding could only add ties).
 
 Class names come from the split's source (image folders: the subfolder names,
 '_' read as a space), or from `class_names` in the evaluator config, e.g.
@@ -36,6 +42,7 @@ from big_pretrain.evaluators.eval_split import images_only, round_up
 from big_pretrain import schema
 from big_pretrain.evaluators.evaluator import EvalResult, Evaluator, held_out_keys
 from big_pretrain.evaluators.knn import l2_normalize
+from big_pretrain.objectives.objective import COSINE_SCORING, PairScoring
 
 DEFAULT_PROMPTS = ('a photo of a {}.', 'a {}.', 'an image of a {}.')
 # Where a prompt takes the class name.
@@ -85,15 +92,27 @@ def class_text_embeddings(prompt_embeddings: np.ndarray, num_prompts: int) -> np
   return l2_normalize(per_class.mean(axis=1))
 
 
-def zero_shot_predictions(image_embeddings: np.ndarray, class_embeddings: np.ndarray) -> np.ndarray:
-  """(N,): the class most cosine-similar to each image (ties: the lower class id)."""
+def class_cosines(image_embeddings: np.ndarray, class_embeddings: np.ndarray) -> np.ndarray:
+  """(N, C): each image's cosine similarity to each class embedding."""
   image_embeddings = l2_normalize(image_embeddings)
   class_embeddings = l2_normalize(class_embeddings)
   if image_embeddings.shape[1] != class_embeddings.shape[1]:
     raise ValueError(
         f'Image embeddings {image_embeddings.shape} and class embeddings '
         f'{class_embeddings.shape} differ in width: the towers must project to the same size.')
-  return (image_embeddings @ class_embeddings.T).argmax(axis=1)
+  return image_embeddings @ class_embeddings.T
+
+
+def zero_shot_predictions(image_embeddings: np.ndarray, class_embeddings: np.ndarray) -> np.ndarray:
+  """(N,): the class most cosine-similar to each image (ties: the lower class id)."""
+  return class_cosines(image_embeddings, class_embeddings).argmax(axis=1)
+
+
+def true_class_probability(cosines: np.ndarray, labels: np.ndarray,
+                           scoring: PairScoring) -> float:
+  """The mean probability `scoring` gives each image's own class ((N, C) cosines)."""
+  probabilities = scoring.probabilities(cosines, axis=1)
+  return float(np.mean(probabilities[np.arange(len(labels)), labels]))
 
 
 # --- Device helpers ---------------------------------------------------------------
@@ -186,6 +205,11 @@ class ImageTextEvaluator(Evaluator):
     """Jitted `(params, int32 tokens) -> (B, E) float32`."""
     return self.jit('embed_texts', self._text_embeddings)
 
+  def pair_scoring(self, params) -> PairScoring:
+    """The model's temperature and bias (cosine alone for a model without them)."""
+    scoring = getattr(self.objective, 'pair_scoring', None)
+    return scoring(params) if callable(scoring) else COSINE_SCORING
+
   def device_programs(self):
     return {'embed_images': (self._image_embeddings, (self.image_batch(),)),
             'embed_texts': (self._text_embeddings,
@@ -252,8 +276,11 @@ class ZeroShotEvaluator(ImageTextEvaluator):
     class_names = self.class_names(source_class_names)
     self._warn_about_unknown_words(class_names)
     class_embeddings = self.class_embeddings(params, class_names)
-    predictions = zero_shot_predictions(image_embeddings, class_embeddings)
+    cosines = class_cosines(image_embeddings, class_embeddings)
+    predictions = cosines.argmax(axis=1)
     return EvalResult(scalars={
         'accuracy': float(np.mean(predictions == labels)),
         'chance': 1.0 / len(class_names),
+        'true_class_probability': true_class_probability(cosines, labels,
+                                                         self.pair_scoring(params)),
     })

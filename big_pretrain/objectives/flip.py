@@ -5,12 +5,16 @@ before the image encoder (MAE's per-example masking), which is where FLIP's
 speed comes from; at evaluation nothing is dropped. Image embedding: mean of
 the output tokens -> dense (no bias) -> L2 normalize; text embedding: the
 text tower's first position -> dense (no bias) -> L2 normalize. The loss is
-CLIP's symmetric InfoNCE over the GLOBAL batch with a learnable temperature.
+CLIP's symmetric InfoNCE over the GLOBAL batch with a learnable temperature
+(`loss='softmax'`, the default), or SigLIP's sigmoid loss over every pair
+with a learnable temperature and bias (`loss='sigmoid'`,
+objectives/sigmoid_loss.py: chunked over the devices, no global logits).
 
 Global batch, exact gradients: the step is one jit over global arrays, so
 `image_embeddings @ text_embeddings.T` pairs every example with every other
 on every device; XLA inserts the all-gathers, and they are differentiated
-like any other op. Nothing is gathered without gradient.
+like any other op. Nothing is gathered without gradient. The sigmoid loss
+passes the texts around the devices instead, also with gradient.
 """
 
 from __future__ import annotations
@@ -31,9 +35,13 @@ from big_pretrain.models.text_tower import TextTransformer
 from big_pretrain.models.transformer import dense, dense_flops, transformer_forward_flops
 from big_pretrain.models.vit import (VisionTransformer, compute_dtype, num_patches,
                                      parse_variant, vit_from_config)
-from big_pretrain.objectives.objective import Objective
+from big_pretrain.objectives import sigmoid_loss
+from big_pretrain.objectives.objective import Objective, PairScoring
 
 MAX_LOGIT_SCALE = 100.0
+SOFTMAX, SIGMOID = 'softmax', 'sigmoid'
+# Each loss's paper initialisation of the temperature (t = 1 / temperature).
+DEFAULT_TEMPERATURE_INIT = {SOFTMAX: 0.07, SIGMOID: sigmoid_loss.TEMPERATURE_INIT}
 
 # config.objective for FLIP, with the paper's defaults.
 CONFIG_KEYS = schema.Group(
@@ -46,9 +54,24 @@ CONFIG_KEYS = schema.Group(
     text_width=schema.Key(512, schema.COUNT, "the text tower's width"),
     text_depth=schema.Key(12, schema.COUNT, "the text tower's blocks"),
     text_heads=schema.Key(8, schema.COUNT, "the text tower's attention heads"),
-    temperature_init=schema.Key(0.07, schema.above(0),
-                                'the logit scale starts at 1 / temperature_init'),
+    loss=schema.Key(SOFTMAX, schema.one_of(SOFTMAX, SIGMOID),
+                    "'softmax': CLIP's InfoNCE over the global batch (FLIP); 'sigmoid': "
+                    "SigLIP's per-pair loss with a learned bias, chunked over the devices"),
+    temperature_init=schema.Key(None, schema.above(0, or_none=True),
+                                'the logit scale starts at 1 / temperature_init; None: the '
+                                "loss's paper value (softmax 0.07, sigmoid 0.1)", type=float),
+    bias_init=schema.Key(sigmoid_loss.BIAS_INIT, schema.within(-math.inf, math.inf,
+                                                                low_open=True, high_open=True),
+                         "the sigmoid loss's learned bias starts here (every pair judged "
+                         "'no match')"),
 )
+
+
+def temperature_init(objective_config) -> float:
+  """The configured initial temperature, or the loss's paper value."""
+  if objective_config.temperature_init is not None:
+    return objective_config.temperature_init
+  return DEFAULT_TEMPERATURE_INIT[objective_config.loss]
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -78,11 +101,14 @@ def contrastive_loss(image_embeddings, text_embeddings, logit_scale):
 
 
 class FLIPModel(nn.Module):
-  """Image tower (params['encoder']), text tower, two projections, the temperature."""
+  """Image tower (params['encoder']), text tower, two projections, the temperature (and
+  the sigmoid loss's bias)."""
   encoder: VisionTransformer
   text_encoder: TextTransformer
   embed_dim: int
   temperature_init: float
+  loss: str = SOFTMAX
+  bias_init: float = sigmoid_loss.BIAS_INIT
 
   def setup(self):
     self.image_projection = dense(self.embed_dim, ('embed', None), self.encoder.dtype,
@@ -92,6 +118,10 @@ class FLIPModel(nn.Module):
     self.logit_scale = self.param(
         'logit_scale', nn.with_logical_partitioning(
             nn.initializers.constant(math.log(1 / self.temperature_init)), ()), ())
+    if self.loss == SIGMOID:
+      self.logit_bias = self.param(
+          'logit_bias', nn.with_logical_partitioning(
+              nn.initializers.constant(self.bias_init), ()), ())
 
   def embed_images(self, images, keep_indices=None):
     """Normalized images (and the visible patches, in training) -> (B, E) unit vectors."""
@@ -101,9 +131,16 @@ class FLIPModel(nn.Module):
   def embed_texts(self, tokens):
     return l2_normalize(self.text_projection(self.text_encoder(tokens)))
 
+  def pair_scoring(self):
+    """(scale, bias) of a pair's logit scale * cosine + bias: softmax's capped scale and no
+    bias; the sigmoid loss's exp(t') (uncapped, as in SigLIP) and its learned bias."""
+    if self.loss == SIGMOID:
+      return jnp.exp(self.logit_scale), self.logit_bias
+    return logit_scale_from(self.logit_scale), None
+
   def __call__(self, images, tokens, keep_indices=None):
     return (self.embed_images(images, keep_indices), self.embed_texts(tokens),
-            logit_scale_from(self.logit_scale))
+            *self.pair_scoring())
 
 
 class FLIP(Objective):
@@ -121,6 +158,15 @@ class FLIP(Objective):
           '--path=DATA_DIR --output=tokenizer.txt`, or give a SentencePiece .model file.')
 
   @classmethod
+  def resolve_config(cls, config):
+    """The initial temperature recorded as a number (None: the loss's paper value)."""
+    config = super().resolve_config(config)
+    if config.objective.temperature_init is None:
+      config = config.copy_and_resolve_references()
+      config.objective.temperature_init = temperature_init(config.objective)
+    return config
+
+  @classmethod
   def encoder_patches(cls, config):
     """The patches left after dropping `mask_ratio` of them (in training)."""
     return num_kept(num_patches(config.model, config.data.image_size),
@@ -129,7 +175,7 @@ class FLIP(Objective):
   @classmethod
   def flops_beyond_encoder(cls, config, encoder_tokens, num_labels=None):
     """The text tower, both projections, and the logits of every image against every text
-    of the GLOBAL batch (B x B)."""
+    of the GLOBAL batch (B x B; the sigmoid loss computes them too, a block at a time)."""
     del encoder_tokens, num_labels
     objective, batch = config.objective, config.batch_size
     image_width = parse_variant(config.model.variant).width
@@ -157,7 +203,8 @@ class FLIP(Objective):
             dtype=compute_dtype(config.model.dtype),
             scan=encoder.scan, remat=config.model.remat,
             attention_impl=config.model.attention_impl),
-        embed_dim=objective.embed_dim, temperature_init=objective.temperature_init)
+        embed_dim=objective.embed_dim, temperature_init=temperature_init(objective),
+        loss=objective.loss, bias_init=objective.bias_init)
 
   def init_params(self, rng):
     tokens = jnp.zeros((1, self.max_length), jnp.int32)
@@ -172,8 +219,13 @@ class FLIP(Objective):
 
   def loss(self, params, batch, rng, train=True):
     images = normalize_images(batch['image'])
-    image_embeddings, text_embeddings, logit_scale = self.model.apply(
+    image_embeddings, text_embeddings, logit_scale, logit_bias = self.model.apply(
         {'params': params}, images, batch['text_tokens'], self._keep_indices(rng, images, train))
+    if self.model.loss == SIGMOID:
+      loss, accuracy = sigmoid_loss.sigmoid_loss(image_embeddings, text_embeddings,
+                                                 logit_scale, logit_bias)
+      return loss, {'loss': loss, 'logit_scale': logit_scale, 'logit_bias': logit_bias,
+                    'batch_accuracy': accuracy}
     loss, accuracy = contrastive_loss(image_embeddings, text_embeddings, logit_scale)
     return loss, {'loss': loss, 'logit_scale': logit_scale, 'batch_accuracy': accuracy}
 
@@ -185,3 +237,9 @@ class FLIP(Objective):
 
   def embed_texts(self, params, text_tokens):
     return self.model.apply({'params': params}, text_tokens, method='embed_texts')
+
+  def pair_scoring(self, params) -> PairScoring:
+    """How the trained model scores an image-text pair (for evaluators)."""
+    scale, bias = self.model.apply({'params': params}, method='pair_scoring')
+    return PairScoring(scale=float(scale), bias=0.0 if bias is None else float(bias),
+                       independent=self.model.loss == SIGMOID)

@@ -10,15 +10,42 @@ through writing one.
 from __future__ import annotations
 
 import abc
+import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from big_pretrain import schema
 from big_pretrain.models import vit
 from big_pretrain.models.patches import normalize_images
 from big_pretrain.models.transformer import stacked_block_outputs
 from big_pretrain.models.vit import SCAN_AUTO, parse_variant, scan_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class PairScoring:
+  """A pair's logit, scale * cosine + bias, and what it means: with `independent` (the
+  sigmoid loss) sigmoid(logit) is the probability that the pair matches; otherwise the
+  logits of one query over its candidates go through a softmax."""
+  scale: float
+  bias: float
+  independent: bool
+
+  def logits(self, cosines: np.ndarray) -> np.ndarray:
+    return self.scale * np.asarray(cosines, np.float32) + self.bias
+
+  def probabilities(self, cosines: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Match probabilities: per pair (sigmoid), or over `axis`'s candidates (softmax)."""
+    logits = self.logits(cosines).astype(np.float64)
+    if self.independent:
+      return np.exp(-np.logaddexp(0.0, -logits))  # sigmoid, without overflow
+    logits = logits - logits.max(axis=axis, keepdims=True)
+    return np.exp(logits) / np.exp(logits).sum(axis=axis, keepdims=True)
+
+
+# A model that scores pairs by cosine alone: the ranking of its similarities.
+COSINE_SCORING = PairScoring(scale=1.0, bias=0.0, independent=False)
 
 
 def prefixed(prefix: str, parts: dict[str, float]) -> dict[str, float]:
@@ -79,6 +106,9 @@ class Objective(abc.ABC):
       predict(params, images, rng) is its reconstruction, not this hook.)
     embed_images(params, images), embed_texts(params, tokens) -> (B, E) unit vectors:
       scored by the 'zero_shot' and 'retrieval' evaluators.
+    pair_scoring(params) -> PairScoring: how the model turns a pair's cosine into a
+      logit (its learned temperature and bias) and a probability; the image-text
+      evaluators report the probabilities (default: COSINE_SCORING).
     visualize(params, uint8 images, rng) -> {panel: (B, H, W, 3) in [0, 1]} and
       `visualization_panels` (their column order): drawn by 'reconstruction'.
     exported_head(config) (class method): what params' 'head' (after 'fc_norm', if any)
