@@ -5,9 +5,11 @@ VENV := .venv
 INSTALLED := $(VENV)/.installed
 TPU_COMPILE_INSTALLED := $(VENV)/.tpu-compile-installed
 WEIGHTS_TEST_INSTALLED := $(VENV)/.weights-test-installed
+BENCHMARKS_INSTALLED := $(VENV)/.benchmarks-installed
 DEMO_WORKDIR ?= workdirs/demo
 
-.PHONY: demo test install install-gpu install-tf install-tpu-compile install-weights-test clean-demo
+.PHONY: demo test install install-gpu install-tf install-tpu-compile install-weights-test \
+	install-benchmarks pre-pretraining-sweep clean-demo
 
 install: $(INSTALLED)
 
@@ -42,6 +44,19 @@ $(WEIGHTS_TEST_INSTALLED): $(INSTALLED) requirements-weights-test.txt
 	$(VENV)/bin/python -m pip install --quiet -r requirements-weights-test.txt
 	touch $(WEIGHTS_TEST_INSTALLED)
 
+# matplotlib, for the benchmarks' plots. The tests need it (they run the MAE -> WSP
+# benchmark's small mode, plots included); `make demo` does not.
+install-benchmarks: $(BENCHMARKS_INSTALLED)
+
+$(BENCHMARKS_INSTALLED): $(INSTALLED) requirements-benchmarks.txt
+	$(VENV)/bin/python -m pip install --quiet -r requirements-benchmarks.txt
+	touch $(BENCHMARKS_INSTALLED)
+
+# The MAWS claim over seeds and budgets (benchmarks/pre_pretraining.py): hours on 2 CPU
+# cores; each run is a workdir, so running it again continues where it stopped.
+pre-pretraining-sweep: $(BENCHMARKS_INSTALLED)
+	$(VENV)/bin/python benchmarks/pre_pretraining.py
+
 # TensorFlow, only to prepare TFDS datasets and for benchmarks/input_speed.py's tf.data rows:
 # training, data reading and logging never import it.
 install-tf: $(INSTALLED)
@@ -55,7 +70,7 @@ demo: $(INSTALLED)
 # Three pytest-xdist workers, one test file each at a time: more workers than the
 # 2 cores CI has, because the multi-process tests' parents wait on their children
 # and checkpoint saves wait on threads (8:52 vs 9:17 with two, 15:32 with none).
-test: $(INSTALLED) $(TPU_COMPILE_INSTALLED) $(WEIGHTS_TEST_INSTALLED)
+test: $(INSTALLED) $(TPU_COMPILE_INSTALLED) $(WEIGHTS_TEST_INSTALLED) $(BENCHMARKS_INSTALLED)
 	$(VENV)/bin/python -m pytest -q -n 3 --dist loadfile tests
 
 clean-demo:

@@ -1,20 +1,37 @@
-"""Does MAE pre-pretraining help WSP? (the MAWS claim, measured on the embedded data)
+"""Does MAE pre-pretraining help WSP? The MAWS claim, measured over seeds and budgets.
 
-Trains MAE, then WSP twice with the same budget (steps, batch, lr, seed): once
-from random initialization, once from the MAE encoder. Prints the linear-probe
-and k-NN accuracy of both on the held-out split, and both WSP training losses
-at several points.
+For each seed: MAE at each budget (a fraction of an epoch of the training data;
+0 = no MAE), then WSP at two lengths from each of those encoders (random
+initialization for budget 0), then fine-tuning of each long WSP encoder. The
+runs of one seed are paired: the WSP stages share their seed (the head's
+initialization, every step's rng) and their data order, and differ only in the
+encoder they start from; so do the fine-tuning stages.
 
-  python benchmarks/pre_pretraining.py                       # the demo chain's settings
-  python benchmarks/pre_pretraining.py --mae_steps=3000 --wsp_steps=1000 --variant=mu/4
+Measured on held-out images of the embedded data, with the SHAPE as the label
+(WSP sees it only as one of each image's four hashtags): the linear probe and
+k-NN accuracy of the WSP encoder during and after WSP, fine-tuning top-1, and
+WSP's loss and precision@1 curves. The tables give mean, standard deviation
+and the paired difference against WSP from random initialization with its 95%
+t-interval, at equal WSP steps and against total training compute (MAE's
+steps counted); the plots (PNG, matplotlib) show the same.
+
+Every run is a workdir under --workdir: a rerun skips finished runs and
+resumes the others, so the sweep can be stopped and continued.
+
+  python benchmarks/pre_pretraining.py                # the full sweep (hours on 2 CPU cores)
+  python benchmarks/pre_pretraining.py --small        # one seed, one MAE budget, tiny steps
+  python benchmarks/pre_pretraining.py --seeds=0,1 --mae_epochs=0,1 --wsp_steps=300,1200
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
 import os
+import statistics
 import sys
-import tempfile
 import time
 
 # Run from anywhere: the configs/ package lives at the repository root.
@@ -23,76 +40,368 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
-from absl import logging  # noqa: E402
+# Two-sided 95% Student t quantiles by degrees of freedom (seeds - 1).
+T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228}
+RESULT_FILE = 'sweep_result.json'
+PROBES = ('linear_probe', 'knn')
 
-from big_pretrain.stages import chain  # noqa: E402
-from big_pretrain.train.loop import train_stage  # noqa: E402
-from configs import mae_then_wsp  # noqa: E402
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  seeds: tuple[int, ...]
+  mae_epochs: tuple[float, ...]    # 0: WSP from random initialization
+  wsp_steps: tuple[int, int]       # (short, long)
+  finetune_steps: int              # 0: no fine-tuning
+  probe_every: int                 # WSP's probes also run every this many steps
+  probe_examples: tuple[int, int]  # (train, test) images of the probes
+  workdir: str
+  plots: str                       # where the PNGs go
 
 
-def parse_args():
+def parse_args(argv=None) -> Sweep:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--mae_steps', type=int, default=None, help='default: the demo config')
-  parser.add_argument('--wsp_steps', type=int, default=None, help='default: the demo config')
-  parser.add_argument('--variant', default=None, help='ViT variant for both stages, e.g. mu/4')
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--workdir', default=None, help='default: a temporary folder')
-  return parser.parse_args()
+  parser.add_argument('--seeds', default='0,1,2,3,4')
+  parser.add_argument('--mae_epochs', default='0,0.1,0.3,1,3',
+                      help='MAE budgets in epochs of the training data; 0: random init')
+  parser.add_argument('--wsp_steps', default='600,2400', help='short,long')
+  parser.add_argument('--finetune_steps', type=int, default=800,
+                      help='fine-tuning after each long WSP run; 0: none')
+  parser.add_argument('--probe_every', type=int, default=600)
+  parser.add_argument('--workdir', default='workdirs/benchmarks/pre_pretraining')
+  parser.add_argument('--plots', default=None,
+                      help='folder of the PNGs; default: benchmarks/ for the full sweep, '
+                      'WORKDIR/plots otherwise')
+  parser.add_argument('--small', action='store_true',
+                      help='one seed, one MAE budget (0.01 epoch), 4 and 8 WSP steps, tiny '
+                      'probes (the test suite runs it)')
+  args = parser.parse_args(argv)
+  if args.small:
+    return Sweep(seeds=(0,), mae_epochs=(0.0, 0.01), wsp_steps=(4, 8), finetune_steps=4,
+                 probe_every=4, probe_examples=(64, 64),
+                 workdir=os.path.join(args.workdir, 'small'),
+                 plots=args.plots or os.path.join(args.workdir, 'small', 'plots'))
+  short, long = (int(s) for s in args.wsp_steps.split(','))
+  defaults = {action.dest: action.default for action in parser._actions}
+  full = all(getattr(args, key) == defaults[key] for key in
+             ('seeds', 'mae_epochs', 'wsp_steps', 'finetune_steps', 'probe_every'))
+  plots = args.plots or (os.path.dirname(os.path.abspath(__file__)) if full
+                         else os.path.join(args.workdir, 'plots'))
+  return Sweep(seeds=tuple(int(s) for s in args.seeds.split(',')),
+               mae_epochs=tuple(float(e) for e in args.mae_epochs.split(',')),
+               wsp_steps=(short, long), finetune_steps=args.finetune_steps,
+               probe_every=args.probe_every, probe_examples=(2048, 1024),
+               workdir=args.workdir, plots=plots)
 
 
-def main():
-  args = parse_args()
-  logging.set_verbosity(logging.WARNING)
-  config = mae_then_wsp.get_config('demo')
-  for stage in config.stages.values():
-    stage.seed = args.seed
-    if args.variant:
-      stage.model.variant = args.variant
-  if args.mae_steps:
-    config.stages.mae.total_steps = args.mae_steps
-  if args.wsp_steps:
-    config.stages.wsp.total_steps = args.wsp_steps
-  workdir = args.workdir or tempfile.mkdtemp(prefix='pre_pretraining_')
-  print(f'workdir: {workdir}')
+# --- The stage configs ----------------------------------------------------------------------
 
+def base_stages(sweep: Sweep):
+  """(mae, wsp, finetune) stage configs: the demo chain's, probing the shape."""
+  from configs import finetune, mae_then_wsp
+  chain = mae_then_wsp.get_config('demo')
+  mae, wsp = chain.stages.mae, chain.stages.wsp
+  tune = finetune.stage_after('wsp', 'demo')
+  for stage in (mae, wsp, tune):
+    stage.data.synthetic_label = 'shape'
+  mae.evals = {}  # MAE is judged by what WSP makes of it
+  train_examples, test_examples = sweep.probe_examples
+  wsp.evals = {name: wsp.evals[name] for name in PROBES}
+  for name in PROBES:
+    # at_start: the starting encoder's probe too (step 0): what MAE hands over.
+    wsp.evals[name].update(every_steps=sweep.probe_every, train_examples=train_examples,
+                           test_examples=test_examples, at_start=True)
+  tune.evals = {'classification': tune.evals.classification}
+  tune.evals.classification.update(every_steps=0, test_examples=test_examples)
+  return mae, wsp, tune
+
+
+def epoch_steps(config) -> float:
+  """Steps of one pass over the training data."""
+  return config.data.num_examples / config.batch_size
+
+
+def with_budget(config, seed: int, steps: int):
+  config = config.copy_and_resolve_references()
+  config.seed = seed
+  config.data.seed = seed  # the data order
+  config.total_steps = steps
+  config.optim.warmup_steps = max(1, min(config.optim.warmup_steps, steps // 10))
+  config.checkpoint.every_steps = steps
+  config.log.every_steps = max(1, min(config.log.every_steps, steps // 8))
+  return config
+
+
+def mae_steps(mae_config, epochs: float) -> int:
+  return max(1, round(epochs * epoch_steps(mae_config)))
+
+
+def mae_config(base, seed: int, epochs: float):
+  return with_budget(base, seed, mae_steps(base, epochs))
+
+
+def started_from(config, checkpoint: str | None):
+  """`config` starting from the encoder of the stage in `checkpoint` (None: random)."""
+  config = config.copy_and_resolve_references()
+  config.init_from.stage = None
+  config.init_from.checkpoint = checkpoint
+  config.init_from.take = ('encoder',)
+  return config
+
+
+def wsp_config(base, seed: int, steps: int, mae_dir: str | None):
+  return started_from(with_budget(base, seed, steps), mae_dir)
+
+
+def finetune_config(base, seed: int, steps: int, wsp_dir: str):
+  return started_from(with_budget(base, seed, steps), wsp_dir)
+
+
+def run_name(kind: str, seed: int, epochs: float, wsp_length: str | None = None) -> str:
+  """'mae0.1ep_seed0', 'wsp_long_mae0.1ep_seed0' (mae0ep: from random init), ..."""
+  if kind == 'mae':
+    return f'mae{epochs:g}ep_seed{seed}'
+  return f'{kind}_{wsp_length}_mae{epochs:g}ep_seed{seed}'
+
+
+# --- Running ----------------------------------------------------------------------------------
+
+def read_curves(workdir: str) -> dict:
+  """{tag: [(step, value)]} of the stage's scalars, from its TensorBoard events."""
+  from tensorboard.backend.event_processing import plugin_event_accumulator
+  from tensorboard.util import tensor_util
+  events = plugin_event_accumulator.EventAccumulator(
+      workdir, size_guidance={plugin_event_accumulator.TENSORS: 0})
+  events.Reload()
+  tags = (events.PluginTagToContent('scalars') if 'scalars' in events.ActivePlugins()
+          else {})
+  return {tag: sorted({e.step: float(tensor_util.make_ndarray(e.tensor_proto))
+                       for e in events.Tensors(tag)}.items()) for tag in tags}
+
+
+def run_stage(config, workdir: str) -> dict:
+  """{'eval': final eval results, 'curves': scalars by step, 'seconds': training time} of the
+  stage in `workdir`, training it first unless a finished run recorded them."""
+  from big_pretrain.config.validation import validate_stage_config
+  from big_pretrain.stages import chain
+  from big_pretrain.train.loop import train_stage
+  result_file = os.path.join(workdir, RESULT_FILE)
+  if os.path.exists(result_file):
+    with open(result_file) as f:
+      return json.load(f)
+  validate_stage_config(config)
   start = time.time()
-  mae = train_stage(config.stages.mae, os.path.join(workdir, 'mae'))
-  mae_seconds = time.time() - start
+  train_stage(config, workdir, initialize=chain.initializer_from(config.init_from, workdir))
+  seconds = time.time() - start
+  evals = {}
+  if os.path.exists(os.path.join(workdir, 'eval_results.json')):  # MAE runs no evaluator
+    with open(os.path.join(workdir, 'eval_results.json')) as f:
+      evals = json.load(f)
+  result = {'eval': evals, 'curves': read_curves(workdir), 'seconds': seconds,
+            'steps': config.total_steps}
+  with open(result_file, 'w') as f:
+    json.dump(result, f)
+  return result
 
-  runs = {}
-  for name, init_checkpoint in (('random init', None), ('MAE init', os.path.join(workdir, 'mae'))):
-    wsp = config.stages.wsp.copy_and_resolve_references()
-    wsp.init_from.stage = None
-    wsp.init_from.checkpoint = init_checkpoint
-    stage_dir = os.path.join(workdir, 'wsp_' + name.split()[0].lower())
-    start = time.time()
-    runs[name] = (train_stage(wsp, stage_dir, initialize=chain.initializer_from(wsp.init_from, workdir)),
-                  time.time() - start)
 
-  mae_stage, wsp_stage = config.stages.mae, config.stages.wsp
+def run_sweep(sweep: Sweep, log=print) -> dict:
+  """Every run of the sweep (finished ones read back): {run name: result}."""
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  mae_base, wsp_base, tune_base = base_stages(sweep)
+  results, start = {}, time.time()
+
+  def run(name, config):
+    results[name] = run_stage(config, os.path.join(sweep.workdir, name))
+    log(f'  {name}: {results[name]["seconds"]:.0f} s ({time.time() - start:.0f} s so far)')
+
+  for seed in sweep.seeds:
+    for epochs in sweep.mae_epochs:
+      mae_dir = None
+      if epochs:
+        name = run_name('mae', seed, epochs)
+        run(name, mae_config(mae_base, seed, epochs))
+        mae_dir = os.path.join(sweep.workdir, name)
+      for length, steps in zip(('short', 'long'), sweep.wsp_steps):
+        wsp_name = run_name('wsp', seed, epochs, length)
+        run(wsp_name, wsp_config(wsp_base, seed, steps, mae_dir))
+        if length == 'long' and sweep.finetune_steps:
+          run(run_name('finetune', seed, epochs, length),
+              finetune_config(tune_base, seed, sweep.finetune_steps,
+                              os.path.join(sweep.workdir, wsp_name)))
+  return results
+
+
+# --- Tables ---------------------------------------------------------------------------------
+
+def mean_sd(values) -> tuple[float, float]:
+  return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def paired_interval(differences) -> tuple[float, float]:
+  """(mean, half-width of the 95% t-interval) of paired differences (nan for one pair)."""
+  mean, sd = mean_sd(differences)
+  if len(differences) < 2:
+    return mean, math.nan
+  return mean, T_95.get(len(differences) - 1, 1.96) * sd / math.sqrt(len(differences))
+
+
+def final_metric(result: dict, evaluator: str, metric: str) -> float:
+  return result['eval'][evaluator][metric]
+
+
+def metrics_of(results: dict, seed: int, epochs: float, length: str) -> dict[str, float]:
+  wsp = results[run_name('wsp', seed, epochs, length)]
+  values = {'linear probe': final_metric(wsp, 'linear_probe', 'accuracy'),
+            'k-NN': final_metric(wsp, 'knn', 'accuracy'),
+            'WSP loss': wsp['curves']['loss'][-1][1]}  # its last log interval's
+  tune = results.get(run_name('finetune', seed, epochs, length))
+  if tune:
+    values['fine-tuning top-1'] = final_metric(tune, 'classification', 'top1')
+  return values
+
+
+def training_flops(sweep: Sweep) -> dict[str, float]:
+  """Analytic training FLOPs of one step of MAE and of WSP (train/mfu.py)."""
+  from big_pretrain.train import mfu
+  mae_base, wsp_base, _ = base_stages(sweep)
+  return {'mae': mfu.model_flops_per_step(mae_base), 'wsp': mfu.model_flops_per_step(wsp_base)}
+
+
+def summary_rows(sweep: Sweep, results: dict) -> list[dict]:
+  """One row per (WSP length, MAE budget): each metric's mean, sd and paired difference
+  against random initialization (budget 0, same seed), and the total compute."""
+  flops = training_flops(sweep)
+  mae_base = base_stages(sweep)[0]
+  rows = []
+  for length, steps in zip(('short', 'long'), sweep.wsp_steps):
+    for epochs in sweep.mae_epochs:
+      per_seed = {seed: metrics_of(results, seed, epochs, length) for seed in sweep.seeds}
+      baseline = {seed: metrics_of(results, seed, 0.0, length) for seed in sweep.seeds}
+      row = {'length': length, 'wsp_steps': steps, 'mae_epochs': epochs,
+             'mae_steps': mae_steps(mae_base, epochs) if epochs else 0}
+      row['tflop'] = (row['mae_steps'] * flops['mae'] + steps * flops['wsp']) / 1e12
+      for metric in per_seed[sweep.seeds[0]]:
+        values = [per_seed[seed][metric] for seed in sweep.seeds]
+        row[metric] = mean_sd(values)
+        row[metric + ' diff'] = paired_interval(
+            [per_seed[seed][metric] - baseline[seed][metric] for seed in sweep.seeds])
+      rows.append(row)
+  return rows
+
+
+def format_table(rows: list[dict]) -> str:
+  metrics = list(dict.fromkeys(key for row in rows for key in row
+                               if isinstance(row[key], tuple) and not key.endswith(' diff')))
+  header = ('| WSP | MAE epochs | compute TFLOP | '
+            + ' | '.join(f'{m} | {m}: MAE - random (95% CI)' for m in metrics) + ' |')
+  lines = [header, '|' + '---|' * (3 + 2 * len(metrics))]
+  for row in rows:
+    cells = [f'{row["length"]} ({row["wsp_steps"]})', f'{row["mae_epochs"]:g}',
+             f'{row["tflop"]:.3g}']
+    for metric in metrics:
+      if metric not in row:  # fine-tuning follows the long WSP runs only
+        cells += ['', '']
+        continue
+      mean, sd = row[metric]
+      difference, half_width = row[metric + ' diff']
+      cells.append(f'{mean:.3f} ± {sd:.3f}')
+      cells.append('-' if not row['mae_epochs'] else f'{difference:+.3f} ± {half_width:.3f}')
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+# --- Plots ------------------------------------------------------------------------------------
+
+def curve_band(results: dict, sweep: Sweep, epochs: float, length: str, tag: str):
+  """(steps, mean, sd) of a WSP curve over seeds, at the steps every seed logged."""
+  curves = [dict(results[run_name('wsp', seed, epochs, length)]['curves'].get(tag, []))
+            for seed in sweep.seeds]
+  steps = sorted(set.intersection(*(set(curve) for curve in curves)))
+  values = [[curve[step] for curve in curves] for step in steps]
+  return (steps, [statistics.mean(v) for v in values],
+          [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values])
+
+
+def plot(sweep: Sweep, results: dict, rows: list[dict], folder: str) -> list[str]:
+  """Two PNGs: the long WSP runs' curves (random init vs the MAE budgets), and the final
+  metrics against the MAE budget. Returns their paths."""
+  import matplotlib
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+  os.makedirs(folder, exist_ok=True)
+  colours = plt.get_cmap('viridis')
+  budgets = list(sweep.mae_epochs)
+
+  figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  for axis, tag, title in zip(axes, ('loss', 'eval/linear_probe/accuracy', 'eval/knn/accuracy'),
+                              ('WSP train loss', 'linear probe, shape (held-out)',
+                               'k-NN, shape (held-out)')):
+    for index, epochs in enumerate(budgets):
+      steps, mean, sd = curve_band(results, sweep, epochs, 'long', tag)
+      if not steps:
+        continue
+      label = 'random init' if not epochs else f'MAE {epochs:g} epoch'
+      colour = 'black' if not epochs else colours(index / max(1, len(budgets) - 1))
+      axis.plot(steps, mean, color=colour, label=label, marker='o' if 'eval' in tag else None)
+      axis.fill_between(steps, [m - s for m, s in zip(mean, sd)],
+                        [m + s for m, s in zip(mean, sd)], color=colour, alpha=0.15)
+    axis.set_title(title)
+    axis.set_xlabel('WSP step')
+    if 'eval' in tag:
+      axis.axhline(0.1, color='gray', linestyle=':', label='chance')
+  axes[0].legend(fontsize=8)
+  figure.suptitle(f'WSP ({sweep.wsp_steps[1]} steps) from random init and from MAE: '
+                  f'mean ± sd over {len(sweep.seeds)} seeds')
+  figure.tight_layout()
+  curves_path = os.path.join(folder, 'pre_pretraining_curves.png')
+  figure.savefig(curves_path, dpi=110)
+  plt.close(figure)
+
+  metrics = [m for m in ('linear probe', 'k-NN', 'fine-tuning top-1')
+             if any(m in row for row in rows)]
+  figure, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.2), squeeze=False)
+  positions = list(range(len(budgets)))
+  for axis, metric in zip(axes[0], metrics):
+    for length, marker in (('short', 's'), ('long', 'o')):
+      chosen = [row for row in rows if row['length'] == length and metric in row]
+      if not chosen:
+        continue
+      axis.errorbar(positions[:len(chosen)], [row[metric][0] for row in chosen],
+                    yerr=[row[metric][1] for row in chosen], marker=marker, capsize=3,
+                    label=f'WSP {length} ({chosen[0]["wsp_steps"]} steps)')
+    axis.axhline(0.1, color='gray', linestyle=':', label='chance')
+    axis.set_xticks(positions, [f'{e:g}' for e in budgets])
+    axis.set_xlabel('MAE budget (epochs of the data; 0 = random init)')
+    axis.set_title(f'{metric}, shape (held-out)')
+    axis.legend(fontsize=8)
+  figure.suptitle(f'Final accuracy vs MAE budget: mean ± sd over {len(sweep.seeds)} seeds')
+  figure.tight_layout()
+  budget_path = os.path.join(folder, 'pre_pretraining_budgets.png')
+  figure.savefig(budget_path, dpi=110)
+  plt.close(figure)
+  return [curves_path, budget_path]
+
+
+def main(argv=None):
+  sweep = parse_args(argv)
+  start = time.time()
+  results = run_sweep(sweep)
+  rows = summary_rows(sweep, results)
+  mae_base, wsp_base, tune_base = base_stages(sweep)
   print()
-  print(f'MAE: {mae_stage.model.variant}, {mae_stage.total_steps} steps x batch '
-        f'{mae_stage.batch_size} ({mae_seconds:.0f} s); final loss {mae.last_metrics["loss"]:.4f}; '
-        f'linear probe {mae.eval_results["linear_probe"]["accuracy"]:.3f}, '
-        f'k-NN {mae.eval_results["knn"]["accuracy"]:.3f}')
-  print(f'WSP: {wsp_stage.total_steps} steps x batch {wsp_stage.batch_size}, '
-        f'lr_per_256 {wsp_stage.optim.lr_per_256}, seed {args.seed}, same for both runs')
+  print(f'MAE then WSP on the embedded data, probed on the shape (10 classes, chance 0.10): '
+        f'{wsp_base.model.variant}, batch {mae_base.batch_size} (MAE) / {wsp_base.batch_size} '
+        f'(WSP); an epoch is {epoch_steps(mae_base):.0f} MAE steps; seeds {list(sweep.seeds)}; '
+        f'fine-tuning {sweep.finetune_steps} steps after the long WSP runs.')
   print()
-  names = list(runs)
-  print(f'| {"":<34} | ' + ' | '.join(f'{n:>12}' for n in names) + ' |')
-  print(f'|{"-" * 36}|' + '|'.join('-' * 14 for _ in names) + '|')
-  row = lambda label, values: print(f'| {label:<34} | ' + ' | '.join(f'{v:>12}' for v in values) + ' |')
-  for evaluator in ('linear_probe', 'knn'):
-    row(f'{evaluator} accuracy (held-out)',
-        [f'{runs[n][0].eval_results[evaluator]["accuracy"]:.3f}' for n in names])
-  steps = [step for step, _ in runs[names[0]][0].history]
-  shown = sorted(set(steps[::max(1, len(steps) // 5)] + [steps[-1]]))
-  for step in shown:
-    row(f'WSP train loss @ step {step}',
-        [f'{dict(runs[n][0].history)[step]["loss"]:.4f}' for n in names])
-  row('WSP precision@1 (last interval)',
-      [f'{runs[n][0].last_metrics["precision_at_1"]:.3f}' for n in names])
-  row('WSP wall time (s)', [f'{runs[n][1]:.0f}' for n in names])
+  print(format_table(rows))
+  print()
+  print('(mean ± standard deviation over seeds; MAE - random: the paired difference, same '
+        'seed, with its 95% t-interval; compute: analytic training FLOPs of MAE and WSP)')
+  paths = plot(sweep, results, rows, sweep.plots)
+  print(f'plots: {", ".join(paths)}')
+  print(f'{time.time() - start:.0f} s')
 
 
 if __name__ == '__main__':

@@ -1,0 +1,130 @@
+"""benchmarks/pre_pretraining.py's small mode: the MAWS experiment's pairing, end to end."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from helpers.tiny_config import one_device
+
+BENCHMARK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         'benchmarks', 'pre_pretraining.py')
+
+
+def _benchmark_module():
+  spec = importlib.util.spec_from_file_location('pre_pretraining_benchmark', BENCHMARK)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # its dataclass looks its module up
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope='module')
+def small_sweep(tmp_path_factory):
+  benchmark = _benchmark_module()
+  sweep = benchmark.parse_args(['--small', f'--workdir={tmp_path_factory.mktemp("sweep")}'])
+  lines = []
+  results = benchmark.run_sweep(sweep, log=lines.append)
+  return benchmark, sweep, results, lines
+
+
+def _recorded_config(sweep, name):
+  with open(os.path.join(sweep.workdir, name, 'config.json')) as f:
+    return json.load(f)
+
+
+def test_the_small_mode_is_one_seed_and_one_mae_budget_beside_random_init(small_sweep):
+  benchmark, sweep, results, _ = small_sweep
+  assert sweep.seeds == (0,) and len([e for e in sweep.mae_epochs if e]) == 1
+  budget = sweep.mae_epochs[1]
+  assert set(results) == {
+      benchmark.run_name('mae', 0, budget),
+      *(benchmark.run_name(kind, 0, epochs, length) for epochs in sweep.mae_epochs
+        for kind, length in (('wsp', 'short'), ('wsp', 'long'), ('finetune', 'long')))}
+
+
+@pytest.mark.parametrize('kind, length', [('wsp', 'short'), ('wsp', 'long'),
+                                          ('finetune', 'long')])
+def test_paired_runs_differ_only_in_the_encoder_they_start_from(small_sweep, kind, length):
+  benchmark, sweep, _, _ = small_sweep
+  random_name = benchmark.run_name(kind, 0, 0.0, length)
+  mae_name = benchmark.run_name(kind, 0, sweep.mae_epochs[1], length)
+  random_init, mae_init = (_recorded_config(sweep, name) for name in (random_name, mae_name))
+  # The whole recorded config (seed, data and its seed, steps, optimizer, evaluators) is the
+  # same; only init_from's source differs.
+  random_source = random_init.pop('init_from')
+  mae_source = mae_init.pop('init_from')
+  assert random_init == mae_init
+  assert random_source['take'] == mae_source['take'] == ['encoder']
+  expected = {'wsp': (None, benchmark.run_name('mae', 0, sweep.mae_epochs[1])),
+              'finetune': (benchmark.run_name('wsp', 0, 0.0, 'long'),
+                           benchmark.run_name('wsp', 0, sweep.mae_epochs[1], 'long'))}[kind]
+  assert [source and os.path.basename(source) for source in
+          (random_source['checkpoint'], mae_source['checkpoint'])] == list(expected)
+
+
+def test_paired_wsp_runs_read_the_same_batches(small_sweep):
+  from big_pretrain.data.train_input import InputPipeline
+  from big_pretrain import sharding as sharding_lib
+  benchmark, sweep, _, _ = small_sweep
+  _, wsp_base, _ = benchmark.base_stages(sweep)
+  mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, one_device())
+  batches = []
+  for epochs in sweep.mae_epochs:
+    mae_dir = os.path.join(sweep.workdir, benchmark.run_name('mae', 0, epochs)) if epochs else None
+    config = benchmark.wsp_config(wsp_base, 0, sweep.wsp_steps[0], mae_dir)
+    pipeline = InputPipeline(config.data, global_batch_size=config.batch_size, mesh=mesh)
+    batches.append([jax.device_get(next(pipeline)) for _ in range(2)])
+  for first, second in zip(*batches):
+    assert first.keys() == second.keys()
+    for feature in first:
+      np.testing.assert_array_equal(first[feature], second[feature])
+  # And another seed reads other batches: the check can fail.
+  other = benchmark.wsp_config(wsp_base, 1, sweep.wsp_steps[0], None)
+  other_batch = jax.device_get(next(InputPipeline(other.data, global_batch_size=other.batch_size,
+                                                  mesh=mesh)))
+  assert not np.array_equal(other_batch['image'], batches[0][0]['image'])
+
+
+def test_the_mae_arm_starts_from_the_mae_encoder_and_the_rest_as_random_init(small_sweep):
+  from flax import linen as nn
+  from big_pretrain.export import read_params
+  from big_pretrain.objectives import build_objective
+  from big_pretrain.stages import chain
+  benchmark, sweep, results, _ = small_sweep
+  _, wsp_base, _ = benchmark.base_stages(sweep)
+  mae_dir = os.path.join(sweep.workdir, benchmark.run_name('mae', 0, sweep.mae_epochs[1]))
+  config = benchmark.wsp_config(wsp_base, 0, sweep.wsp_steps[0], mae_dir)
+  fresh = nn.meta.unbox(jax.jit(build_objective(config).init_params)(jax.random.key(0)))
+  started = chain.initializer_from(config.init_from, sweep.workdir)(fresh)
+  _, saved = read_params(mae_dir, ['encoder'], None)
+  assert_trees_equal = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert_trees_equal(jax.device_get(started['encoder']), saved['encoder'])
+  assert_trees_equal(jax.device_get(started['head']), jax.device_get(fresh['head']))
+  # Both arms' probes also scored their starting encoders (step 0).
+  for epochs in sweep.mae_epochs:
+    curve = results[benchmark.run_name('wsp', 0, epochs, 'short')]['curves']
+    assert 0 in dict(curve['eval/linear_probe/accuracy'])
+
+
+def test_tables_and_plots_come_out_and_a_rerun_trains_nothing(small_sweep, tmp_path):
+  benchmark, sweep, results, lines = small_sweep
+  rows = benchmark.summary_rows(sweep, results)
+  assert len(rows) == 2 * len(sweep.mae_epochs)
+  long_mae = next(row for row in rows if row['length'] == 'long' and row['mae_epochs'])
+  for metric in ('linear probe', 'k-NN', 'WSP loss', 'fine-tuning top-1'):
+    mean, sd = long_mae[metric]
+    assert np.isfinite(mean) and sd == 0.0  # one seed
+  assert long_mae['tflop'] > next(row for row in rows if row['length'] == 'long'
+                                  and not row['mae_epochs'])['tflop']  # MAE's steps count
+  table = benchmark.format_table(rows)
+  assert 'fine-tuning top-1: MAE - random (95% CI)' in table
+  for path in benchmark.plot(sweep, results, rows, str(tmp_path)):
+    with open(path, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  again = benchmark.run_sweep(sweep, log=lambda line: None)
+  assert again == json.loads(json.dumps(results))  # read back, not retrained
