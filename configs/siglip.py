@@ -53,7 +53,7 @@ def siglip_stage(demo: bool):
   config.optim.lr_per_256 = 1e-3 * 256 / config.batch_size  # lr 1e-3 at batch 32k
   config.optim.weight_decay = 1e-4
   config.optim.b2 = 0.95
-  config.optim.warmup_steps = 5_000
+  config.optim.warmup_steps = 5_000  # (choice) the paper gives the peak lr, not this
   return config
 
 
