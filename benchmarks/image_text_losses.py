@@ -22,10 +22,7 @@ chip beside the logits' analytic size: softmax rows span the global batch
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import statistics
 import sys
 import time
 
@@ -33,9 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
-# Two-sided 95% Student t quantiles by degrees of freedom (seeds - 1).
-T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262}
+from stage_sweeps import mean_sd, paired_interval, run_stage  # noqa: E402  (beside this script)
+
 METRICS = (('zero_shot', 'accuracy', 'zero-shot colour'),
            ('zero_shot_shape', 'accuracy', 'zero-shot shape'),
            ('retrieval', 'image_to_text_recall@1', 'image->text R@1'),
@@ -74,37 +70,6 @@ def stage_config(loss: str, mask_ratio: float, seed: int, steps: int | None):
   return config
 
 
-def run(config, workdir: str) -> dict:
-  """The run's eval_results.json, training it first unless it finished."""
-  from big_pretrain.config.validation import validate_stage_config
-  from big_pretrain.train.loop import train_stage
-  results_file = os.path.join(workdir, 'eval_results.json')
-  if os.path.exists(results_file):
-    with open(results_file) as f:
-      results = json.load(f)
-    if results.get('step') == config.total_steps:
-      return results
-  validate_stage_config(config)
-  start = time.time()
-  train_stage(config, workdir)
-  with open(os.path.join(workdir, 'seconds.txt'), 'w') as f:
-    f.write(f'{time.time() - start:.1f}\n')
-  with open(results_file) as f:
-    return json.load(f)
-
-
-def mean_sd(values):
-  return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def paired_interval(differences):
-  """(mean, half-width of the 95% t-interval) of paired differences."""
-  mean, sd = mean_sd(differences)
-  if len(differences) < 2:
-    return mean, math.nan
-  return mean, T_95.get(len(differences) - 1, 1.96) * sd / math.sqrt(len(differences))
-
-
 def quality(args) -> None:
   from absl import logging
   logging.set_verbosity(logging.WARNING)
@@ -117,7 +82,7 @@ def quality(args) -> None:
       for loss in LOSSES:
         config = stage_config(loss, mask, seed, args.steps)
         name = f'{loss}_mask{mask:g}_seed{seed}'
-        results[loss, mask, seed] = run(config, os.path.join(args.workdir, name))
+        results[loss, mask, seed] = run_stage(config, os.path.join(args.workdir, name))['eval']
         print(f'  {name}: done ({time.time() - start:.0f} s so far)', flush=True)
   config = stage_config('sigmoid', 0.0, 0, args.steps)
   print()

@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import os
-import statistics
 import sys
 import time
 
@@ -40,10 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
-# Two-sided 95% Student t quantiles by degrees of freedom (seeds - 1).
-T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262, 10: 2.228}
-RESULT_FILE = 'sweep_result.json'
+from stage_sweeps import mean_sd, paired_interval, run_stage  # noqa: E402  (beside this script)
+
 WSP_LR_PER_256 = 1.6e-2  # 4e-3 at batch 64
 PROBES = ('linear_probe', 'knn')
 
@@ -83,8 +78,7 @@ def parse_args(argv=None) -> Sweep:
                  workdir=os.path.join(args.workdir, 'small'),
                  plots=args.plots or os.path.join(args.workdir, 'small', 'plots'))
   short, long = (int(s) for s in args.wsp_steps.split(','))
-  defaults = {action.dest: action.default for action in parser._actions}
-  full = all(getattr(args, key) == defaults[key] for key in
+  full = all(getattr(args, key) == parser.get_default(key) for key in
              ('seeds', 'mae_epochs', 'wsp_steps', 'finetune_steps', 'probe_every'))
   plots = args.plots or (os.path.dirname(os.path.abspath(__file__)) if full
                          else os.path.join(args.workdir, 'plots'))
@@ -170,44 +164,6 @@ def run_name(kind: str, seed: int, epochs: float, wsp_length: str | None = None)
 
 # --- Running ----------------------------------------------------------------------------------
 
-def read_curves(workdir: str) -> dict:
-  """{tag: [(step, value)]} of the stage's scalars, from its TensorBoard events."""
-  from tensorboard.backend.event_processing import plugin_event_accumulator
-  from tensorboard.util import tensor_util
-  events = plugin_event_accumulator.EventAccumulator(
-      workdir, size_guidance={plugin_event_accumulator.TENSORS: 0})
-  events.Reload()
-  tags = (events.PluginTagToContent('scalars') if 'scalars' in events.ActivePlugins()
-          else {})
-  return {tag: sorted({e.step: float(tensor_util.make_ndarray(e.tensor_proto))
-                       for e in events.Tensors(tag)}.items()) for tag in tags}
-
-
-def run_stage(config, workdir: str) -> dict:
-  """{'eval': final eval results, 'curves': scalars by step, 'seconds': training time} of the
-  stage in `workdir`, training it first unless a finished run recorded them."""
-  from big_pretrain.config.validation import validate_stage_config
-  from big_pretrain.stages import chain
-  from big_pretrain.train.loop import train_stage
-  result_file = os.path.join(workdir, RESULT_FILE)
-  if os.path.exists(result_file):
-    with open(result_file) as f:
-      return json.load(f)
-  validate_stage_config(config)
-  start = time.time()
-  train_stage(config, workdir, initialize=chain.initializer_from(config.init_from, workdir))
-  seconds = time.time() - start
-  evals = {}
-  if os.path.exists(os.path.join(workdir, 'eval_results.json')):  # MAE runs no evaluator
-    with open(os.path.join(workdir, 'eval_results.json')) as f:
-      evals = json.load(f)
-  result = {'eval': evals, 'curves': read_curves(workdir), 'seconds': seconds,
-            'steps': config.total_steps}
-  with open(result_file, 'w') as f:
-    json.dump(result, f)
-  return result
-
-
 def run_sweep(sweep: Sweep, log=print) -> dict:
   """Every run of the sweep (finished ones read back): {run name: result}."""
   from absl import logging
@@ -238,18 +194,6 @@ def run_sweep(sweep: Sweep, log=print) -> dict:
 
 # --- Tables ---------------------------------------------------------------------------------
 
-def mean_sd(values) -> tuple[float, float]:
-  return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def paired_interval(differences) -> tuple[float, float]:
-  """(mean, half-width of the 95% t-interval) of paired differences (nan for one pair)."""
-  mean, sd = mean_sd(differences)
-  if len(differences) < 2:
-    return mean, math.nan
-  return mean, T_95.get(len(differences) - 1, 1.96) * sd / math.sqrt(len(differences))
-
-
 def final_metric(result: dict, evaluator: str, metric: str) -> float:
   return result['eval'][evaluator][metric]
 
@@ -265,18 +209,13 @@ def metrics_of(results: dict, seed: int, epochs: float, length: str) -> dict[str
   return values
 
 
-def training_flops(sweep: Sweep) -> dict[str, float]:
-  """Analytic training FLOPs of one step of MAE and of WSP (train/mfu.py)."""
-  from big_pretrain.train import mfu
-  mae_base, wsp_base, _ = base_stages(sweep)
-  return {'mae': mfu.model_flops_per_step(mae_base), 'wsp': mfu.model_flops_per_step(wsp_base)}
-
-
 def summary_rows(sweep: Sweep, results: dict) -> list[dict]:
   """One row per (WSP length, MAE budget): each metric's mean, sd and paired difference
-  against random initialization (budget 0, same seed), and the total compute."""
-  flops = training_flops(sweep)
-  mae_base = base_stages(sweep)[0]
+  against random initialization (budget 0, same seed), and the total compute (the analytic
+  training FLOPs of MAE's and WSP's steps, train/mfu.py)."""
+  from big_pretrain.train import mfu
+  mae_base, wsp_base, _ = base_stages(sweep)
+  flops = {'mae': mfu.model_flops_per_step(mae_base), 'wsp': mfu.model_flops_per_step(wsp_base)}
   rows = []
   for length, steps in zip(('short', 'long'), sweep.wsp_steps):
     for epochs in sweep.mae_epochs:
@@ -322,9 +261,8 @@ def curve_band(results: dict, sweep: Sweep, epochs: float, length: str, tag: str
   curves = [dict(results[run_name('wsp', seed, epochs, length)]['curves'].get(tag, []))
             for seed in sweep.seeds]
   steps = sorted(set.intersection(*(set(curve) for curve in curves)))
-  values = [[curve[step] for curve in curves] for step in steps]
-  return (steps, [statistics.mean(v) for v in values],
-          [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values])
+  bands = [mean_sd([curve[step] for curve in curves]) for step in steps]
+  return steps, [mean for mean, _ in bands], [sd for _, sd in bands]
 
 
 def plot(sweep: Sweep, results: dict, rows: list[dict], folder: str) -> list[str]:

@@ -11,8 +11,10 @@ import pytest
 
 from helpers.tiny_config import one_device
 
-BENCHMARK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         'benchmarks', 'pre_pretraining.py')
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          'benchmarks')
+BENCHMARK = os.path.join(BENCHMARKS, 'pre_pretraining.py')
+sys.path.insert(0, BENCHMARKS)  # its shared module, stage_sweeps.py, lives beside it
 
 
 def _benchmark_module():
