@@ -39,7 +39,6 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 from stage_sweeps import mean_sd, paired_interval, run_stage  # noqa: E402  (beside this script)
 
-WSP_LR_PER_256 = 1.6e-2  # 4e-3 at batch 64
 PROBES = ('linear_probe', 'knn')
 
 
@@ -60,7 +59,7 @@ def parse_args(argv=None) -> Sweep:
   parser.add_argument('--seeds', default='0,1,2,3,4')
   parser.add_argument('--mae_epochs', default='0,0.1,0.3,1,3',
                       help='MAE budgets in epochs of the training data; 0: random init')
-  parser.add_argument('--wsp_steps', default='600,2400', help='short,long')
+  parser.add_argument('--wsp_steps', default='600,1800', help='short,long')
   parser.add_argument('--finetune_steps', type=int, default=800,
                       help='fine-tuning after each long WSP run; 0: none')
   parser.add_argument('--probe_every', type=int, default=600)
@@ -92,16 +91,14 @@ def parse_args(argv=None) -> Sweep:
 # --- The stage configs ----------------------------------------------------------------------
 
 def base_stages(sweep: Sweep):
-  """(mae, wsp, finetune) stage configs: the demo chain's, probing the shape."""
+  """(mae, wsp, finetune) stage configs: `make demo`'s chain (configs/mae_then_wsp.py:demo,
+  which probes the shape and trains WSP at the lr that learns it), and fine-tuning on the
+  shape after it."""
   from configs import finetune, mae_then_wsp
   chain = mae_then_wsp.get_config('demo')
   mae, wsp = chain.stages.mae, chain.stages.wsp
-  # The demo's WSP lr (1e-3 per 256) leaves the shape unlearned: after 1800 steps its
-  # probe reads 0.149, where 4e-3 gives 0.217 and 1.6e-2 gives 0.260 (measured, seed 0).
-  wsp.optim.lr_per_256 = WSP_LR_PER_256
   tune = finetune.stage_after('wsp', 'demo')
-  for stage in (mae, wsp, tune):
-    stage.data.synthetic_label = 'shape'
+  tune.data.synthetic_label = 'shape'
   mae.evals = {}  # MAE is judged by what WSP makes of it
   train_examples, test_examples = sweep.probe_examples
   wsp.evals = {name: wsp.evals[name] for name in PROBES}
@@ -209,10 +206,25 @@ def metrics_of(results: dict, seed: int, epochs: float, length: str) -> dict[str
   return values
 
 
+def value_at(curve, step: float) -> float | None:
+  """The curve ([(step, value)]) at `step`, linearly between its logged steps; None past
+  its end."""
+  for (step_a, a), (step_b, b) in zip(curve, curve[1:]):
+    if step_a <= step <= step_b:
+      return a + (b - a) * (step - step_a) / (step_b - step_a)
+  return None
+
+
 def summary_rows(sweep: Sweep, results: dict) -> list[dict]:
   """One row per (WSP length, MAE budget): each metric's mean, sd and paired difference
   against random initialization (budget 0, same seed), and the total compute (the analytic
-  training FLOPs of MAE's and WSP's steps, train/mfu.py)."""
+  training FLOPs of MAE's and WSP's steps, train/mfu.py).
+
+  And the linear probe against random initialization at EQUAL COMPUTE: the long
+  random-init run's probe curve at the WSP step whose compute equals the MAE arm's (its
+  WSP steps + MAE's steps converted at the FLOPs ratio), linearly between its probes. That
+  run's lr has not decayed there, so this reading favours MAE; None where the MAE arm
+  spent more than the long random run did."""
   from big_pretrain.train import mfu
   mae_base, wsp_base, _ = base_stages(sweep)
   flops = {'mae': mfu.model_flops_per_step(mae_base), 'wsp': mfu.model_flops_per_step(wsp_base)}
@@ -229,6 +241,15 @@ def summary_rows(sweep: Sweep, results: dict) -> list[dict]:
         row[metric] = mean_sd(values)
         row[metric + ' diff'] = paired_interval(
             [per_seed[seed][metric] - baseline[seed][metric] for seed in sweep.seeds])
+      if epochs:
+        row['equal_compute_step'] = steps + row['mae_steps'] * flops['mae'] / flops['wsp']
+        random_probe = [value_at(results[run_name('wsp', seed, 0.0, 'long')]['curves']
+                                 ['eval/linear_probe/accuracy'], row['equal_compute_step'])
+                        for seed in sweep.seeds]
+        if None not in random_probe:
+          row['linear probe equal-compute diff'] = paired_interval(
+              [per_seed[seed]['linear probe'] - random for seed, random
+               in zip(sweep.seeds, random_probe)])
       rows.append(row)
   return rows
 
@@ -237,8 +258,9 @@ def format_table(rows: list[dict]) -> str:
   metrics = list(dict.fromkeys(key for row in rows for key in row
                                if isinstance(row[key], tuple) and not key.endswith(' diff')))
   header = ('| WSP | MAE epochs | compute TFLOP | '
-            + ' | '.join(f'{m} | {m}: MAE - random (95% CI)' for m in metrics) + ' |')
-  lines = [header, '|' + '---|' * (3 + 2 * len(metrics))]
+            + ' | '.join(f'{m} | {m}: MAE - random (95% CI)' for m in metrics)
+            + ' | linear probe: MAE - random at equal compute (95% CI) |')
+  lines = [header, '|' + '---|' * (4 + 2 * len(metrics))]
   for row in rows:
     cells = [f'{row["length"]} ({row["wsp_steps"]})', f'{row["mae_epochs"]:g}',
              f'{row["tflop"]:.3g}']
@@ -247,11 +269,24 @@ def format_table(rows: list[dict]) -> str:
         cells += ['', '']
         continue
       mean, sd = row[metric]
-      difference, half_width = row[metric + ' diff']
       cells.append(f'{mean:.3f} ± {sd:.3f}')
-      cells.append('-' if not row['mae_epochs'] else f'{difference:+.3f} ± {half_width:.3f}')
+      cells.append(_difference(row, metric + ' diff'))
+    if not row['mae_epochs']:
+      cells.append('-')
+    elif 'linear probe equal-compute diff' in row:
+      cells.append(f'{_difference(row, "linear probe equal-compute diff")} '
+                   f'(random at WSP step {row["equal_compute_step"]:.0f})')
+    else:
+      cells.append(f'past random\'s {max(r["wsp_steps"] for r in rows)} steps')
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
+
+
+def _difference(row: dict, key: str) -> str:
+  if not row['mae_epochs']:
+    return '-'
+  difference, half_width = row[key]
+  return f'{difference:+.3f} ± {half_width:.3f}'
 
 
 # --- Plots ------------------------------------------------------------------------------------
@@ -340,7 +375,9 @@ def main(argv=None):
   print(format_table(rows))
   print()
   print('(mean ± standard deviation over seeds; MAE - random: the paired difference, same '
-        'seed, with its 95% t-interval; compute: analytic training FLOPs of MAE and WSP)')
+        'seed, with its 95% t-interval; compute: analytic training FLOPs of MAE and WSP; at '
+        'equal compute: against the long random-init run\'s probe at the WSP step of the same '
+        'compute, interpolated between its probes, before its lr decayed)')
   paths = plot(sweep, results, rows, sweep.plots)
   print(f'plots: {", ".join(paths)}')
   print(f'{time.time() - start:.0f} s')

@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f'configs/maws.py: unknown variant {arg!r}; use no argument (L), one of '
                      f'{tuple(SIZES)} or "demo".')
   size = arg if arg in SIZES else None
-  config = mae_then_wsp.get_config(None if size else arg)
+  config = mae_then_wsp.chain(None if size else arg)
   config.stages.finetune = finetune.stage_after('wsp', None if size else arg)
   if size in ('H', '2B', '6.5B'):  # MAE's ViT-H/14 recipe for fine-tuning the larger ones
     recipe = finetune.get_config('H')

@@ -19,6 +19,8 @@ from configs import lit, mae_then_wsp
 
 
 def get_config(arg: str | None = None):
-  config = mae_then_wsp.get_config(arg)
+  config = mae_then_wsp.chain(arg)
+  if arg == 'demo':
+    mae_then_wsp.use_colour_as_demo_class(config)
   config.stages.lit = lit.stage_after('wsp', config.stages.wsp, arg)
   return config

@@ -123,10 +123,27 @@ def test_tables_and_plots_come_out_and_a_rerun_trains_nothing(small_sweep, tmp_p
     assert np.isfinite(mean) and sd == 0.0  # one seed
   assert long_mae['tflop'] > next(row for row in rows if row['length'] == 'long'
                                   and not row['mae_epochs'])['tflop']  # MAE's steps count
+  # Equal compute: MAE's 3 steps cost ~4 WSP steps (the analytic FLOPs' ratio), so the short
+  # MAE arm (4 WSP steps) compares with the random long run near its step 8, its last probe;
+  # the long arm spent more than that run did.
+  short_mae = next(row for row in rows if row['length'] == 'short' and row['mae_epochs'])
+  assert sweep.wsp_steps[0] < short_mae['equal_compute_step'] <= sweep.wsp_steps[1]
+  assert 'linear probe equal-compute diff' in short_mae
+  assert 'linear probe equal-compute diff' not in long_mae
   table = benchmark.format_table(rows)
   assert 'fine-tuning top-1: MAE - random (95% CI)' in table
+  assert f"past random's {sweep.wsp_steps[1]} steps" in table
   for path in benchmark.plot(sweep, results, rows, str(tmp_path)):
     with open(path, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   again = benchmark.run_sweep(sweep, log=lambda line: None)
   assert again == json.loads(json.dumps(results))  # read back, not retrained
+
+
+def test_a_curve_is_read_between_its_points_and_not_past_its_end():
+  benchmark = _benchmark_module()
+  curve = [(0, 0.25), (600, 0.5), (1200, 1.0)]  # binary fractions: exact arithmetic
+  assert benchmark.value_at(curve, 0) == 0.25
+  assert benchmark.value_at(curve, 900) == 0.75
+  assert benchmark.value_at(curve, 1200) == 1.0
+  assert benchmark.value_at(curve, 1201) is None
