@@ -199,7 +199,9 @@ def metrics_of(results: dict, seed: int, epochs: float, length: str) -> dict[str
   wsp = results[run_name('wsp', seed, epochs, length)]
   values = {'linear probe': final_metric(wsp, 'linear_probe', 'accuracy'),
             'k-NN': final_metric(wsp, 'knn', 'accuracy'),
-            'WSP loss': wsp['curves']['loss'][-1][1]}  # its last log interval's
+            # WSP's own measures, of its last log interval: the hashtags it is trained on
+            'WSP loss': wsp['curves']['loss'][-1][1],
+            'WSP precision@1': wsp['curves']['precision_at_1'][-1][1]}
   tune = results.get(run_name('finetune', seed, epochs, length))
   if tune:
     values['fine-tuning top-1'] = final_metric(tune, 'classification', 'top1')
@@ -310,10 +312,11 @@ def plot(sweep: Sweep, results: dict, rows: list[dict], folder: str) -> list[str
   colours = plt.get_cmap('viridis')
   budgets = list(sweep.mae_epochs)
 
-  figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-  for axis, tag, title in zip(axes, ('loss', 'eval/linear_probe/accuracy', 'eval/knn/accuracy'),
-                              ('WSP train loss', 'linear probe, shape (held-out)',
-                               'k-NN, shape (held-out)')):
+  figure, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+  for axis, tag, title in zip(
+      axes, ('loss', 'precision_at_1', 'eval/linear_probe/accuracy', 'eval/knn/accuracy'),
+      ('WSP train loss', 'WSP train precision@1 (hashtags)', 'linear probe, shape (held-out)',
+       'k-NN, shape (held-out)')):
     for index, epochs in enumerate(budgets):
       steps, mean, sd = curve_band(results, sweep, epochs, 'long', tag)
       if not steps:

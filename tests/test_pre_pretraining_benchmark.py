@@ -118,7 +118,7 @@ def test_tables_and_plots_come_out_and_a_rerun_trains_nothing(small_sweep, tmp_p
   rows = benchmark.summary_rows(sweep, results)
   assert len(rows) == 2 * len(sweep.mae_epochs)
   long_mae = next(row for row in rows if row['length'] == 'long' and row['mae_epochs'])
-  for metric in ('linear probe', 'k-NN', 'WSP loss', 'fine-tuning top-1'):
+  for metric in ('linear probe', 'k-NN', 'WSP loss', 'WSP precision@1', 'fine-tuning top-1'):
     mean, sd = long_mae[metric]
     assert np.isfinite(mean) and sd == 0.0  # one seed
   assert long_mae['tflop'] > next(row for row in rows if row['length'] == 'long'
