@@ -55,7 +55,7 @@ $(BENCHMARKS_INSTALLED): $(INSTALLED) requirements-benchmarks.txt
 # The MAWS claim over seeds and budgets (benchmarks/pre_pretraining.py): hours on 2 CPU
 # cores; each run is a workdir, so running it again continues where it stopped.
 pre-pretraining-sweep: $(BENCHMARKS_INSTALLED)
-	$(VENV)/bin/python benchmarks/pre_pretraining.py
+	$(VENV)/bin/python benchmarks/pre_pretraining.py --processes=2
 
 # TensorFlow, only to prepare TFDS datasets and for benchmarks/input_speed.py's tf.data rows:
 # training, data reading and logging never import it.

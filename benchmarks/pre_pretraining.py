@@ -18,7 +18,7 @@ steps counted); the plots (PNG, matplotlib) show the same.
 Every run is a workdir under --workdir: a rerun skips finished runs and
 resumes the others, so the sweep can be stopped and continued.
 
-  python benchmarks/pre_pretraining.py                # the full sweep (hours on 2 CPU cores)
+  python benchmarks/pre_pretraining.py --processes=2  # the full sweep (hours on 2 CPU cores)
   python benchmarks/pre_pretraining.py --small        # one seed, one MAE budget, tiny steps
   python benchmarks/pre_pretraining.py --seeds=0,1 --mae_epochs=0,1 --wsp_steps=300,1200
 """
@@ -26,8 +26,10 @@ resumes the others, so the sweep can be stopped and continued.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import os
+import subprocess
 import sys
 import time
 
@@ -55,6 +57,10 @@ class Sweep:
 
 
 def parse_args(argv=None) -> Sweep:
+  return _parse(argv)[0]
+
+
+def _parse(argv=None) -> tuple[Sweep, argparse.Namespace]:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--seeds', default='0,1,2,3,4')
   parser.add_argument('--mae_epochs', default='0,0.1,0.3,1,3',
@@ -70,12 +76,17 @@ def parse_args(argv=None) -> Sweep:
   parser.add_argument('--small', action='store_true',
                       help='one seed, one MAE budget (0.01 epoch), 4 and 8 WSP steps, tiny '
                       'probes (the test suite runs it)')
+  parser.add_argument('--processes', type=int, default=1,
+                      help='train this many (seed, MAE budget) units at once, each in its own '
+                      'process (one process keeps ~1.4 of 2 CPU cores busy here)')
+  parser.add_argument('--only', default=None, metavar='SEED:EPOCHS',
+                      help='train one unit of the sweep and stop (what --processes runs)')
   args = parser.parse_args(argv)
   if args.small:
     return Sweep(seeds=(0,), mae_epochs=(0.0, 0.01), wsp_steps=(4, 8), finetune_steps=4,
                  probe_every=4, probe_examples=(64, 64),
                  workdir=os.path.join(args.workdir, 'small'),
-                 plots=args.plots or os.path.join(args.workdir, 'small', 'plots'))
+                 plots=args.plots or os.path.join(args.workdir, 'small', 'plots')), args
   short, long = (int(s) for s in args.wsp_steps.split(','))
   full = all(getattr(args, key) == parser.get_default(key) for key in
              ('seeds', 'mae_epochs', 'wsp_steps', 'finetune_steps', 'probe_every'))
@@ -85,7 +96,7 @@ def parse_args(argv=None) -> Sweep:
                mae_epochs=tuple(float(e) for e in args.mae_epochs.split(',')),
                wsp_steps=(short, long), finetune_steps=args.finetune_steps,
                probe_every=args.probe_every, probe_examples=(2048, 1024),
-               workdir=args.workdir, plots=plots)
+               workdir=args.workdir, plots=plots), args
 
 
 # --- The stage configs ----------------------------------------------------------------------
@@ -161,8 +172,15 @@ def run_name(kind: str, seed: int, epochs: float, wsp_length: str | None = None)
 
 # --- Running ----------------------------------------------------------------------------------
 
-def run_sweep(sweep: Sweep, log=print) -> dict:
-  """Every run of the sweep (finished ones read back): {run name: result}."""
+def units(sweep: Sweep) -> list[tuple[int, float]]:
+  """The sweep's independent units, (seed, MAE budget): one MAE run, the WSP runs from its
+  encoder, and their fine-tuning."""
+  return [(seed, epochs) for seed in sweep.seeds for epochs in sweep.mae_epochs]
+
+
+def run_sweep(sweep: Sweep, log=print, only=None) -> dict:
+  """Every run of the sweep, or of the units in `only` (finished runs read back):
+  {run name: result}."""
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   mae_base, wsp_base, tune_base = base_stages(sweep)
@@ -172,21 +190,47 @@ def run_sweep(sweep: Sweep, log=print) -> dict:
     results[name] = run_stage(config, os.path.join(sweep.workdir, name))
     log(f'  {name}: {results[name]["seconds"]:.0f} s ({time.time() - start:.0f} s so far)')
 
-  for seed in sweep.seeds:
-    for epochs in sweep.mae_epochs:
-      mae_dir = None
-      if epochs:
-        name = run_name('mae', seed, epochs)
-        run(name, mae_config(mae_base, seed, epochs))
-        mae_dir = os.path.join(sweep.workdir, name)
-      for length, steps in zip(('short', 'long'), sweep.wsp_steps):
-        wsp_name = run_name('wsp', seed, epochs, length)
-        run(wsp_name, wsp_config(wsp_base, seed, steps, mae_dir))
-        if length == 'long' and sweep.finetune_steps:
-          run(run_name('finetune', seed, epochs, length),
-              finetune_config(tune_base, seed, sweep.finetune_steps,
-                              os.path.join(sweep.workdir, wsp_name)))
+  for seed, epochs in only or units(sweep):
+    mae_dir = None
+    if epochs:
+      name = run_name('mae', seed, epochs)
+      run(name, mae_config(mae_base, seed, epochs))
+      mae_dir = os.path.join(sweep.workdir, name)
+    for length, steps in zip(('short', 'long'), sweep.wsp_steps):
+      wsp_name = run_name('wsp', seed, epochs, length)
+      run(wsp_name, wsp_config(wsp_base, seed, steps, mae_dir))
+      if length == 'long' and sweep.finetune_steps:
+        run(run_name('finetune', seed, epochs, length),
+            finetune_config(tune_base, seed, sweep.finetune_steps,
+                            os.path.join(sweep.workdir, wsp_name)))
   return results
+
+
+def train_in_processes(sweep: Sweep, args: argparse.Namespace, log=print) -> None:
+  """Trains the sweep's units `args.processes` at a time, each in a child process running
+  this script with --only (its output in WORKDIR/logs/); the largest MAE budgets first, so
+  the last to finish is a short one."""
+  command = [sys.executable, os.path.abspath(__file__), f'--seeds={args.seeds}',
+             f'--mae_epochs={args.mae_epochs}', f'--wsp_steps={args.wsp_steps}',
+             f'--finetune_steps={args.finetune_steps}', f'--probe_every={args.probe_every}',
+             f'--workdir={args.workdir}'] + (['--small'] if args.small else [])
+  os.makedirs(os.path.join(sweep.workdir, 'logs'), exist_ok=True)
+  start = time.time()
+
+  def train(unit):
+    seed, epochs = unit
+    log_path = os.path.join(sweep.workdir, 'logs', f'seed{seed}_mae{epochs:g}ep.log')
+    with open(log_path, 'w') as output:
+      exit_code = subprocess.run(command + [f'--only={seed}:{epochs:g}'], stdout=output,
+                                 stderr=subprocess.STDOUT).returncode
+    if exit_code:
+      raise RuntimeError(f'seed {seed}, MAE {epochs:g} epochs: exit {exit_code}; its output '
+                         f'is in {log_path}')
+    log(f'  seed {seed}, MAE {epochs:g} epochs: trained ({time.time() - start:.0f} s so far)')
+
+  ordered = sorted(units(sweep), key=lambda unit: -unit[1])
+  with concurrent.futures.ThreadPoolExecutor(args.processes) as pool:
+    list(pool.map(train, ordered))
 
 
 # --- Tables ---------------------------------------------------------------------------------
@@ -363,10 +407,16 @@ def plot(sweep: Sweep, results: dict, rows: list[dict], folder: str) -> list[str
   return [curves_path, budget_path]
 
 
-def main(argv=None):
-  sweep = parse_args(argv)
+def main(argv=None, log=print):
+  sweep, args = _parse(argv)
   start = time.time()
-  results = run_sweep(sweep)
+  if args.only:
+    seed, epochs = args.only.split(':')
+    run_sweep(sweep, log, only=[(int(seed), float(epochs))])
+    return
+  if args.processes > 1:
+    train_in_processes(sweep, args, log)
+  results = run_sweep(sweep, log)  # reads back what the processes trained
   rows = summary_rows(sweep, results)
   mae_base, wsp_base, tune_base = base_stages(sweep)
   print()

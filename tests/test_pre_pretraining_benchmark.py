@@ -27,10 +27,14 @@ def _benchmark_module():
 
 @pytest.fixture(scope='module')
 def small_sweep(tmp_path_factory):
+  """The small sweep, trained as the full one is: each (seed, MAE budget) unit in a child
+  process, two at once (--processes=2), then tabulated from what they recorded."""
   benchmark = _benchmark_module()
-  sweep = benchmark.parse_args(['--small', f'--workdir={tmp_path_factory.mktemp("sweep")}'])
+  argv = ['--small', f'--workdir={tmp_path_factory.mktemp("sweep")}']
   lines = []
-  results = benchmark.run_sweep(sweep, log=lines.append)
+  benchmark.main(argv + ['--processes=2'], log=lines.append)
+  sweep = benchmark.parse_args(argv)
+  results = benchmark.run_sweep(sweep, log=lambda line: None)  # read back
   return benchmark, sweep, results, lines
 
 
@@ -40,7 +44,12 @@ def _recorded_config(sweep, name):
 
 
 def test_the_small_mode_is_one_seed_and_one_mae_budget_beside_random_init(small_sweep):
-  benchmark, sweep, results, _ = small_sweep
+  benchmark, sweep, results, lines = small_sweep
+  # Its two units trained in child processes, each writing its own log.
+  trained = sorted(line.split(':')[0].strip() for line in lines if 'epochs: trained' in line)
+  assert trained == ['seed 0, MAE 0 epochs', 'seed 0, MAE 0.01 epochs']
+  assert sorted(os.listdir(os.path.join(sweep.workdir, 'logs'))) == [
+      'seed0_mae0.01ep.log', 'seed0_mae0ep.log']
   assert sweep.seeds == (0,) and len([e for e in sweep.mae_epochs if e]) == 1
   budget = sweep.mae_epochs[1]
   assert set(results) == {
