@@ -384,22 +384,34 @@ def plot(sweep: Sweep, results: dict, rows: list[dict], folder: str) -> list[str
 
   metrics = [m for m in ('linear probe', 'k-NN', 'fine-tuning top-1')
              if any(m in row for row in rows)]
-  figure, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.2), squeeze=False)
+  # Top row: each arm's accuracy (sd over seeds). Bottom row: MAE - random, paired by seed,
+  # with its 95% interval: the seeds' shared ups and downs cancel, so this is the answer.
+  figure, axes = plt.subplots(2, len(metrics), figsize=(5 * len(metrics), 8), squeeze=False)
   positions = list(range(len(budgets)))
-  for axis, metric in zip(axes[0], metrics):
-    for length, marker in (('short', 's'), ('long', 'o')):
+  for top, bottom, metric in zip(axes[0], axes[1], metrics):
+    for length, marker, shift, colour in (('short', 's', -0.06, 'C0'), ('long', 'o', 0.06, 'C1')):
       chosen = [row for row in rows if row['length'] == length and metric in row]
       if not chosen:
         continue
-      axis.errorbar(positions[:len(chosen)], [row[metric][0] for row in chosen],
-                    yerr=[row[metric][1] for row in chosen], marker=marker, capsize=3,
-                    label=f'WSP {length} ({chosen[0]["wsp_steps"]} steps)')
-    axis.axhline(0.1, color='gray', linestyle=':', label='chance')
-    axis.set_xticks(positions, [f'{e:g}' for e in budgets])
-    axis.set_xlabel('MAE budget (epochs of the data; 0 = random init)')
-    axis.set_title(f'{metric}, shape (held-out)')
-    axis.legend(fontsize=8)
-  figure.suptitle(f'Final accuracy vs MAE budget: mean ± sd over {len(sweep.seeds)} seeds')
+      label = f'WSP {length} ({chosen[0]["wsp_steps"]} steps)'
+      top.errorbar(positions[:len(chosen)], [row[metric][0] for row in chosen],
+                   yerr=[row[metric][1] for row in chosen], marker=marker, capsize=3,
+                   color=colour, label=label)
+      paired = [(position + shift, row[metric + ' diff']) for position, row
+                in zip(positions, chosen) if row['mae_epochs']]
+      bottom.errorbar([x for x, _ in paired], [d for _, (d, _) in paired],
+                      yerr=[w for _, (_, w) in paired], marker=marker, capsize=3,
+                      color=colour, linestyle='none', label=label)
+    top.axhline(0.1, color='gray', linestyle=':', label='chance')
+    bottom.axhline(0.0, color='black', linewidth=0.8)
+    for axis in (top, bottom):
+      axis.set_xticks(positions, [f'{e:g}' for e in budgets])
+      axis.set_xlabel('MAE budget (epochs of the data; 0 = random init)')
+      axis.legend(fontsize=8)
+    top.set_title(f'{metric}, shape (held-out)')
+    bottom.set_title(f'{metric}: MAE - random, paired (95% CI)')
+  figure.suptitle(f'Final accuracy vs MAE budget over {len(sweep.seeds)} seeds: mean ± sd '
+                  '(top), paired difference from random init (bottom)')
   figure.tight_layout()
   budget_path = os.path.join(folder, 'pre_pretraining_budgets.png')
   figure.savefig(budget_path, dpi=110)
