@@ -52,7 +52,7 @@ $(BENCHMARKS_INSTALLED): $(INSTALLED) requirements-benchmarks.txt
 	$(VENV)/bin/python -m pip install --quiet -r requirements-benchmarks.txt
 	touch $(BENCHMARKS_INSTALLED)
 
-# The MAWS claim over seeds and budgets (benchmarks/pre_pretraining.py): hours on 2 CPU
+# The MAWS claim over seeds and budgets (benchmarks/pre_pretraining.py): 1 h 15 min on 2 CPU
 # cores; each run is a workdir, so running it again continues where it stopped.
 pre-pretraining-sweep: $(BENCHMARKS_INSTALLED)
 	$(VENV)/bin/python benchmarks/pre_pretraining.py --processes=2
