@@ -20,7 +20,7 @@ The kills are of three kinds, all in every schedule:
 No kill happens before the first stage has a finished checkpoint, so every
 restart has something to resume from.
 
-  python reliability/kill_resume.py                       # 20 kills, seed 0, ~11 min on 2 CPU cores
+  python reliability/kill_resume.py                       # 20 kills, seed 0 (~11 min on 2 cores when WSP ran 600 steps)
   python reliability/kill_resume.py --kills=5 --seed=1 --reference_workdir=/tmp/maws_demo
   python reliability/kill_resume.py --config.stages.mae.total_steps=400  # overrides go to both runs
 """
