@@ -181,8 +181,6 @@ def units(sweep: Sweep) -> list[tuple[int, float]]:
 def run_sweep(sweep: Sweep, log=print, only=None) -> dict:
   """Every run of the sweep, or of the units in `only` (finished runs read back):
   {run name: result}."""
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)
   mae_base, wsp_base, tune_base = base_stages(sweep)
   results, start = {}, time.time()
 
@@ -449,4 +447,6 @@ def main(argv=None, log=print):
 
 
 if __name__ == '__main__':
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # the runs' step logs; not when imported (tests)
   main()
