@@ -18,7 +18,7 @@ steps counted); the plots (PNG, matplotlib) show the same.
 Every run is a workdir under --workdir: a rerun skips finished runs and
 resumes the others, so the sweep can be stopped and continued.
 
-  python benchmarks/pre_pretraining.py --processes=2  # the full sweep (hours on 2 CPU cores)
+  python benchmarks/pre_pretraining.py --processes=2  # the full sweep (1 h 15 min on 2 CPU cores)
   python benchmarks/pre_pretraining.py --small        # one seed, one MAE budget, tiny steps
   python benchmarks/pre_pretraining.py --seeds=0,1 --mae_epochs=0,1 --wsp_steps=300,1200
 """
