@@ -250,6 +250,12 @@ def metrics_of(results: dict, seed: int, epochs: float, length: str) -> dict[str
   return values
 
 
+def chance(sweep: Sweep, results: dict) -> float:
+  """1 / the number of shape classes, as the probes recorded it."""
+  return final_metric(results[run_name('wsp', sweep.seeds[0], 0.0, 'long')], 'linear_probe',
+                      'chance')
+
+
 def value_at(curve, step: float) -> float | None:
   """The curve ([(step, value)]) at `step`, linearly between its logged steps; None past
   its end."""
@@ -353,6 +359,7 @@ def plot(sweep: Sweep, results: dict, rows: list[dict], folder: str) -> list[str
   os.makedirs(folder, exist_ok=True)
   colours = plt.get_cmap('viridis')
   budgets = list(sweep.mae_epochs)
+  chance_level = chance(sweep, results)
 
   figure, axes = plt.subplots(1, 4, figsize=(20, 4.2))
   for axis, tag, title in zip(
@@ -371,7 +378,7 @@ def plot(sweep: Sweep, results: dict, rows: list[dict], folder: str) -> list[str
     axis.set_title(title)
     axis.set_xlabel('WSP step')
     if 'eval' in tag:
-      axis.axhline(0.1, color='gray', linestyle=':', label='chance')
+      axis.axhline(chance_level, color='gray', linestyle=':', label='chance')
   axes[0].legend(fontsize=8)
   figure.suptitle(f'WSP ({sweep.wsp_steps[1]} steps) from random init and from MAE: '
                   f'mean ± sd over {len(sweep.seeds)} seeds')
@@ -400,7 +407,7 @@ def plot(sweep: Sweep, results: dict, rows: list[dict], folder: str) -> list[str
       bottom.errorbar([x for x, _ in paired], [d for _, (d, _) in paired],
                       yerr=[w for _, (_, w) in paired], marker=marker, capsize=3,
                       color=colour, linestyle='none', label=label)
-    top.axhline(0.1, color='gray', linestyle=':', label='chance')
+    top.axhline(chance_level, color='gray', linestyle=':', label='chance')
     bottom.axhline(0.0, color='black', linewidth=0.8)
     for axis in (top, bottom):
       axis.set_xticks(positions, [f'{e:g}' for e in budgets])
@@ -430,7 +437,8 @@ def main(argv=None, log=print):
   rows = summary_rows(sweep, results)
   mae_base, wsp_base, tune_base = base_stages(sweep)
   print()
-  print(f'MAE then WSP on the embedded data, probed on the shape (10 classes, chance 0.10): '
+  print(f'MAE then WSP on the embedded data, probed on the shape (chance '
+        f'{chance(sweep, results):.2f}): '
         f'{wsp_base.model.variant}, batch {mae_base.batch_size} (MAE) / {wsp_base.batch_size} '
         f'(WSP); an epoch is {epoch_steps(mae_base):.0f} MAE steps; seeds {list(sweep.seeds)}; '
         f'fine-tuning {sweep.finetune_steps} steps after the long WSP runs.')
