@@ -6,7 +6,11 @@
                     the config.json each library builds its model from
   big_vision_layout.py  a big_vision ViT .npz -> our encoder
   weight_files.py   reading and writing the files: safetensors, a PyTorch .pth (tensors
-                    only, never a full unpickle), a big_vision .npz
+                    only, never a full unpickle), a big_vision .npz; a file's bytes checked
+                    against the format its name says, every value checked finite
+  safetensors_format.py  the safetensors format, read here (bf16, f16, f8 too), its header
+                    checked
+  pytorch_pickle.py what a .pth holds besides tensors, found without running it
   public_checkpoints.py  a public checkpoint (timm / HF folder or file, MAE .pth, .npz)
                     -> our parameter subtrees, for init_from.checkpoint
 

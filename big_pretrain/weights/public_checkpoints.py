@@ -2,7 +2,8 @@
 
 Read, by what the path is:
   a folder with config.json and model.safetensors   timm ('architecture' in its config)
-                                                    or Hugging Face ('model_type')
+    (or its shards and their index)                 or Hugging Face ('model_type'); without
+                                                    config.json, told apart by its keys
   a .safetensors file                               timm or HF names, told apart by its keys
   a .pth / .pt / .bin file                          the MAE reference's releases ({'model':
                                                     timm names, plus decoder_* and mask_token
@@ -17,6 +18,11 @@ learned position embedding is taken as it is (and resampled to the stage's patch
 the caller, vit.fit_layout); for a stage with the fixed sin-cos embedding the checkpoint's
 must be that same table, else the stage must learn one (model.posemb='learned'). Anything in
 the checkpoint with no place in our ViT is named, never dropped silently.
+
+check_public_checkpoint finds what can be found without reading the tensors (a missing
+path, a file whose bytes are not the format its name says, a damaged safetensors header, a
+.pth holding more than tensors, a folder without its weights), at config validation, before
+any model is built; reading finds the rest (values that are NaN or Inf, shapes that do not fit).
 """
 
 from __future__ import annotations
@@ -24,14 +30,17 @@ from __future__ import annotations
 import os
 
 import jax
+import ml_dtypes
 import numpy as np
 from absl import logging
 from etils import epath
 
-from big_pretrain.errors import CheckpointMismatchError
+from big_pretrain.errors import (CheckpointMismatchError, CheckpointUnreadableError,
+                                 UserFacingError)
 from big_pretrain.models import transformer
 from big_pretrain.models.patches import sincos_2d_position_embedding
 from big_pretrain.models.vit import ENCODER, VIT_SIZES
+from big_pretrain.storage import files as storage
 from big_pretrain.weights import big_vision_layout, hf_layout, timm_layout, weight_files
 
 SUFFIXES = ('.safetensors', '.npz') + weight_files.PYTORCH_SUFFIXES
@@ -40,45 +49,105 @@ _IGNORED_PREFIXES = ('pooler.',)  # HF ViTModel's pooler (dense + tanh), outside
 # Our sin-cos table and the MAE reference's are the same float64 formula rounded to float32;
 # any other formula differs by O(1) somewhere. 1e-6 is 8 float32 ulps of 1.
 SINCOS_TOLERANCE = 1e-6
+# The 16-bit floats a checkpoint may store the table in, and half an ulp of each relative to
+# the value (8 and 11 bits of significand).
+_HALF_ULP = ((ml_dtypes.bfloat16, 2.0 ** -8), (np.float16, 2.0 ** -11))
 
 
 def is_public_checkpoint(path: str) -> bool:
-  """Whether `path` is one of the files or folders above (not an Orbax checkpoint)."""
+  """Whether `path` is read here rather than as an Orbax checkpoint (a folder of arrays): a
+  file, a path with a weight file's suffix (so that a missing one is named as such), or a
+  folder holding a model's weight files or a timm / Hugging Face config.json."""
   if path.endswith(SUFFIXES):
     return True
-  folder = epath.Path(path)
-  return ((folder / weight_files.CONFIG_FILE).exists()
-          and ((folder / weight_files.SAFETENSORS_FILE).exists()
-               or (folder / weight_files.SAFETENSORS_INDEX_FILE).exists()))
+  target = epath.Path(path)
+  if not target.is_dir():
+    return target.exists()
+  return (any(weight_files.format_of_name(name) for name in storage.list_dir(path))
+          or (target / weight_files.SAFETENSORS_INDEX_FILE).exists()
+          or _config_layout(path, damaged_ok=True) is not None)
+
+
+def check_public_checkpoint(path: str) -> None:
+  """Raises the one-line error `read_state` would for `path`, where finding it needs no
+  tensor data (see the module doc); returns quietly for an Orbax checkpoint, which is
+  checked where it is read."""
+  if not epath.Path(path).exists():
+    raise _missing(path)
+  if not is_public_checkpoint(path):
+    return
+  if epath.Path(path).is_dir():
+    _config_layout(path)
+    files = weight_files.folder_weight_files(path)
+  else:
+    _check_known_format(path)
+    files = [path]
+  for file in files:
+    weight_files.check_file(file)
 
 
 def read_state(path: str) -> tuple[str, dict[str, np.ndarray]]:
-  """(the layout: 'timm', 'hf' or 'big_vision'; the file's arrays by name)."""
+  """(the layout: 'timm', 'hf' or 'big_vision'; the file's arrays by name, all finite)."""
   if not epath.Path(path).exists():
-    raise FileNotFoundError(f'{path} does not exist: point init_from.checkpoint at a '
-                            'checkpoint file or folder.')
-  if path.endswith('.npz'):
-    return 'big_vision', weight_files.read_npz(path)
-  if path.endswith('.safetensors'):
-    state = weight_files.read_safetensors(path)
-  elif path.endswith(weight_files.PYTORCH_SUFFIXES):
-    state = weight_files.read_pytorch(path)
-  elif epath.Path(path).is_dir():
-    config = weight_files.read_json_file(os.path.join(path, weight_files.CONFIG_FILE))
+    raise _missing(path)
+  if epath.Path(path).is_dir():
+    layout = _config_layout(path)
     state = weight_files.read_folder_weights(path)
-    if 'model_type' in config:
-      return 'hf', state
-    if 'architecture' in config:
-      return 'timm', state
-    raise CheckpointMismatchError(
-        f'{path}/config.json is neither a timm config ("architecture") nor a Hugging Face one '
-        '("model_type").')
+    if layout is not None:
+      return layout, state
+    logging.info('%s has no %s: telling timm weights from Hugging Face ones by their names.',
+                 path, weight_files.CONFIG_FILE)
   else:
-    raise CheckpointMismatchError(
-        f'{path}: unknown checkpoint format. init_from.checkpoint takes an Orbax step folder '
-        f'(or a folder of steps, or a stage folder), a timm or Hugging Face model folder, or '
-        f'a file ending in {", ".join(SUFFIXES)}.')
+    fmt = _check_known_format(path)
+    if fmt == weight_files.NPZ:
+      return 'big_vision', weight_files.read_npz(path)
+    state = (weight_files.read_safetensors(path) if fmt == weight_files.SAFETENSORS
+             else weight_files.read_pytorch(path))
   return ('hf' if any(_is_hf_name(key) for key in state) else 'timm'), state
+
+
+def _missing(path: str) -> CheckpointUnreadableError:
+  return CheckpointUnreadableError(f'{path} does not exist: point init_from.checkpoint at a '
+                                   'checkpoint file or folder.')
+
+
+def _check_known_format(path: str) -> str:
+  """The format a file's name says; an unknown suffix is refused, naming what its bytes are."""
+  fmt = weight_files.format_of_name(path)
+  if fmt is None:
+    with epath.Path(path).open('rb') as stream:
+      sniffed, what = weight_files.sniff(stream)
+    fix = (f'rename it to end in {weight_files.FORMAT_SUFFIXES[sniffed][0]}' if sniffed else
+           'init_from.checkpoint takes an Orbax step folder (or a folder of steps, or a stage '
+           'folder), a timm or Hugging Face model folder, or a file ending in '
+           + ', '.join(SUFFIXES))
+    raise CheckpointMismatchError(f'{path}: unknown checkpoint format (its bytes are '
+                                  f"{what or 'of no kind known here'}): {fix}.")
+  return fmt
+
+
+def _config_layout(folder: str, damaged_ok: bool = False) -> str | None:
+  """'timm' or 'hf' by the folder's config.json; None if it has none, or (when `damaged_ok`,
+  for telling folders apart) if it is damaged or of neither kind."""
+  config_file = os.path.join(folder, weight_files.CONFIG_FILE)
+  if not epath.Path(config_file).exists():
+    return None
+  try:
+    config = weight_files.read_json_file(config_file)
+  except UserFacingError:
+    if damaged_ok:
+      return None
+    raise
+  if 'model_type' in config:
+    return 'hf'
+  if 'architecture' in config:
+    return 'timm'
+  if damaged_ok:
+    return None
+  raise CheckpointMismatchError(
+      f'{config_file} is neither a timm config ("architecture") nor a Hugging Face one '
+      '("model_type"): restore the one the model came with, or move it away to have the '
+      "weights' names tell the layout.")
 
 
 def _is_hf_name(key: str) -> bool:
@@ -160,13 +229,25 @@ def _check_sincos(posemb: np.ndarray, what: str, path: str, learnable: bool) -> 
   if grid * grid != rows:
     raise CheckpointMismatchError(f'{path}: its {what} has {rows} rows, not a square patch grid.')
   expected = sincos_2d_position_embedding(width, grid, grid)
-  difference = float(np.max(np.abs(np.asarray(posemb, np.float64) - expected)))
-  if difference > SINCOS_TOLERANCE:
+  difference = np.abs(np.asarray(posemb, np.float64) - expected)
+  if np.any(difference > _sincos_tolerance(posemb, expected)):
+    difference = float(np.max(difference))
     fix = ("set model.posemb='learned' to start from it" if learnable else
            'this decoder cannot take it')
     raise CheckpointMismatchError(
         f"{path}: its {what} is not the fixed sin-cos table this config's model computes "
         f'(they differ by up to {difference:.3g}): {fix}.')
+
+
+def _sincos_tolerance(posemb: np.ndarray, expected: np.ndarray):
+  """How far a checkpoint's copy of the sin-cos table may be from ours: SINCOS_TOLERANCE, and
+  where the file stored it in a 16-bit float (every value representable in it: a bf16 or
+  f16 checkpoint), half an ulp of that float more (round to nearest: at most 2^-8 of each
+  value in bfloat16, 2^-11 in float16; f16's subnormals are closer than SINCOS_TOLERANCE)."""
+  for narrow, half_ulp in _HALF_ULP:
+    if np.array_equal(np.asarray(posemb, np.float32).astype(narrow).astype(np.float32), posemb):
+      return SINCOS_TOLERANCE + half_ulp * np.abs(expected)
+  return SINCOS_TOLERANCE
 
 
 def _check_nothing_left_over(reader: timm_layout.StateReader, has_decoder: bool) -> None:
