@@ -11,7 +11,6 @@ import logging as std_logging
 import os
 import runpy
 import sys
-import traceback
 
 from absl import flags, logging
 import jax
@@ -20,11 +19,11 @@ from ml_collections import config_flags
 
 from big_pretrain import distributed
 from big_pretrain import tpu_slices
+from big_pretrain.commands import VERBOSE_ENV, print_error, verbose_asked
 from big_pretrain.config.validation import unknown_key_in
 from big_pretrain.errors import EXIT_USAGE, Preempted
 
 PROGRAM = 'main.py'  # every one-line message starts with it
-VERBOSE_ENV = 'BIG_PRETRAIN_VERBOSE'
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file; its get_config(arg) reads the part after ":".',
@@ -153,12 +152,9 @@ def _load_config_file(argv):
 
 def _is_verbose(argv=None) -> bool:
   """--verbose, readable before the flags are parsed (an error may come first)."""
-  if os.environ.get(VERBOSE_ENV, '') not in ('', '0'):
-    return True
   if flags.FLAGS.is_parsed():
-    return _VERBOSE.value
-  return any(arg in ('--verbose', '--verbose=true', '--verbose=True', '--verbose=1')
-             for arg in (argv or sys.argv))
+    return _VERBOSE.value or verbose_asked(())
+  return verbose_asked(argv or sys.argv)
 
 
 def backend_failure(error: BaseException) -> str:
@@ -190,9 +186,7 @@ def exit_with(message: str, code: int, argv=None, *, skip_teardown: bool = False
   `skip_teardown`: exit without the interpreter's teardown, for a stop that interrupted
   XLA while it compiles: its compiler threads run on and crash (SIGSEGV) into a teardown.
   """
-  if _is_verbose(argv) and sys.exc_info()[0] is not None:
-    traceback.print_exc()
-  print(f'{PROGRAM}: {message}', file=sys.stderr)
+  print_error(PROGRAM, message, _is_verbose(argv))
   if skip_teardown:
     logging.flush()
     sys.stdout.flush()

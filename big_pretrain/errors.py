@@ -22,8 +22,15 @@ class ConfigError(UserFacingError, ValueError):
   starts it is a usage error, exit 2; a stage's config found bad later stops the run, 1.)"""
 
 
+class UsageError(UserFacingError, ValueError):
+  """A command's input that cannot be used (a path that is not there, a file where a folder
+  belongs, a value out of range), found before it wrote anything."""
+  exit_code = EXIT_USAGE
+
+
 class WorkdirError(UserFacingError, ValueError):
-  """A --workdir that cannot hold this run: a file, read-only, or in use by another run."""
+  """A --workdir (or a command's output folder) that cannot hold what is asked: a file,
+  read-only, or in use by another run."""
   exit_code = EXIT_USAGE
 
 
@@ -56,9 +63,17 @@ class DamagedFileError(UserFacingError, ValueError):
   be; the message names it and what to do. Nothing was deleted."""
 
 
+class NonFiniteWeightsError(UserFacingError, ValueError):
+  """Weights to start from hold NaN or Inf values: the message names the file, the array and
+  how many; training from them would make the first loss NaN. Found as a stage starts,
+  before it compiles or trains: a usage error."""
+  exit_code = EXIT_USAGE
+
+
 class ExportRefusedError(UserFacingError, ValueError):
-  """Weights asked for in a format (timm, Hugging Face) that cannot express the model
-  faithfully: the message names the option; nothing approximate is written."""
+  """An export that cannot be written as asked: weights in a format (timm, Hugging Face) that
+  cannot express the model faithfully (nothing approximate is written), or an --output folder
+  that would mix with a run or with files the export did not write."""
   exit_code = EXIT_USAGE
 
 

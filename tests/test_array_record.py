@@ -252,7 +252,9 @@ def test_folder_without_shards_or_metadata_says_what_is_wrong(converted, tmp_pat
 
 def test_converter_will_not_mix_with_an_earlier_conversion(image_folder, converted):
   output, _ = converted
-  assert convert.main([f'--input={image_folder}', f'--output={output}']) == 1
+  with pytest.raises(SystemExit) as stopped:
+    convert.main([f'--input={image_folder}', f'--output={output}'])
+  assert stopped.value.code == 2  # refused before anything was written
   summary = convert.convert(str(image_folder), str(output), overwrite=True)
   assert [s['file'] for s in summary.shards] == ['train-00000-of-00001.array_record']
   assert sorted(f.name for f in output.iterdir()) == [

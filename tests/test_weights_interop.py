@@ -29,7 +29,7 @@ transformers = pytest.importorskip('transformers')
 
 from big_pretrain import export as export_lib  # noqa: E402
 from big_pretrain.errors import (CheckpointMismatchError, ConfigError,  # noqa: E402
-                                 DamagedFileError, ExportRefusedError)
+                                 DamagedFileError, ExportRefusedError, NonFiniteWeightsError)
 from big_pretrain.models import transformer  # noqa: E402
 from big_pretrain.models.patches import normalize_images, patchify  # noqa: E402
 from big_pretrain.models.masking import random_masking  # noqa: E402
@@ -215,6 +215,40 @@ def test_import_of_an_export_is_bit_exact(name, fmt, tmp_path):
   assert ('decoder' in parts) == (name == 'mae' and fmt == 'hf')
 
 
+@pytest.mark.parametrize('posemb', ['learned', 'sincos'])
+def test_a_bf16_checkpoint_imports_as_its_values_widened_to_float32(tmp_path, posemb):
+  """Public checkpoints often ship in bfloat16 (which the safetensors library's numpy
+  reader cannot read): the import equals that of the same values, widened to float32 by
+  torch (an exact conversion), bit for bit. Its copy of the fixed sin-cos table, rounded to
+  bfloat16, is still ours (within half a bfloat16 ulp)."""
+  from safetensors import torch as safetensors_torch  # pylint: disable=import-outside-toplevel
+  config = tiny_wsp_config(posemb=posemb)
+  _, params = _random_params(config)
+  folder = _export(config, params, 'timm', str(tmp_path / 'timm'))
+  state = safetensors_torch.load_file(os.path.join(folder, 'model.safetensors'))
+  bf16 = {name: tensor.bfloat16() for name, tensor in state.items()}
+  safetensors_torch.save_file(bf16, str(tmp_path / 'bf16.safetensors'))
+  weight_files.write_safetensors(str(tmp_path / 'widened.safetensors'),
+                                 {name: tensor.float().numpy() for name, tensor in bf16.items()})
+  parts = public_checkpoints.read_public_checkpoint(str(tmp_path / 'bf16.safetensors'), params)
+  assert_trees_equal(parts, public_checkpoints.read_public_checkpoint(
+      str(tmp_path / 'widened.safetensors'), params))
+  assert not np.array_equal(parts['head']['kernel'], params['head']['kernel'])  # bf16 values
+
+
+@pytest.mark.parametrize('fmt', ['timm', 'hf'])
+def test_a_model_folder_without_config_json_imports_as_with_it(fmt, tmp_path):
+  """A folder whose config.json was not copied: read by its weights' names, not taken for
+  an Orbax checkpoint."""
+  config = tiny_wsp_config()
+  _, params = _random_params(config)
+  folder = _export(config, params, fmt, str(tmp_path / fmt))
+  with_config = public_checkpoints.read_public_checkpoint(folder, params)
+  os.remove(os.path.join(folder, 'config.json'))
+  assert public_checkpoints.is_public_checkpoint(folder)
+  assert_trees_equal(public_checkpoints.read_public_checkpoint(folder, params), with_config)
+
+
 def test_a_learned_position_embedding_is_resampled_to_the_stage_grid(tmp_path):
   """A 4x4-patch export starts an 8x8-patch stage: its table resized, as for Orbax sources."""
   from big_pretrain.models import vit  # pylint: disable=import-outside-toplevel
@@ -300,9 +334,10 @@ def test_a_wsp_stage_starts_from_a_mae_reference_pth_and_trains(tmp_path):
 
 
 def test_export_command_writes_a_folder_timm_loads(tmp_path):
-  """`python -m big_pretrain.export STAGE --format=timm` on a trained stage folder."""
+  """`python -m big_pretrain.export STAGE --format=timm` on a trained stage folder (its
+  output outside the run's workdir: an export into it is refused)."""
   config = tiny_wsp_config()
-  stage = str(tmp_path / 'wsp')
+  stage = str(tmp_path / 'run' / 'wsp')
   result = train_stage(config, stage, devices=one_device())
   export_lib.main([stage, '--format=timm', f'--output={tmp_path / "out"}'])
   model = _timm_model(str(tmp_path / 'out'))
@@ -345,7 +380,8 @@ def test_bad_public_checkpoints_end_in_one_line(tmp_path):
                      extra={'args': argparse.Namespace(lr=1e-3)})
   cases.append((lambda: public_checkpoints.read_public_checkpoint(str(tmp_path / 'args.pth'),
                                                                   params),
-                DamagedFileError, r'holds objects other than tensors'))
+                DamagedFileError,
+                r"holds objects other than tensors: 'args' \(argparse\.Namespace\)\. "))
   # An unknown format.
   (tmp_path / 'weights.h5').write_bytes(b'\x89HDF')
   cases.append((lambda: public_checkpoints.read_public_checkpoint(str(tmp_path / 'weights.h5'),
@@ -365,6 +401,12 @@ def test_bad_public_checkpoints_end_in_one_line(tmp_path):
                                                   ('encoder',)),
                 CheckpointMismatchError,
                 r'encoder/transformer/block_0/mlp/fc1/bias is \(128,\) there and \(256,\) here'))
+  # A NaN among the weights: named where it is, not found as a NaN loss at the first step.
+  state['blocks.1.attn.proj.weight'][0, 0] = np.nan
+  weight_files.write_safetensors(str(tmp_path / 'nan.safetensors'), state)
+  cases.append((lambda: public_checkpoints.read_public_checkpoint(
+      str(tmp_path / 'nan.safetensors'), params), NonFiniteWeightsError,
+                r"nan.safetensors: 'blocks.1.attn.proj.weight' holds 1 NaN and 0 Inf values"))
   for run, error_type, match in cases:
     with pytest.raises(error_type, match=match) as error:
       run()

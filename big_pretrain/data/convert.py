@@ -29,7 +29,6 @@ The output is a deterministic function of the input.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
 import json
@@ -40,8 +39,11 @@ import sys
 import tarfile
 from typing import Any, Iterable, Iterator, Sequence
 
+from big_pretrain import commands
 from big_pretrain.data import records as records_lib
 from big_pretrain.data.sources.image_folder import ImageFolder
+from big_pretrain.errors import EXIT_STOPPED, UsageError
+from big_pretrain.storage import files as storage
 
 DEFAULT_EXAMPLES_PER_SHARD = 10_000
 # Grain reads records one at a time: group_size 1 makes each one directly addressable.
@@ -310,17 +312,22 @@ def convert(inputs: Sequence[str] | str, output: str, *, examples_per_shard: int
   """Converts an image folder or webdataset tars (see the module doc) into ArrayRecord shards."""
   if isinstance(inputs, str):
     inputs = [inputs]
-  if examples_per_shard < 1:
-    raise ValueError(f'examples_per_shard must be positive, got {examples_per_shard}.')
-  if not re.fullmatch(r'[\w.]+', split):
-    raise ValueError(f'split {split!r} names the shard files: use letters, digits, _ or .')
-  kind, resolved = resolve_input(inputs)
-  summary = ConversionSummary(input_kind=kind, num_inputs=0)
-  records = (image_folder_records(resolved, summary) if kind == 'image_folder'
-             else webdataset_records(resolved, summary))
   output_dir = pathlib.Path(output).expanduser()
-  records = _peek(records)  # A bad input fails here, before the output is touched.
-  _prepare_output(output_dir, overwrite)
+  # Every mistake found before the output is touched is a usage error: nothing was written.
+  try:
+    if examples_per_shard < 1:
+      raise ValueError(f'--examples_per_shard must be positive, got {examples_per_shard}.')
+    if not re.fullmatch(r'[\w.]+', split):
+      raise ValueError(f'--split={split!r} names the shard files: use letters, digits, _ or .')
+    storage.check_writable_folder(str(output_dir), '--output', 'give a folder for the shards')
+    kind, resolved = resolve_input(inputs)
+    summary = ConversionSummary(input_kind=kind, num_inputs=0)
+    records = (image_folder_records(resolved, summary) if kind == 'image_folder'
+               else webdataset_records(resolved, summary))
+    records = _peek(records)  # A bad input fails here, before the output is touched.
+    _prepare_output(output_dir, overwrite)
+  except (OSError, ValueError) as error:
+    raise UsageError(str(error)) from error
   write_shards(records, output_dir, split=split, examples_per_shard=examples_per_shard,
                summary=summary)
   if not summary.num_examples:
@@ -359,11 +366,13 @@ def _peek(records: Iterator[Record]) -> Iterator[Record]:
 
 # --- Command line -----------------------------------------------------------------
 
-def _argument_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog='python -m big_pretrain.data.convert',
-      description='Convert an image folder (with .txt captions) or webdataset tar shards into'
-      ' ArrayRecord shards for --config.data.source=array_record.')
+PROGRAM = 'big_pretrain.data.convert'  # every one-line message starts with it
+
+
+def _argument_parser() -> commands.CommandParser:
+  parser = commands.CommandParser(
+      PROGRAM, description='Convert an image folder (with .txt captions) or webdataset tar '
+      'shards into ArrayRecord shards for --config.data.source=array_record.')
   parser.add_argument(
       '--input', required=True, nargs='+',
       help="An image folder of class subfolders, or webdataset tar shards: a glob in quotes"
@@ -379,14 +388,11 @@ def _argument_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = _argument_parser()
-  args = parser.parse_args(argv)
-  try:
+  argv = sys.argv[1:] if argv is None else argv
+  args = _argument_parser().parse_args(argv)
+  with commands.one_line_errors(PROGRAM, argv, {(OSError, ValueError): EXIT_STOPPED}):
     summary = convert(args.input, args.output, examples_per_shard=args.examples_per_shard,
                       split=args.split, overwrite=args.overwrite)
-  except (OSError, ValueError) as error:
-    print(f'{parser.prog}: error: {error}', file=sys.stderr)
-    return 1
   read = (f'{summary.num_inputs} images of an image folder with {len(summary.class_names)}'
           ' classes' if summary.input_kind == 'image_folder'
           else f'{summary.num_inputs} webdataset tar shards')

@@ -110,24 +110,41 @@ def list_dir(path: str) -> list[str]:
 
 
 def check_usable(path: str) -> None:
-  """Raises WorkdirError when a local `path` is a file or cannot be written; creates nothing.
+  """Raises WorkdirError when a local workdir `path` is a file or cannot be written; creates
+  nothing. Checked before any device work. A bucket URL is left to its first write."""
+  check_writable_folder(path, '--workdir', 'give a folder this run can write checkpoints to '
+                        '(a new one starts a run, an existing one resumes it)')
 
-  Checked before any device work. A bucket URL is left to its first write.
-  """
+
+def check_writable_folder(path: str, flag: str, fix: str, *, replaced_whole: bool = False):
+  """Raises WorkdirError, one line naming `flag`=`path` and ending with `fix`, when a local
+  folder `path` is a file, cannot be made or cannot be written (tried for real); creates
+  nothing. `replaced_whole`: the folder is written beside it and renamed into place, so the
+  folder that holds it must be writable too. A bucket URL is left to its first write."""
   if is_bucket(path):
     return
   folder = os.path.abspath(path)
   if os.path.exists(folder) and not os.path.isdir(folder):
-    raise WorkdirError(f'--workdir={path} is a file, not a folder: give a folder (a new one '
-                       'starts a run, an existing one resumes it).')
-  existing = folder
-  while not os.path.exists(existing):  # the run creates the missing folders below this one
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise WorkdirError(f'--workdir={path}: {existing} is a file, so the folder cannot be made.')
-  if not _can_write_in(existing):
-    raise WorkdirError(f'--workdir={path}: {existing} is not writable by this user: give a '
-                       'folder this run can write checkpoints to.')
+    raise WorkdirError(f'{flag}={path} is a file, not a folder: {fix}.')
+  written = [folder, os.path.dirname(folder)] if replaced_whole else [folder]
+  for existing in dict.fromkeys(_nearest_existing(where) for where in written):
+    if not os.path.isdir(existing):
+      raise WorkdirError(f'{flag}={path}: {existing} is a file, so the folder cannot be made: '
+                         f'{fix}.')
+    if not _can_write_in(existing):
+      raise WorkdirError(f'{flag}={path}: {existing} is not writable by this user: {fix}.')
+
+
+def _nearest_existing(path: str) -> str:
+  """`path`, or its nearest ancestor that exists (the missing folders are made below it)."""
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return path
+
+
+def remove(path: str) -> None:
+  """Deletes the file `path` (local or in a bucket)."""
+  epath.Path(path).unlink()
 
 
 def _can_write_in(folder: str) -> bool:

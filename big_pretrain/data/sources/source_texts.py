@@ -10,6 +10,7 @@ import numpy as np
 from big_pretrain.data.data_config import default_data_config
 from big_pretrain.data import sources
 from big_pretrain.data.sources import synthetic
+from big_pretrain.errors import UsageError
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +52,10 @@ def read_source_texts(args: argparse.Namespace,
               num_examples=synthetic_examples, source_image_size=args.source_image_size,
               tfds_name=args.tfds_name, tfds_data_dir=args.tfds_data_dir,
               tfds_train_split=args.tfds_split, tfds_caption_key=args.tfds_caption_key)
-  source = sources.build_source(data)
+  try:
+    source = sources.build_source(data)
+  except (OSError, ValueError) as error:  # worded for main.py's keys: say this command's flags
+    raise UsageError(_in_flags(str(error))) from error
   indices = range(len(source))
   if args.num_examples is not None and args.num_examples < len(source):
     indices = np.unique(np.linspace(0, len(source) - 1, args.num_examples).astype(int))
@@ -61,3 +65,15 @@ def read_source_texts(args: argparse.Namespace,
     texts.append({'hashtags': list(example.get('hashtags') or ()),
                   'caption': example.get('caption') or ''})
   return texts
+
+
+# The data config's keys that build_source's messages name, and this command's flags for them.
+_FLAGS_FOR_KEYS = {'config.data.tfds_train_split': '--tfds_split'} | {
+    f'config.data.{key}': f'--{key}'
+    for key in ('path', 'tfds_name', 'tfds_data_dir', 'tfds_caption_key', 'source')}
+
+
+def _in_flags(message: str) -> str:
+  for key, flag in _FLAGS_FOR_KEYS.items():
+    message = message.replace(key, flag)
+  return message

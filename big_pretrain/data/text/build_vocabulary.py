@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
 from typing import Any, Sequence
 
+from big_pretrain import commands
 from big_pretrain.data.sources import source_texts
 from big_pretrain.data.text import labels as labels_lib
 from big_pretrain.data.text import tokenizer as tokenizer_lib
+from big_pretrain.errors import EXIT_USAGE
+from big_pretrain.storage import files as storage
+
+PROGRAM = 'big_pretrain.data.text.build_vocabulary'  # every one-line message starts with it
 
 # How the vocabularies shipped in big_pretrain/data/text/vocabularies/ were built: after
 # changing the synthetic source, rebuild them with
@@ -44,14 +50,13 @@ _COMMANDS = {
 }
 
 
-def _argument_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog='python -m big_pretrain.data.text.build_vocabulary',
-      description='Vocabulary files from a data source\'s texts: WSP labels (labels) or the'
-      ' words of a FLIP text tower (tokenizer).')
-  commands = parser.add_subparsers(dest='command', required=True)
+def _argument_parser() -> commands.CommandParser:
+  parser = commands.CommandParser(
+      PROGRAM, description="Vocabulary files from a data source's texts: WSP labels (labels) "
+      'or the words of a FLIP text tower (tokenizer).')
+  subcommands = parser.add_subparsers(dest='command', required=True)
   for name, (command_help, min_count_help, max_size, max_size_help) in _COMMANDS.items():
-    command = commands.add_parser(name, help=command_help)
+    command = subcommands.add_parser(name, help=command_help)
     source_texts.add_source_arguments(command)
     command.add_argument('--min_count', type=int, default=1, help=min_count_help)
     command.add_argument('--max_size', type=int, default=max_size, help=max_size_help)
@@ -63,14 +68,23 @@ def _argument_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
   parser = _argument_parser()
   args = parser.parse_args(argv)
   if args.min_count < 1 or args.max_size < 1:
     parser.error(f'--min_count and --max_size must be positive, got {args.min_count} and'
                  f' {args.max_size}.')
-  texts = source_texts.read_source_texts(args, parser)
-  build = _build_labels if args.command == 'labels' else _build_tokenizer
-  return build(texts, args)
+  if storage.is_dir(args.output):
+    parser.error(f'--output={args.output} is a folder: give the path of the vocabulary file '
+                 'to write, e.g. vocab.txt.')
+  # A source that cannot be read (no such folder, an unfinished conversion), or an --output
+  # that cannot be written (checked before the source is read): nothing was written.
+  with commands.one_line_errors(PROGRAM, argv, {(OSError, ValueError): EXIT_USAGE}):
+    storage.check_writable_folder(os.path.dirname(os.path.abspath(args.output)), '--output',
+                                  'give a file path in a folder this user can write')
+    texts = source_texts.read_source_texts(args, parser)
+    build = _build_labels if args.command == 'labels' else _build_tokenizer
+    return build(texts, args)
 
 
 def _build_labels(texts: list[dict[str, Any]], args: argparse.Namespace) -> int:
