@@ -110,7 +110,7 @@ class Results:
 def slices(generation: tpu_slices.TpuGeneration):
   """The generation's slice names, smallest first."""
   chips = generation.min_chips
-  while chips <= MAX_CHIPS:
+  while chips <= min(MAX_CHIPS, generation.max_chips):
     count = chips * 2 if generation.name_counts_cores else chips
     prefix = 'v5litepod' if generation.name == 'v5e' else generation.name
     yield f'{prefix}-{count}'

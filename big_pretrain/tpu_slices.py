@@ -9,7 +9,8 @@ can then be compiled for them (`jax.jit(...).lower(...).compile()`), and its
 memory_analysis() says what one chip would hold. Nothing runs on them.
 
 `GENERATIONS` holds each generation's memory per device (HBM), which a device
-that does not report its memory (a topology's devices) is taken to have.
+that does not report its memory (a topology's devices) is taken to have, and
+its largest slice, beyond which `parse_slice` refuses a name.
 """
 
 from __future__ import annotations
@@ -31,19 +32,29 @@ class TpuGeneration:
   name_counts_cores: bool      # 'v5p-256' counts TensorCores (2 per chip), 'v6e-64' chips
   torus_dims: int              # 3: a 3-D torus (v4, v5p); 2: a 2-D one (v5e, v6e)
   topology_prefix: str         # the compiler's name: 'v5p:4x4x4', 'v5e:4x4'
+  max_chips: int               # the largest slice Cloud TPU offers, in chips
   chip_config: str | None = None  # libtpu's chip_config_name for one device per chip
   min_chips: int = 1
   chips_per_host: int = 4
 
 
-# Cloud TPU's documentation (cloud.google.com/tpu/docs/<generation>): HBM per chip.
+# Cloud TPU's documentation (cloud.google.com/tpu/docs/<generation>): HBM per chip, and the
+# largest slice: v4's Pod of 4096 chips; v5e's and v6e's Pods of 256 chips (16x16); v5p's
+# largest shape 16x16x24, 6144 chips (of a Pod's 8960), so 4096 chips (v5p-8192) under the
+# power-of-two rule. The TPU compiler describes larger topologies, and aborts the process on
+# some of them (libtpu 0.0.42.1 on a v5e-512: 'Check failed: chip_bounds().y <= 16').
 GENERATIONS = {
-    'v4': TpuGeneration('v4', ('TPU v4',), 32 * GIB, True, 3, 'v4', 'megacore', min_chips=4),
-    'v5e': TpuGeneration('v5e', ('TPU v5 lite', 'TPU v5e'), 16 * GIB, False, 2, 'v5e'),
-    'v5p': TpuGeneration('v5p', ('TPU v5', 'TPU v5p'), 95 * GIB, True, 3, 'v5p', min_chips=4),
-    'v6e': TpuGeneration('v6e', ('TPU v6 lite', 'TPU v6e'), 32 * GIB, False, 2, 'v6e'),
+    'v4': TpuGeneration('v4', ('TPU v4',), 32 * GIB, True, 3, 'v4', 4096, 'megacore',
+                        min_chips=4),
+    'v5e': TpuGeneration('v5e', ('TPU v5 lite', 'TPU v5e'), 16 * GIB, False, 2, 'v5e', 256),
+    'v5p': TpuGeneration('v5p', ('TPU v5', 'TPU v5p'), 95 * GIB, True, 3, 'v5p', 6144,
+                         min_chips=4),
+    'v6e': TpuGeneration('v6e', ('TPU v6 lite', 'TPU v6e'), 32 * GIB, False, 2, 'v6e', 256),
 }
 _NAME_ALIASES = {'v5litepod': 'v5e'}
+# Cloud TPU documents no limit on the slices of a Multislice; the TPU compiler of libtpu
+# 0.0.42.1 aborts the process on 512 or more ('Check failed: NumSlices() < kMaxNumSlices').
+MAX_SLICES = 511
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +113,22 @@ def parse_slice(name: str, num_slices: int = 1) -> TpuSlice:
     raise ValueError(
         f'{name!r}: {match.group(1)} slices count {unit}, a power of two of at least '
         f'{smallest}, e.g. {match.group(1)}-{smallest * 4}.')
-  if num_slices < 1:
-    raise ValueError(f'num_slices={num_slices}: give 1 or more slices.')
+  if chips > generation.max_chips:
+    largest = _largest_power_of_two(generation.max_chips)
+    count = largest * 2 if generation.name_counts_cores else largest
+    raise ValueError(
+        f'{name!r} is larger than any {generation.name} slice: Cloud TPU offers at most '
+        f'{generation.max_chips} chips, so {match.group(1)}-{count} at the most; for more, give '
+        f'--num_slices.')
+  if not 1 <= num_slices <= MAX_SLICES:
+    raise ValueError(f'num_slices={num_slices}: give 1 to {MAX_SLICES} slices (the most the '
+                     'TPU compiler takes).')
   return TpuSlice(name, generation, chips, torus_shape(chips, generation.torus_dims),
                   num_slices)
+
+
+def _largest_power_of_two(limit: int) -> int:
+  return 1 << (limit.bit_length() - 1)
 
 
 def torus_shape(chips: int, dims: int) -> tuple[int, ...]:

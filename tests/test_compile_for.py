@@ -6,6 +6,8 @@ it was."""
 
 import dataclasses
 import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -18,6 +20,7 @@ from big_pretrain.train import mfu
 from big_pretrain.train.optim import make_optimizer, make_schedule
 from big_pretrain.train.remat_choice import (CANDIDATES, MEMORY_FRACTION, build_with_remat_choice,
                                              step_bytes_per_device)
+from helpers.paths import REPO_ROOT, TINY_CONFIG_FILE
 from helpers.tiny_config import tiny_mae_config
 
 pytest.importorskip('libtpu', reason='the TPU compiler: make install-tpu-compile')
@@ -52,6 +55,50 @@ def test_slice_names_give_cloud_tpus_topologies():
                    ('v7-8', "such as 'v4-32', 'v5p-256'"), ('tpu', "such as 'v4-32'")):
     with pytest.raises(ValueError, match=f"'{bad}'.*{fix}"):
       tpu_slices.parse_slice(bad)
+
+
+def test_a_slice_larger_than_cloud_tpu_offers_is_refused_in_one_line():
+  # libtpu describes such topologies, and then aborts the process compiling for some
+  # (v5e-512: 'Check failed: chip_bounds().y <= 16', exit 134).
+  assert tpu_slices.parse_slice('v5e-256').chips == tpu_slices.parse_slice('v6e-256').chips
+  assert tpu_slices.parse_slice('v4-8192').chips == tpu_slices.parse_slice('v5p-8192').chips
+  for bad, largest in (('v5e-512', 'v5e-256'), ('v5litepod-512', 'v5litepod-256'),
+                       ('v6e-512', 'v6e-256'), ('v4-16384', 'v4-8192'),
+                       ('v5p-16384', 'v5p-8192')):
+    with pytest.raises(ValueError) as refusal:
+      tpu_slices.parse_slice(bad)
+    assert str(refusal.value).startswith(f"'{bad}' is larger than any ")
+    assert f'so {largest} at the most' in str(refusal.value) and '\n' not in str(refusal.value)
+  assert tpu_slices.parse_slice('v5e-4', num_slices=511).num_devices == 2044
+  with pytest.raises(ValueError, match='num_slices=512: give 1 to 511 slices'):
+    tpu_slices.parse_slice('v5e-4', num_slices=512)  # libtpu aborts on 512
+
+
+def test_main_py_refuses_a_slice_too_large_and_a_workdir_that_is_a_file_before_compiling(
+    tmp_path):
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('not a folder')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('BIG_PRETRAIN_VERBOSE', None)
+  runs = {
+      args[0]: subprocess.Popen(
+          [sys.executable, 'main.py', f'--config={TINY_CONFIG_FILE}', *args], cwd=REPO_ROOT,
+          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for args in (['--compile_for=v6e-512', f'--workdir={tmp_path / "check"}'],
+                   ['--compile_for=v5e-4', f'--workdir={a_file}'])}
+  outputs = {flag: run.communicate(timeout=300) for flag, run in runs.items()}
+  _, stderr = outputs['--compile_for=v6e-512']
+  assert runs['--compile_for=v6e-512'].returncode == 2, stderr
+  assert stderr.strip().splitlines() == [
+      "main.py: --compile_for=v6e-512: 'v6e-512' is larger than any v6e slice: Cloud TPU "
+      'offers at most 256 chips, so v6e-256 at the most; for more, give --num_slices.']
+  stdout, stderr = outputs['--compile_for=v5e-4']
+  assert runs['--compile_for=v5e-4'].returncode == 2, stderr
+  assert stderr.strip().splitlines() == [
+      f'main.py: --workdir={a_file} is a file, not a folder: give a folder for the compile '
+      'report (compile_for/ in it).']
+  assert 'Compiling stage' not in stderr and 'Compiled for' not in stdout  # nothing compiled
+  assert not (tmp_path / 'check').exists()
 
 
 def test_the_mesh_lies_on_the_topologys_chips_and_each_chip_is_reported():

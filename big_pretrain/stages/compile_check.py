@@ -105,6 +105,7 @@ def stage_configs(config) -> dict:
 def check(config, tpu_slice: tpu_slices.TpuSlice, workdir: str) -> list[StageReport]:
   """Compiles every stage of `config` for `tpu_slice`; prints and records the table; raises
   DoesNotFitError (one line) when a stage does not fit. See the module doc."""
+  check_report_folder(workdir)
   devices = tpu_slices.topology_devices(tpu_slice)
   reports = []
   # Programs compiled for a topology cannot be loaded back from JAX's persistent cache
@@ -404,6 +405,16 @@ def _does_not_fit_line(report: StageReport, tpu_slice) -> str:
   return (f"Stage {report.stage!r} ({report.kind} {report.variant}, batch "
           f'{report.batch_size}) does not fit {tpu_slice.describe()}: it {need}, a chip has '
           f'{describe_bytes(report.capacity_bytes)} ({MEMORY_FRACTION:.0%} usable). {fix}')
+
+
+def check_report_folder(workdir: str) -> None:
+  """Raises WorkdirError (one line) before anything is compiled when the report cannot be
+  written where it goes: a `workdir` that is a file, or that this user cannot write. A
+  workdir that holds a run is only read (the report is printed, not written into it)."""
+  if storage.is_dir(workdir) and _holds_a_run(workdir):
+    return
+  storage.check_writable_folder(
+      workdir, '--workdir', f'give a folder for the compile report ({REPORT_FOLDER}/ in it)')
 
 
 def _holds_a_run(workdir: str) -> bool:
