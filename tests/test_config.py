@@ -3,21 +3,25 @@
 import json
 import logging
 import pathlib
+import re
 
 import ml_collections
 import pytest
 
 from big_pretrain import schema
 from big_pretrain.config.defaults import SCHEMA_VERSION, stage_config, stage_keys
+from big_pretrain.config import upgrade as upgrade_lib
 from big_pretrain.config.upgrade import upgrade
 from big_pretrain.config.validation import validate_stage_config
 from big_pretrain.data.data_config import DATA_KEYS
 from big_pretrain.data.text.labels import synthetic_vocabulary_path
-from big_pretrain.errors import ConfigError
+from big_pretrain.errors import ConfigError, DamagedFileError
 from big_pretrain.evaluators import evaluator_config, evaluator_keys, evaluator_names
 from big_pretrain.objectives import objective_names
 from big_pretrain.stages import jobs
+from big_pretrain.storage import checkpoints
 from configs import mae as mae_config
+from configs import wsp as wsp_config
 
 
 def test_demo_config_is_valid():
@@ -148,11 +152,61 @@ def test_a_record_of_today_upgrades_to_itself_and_a_newer_one_is_refused():
   recorded = json.loads(config.to_json_best_effort())
   assert upgrade(recorded, where='config.json').to_dict() == config.to_dict()
   recorded['schema_version'] = SCHEMA_VERSION + 1
-  with pytest.raises(ConfigError, match=r'schema_version=3.*newer version of big_pretrain'):
+  with pytest.raises(ConfigError, match=rf'schema_version={SCHEMA_VERSION + 1}.*newer version of '
+                     'big_pretrain'):
     upgrade(recorded, where='config.json')
   config.schema_version = 1
   with pytest.raises(ConfigError, match=r'config\.schema_version=1: .*config/defaults\.py'):
     validate_stage_config(config)
+
+
+# The keys every training stage's config had at schema version 3, per objective: what a
+# config.json written by version 3 must hold. Written once, never regenerated: a key added
+# since belongs to a later version (config/upgrade.py KEYS_ADDED_IN_VERSION).
+KEYS_OF_SCHEMA_VERSION_3 = pathlib.Path(__file__).parent / 'data' / (
+    'config_keys_schema_version_3.json')
+
+
+def test_a_record_is_asked_only_for_keys_its_version_had():
+  """A key added to the schema without a new version would make every record of the
+  current version look damaged: expected_keys must stay within what each version had."""
+  had = json.loads(KEYS_OF_SCHEMA_VERSION_3.read_text())
+  for objective in objective_names():
+    expected = upgrade_lib.expected_keys({'objective': {'name': objective}}, 3)
+    added = sorted(set(expected) - set(had[objective]))
+    assert not added, (
+        f'{objective}: {added} are not keys of schema version 3: adding a key is a new '
+        'schema version (config/defaults.py SCHEMA_VERSION + 1, the key listed in '
+        'config/upgrade.py KEYS_ADDED_IN_VERSION).')
+  recorded_v1 = json.loads(RECORDED_BEFORE_SCHEMA_VERSIONS.read_text())
+  assert upgrade_lib.check_whole(recorded_v1, 'config.json') == 1  # holds the keys of every version
+  # Every stage config.json of this version on is written by code that saves digests.
+  assert SCHEMA_VERSION >= checkpoints.DIGESTS_SINCE_SCHEMA_VERSION
+
+
+@pytest.mark.parametrize('lost, version, written_by', [
+    ('model.variant', SCHEMA_VERSION, None),
+    ('seed', SCHEMA_VERSION, None),
+    ('objective', SCHEMA_VERSION, None),
+    ('batch_size', 1, None),                # a key every version had
+    ('data.labels.vocabulary', SCHEMA_VERSION, None),
+    ('schema_version', None, SCHEMA_VERSION),  # reads as version 1; its history says 3
+])
+def test_a_record_that_lacks_keys_its_version_had_is_damaged_and_named(lost, version,
+                                                                      written_by):
+  recorded = json.loads(wsp_config.get_config('demo').to_json_best_effort())
+  if version is not None:
+    recorded['schema_version'] = version
+  node = recorded
+  *parents, leaf = lost.split('.')
+  for parent in parents:
+    node = node[parent]
+  del node[leaf]
+  with pytest.raises(DamagedFileError, match=r'^wsp/config\.json lacks keys that every config '
+                     r'written by its version \(schema_version \d\) holds: .*'
+                     + re.escape(lost.split('.')[0])) as refusal:
+    upgrade(recorded, where='wsp/config.json', written_by=written_by)
+  assert '\n' not in str(refusal.value)
 
 
 # --- Every key's values (declared with the key: schema.py) -------------------------------

@@ -1,6 +1,7 @@
 """Faults a long run meets: a preemption notice, a loss that turns NaN, a damaged checkpoint."""
 
 import errno
+import json
 import logging
 import os
 import re
@@ -16,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from big_pretrain.config.defaults import SCHEMA_VERSION
 from big_pretrain.errors import (CheckpointSaveError, CheckpointUnreadableError, NonFiniteLossError,
                                  Preempted)
 from big_pretrain.evaluators import evaluator_config
@@ -28,6 +30,7 @@ from big_pretrain.train import faults
 from big_pretrain.train import loop
 from big_pretrain.train import remat_choice
 from big_pretrain.train.loop import train_stage
+from helpers import checkpoint_damage
 from helpers.paths import REPO_ROOT, TINY_CONFIG_FILE
 from helpers.tiny_config import one_device, tiny_mae_config
 from helpers.trees import assert_trees_equal
@@ -323,55 +326,6 @@ def test_a_save_that_cannot_fit_is_refused_before_orbax_writes_anything(tmp_path
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
 
 
-def _array_files(step_dir):
-  """The state's array data files (OCDBT), largest first."""
-  files = [p for p in (step_dir / 'state').rglob('*') if p.is_file() and '/d/' in str(p)]
-  return sorted(files, key=lambda p: p.stat().st_size, reverse=True)
-
-
-def _reads_back(step_dir) -> bool:
-  try:
-    ocp.PyTreeCheckpointer().restore(str(step_dir / 'state'))
-  except Exception:  # noqa: BLE001  (any failure: the damage shows without digests)
-    return False
-  return True
-
-
-def _damage_where_it_still_reads(step_dir, damage: str):
-  """Alters the largest array file where the (compressed) data still decodes: the damage
-  only a digest can see. Which offsets those are depends on the bytes, so they are tried
-  from the middle on."""
-  largest = _array_files(step_dir)[0]
-  original = largest.read_bytes()
-  for offset in range(len(original) // 2, len(original) - 8, 97):
-    data = bytearray(original)
-    if damage == 'one flipped bit':
-      data[offset] ^= 0x10
-    else:
-      data[offset:offset + 4] = b'\x5a\xa5\x5a\xa5'
-    largest.write_bytes(bytes(data))
-    if _reads_back(step_dir):
-      return
-  raise AssertionError('no offset in the second half decodes after damage')
-
-
-def _alter_one_value(step_dir, leaf: str):
-  """The step's stored state with one bit of one element of `leaf` ('params/encoder/...')
-  flipped, written in place of the original without its digests knowing: what a disk
-  fault in that array's bytes reads back as."""
-  state_dir = step_dir / 'state'
-  tree = ocp.PyTreeCheckpointer().restore(str(state_dir))
-  node = tree
-  *parents, name = leaf.split('/')
-  for parent in parents:
-    node = node[parent]
-  value = np.array(node[name])
-  value.reshape(-1).view(np.uint32)[value.size // 2] ^= 1 << 20
-  node[name] = value
-  shutil.rmtree(state_dir)
-  ocp.PyTreeCheckpointer().save(str(state_dir), tree)
-
-
 @pytest.mark.parametrize('damage', ['one flipped bit', 'overwritten bytes'])
 def test_altered_array_bytes_are_found_set_aside_and_the_previous_step_resumed_exactly(
     tmp_path, caplog, uninterrupted_params, damage):
@@ -380,7 +334,7 @@ def test_altered_array_bytes_are_found_set_aside_and_the_previous_step_resumed_e
   the run continues from the previous one, ending bit-identical to a run never damaged."""
   config = _fault_config()
   train_stage(config, str(tmp_path), stop_after_steps=6, devices=one_device())
-  _damage_where_it_still_reads(tmp_path / 'checkpoints' / '6', damage)
+  checkpoint_damage.damage_where_it_still_reads(tmp_path / 'checkpoints' / '6', damage)
 
   with caplog.at_level(logging.WARNING):
     resumed = train_stage(config, str(tmp_path), devices=one_device())
@@ -391,50 +345,108 @@ def test_altered_array_bytes_are_found_set_aside_and_the_previous_step_resumed_e
   assert_trees_equal(_params(resumed), uninterrupted_params)
 
 
-def test_a_checkpoint_without_digests_restores_with_one_warning(tmp_path, caplog,
-                                                                uninterrupted_params):
-  """Checkpoints written before digests existed still load, saying they cannot be verified."""
+# A leaf of the tiny MAE whose bytes the tests alter.
+_ALTERED = 'params/encoder/transformer/block_1/mlp/fc1/kernel'
+
+
+@pytest.mark.parametrize('record', checkpoint_damage.DIGESTS_DAMAGE)
+def test_a_digests_record_deleted_emptied_or_incomplete_is_damage_and_set_aside(
+    tmp_path, caplog, uninterrupted_params, record):
+  """Deleting or emptying the digests (or the record of one array) does not switch the check
+  off: the latest step, with a flipped bit, is set aside and the run resumes exactly from
+  the previous one."""
+  config = _fault_config()
+  train_stage(config, str(tmp_path), stop_after_steps=6, devices=one_device())
+  latest = tmp_path / 'checkpoints' / '6'
+  checkpoint_damage.alter_one_value(latest, _ALTERED)
+  checkpoint_damage.damage_digests(latest, record, _ALTERED)
+  with caplog.at_level(logging.WARNING):
+    resumed = train_stage(config, str(tmp_path), devices=one_device())
+  expected = {'deleted': "digests.json is missing, although its _CHECKPOINT_METADATA lists a "
+                         "'digests' item",
+              'emptied': 'digests.json records no array digests',
+              'missing the altered array': f'have no record of the array {_ALTERED}'}[record]
+  assert expected in caplog.text and 'counts as damaged' in caplog.text, caplog.text
+  assert 'cannot be verified.' not in caplog.text  # the warning is for steps before digests
+  assert resumed.steps_run == 4  # from step 4
+  [kept] = (tmp_path / 'corrupt_checkpoints').iterdir()
+  assert kept.name.startswith('6-')
+  assert_trees_equal(_params(resumed), uninterrupted_params)
+
+
+def test_only_steps_written_before_digests_restore_with_one_warning(tmp_path, caplog,
+                                                                    uninterrupted_params):
+  """Checkpoints of a version before digests (none in the step, none named in its Orbax
+  metadata, a config of schema version 2) still load, saying once they cannot be verified."""
   config = _fault_config()
   train_stage(config, str(tmp_path), stop_after_steps=6, devices=one_device())
   for step_dir in (tmp_path / 'checkpoints').iterdir():
-    shutil.rmtree(step_dir / 'digests')
+    checkpoint_damage.as_if_written_before_digests(step_dir)
+  recorded = json.loads((tmp_path / 'config.json').read_text())
+  (tmp_path / 'config.json').write_text(json.dumps({**recorded, 'schema_version': 2}))
   with caplog.at_level(logging.WARNING):
     resumed = train_stage(config, str(tmp_path), devices=one_device())
   assert caplog.text.count('cannot be verified') == 1
+  assert ('was written without digests, by a version of big_pretrain before them (its '
+          "_CHECKPOINT_METADATA lists no 'digests' item)") in caplog.text
   assert resumed.steps_run == 2
   assert_trees_equal(_params(resumed), uninterrupted_params)
+
+
+def test_where_a_step_shows_its_digests_were_written(tmp_path):
+  """The step's own Orbax metadata decides where it reads; else a step beside it with
+  digests, or the stage's config.json of schema version 3 on."""
+  train_stage(tiny_mae_config(total_steps=4), str(tmp_path), devices=one_device())
+  steps = tmp_path / 'checkpoints'
+  assert checkpoint_lib.digests_written(str(steps / '4'))[0]
+  checkpoint_damage.as_if_written_before_digests(steps / '4')
+  assert not checkpoint_lib.digests_written(str(steps / '4'))[0]
+  (steps / '4' / '_CHECKPOINT_METADATA').unlink()
+  assert checkpoint_lib.digests_written(str(steps / '4')) == (
+      True, 'step 1 beside it has digests')
+  for step in ('1', '2'):
+    shutil.rmtree(steps / step)
+  assert checkpoint_lib.digests_written(str(steps / '4')) == (
+      True, "its stage's config.json was written by a version that saves digests "
+      f'(schema_version {SCHEMA_VERSION})')
+  recorded = json.loads((tmp_path / 'config.json').read_text())
+  (tmp_path / 'config.json').write_text(json.dumps({**recorded, 'schema_version': 2}))
+  assert not checkpoint_lib.digests_written(str(steps / '4'))[0]
 
 
 def test_when_every_checkpoint_is_damaged_the_stage_stops_in_one_line(tmp_path):
   config = _fault_config(**{'checkpoint.keep': 1})
   train_stage(config, str(tmp_path), stop_after_steps=6, devices=one_device())
   [only] = (tmp_path / 'checkpoints').iterdir()
-  _damage_where_it_still_reads(only, 'one flipped bit')
+  checkpoint_damage.damage_where_it_still_reads(only, 'one flipped bit')
   with pytest.raises(CheckpointUnreadableError, match=r'No checkpoint in .* is intact: step 6 '
                      r'did not read back whole') as error:
     train_stage(config, str(tmp_path), devices=one_device())
   assert '\n' not in str(error.value)
 
 
-def test_init_from_and_export_skip_a_damaged_step_for_the_previous_intact_one(tmp_path, caplog):
+@pytest.mark.parametrize('record', ('whole',) + checkpoint_damage.DIGESTS_DAMAGE)
+def test_init_from_and_export_skip_a_damaged_step_for_the_previous_intact_one(tmp_path, caplog,
+                                                                             record):
   """A reader of another stage's checkpoints (init_from, the export) checks every array it
-  reads; a damaged newest step is skipped, and left where it is."""
+  reads, against a record that must be whole; a damaged newest step is skipped, and left
+  where it is."""
   from big_pretrain import export  # pylint: disable=import-outside-toplevel
   from big_pretrain.stages import transfer  # pylint: disable=import-outside-toplevel
   config = _fault_config()
   train_stage(config, str(tmp_path), devices=one_device())  # steps 4, 6, 8 kept
   checkpoints = tmp_path / 'checkpoints'
   intact = transfer.read_subtrees(str(checkpoints / '6'), ('encoder',))
-  _alter_one_value(checkpoints / '8', 'params/encoder/transformer/block_1/mlp/fc1/kernel')
-  with pytest.raises(CheckpointUnreadableError,
-                     match=r'params/encoder/transformer/block_1/mlp/fc1/kernel of .*8 does not '
-                           r'match the digest'):
+  checkpoint_damage.alter_one_value(checkpoints / '8', _ALTERED)
+  if record != 'whole':
+    checkpoint_damage.damage_digests(checkpoints / '8', record, _ALTERED)
+  with pytest.raises(CheckpointUnreadableError, match=re.escape(str(checkpoints / '8'))):
     transfer.read_subtrees(str(checkpoints / '8'), ('encoder', 'decoder'))
   with caplog.at_level(logging.WARNING):
     step_dir, subtrees = transfer.read_intact_subtrees(str(tmp_path), ('encoder', 'decoder'))
     exported_from, params = export.read_params(str(tmp_path), ['encoder'], None)
   assert step_dir.endswith('/6') and exported_from.endswith('/6')
-  assert 'checkpoints/8: the array params/encoder/transformer/block_1/mlp/fc1/kernel' in caplog.text
+  assert f'Skipping checkpoint {checkpoints / "8"}' in caplog.text
   assert_trees_equal(subtrees['encoder'], intact['encoder'])
   assert_trees_equal(params['encoder'], intact['encoder'])
   assert (checkpoints / '8').exists()  # a reader moves nothing

@@ -7,8 +7,9 @@ import shutil
 
 import pytest
 
+from big_pretrain.config.defaults import SCHEMA_VERSION
 from big_pretrain.errors import CheckpointMismatchError
-from big_pretrain.errors import ConfigError
+from big_pretrain.errors import ConfigError, DamagedFileError
 from big_pretrain.stages import chain
 from big_pretrain.stages import transfer
 from big_pretrain.storage import resume_identity
@@ -56,6 +57,36 @@ def test_a_change_to_what_the_state_means_is_refused_and_config_json_kept(
   assert (workdir / 'config.json').read_bytes() == recorded
 
 
+# config.json as an export into the stage folder would have written it (timm's).
+_TIMM_CONFIG = {'architecture': 'vit_base_patch16_224', 'num_classes': 0,
+                'model_args': {'img_size': 32, 'patch_size': 8}}
+
+
+@pytest.mark.parametrize('damage', ['model', 'objective', 'seed', 'batch_size',
+                                    'written over by an export'])
+def test_a_config_json_that_lost_keys_is_damage_refused_before_resuming_or_skipping(
+    workdir, damage):
+  """A record that lost its model, objective, seed or batch size would resume with any values
+  if its missing keys were taken for schema changes: it is refused in one line, as damage,
+  whether the stage would resume or be skipped as finished; nothing changes."""
+  recorded = json.loads((workdir / 'config.json').read_text())
+  if damage in recorded:
+    del recorded[damage]
+  else:
+    recorded = _TIMM_CONFIG
+  (workdir / 'config.json').write_text(json.dumps(recorded))
+  before = sorted(p.relative_to(workdir) for p in workdir.rglob('*'))
+  for total_steps in (6, 4):  # resume to 6; the finished 4-step stage
+    with pytest.raises(DamagedFileError, match=r'config\.json lacks keys that every config '
+                       r'written by its version .* holds: ') as refusal:
+      chain.run(_config(total_steps=total_steps), str(workdir), devices=one_device())
+    message = str(refusal.value)
+    assert '\n' not in message and str(workdir / 'config.json') in message
+    assert (damage if damage in _config() else 'model.variant') in message
+  assert (workdir / 'config.json').read_text() == json.dumps(recorded)
+  assert sorted(p.relative_to(workdir) for p in workdir.rglob('*')) == before
+
+
 def test_allowed_and_permitted_changes_resume_and_are_recorded(workdir, caplog):
   config = _config(total_steps=6, resume_with_changes=True,
                    **{'optim.lr_per_256': 2e-3, 'log.every_steps': 1})
@@ -67,6 +98,7 @@ def test_allowed_and_permitted_changes_resume_and_are_recorded(workdir, caplog):
   history = [json.loads(line) for line in
              (workdir / resume_identity.HISTORY_FILE).read_text().splitlines()]
   assert [entry['step'] for entry in history] == [0, 4]
+  assert {entry['schema_version'] for entry in history} == {SCHEMA_VERSION}
   assert history[1]['changes']['optim.lr_per_256'] == [1e-3, 2e-3]
   assert history[1]['changes']['log.every_steps'] == [2, 1]
   recorded = json.loads((workdir / 'config.json').read_text())

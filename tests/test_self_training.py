@@ -1,6 +1,8 @@
 """Self-training: a teacher's pseudo-labels (sharded, resumable, byte-identical) and a
 student that learns from human and pseudo-labels mixed in every batch."""
 
+import json
+import logging
 import os
 import shutil
 
@@ -23,6 +25,7 @@ from big_pretrain.objectives import build_objective, self_training
 from big_pretrain.stages.chain_validation import validate_config
 from big_pretrain.stages.pseudo_label_job import run_pseudo_label
 from big_pretrain.train.loop import train_stage
+from helpers import checkpoint_damage
 from helpers.hashes import file_hashes
 from helpers.jax_workers import launch_workers
 from helpers.tiny_config import tiny_pseudo_label_config, tiny_student_config, tiny_teacher_config
@@ -90,6 +93,27 @@ def test_pseudo_labels_resume_after_a_kill_to_the_same_bytes(teacher_dir, pseudo
   config.labels.kind = 'hard'
   with pytest.raises(ConfigError, match='other settings.*labels'):
     run_pseudo_label(config, folder, teacher_dir=teacher_dir)
+
+
+def test_a_teacher_whose_newest_step_is_damaged_labels_with_the_previous_intact_one(
+    teacher_dir, tmp_path, caplog):
+  """A bit flipped in the teacher's newest step, its digests deleted: the step is skipped
+  (and left where it is), the job labels with the previous one and records that."""
+  teacher = tmp_path / 'teacher'
+  shutil.copytree(teacher_dir, teacher)
+  newest = teacher / 'checkpoints' / '2'
+  leaf = 'params/encoder/transformer/block_1/mlp/fc1/kernel'
+  checkpoint_damage.alter_one_value(newest, leaf)
+  checkpoint_damage.damage_digests(newest, 'deleted', leaf)
+  folder = tmp_path / 'labels'
+  with caplog.at_level(logging.WARNING):
+    result = run_pseudo_label(tiny_pseudo_label_config(), str(folder), teacher_dir=str(teacher),
+                              devices=jax.devices()[:FOUR_DEVICES], stop_after_shards=1)
+  assert result.shards_written == 1
+  assert f'Skipping checkpoint {newest}' in caplog.text and 'counts as damaged' in caplog.text
+  job = json.loads((folder / 'job.json').read_text())
+  assert job['teacher'] == str(teacher / 'checkpoints' / '1')
+  assert newest.exists()
 
 
 def test_damaged_job_files_are_rebuilt_or_named_and_nothing_is_deleted(teacher_dir,

@@ -6,9 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from big_pretrain.errors import CheckpointMismatchError
+from big_pretrain.errors import CheckpointMismatchError, CheckpointUnreadableError
 from big_pretrain.models import transformer, vit
 from big_pretrain.stages import transfer
+from big_pretrain.train import loop
 from big_pretrain.train.loop import train_stage
 from helpers.tiny_config import one_device, tiny_mae_config, tiny_trainer, tiny_wsp_config
 from helpers.trees import assert_trees_equal
@@ -57,6 +58,23 @@ def test_a_shape_mismatch_names_the_parameter_and_both_shapes(mae_run):
     transfer.load_into(fresh, transfer.resolve_checkpoint_dir(workdir), ('encoder',))
 
 
+def test_init_from_that_does_not_fit_is_named_before_anything_compiles(mae_run, monkeypatch,
+                                                                       tmp_path):
+  """The starting parameters are read and checked against the model's shapes before the step
+  compiles (and before the stage writes anything)."""
+  workdir, _ = mae_run
+
+  def compile_step(*args, **kwargs):
+    raise AssertionError('the step was compiled before init_from was checked')
+
+  monkeypatch.setattr(loop, 'build_with_remat_choice', compile_step)
+  config = tiny_wsp_config(variant='mu/4')
+  with pytest.raises(CheckpointMismatchError, match=r'patch_embed/kernel: checkpoint'):
+    train_stage(config, str(tmp_path / 'wsp'), devices=one_device(),
+                initialize=lambda params: transfer.load_from(params, workdir, ('encoder',)))
+  assert not (tmp_path / 'wsp' / 'checkpoints').exists()
+
+
 def test_taking_a_subtree_the_checkpoint_lacks_is_named(mae_run):
   workdir, _ = mae_run
   fresh = _fresh_wsp_params(tiny_wsp_config())
@@ -65,7 +83,7 @@ def test_taking_a_subtree_the_checkpoint_lacks_is_named(mae_run):
 
 
 def test_missing_checkpoint_is_named(tmp_path):
-  with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+  with pytest.raises(CheckpointUnreadableError, match=f'No checkpoint found at {tmp_path}'):
     transfer.resolve_checkpoint_dir(str(tmp_path))
 
 

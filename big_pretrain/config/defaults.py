@@ -21,9 +21,11 @@ from big_pretrain.storage.checkpoints import CHECKPOINT_KEYS
 from big_pretrain.train.optim import OPTIM_KEYS
 
 # The schema's version, recorded in every stage's config.json: 2 added this key (a config
-# recorded without it is version 1). Adding a key whose default is not what its absence
-# meant, or renaming one, is a new version with a step in config/upgrade.py.
-SCHEMA_VERSION = 2
+# recorded without it is version 1); from 3 on a record holds every key of its version, and
+# its checkpoints hold digests (storage/checkpoints.py). Adding or renaming a key is a new
+# version, listed in config/upgrade.py (KEYS_ADDED_IN_VERSION, and a step for a key whose
+# default is not what its absence meant).
+SCHEMA_VERSION = 3
 
 SCHEMA_VERSION_KEY = schema.Key(
     SCHEMA_VERSION, schema.COUNT,

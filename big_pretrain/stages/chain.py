@@ -24,6 +24,7 @@ from big_pretrain.errors import Preempted
 from big_pretrain.models.vit import SCAN_AUTO
 from big_pretrain.objectives import objective_class
 from big_pretrain.stages import jobs
+from big_pretrain.stages import stage_records
 from big_pretrain.stages import transfer
 from big_pretrain.stages.chain_validation import stage_references, validate_config
 from big_pretrain.storage import resume_identity
@@ -105,6 +106,10 @@ def run_validated(config, workdir: str, *, devices=None) -> dict[str, dict]:
   Raises errors.Preempted when a stage saved and stopped on a preemption notice.
   """
   stage_dirs = stage_workdirs(config, workdir)
+  # Each stage's recorded config.json holds what its version wrote, before any stage starts.
+  for name, stage_config in _stage_configs(config).items():
+    if not jobs.is_job(stage_config):
+      stage_records.check_recorded_config(stage_dirs[name])
   for name, stage_config in _stage_configs(config).items():
     stage_dir = stage_dirs[name]
     stage_config = with_stage_folders(stage_config, stage_dirs)

@@ -21,8 +21,10 @@ from big_pretrain.config.defaults import stage_keys
 from big_pretrain.config.validation import (check_keys, check_schema_version, check_values,
                                             unknown_key_error, validate_stage_config)
 from big_pretrain.data import data_config
-from big_pretrain.errors import ConfigError
+from big_pretrain.errors import ConfigError, UserFacingError
 from big_pretrain.stages import jobs
+from big_pretrain.stages import transfer
+from big_pretrain.weights import public_checkpoints
 from big_pretrain.weights.weight_files import PYTORCH_SUFFIXES
 
 TRAINING = 'training'  # the kind a stage reference may ask for, beside a job's name
@@ -106,19 +108,27 @@ def validate_config(config) -> None:
 
 
 def check_init_from_exists(stage_config, path: str) -> None:
-  """init_from.checkpoint is there, and readable here (a .pth needs torch)."""
+  """init_from.checkpoint is there and readable here, as far as that is known without
+  reading its arrays: public weights are of the format their name says, with a whole header
+  (a .pth needs torch); an Orbax checkpoint has a step whose metadata reads."""
   checkpoint = stage_config.init_from.checkpoint if 'init_from' in stage_config else None
   if not checkpoint:
     return
+  key = f'{path}.init_from.checkpoint={checkpoint!r}'
   if not epath.Path(checkpoint).exists():
-    raise ConfigError(f'{path}.init_from.checkpoint={checkpoint!r} does not exist: point it at '
-                      "a step folder, a folder of steps or a stage's folder, or at public "
-                      'weights (a timm or Hugging Face folder, a .safetensors, .pth or .npz '
-                      'file).')
+    raise ConfigError(f'{key} does not exist: point it at a step folder, a folder of steps or '
+                      "a stage's folder, or at public weights (a timm or Hugging Face folder, a "
+                      '.safetensors, .pth or .npz file).')
   if checkpoint.endswith(PYTORCH_SUFFIXES) and importlib.util.find_spec('torch') is None:
-    raise ConfigError(f'{path}.init_from.checkpoint={checkpoint!r} is a PyTorch file, which '
-                      'needs torch to read: pip install torch (CPU is enough), or convert it '
-                      'to .safetensors.')
+    raise ConfigError(f'{key} is a PyTorch file, which needs torch to read: pip install torch '
+                      '(CPU is enough), or convert it to .safetensors.')
+  try:
+    if public_checkpoints.is_public_checkpoint(checkpoint):
+      public_checkpoints.check_public_checkpoint(checkpoint)
+    else:
+      transfer.readable_step_dirs(checkpoint)
+  except UserFacingError as error:  # it names the file
+    raise ConfigError(f'{path}.init_from.checkpoint: {error}') from error
 
 
 def _value_at(config, dotted: str):

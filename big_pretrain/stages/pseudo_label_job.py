@@ -139,10 +139,11 @@ def read_teacher_config(teacher_dir: str) -> ml_collections.ConfigDict:
       'chain.')
 
 
-def teacher_params(objective, step_dir: str, mesh, rules):
-  """The teacher's parameters from `step_dir`, sharded as its train state's are."""
+def teacher_params(objective, checkpoint: str, mesh, rules) -> tuple[str, dict]:
+  """(step dir, the teacher's parameters), sharded as its train state's are: from the step
+  folder `checkpoint`, or the newest intact step of a stage folder (a damaged one skipped)."""
   abstract = abstract_params(objective, mesh, rules)
-  return transfer.load_into(abstract, step_dir, tuple(abstract))
+  return transfer.load_intact_into(abstract, checkpoint, tuple(abstract))
 
 
 def job_settings(config, teacher_step_dir: str, num_examples: int) -> dict:
@@ -169,10 +170,7 @@ def run_pseudo_label(config, workdir: str, *, teacher_dir: str | None = None, de
     raise ConfigError(
         f'The teacher in {teacher_dir} trains objective {objective.name!r}, which has no '
         "classification head: use a 'finetune', 'self_training' or 'wsp' stage.")
-  step_dir = transfer.resolve_checkpoint_dir(teacher_dir)
-  if int(os.path.basename(step_dir)) < teacher_config.total_steps:
-    logging.warning('The teacher in %s has not finished (step %s of %d): labelling with it.',
-                    teacher_dir, os.path.basename(step_dir), teacher_config.total_steps)
+  step_dir = transfer.resolve_checkpoint_dir(teacher_dir)  # the newest whose metadata reads
 
   data = config.data.copy_and_resolve_references()
   # The teacher sees images as it was evaluated: its size and centre crop.
@@ -182,7 +180,9 @@ def run_pseudo_label(config, workdir: str, *, teacher_dir: str | None = None, de
   source = sources.build_source(data)
   num_examples = len(source)
   settings = job_settings(config, step_dir, num_examples)
-  _check_or_record_settings(workdir, settings)
+  recorded = _recorded_settings(workdir)
+  if recorded is not None:
+    _check_same_settings(workdir, recorded, settings)
   metadata = _finished_metadata(workdir)
   if metadata is not None:
     logging.info('Pseudo-labels in %s are finished: nothing to do.', workdir)
@@ -190,7 +190,16 @@ def run_pseudo_label(config, workdir: str, *, teacher_dir: str | None = None, de
 
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   rules = sharding_lib.logical_axis_rules(config)
-  params = teacher_params(objective, step_dir, mesh, rules)
+  # Every array is checked against its digest. A new job skips a damaged newest step for the
+  # previous intact one; labels already made with a step go on with that step or stop.
+  step_dir, params = teacher_params(objective, teacher_dir if recorded is None else step_dir,
+                                    mesh, rules)
+  if recorded is None:
+    settings = job_settings(config, step_dir, num_examples)
+    _record_settings(workdir, settings)
+  if int(os.path.basename(step_dir)) < teacher_config.total_steps:
+    logging.warning('The teacher in %s has not finished (step %s of %d): labelling with it.',
+                    teacher_dir, os.path.basename(step_dir), teacher_config.total_steps)
   labels = config.labels
   top_k = 1 if labels.kind == 'hard' else labels.top_k
 
@@ -322,25 +331,31 @@ def _write_shard(workdir: str, shard: int, num_shards: int, records: list[bytes]
                      json.dumps(counts))
 
 
-def _check_or_record_settings(workdir: str, settings: dict) -> None:
-  """Resumes only the same job: other settings in the same folder are refused."""
+def _recorded_settings(workdir: str) -> dict | None:
+  """The settings job.json recorded, or None; read by every process before any writes it."""
   path = StageDir(workdir).job_file
   recorded = storage.read_json(
       path, if_damaged=f'It records the settings the pseudo-labels in {workdir} were made '
       'with, so this job cannot be checked against them: restore it, or use a new --workdir. '
       'Nothing was modified.')
-  # Another process may already have written the same settings: every process
-  # passes the barrier below whichever it saw.
-  if recorded is None and jax.process_index() == 0:
-    storage.write_text(path, json.dumps(settings, indent=2))
-  changed = sorted(key for key in settings if recorded is not None
-                   and recorded.get(key) != settings[key])
-  multihost_utils.sync_global_devices('pseudo_label settings')
+  multihost_utils.sync_global_devices('pseudo_label settings read')
+  return recorded
+
+
+def _check_same_settings(workdir: str, recorded: dict, settings: dict) -> None:
+  """Resumes only the same job: other settings in the same folder are refused."""
+  changed = sorted(key for key in settings if recorded.get(key) != settings[key])
   if changed:
     raise ConfigError(
         f'{workdir} holds pseudo-labels made with other settings ({", ".join(changed)} '
-        f'differ; recorded in {path}). Use a new --workdir for new labels; nothing was '
-        'changed.')
+        f'differ; recorded in {StageDir(workdir).job_file}). Use a new --workdir for new '
+        'labels; nothing was changed.')
+
+
+def _record_settings(workdir: str, settings: dict) -> None:
+  if jax.process_index() == 0:
+    storage.write_text(StageDir(workdir).job_file, json.dumps(settings, indent=2))
+  multihost_utils.sync_global_devices('pseudo_label settings')
 
 
 def _summary(workdir: str, num_shards: int, settings: dict, num_classes: int,

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from big_pretrain.config.upgrade import upgrade
+from big_pretrain.config.upgrade import check_whole, upgrade
 from big_pretrain.data import sources
 from big_pretrain.data.text.labels import LabelVocabulary
 from big_pretrain.storage import files as storage
+from big_pretrain.storage import resume_identity
 from big_pretrain.storage.stage_dir import StageDir
 
 
@@ -21,7 +22,18 @@ def read_stage_config(stage_dir: str, *, if_damaged: str,
   recorded = storage.read_json(path, if_damaged=if_damaged)
   if recorded is None:
     raise FileNotFoundError(f'{stage_dir!r} has no {path.rsplit("/", 1)[-1]}: {if_missing}')
-  return upgrade(recorded, where=path)
+  return upgrade(recorded, where=path, written_by=resume_identity.history_schema_version(stage_dir))
+
+
+def check_recorded_config(stage_dir: str) -> None:
+  """Refuses (DamagedFileError, one line) a stage whose config.json lacks keys the version
+  that wrote it had: before the stage resumes or is skipped as finished, since resume_identity
+  would take a missing key for one added to the schema since."""
+  path = StageDir(stage_dir).config_file
+  recorded = storage.read_json(path, if_damaged=resume_identity.IF_RECORD_DAMAGED.format(
+      workdir=stage_dir))
+  if recorded is not None:
+    check_whole(recorded, path, written_by=resume_identity.history_schema_version(stage_dir))
 
 
 def class_names(stage_config, num_classes: int) -> list[str]:

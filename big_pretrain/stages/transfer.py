@@ -28,10 +28,10 @@ from big_pretrain.models.vit import fit_layout
 from big_pretrain.storage import files as storage
 from big_pretrain.storage import checksums
 from big_pretrain.storage.checkpoints import (STATE_ITEM, check_shapes_fit, damaged_array,
-                                              read_digests, saved_steps, tree_shapes,
-                                              unreadable_reason)
+                                              recorded_digests, saved_steps, tree_shapes,
+                                              unreadable_reason, unverified_warning)
 from big_pretrain.storage.stage_dir import StageDir
-from big_pretrain.weights import public_checkpoints
+from big_pretrain.weights import public_checkpoints, weight_files
 
 def resolve_checkpoint_dir(path: str) -> str:
   """A readable step directory from a step dir, a checkpoints dir or a stage workdir: the
@@ -69,10 +69,11 @@ def readable_step_dirs(path: str) -> list[str]:
           f'No checkpoint in {candidate} can be read:\n  ' + '\n  '.join(reasons[:5]) +
           '\nIf it is an earlier stage of this config, move these step folders aside and run '
           'the same command: the stage runs again from its start.')
-  raise FileNotFoundError(
-      f'No checkpoint found at {path}: expected a step folder holding "{STATE_ITEM}/", or a '
-      'folder of such step folders. Point init_from.checkpoint at one, or init_from.stage '
-      'at an earlier stage of this config.')
+  raise CheckpointUnreadableError(
+      f'No checkpoint found at {path}: expected a step folder holding "{STATE_ITEM}/", a '
+      "folder of such step folders or a stage's folder, or public weights (a timm or Hugging "
+      'Face folder with its model.safetensors, a .safetensors, .pth or .npz file). Point '
+      'init_from.checkpoint at one, or init_from.stage at an earlier stage of this config.')
 
 
 def read_intact_subtrees(path: str, take: tuple[str, ...]) -> tuple[str, dict]:
@@ -132,15 +133,15 @@ def read_subtrees(step_dir: str, take: tuple[str, ...]) -> dict:
         f'config, move {step_dir} aside and run the same command: the stage resumes from its '
         'previous checkpoint and finishes again.') from error
   _verify_digests(step_dir, restored)
+  weight_files.check_finite(restored['params'], f'{step_dir} params')
   return restored['params']
 
 
 def _verify_digests(step_dir: str, restored: dict) -> None:
   """Every array read is checked against the digest its step was saved with."""
-  recorded = read_digests(step_dir)
+  recorded = recorded_digests(step_dir)
   if recorded is None:
-    logging.warning('%s was written without digests (before this version): it cannot be '
-                    'verified.', step_dir)
+    logging.warning('%s', unverified_warning(step_dir))
     return
   digests = {path: checksums.numpy_digest(leaf) for path, leaf in checksums.leaf_paths(restored)}
   problem = damaged_array(step_dir, digests, recorded)
@@ -161,11 +162,16 @@ def adapt_subtree(source: dict, target: dict, where: str) -> dict:
 def load_into(fresh_params: dict, step_dir: str, take: tuple[str, ...]) -> dict:
   """`fresh_params` with each subtree in `take` replaced by the checkpoint's, same shardings.
   `step_dir`: a step folder, or a folder of steps (the newest intact one is read)."""
-  step_dir, subtrees = read_intact_subtrees(step_dir, take)
+  return load_intact_into(fresh_params, step_dir, take)[1]
+
+
+def load_intact_into(fresh_params: dict, path: str, take: tuple[str, ...]) -> tuple[str, dict]:
+  """(the step folder read, `load_into`'s parameters)."""
   _check_takes(fresh_params, take)
+  step_dir, subtrees = read_intact_subtrees(path, take)
   adapted = {name: adapt_subtree(subtrees[name], fresh_params[name], f'{step_dir} params/{name}')
              for name in take}
-  return _placed(fresh_params, adapted, step_dir)
+  return step_dir, _placed(fresh_params, adapted, step_dir)
 
 
 def load_public_into(fresh_params: dict, path: str, take: tuple[str, ...]) -> dict:

@@ -7,8 +7,11 @@ from the step). Saves are asynchronous; a finished stage waits for them.
 Each step also holds the digests of its arrays and data position (storage/checksums.py),
 computed where the arrays are when the step is saved; a restore recomputes and compares
 them, so bytes altered on disk are found, named, set aside like any unreadable step, and
-the previous intact step is restored instead. Checkpoints written before digests existed
-restore with one warning that they cannot be verified.
+the previous intact step is restored instead. Deleting or emptying the digests does not
+switch the check off: a step whose record is missing or incomplete counts as damaged wherever
+the step (its Orbax metadata lists a digests item), the steps beside it or its stage's config
+(schema_version 3 on) show that digests were written. Only a step written before digests
+existed restores, with one warning that it cannot be verified.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from big_pretrain.errors import (CheckpointMismatchError, CheckpointSaveError,
                                  CheckpointUnreadableError, DamagedFileError)
 from big_pretrain.storage import checksums
 from big_pretrain.storage import files as storage
+from big_pretrain.storage.stage_dir import CONFIG_FILE, StageDir
 
 STATE_ITEM = 'state'
 DATA_ITEM = 'data'
@@ -51,9 +55,16 @@ def saved_steps(directory: str) -> list[int]:
   return sorted(int(name) for name in storage.list_dir(directory) if name.isdigit())
 
 
+# Orbax's record of a step: among other things, the items it was saved with.
+STEP_METADATA_FILE = '_CHECKPOINT_METADATA'
+# Every stage config.json of this schema version on was written by code that saves digests
+# (config/defaults.py SCHEMA_VERSION; a test keeps the two in step).
+DIGESTS_SINCE_SCHEMA_VERSION = 3
+
+
 def read_digests(step_dir: str) -> dict | None:
-  """The digests a step was saved with ({'arrays': {path: [h1, h2]}, 'data_iterator':
-  {process: sha256}}), or None for a checkpoint written before digests existed."""
+  """The digests file of a step as it is ({'arrays': {path: [h1, h2]}, 'data_iterator':
+  {process: sha256}}), or None if there is none. `recorded_digests` judges it."""
   path = os.path.join(step_dir, checksums.DIGESTS_ITEM, checksums.DIGESTS_FILE)
   try:
     return storage.read_json(path, if_damaged='The checkpoint cannot be verified without it: '
@@ -62,14 +73,85 @@ def read_digests(step_dir: str) -> dict | None:
     raise CheckpointUnreadableError(str(error)) from error
 
 
+def recorded_digests(step_dir: str) -> dict | None:
+  """The digests `step_dir` was saved with, or None for a step written before digests existed.
+
+  A record that is missing where digests were written (`digests_written`), unreadable, or
+  holds no array digests raises CheckpointUnreadableError: the step cannot be verified, so
+  it counts as damaged. Deleting the record is then no way around the check.
+  """
+  recorded = read_digests(step_dir)
+  path = os.path.join(step_dir, checksums.DIGESTS_ITEM, checksums.DIGESTS_FILE)
+  if recorded is None:
+    written, evidence = digests_written(step_dir)
+    if written:
+      raise CheckpointUnreadableError(
+          f'{path} is missing, although {evidence}: without it the step cannot be verified, '
+          'so it counts as damaged')
+    return None
+  arrays = recorded.get('arrays')
+  if not isinstance(arrays, dict) or not arrays:
+    raise CheckpointUnreadableError(
+        f'{path} records no array digests: without them the step cannot be verified, so it '
+        'counts as damaged')
+  return recorded
+
+
+def digests_written(step_dir: str) -> tuple[bool, str]:
+  """Whether the step in `step_dir` was saved with digests, and the evidence, in words.
+
+  The step's own Orbax metadata is the witness where it reads (it lists the items the step
+  was saved with); else the steps beside it, and its stage's config.json (written by a
+  version that saves digests from schema_version 3 on).
+  """
+  metadata = _json_or_none(os.path.join(step_dir, STEP_METADATA_FILE))
+  handlers = (metadata or {}).get('item_handlers')
+  if isinstance(handlers, dict):
+    if checksums.DIGESTS_ITEM in handlers:
+      return True, f'its {STEP_METADATA_FILE} lists a {checksums.DIGESTS_ITEM!r} item'
+    return False, f'its {STEP_METADATA_FILE} lists no {checksums.DIGESTS_ITEM!r} item'
+  folder = os.path.dirname(step_dir.rstrip('/'))
+  for step in saved_steps(folder):
+    sibling = os.path.join(folder, str(step))
+    if sibling != step_dir.rstrip('/') and storage.exists(
+        os.path.join(sibling, checksums.DIGESTS_ITEM, checksums.DIGESTS_FILE)):
+      return True, f'step {step} beside it has digests'
+  stage_config = _json_or_none(StageDir(os.path.dirname(folder)).config_file)
+  version = (stage_config or {}).get('schema_version')
+  if isinstance(version, int) and version >= DIGESTS_SINCE_SCHEMA_VERSION:
+    return True, (f"its stage's {CONFIG_FILE} was written by a version that saves digests "
+                  f'(schema_version {version})')
+  return False, 'nothing beside it shows digests'
+
+
+def _json_or_none(path: str) -> dict | None:
+  """A JSON object file, or None if it is missing or not one (a witness, not a record)."""
+  try:
+    return storage.read_json(path, if_damaged='')
+  except DamagedFileError:
+    return None
+
+
 def damaged_array(step_dir: str, restored: dict[str, list[int]], recorded: dict) -> str | None:
-  """The first restored array whose digest differs from `recorded` (the step's
-  `read_digests`): a message naming it and the step, or None."""
-  path = checksums.first_mismatch(restored, recorded.get('arrays', {}))
+  """Why the `restored` arrays fail the step's `recorded_digests`: the first one whose digest
+  differs, or that the record lacks (an incomplete record verifies nothing); None if all pass."""
+  arrays = recorded['arrays']
+  unrecorded = [path for path in restored if path not in arrays]
+  if unrecorded:
+    return (f'the digests of {step_dir} have no record of the array {unrecorded[0]}'
+            + (f' (nor of {len(unrecorded) - 1} more)' if len(unrecorded) > 1 else '')
+            + ': an incomplete record cannot verify the step, so it counts as damaged')
+  path = checksums.first_mismatch(restored, arrays)
   if path is None:
     return None
   return (f'the array {path} of {step_dir} does not match the digest it was saved with: its '
           'bytes changed on disk')
+
+
+def unverified_warning(step_dir: str) -> str:
+  """The one warning for a step written before digests existed."""
+  return (f'{step_dir} was written without digests, by a version of big_pretrain before them '
+          f'({digests_written(step_dir)[1]}): it cannot be verified.')
 
 
 def unreadable_reason(step_dir: str) -> str | None:
@@ -255,23 +337,21 @@ class Checkpointer:
     """CheckpointUnreadableError naming the first array (or data position) whose digest
     differs from the one the step was saved with; every process reaches the same verdict."""
     step_dir = self._step_dir(step)
-    recorded = read_digests(step_dir)
+    recorded = recorded_digests(step_dir)
     if recorded is None:
       if not self._warned_unverified:
-        logging.warning('The checkpoints in %s were written without digests (before this '
-                        'version): they cannot be verified; saves from now on can.',
-                        self.directory)
+        logging.warning('%s Saves from now on can be.', unverified_warning(step_dir))
         self._warned_unverified = True
       return
     problem = damaged_array(step_dir, checksums.tree_digests(state), recorded)  # same everywhere
     if problem is None and data_iterator is not None:
-      saved = recorded.get(checksums.DATA_DIGEST_KEY, {}).get(str(jax.process_index()))
+      saved = (recorded.get(checksums.DATA_DIGEST_KEY) or {}).get(str(jax.process_index()))
       here = checksums.bytes_digest(data_iterator.get_state())
-      damaged_here = saved is not None and saved != here
+      damaged_here = saved != here  # a record without this process's digest verifies nothing
       if np.any(multihost_utils.process_allgather(np.array([damaged_here]))):
         problem = (f'the data position of {step_dir} (process '
                    f'{jax.process_index()} or another) does not match the digest it was '
-                   'saved with: its bytes changed on disk')
+                   'saved with, or it has no digest there')
     if problem is not None:
       raise CheckpointUnreadableError(problem)
 

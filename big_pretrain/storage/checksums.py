@@ -141,7 +141,7 @@ def tree_digests(tree) -> dict[str, list[int]]:
 
 def first_mismatch(restored: dict[str, list[int]], recorded: dict[str, list[int]]) -> str | None:
   """The first path (in order) whose digest differs from the recorded one; paths the
-  record lacks are not judged (the caller checks the tree's shape)."""
+  record lacks are not judged here (storage/checkpoints.damaged_array counts them as damage)."""
   for path, digest in restored.items():
     if path in recorded and list(recorded[path]) != list(digest):
       return path

@@ -14,7 +14,10 @@ before anything is overwritten:
 
 Keys only one of the two configs has (added to or removed from the schema by
 another version of the code) are not changes the user made: they are logged,
-not refused.
+not refused. That a record holds every key the version which wrote it had (the record's
+schema_version, or its history's, says which) is checked before a stage starts
+(stages/stage_records.py check_recorded_config): a record that lost its model or seed would
+otherwise resume with any.
 """
 
 from __future__ import annotations
@@ -132,11 +135,30 @@ def with_recorded_layout(config, asked_auto: bool, workdir: str, checkpoint_step
 
 def _read_record(workdir: str) -> dict | None:
   """The recorded config.json; a damaged one is refused, since nothing could be compared."""
-  return storage.read_json(
-      StageDir(workdir).config_file,
-      if_damaged=f'It records the config the checkpoints in {workdir} were trained with, so '
-      'this run cannot be checked against it. Restore it, or move it away to resume without '
-      'the check, or use a new --workdir. Nothing was modified.')
+  return storage.read_json(StageDir(workdir).config_file, if_damaged=IF_RECORD_DAMAGED.format(
+      workdir=workdir))
+
+
+# What to do about a damaged config.json of a stage that has checkpoints.
+IF_RECORD_DAMAGED = (
+    'It records the config the checkpoints in {workdir} were trained with, so this run cannot '
+    'be checked against it. Restore it, or move it away to resume without the check, or use a '
+    'new --workdir. Nothing was modified.')
+
+
+def history_schema_version(workdir: str) -> int | None:
+  """The newest schema version config_history.jsonl says started the stage (its entries
+  record it from version 3 on), or None; a history that does not read says nothing."""
+  text = storage.read_text(StageDir(workdir).history_file) or ''
+  versions = []
+  for line in text.splitlines():
+    try:
+      entry = json.loads(line)
+    except ValueError:
+      return None  # record_start sets a damaged history aside
+    if isinstance(entry, dict) and isinstance(entry.get('schema_version'), int):
+      versions.append(entry['schema_version'])
+  return max(versions, default=None)
 
 
 def record_start(config, workdir: str, step: int, changes: ConfigChanges | None) -> None:
@@ -144,6 +166,7 @@ def record_start(config, workdir: str, step: int, changes: ConfigChanges | None)
   stage_dir = StageDir(workdir)
   history_path = stage_dir.history_file
   entry = {'step': step, 'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+           'schema_version': config.schema_version,
            'changes': {key: list(pair) for key, pair in (changes.all() if changes else {}).items()}}
   previous = _readable_history(history_path)
   # The history first, so a kill in between never leaves a config.json it does not explain.

@@ -31,7 +31,7 @@ from big_pretrain.data.train_input import InputPipeline
 from big_pretrain.evaluators import build_evaluators
 from big_pretrain.models import attention as attention_lib
 from big_pretrain.models.vit import SCAN_AUTO
-from big_pretrain.objectives import objective_class
+from big_pretrain.objectives import build_objective, objective_class
 from big_pretrain.storage import resume_identity
 from big_pretrain.storage import stage_dir as stage_dir_lib
 from big_pretrain.storage.checkpoints import Checkpointer, saved_steps
@@ -41,6 +41,7 @@ from big_pretrain.train.evaluation import StageEvaluations
 from big_pretrain.train.metric_writer import MetricWriter
 from big_pretrain.train.optim import make_optimizer, make_schedule
 from big_pretrain.train.remat_choice import build_with_remat_choice
+from big_pretrain.train.step import abstract_params
 from big_pretrain.train.throughput import LogInterval, SpeedReference
 
 
@@ -64,8 +65,10 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   `config`: a stage config that config.validation accepts (stages.chain.run validates every
   stage before the first starts). `stop_after_steps` stops early (after saving a
   checkpoint), as a preempted run would; the same call without it resumes exactly.
-  `initialize` maps fresh parameters to the starting ones (e.g. an MAE encoder); it is used
-  only when the stage has no checkpoint of its own yet.
+  `initialize` maps fresh parameters to the starting ones (e.g. an MAE encoder), replacing
+  the subtrees it takes and returning the others as given; it is used only when the stage
+  has no checkpoint of its own yet, and is given the parameters' shapes and shardings
+  (ShapeDtypeStructs), before the step compiles.
   """
   stage_dir = StageDir(workdir)
   # --- Config: what the data decides filled in, compared with the one the checkpoints were
@@ -84,6 +87,11 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   rules = sharding_lib.logical_axis_rules(config)
   logging.info('Mesh %s over %d devices.', dict(mesh.shape), mesh.size)
+  # Starting parameters (init_from, for a stage without checkpoints) are read and checked
+  # before anything compiles: a weights file of another format or shape, damaged bytes or
+  # non-finite values are named in seconds, not after the compile.
+  started_from = (_starting_params(initialize, config, mesh, rules)
+                  if initialize is not None and not checkpoint_steps else None)
   schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
   built = build_with_remat_choice(config, mesh, rules, make_optimizer(config.optim, schedule),
                                   schedule, global_batch_shapes(config.data, config.batch_size),
@@ -93,6 +101,8 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
     requested_config = requested_config.copy_and_resolve_references()
     with requested_config.ignore_type():
       requested_config.model.scan = config.model.scan
+    if started_from is not None:  # read again, in the layout chosen
+      started_from = _starting_params(initialize, config, mesh, rules)
   speed = SpeedReference.of(config, mesh)
   logging.info('Model FLOPs per step: %.3g; %s.', speed.flops_per_step, speed.peak_description)
 
@@ -112,7 +122,7 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
     open_resources.callback(checkpointer.close)
     open_resources.callback(checkpointer.wait_until_finished)  # an asynchronous save completes
     start_step, state = _restore_or_initialize(checkpointer, trainer, data_position, init_rng,
-                                               initialize, config.total_steps)
+                                               started_from, config.total_steps)
     final_evaluations_missing = (start_step >= config.total_steps
                                  and _final_evaluations_missing(config, stage_dir, start_step))
     if jax.process_index() == 0:
@@ -181,17 +191,26 @@ def _training_batches(data: InputPipeline, device_prefetch: int):
   return data, data.grain_iterator
 
 
+def _starting_params(initialize: Callable[[dict], dict], config, mesh, rules) -> dict:
+  """The subtrees of params that `initialize` replaces (read, checked and placed on their
+  shardings), given the parameters' shapes only: nothing is compiled or allocated but them."""
+  shapes = abstract_params(build_objective(config), mesh, rules)
+  started = initialize(shapes)
+  return {name: subtree for name, subtree in started.items() if subtree is not shapes.get(name)}
+
+
 def _restore_or_initialize(checkpointer: Checkpointer, trainer, data_position, init_rng,
-                           initialize, total_steps: int) -> tuple[int, object]:
-  """(step, state) of the latest readable checkpoint, or step 0 and a fresh state."""
+                           started_from: dict | None, total_steps: int) -> tuple[int, object]:
+  """(step, state) of the latest readable checkpoint, or step 0 and a fresh state (with the
+  subtrees `started_from` holds, read from init_from)."""
   restored = checkpointer.restore_latest_readable(trainer.abstract_state, data_position)
   if restored is not None:
     if restored[0] < total_steps:
       logging.info('Resuming at step %d of %d.', restored[0], total_steps)
     return restored
   state = trainer.init_state(init_rng)
-  if initialize is not None:
-    state = state.replace(params=initialize(state.params))
+  if started_from:
+    state = state.replace(params={**state.params, **started_from})
   logging.info('No checkpoint in %s; starting at step 0.', checkpointer.directory)
   return 0, state
 
