@@ -50,6 +50,29 @@ def uninterrupted_params(tmp_path_factory):
                              devices=one_device()))
 
 
+@pytest.fixture(scope='module')
+def stopped_at_step_6(tmp_path_factory):
+  """The fault config's stage stopped at step 6 of 8 (checkpoints 2, 4 and 6), trained once:
+  each test damages a copy (`_copy_of`)."""
+  workdir = tmp_path_factory.mktemp('stopped_at_6')
+  train_stage(_fault_config(), str(workdir), stop_after_steps=6, devices=one_device())
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def finished_at_step_8(tmp_path_factory):
+  """The fault config's stage finished (checkpoints 4, 6 and 8), trained once."""
+  workdir = tmp_path_factory.mktemp('finished_at_8')
+  train_stage(_fault_config(), str(workdir), devices=one_device())
+  return workdir
+
+
+def _copy_of(workdir, tmp_path):
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  return copy
+
+
 def test_sigterm_saves_the_current_step_and_the_same_call_resumes_exactly(
     tmp_path, monkeypatch, uninterrupted_params):
   reached = faults.PreemptionNotice.reached
@@ -158,9 +181,9 @@ def test_skip_nonfinite_updates_skips_a_bad_step_and_goes_on(tmp_path, monkeypat
 
 
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(
-    tmp_path, caplog, uninterrupted_params):
+    tmp_path, caplog, uninterrupted_params, stopped_at_step_6):
   config = _fault_config()
-  train_stage(config, str(tmp_path), stop_after_steps=6, devices=one_device())
+  tmp_path = _copy_of(stopped_at_step_6, tmp_path)
   latest = tmp_path / 'checkpoints' / '6'
   largest = max((p for p in latest.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
   with open(largest, 'r+b') as f:
@@ -328,12 +351,12 @@ def test_a_save_that_cannot_fit_is_refused_before_orbax_writes_anything(tmp_path
 
 @pytest.mark.parametrize('damage', ['one flipped bit', 'overwritten bytes'])
 def test_altered_array_bytes_are_found_set_aside_and_the_previous_step_resumed_exactly(
-    tmp_path, caplog, uninterrupted_params, damage):
+    tmp_path, caplog, uninterrupted_params, stopped_at_step_6, damage):
   """Bytes of the latest checkpoint's array data changed after it was written (a disk or
   bucket fault): the read succeeds, the digest does not match; that step is set aside and
   the run continues from the previous one, ending bit-identical to a run never damaged."""
   config = _fault_config()
-  train_stage(config, str(tmp_path), stop_after_steps=6, devices=one_device())
+  tmp_path = _copy_of(stopped_at_step_6, tmp_path)
   checkpoint_damage.damage_where_it_still_reads(tmp_path / 'checkpoints' / '6', damage)
 
   with caplog.at_level(logging.WARNING):
@@ -351,12 +374,12 @@ _ALTERED = 'params/encoder/transformer/block_1/mlp/fc1/kernel'
 
 @pytest.mark.parametrize('record', checkpoint_damage.DIGESTS_DAMAGE)
 def test_a_digests_record_deleted_emptied_or_incomplete_is_damage_and_set_aside(
-    tmp_path, caplog, uninterrupted_params, record):
+    tmp_path, caplog, uninterrupted_params, stopped_at_step_6, record):
   """Deleting or emptying the digests (or the record of one array) does not switch the check
   off: the latest step, with a flipped bit, is set aside and the run resumes exactly from
   the previous one."""
   config = _fault_config()
-  train_stage(config, str(tmp_path), stop_after_steps=6, devices=one_device())
+  tmp_path = _copy_of(stopped_at_step_6, tmp_path)
   latest = tmp_path / 'checkpoints' / '6'
   checkpoint_damage.alter_one_value(latest, _ALTERED)
   checkpoint_damage.damage_digests(latest, record, _ALTERED)
@@ -374,12 +397,12 @@ def test_a_digests_record_deleted_emptied_or_incomplete_is_damage_and_set_aside(
   assert_trees_equal(_params(resumed), uninterrupted_params)
 
 
-def test_only_steps_written_before_digests_restore_with_one_warning(tmp_path, caplog,
-                                                                    uninterrupted_params):
+def test_only_steps_written_before_digests_restore_with_one_warning(
+    tmp_path, caplog, uninterrupted_params, stopped_at_step_6):
   """Checkpoints of a version before digests (none in the step, none named in its Orbax
   metadata, a config of schema version 2) still load, saying once they cannot be verified."""
   config = _fault_config()
-  train_stage(config, str(tmp_path), stop_after_steps=6, devices=one_device())
+  tmp_path = _copy_of(stopped_at_step_6, tmp_path)
   for step_dir in (tmp_path / 'checkpoints').iterdir():
     checkpoint_damage.as_if_written_before_digests(step_dir)
   recorded = json.loads((tmp_path / 'config.json').read_text())
@@ -393,25 +416,25 @@ def test_only_steps_written_before_digests_restore_with_one_warning(tmp_path, ca
   assert_trees_equal(_params(resumed), uninterrupted_params)
 
 
-def test_where_a_step_shows_its_digests_were_written(tmp_path):
+def test_where_a_step_shows_its_digests_were_written(tmp_path, stopped_at_step_6):
   """The step's own Orbax metadata decides where it reads; else a step beside it with
   digests, or the stage's config.json of schema version 3 on."""
-  train_stage(tiny_mae_config(total_steps=4), str(tmp_path), devices=one_device())
+  tmp_path = _copy_of(stopped_at_step_6, tmp_path)
   steps = tmp_path / 'checkpoints'
-  assert checkpoint_lib.digests_written(str(steps / '4'))[0]
-  checkpoint_damage.as_if_written_before_digests(steps / '4')
-  assert not checkpoint_lib.digests_written(str(steps / '4'))[0]
-  (steps / '4' / '_CHECKPOINT_METADATA').unlink()
-  assert checkpoint_lib.digests_written(str(steps / '4')) == (
-      True, 'step 1 beside it has digests')
-  for step in ('1', '2'):
+  assert checkpoint_lib.digests_written(str(steps / '6'))[0]
+  checkpoint_damage.as_if_written_before_digests(steps / '6')
+  assert not checkpoint_lib.digests_written(str(steps / '6'))[0]
+  (steps / '6' / '_CHECKPOINT_METADATA').unlink()
+  assert checkpoint_lib.digests_written(str(steps / '6')) == (
+      True, 'step 2 beside it has digests')
+  for step in ('2', '4'):
     shutil.rmtree(steps / step)
-  assert checkpoint_lib.digests_written(str(steps / '4')) == (
+  assert checkpoint_lib.digests_written(str(steps / '6')) == (
       True, "its stage's config.json was written by a version that saves digests "
       f'(schema_version {SCHEMA_VERSION})')
   recorded = json.loads((tmp_path / 'config.json').read_text())
   (tmp_path / 'config.json').write_text(json.dumps({**recorded, 'schema_version': 2}))
-  assert not checkpoint_lib.digests_written(str(steps / '4'))[0]
+  assert not checkpoint_lib.digests_written(str(steps / '6'))[0]
 
 
 def test_when_every_checkpoint_is_damaged_the_stage_stops_in_one_line(tmp_path):
@@ -426,15 +449,14 @@ def test_when_every_checkpoint_is_damaged_the_stage_stops_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize('record', ('whole',) + checkpoint_damage.DIGESTS_DAMAGE)
-def test_init_from_and_export_skip_a_damaged_step_for_the_previous_intact_one(tmp_path, caplog,
-                                                                             record):
+def test_init_from_and_export_skip_a_damaged_step_for_the_previous_intact_one(
+    tmp_path, caplog, finished_at_step_8, record):
   """A reader of another stage's checkpoints (init_from, the export) checks every array it
   reads, against a record that must be whole; a damaged newest step is skipped, and left
   where it is."""
   from big_pretrain import export  # pylint: disable=import-outside-toplevel
   from big_pretrain.stages import transfer  # pylint: disable=import-outside-toplevel
-  config = _fault_config()
-  train_stage(config, str(tmp_path), devices=one_device())  # steps 4, 6, 8 kept
+  tmp_path = _copy_of(finished_at_step_8, tmp_path)  # steps 4, 6, 8 kept
   checkpoints = tmp_path / 'checkpoints'
   intact = transfer.read_subtrees(str(checkpoints / '6'), ('encoder',))
   checkpoint_damage.alter_one_value(checkpoints / '8', _ALTERED)
