@@ -6,10 +6,11 @@ INSTALLED := $(VENV)/.installed
 TPU_COMPILE_INSTALLED := $(VENV)/.tpu-compile-installed
 WEIGHTS_TEST_INSTALLED := $(VENV)/.weights-test-installed
 BENCHMARKS_INSTALLED := $(VENV)/.benchmarks-installed
+TEST_INSTALLED := $(VENV)/.test-installed
 DEMO_WORKDIR ?= workdirs/demo
 
 .PHONY: demo test install install-gpu install-tf install-tpu-compile install-weights-test \
-	install-benchmarks pre-pretraining-sweep clean-demo
+	install-benchmarks install-test pre-pretraining-sweep clean-demo
 
 install: $(INSTALLED)
 
@@ -57,6 +58,13 @@ $(BENCHMARKS_INSTALLED): $(INSTALLED) requirements-benchmarks.txt
 pre-pretraining-sweep: $(BENCHMARKS_INSTALLED)
 	$(VENV)/bin/python benchmarks/pre_pretraining.py --processes=2
 
+# pytest and pytest-xdist: the tests' runner, which `make demo` does not need.
+install-test: $(TEST_INSTALLED)
+
+$(TEST_INSTALLED): $(INSTALLED) requirements-test.txt
+	$(VENV)/bin/python -m pip install --quiet -r requirements-test.txt
+	touch $(TEST_INSTALLED)
+
 # TensorFlow, only to prepare TFDS datasets and for benchmarks/input_speed.py's tf.data rows:
 # training, data reading and logging never import it.
 install-tf: $(INSTALLED)
@@ -70,7 +78,8 @@ demo: $(INSTALLED)
 # Three pytest-xdist workers, one test file each at a time: more workers than the
 # 2 cores CI has, because the multi-process tests' parents wait on their children
 # and checkpoint saves wait on threads (8:52 vs 9:17 with two, 15:32 with none).
-test: $(INSTALLED) $(TPU_COMPILE_INSTALLED) $(WEIGHTS_TEST_INSTALLED) $(BENCHMARKS_INSTALLED)
+test: $(INSTALLED) $(TEST_INSTALLED) $(TPU_COMPILE_INSTALLED) $(WEIGHTS_TEST_INSTALLED) \
+	$(BENCHMARKS_INSTALLED)
 	$(VENV)/bin/python -m pytest -q -n 3 --dist loadfile tests
 
 clean-demo:

@@ -15,11 +15,13 @@ setup(
     packages=find_packages(include=['big_pretrain', 'big_pretrain.*']),
     package_data={'big_pretrain.data.text': ['vocabularies/*.txt']},
     python_requires='>=3.11',
-    install_requires=[r for r in pinned_requirements() if not r.startswith('pytest')],
+    install_requires=pinned_requirements(),
     # pip install -e .[tf]: TensorFlow, only to prepare TFDS datasets and for the tf.data
     # rows of benchmarks/input_speed.py.
     # .[weights-test]: torch, timm and transformers, which the parity tests load our exported
     # weights in (importing a MAE .pth needs torch alone).
+    # .[test]: pytest and pytest-xdist, the suite's runner.
     extras_require={'tf': pinned_requirements('requirements-tf.txt'),
-                    'weights-test': pinned_requirements('requirements-weights-test.txt')},
+                    'weights-test': pinned_requirements('requirements-weights-test.txt'),
+                    'test': pinned_requirements('requirements-test.txt')},
 )

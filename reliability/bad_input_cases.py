@@ -6,6 +6,7 @@ with what was done and the check that does it (reliability/bad_input_checks.py).
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import signal
 from typing import Callable
@@ -17,6 +18,7 @@ from reliability.bad_input_checks import (
     image_folder_run, read_only_workdir, refused_at_start, refused_unchanged, remove_arrays,
     remove_metadata, resume_allowed, sigkill_then_rerun, signalled, signalled_at_start,
     truncate_config_json, truncate_largest, two_runs_at_once, unreadable_checkpoint)
+from reliability import fourth_ring_checks as checks
 from reliability.damaged_file_checks import (
     ARRAY_RECORD, EXIT_REFUSED_LATE, backend_cannot_start, damaged_block_mid_shard,
     damaged_config_history, damaged_eval_results, flip_a_bit_that_still_decodes,
@@ -59,6 +61,36 @@ TABLE_ROWS = {
     'altered': ("bytes of a checkpoint's array data altered after it was written; a block "
                 'damaged in the middle of an ArrayRecord shard; a backend that cannot start',
                 ('checkpoint_bit_flipped', 'shard_block_damaged', 'backend_cannot_start')),
+    'removable_integrity': (
+        "a step's digests deleted, emptied or missing an array, its bytes altered: on resume, "
+        'in init_from and in the export',
+        ('digests_deleted', 'digests_emptied', 'digests_missing_array', 'init_from_damaged_step',
+         'export_damaged_step')),
+    'config_record': (
+        "a stage's config.json that lost its model, objective, seed or batch size, or that an "
+        'export wrote over',
+        ('config_json_lost_model', 'config_json_lost_objective', 'config_json_lost_seed',
+         'config_json_lost_batch_size', 'config_json_is_an_export')),
+    'export_output': (
+        "an export into a stage's folder, a workdir or a folder inside one, over another "
+        "format's export, into a file or onto a read-only filesystem",
+        ('export_into_stage', 'export_into_workdir', 'export_inside_stage',
+         'export_over_timm_export', 'export_output_is_file', 'export_output_read_only')),
+    'foreign_weights': (
+        'init_from.checkpoint: a Hugging Face folder without config.json, bfloat16 safetensors, '
+        'a file whose name says another format, a cut file, NaN values, a .pth holding other '
+        'objects, a ViT of another width, no such path',
+        ('init_from_hf_without_config', 'init_from_bf16', 'init_from_npz_named_safetensors',
+         'init_from_html_named_pth', 'init_from_cut_safetensors', 'init_from_nan',
+         'init_from_pth_with_args', 'init_from_other_width', 'init_from_missing')),
+    'command_inputs': (
+        "the export's --format, --step and stage; --compile_for with a file as --workdir or a "
+        "slice larger than its generation's; the converter's and the vocabulary builder's paths "
+        'and flags',
+        ('export_bad_format', 'export_bad_step', 'export_missing_step', 'export_no_stage',
+         'compile_for_workdir_is_file', 'compile_for_v5e_512', 'convert_input_missing',
+         'convert_output_is_file', 'convert_examples_abc', 'vocabulary_source_missing',
+         'vocabulary_output_is_folder')),
 }
 
 
@@ -275,7 +307,7 @@ def cases() -> list[Case]:
            lambda ctx: refused_unchanged(ctx, damage=truncate_config_json,
                                          evidence='config.json cannot be read'),
            needs='trained'),
-  ] + _second_ring_cases() + _third_ring_cases()
+  ] + _second_ring_cases() + _third_ring_cases() + _fourth_ring_cases()
 
 
 def _third_ring_cases() -> list[Case]:
@@ -293,4 +325,140 @@ def _third_ring_cases() -> list[Case]:
                                 CARRY_ON, (EXIT_OK,), 'Skipping damaged record at')),
       Case('backend_cannot_start', 'altered', '`JAX_PLATFORMS=tpu` on this machine (no TPU)',
            backend_cannot_start),
+  ]
+
+
+def _fourth_ring_cases() -> list[Case]:
+  """Integrity that deleting a record does not switch off, config records that lost keys,
+  exports that must not overwrite, foreign weight files, and every other command's inputs."""
+  lost = '(?s)lacks keys that every config written by its version'
+  weights = lambda *edit: checks.copied_export(checks.TIMM_EXPORT, *edit)  # noqa: E731
+
+  def init_from(name, done, make, evidence, *args, expect=REFUSE, exit_codes=(EXIT_USAGE,),
+                before_workdir=True, needs=checks.TIMM_EXPORT):
+    return Case(name, 'foreign_weights', done, lambda ctx: checks.init_from_run(
+        ctx, make, *args, expect=expect, exit_codes=exit_codes, evidence=evidence,
+        before_workdir=before_workdir), needs=needs)
+
+  def export_output(name, done, output, evidence, *args, base='trained'):
+    return Case(name, 'export_output', done, lambda ctx: checks.export_refused(
+        ctx, output, *args, evidence=evidence, base=base), needs=base)
+
+  def command(name, done, program, *args, evidence, output=''):
+    return Case(name, 'command_inputs', done,
+                checks.command_refused(program, *args, evidence=evidence, output=output))
+
+  vocabulary = ('labels', '--source=image_folder', '--path={fixtures}/good_images')
+  return [
+      Case('digests_deleted', 'removable_integrity', 'flip a bit of checkpoints/4 where it '
+           'still decodes, delete its digests item, rerun',
+           checks.digests_resume_check('deleted'), needs='trained'),
+      Case('digests_emptied', 'removable_integrity', 'flip a bit of checkpoints/4, write {} '
+           'into its digests.json, rerun', checks.digests_resume_check('emptied'),
+           needs='trained'),
+      Case('digests_missing_array', 'removable_integrity', "remove one array's record from "
+           "checkpoints/4's digests.json, rerun",
+           checks.digests_resume_check('missing an array'), needs='trained'),
+      Case('init_from_damaged_step', 'removable_integrity', "the chain's finished MAE: flip a "
+           'bit of its final step, delete its digests; rerun with WSP not started',
+           checks.init_from_a_damaged_step, needs='chain'),
+      Case('export_damaged_step', 'removable_integrity', 'flip a bit of checkpoints/4, empty '
+           'its digests.json; export the stage', checks.export_skips_a_damaged_step,
+           needs='trained'),
+      *[Case(f'config_json_lost_{key}', 'config_record', f'delete `{key}` from the 4-step '
+             "workdir's config.json, rerun", lambda ctx, key=key: refused_unchanged(
+                 ctx, damage=checks.config_json_edited(checks.without(key)),
+                 evidence=lost + f'.*{key}', exit_codes=(EXIT_STOPPED,)), needs='trained')
+        for key in ('model', 'objective', 'seed', 'batch_size')],
+      Case('config_json_is_an_export', 'config_record', "a timm export's config.json written "
+           "over the 4-step workdir's, rerun", lambda ctx: refused_unchanged(
+               ctx, damage=checks.config_json_edited(checks.timm_config), evidence=lost,
+               exit_codes=(EXIT_STOPPED,)), needs='trained'),
+      export_output('export_into_stage', '`--output=` the stage folder itself',
+                    lambda ctx, workdir: workdir, 'is a stage folder'),
+      export_output('export_into_workdir', "the chain's MAE exported with `--output=` the "
+                    "chain's workdir", lambda ctx, workdir: workdir, 'is the workdir of a run',
+                    base='chain'),
+      export_output('export_inside_stage', '`--output=STAGE/exported`',
+                    lambda ctx, workdir: os.path.join(workdir, 'exported'),
+                    'is a stage folder'),
+      export_output('export_over_timm_export', '`--format=hf --output=` a folder holding a timm '
+                    'export', checks.a_timm_export, 'holds a timm export: add --overwrite'),
+      Case('export_overwrite', 'added', 'the same with `--overwrite`: only the hf files remain',
+           checks.export_overwrites_the_other_format, needs='trained'),
+      export_output('export_output_is_file', '`--output=` an existing file',
+                    lambda ctx, workdir: ctx.fixture('raising.py'), 'is a file, not a folder'),
+      Case('export_output_read_only', 'export_output', '`--output=` inside a read-only tmpfs',
+           checks.export_to_read_only, needs='trained'),
+      init_from('init_from_hf_without_config', 'a Hugging Face export without its config.json',
+                checks.copied_export(checks.HF_EXPORT, checks.without_config_json),
+                'has no config.json', expect=CARRY_ON, exit_codes=(EXIT_OK,),
+                needs=checks.HF_EXPORT),
+      init_from('init_from_bf16', 'the timm export in bfloat16 (a .safetensors of BF16 tensors)',
+                weights(checks.in_bfloat16), 'Initialized params/encoder from',
+                expect=CARRY_ON, exit_codes=(EXIT_OK,)),
+      init_from('init_from_npz_named_safetensors', 'an .npz file named model.safetensors',
+                weights(checks.npz_named_safetensors), 'its bytes are a NumPy .npz'),
+      init_from('init_from_html_named_pth', 'an HTML page (a failed download) named '
+                'weights.pth', weights(checks.html_named_pth), 'its bytes are an HTML page'),
+      init_from('init_from_cut_safetensors', "the timm export's model.safetensors cut in half",
+                weights(checks.cut_weights), 'cut short'),
+      init_from('init_from_nan', "the timm export's weights with one NaN",
+                weights(checks.with_a_nan), "'patch_embed.proj.weight' holds 1 NaN",
+                before_workdir=False),
+      Case('init_from_pth_with_args', 'foreign_weights', "a .pth of {'model': tensors, 'epoch', "
+           "'args': argparse.Namespace}", checks.needs_torch(lambda ctx: checks.init_from_run(
+               ctx, weights(checks.pth_with_args), expect=REFUSE, exit_codes=(EXIT_USAGE,),
+               evidence=r"'args' \(argparse.Namespace\)", before_workdir=True)),
+           needs=checks.TIMM_EXPORT),
+      init_from('init_from_other_width', 'the timm export (width 64) into '
+                '`--config.model.variant=Ti/8` (width 192)', weights(), 'width 64',
+                '--config.model.variant=Ti/8', exit_codes=(EXIT_STOPPED,), before_workdir=False),
+      init_from('init_from_missing', '`--config.init_from.checkpoint=` a file that is not there',
+                lambda ctx: os.path.join(ctx.folder, 'nowhere.safetensors'), 'does not exist',
+                needs=''),
+      command('export_bad_format', '`--format=onnx`', checks.EXPORT,
+              '{fixtures}/trained', '--format=onnx', '--output={folder}/exported',
+              evidence="--format='onnx': choose one of timm, hf"),
+      command('export_bad_step', '`--step=abc`', checks.EXPORT, '{fixtures}/trained',
+              '--format=timm', '--step=abc', '--output={folder}/exported',
+              evidence="--step='abc': give a step number"),
+      command('export_missing_step', '`--step=99` (no such step)', checks.EXPORT,
+              '{fixtures}/trained', '--format=timm', '--step=99', '--output={folder}/exported',
+              evidence='Step 99 .*cannot be read', output='{folder}/exported'),
+      command('export_no_stage', 'a stage folder that is not there', checks.EXPORT,
+              '{folder}/nowhere', '--format=timm', '--output={folder}/exported',
+              evidence='nowhere', output='{folder}/exported'),
+      Case('compile_for_workdir_is_file', 'command_inputs', '`--compile_for=v5e-4 --workdir=` '
+           'a file', lambda ctx: checks.compile_for_refused(
+               ctx, f'--workdir={ctx.fixture("raising.py")}', '--compile_for=v5e-4',
+               evidence='is a file, not a folder')),
+      Case('compile_for_v5e_512', 'command_inputs', '`--compile_for=v5e-512` (v5e slices stop '
+           'at 256 chips)', lambda ctx: checks.compile_for_refused(
+               ctx, ctx.fresh(), '--compile_for=v5e-512', evidence='larger than any v5e slice')),
+      command('convert_input_missing', '`--input=` a folder that is not there', checks.CONVERT,
+              '--input={folder}/nowhere', '--output={folder}/converted',
+              evidence='does not exist', output='{folder}/converted'),
+      command('convert_output_is_file', '`--output=` an existing file', checks.CONVERT,
+              '--input={fixtures}/good_images', '--output={fixtures}/raising.py',
+              evidence='is a file, not a folder'),
+      command('convert_examples_abc', '`--examples_per_shard=abc`', checks.CONVERT,
+              '--input={fixtures}/good_images', '--examples_per_shard=abc',
+              '--output={folder}/converted', evidence="--examples_per_shard='abc'",
+              output='{folder}/converted'),
+      command('vocabulary_source_missing', 'labels from `--path=` a folder that is not there',
+              checks.VOCABULARY, 'labels', '--source=image_folder', '--path={folder}/nowhere',
+              '--output={folder}/vocab.txt', evidence='does not exist. Set --path'),
+      command('vocabulary_output_is_folder', '`--output=` an existing folder', checks.VOCABULARY,
+              *vocabulary, '--output={folder}', evidence='is a folder'),
+      Case('vocabulary_is_folder', 'added', "`--config.stages.wsp.data.labels.vocabulary=` a "
+           'folder', lambda ctx: refused_at_start(
+               ctx, ctx.tiny('chain'), ctx.fresh(),
+               f'--config.stages.wsp.data.labels.vocabulary={ctx.fixtures}',
+               evidence='is not a file')),
+      Case('data_path_is_file', 'added', '`--config.data.path=` a file for an image folder',
+           lambda ctx: refused_at_start(ctx, ctx.tiny(), ctx.fresh(),
+                                        '--config.data.source=image_folder',
+                                        f'--config.data.path={ctx.fixture("raising.py")}',
+                                        evidence='is a file, not a folder')),
   ]

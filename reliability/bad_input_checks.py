@@ -19,9 +19,10 @@ import time
 from typing import Callable
 
 from big_pretrain.errors import EXIT_PREEMPTED, EXIT_STOPPED, EXIT_USAGE
-from reliability.processes import REPO, ProcessGroup, Run
+from reliability.processes import MAIN, REPO, ProcessGroup, Run
 
 EXIT_OK = 0
+MAIN_PY = 'main.py'
 POLL_SECONDS = 0.05
 BASE_TOTAL_STEPS = 4     # the shared workdir stops here; the config says 6 (an allowed change)
 
@@ -46,16 +47,24 @@ class Context:
   cache: str                     # JAX compilation cache shared by every run
   _runs: int = 0
 
-  def start(self, *args: str, devices: int = 1, env_overrides=None) -> ProcessGroup:
+  def start(self, *args: str, devices: int = 1, env_overrides=None,
+            program: str = MAIN_PY) -> ProcessGroup:
+    """main.py (or another of the project's commands, `program`) with `args`."""
     self._runs += 1
     env = _main_env(devices)
     env.update(env_overrides or {})
     env['JAX_COMPILATION_CACHE_DIR'] = self.cache
     env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-    return ProcessGroup(list(args), os.path.join(self.folder, f'run{self._runs}.log'), env=env)
+    script = MAIN if program == MAIN_PY else f'-m {program}'
+    return ProcessGroup(list(args), os.path.join(self.folder, f'run{self._runs}.log'), env=env,
+                        script=script)
 
   def main(self, *args: str, devices: int = 1, env_overrides=None) -> Run:
     return self.start(*args, devices=devices, env_overrides=env_overrides).finish(self.timeout)
+
+  def command(self, program: str, *args: str) -> Run:
+    """One of the project's other commands (a module: 'big_pretrain.export'), run to its end."""
+    return self.start(*args, program=program).finish(self.timeout)
 
   def fresh(self) -> str:
     """--workdir= a new folder of the case's, which a refused run must leave unwritten."""
@@ -91,6 +100,7 @@ class Observed:
   problems: list[str] = dataclasses.field(default_factory=list)  # a follow-up that failed
   extra_output: str = ''          # other runs of the case (checked for tracebacks too)
   not_run: str = ''               # why the case could not run on this machine
+  program: str = 'main.py'        # the command run: its one-line messages start '<program>: '
 
 
 # --- The workdir before and after: was anything lost?

@@ -1,9 +1,11 @@
-"""Bad inputs and faults against main.py: does each end in a clear message or graceful handling?
+"""Bad inputs and faults against the project's commands: does each end in a clear message or
+graceful handling?
 
 Runs each case of the bad-input table (reliability/bad_input_cases.py; a row that lists
 several cases is split into one case each), and a few more a user would meet, against the
-real `main.py` as a subprocess with a tiny MAE config (written into a temporary folder), and
-prints one markdown table:
+real `main.py` (and `python -m big_pretrain.export`, `.data.convert`,
+`.data.text.build_vocabulary`) as a subprocess with a tiny MAE config (written into a
+temporary folder), and prints one markdown table:
 
   case | what was done | exit code | outcome | verdict
 
@@ -18,13 +20,15 @@ computed from what happened, not written down per case:
   data lost             a checkpoint, the recorded config or the saved steps
                         are gone or changed where nothing should have been
   UNEXPECTED            another exit code or a missing piece of evidence
-  clear one-line message   refused with exactly one `main.py: ...` line
+  clear one-line message   refused with exactly one `main.py: ...` line (the command's own:
+                        `big_pretrain.export: ...`)
   graceful handling     carried on (or saved and stopped) as documented
 
-  python reliability/bad_inputs.py                 # about 4-6 min on 2 CPU cores
+  python reliability/bad_inputs.py                 # about 12 min on 2 CPU cores
   python reliability/bad_inputs.py --only=lr,sigint --keep
 
-Cases that need a trained workdir share one (trained once, copied per case).
+Cases that need a trained workdir (or its timm or Hugging Face export) share one (made once,
+copied per case).
 Compilations are shared through a JAX compilation cache in the temporary
 folder. A full disk is a small tmpfs mounted for the case (needs root and a
 kernel that allows it; otherwise the case says "not run here").
@@ -50,6 +54,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # pylint: disable=wrong-import-position
 from reliability.bad_input_cases import Case, cases
 from reliability.bad_input_checks import (BASE_TOTAL_STEPS, EXIT_OK, REFUSE, Context, Observed)
+from reliability.fourth_ring_checks import EXPORT, HF_EXPORT, TIMM_EXPORT
 from reliability.processes import Run
 
 LOOP_LOG_LINES = 3000    # a run that loops on a bad input writes tens of thousands of warnings
@@ -138,9 +143,9 @@ def verdict(observed: Observed) -> str:
   if observed.evidence and not re.search(observed.evidence, output):
     return f'UNEXPECTED (no {observed.evidence!r} in the output)'
   if observed.expect == REFUSE:
-    messages = main_py_lines(run.output)
+    messages = message_lines(run.output, observed.program)
     if len(messages) != 1:
-      return f'UNCLEAR ({len(messages)} main.py lines)'
+      return f'UNCLEAR ({len(messages)} {observed.program} lines)'
     return 'clear one-line message'
   return 'graceful handling'
 
@@ -150,8 +155,9 @@ BAD_VERDICTS = ('HANG', 'TRACEBACK', 'LOOP', 'SILENT MIX', 'data lost', 'UNEXPEC
 _ABSL_PREFIX = re.compile(r'^[IWEF]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] ')
 
 
-def main_py_lines(output: str) -> list[str]:
-  return [line.strip() for line in output.splitlines() if line.startswith('main.py: ')]
+def message_lines(output: str, program: str = 'main.py') -> list[str]:
+  """The command's own one-line messages: those that start with '<program>: '."""
+  return [line.strip() for line in output.splitlines() if line.startswith(f'{program}: ')]
 
 
 def outcome(observed: Observed, case_folder: str = '', root: str = '') -> str:
@@ -166,7 +172,7 @@ def outcome(observed: Observed, case_folder: str = '', root: str = '') -> str:
     return text.replace(root, '$TMP') if root else text
 
   output = shortened(observed.run.output)
-  messages = main_py_lines(output)
+  messages = message_lines(output, observed.program)
   line = messages[-1] if messages else ''
   if not line and observed.evidence:
     line = next((_ABSL_PREFIX.sub('', l).strip()
@@ -206,12 +212,32 @@ def write_fixtures(fixtures: str, config: str) -> None:
     f.write(TINY_CONFIG)
 
 
+# The shared exports of the trained tiny MAE, by fixture name: their format.
+EXPORT_FIXTURES = {TIMM_EXPORT: 'timm', HF_EXPORT: 'hf'}
+
+
 def train_fixture(ctx: Context, name: str) -> Run:
-  """The shared trained workdirs: the tiny MAE stopped at 4 of 6 steps, the finished chain."""
+  """The shared trained workdirs: the tiny MAE stopped at 4 of 6 steps, the finished chain;
+  and the shared exports of the first (made once it is trained)."""
   workdir = ctx.fixture(name)
+  if name in EXPORT_FIXTURES:
+    return ctx.command(EXPORT, ctx.fixture('trained'), f'--format={EXPORT_FIXTURES[name]}',
+                       f'--output={workdir}')
   if name == 'trained':
     return ctx.main(ctx.tiny(), f'--workdir={workdir}', f'--config.total_steps={BASE_TOTAL_STEPS}')
   return ctx.main(ctx.tiny('chain'), f'--workdir={workdir}')
+
+
+def make_fixtures(setup: Context, selected: list[Case], pool) -> None:
+  """Trains (then exports) the shared fixtures the selected cases need; exits if one fails."""
+  needed = {case.needs for case in selected if case.needs}
+  exports = sorted(needed & set(EXPORT_FIXTURES))
+  trained = sorted((needed - set(EXPORT_FIXTURES)) | ({'trained'} if exports else set()))
+  for names in (trained, exports):  # the exports read the trained workdir
+    for name, run in zip(names, pool.map(lambda name: train_fixture(setup, name), names)):
+      if run.rc != EXIT_OK:
+        sys.exit(f'Making the shared fixture {name!r} failed (exit {run.rc}):\n'
+                 + textwrap.indent(run.output[-3000:], '  '))
 
 
 def run_case(case: Case, root: str, args) -> tuple[Case, Observed]:
@@ -250,14 +276,9 @@ def main():
     setup = Context(os.path.join(root, 'fixtures'), os.path.join(root, 'tiny.py'),
                     os.path.join(root, 'fixtures'), args.case_timeout,
                     os.path.join(root, 'jax_cache'))
-    needed = sorted({case.needs for case in selected if case.needs})
     with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
-      for name, run in zip(needed, pool.map(lambda name: train_fixture(setup, name), needed)):
-        if run.rc != EXIT_OK:
-          sys.exit(f'Training the shared workdir {name!r} failed (exit {run.rc}):\n'
-                   + textwrap.indent(run.output[-3000:], '  '))
-      print(f'Shared workdirs {needed} trained in {time.monotonic() - started:.0f} s.',
-            file=sys.stderr)
+      make_fixtures(setup, selected, pool)
+      print(f'Shared fixtures made in {time.monotonic() - started:.0f} s.', file=sys.stderr)
       results = list(pool.map(lambda case: run_case(case, root, args), selected))
     print(markdown_table(results, root))
     bad = [case.name for case, observed in results if verdict(observed).startswith(BAD_VERDICTS)]

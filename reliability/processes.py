@@ -35,8 +35,9 @@ class Run:
 
 
 def command(args: list[str], script: str = MAIN) -> list[str]:
-  """How `script` with `args` is started: by this interpreter."""
-  return [sys.executable, script, *args]
+  """How `script` with `args` is started: by this interpreter. A script named `-m module`
+  runs that module (python -m big_pretrain.export)."""
+  return [sys.executable, *(['-m', script[3:]] if script.startswith('-m ') else [script]), *args]
 
 
 class ProcessGroup:

@@ -23,7 +23,7 @@ def test_every_row_of_the_table_is_split_into_its_cases():
   assert set(rows) - {'added'} == set(bad_input_cases.TABLE_ROWS)
   for row, (_, expected_cases) in bad_input_cases.TABLE_ROWS.items():
     assert set(expected_cases) <= rows[row], f'row {row!r} lacks {set(expected_cases) - rows[row]}'
-  assert 50 <= len(cases) <= 70
+  assert 90 <= len(cases) <= 120
 
 
 def _observed(rc, output, expect=REFUSE, exit_codes=(2,), **fields):
@@ -51,6 +51,11 @@ def _observed(rc, output, expect=REFUSE, exit_codes=(2,), **fields):
                evidence='cannot be read'), "UNEXPECTED (no 'cannot be read' in the output)"),
     (Observed(None, REFUSE, (1,), not_run='no tmpfs'),
      'not run here: no tmpfs'),
+    # Another command's one line is its own, never main.py's.
+    (_observed(2, 'big_pretrain.export: --output=run is a stage folder\n',
+               program='big_pretrain.export'), 'clear one-line message'),
+    (_observed(2, 'main.py: x\n', program='big_pretrain.export'),
+     'UNCLEAR (0 big_pretrain.export lines)'),
 ])
 def test_verdict(observed, expected):
   assert bad_inputs.verdict(observed) == expected
