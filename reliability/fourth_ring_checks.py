@@ -153,8 +153,10 @@ def export_overwrites_the_other_format(ctx: Context) -> Observed:
   left = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
   if left != ['config.json', 'model.safetensors', 'preprocessor_config.json']:
     observed.problems.append(f'the folder holds {left}')
-  elif 'model_type' not in json.loads(open(os.path.join(folder, 'config.json')).read()):
-    observed.problems.append("config.json is not the Hugging Face one")
+  else:
+    with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
+      if 'model_type' not in json.load(f):
+        observed.problems.append("config.json is not the Hugging Face one")
   return observed
 
 
