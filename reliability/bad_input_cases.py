@@ -456,6 +456,17 @@ def _fourth_ring_cases() -> list[Case]:
                ctx, ctx.tiny('chain'), ctx.fresh(),
                f'--config.stages.wsp.data.labels.vocabulary={ctx.fixtures}',
                evidence='is not a file')),
+      *[Case(name, 'added', f'configs/pseudo_label.py with `--config.teacher.workdir=` {what}',
+             lambda ctx, teacher=teacher, evidence=evidence: refused_at_start(
+                 ctx, '--config=configs/pseudo_label.py', ctx.fresh(),
+                 f'--config.teacher.workdir={teacher(ctx)}',
+                 f'--config.data.path={ctx.fixture("good_images")}', evidence=evidence),
+             needs=needs)
+        for name, what, teacher, evidence, needs in (
+            ('teacher_not_a_stage', 'a folder of images',
+             lambda ctx: ctx.fixture('good_images'), 'has no config.json', ''),
+            ('teacher_without_head', 'a MAE stage (no classification head)',
+             lambda ctx: ctx.fixture('trained'), 'has no classification head', 'trained'))],
       Case('data_path_is_file', 'added', '`--config.data.path=` a file for an image folder',
            lambda ctx: refused_at_start(ctx, ctx.tiny(), ctx.fresh(),
                                         '--config.data.source=image_folder',

@@ -28,7 +28,8 @@ from big_pretrain.train.loop import train_stage
 from helpers import checkpoint_damage
 from helpers.hashes import file_hashes
 from helpers.jax_workers import launch_workers
-from helpers.tiny_config import tiny_pseudo_label_config, tiny_student_config, tiny_teacher_config
+from helpers.tiny_config import (tiny_mae_config, tiny_pseudo_label_config, tiny_student_config,
+                                 tiny_teacher_config)
 
 FOUR_DEVICES = 4  # the two worker processes' 2 devices each, or one process's 4
 
@@ -273,6 +274,18 @@ def test_teacher_pseudo_labels_student_as_a_chain(teacher_dir, tmp_path):
   np.testing.assert_array_equal(
       jax.tree.leaves(jax.device_get(whole.state.params))[0],
       jax.tree.leaves(jax.device_get(train_stage(resolved, stage_dirs['student']).state.params))[0])
+
+
+def test_a_teacher_folder_that_cannot_label_is_refused_at_validation(tmp_path):
+  """config.teacher.workdir is checked before anything starts: a folder that is no stage,
+  and a stage without a classification head (MAE, whose `predict` reconstructs pixels)."""
+  labels = tiny_pseudo_label_config(**{'teacher.workdir': str(tmp_path)})
+  with pytest.raises(ConfigError, match=r"teacher\.workdir: .* has no config\.json"):
+    validate_config(labels)
+  (tmp_path / 'config.json').write_text(tiny_mae_config().to_json_best_effort())
+  with pytest.raises(ConfigError, match=r"trains objective 'mae', which has no classification "
+                                        'head'):
+    validate_config(labels)
 
 
 def test_configs_that_cannot_self_train_are_refused_before_any_compute():

@@ -44,8 +44,8 @@ from big_pretrain.data import sources
 from big_pretrain.data.data_config import DATA_KEYS
 from big_pretrain.data.eval_input import decode_key, ordered_batches
 from big_pretrain.data.sources import pseudo_labelled
-from big_pretrain.errors import ConfigError
-from big_pretrain.objectives import build_objective
+from big_pretrain.errors import ConfigError, UserFacingError
+from big_pretrain.objectives import build_objective, objective_class
 from big_pretrain.stages import stage_records, transfer
 from big_pretrain.storage import files as storage
 from big_pretrain.storage.stage_dir import StageDir
@@ -102,7 +102,24 @@ def check_config(config, path: str) -> None:
     raise ConfigError(
         f'{path}.teacher: give stage (an earlier stage of config.stages) or workdir (the '
         'folder of a finished stage with a classification head), exactly one of them.')
+  if config.teacher.workdir:  # a chain's teacher stage is checked when it has run
+    try:
+      check_teacher(config.teacher.workdir)
+    except UserFacingError as error:
+      raise ConfigError(f'{path}.teacher.workdir: {error}') from error
   data_config.check_config(config.data, path)
+
+
+def check_teacher(teacher_dir: str) -> ml_collections.ConfigDict:
+  """The teacher stage's recorded config, once it is known to train a classifier (a head
+  that scores classes: finetune, a self-training student, WSP); a one-line error otherwise."""
+  teacher_config = read_teacher_config(teacher_dir)
+  objective = objective_class(teacher_config.objective.name)
+  if objective.exported_head(teacher_config) is None:
+    raise ConfigError(
+        f'The teacher in {teacher_dir} trains objective {objective.name!r}, which has no '
+        "classification head: use a 'finetune', 'self_training' or 'wsp' stage.")
+  return teacher_config
 
 
 def results(workdir: str) -> dict | None:
@@ -164,12 +181,8 @@ def run_pseudo_label(config, workdir: str, *, teacher_dir: str | None = None, de
   `config.teacher.workdir`. `stop_after_shards` stops early, as a killed job would.
   """
   teacher_dir = teacher_dir or config.teacher.workdir
-  teacher_config = read_teacher_config(teacher_dir)
+  teacher_config = check_teacher(teacher_dir)
   objective = build_objective(teacher_config)
-  if not hasattr(objective, 'predict'):
-    raise ConfigError(
-        f'The teacher in {teacher_dir} trains objective {objective.name!r}, which has no '
-        "classification head: use a 'finetune', 'self_training' or 'wsp' stage.")
   step_dir = transfer.resolve_checkpoint_dir(teacher_dir)  # the newest whose metadata reads
 
   data = config.data.copy_and_resolve_references()

@@ -9,6 +9,7 @@ import ml_collections
 from big_pretrain.config.upgrade import check_whole, upgrade
 from big_pretrain.data import sources
 from big_pretrain.data.text.labels import LabelVocabulary
+from big_pretrain.errors import UsageError
 from big_pretrain.storage import files as storage
 from big_pretrain.storage import resume_identity
 from big_pretrain.storage.stage_dir import StageDir
@@ -21,7 +22,7 @@ def read_stage_config(stage_dir: str, *, if_damaged: str,
   path = StageDir(stage_dir).config_file
   recorded = storage.read_json(path, if_damaged=if_damaged)
   if recorded is None:
-    raise FileNotFoundError(f'{stage_dir!r} has no {path.rsplit("/", 1)[-1]}: {if_missing}')
+    raise UsageError(f'{stage_dir!r} has no {path.rsplit("/", 1)[-1]}: {if_missing}')
   return upgrade(recorded, where=path, written_by=resume_identity.history_schema_version(stage_dir))
 
 
