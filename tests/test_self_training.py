@@ -278,7 +278,8 @@ def test_teacher_pseudo_labels_student_as_a_chain(teacher_dir, tmp_path):
 
 def test_a_teacher_folder_that_cannot_label_is_refused_at_validation(tmp_path):
   """config.teacher.workdir is checked before anything starts: a folder that is no stage,
-  and a stage without a classification head (MAE, whose `predict` reconstructs pixels)."""
+  and a stage without a classification head (MAE, whose `predict` reconstructs pixels); and
+  a student's folder of pseudo-labels."""
   labels = tiny_pseudo_label_config(**{'teacher.workdir': str(tmp_path)})
   with pytest.raises(ConfigError, match=r"teacher\.workdir: .* has no config\.json"):
     validate_config(labels)
@@ -286,6 +287,10 @@ def test_a_teacher_folder_that_cannot_label_is_refused_at_validation(tmp_path):
   with pytest.raises(ConfigError, match=r"trains objective 'mae', which has no classification "
                                         'head'):
     validate_config(labels)
+  # A student's pseudo_labels.path that holds no finished labels, likewise.
+  with pytest.raises(ConfigError, match=r'data\.pseudo_labels\.path: No finished pseudo-labels '
+                                        r'in .* \(metadata\.json is missing\)'):
+    validate_config(tiny_student_config(str(tmp_path)))
 
 
 def test_configs_that_cannot_self_train_are_refused_before_any_compute():

@@ -14,6 +14,7 @@ from big_pretrain import schema
 from big_pretrain.data import augment
 from big_pretrain.data import corrupt_images
 from big_pretrain.data import sources
+from big_pretrain.data.sources import pseudo_labelled
 from big_pretrain.data.text import labels
 from big_pretrain.data.text import tokenizer_files
 from big_pretrain.errors import ConfigError
@@ -61,8 +62,9 @@ def check_config(data, path: str = 'config') -> None:
 
 def check_data_exists(data, path: str = 'config') -> None:
   """Raises ConfigError when a local data.path or data.test_path holds no images or shards,
-  or a local label vocabulary or tokenizer does not read (they are small: read once now, a
-  damaged one is named before any compile, not after). A bucket's are found when read."""
+  a local pseudo_labels.path no finished pseudo-labels, or a local label vocabulary or
+  tokenizer does not read (they are small: read once now, a damaged one is named before any
+  compile, not after). A bucket's are found when read."""
   for key in ('path', 'test_path'):
     location = data.get(key)
     if not location or is_bucket(location):
@@ -71,6 +73,13 @@ def check_data_exists(data, path: str = 'config') -> None:
       sources.check_has_data(data.source, location)
     except (OSError, ValueError) as error:
       raise ConfigError(f'{path}.data.{key}: {error}') from None
+  # A chain fills pseudo_labels.path from pseudo_labels.stage once that stage has run.
+  pseudo_labels = data.pseudo_labels.path if 'pseudo_labels' in data else None
+  if pseudo_labels and not is_bucket(pseudo_labels):
+    try:
+      pseudo_labelled.read_metadata(pseudo_labels)
+    except (OSError, ValueError) as error:  # UserFacingError's kinds are ValueErrors
+      raise ConfigError(f'{path}.data.pseudo_labels.path: {error}') from None
   files = {'labels.vocabulary': (data.labels.vocabulary, labels.LabelVocabulary.from_file),
            'text.tokenizer': (data.text.tokenizer, tokenizer_files.load_tokenizer)}
   for key, (location, read) in files.items():

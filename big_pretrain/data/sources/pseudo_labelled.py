@@ -24,7 +24,7 @@ from big_pretrain.data import records
 from big_pretrain.data.sources import array_record
 from big_pretrain.data.sources.source import example_key
 from big_pretrain.data.text import labels as labels_lib
-from big_pretrain.errors import ConfigError, DamagedFileError
+from big_pretrain.errors import ConfigError, DamagedFileError, UsageError
 from big_pretrain.storage import files as storage
 
 # config.data.pseudo_labels: a self-training student's pseudo-labelled images.
@@ -51,7 +51,7 @@ def read_metadata(folder: str) -> dict[str, Any]:
   """The finished job's metadata.json; a clear error when the folder holds no finished job."""
   path = pathlib.Path(folder) / records.METADATA_FILE
   if not path.is_file():
-    raise FileNotFoundError(
+    raise UsageError(
         f'No finished pseudo-labels in {folder!r} ({records.METADATA_FILE} is missing): run the '
         'pseudo-label stage first (it writes that file last), or point '
         'config.data.pseudo_labels.path at its folder.')
