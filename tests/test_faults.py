@@ -305,6 +305,22 @@ def test_a_failed_save_stops_the_run_and_keeps_the_earlier_checkpoints(tmp_path,
   assert resumed.finished and resumed.steps_run == 6
 
 
+def test_a_save_failure_raised_again_on_close_is_a_save_error(tmp_path, monkeypatch):
+  """Orbax's close waits for the step's metadata write and raises its error again (the disk
+  filled meanwhile): a CheckpointSaveError, one line, not an OSError's traceback."""
+  checkpointer = Checkpointer(str(tmp_path / 'checkpoints'), _fault_config().checkpoint)
+  real_close = ocp.CheckpointManager.close
+
+  def close_after_a_failed_metadata_write(manager):
+    real_close(manager)
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'close', close_after_a_failed_metadata_write)
+  with pytest.raises(CheckpointSaveError, match=r'No space left on device.*stopping') as error:
+    checkpointer.close()
+  assert '\n' not in str(error.value)
+
+
 def test_an_asynchronous_saves_failure_names_its_own_step(tmp_path, monkeypatch):
   # Orbax raises a background save's error when the next save starts: the message
   # names the step that was lost (2), not the one being started (4).

@@ -435,4 +435,9 @@ class Checkpointer:
       raise self._save_error(None, error) from error
 
   def close(self) -> None:
-    self._manager.close()
+    """Closes the manager; an asynchronous save's failure it raises again (a full disk
+    while Orbax wrote the step's metadata) is a CheckpointSaveError, as on every wait."""
+    try:
+      self._manager.close()
+    except Exception as error:  # noqa: BLE001  (Orbax raises many kinds; all mean: not saved)
+      raise self._save_error(None, error) from error
