@@ -242,11 +242,17 @@ def held_out_smaller_than_batch(ctx: Context) -> Observed:
 
 
 def read_only_workdir(ctx: Context) -> Observed:
+  return on_a_read_only_mount(ctx, lambda mount_point: refused_at_start(
+      ctx, ctx.tiny(), f'--workdir={mount_point}/run', evidence='not writable'))
+
+
+def on_a_read_only_mount(ctx: Context, check: Callable[[str], Observed]) -> Observed:
+  """`check(mount_point)` with a read-only tmpfs mounted in the case's folder; 'not run here'
+  where mounting fails."""
   with tmpfs(os.path.join(ctx.folder, 'read_only'), 'ro,size=1m') as mount_point:
     if mount_point is None:
       return Observed(None, REFUSE, (EXIT_USAGE,), not_run='mounting a read-only tmpfs failed')
-    return refused_at_start(ctx, ctx.tiny(), f'--workdir={mount_point}/run',
-                            evidence='not writable')
+    return check(mount_point)
 
 
 @contextlib.contextmanager

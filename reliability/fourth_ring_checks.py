@@ -20,7 +20,7 @@ import numpy as np
 from big_pretrain.errors import EXIT_USAGE
 from reliability.bad_input_checks import (
     BASE_TOTAL_STEPS, CARRY_ON, EXIT_OK, REFUSE, Context, Observed, changes_between,
-    checkpoint_steps, cut_in_half, tmpfs, unreadable_checkpoint)
+    checkpoint_steps, cut_in_half, on_a_read_only_mount, unreadable_checkpoint)
 from reliability.damaged_file_checks import fingerprint_tree, flip_a_bit_that_still_decodes
 
 EXPORT = 'big_pretrain.export'
@@ -161,11 +161,8 @@ def export_overwrites_the_other_format(ctx: Context) -> Observed:
 
 
 def export_to_read_only(ctx: Context) -> Observed:
-  with tmpfs(os.path.join(ctx.folder, 'read_only'), 'ro,size=1m') as mount_point:
-    if mount_point is None:
-      return Observed(None, REFUSE, (EXIT_USAGE,), not_run='mounting a read-only tmpfs failed')
-    return export_refused(ctx, lambda ctx, workdir: os.path.join(mount_point, 'exported'),
-                          evidence='not writable')
+  return on_a_read_only_mount(ctx, lambda mount_point: export_refused(
+      ctx, lambda ctx, workdir: os.path.join(mount_point, 'exported'), evidence='not writable'))
 
 
 def export_command(ctx: Context, *args: str, evidence: str) -> Observed:
