@@ -7,10 +7,11 @@ TPU_COMPILE_INSTALLED := $(VENV)/.tpu-compile-installed
 WEIGHTS_TEST_INSTALLED := $(VENV)/.weights-test-installed
 BENCHMARKS_INSTALLED := $(VENV)/.benchmarks-installed
 TEST_INSTALLED := $(VENV)/.test-installed
+BEAM_INSTALLED := $(VENV)/.beam-installed
 DEMO_WORKDIR ?= workdirs/demo
 
 .PHONY: demo test install install-gpu install-tf install-tpu-compile install-weights-test \
-	install-benchmarks install-test pre-pretraining-sweep clean-demo
+	install-benchmarks install-test install-beam pre-pretraining-sweep clean-demo
 
 install: $(INSTALLED)
 
@@ -58,6 +59,15 @@ $(BENCHMARKS_INSTALLED): $(INSTALLED) requirements-benchmarks.txt
 pre-pretraining-sweep: $(BENCHMARKS_INSTALLED)
 	$(VENV)/bin/python benchmarks/pre_pretraining.py --processes=2
 
+# Apache Beam and imagehash: data preparation as a Beam pipeline (--runner=DirectRunner here,
+# Dataflow / Flink / Spark at scale) and near-duplicate removal (--dedup_against). The tests
+# need them; `make demo` does not (without --runner the commands run in process).
+install-beam: $(BEAM_INSTALLED)
+
+$(BEAM_INSTALLED): $(INSTALLED) requirements-beam.txt
+	$(VENV)/bin/python -m pip install --quiet -r requirements-beam.txt
+	touch $(BEAM_INSTALLED)
+
 # pytest and pytest-xdist: the tests' runner, which `make demo` does not need.
 install-test: $(TEST_INSTALLED)
 
@@ -79,7 +89,7 @@ demo: $(INSTALLED)
 # 2 cores CI has, because the multi-process tests' parents wait on their children
 # and checkpoint saves wait on threads (8:52 vs 9:17 with two, 15:32 with none).
 test: $(INSTALLED) $(TEST_INSTALLED) $(TPU_COMPILE_INSTALLED) $(WEIGHTS_TEST_INSTALLED) \
-	$(BENCHMARKS_INSTALLED)
+	$(BENCHMARKS_INSTALLED) $(BEAM_INSTALLED)
 	$(VENV)/bin/python -m pytest -q -n 3 --dist loadfile tests
 
 clean-demo:

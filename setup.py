@@ -21,7 +21,10 @@ setup(
     # .[weights-test]: torch, timm and transformers, which the parity tests load our exported
     # weights in (importing a MAE .pth needs torch alone).
     # .[test]: pytest and pytest-xdist, the suite's runner.
+    # .[beam]: Apache Beam and imagehash, to prepare data as a Beam pipeline (--runner) and
+    # to leave out near-duplicates of held-out images (--dedup_against).
     extras_require={'tf': pinned_requirements('requirements-tf.txt'),
                     'weights-test': pinned_requirements('requirements-weights-test.txt'),
-                    'test': pinned_requirements('requirements-test.txt')},
+                    'test': pinned_requirements('requirements-test.txt'),
+                    'beam': pinned_requirements('requirements-beam.txt')},
 )

@@ -91,6 +91,11 @@ TABLE_ROWS = {
          'compile_for_workdir_is_file', 'compile_for_v5e_512', 'convert_input_missing',
          'convert_output_is_file', 'convert_examples_abc', 'vocabulary_source_missing',
          'vocabulary_output_is_folder')),
+    'beam_inputs': (
+        "the converter's input glob matching nothing, a tar that is not a tar, a Beam runner "
+        'that does not exist, a Beam option no class declares, Dataflow without its companions',
+        ('convert_glob_matches_nothing', 'convert_not_a_tar', 'convert_no_such_runner',
+         'convert_unknown_beam_option', 'convert_dataflow_alone')),
 }
 
 
@@ -446,6 +451,22 @@ def _fourth_ring_cases() -> list[Case]:
               '--input={fixtures}/good_images', '--examples_per_shard=abc',
               '--output={folder}/converted', evidence="--examples_per_shard='abc'",
               output='{folder}/converted'),
+      *[Case(name, 'beam_inputs', done, checks.command_refused(
+            checks.CONVERT, *args, '--output={folder}/converted', evidence=evidence,
+            output='{folder}/converted'))
+        for name, done, args, evidence in (
+            ('convert_glob_matches_nothing', "`--input='{folder}/none-*.tar'`",
+             ('--input={folder}/none-*.tar',), 'No tar shard matches'),
+            ('convert_not_a_tar', '`--input=` a Python file as a tar',
+             ('--input={fixtures}/raising.py',), 'is not a tar file'),
+            ('convert_no_such_runner', '`--runner=TurboRunner`',
+             ('--input={fixtures}/good_images', '--runner=TurboRunner'), 'no such runner'),
+            ('convert_unknown_beam_option', '`--runner=DirectRunner --direct_wrokers=2`',
+             ('--input={fixtures}/good_images', '--runner=DirectRunner', '--direct_wrokers=2'),
+             'no Beam pipeline option knows it|neither this command nor any Beam'),
+            ('convert_dataflow_alone', '`--runner=DataflowRunner --project=p` alone',
+             ('--input=gs://bucket/shard-*.tar', '--runner=DataflowRunner', '--project=p-1'),
+             'needs --region, --temp_location'))],
       command('vocabulary_source_missing', 'labels from `--path=` a folder that is not there',
               checks.VOCABULARY, 'labels', '--source=image_folder', '--path={folder}/nowhere',
               '--output={folder}/vocab.txt', evidence='does not exist. Set --path'),

@@ -14,6 +14,7 @@ import pytest
 
 from big_pretrain.config.validation import validate_stage_config
 from big_pretrain.data import convert
+from big_pretrain.data.prepare import convert_job
 from big_pretrain.data import data_config
 from big_pretrain.data import records as records_lib
 from big_pretrain.data import sources
@@ -409,13 +410,13 @@ def test_source_texts_of_array_record_and_tfds_for_the_build_commands(converted,
   output, _ = converted
   parser = argparse.ArgumentParser()
   source_texts.add_source_arguments(parser)
-  texts = source_texts.read_source_texts(
-      parser.parse_args(['--source=array_record', f'--path={output}']), parser)
+  texts = list(source_texts.iter_source_texts(
+      parser.parse_args(['--source=array_record', f'--path={output}']), parser))
   assert len(texts) == 10 and texts[0] == {'hashtags': ['#cat', '#cute'],
                                            'caption': 'a fluffy cat #cat #cute'}
-  texts = source_texts.read_source_texts(parser.parse_args([
+  texts = list(source_texts.iter_source_texts(parser.parse_args([
       '--source=tfds', '--tfds_name=tiny_tfds_for_test', f'--tfds_data_dir={tfds_dir}',
-      '--tfds_caption_key=caption', '--num_examples=5']), parser)
+      '--tfds_caption_key=caption', '--num_examples=5']), parser))
   assert len(texts) == 5 and all(t['hashtags'][0][1:] in TFDS_CLASSES for t in texts)
 
 
@@ -512,7 +513,7 @@ def test_the_converter_reads_each_shard_back_after_writing(tmp_path, monkeypatch
   """A shard that does not read back whole (here: a write the disk altered) fails the
   conversion naming the shard, instead of leaving a damaged dataset behind."""
   _tar_of_images(tmp_path / 'data.tar', 12)
-  real_verify = convert.verify_shard
+  real_verify = convert_job.verify_shard
 
   def verify_after_damage(path, num_examples):
     data = bytearray(path.read_bytes())
@@ -520,9 +521,9 @@ def test_the_converter_reads_each_shard_back_after_writing(tmp_path, monkeypatch
     path.write_bytes(bytes(data))
     real_verify(path, num_examples)
 
-  monkeypatch.setattr(convert, 'verify_shard', verify_after_damage)
+  monkeypatch.setattr(convert_job, 'verify_shard', verify_after_damage)
   with pytest.raises(OSError, match=r'does not read back .*hash mismatch.*Convert again'):
     convert.convert(str(tmp_path / 'data.tar'), str(tmp_path / 'out'))
-  monkeypatch.setattr(convert, 'verify_shard', real_verify)
+  monkeypatch.setattr(convert_job, 'verify_shard', real_verify)
   summary = convert.convert(str(tmp_path / 'data.tar'), str(tmp_path / 'again'))
   assert summary.num_examples == 12  # verified and kept

@@ -13,4 +13,5 @@ numerics: comparing float32 results of two computation orders.
 probe_data: features with known classes, for the probe evaluators.
 eval_counting: what an evaluator reads of a held-out split.
 checkpoint_damage: a saved step's bytes altered, its digests record deleted or emptied.
+near_duplicate_images: distinct generated images and their re-encoded, resized, cropped copies.
 """

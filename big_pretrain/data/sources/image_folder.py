@@ -67,6 +67,10 @@ class ImageFolder:
   def num_classes(self) -> int:
     return len(self._class_names)
 
+  def listing(self) -> list[tuple[str, int]]:
+    """(image path, label) of every example, in order: what the converter splits into shards."""
+    return list(zip(self._image_paths, self._labels))
+
   def __getitem__(self, index: int) -> dict[str, Any]:
     image_path = self._image_paths[int(index)]
     try:
