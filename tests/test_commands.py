@@ -29,7 +29,7 @@ def test_flag_mistakes_are_one_line_naming_the_flag_and_exit_2(tmp_path, capsys)
        'big_pretrain.data.convert: unrecognized arguments: --shards=3'),
       (build_vocabulary.main, ['words', *vocabulary[1:]],
        "big_pretrain.data.text.build_vocabulary: command='words': choose one of labels, "
-       'tokenizer.'),
+       'tokenizer, captions.'),
       (build_vocabulary.main, [*vocabulary, '--source=folder'],
        "big_pretrain.data.text.build_vocabulary: --source='folder': choose one of"),
       (build_vocabulary.main, ['labels', '--source=image_folder', '--output=v.txt'],

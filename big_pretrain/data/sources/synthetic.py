@@ -176,19 +176,14 @@ class SyntheticShapes:
     return len(self.class_names)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    index = int(index)
-    if not 0 <= index < self._num_examples:
-      raise IndexError(
-          f'Index {index} out of range for SyntheticShapes of length {self._num_examples}.')
-    rng = np.random.default_rng((self._seed, index, *self._stream))
+    rng = self._example_rng(index)
     size = self._image_size
+    index = int(index)
 
     label = index % len(_SHAPES)
     shape_name, mask_fn = _SHAPES[label]
-    colour_id = int(rng.integers(len(PALETTE)))
-    background_id = int(rng.choice(self._background_choices[colour_id]))
-    size_id = int(rng.integers(len(SIZES)))
-    size_name, (min_extent, max_extent) = SIZES[size_id]
+    colour_id, background_id, size_id = self._draw_text_attributes(rng)
+    min_extent, max_extent = SIZES[size_id][1]
 
     half_extent = rng.uniform(min_extent, max_extent) * size
     centre_x, centre_y = rng.uniform(half_extent, size - half_extent, size=2)
@@ -204,13 +199,40 @@ class SyntheticShapes:
     image = np.where(mask[..., None], colour, background)
     image += rng.normal(0.0, _NOISE_STD, size=image.shape).astype(np.float32)
 
-    colour_name = PALETTE[colour_id][0]
-    background_name = PALETTE[background_id][0]
     return {
         'key': f'synthetic/{self._split}/{index}',
         'image': np.clip(image, 0, 255).astype(np.uint8),
         'label': label if self._label == 'shape' else colour_id,
-        'caption': f'a {size_name} {colour_name} {shape_name} on a {background_name} background',
-        'hashtags': [f'#{shape_name}', f'#{colour_name}', f'#{size_name}',
-                     f'#{background_name}_background'],
+        **_texts(shape_name, colour_id, background_id, size_id),
     }
+
+  def texts(self, index: int) -> dict[str, Any]:
+    """The 'caption' and 'hashtags' of example `index`, as ``self[index]`` has them, without
+    drawing its image (3x faster at 16 pixels): what the vocabulary commands read."""
+    colour_id, background_id, size_id = self._draw_text_attributes(self._example_rng(index))
+    return _texts(SHAPE_NAMES[int(index) % len(_SHAPES)], colour_id, background_id, size_id)
+
+  def _example_rng(self, index: int) -> np.random.Generator:
+    index = int(index)
+    if not 0 <= index < self._num_examples:
+      raise IndexError(
+          f'Index {index} out of range for SyntheticShapes of length {self._num_examples}.')
+    return np.random.default_rng((self._seed, index, *self._stream))
+
+  def _draw_text_attributes(self, rng: np.random.Generator) -> tuple[int, int, int]:
+    """(colour, background, size) ids: an example's first draws, before anything that depends
+    on the image size, so its text is the same at every image size."""
+    colour_id = int(rng.integers(len(PALETTE)))
+    background_id = int(rng.choice(self._background_choices[colour_id]))
+    size_id = int(rng.integers(len(SIZES)))
+    return colour_id, background_id, size_id
+
+
+def _texts(shape_name: str, colour_id: int, background_id: int, size_id: int) -> dict[str, Any]:
+  colour_name, background_name = PALETTE[colour_id][0], PALETTE[background_id][0]
+  size_name = SIZES[size_id][0]
+  return {
+      'caption': f'a {size_name} {colour_name} {shape_name} on a {background_name} background',
+      'hashtags': [f'#{shape_name}', f'#{colour_name}', f'#{size_name}',
+                   f'#{background_name}_background'],
+  }

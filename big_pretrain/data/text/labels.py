@@ -116,7 +116,8 @@ def example_tags(example: Mapping[str, Any], use_caption_words: bool = False) ->
                          use_caption_words)
 
 
-def _storable(tag: str) -> bool:
+def is_storable(tag: str) -> bool:
+  """Whether a vocabulary file can hold the tag: it has none of the format's separators."""
   return not any(separator in tag for separator in _SEPARATORS)
 
 
@@ -196,7 +197,7 @@ class LabelVocabulary:
       raise ValueError(
           f'{location}: {role} {raw!r} is empty once normalized (a leading "#",'
           ' case and punctuation at the ends are stripped); give it letters or digits.')
-    if not _storable(name):
+    if not is_storable(name):
       raise ValueError(
           f'{location}: {role} {name!r} contains one of {_SEPARATORS}, which separate'
           ' labels and synonyms in vocabulary files; remove that character.')
@@ -312,13 +313,22 @@ def build_vocabulary(examples: Iterable[Mapping[str, Any]], min_count: int, max_
   caption counts once). Keeps tags seen in at least `min_count` examples, at
   most `max_size` of them; ties are broken alphabetically, so the result is
   deterministic. Tags containing ':' or ',' (e.g. URLs among caption words)
-  cannot be written to a vocabulary file and are never kept.
+  cannot be written to a vocabulary file and are never kept. (The command, in a
+  process or on Beam, counts with data/prepare/vocabulary_job.py, through the
+  same `example_tags` and `most_frequent_labels`.)
   """
   counts = collections.Counter()
   for example in examples:
     counts.update(example_tags(example, use_caption_words))
-  storable = {tag: count for tag, count in counts.items() if _storable(tag)}
-  return LabelVocabulary(frequent_tokens.most_frequent(storable, min_count, max_size))
+  return LabelVocabulary(
+      [tag for tag, _ in most_frequent_labels(counts.items(), min_count, max_size)])
+
+
+def most_frequent_labels(tag_counts: Iterable[tuple[str, int]], min_count: int,
+                         max_size: int) -> list[tuple[str, int]]:
+  """The (tag, count) pairs a vocabulary keeps, in label id order, of (tag, number of examples
+  carrying it) pairs: frequent_tokens.most_frequent among the tags a file can hold."""
+  return frequent_tokens.most_frequent(tag_counts, min_count, max_size, keep=is_storable)
 
 
 # --- The vocabulary a data config names -----------------------------------------

@@ -2,6 +2,16 @@
 
 Optional: needs the ``sentencepiece`` package, imported only when a ``.model``
 file is loaded; nothing is downloaded.
+
+Train one on a fixed sample of a source's captions, one per line (the same sample
+whether the command runs in a process or on Beam, data/prepare/vocabulary_job.py)::
+
+  python -m big_pretrain.data.text.build_vocabulary captions --source=image_folder \\
+      --path=/data/images --sample_size=1000000 --output=captions.txt
+  spm_train --input=captions.txt --model_prefix=spm --vocab_size=32000 \\
+      --pad_id=0 --bos_id=1 --eos_id=2 --unk_id=3
+
+then set config.data.text.tokenizer=spm.model.
 """
 
 from __future__ import annotations

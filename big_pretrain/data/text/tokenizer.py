@@ -11,6 +11,7 @@ Two kinds, with one interface (``Tokenizer``), chosen by
   sentencepiece_tokenizer.py, a file ending in ``.model``), if the
   ``sentencepiece`` package is installed. Set
   ``config.data.text.tokenizer=/path/to/spm.model``; nothing is downloaded.
+  ``build_vocabulary captions`` writes captions to train one on (sentencepiece_tokenizer.py).
 
 Word tokenizer ids::
 
@@ -293,8 +294,11 @@ def build_tokenizer(captions: Iterable[str], min_count: int, max_size: int) -> W
   A word's count is its number of occurrences. Keeps words seen at least
   `min_count` times, at most `max_size` of them (besides the 4 special
   tokens); ties are broken alphabetically, so the result is deterministic.
+  (The command, in a process or on Beam, counts with data/prepare/vocabulary_job.py,
+  through the same `split_words` and frequent_tokens.most_frequent.)
   """
   counts = collections.Counter()
   for caption in captions:
     counts.update(split_words(caption))
-  return WordTokenizer(frequent_tokens.most_frequent(counts, min_count, max_size))
+  return WordTokenizer(
+      [word for word, _ in frequent_tokens.most_frequent(counts.items(), min_count, max_size)])
