@@ -39,9 +39,11 @@ def _texture_image(shapes: sources.SyntheticShapes, index: int,
 
 
 def generate_image_folder(directory: str, num_examples: int,
-                          size: tuple[int, int] = (500, 375)) -> None:
-  """num_examples JPEGs (quality 90) of `size` in NUM_CLASSES class subfolders of directory."""
-  shapes = sources.SyntheticShapes(min(num_examples, 1000), image_size=128, seed=0)
+                          size: tuple[int, int] = (500, 375), first_index: int = 0) -> None:
+  """num_examples JPEGs (quality 90) of `size` in NUM_CLASSES class subfolders of directory:
+  images first_index, first_index + 1, ... (another first_index: other images)."""
+  shapes = sources.SyntheticShapes(min(first_index + num_examples, 1000), image_size=128,
+                                   seed=0)
   for label in range(NUM_CLASSES):
     os.makedirs(os.path.join(directory, f'class_{label:02d}'), exist_ok=True)
 
@@ -50,4 +52,4 @@ def generate_image_folder(directory: str, num_examples: int,
     _texture_image(shapes, index, size).save(path, format='JPEG', quality=90)
 
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-    list(pool.map(write, range(num_examples)))
+    list(pool.map(write, range(first_index, first_index + num_examples)))

@@ -8,7 +8,6 @@ re-encoded) of 6 held-out images. Every conversion here deduplicates against the
 
 import io
 import json
-import os
 import pathlib
 import subprocess
 import sys
