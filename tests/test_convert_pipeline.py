@@ -95,6 +95,12 @@ def _flags(dataset, output, *extra):
           f'--dedup_against={dataset["held_out"]}', *extra]
 
 
+def _identity(path: pathlib.Path) -> tuple[int, int]:
+  """Which file this is: a file written again has another (inode, modification time)."""
+  status = path.stat()
+  return status.st_ino, status.st_mtime_ns
+
+
 def _files(folder) -> dict[str, bytes]:
   folder = pathlib.Path(folder)
   return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
@@ -224,11 +230,30 @@ def test_a_killed_conversion_reads_as_unfinished_and_a_rerun_completes_it(
     sources.ArrayRecordSource(str(output))
   finished = sorted(output.glob('*.array_record'))
   assert len(finished) == 3
-  before = {path.name: path.stat().st_ino for path in finished}
+  before = {path.name: _identity(path) for path in finished}
   # The rerun (here on Beam) keeps the three finished shards and writes the rest.
   assert convert.main(_flags(dataset, output, *BEAM_2_WORKERS)) == 0
-  assert {name: (output / name).stat().st_ino for name in before} == before
+  assert {name: _identity(output / name) for name in before} == before
   assert _files(output) == _files(in_process)
+
+
+def test_a_rerun_with_other_settings_converts_every_shard_again(dataset, tmp_path):
+  """The finished shards of an unfinished conversion are kept only by a rerun of the same
+  conversion: here the rerun lists the near-duplicates instead of dropping them."""
+  output = tmp_path / 'killed'
+  killed = subprocess.run([sys.executable, '-c', _KILLED_AFTER_THREE_SHARDS,
+                           *_flags(dataset, output)], capture_output=True, text=True,
+                          check=False)
+  assert killed.returncode == 9, killed.stderr
+  before = {path.name: _identity(path) for path in output.glob('*.array_record')}
+  assert len(before) == 3
+  summary = convert.convert(dataset['tars'], str(output), dedup_against=[dataset['held_out']],
+                            dedup='list')
+  assert summary.near_duplicates['found'] == 6 and summary.near_duplicates['dropped'] == 0
+  assert all(_identity(output / name) != identity for name, identity in before.items())
+  source = sources.ArrayRecordSource(str(output))
+  keys = {source[index]['key'] for index in range(len(source))}
+  assert set(dataset['planted']) <= keys
 
 
 def _run_command(*flags):

@@ -96,6 +96,10 @@ class ConversionPlan:
   held_out_items: tuple[WorkItem, ...] = ()
   dedup: str = 'drop'
   max_distance: int = 0
+  # What a shard's record is checked against before a rerun reuses the shard: a digest of
+  # everything above but the output folder (set by plan_conversion, once: plans of 40,000
+  # tars are megabytes).
+  fingerprint: str = ''
 
   @property
   def num_shards(self) -> int:
@@ -105,11 +109,12 @@ class ConversionPlan:
     return (f'{self.split}-{index:05d}-of-{self.num_shards:05d}'
             f'{records_lib.ARRAY_RECORD_SUFFIX}')
 
-  def fingerprint(self) -> str:
-    """What a shard's record is checked against before a rerun reuses the shard."""
+  def with_fingerprint(self) -> 'ConversionPlan':
     fields = dataclasses.asdict(self)
-    fields.pop('output')
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    for name in ('output', 'fingerprint'):
+      fields.pop(name)
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    return dataclasses.replace(self, fingerprint=digest)
 
 
 @dataclasses.dataclass
@@ -379,7 +384,7 @@ def plan_conversion(inputs: Sequence[str], output: str, *, split: str = 'train',
       input_kind=kind, inputs=tuple(inputs), output=str(output), split=split,
       num_inputs=num_inputs, class_names=tuple(class_names), items=tuple(items),
       undecodable=undecodable, held_out=tuple(held_out), held_out_items=tuple(held_out_items),
-      dedup=dedup, max_distance=int(max_distance or 0))
+      dedup=dedup, max_distance=int(max_distance or 0)).with_fingerprint()
 
 
 def _work_items(kind: str, resolved: Any, examples_per_shard: int):
@@ -472,7 +477,7 @@ def convert_shard(plan: ConversionPlan, item: WorkItem,
   _write_verified(_checked_records(plan, item, held_out, result),
                   epath.Path(plan.output) / name, result)
   storage.write_text(str(_progress_path(plan, name)),
-                     json.dumps({'plan': plan.fingerprint(),
+                     json.dumps({'plan': plan.fingerprint,
                                  'result': dataclasses.asdict(result)}) + '\n')
   return result
 
@@ -592,7 +597,7 @@ def _finished_shard(plan: ConversionPlan, shard_name: str) -> ShardResult | None
     recorded = storage.read_json(str(_progress_path(plan, shard_name)), if_damaged='')
   except DamagedFileError:
     return None  # a record cut short: convert the shard again
-  if not recorded or recorded.get('plan') != plan.fingerprint():
+  if not recorded or recorded.get('plan') != plan.fingerprint:
     return None
   result = ShardResult(**recorded['result'])
   if result.file is not None and not (epath.Path(plan.output) / result.file).exists():
