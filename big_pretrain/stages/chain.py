@@ -32,6 +32,7 @@ from big_pretrain.storage import files as storage
 from big_pretrain.storage import stage_dir as stage_dir_lib
 from big_pretrain.storage.checkpoints import saved_steps, unreadable_reason
 from big_pretrain.storage.stage_dir import StageDir
+from big_pretrain.train import goodput
 from big_pretrain.train.loop import train_stage
 
 
@@ -135,7 +136,19 @@ def run_validated(config, workdir: str, *, devices=None) -> dict[str, dict]:
       break
   results = collect_eval_results(config, stage_dirs)
   print(format_eval_results(results))
+  print(format_goodput(stage_dirs))
   return results
+
+
+def format_goodput(stage_dirs: dict[str, str]) -> str:
+  """A line per trained stage: its goodput over every start, and its largest badput
+  (`python -m big_pretrain.goodput WORKDIR` has the table)."""
+  lines = []
+  for name, stage_dir in stage_dirs.items():
+    starts = goodput.read_starts(StageDir(stage_dir).file(goodput.GOODPUT_FILE))
+    if starts:
+      lines.append(f'{name:<14} {goodput.format_line(goodput.account(starts))}')
+  return '\n'.join(['', *lines]) if lines else ''
 
 
 def with_stage_folders(stage_config, stage_dirs: dict[str, str]):

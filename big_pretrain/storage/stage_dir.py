@@ -7,6 +7,7 @@
     eval_results.json              the evaluators' latest scores, {'step': s, name: scalars}
     eval_results_at_start.json     `at_start` evaluators' scores of the starting parameters
     events.out.tfevents.*          TensorBoard (train/metric_writer.py)
+    goodput.jsonl                  one line per start: where its wall time went (train/goodput.py)
     <evaluator>.png                reconstruction grids
     tokenizer.{txt,model}          the tokenizer the text embeddings index (data/text/
                                    tokenizer_files.py)

@@ -37,6 +37,7 @@ from big_pretrain.storage import stage_dir as stage_dir_lib
 from big_pretrain.storage.checkpoints import Checkpointer, saved_steps
 from big_pretrain.storage.stage_dir import StageDir
 from big_pretrain.train import faults
+from big_pretrain.train import goodput
 from big_pretrain.train.evaluation import StageEvaluations
 from big_pretrain.train.metric_writer import MetricWriter
 from big_pretrain.train.optim import make_optimizer, make_schedule
@@ -71,6 +72,8 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   (ShapeDtypeStructs), before the step compiles.
   """
   stage_dir = StageDir(workdir)
+  clock = goodput.StageClock(stage_dir.file(goodput.GOODPUT_FILE),
+                             write=jax.process_index() == 0)
   # --- Config: what the data decides filled in, compared with the one the checkpoints were
   # trained with before anything is written (it is recorded once the run goes ahead).
   checkpoint_steps = saved_steps(stage_dir.checkpoints)
@@ -90,19 +93,23 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   # Starting parameters (init_from, for a stage without checkpoints) are read and checked
   # before anything compiles: a weights file of another format or shape, damaged bytes or
   # non-finite values are named in seconds, not after the compile.
-  started_from = (_starting_params(initialize, config, mesh, rules)
-                  if initialize is not None and not checkpoint_steps else None)
+  with clock.measure('checkpoint_restore'):
+    started_from = (_starting_params(initialize, config, mesh, rules)
+                    if initialize is not None and not checkpoint_steps else None)
   schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
-  built = build_with_remat_choice(config, mesh, rules, make_optimizer(config.optim, schedule),
-                                  schedule, global_batch_shapes(config.data, config.batch_size),
-                                  may_unroll=layout_asked_auto and not checkpoint_steps)
+  with clock.measure('compile'):
+    built = build_with_remat_choice(
+        config, mesh, rules, make_optimizer(config.optim, schedule), schedule,
+        global_batch_shapes(config.data, config.batch_size),
+        may_unroll=layout_asked_auto and not checkpoint_steps)
   config, objective, trainer = built.config, built.objective, built.trainer
   if config.model.scan != requested_config.model.scan:  # unrolled to fit: the layout recorded
     requested_config = requested_config.copy_and_resolve_references()
     with requested_config.ignore_type():
       requested_config.model.scan = config.model.scan
     if started_from is not None:  # read again, in the layout chosen
-      started_from = _starting_params(initialize, config, mesh, rules)
+      with clock.measure('checkpoint_restore'):
+        started_from = _starting_params(initialize, config, mesh, rules)
   speed = SpeedReference.of(config, mesh)
   logging.info('Model FLOPs per step: %.3g; %s.', speed.flops_per_step, speed.peak_description)
 
@@ -121,8 +128,10 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
     checkpointer = Checkpointer(stage_dir.checkpoints, config.checkpoint)
     open_resources.callback(checkpointer.close)
     open_resources.callback(checkpointer.wait_until_finished)  # an asynchronous save completes
-    start_step, state = _restore_or_initialize(checkpointer, trainer, data_position, init_rng,
-                                               started_from, config.total_steps)
+    # Initializing compiles the initializer; restoring reads the checkpoint.
+    with clock.measure('checkpoint_restore' if checkpoint_steps else 'compile'):
+      start_step, state = _restore_or_initialize(checkpointer, trainer, data_position,
+                                                 init_rng, started_from, config.total_steps)
     final_evaluations_missing = (start_step >= config.total_steps
                                  and _final_evaluations_missing(config, stage_dir, start_step))
     if jax.process_index() == 0:
@@ -137,19 +146,33 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
     evaluations = StageEvaluations(build_evaluators(config, objective, trainer, workdir), writer,
                                    stage_dir)
     if start_step == 0:
-      evaluations.at_start(state.params)
+      with clock.measure('evaluation'):
+        evaluations.at_start(state.params)
 
     # --- Steps.
     interval = LogInterval(speed, config.batch_size, config.total_steps)
     last_metrics, history, step, end = {}, [], start_step, None
+    clock.steps_begin(start_step)
+    open_resources.callback(lambda: logging.info('%s: %s.', workdir, goodput.format_line(
+        clock.table())))
+    open_resources.callback(clock.record)  # what this start accounted, however it ends
     with faults.PreemptionNotice() as preemption:
       try:
         stop = faults.StopPolicy(config.total_steps, start_step, stop_after_steps, preemption)
         if final_evaluations_missing:
-          evaluations.run_final(state, step)
+          with clock.measure('evaluation'):
+            evaluations.run_final(state, step)
         while step < config.total_steps:
-          state, metrics = trainer.train_step(state, next(batches), step_rng)
+          with clock.measure('data_wait'):
+            batch = next(batches)
+          if step == start_step:  # the first step of a start compiles it (or reads the cache)
+            with clock.measure('compile'):
+              state, metrics = trainer.train_step(state, batch, step_rng)
+              jax.block_until_ready(metrics)
+          else:
+            state, metrics = trainer.train_step(state, batch, step_rng)
           step += 1
+          clock.step_done(step)
           interval.add(metrics)
           end = stop.after(step)
           saving = end.final or end.stopping or checkpointer.should_save(step)
@@ -160,6 +183,8 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
             last_metrics['data/corrupt_images_skipped'] = data.corrupt_images_skipped
             last_metrics['data/corrupt_records_skipped'] = data.corrupt_records_skipped
             writer.write_scalars(step, last_metrics)
+            writer.write_scalars(step, clock.scalars())
+            clock.record()
             history.append((step, last_metrics))
           elif saving:  # a NaN state is never written over a good one
             faults.stop_if_nonfinite(interval.pending, step, config.optim.skip_nonfinite_updates,
@@ -167,9 +192,13 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
           # The checkpoint first: an evaluator that fails (or a kill while it runs) loses no
           # training, and a rerun of a finished stage runs only its final evaluations.
           if saving:
-            checkpointer.save(step, state, data_position, force=True)
+            with clock.measure('checkpoint_save'):
+              checkpointer.save(step, state, data_position, force=True)
+            clock.saved(step)
+            clock.record()
           if not end.preempted:  # a preempted run has seconds left: evaluations wait
-            evaluations.run_due(state, step, final=end.final)
+            with clock.measure('evaluation'):
+              evaluations.run_due(state, step, final=end.final)
           if end.stopping:
             break
       finally:  # inside the notice: its handlers stay until the last checkpoint is whole

@@ -1,0 +1,118 @@
+"""Goodput: each start's wall time split into productive time and badput, the parts adding
+up to it; a slow input, slow saves and progress lost to a crash attributed where they belong."""
+
+import json
+import os
+import time
+
+import pytest
+
+from big_pretrain import goodput as goodput_command
+from big_pretrain.data.sources import synthetic
+from big_pretrain.storage.checkpoints import Checkpointer
+from big_pretrain.train import faults
+from big_pretrain.train import goodput
+from big_pretrain.train.loop import train_stage
+from helpers.tiny_config import one_device, tiny_mae_config
+
+# A sum of ~10 float64 durations: its rounding is ~1e-15 of the wall time.
+ADDS_UP = 1e-9
+SAVE_DELAY = 0.3  # seconds added to each save
+EXAMPLE_DELAY = 0.01  # seconds added to reading each example
+
+
+def _starts(workdir) -> list[dict]:
+  return goodput.read_starts(os.path.join(workdir, goodput.GOODPUT_FILE))
+
+
+def _assert_adds_up(entry):
+  assert sum(entry['parts'].values()) == pytest.approx(entry['wall_seconds'], rel=ADDS_UP)
+
+
+def test_account_moves_the_steps_a_crash_lost_out_of_productive():
+  # Start 1 trained steps 0-12 in 12 s of productive time and saved at 10; start 2
+  # restored 10, so steps 11 and 12 (2 s) were lost.
+  first = {'start_step': 0, 'last_step': 12, 'wall_seconds': 20.0,
+           'parts': {'productive': 12.0, 'compile': 8.0}}
+  second = {'start_step': 10, 'last_step': 20, 'wall_seconds': 15.0,
+            'parts': {'productive': 10.0, 'compile': 5.0}}
+  table = goodput.account([first, second])
+  assert table['lost_steps'] == 2 and table['starts'] == 2
+  assert table['parts']['lost_to_restarts'] == pytest.approx(2.0)
+  assert table['parts']['productive'] == pytest.approx(20.0)
+  assert sum(table['parts'].values()) == pytest.approx(table['wall_seconds'])
+  assert table['goodput'] == pytest.approx(20.0 / 35.0)
+  # A clean stop (restored where it stopped) loses nothing.
+  assert goodput.account([first, {**second, 'start_step': 12}])['lost_steps'] == 0
+
+
+def test_a_slow_input_and_slow_saves_are_badput_of_their_own(tmp_path, monkeypatch):
+  real_getitem, real_save = synthetic.SyntheticShapes.__getitem__, Checkpointer.save
+
+  def slow_example(self, index):
+    time.sleep(EXAMPLE_DELAY)
+    return real_getitem(self, index)
+
+  def slow_save(self, *args, **kwargs):
+    time.sleep(SAVE_DELAY)
+    return real_save(self, *args, **kwargs)
+
+  monkeypatch.setattr(synthetic.SyntheticShapes, '__getitem__', slow_example)
+  monkeypatch.setattr(Checkpointer, 'save', slow_save)
+  config = tiny_mae_config(**{'checkpoint.every_steps': 2})
+  train_stage(config, str(tmp_path), devices=one_device())
+  [entry] = _starts(tmp_path)
+  _assert_adds_up(entry)
+  parts = entry['parts']
+  saves = config.total_steps // 2  # steps 2, 4, 6
+  assert parts['checkpoint_save'] >= saves * SAVE_DELAY
+  # The input reads batch_size examples a step in at most num_threads threads, ahead of the
+  # step; at least the first batch (read while nothing else runs) is waited for in full.
+  assert parts['data_wait'] >= config.batch_size * EXAMPLE_DELAY / os.cpu_count()
+  assert parts['compile'] > 0 and parts['productive'] > 0 and parts['start_up'] > 0
+  assert parts['lost_to_restarts'] == 0
+  assert entry['start_step'] == 0 and entry['last_step'] == entry['last_saved_step'] == 6
+
+
+def test_steps_after_the_last_save_are_lost_to_the_crash_and_the_report_says_so(
+    tmp_path, monkeypatch, capsys):
+  config = tiny_mae_config(**{'checkpoint.every_steps': 3, 'log.every_steps': 1})
+  real_after = faults.StopPolicy.after
+
+  def crash_at_step_5(self, step):
+    if step == 5:
+      raise RuntimeError('the machine died')
+    return real_after(self, step)
+
+  monkeypatch.setattr(faults.StopPolicy, 'after', crash_at_step_5)
+  with pytest.raises(RuntimeError, match='machine died'):
+    train_stage(config, str(tmp_path), devices=one_device())
+  monkeypatch.setattr(faults.StopPolicy, 'after', real_after)
+  train_stage(config, str(tmp_path), devices=one_device())
+
+  crashed, resumed = _starts(tmp_path)
+  assert (crashed['start_step'], crashed['last_step'], crashed['last_saved_step']) == (0, 5, 3)
+  assert (resumed['start_step'], resumed['last_step']) == (3, 6)
+  table = goodput.account([crashed, resumed])
+  assert table['lost_steps'] == 2  # steps 4 and 5, trained again
+  trained = crashed['last_step'] - crashed['start_step']
+  assert table['parts']['lost_to_restarts'] == pytest.approx(
+      crashed['parts']['productive'] * 2 / trained)
+  assert sum(table['parts'].values()) == pytest.approx(table['wall_seconds'], rel=ADDS_UP)
+
+  assert goodput_command.main([str(tmp_path)]) == 0
+  printed = capsys.readouterr().out
+  assert '2 starts' in printed and '2 steps lost to restarts' in printed
+  for part in goodput.PARTS:
+    assert part in printed
+
+
+def test_the_report_refuses_a_folder_without_records(tmp_path, capsys):
+  with pytest.raises(SystemExit) as stopped:
+    goodput_command.main([str(tmp_path)])
+  assert stopped.value.code == 2
+  assert 'holds no goodput.jsonl' in capsys.readouterr().err
+  (tmp_path / goodput.GOODPUT_FILE).write_text('not json\n' + json.dumps(
+      {'start_step': 0, 'last_step': 1, 'wall_seconds': 1.0, 'parts': {'productive': 1.0}})
+      + '\n')
+  assert len(_starts(tmp_path)) == 1  # the line that does not read is left out
