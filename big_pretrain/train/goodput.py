@@ -9,7 +9,10 @@ its last record, in these parts, which add up to it:
                       several times), initializing a fresh stage's parameters (which
                       compiles the initializer), and the first step of each start
   checkpoint_restore  reading the checkpoint back (or the init_from weights)
-  data_wait           the loop blocked on the next batch (the input is slower than the step)
+  data_wait           the loop blocked on the next batch while the device had nothing to do:
+                      waits during which the previous step was still running are the
+                      step's time (on a CPU the input and the step share the cores), so
+                      only waits that end with the previous step done count, whole
   checkpoint_save     the blocking part of each save (an asynchronous save's copy is not)
   evaluation          the evaluators, at the start, during training and at the end
   productive          the rest of the steps loop: the device training
@@ -68,6 +71,12 @@ class StageClock:
       yield
     finally:
       self._measured[part] += self._clock() - begin
+
+  def waited_for_input(self, seconds: float, device_busy: bool) -> None:
+    """The loop waited `seconds` for a batch; `device_busy`: the previous step was still
+    running when it came (so the wait cost nothing)."""
+    if not device_busy:
+      self._measured['data_wait'] += seconds
 
   def steps_begin(self, start_step: int) -> None:
     """The steps loop starts (after restoring `start_step`)."""

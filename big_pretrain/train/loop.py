@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from typing import Callable
 
 import jax
@@ -163,8 +164,10 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
           with clock.measure('evaluation'):
             evaluations.run_final(state, step)
         while step < config.total_steps:
-          with clock.measure('data_wait'):
-            batch = next(batches)
+          waiting_since = time.perf_counter()
+          batch = next(batches)
+          clock.waited_for_input(time.perf_counter() - waiting_since,
+                                 device_busy=step > start_step and not _is_ready(metrics))
           if step == start_step:  # the first step of a start compiles it (or reads the cache)
             with clock.measure('compile'):
               state, metrics = trainer.train_step(state, batch, step_rng)
@@ -209,6 +212,11 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
                     'stopped. Run the same command to resume from it.', step)
   return StageResult(state, step - start_step, step >= config.total_steps, last_metrics,
                      evaluations.results, history, preempted)
+
+
+def _is_ready(tree) -> bool:
+  """Whether the computation that produces `tree`'s arrays has finished (no waiting)."""
+  return all(leaf.is_ready() for leaf in jax.tree.leaves(tree) if hasattr(leaf, 'is_ready'))
 
 
 def _training_batches(data: InputPipeline, device_prefetch: int):
