@@ -218,13 +218,17 @@ convert.main(sys.argv[1:])
 '''
 
 
-def test_a_killed_conversion_reads_as_unfinished_and_a_rerun_completes_it(
-    dataset, in_process, tmp_path):
-  output = tmp_path / 'killed'
+def _convert_killed_after_three_shards(dataset, output) -> None:
   killed = subprocess.run([sys.executable, '-c', _KILLED_AFTER_THREE_SHARDS,
                            *_flags(dataset, output)], capture_output=True, text=True,
                           check=False)
   assert killed.returncode == 9, killed.stderr
+
+
+def test_a_killed_conversion_reads_as_unfinished_and_a_rerun_completes_it(
+    dataset, in_process, tmp_path):
+  output = tmp_path / 'killed'
+  _convert_killed_after_three_shards(dataset, output)
   assert not (output / records_lib.METADATA_FILE).exists()
   with pytest.raises(ValueError, match='conversion did not finish'):
     sources.ArrayRecordSource(str(output))
@@ -241,10 +245,7 @@ def test_a_rerun_with_other_settings_converts_every_shard_again(dataset, tmp_pat
   """The finished shards of an unfinished conversion are kept only by a rerun of the same
   conversion: here the rerun lists the near-duplicates instead of dropping them."""
   output = tmp_path / 'killed'
-  killed = subprocess.run([sys.executable, '-c', _KILLED_AFTER_THREE_SHARDS,
-                           *_flags(dataset, output)], capture_output=True, text=True,
-                          check=False)
-  assert killed.returncode == 9, killed.stderr
+  _convert_killed_after_three_shards(dataset, output)
   before = {path.name: _identity(path) for path in output.glob('*.array_record')}
   assert len(before) == 3
   summary = convert.convert(dataset['tars'], str(output), dedup_against=[dataset['held_out']],

@@ -179,7 +179,8 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
           interval.add(metrics)
           end = stop.after(step)
           saving = end.final or end.stopping or checkpointer.should_save(step)
-          if step % config.log.every_steps == 0 or end.final or end.stopping:
+          logging_now = step % config.log.every_steps == 0 or end.final or end.stopping
+          if logging_now:
             faults.stop_if_nonfinite(interval.fetch(), step, config.optim.skip_nonfinite_updates,
                                      checkpointer)
             last_metrics = interval.summarise(step)
@@ -187,7 +188,6 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
             last_metrics['data/corrupt_records_skipped'] = data.corrupt_records_skipped
             writer.write_scalars(step, last_metrics)
             writer.write_scalars(step, clock.scalars())
-            clock.record()
             history.append((step, last_metrics))
           elif saving:  # a NaN state is never written over a good one
             faults.stop_if_nonfinite(interval.pending, step, config.optim.skip_nonfinite_updates,
@@ -198,6 +198,7 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
             with clock.measure('checkpoint_save'):
               checkpointer.save(step, state, data_position, force=True)
             clock.saved(step)
+          if logging_now or saving:  # once a step, after its save
             clock.record()
           if not end.preempted:  # a preempted run has seconds left: evaluations wait
             with clock.measure('evaluation'):

@@ -1,4 +1,5 @@
-"""The --runner flag of the data-preparation commands, and Beam's own options after it.
+"""The --runner flag of the data-preparation commands, Beam's own options after it, and the
+counters a finished pipeline reports.
 
   python -m big_pretrain.data.convert ... --runner=DirectRunner --direct_num_workers=2
   python -m big_pretrain.data.convert ... --runner=DataflowRunner --project=P \\
@@ -91,6 +92,16 @@ def pipeline_options(runner: str, beam_flags: Sequence[str], *, paths: dict[str,
       raise UsageError(f'{", ".join(local)}: --runner={runner} runs on other machines, which '
                        'cannot see this one\'s files. Give gs:// (or another bucket) paths.')
   return options
+
+
+def counters(outcome, namespace: str) -> dict[str, int]:
+  """{name: value} of the Beam counters in `namespace` of a finished pipeline's `outcome`:
+  the committed values (a retried bundle counts once), or the attempted ones on a runner
+  that does not report committed values."""
+  from apache_beam.metrics.metric import MetricsFilter  # pylint: disable=g-import-not-at-top
+  found = outcome.metrics().query(MetricsFilter().with_namespace(namespace))['counters']
+  return {counter.key.metric.name: (counter.committed if counter.committed is not None
+                                    else counter.attempted) for counter in found}
 
 
 def _check_dataflow_options(google, runner: str) -> None:

@@ -39,14 +39,13 @@ import shutil
 import tarfile
 import tempfile
 import uuid
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Collection, Iterable, Iterator, Sequence
 
 from etils import epath
 import numpy as np
 
 from big_pretrain.data import records as records_lib
-from big_pretrain.data.sources.image_folder import ImageFolder
-from big_pretrain.data.sources import image_folder as image_folder_lib
+from big_pretrain.data.sources import image_folder
 from big_pretrain.errors import DamagedFileError
 from big_pretrain.storage import files as storage
 
@@ -328,11 +327,8 @@ def image_folder_records(root: str, images: Sequence[tuple[str, int]]) -> Iterat
   """The 'image_folder' source's examples (caption from the .txt beside the image)."""
   prefix = str(root).rstrip('/') + '/'
   for image_path, label in images:
-    caption_path = epath.Path(image_path).with_suffix('.txt')
-    # As the 'image_folder' source reads it: errors replaced, universal newlines, stripped.
-    caption = (caption_path.read_bytes().decode('utf-8', errors='replace').replace(
-        '\r\n', '\n').replace('\r', '\n').strip() if caption_path.exists() else '')
-    yield Record(image=epath.Path(image_path).read_bytes(), caption=caption, label=label,
+    yield Record(image=epath.Path(image_path).read_bytes(),
+                 caption=image_folder.read_caption(image_path), label=label,
                  key=image_path[len(prefix):])
 
 
@@ -392,7 +388,7 @@ def _work_items(kind: str, resolved: Any, examples_per_shard: int):
     _check_tars(resolved)
     return ([WorkItem(index=i, tar_path=path) for i, path in enumerate(resolved)], [],
             len(resolved))
-  source = ImageFolder(resolved)
+  source = image_folder.ImageFolder(resolved)
   listing = source.listing()
   items = [WorkItem(index=i, images=tuple(listing[start:start + examples_per_shard]),
                     root=resolved)
@@ -420,7 +416,7 @@ def _held_out_items(held_out: Sequence[str], examples_per_shard: int) -> list[Wo
         _is_tar_name(p.name) for p in epath.Path(expanded).iterdir()):
       images = sorted(str(folder / name) for folder, _, names in epath.Path(expanded).walk()
                       for name in names if not name.startswith('.') and
-                      os.path.splitext(name)[1].lower() in image_folder_lib.IMAGE_EXTENSIONS)
+                      os.path.splitext(name)[1].lower() in image_folder.IMAGE_EXTENSIONS)
       if not images:
         raise FileNotFoundError(f'--dedup_against={path!r} holds no images.')
       parent = os.path.dirname(expanded.rstrip('/'))  # keys start with the folder's name
@@ -621,12 +617,8 @@ def prepare_output(output: str, overwrite: bool) -> None:
         f'{output!r} already holds a finished conversion ({len(shards)} shard files and '
         'metadata.json). Pass --overwrite to replace it, or choose another --output.')
   metadata.unlink()  # First: the folder reads as unfinished from here on.
-  for file in folder.iterdir():
-    if SHARD_NAME.match(file.name) or INCOMPLETE in file.name or (
-        file.name == NEAR_DUPLICATES_FILE):
-      file.unlink()
-  if (folder / PROGRESS_FOLDER).exists():
-    (folder / PROGRESS_FOLDER).rmtree()
+  (folder / NEAR_DUPLICATES_FILE).unlink(missing_ok=True)
+  _remove_conversion_files(folder, keep_shards=())
 
 
 def finish_conversion(plan: ConversionPlan, results: Sequence[ShardResult]) -> dict[str, Any]:
@@ -680,17 +672,18 @@ def finish_conversion(plan: ConversionPlan, results: Sequence[ShardResult]) -> d
                                    'matches': matches}, indent=1) + '\n')
   storage.write_text(str(folder / records_lib.METADATA_FILE),
                      json.dumps(metadata, indent=2) + '\n')
-  _remove_leftovers(plan)
+  # What earlier attempts left: shards of an unfinished conversion this one does not have.
+  _remove_conversion_files(folder, keep_shards={plan.shard_name(item.index)
+                                                for item in plan.items})
   return metadata
 
 
-def _remove_leftovers(plan: ConversionPlan) -> None:
-  """Temporary files of failed attempts, shards of an earlier unfinished conversion that this
-  one does not have, and the per-shard records."""
-  folder = epath.Path(plan.output)
-  names = {plan.shard_name(item.index) for item in plan.items}
+def _remove_conversion_files(folder: epath.Path, keep_shards: Collection[str]) -> None:
+  """The shard files not in `keep_shards`, temporary files of attempts, the per-shard
+  records."""
   for file in folder.iterdir():
-    if INCOMPLETE in file.name or (SHARD_NAME.match(file.name) and file.name not in names):
+    if INCOMPLETE in file.name or (SHARD_NAME.match(file.name)
+                                   and file.name not in keep_shards):
       file.unlink()
   if (folder / PROGRESS_FOLDER).exists():
     (folder / PROGRESS_FOLDER).rmtree()

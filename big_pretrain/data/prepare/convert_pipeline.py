@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 from big_pretrain.data import records
+from big_pretrain.data.prepare import beam_options
 from big_pretrain.data.prepare import convert_job
 from big_pretrain.storage import files as storage
 
@@ -29,10 +30,9 @@ _COUNTERS = ('num_examples', 'groups_without_image', 'undecodable_images', 'bad_
 def run(plan: convert_job.ConversionPlan, options) -> tuple[dict[str, Any], dict[str, int]]:
   """Runs the conversion on the runner `options` name and waits for it. Returns the metadata
   (read back from the output: the finish step may have run on another machine) and the
-  Beam counters of the shards that committed (a retried shard counts once)."""
+  Beam counters (beam_options.counters: a retried shard counts once)."""
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   from apache_beam.metrics import Metrics  # pylint: disable=g-import-not-at-top
-  from apache_beam.metrics.metric import MetricsFilter  # pylint: disable=g-import-not-at-top
 
   class ConvertShard(beam.DoFn):
     """convert_job.convert_shard, counting what it read and wrote."""
@@ -78,6 +78,4 @@ def run(plan: convert_job.ConversionPlan, options) -> tuple[dict[str, Any], dict
                                if_damaged='Convert again.')
   if metadata is None:
     raise RuntimeError(f'The Beam pipeline finished without writing {plan.output}/metadata.json.')
-  counters = outcome.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
-  return metadata, {counter.key.metric.name: counter.committed
-                    for counter in counters['counters']}
+  return metadata, beam_options.counters(outcome, METRICS_NAMESPACE)

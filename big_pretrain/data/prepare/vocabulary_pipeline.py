@@ -23,6 +23,7 @@ count, writes the file and reports the statistics as Beam counters (namespace
 
 from __future__ import annotations
 
+from big_pretrain.data.prepare import beam_options
 from big_pretrain.data.prepare import vocabulary_job
 from big_pretrain.data.sources import source_texts
 
@@ -39,7 +40,6 @@ def run(job: vocabulary_job.VocabularyJob | vocabulary_job.CaptionSample,
   """Runs `job` on the runner `options` name and waits for it; returns the statistics its
   finish step reported. Raises PipelineFailed, naming the step's error, if a step fails."""
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
-  from apache_beam.metrics.metric import MetricsFilter  # pylint: disable=g-import-not-at-top
 
   pipeline = beam.Pipeline(options=options)
   ranges = (pipeline
@@ -58,10 +58,7 @@ def run(job: vocabulary_job.VocabularyJob | vocabulary_job.CaptionSample,
   except Exception as error:  # noqa: BLE001  (a worker's error, wrapped by the runner)
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     raise PipelineFailed(lines[-1] if lines else type(error).__name__) from error
-  counters = outcome.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
-  return {counter.key.metric.name: (counter.committed if counter.committed is not None
-                                    else counter.attempted)
-          for counter in counters['counters']}
+  return beam_options.counters(outcome, METRICS_NAMESPACE)
 
 
 def _vocabulary(beam, job: vocabulary_job.VocabularyJob, reader, ranges) -> list:

@@ -6,6 +6,7 @@ import pathlib
 from typing import Any, Sequence
 
 from absl import logging
+from etils import epath
 
 from big_pretrain.data.text import labels as labels_lib
 
@@ -73,12 +74,7 @@ class ImageFolder:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     image_path = self._image_paths[int(index)]
-    try:
-      # errors='replace': a badly encoded caption must not stop training.
-      caption = pathlib.Path(image_path).with_suffix('.txt').read_text(
-          encoding='utf-8', errors='replace').strip()
-    except FileNotFoundError:
-      caption = ''
+    caption = read_caption(image_path)
     return {
         'key': image_path[len(self._root_prefix):],  # The path under the folder.
         'image_path': image_path,
@@ -86,6 +82,18 @@ class ImageFolder:
         'caption': caption,
         'hashtags': labels_lib.caption_hashtags(caption),
     }
+
+
+def read_caption(image_path: str) -> str:
+  """The caption in the .txt file beside an image ('' without one), local or in a bucket:
+  UTF-8 with errors replaced (a badly encoded caption must not stop training), universal
+  newlines, stripped. The converter reads it the same way."""
+  try:
+    data = epath.Path(image_path).with_suffix('.txt').read_bytes()
+  except FileNotFoundError:
+    return ''
+  return data.decode('utf-8', errors='replace').replace('\r\n', '\n').replace(
+      '\r', '\n').strip()
 
 
 def check_has_images(path: str) -> None:
