@@ -11,7 +11,14 @@ WORKDIR/pseudo_labels (tiny_pseudo_label_config) and writes each file's SHA-1.
 TASK 'train' / 'resume': trains the tiny MAE stage of tiny_multiprocess_config
 in WORKDIR/stage ('train' stops after 2 steps, as a preempted run would) and
 writes the losses it logged; 'resume' then reruns the finished stage with a final
-evaluation missing. Output: WORKDIR/<TASK>_process_<id>.json.
+evaluation missing.
+TASK 'elastic': trains (or resumes) the stage WORKDIR/<spec stage> as the JSON of the
+environment variable ELASTIC_SPEC says ({'stage', 'stop_after', 'mesh', 'total_steps'}),
+on however many processes and devices it was started with, and writes the example keys
+of this process's rows of every step it trained (config.log.example_keys: which example,
+with which crop and flip) and, from process 0, the final train state as
+WORKDIR/<stage's folder name>_state.npz.
+Output: WORKDIR/<TASK>_process_<id>.json.
 """
 
 import json
@@ -56,6 +63,36 @@ def _rerun_with_final_evaluations_missing(config, workdir: str, process_id: int)
   return {'steps_run': stage.steps_run, 'evaluated': sorted(stage.eval_results)}
 
 
+def _train_elastic(config, workdir: str, spec: dict) -> dict:
+  """Trains spec['stage'] from wherever its checkpoints are; see the module docstring."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  from big_pretrain.train.loop import train_stage  # noqa: PLC0415
+  config.mesh.update(spec.get('mesh', {}))
+  config.total_steps = spec.get('total_steps', config.total_steps)
+  config.log.example_keys = True
+  stage = train_stage(config, spec['stage'], stop_after_steps=spec.get('stop_after'))
+  final_step = int(stage.state.step)
+  state = {jax.tree_util.keystr(path): leaf
+           for path, leaf in jax.tree_util.tree_leaves_with_path(stage.state)
+           if isinstance(leaf, jax.Array)
+           and not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)}
+  gathered = {name: np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+              for name, leaf in state.items()}
+  if jax.process_index() == 0:
+    np.savez(os.path.join(workdir, f'{os.path.basename(spec["stage"])}_state.npz'), **gathered)
+  start_step = final_step - stage.steps_run
+  # Every batch this process read, prefetched ones too, from every start: the latest record.
+  keys_file = os.path.join(spec['stage'], 'example_keys',
+                           f'process_{jax.process_index()}-of-{jax.process_count()}.jsonl')
+  with open(keys_file) as f:
+    records = {record['batch']: record['keys'] for record in map(json.loads, f)}
+  return {'start_step': start_step, 'final_step': final_step,
+          'keys': [records[batch] for batch in range(start_step, final_step)],
+          'losses': {step: metrics['loss'] for step, metrics in stage.history}}
+
+
 def main(process_id: int, num_processes: int, port: int, workdir: str, task: str) -> None:
   distributed.initialize('on', coordinator_address=f'127.0.0.1:{port}',
                          num_processes=num_processes, process_id=process_id,
@@ -92,6 +129,8 @@ def main(process_id: int, num_processes: int, port: int, workdir: str, task: str
     run_pseudo_label(tiny_pseudo_label_config(), output,
                      teacher_dir=os.path.join(workdir, 'teacher'))
     result['files'] = file_hashes(output)
+  elif task == 'elastic':
+    result.update(_train_elastic(config, workdir, json.loads(os.environ['ELASTIC_SPEC'])))
   else:
     # Only the training tasks import the loop (Orbax, Grain, the models: seconds).
     from big_pretrain.train.loop import train_stage  # noqa: PLC0415

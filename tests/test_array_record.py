@@ -33,8 +33,8 @@ from helpers.tiny_config import tiny_mae_config
 
 
 def _state_round_trip(data):
-  # Orbax stores the state as JSON (grain.checkpoint.CheckpointSave).
-  return json.loads(json.dumps(data.grain_iterator.get_state()))
+  # A checkpoint stores the global position as JSON.
+  return json.loads(json.dumps(data.local_batches.global_position().to_json()))
 
 
 # --- Image folder -> ArrayRecord ------------------------------------------------
@@ -110,7 +110,7 @@ def test_array_record_pipeline_resumes_exactly(converted):
 
   resumed = train_input.InputPipeline(config, global_batch_size=4, mesh=first_devices_mesh(),
                                       seed=3)
-  resumed.grain_iterator.set_state(state)
+  resumed.local_batches.set_state(state)
   assert resumed.corrupt_images_skipped == count_at_save
   assert_batches_equal(expected, take(resumed, 3))
   assert resumed.corrupt_images_skipped == data.corrupt_images_skipped
@@ -387,7 +387,7 @@ def test_tfds_pipeline_yields_batches_and_resumes_exactly(tfds_dir):
   expected = take(data, 3)
   resumed = train_input.InputPipeline(config, global_batch_size=4, mesh=first_devices_mesh(),
                                       seed=1)
-  resumed.grain_iterator.set_state(state)
+  resumed.local_batches.set_state(state)
   assert_batches_equal(expected, take(resumed, 3))
   assert data.corrupt_images_skipped == 0
 

@@ -236,13 +236,13 @@ def test_pipeline_resumes_exactly_from_saved_state():
   config = small_data_config()
   data = train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh(), seed=5)
   take(data, 3)
-  # Orbax stores the state as JSON (grain.checkpoint.CheckpointSave).
-  state = json.loads(json.dumps(data.grain_iterator.get_state()))
+  # A checkpoint stores the global position as JSON.
+  state = json.loads(json.dumps(data.local_batches.global_position().to_json()))
   expected = take(data, 2)
 
   resumed = train_input.InputPipeline(config, global_batch_size=8, mesh=first_devices_mesh(),
                                       seed=5)
-  resumed.grain_iterator.set_state(state)
+  resumed.local_batches.set_state(state)
   assert_batches_equal(expected, take(resumed, 2))
 
 
@@ -309,13 +309,13 @@ def test_train_pipeline_skips_corrupt_images_and_resumes_the_count(image_folder)
   config = small_data_config(source='image_folder', path=str(image_folder))
   data = train_input.InputPipeline(config, global_batch_size=4, mesh=first_devices_mesh())
   take(data, 2)  # One epoch's worth of valid images.
-  state = data.grain_iterator.get_state()
+  state = data.local_batches.get_state()
   count_at_save = data.corrupt_images_skipped
   expected = take(data, 3)
   assert data.corrupt_images_skipped >= 2  # Read at least one full epoch by now.
 
   resumed = train_input.InputPipeline(config, global_batch_size=4, mesh=first_devices_mesh())
-  resumed.grain_iterator.set_state(state)
+  resumed.local_batches.set_state(state)
   assert resumed.corrupt_images_skipped == count_at_save
   assert_batches_equal(expected, take(resumed, 3))
   assert resumed.corrupt_images_skipped == data.corrupt_images_skipped

@@ -22,7 +22,7 @@ def new_pipeline():
 
 
 def prefetched(data, size=3):
-  return DevicePrefetch(data.grain_iterator, data.to_global_arrays, size)
+  return DevicePrefetch(data.local_batches, data.to_global_arrays, size)
 
 
 def to_numpy(batches):
@@ -50,9 +50,9 @@ def test_position_is_after_the_last_batch_taken_not_after_the_prefetched_ones():
     deadline = time.monotonic() + 30
     while batches._queue.qsize() < 3 and time.monotonic() < deadline:  # pylint: disable=protected-access
       time.sleep(0.01)
-    saved = batches.position.get_state()  # JSON bytes, as the checkpoint stores them
+    saved = json.dumps(batches.position.global_position().to_json())  # as a checkpoint
   resumed = new_pipeline()
-  resumed.grain_iterator.set_state(json.loads(saved))
+  resumed.local_batches.set_state(json.loads(saved))
   assert_batches_equal(expected[2:4], [resumed.next_local_numpy() for _ in range(2)])
 
 
@@ -66,7 +66,6 @@ def test_restoring_a_position_mid_stream_drops_the_prefetched_batches():
     for _ in range(3):
       next(batches)
     batches.position.set_state(at_one)
-    batches.position.start_prefetch()  # what grain's CheckpointHandler calls after restoring
     assert_batches_equal(expected[1:4], to_numpy([next(batches) for _ in range(3)]))
 
 
@@ -105,4 +104,4 @@ def test_a_finite_stream_ends_with_stop_iteration():
 
 def test_rejects_a_size_below_one():
   with pytest.raises(ValueError, match='size >= 1'):
-    DevicePrefetch(new_pipeline().grain_iterator, lambda batch: batch, size=0)
+    DevicePrefetch(new_pipeline().local_batches, lambda batch: batch, size=0)

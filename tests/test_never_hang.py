@@ -92,7 +92,7 @@ def test_the_limit_is_configurable_and_reaches_the_training_loop_through_prefetc
   data = train_input.InputPipeline(_data_config(folder, max_consecutive_unreadable=5),
                                 global_batch_size=2, mesh=first_devices_mesh())
   # As train_stage reads: batches made in a background thread, errors raised in the loop.
-  batches = DevicePrefetch(data.grain_iterator, data.to_global_arrays, 2)
+  batches = DevicePrefetch(data.local_batches, data.to_global_arrays, 2)
   try:
     with time_limit(30), pytest.raises(UnreadableDataError, match='last 5 read'):
       next(batches)

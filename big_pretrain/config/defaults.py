@@ -22,10 +22,11 @@ from big_pretrain.train.optim import OPTIM_KEYS
 
 # The schema's version, recorded in every stage's config.json: 2 added this key (a config
 # recorded without it is version 1); from 3 on a record holds every key of its version, and
-# its checkpoints hold digests (storage/checkpoints.py). Adding or renaming a key is a new
+# its checkpoints hold digests (storage/checkpoints.py); 4 added log.example_keys, and its
+# checkpoints hold a global data position (data/batch_columns.py). Adding or renaming a key is a new
 # version, listed in config/upgrade.py (KEYS_ADDED_IN_VERSION, and a step for a key whose
 # default is not what its absence meant).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA_VERSION_KEY = schema.Key(
     SCHEMA_VERSION, schema.COUNT,
@@ -56,8 +57,15 @@ def stage_keys(objective: str) -> schema.Group:
       mesh=sharding.MESH_KEYS,                           # sharding.py
       sharding_rules=sharding.SHARDING_RULES_KEY,
       checkpoint=CHECKPOINT_KEYS,                        # storage/checkpoints.py
-      log=schema.Group('logging', every_steps=schema.Key(
-          50, schema.COUNT, 'steps per console line and TensorBoard point')),
+      log=schema.Group(
+          'logging',
+          every_steps=schema.Key(50, schema.COUNT, 'steps per console line and TensorBoard point'),
+          example_keys=schema.Key(
+              False, schema.BOOLEAN,
+              "write each global batch's example keys (a hash of every row's augmented "
+              'image: which example, which crop and flip) to example_keys/ in the stage '
+              'folder, one file per process: to check which examples each step trained on, '
+              'e.g. across a resume on another number of hosts')),
       evals=schema.FreeForm(
           'evaluators by name, each an evaluator_config(kind, ...) (evaluators/)'),
       # Start from an earlier stage's (or any) checkpoint: only the `take` subtrees of params

@@ -46,7 +46,7 @@ KEYS_OF_EVERY_VERSION = (
 FIRST_WHOLE_VERSION = 3
 # The keys (dotted) each version after FIRST_WHOLE_VERSION added; a record of an earlier
 # version lacks them, legitimately. Adding a key to the schema: SCHEMA_VERSION + 1, listed here.
-KEYS_ADDED_IN_VERSION: dict[int, tuple[str, ...]] = {}
+KEYS_ADDED_IN_VERSION: dict[int, tuple[str, ...]] = {4: ('log.example_keys',)}
 
 
 def upgrade(recorded: Mapping[str, Any], where: str,

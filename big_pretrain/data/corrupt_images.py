@@ -1,19 +1,18 @@
 """Skipping examples whose image cannot be decoded: counted, logged, and stopped when endless.
 
 The per-example maps (example_maps.py) turn an unreadable image into a
-transforms.SkippedExample; `SkipCorruptExamplesIterDataset` drops those after
-Grain's reader threads, counts them in the iterator state (so a resumed run
-reports the same count), names the first few in the log, and stops a source
-that yields no readable image for `max_consecutive` in a row.
+transforms.SkippedExample; the training reader (batch_columns.py) drops those and
+replaces each by the next example of its own column, and `SkipReport` counts them,
+names the first few in the log, and stops a source that yields no readable image for
+`max_consecutive` in a row. The counts are part of the saved data position, so a
+resumed run reports the same ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from absl import logging
-import grain
 import ml_collections
 
 from big_pretrain.data import transforms
@@ -30,8 +29,8 @@ SKIP_SUMMARY_EVERY = 1000
 
 @dataclasses.dataclass
 class SkippedExampleCounter:
-  """How many examples were skipped; owned by one pipeline, saved in its iterator state:
-  `count` images that do not decode, `records` records damaged in their file."""
+  """How many examples one process's reader skipped: `count` images that do not decode,
+  `records` records damaged in their file."""
   count: int = 0
   records: int = 0
 
@@ -45,43 +44,44 @@ def describe_source(data_config: ml_collections.ConfigDict) -> str:
   return f'config.data.{key}={data_config[key]!r} ({data_config.source})'
 
 
-class _SkipCorruptExamplesDatasetIterator(grain.DatasetIterator):
-  """Drops SkippedExample markers, counting each; stops a source that yields no image.
+class SkipReport:
+  """Counts, names in the log, and stops on, the examples one process's reader skips.
 
-  Runs in the process's main thread, after Grain's reader threads, and sees
-  examples in the pipeline's order: "in a row" means consecutive in this
-  process's share of the stream. The run of unreadable images is not part of
-  the saved state (a resumed run starts a new one), so at most about twice
-  the limit are read before the error.
+  The reader (batch_columns.py) calls `skipped` for each example it drops, in the order it
+  reads them, and `read_one` for each it keeps: "in a row" means consecutive in this
+  process's reads. The run of unreadable images is not part of the saved position (a
+  resumed run starts a new one), so at most about twice the limit are read before the error.
   """
 
-  def __init__(self, parent: grain.DatasetIterator, counter: SkippedExampleCounter,
-               max_consecutive: int, source_description: str):
-    super().__init__(parent)
+  def __init__(self, counter: SkippedExampleCounter, max_consecutive: int,
+               source_description: str):
     self._counter = counter
     self._max_consecutive = max_consecutive
     self._source_description = source_description
     self._skipped_in_a_row: list[transforms.SkippedExample] = []
-    self._skipped_by_this_iterator = 0  # what the log has named so far counts from here
+    self._skipped_by_this_report = 0  # what the log has named so far counts from here
 
-  def __next__(self):
-    while True:
-      element = next(self._parent)
-      if not isinstance(element, transforms.SkippedExample):
-        self._skipped_in_a_row.clear()
-        return element
-      if element.damaged_record:
-        self._counter.records += 1
-      else:
-        self._counter.count += 1
-      self._skipped_by_this_iterator += 1
-      self._log_skip(element)
-      self._skipped_in_a_row.append(element)
-      if len(self._skipped_in_a_row) >= self._max_consecutive:
-        raise UnreadableDataError(self._no_readable_image_message())
+  def read_one(self) -> None:
+    self._skipped_in_a_row.clear()
+
+  def restart(self) -> None:
+    """A new run of unreadable images starts (after a restore)."""
+    self._skipped_in_a_row.clear()
+
+  def skipped(self, element: transforms.SkippedExample) -> None:
+    """Counts and logs `element`; UnreadableDataError after max_consecutive in a row."""
+    if element.damaged_record:
+      self._counter.records += 1
+    else:
+      self._counter.count += 1
+    self._skipped_by_this_report += 1
+    self._log_skip(element)
+    self._skipped_in_a_row.append(element)
+    if len(self._skipped_in_a_row) >= self._max_consecutive:
+      raise UnreadableDataError(self._no_readable_image_message())
 
   def _log_skip(self, element: transforms.SkippedExample) -> None:
-    skipped = self._skipped_by_this_iterator
+    skipped = self._skipped_by_this_report
     if skipped <= SKIPS_NAMED_ONE_BY_ONE:
       last_named = (f' Further skips are summarised every {SKIP_SUMMARY_EVERY}.'
                     if skipped == SKIPS_NAMED_ONE_BY_ONE else '')
@@ -107,41 +107,3 @@ class _SkipCorruptExamplesDatasetIterator(grain.DatasetIterator):
         'the source holds images (JPEG, PNG, ...) that are not damaged, or raise '
         f'config.data.max_consecutive_unreadable (now {self._max_consecutive}) to read past '
         'a longer stretch of broken ones.')
-
-  def get_state(self) -> dict[str, Any]:
-    return {'parent': self._parent.get_state(),
-            'corrupt_images_skipped': self._counter.count,
-            'corrupt_records_skipped': self._counter.records}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state['parent'])
-    self._counter.count = int(state['corrupt_images_skipped'])
-    self._counter.records = int(state.get('corrupt_records_skipped', 0))  # saved before: none
-    self._skipped_in_a_row.clear()
-
-  def __str__(self) -> str:
-    return 'SkipCorruptExamplesDatasetIterator'
-
-
-class SkipCorruptExamplesIterDataset(grain.IterDataset):
-  """Drops examples the pipeline marked as SkippedExample; counts them in ``counter``.
-
-  The count is part of the iterator state, so a restored run reports the same
-  count as the run that saved it. ``max_consecutive`` unreadable examples in a
-  row raise UnreadableDataError naming some of them and ``source_description``.
-  """
-
-  def __init__(self, parent: grain.IterDataset, counter: SkippedExampleCounter, *,
-               max_consecutive: int = DEFAULT_MAX_CONSECUTIVE_UNREADABLE,
-               source_description: str = 'the source'):
-    super().__init__(parent)
-    self._counter = counter
-    self._max_consecutive = max_consecutive
-    self._source_description = source_description
-
-  def __iter__(self) -> grain.DatasetIterator:
-    return _SkipCorruptExamplesDatasetIterator(self._parent.__iter__(), self._counter,
-                                               self._max_consecutive, self._source_description)
-
-  def __str__(self) -> str:
-    return 'SkipCorruptExamplesIterDataset'

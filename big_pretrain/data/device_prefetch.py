@@ -4,21 +4,19 @@ A background thread batches the next examples and copies them to the devices
 while the current step runs, so neither the host's batching (stacking a
 per-process batch of images) nor the host-to-device copy waits in the loop.
 
-Prefetching runs the Grain iterator ahead of training, so its own position is
-not the position to checkpoint. ``DevicePrefetch.position`` is: it holds the
-Grain state just after the last batch the loop *took*, so a checkpoint resumes
-at the first batch no step has seen, exactly as without prefetching.
+Prefetching runs the reader ahead of training, so its own position is not the
+position to checkpoint. ``DevicePrefetch.position`` is: it holds the reader's
+state just after the last batch the loop *took*, so a checkpoint resumes at the
+first batch no step has seen, exactly as without prefetching.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import queue
 import threading
 from typing import Any, Callable
 
-import grain
 import numpy as np
 
 # How long a blocked put or get waits before checking whether to stop (seconds).
@@ -37,13 +35,14 @@ class _Prefetched:
 class DevicePrefetch:
   """Iterates over `to_device(next(local_batches))`, `size` batches ahead, in a thread.
 
-  `local_batches` is a Grain iterator of this process's numpy batches; only the
-  background thread touches it while prefetching. Errors raised while reading
+  `local_batches` iterates over this process's numpy batches and has a position
+  (`get_state`, `set_state`, `global_position`: batch_columns.BatchColumnReader); only
+  the background thread touches it while prefetching. Errors raised while reading
   (a missing file, a corrupt shard) are re-raised by `__next__` in order, after
   the batches before them. Checkpoint `position`, not `local_batches`.
   """
 
-  def __init__(self, local_batches: grain.DatasetIterator,
+  def __init__(self, local_batches,
                to_device: Callable[[dict[str, np.ndarray]], dict[str, Any]], size: int):
     if size < 1:
       raise ValueError(f'DevicePrefetch needs size >= 1 (got {size}); use the pipeline '
@@ -117,8 +116,12 @@ class DevicePrefetch:
       return self._state_after_taken
     return copy.deepcopy(self._local_batches.get_state())
 
+  def global_position(self):
+    """`local_batches.global_position` of the state after the last batch taken."""
+    return self._local_batches.global_position(self.state())
+
   def restore(self, state) -> None:
-    """Continues from `state` (from `state()`, or a checkpoint of the Grain iterator)."""
+    """Continues from `state` (from `state()`, or a checkpoint of the position)."""
     self.close()
     self._local_batches.set_state(state)
     self._finished = False
@@ -154,19 +157,19 @@ class DevicePrefetch:
 class _Position:
   """The data position to checkpoint: where the next batch the loop takes starts.
 
-  Speaks the protocol of `grain.checkpoint.CheckpointHandler` for iterators
-  other than `grain.DatasetIterator` (state as JSON bytes; `start_prefetch`
-  after a restore), so checkpoints hold the same JSON as the Grain iterator's.
+  The same protocol as the reader's own (batch_columns.BatchColumnReader): `get_state` /
+  `set_state` of this process, `global_position` gathered from every process.
   """
 
   def __init__(self, prefetch: DevicePrefetch):
     self._prefetch = prefetch
 
-  def get_state(self) -> bytes:
-    return json.dumps(self._prefetch.state(), indent=4).encode()
+  def get_state(self):
+    return copy.deepcopy(self._prefetch.state())
 
-  def set_state(self, state: bytes) -> None:
-    self._prefetch.restore(json.loads(state))
+  def set_state(self, state) -> None:
+    self._prefetch.restore(state)
 
-  def start_prefetch(self) -> None:
-    self._prefetch.start()
+  def global_position(self):
+    """Every process's position after its last batch taken, gathered (a collective)."""
+    return self._prefetch.global_position()

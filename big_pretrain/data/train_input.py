@@ -9,21 +9,22 @@ Per process::
     .map(add_label_ids)                   # only when config.labels.vocabulary is set (WSP)
     .map(add_text_tokens)                 # only when config.text.tokenizer is set (FLIP)
     .random_map(decode, config.augment)   # e.g. crop+flip (data/augment.py)
-    -> ProcessShare                       # this process's rows of every global batch
-    .to_iter_dataset(ReadOptions(...))    # decoding runs in num_threads threads
-    -> skip and count corrupt images      # stop after max_consecutive_unreadable in a row
-    .map(select_device_features)
-    .batch(per_process_batch, drop_remainder=True)
+    -> BatchColumnReader                  # this process's columns of every global batch,
+                                          # read in num_threads threads; an unreadable
+                                          # image is replaced by its column's next one
+       .map(select_device_features), stacked into this process's rows
 
 and each per-process batch becomes a global ``jax.Array`` whose batch dimension
 is sharded over the mesh axes ('data', 'fsdp'). The maps are in example_maps.py,
-ProcessShare in process_share.py, the skipping in corrupt_images.py, the
-features in batch_features.py.
+the reader and the data position in batch_columns.py, the skip counting in
+corrupt_images.py, the features in batch_features.py.
 
 All randomness (shuffle order, crops, flips, RandAugment, erasing) is a
 deterministic function of the seeds and the element's global index, so restoring
-``grain_iterator``'s state resumes the exact same stream of batches, and a run on
-N processes sees the same global batches, row for row, as a run on one.
+the reader's position resumes the exact same stream of batches, and a run on N
+processes sees the same global batches, row for row, as a run on one: also after
+skipping unreadable images, and also when it resumes a position saved by another
+number of processes.
 
 Evaluators and the pseudo-label job read every example of a split exactly once
 through eval_input.py instead.
@@ -37,9 +38,11 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data import augment as augment_lib
+from big_pretrain.data import batch_columns
 from big_pretrain.data import batch_features
 from big_pretrain.data import corrupt_images
 from big_pretrain.data import example_maps
@@ -71,7 +74,8 @@ class InputPipeline:
   device, which keeps host-to-device traffic 4x smaller than float32.
 
   It shuffles and repeats forever; evaluation reads every example of a split
-  once through eval_input.py instead.
+  once through eval_input.py instead. With `example_keys_file`, every batch's keys are
+  appended to it (batch_columns.py; config.log.example_keys).
   """
 
   def __init__(
@@ -81,12 +85,12 @@ class InputPipeline:
       global_batch_size: int,
       mesh: jax.sharding.Mesh,
       seed: int = 0,
+      example_keys_file: str | None = None,
   ):
     self._source = sources.build_source(data_config)
     self._label_vocabulary, self._text_tokenizer = batch_features.load_text_features(data_config)
     self._sharding = sharding_lib.batch_sharding(mesh)
     self._skipped = corrupt_images.SkippedExampleCounter()
-    per_process_batch = global_batch_size // jax.process_count()
 
     dataset = grain.MapDataset.source(self._source)
     dataset = dataset.shuffle(seed=seeds.derive_seed(data_config.seed, seed, seeds.SHUFFLE_STREAM))
@@ -108,18 +112,21 @@ class InputPipeline:
             erasing_prob=float(data_config.erasing_prob),
             scale_jitter=tuple(float(s) for s in data_config.scale_jitter)),
         seed=seeds.derive_seed(data_config.seed, seed, seeds.AUGMENT_STREAM))
-    # After the random maps, so an example's crop depends on its global index
-    # alone, not on how many processes share the run. Lazy: each process only
-    # decodes its own rows.
-    iter_dataset = process_share.read_process_share(dataset, data_config, per_process_batch)
-    iter_dataset = corrupt_images.SkipCorruptExamplesIterDataset(
-        iter_dataset, self._skipped, max_consecutive=data_config.max_consecutive_unreadable,
-        source_description=corrupt_images.describe_source(data_config))
-    iter_dataset = iter_dataset.map(functools.partial(
-        batch_features.select_device_features,
-        feature_names=batch_features.device_feature_names(data_config)))
-    iter_dataset = iter_dataset.batch(per_process_batch, drop_remainder=True)
-    self._iterator = iter_dataset.__iter__()
+    # Each process reads its own columns of every global batch, after the random maps, so
+    # an example's crop and its place in the batches depend on its global index alone, not
+    # on how many processes share the run (batch_columns.py).
+    self._reader = batch_columns.BatchColumnReader(
+        dataset,
+        batch_columns.ColumnLayout(global_batch_size, jax.process_index(), jax.process_count()),
+        to_row=functools.partial(
+            batch_features.select_device_features,
+            feature_names=batch_features.device_feature_names(data_config)),
+        num_threads=process_share.num_reader_threads(data_config),
+        elements_ahead=data_config.prefetch_buffer_size,
+        report=corrupt_images.SkipReport(
+            self._skipped, max_consecutive=data_config.max_consecutive_unreadable,
+            source_description=corrupt_images.describe_source(data_config)),
+        counter=self._skipped, example_keys_file=example_keys_file)
 
   def _mixed_with(self, main: grain.MapDataset, second_source: SecondSource, data_seed: int,
                   seed: int) -> grain.MapDataset:
@@ -149,12 +156,17 @@ class InputPipeline:
 
   def next_local_numpy(self) -> dict[str, np.ndarray]:
     """The next batch of this process as numpy arrays (for evaluators and tests)."""
-    return next(self._iterator)
+    return next(self._reader)
 
   @property
-  def grain_iterator(self) -> grain.DatasetIterator:
-    """The underlying Grain iterator; checkpoint it with grain.checkpoint.CheckpointSave/Restore."""
-    return self._iterator
+  def local_batches(self) -> batch_columns.BatchColumnReader:
+    """This process's numpy batches and their position (get_state / set_state, and
+    global_position for a checkpoint)."""
+    return self._reader
+
+  def close(self) -> None:
+    """Stops the reader threads."""
+    self._reader.close()
 
   @property
   def corrupt_records_skipped(self) -> int:
@@ -163,8 +175,17 @@ class InputPipeline:
 
   @property
   def corrupt_images_skipped(self) -> int:
-    """Unreadable images skipped so far by this process (a file counts once per epoch read)."""
+    """Unreadable images skipped so far in this process's columns (a file counts once per
+    epoch read)."""
     return self._skipped.count
+
+  def skipped_in_every_process(self) -> tuple[int, int]:
+    """(unreadable images, damaged records) skipped so far by all processes together; a
+    collective: every process calls it at the same step."""
+    counts = np.array([self._skipped.count, self._skipped.records], np.int32)
+    if jax.process_count() > 1:
+      counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2).sum(0)
+    return int(counts[0]), int(counts[1])
 
   @property
   def label_vocabulary(self) -> labels_lib.LabelVocabulary | None:

@@ -17,6 +17,7 @@ existed restores, with one warning that it cannot be verified.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -38,7 +39,12 @@ from big_pretrain.storage import files as storage
 from big_pretrain.storage.stage_dir import CONFIG_FILE, StageDir
 
 STATE_ITEM = 'state'
-DATA_ITEM = 'data'
+# The global data position (data/batch_columns.py), one JSON record for every process.
+DATA_POSITION_ITEM = 'data_position'
+DATA_POSITION_FILE = 'data_position.json'
+# Checkpoints written before global positions hold one Grain state per process here
+# (process_<i>-of-<P>.json): they resume, on P processes only.
+PER_PROCESS_DATA_ITEM = 'data'
 
 # config.checkpoint: how often a stage saves, and how many saves it keeps.
 CHECKPOINT_KEYS = schema.Group(
@@ -63,8 +69,8 @@ DIGESTS_SINCE_SCHEMA_VERSION = 3
 
 
 def read_digests(step_dir: str) -> dict | None:
-  """The digests file of a step as it is ({'arrays': {path: [h1, h2]}, 'data_iterator':
-  {process: sha256}}), or None if there is none. `recorded_digests` judges it."""
+  """The digests file of a step as it is ({'arrays': {path: [h1, h2]}, 'data_position':
+  sha256}), or None if there is none. `recorded_digests` judges it."""
   path = os.path.join(step_dir, checksums.DIGESTS_ITEM, checksums.DIGESTS_FILE)
   try:
     return storage.read_json(path, if_damaged='The checkpoint cannot be verified without it: '
@@ -204,13 +210,37 @@ def check_shapes_fit(saved: dict, expected: dict, where: str) -> None:
   raise CheckpointMismatchError('\n'.join(lines))
 
 
-def _data_digests(data_iterator) -> dict[str, str]:
-  """{process index: sha256 of its data position}, for every process (each saves its own)."""
-  digest = checksums.bytes_digest(data_iterator.get_state())
-  words = np.frombuffer(bytes.fromhex(digest), np.uint32)
-  gathered = np.asarray(multihost_utils.process_allgather(words)).reshape(-1, words.size)
-  return {str(process): row.astype(np.uint32).tobytes().hex()
-          for process, row in enumerate(gathered)}
+def topology(state) -> dict:
+  """{'processes', 'devices', 'mesh'} of the run holding `state` (arrays or ShapeDtypeStructs
+  with their shardings)."""
+  meshes = [leaf.sharding.mesh for leaf in jax.tree_util.tree_leaves(state)
+            if isinstance(getattr(leaf, 'sharding', None), jax.sharding.NamedSharding)]
+  mesh = meshes[0] if meshes else None
+  return {'processes': jax.process_count(),
+          'devices': int(mesh.size) if mesh is not None else jax.device_count(),
+          'mesh': {name: int(size) for name, size in mesh.shape.items()} if mesh else {}}
+
+
+def describe_topology(recorded: dict) -> str:
+  """'2 processes x 2 devices' (devices per process)."""
+  processes, devices = int(recorded['processes']), int(recorded['devices'])
+  per_process = devices // max(processes, 1)
+  return (f'{processes} process{"es" if processes != 1 else ""} x {per_process} '
+          f'device{"s" if per_process != 1 else ""}')
+
+
+def topology_change(saved: dict | None, current: dict) -> str | None:
+  """'2 processes x 2 devices -> 1 process x 4 devices' (with the meshes where they differ),
+  or None when the run resumes where it was saved (or the step does not say)."""
+  if not saved or all(saved.get(key) == current[key] for key in ('processes', 'devices',
+                                                                  'mesh')):
+    return None
+  change = f'{describe_topology(saved)} -> {describe_topology(current)}'
+  if saved.get('mesh') != current['mesh']:
+    def mesh(shape):
+      return ', '.join(f'{name}={size}' for name, size in shape.items())
+    change += f' (mesh {mesh(saved.get("mesh") or {})} -> {mesh(current["mesh"])})'
+  return change
 
 
 class Checkpointer:
@@ -225,13 +255,19 @@ class Checkpointer:
         create=True)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_names=(STATE_ITEM, DATA_ITEM, checksums.DIGESTS_ITEM),
+        item_names=(STATE_ITEM, DATA_POSITION_ITEM, PER_PROCESS_DATA_ITEM,
+                    checksums.DIGESTS_ITEM),
         item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
-                       DATA_ITEM: grain.checkpoint.CheckpointHandler(),
+                       DATA_POSITION_ITEM: ocp.JsonCheckpointHandler(
+                           filename=DATA_POSITION_FILE),
+                       # Read by hand (`_per_process_position`); registered so Orbax knows it.
+                       PER_PROCESS_DATA_ITEM: grain.checkpoint.CheckpointHandler(),
                        checksums.DIGESTS_ITEM: ocp.JsonCheckpointHandler(
                            filename=checksums.DIGESTS_FILE)})
     self._last_started_step = None  # an asynchronous save's failure shows at the next call
     self._warned_unverified = False
+    # Set by a restore: how the run's processes and devices differ from the step's, in words.
+    self.topology_change: str | None = None
 
   def all_steps(self) -> list[int]:
     self._manager.reload()  # Other processes or runs may have written since.
@@ -244,8 +280,11 @@ class Checkpointer:
     """Whether `step` is on the save interval (or is the first step of a new directory)."""
     return self._manager.should_save(step)
 
-  def save(self, step: int, state, data_iterator, force: bool = False) -> bool:
+  def save(self, step: int, state, data_position, force: bool = False) -> bool:
     """Saves if `step` is on the interval (or `force`); returns whether it did.
+
+    `data_position`: the input's position (its `global_position()` is gathered from every
+    process here, a collective; the record names the topology that wrote it).
 
     Raises CheckpointSaveError when this save, or an asynchronous one before it,
     fails (a full disk, a lost bucket): training on would only lose more steps.
@@ -259,14 +298,15 @@ class Checkpointer:
     self._check_free_space(step, state)
     # Computed on the devices that hold the state (a read of it, no host copy): Orbax then
     # writes the digests with the step, in the same (asynchronous) save.
+    position = {**data_position.global_position().to_json(), 'written_by': topology(state)}
     digests = {'arrays': checksums.tree_digests(state),
-               checksums.DATA_DIGEST_KEY: _data_digests(data_iterator)}
+               checksums.DATA_POSITION_DIGEST_KEY: checksums.json_digest(position)}
     try:
       started = self._manager.save(
           step, force=force,
           args=ocp.args.Composite(**{
               STATE_ITEM: ocp.args.StandardSave(state),
-              DATA_ITEM: grain.checkpoint.CheckpointSave(data_iterator),
+              DATA_POSITION_ITEM: ocp.args.JsonSave(position),
               checksums.DIGESTS_ITEM: ocp.args.JsonSave(digests),
           }))
     except Exception as error:  # noqa: BLE001  (Orbax raises many kinds; all mean: not saved)
@@ -312,29 +352,63 @@ class Checkpointer:
            if kept else '')
         + 'are intact. Free space or fix the folder, then run the same command to resume.')
 
-  def restore(self, step: int, abstract_state, data_iterator=None):
-    """Restores the state (sharded as `abstract_state`) and, if given, the iterator."""
+  def restore(self, step: int, abstract_state, data_position=None):
+    """Restores the state (sharded as `abstract_state`) and, if given, the data position.
+
+    The position is global: a step written by any number of processes resumes on this
+    one's (a step written before global positions only on its own process count).
+    """
     # Read first what the checkpoint holds: files missing or damaged make it
     # unreadable; a whole checkpoint with another tree or shapes does not fit.
     saved = self._read_state_metadata(step)
     check_shapes_fit(tree_shapes(saved), tree_shapes(abstract_state),
                      f'{self.directory} (step {step})')
+    step_dir = self._step_dir(step)
     items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
-      self._check_process_count(step)
-      items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
+    per_process = (data_position is not None
+                   and not (epath.Path(step_dir) / DATA_POSITION_ITEM).exists()
+                   and (epath.Path(step_dir) / PER_PROCESS_DATA_ITEM).exists())
+    if data_position is not None and not per_process:
+      items[DATA_POSITION_ITEM] = ocp.args.JsonRestore()
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+      position = (self._per_process_position(step) if per_process
+                  else restored[DATA_POSITION_ITEM] if data_position is not None else None)
+    except CheckpointMismatchError:
+      raise
     except Exception as error:  # noqa: BLE001  (the tree fits: a failed read is damage)
       raise CheckpointUnreadableError(
-          f'its arrays or data position in {self._step_dir(step)} do not read back: '
+          f'its arrays or data position in {step_dir} do not read back: '
           f'{type(error).__name__}: {str(error)[:500]}') from error
-    self._verify(step, restored[STATE_ITEM], data_iterator)
+    self._verify(step, restored[STATE_ITEM], position, per_process)
+    if data_position is not None:
+      self._restore_position(step, data_position, position, abstract_state, per_process)
     logging.info('Restored step %d from %s', step, self.directory)
     return restored[STATE_ITEM]
 
-  def _verify(self, step: int, state, data_iterator) -> None:
-    """CheckpointUnreadableError naming the first array (or data position) whose digest
+  def _restore_position(self, step: int, data_position, position, abstract_state,
+                        per_process: bool) -> None:
+    """Continues the input from the step's position; logs a change of topology."""
+    if per_process:
+      data_position.set_state(json.loads(position))
+      self.topology_change = None
+      return
+    try:
+      data_position.set_state(position)
+    except CheckpointMismatchError:
+      raise
+    except (KeyError, TypeError, ValueError) as error:  # digests passed: written so, or old
+      raise CheckpointUnreadableError(
+          f'the data position of {self._step_dir(step)} does not read: {error}') from error
+    self.topology_change = topology_change(position.get('written_by'),
+                                           topology(abstract_state))
+    if self.topology_change:
+      logging.info('Resuming step %d on another topology: %s. The data position is global: '
+                   'the run continues with the same global batches.', step,
+                   self.topology_change)
+
+  def _verify(self, step: int, state, position, per_process: bool) -> None:
+    """CheckpointUnreadableError naming the first array (or the data position) whose digest
     differs from the one the step was saved with; every process reaches the same verdict."""
     step_dir = self._step_dir(step)
     recorded = recorded_digests(step_dir)
@@ -344,10 +418,14 @@ class Checkpointer:
         self._warned_unverified = True
       return
     problem = damaged_array(step_dir, checksums.tree_digests(state), recorded)  # same everywhere
-    if problem is None and data_iterator is not None:
-      saved = (recorded.get(checksums.DATA_DIGEST_KEY) or {}).get(str(jax.process_index()))
-      here = checksums.bytes_digest(data_iterator.get_state())
-      damaged_here = saved != here  # a record without this process's digest verifies nothing
+    if problem is None and position is not None and not per_process:
+      if recorded.get(checksums.DATA_POSITION_DIGEST_KEY) != checksums.json_digest(position):
+        problem = (f'the data position of {step_dir} does not match the digest it was saved '
+                   'with, or it has no digest there')
+    elif problem is None and position is not None:
+      saved = (recorded.get(checksums.PER_PROCESS_DATA_DIGEST_KEY) or {}).get(
+          str(jax.process_index()))
+      damaged_here = saved != checksums.bytes_digest(position.encode())
       if np.any(multihost_utils.process_allgather(np.array([damaged_here]))):
         problem = (f'the data position of {step_dir} (process '
                    f'{jax.process_index()} or another) does not match the digest it was '
@@ -355,7 +433,7 @@ class Checkpointer:
     if problem is not None:
       raise CheckpointUnreadableError(problem)
 
-  def restore_latest_readable(self, abstract_state, data_iterator=None):
+  def restore_latest_readable(self, abstract_state, data_position=None):
     """(step, state) of the newest checkpoint that reads back whole, or None if there is none.
 
     A checkpoint that fails to read (its metadata or an array file missing,
@@ -367,7 +445,7 @@ class Checkpointer:
     set_aside = []
     for step in reversed(self.all_steps()):
       try:
-        return step, self.restore(step, abstract_state, data_iterator)
+        return step, self.restore(step, abstract_state, data_position)
       except CheckpointUnreadableError as error:
         moved_to = self._set_aside(step)
         set_aside.append(step)
@@ -409,23 +487,24 @@ class Checkpointer:
     self._manager.reload()
     return str(target)
 
-  def _check_process_count(self, step: int) -> None:
-    """The data position is saved per process: a different process count cannot resume it."""
-    data_files = (epath.Path(self.directory) / str(step) / DATA_ITEM).glob('process_*-of-*')
-    saved_counts = {int(match.group(1)) for path in data_files
+  def _per_process_position(self, step: int) -> str:
+    """This process's position text in a step written before global positions; such a step
+    resumes only on the process count that wrote it (CheckpointMismatchError otherwise)."""
+    folder = epath.Path(self._step_dir(step)) / PER_PROCESS_DATA_ITEM
+    saved_counts = {int(match.group(1)) for path in folder.glob('process_*-of-*')
                     if (match := re.search(r'-of-(\d+)', path.name))}
-    if not saved_counts or saved_counts == {jax.process_count()}:
-      return
-    saved = max(saved_counts)
-    def processes(n):
-      return f'{n} process' + ('es' if n != 1 else '')
-    raise CheckpointMismatchError(
-        f'The checkpoint {self.directory} (step {step}) was written by {processes(saved)}, '
-        f'and this run has {processes(jax.process_count())}. The model state would fit, but '
-        'each process saved its own position in the data stream, so only the same number '
-        f'of processes can resume exactly: run with {processes(saved)}. To continue from '
-        'these weights with another layout instead, start a new --workdir with '
-        f'config.init_from.checkpoint={self.directory!r}. Nothing was modified.')
+    here = jax.process_count()
+    if saved_counts and saved_counts != {here}:
+      saved = max(saved_counts)
+      def processes(n):
+        return f'{n} process' + ('es' if n != 1 else '')
+      raise CheckpointMismatchError(
+          f'The checkpoint {self.directory} (step {step}) was written by {processes(saved)} '
+          'with a version of big_pretrain that saved each process\'s data position on its '
+          f'own, so it resumes only on {processes(saved)} (this run has {processes(here)}): '
+          f'run with {processes(saved)}, or start a new --workdir with '
+          f'config.init_from.checkpoint={self.directory!r}. Nothing was modified.')
+    return (folder / f'process_{jax.process_index()}-of-{here}.json').read_text()
 
   def wait_until_finished(self) -> None:
     """Waits for an asynchronous save; raises CheckpointSaveError if it failed."""

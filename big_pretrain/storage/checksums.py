@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import json
 import os
 
 import jax
@@ -35,7 +36,9 @@ from jax.experimental import multihost_utils
 
 DIGESTS_ITEM = 'digests'      # the Orbax item beside 'state' and 'data'
 DIGESTS_FILE = 'digests.json'
-DATA_DIGEST_KEY = 'data_iterator'  # the data position's digest, per process
+DATA_POSITION_DIGEST_KEY = 'data_position'  # the global data position record's digest
+# Checkpoints from before global data positions: {process: digest of its own position}.
+PER_PROCESS_DATA_DIGEST_KEY = 'data_iterator'
 _WORKERS = os.cpu_count() or 1     # threads digesting host arrays
 _SLICE = 1 << 22                   # elements: below this, a shard is not split
 
@@ -149,5 +152,10 @@ def first_mismatch(restored: dict[str, list[int]], recorded: dict[str, list[int]
 
 
 def bytes_digest(data: bytes) -> str:
-  """The data position's digest: its serialized state's sha256."""
+  """A per-process data position's digest (before global positions): its file's sha256."""
   return hashlib.sha256(data).hexdigest()
+
+
+def json_digest(record) -> str:
+  """The sha256 of a JSON record, the same for any key order it is read back in."""
+  return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()

@@ -161,13 +161,20 @@ def history_schema_version(workdir: str) -> int | None:
   return max(versions, default=None)
 
 
-def record_start(config, workdir: str, step: int, changes: ConfigChanges | None) -> None:
-  """Writes config.json (now the current config) and appends this start to the history."""
+def record_start(config, workdir: str, step: int, changes: ConfigChanges | None, *,
+                 topology: dict | None = None, topology_change: str | None = None) -> None:
+  """Writes config.json (now the current config) and appends this start to the history:
+  its step, config changes, the processes and devices it runs on (`topology`) and, for a
+  resume on others than the checkpoint's, the change in words."""
   stage_dir = StageDir(workdir)
   history_path = stage_dir.history_file
   entry = {'step': step, 'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
            'schema_version': config.schema_version,
            'changes': {key: list(pair) for key, pair in (changes.all() if changes else {}).items()}}
+  if topology is not None:
+    entry['topology'] = topology
+  if topology_change is not None:
+    entry['topology_change'] = topology_change
   previous = _readable_history(history_path)
   # The history first, so a kill in between never leaves a config.json it does not explain.
   storage.write_text(history_path, previous + json.dumps(entry) + '\n')

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from typing import Callable
 
@@ -35,6 +36,8 @@ from big_pretrain.models.vit import SCAN_AUTO
 from big_pretrain.objectives import build_objective, objective_class
 from big_pretrain.storage import resume_identity
 from big_pretrain.storage import stage_dir as stage_dir_lib
+from big_pretrain.storage import checkpoints
+from big_pretrain.storage import files as storage
 from big_pretrain.storage.checkpoints import Checkpointer, saved_steps
 from big_pretrain.storage.stage_dir import StageDir
 from big_pretrain.train import faults
@@ -45,6 +48,10 @@ from big_pretrain.train.optim import make_optimizer, make_schedule
 from big_pretrain.train.remat_choice import build_with_remat_choice
 from big_pretrain.train.step import abstract_params
 from big_pretrain.train.throughput import LogInterval, SpeedReference
+
+
+# config.log.example_keys: each process's batches' example keys, in the stage's folder.
+EXAMPLE_KEYS_FOLDER = 'example_keys'
 
 
 @dataclasses.dataclass
@@ -119,7 +126,9 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   with contextlib.ExitStack() as open_resources:
     # --- Input.
     data = InputPipeline(config.data, global_batch_size=config.batch_size, mesh=mesh,
-                         seed=config.seed)
+                         seed=config.seed,
+                         example_keys_file=_example_keys_file(config, stage_dir))
+    open_resources.callback(data.close)
     batches, data_position = _training_batches(data, config.data.device_prefetch)
     if batches is not data:
       open_resources.callback(batches.close)
@@ -136,7 +145,9 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
     final_evaluations_missing = (start_step >= config.total_steps
                                  and _final_evaluations_missing(config, stage_dir, start_step))
     if jax.process_index() == 0:
-      resume_identity.record_start(requested_config, workdir, start_step, config_changes)
+      resume_identity.record_start(requested_config, workdir, start_step, config_changes,
+                                   topology=checkpoints.topology(state),
+                                   topology_change=checkpointer.topology_change)
     logging.info('Parameters:\n%s', sharding_lib.describe_param_shardings(
         state.params, state.opt_state))
 
@@ -184,8 +195,8 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
             faults.stop_if_nonfinite(interval.fetch(), step, config.optim.skip_nonfinite_updates,
                                      checkpointer)
             last_metrics = interval.summarise(step)
-            last_metrics['data/corrupt_images_skipped'] = data.corrupt_images_skipped
-            last_metrics['data/corrupt_records_skipped'] = data.corrupt_records_skipped
+            (last_metrics['data/corrupt_images_skipped'],
+             last_metrics['data/corrupt_records_skipped']) = data.skipped_in_every_process()
             writer.write_scalars(step, last_metrics)
             writer.write_scalars(step, clock.scalars())
             history.append((step, last_metrics))
@@ -224,9 +235,23 @@ def _training_batches(data: InputPipeline, device_prefetch: int):
   """The steps' batches, and the input position their checkpoints save: `device_prefetch`
   batches made and copied to the devices ahead, in a thread; 0: made in the loop."""
   if device_prefetch:
-    batches = DevicePrefetch(data.grain_iterator, data.to_global_arrays, device_prefetch)
+    batches = DevicePrefetch(data.local_batches, data.to_global_arrays, device_prefetch)
     return batches, batches.position
-  return data, data.grain_iterator
+  return data, data.local_batches
+
+
+def _example_keys_file(config, stage_dir: StageDir) -> str | None:
+  """Where this process appends its batches' example keys (config.log.example_keys), or
+  None. A local or mounted folder: objects in a bucket cannot be appended to."""
+  if not config.log.example_keys:
+    return None
+  folder = stage_dir.file(EXAMPLE_KEYS_FOLDER)
+  if storage.is_bucket(folder):
+    logging.warning('config.log.example_keys: %s is in a bucket, where files cannot be '
+                    'appended to; no example keys are written.', folder)
+    return None
+  os.makedirs(folder, exist_ok=True)
+  return os.path.join(folder, f'process_{jax.process_index()}-of-{jax.process_count()}.jsonl')
 
 
 def _starting_params(initialize: Callable[[dict], dict], config, mesh, rules) -> dict:
