@@ -9,6 +9,7 @@ Any config key can be overridden on the command line (--config.total_steps=20).
 # The flags and their one-line errors are big_pretrain/cli.py's; each error's exit code is
 # big_pretrain/errors.py's (README, "Exit codes").
 
+import functools
 import signal
 
 import jax
@@ -22,11 +23,14 @@ from big_pretrain.stages.chain_validation import validate_config
 from big_pretrain.storage import files as storage
 from big_pretrain.storage import run_lock
 from big_pretrain.train import faults
+from big_pretrain.train import goodput
 
 flags.adopt_module_key_flags(cli)  # `main.py --help` lists them
 
 
-def main(argv):
+def main(argv, *, accounted_since: float | None = None):
+  """`accounted_since`: time.time() from which the first stage's goodput counts (run as a
+  script: the process's start, so its Python and imports count as start-up)."""
   del argv  # cli.parse_flags refused any beyond the flags
   tpu_slices.quiet_libtpu_without_tpu()  # before JAX starts a backend
   cli.set_up_logging()
@@ -35,7 +39,7 @@ def main(argv):
   outside_training = faults.SigtermOutsideTraining()
   previous_handler = signal.signal(signal.SIGTERM, outside_training)
   try:
-    _run(cli.parsed_command())
+    _run(cli.parsed_command(), accounted_since)
   except KeyboardInterrupt:  # maybe while XLA compiles; the stage has closed its files
     cli.exit_with('Interrupted (Ctrl-C): stopped without saving; the same command resumes '
                   'from the last checkpoint.', EXIT_INTERRUPTED, skip_teardown=True)
@@ -45,7 +49,7 @@ def main(argv):
     signal.signal(signal.SIGTERM, previous_handler)
 
 
-def _run(command) -> None:
+def _run(command, accounted_since: float | None) -> None:
   if command.compile_for is not None:
     _compile_for(command)
     return
@@ -79,7 +83,8 @@ def _run(command) -> None:
   # and run the chain; every way it can stop ends with its exit code (main).
   with run_lock.run_lock(command.workdir, take=jax.process_index() == 0,
                          agree=distributed.process_0_message):
-    chain.run_validated(command.config, command.workdir)  # validated above
+    chain.run_validated(command.config, command.workdir,  # validated above
+                        accounted_since=accounted_since)
 
 
 def _compile_for(command) -> None:
@@ -109,4 +114,5 @@ def _stop(error: UserFacingError | Preempted, interrupted_a_compile: bool):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(functools.partial(main, accounted_since=goodput.process_started_at()),
+          flags_parser=cli.parse_flags)

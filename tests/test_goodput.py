@@ -3,6 +3,8 @@ up to it; a slow input, slow saves and progress lost to a crash attributed where
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -13,6 +15,7 @@ from big_pretrain.storage.checkpoints import Checkpointer
 from big_pretrain.train import faults
 from big_pretrain.train import goodput
 from big_pretrain.train.loop import train_stage
+from helpers.paths import REPO_ROOT
 from helpers.tiny_config import one_device, tiny_mae_config
 
 # A sum of ~10 float64 durations: its rounding is ~1e-15 of the wall time.
@@ -116,3 +119,44 @@ def test_the_report_refuses_a_folder_without_records(tmp_path, capsys):
       {'start_step': 0, 'last_step': 1, 'wall_seconds': 1.0, 'parts': {'productive': 1.0}})
       + '\n')
   assert len(_starts(tmp_path)) == 1  # the line that does not read is left out
+
+
+def test_a_start_counts_from_where_the_accounting_before_it_ended_and_records_as_it_goes(
+    tmp_path, monkeypatch):
+  # The first stage of a process counts from the process's start (main.py passes it): here
+  # 3 s before the clock exists. A thread rewrites the record, so a start killed in the
+  # middle of a compile keeps what it had accounted up to the last rewrite.
+  monkeypatch.setattr(goodput, 'RECORD_EVERY_SECONDS', 0.1)
+  path = str(tmp_path / goodput.GOODPUT_FILE)
+  clock = goodput.StageClock(path, write=True, started_at=time.time() - 3.0)
+  with clock.recording():
+    time.sleep(0.3)
+    assert not os.path.exists(path)  # nothing written before the start goes ahead
+    clock.start_records()
+    with clock.measure('compile'):
+      time.sleep(0.5)
+      [mid_compile] = _starts(tmp_path)
+  [final] = _starts(tmp_path)
+  # Written by the thread within the last 0.1 s (plus scheduling) of the compile's 0.5 s.
+  assert 0.2 <= mid_compile['parts']['compile'] <= 0.5
+  assert mid_compile['wall_seconds'] >= 3.3
+  _assert_adds_up(mid_compile)
+  _assert_adds_up(final)
+  assert final['parts']['compile'] >= 0.5
+  assert 3.3 <= final['parts']['start_up'] < 3.3 + 0.5  # the 3 s before, and the 0.3 s wait
+  assert clock.accounted_until == pytest.approx(final['started_at'] + final['wall_seconds'])
+  assert abs(clock.accounted_until - time.time()) < 0.5
+
+
+def test_process_started_at_is_when_the_process_began():
+  if goodput.process_started_at() is None:
+    pytest.skip('no /proc here')
+  # A child that waits 1 s after starting, then says when it started: before that wait,
+  # after this process launched it (the clock ticks are 1/100 s; the boot time a float).
+  launched = time.time()
+  said = subprocess.run(
+      [sys.executable, '-c', 'import time; time.sleep(1); '
+       'from big_pretrain.train import goodput; print(goodput.process_started_at())'],
+      capture_output=True, text=True, check=True, cwd=REPO_ROOT).stdout
+  started = float(said)
+  assert launched - 0.02 <= started <= launched + 0.5

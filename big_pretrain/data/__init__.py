@@ -8,8 +8,10 @@
   eval_input.py      every example of a split once, in order (evaluators, pseudo-labels)
   example_maps.py    the per-example maps both inputs apply (decode, augment, labels, text)
   batch_features.py  what a batch holds: feature names, shapes, random batches like it
-  corrupt_images.py  skipping and counting unreadable images
-  process_share.py   this process's rows of every global batch
+  batch_columns.py   the training reader: this process's columns of every global batch,
+                     and the data position any number of processes resumes
+  corrupt_images.py  counting and reporting unreadable images
+  process_share.py   this process's rows of every global batch (evaluation)
   seeds.py           the inputs' random streams
   device_prefetch.py copies the next batches to the devices in a background thread
   text/              caption tokenizers (FLIP), the label vocabulary (WSP), their command

@@ -1,9 +1,9 @@
 """This process's share of every global batch, and the threads that read it.
 
-Each process reads only its own rows (`ProcessShare`), after the random maps,
-so an example's crop depends on its global index alone, not on how many
-processes share the run; concatenating the processes' rows gives the batch a
-single process would read.
+Each process reads only its own rows (`ProcessShare`), so concatenating the processes'
+rows gives the batch a single process would read. Evaluation reads this way; training
+reads the same layout column by column (batch_columns.py), which also keeps a skipped
+image's replacement in its own row.
 """
 
 from __future__ import annotations

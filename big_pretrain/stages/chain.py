@@ -99,11 +99,14 @@ def run(config, workdir: str, *, devices=None) -> dict[str, dict]:
   return run_validated(config, workdir, devices=devices)
 
 
-def run_validated(config, workdir: str, *, devices=None) -> dict[str, dict]:
+def run_validated(config, workdir: str, *, devices=None,
+                  accounted_since: float | None = None) -> dict[str, dict]:
   """Trains every unfinished stage of a validated config in order; returns {stage: evaluator
   results}. (main.py validates before it starts any device or process, then calls this.)
 
   `devices`: those every stage's mesh is laid over (default: all of them).
+  `accounted_since`: time.time() from which the first stage trained accounts its goodput
+  (main.py: when the process started); each next stage's continues where it ended.
   Raises errors.Preempted when a stage saved and stopped on a preemption notice.
   """
   stage_dirs = stage_workdirs(config, workdir)
@@ -121,10 +124,13 @@ def run_validated(config, workdir: str, *, devices=None) -> dict[str, dict]:
     if jobs.is_job(stage_config):
       logging.info('Stage %r: job %r in %s.', name, stage_config.job, stage_dir)
       jobs.job_module(stage_config.job).run(stage_config, stage_dir, devices=devices)
+      accounted_since = None  # a job's time is its own, not the next stage's start-up
       continue
     logging.info('Stage %r: training in %s.', name, stage_dir)
     result = train_stage(stage_config, stage_dir, devices=devices,
-                         initialize=initializer_from(stage_config.init_from, workdir))
+                         initialize=initializer_from(stage_config.init_from, workdir),
+                         accounted_since=accounted_since)
+    accounted_since = result.accounted_until
     if not result.finished:
       logging.info('Stage %r stopped at step %d; run the same command to resume.',
                    name, result.state.step)

@@ -1,10 +1,12 @@
 """Where a stage's wall time goes: productive steps (goodput) and each kind of badput.
 
-Every start of a stage accounts for its wall time, from the moment train_stage is called to
-its last record, in these parts, which add up to it:
+Every start of a stage accounts for its wall time, in these parts, which add up to it. It
+begins where the accounting before it ended: for the first stage a process trains, when the
+process started (Python, the imports, the distributed runtime: main.py passes it); for the
+next one, when the previous stage's ended (so a chain's time between stages is counted).
 
-  start_up            configs, mesh, input pipeline, writer: everything before the steps
-                      that is not one of the parts below
+  start_up            the process starting, configs, mesh, input pipeline, writer:
+                      everything before the steps that is not one of the parts below
   compile             choosing and compiling the step (model.remat='auto' compiles it
                       several times), initializing a fresh stage's parameters (which
                       compiles the initializer), and the first step of each start
@@ -19,9 +21,9 @@ its last record, in these parts, which add up to it:
   lost_to_restarts    steps a start trained after its last checkpoint, which a crash or a
                       kill threw away: their time, moved out of that start's productive time
 
-The record of each start is one line of goodput.jsonl in the stage's folder, rewritten at
-every log step, save and at the end (by process 0), so a killed start keeps what it had
-accounted up to its last record. Lost progress is found when the next start restores an
+The record of each start is one line of goodput.jsonl in the stage's folder, rewritten by
+process 0 every RECORD_EVERY_SECONDS (a thread), at every log step and save, and at the end,
+so a start killed without warning loses at most that much of its accounting. Lost progress is found when the next start restores an
 earlier step than the last one recorded. TensorBoard gets `goodput/*` at each log step;
 `python -m big_pretrain.goodput WORKDIR` prints the table over all starts.
 """
@@ -30,6 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import threading
 import time
 from typing import Iterator
 
@@ -44,20 +48,45 @@ PARTS = ('productive', *BADPUT)
 # Parts measured with `measure`; start_up and productive are what is left before and
 # during the steps loop, lost_to_restarts is found at the next start.
 _MEASURED = ('compile', 'checkpoint_restore', 'data_wait', 'checkpoint_save', 'evaluation')
+# How often the record is rewritten in any case: what a kill without warning can lose.
+RECORD_EVERY_SECONDS = 1.0
+
+
+def process_started_at() -> float | None:
+  """When this process started, as time.time() (Linux: /proc); None where that is unknown."""
+  try:
+    with open('/proc/self/stat', encoding='ascii') as f:
+      # After the command name (in parentheses, which may hold spaces): field 3 on;
+      # field 22 is the start time in clock ticks since boot.
+      start_ticks = int(f.read().rsplit(')', 1)[1].split()[19])
+    with open('/proc/uptime', encoding='ascii') as f:
+      uptime = float(f.read().split()[0])
+    return time.time() - (uptime - start_ticks / os.sysconf('SC_CLK_TCK'))
+  except (OSError, ValueError, IndexError):
+    return None
 
 
 class StageClock:
-  """The accounting of one start of a stage. Not thread-safe: the loop's thread only."""
+  """The accounting of one start of a stage: the loop's thread measures; `recording` runs
+  a thread that rewrites the record every RECORD_EVERY_SECONDS."""
 
-  def __init__(self, goodput_file: str, *, write: bool, clock=time.perf_counter):
+  def __init__(self, goodput_file: str, *, write: bool, clock=time.perf_counter,
+               started_at: float | None = None):
     self._file = goodput_file
     self._write = write
     self._clock = clock
-    self._started = clock()
-    self._started_at = time.time()  # when, to order the stages of a chain
+    now = time.time()
+    # Started where the accounting before it ended (`started_at`), else now.
+    started_at = now if started_at is None else min(started_at, now)
+    self._started = clock() - (now - started_at)
+    self._started_at = started_at  # when, to order the stages of a chain
     self._steps_started: float | None = None  # when the steps loop began
     self._measured = {part: 0.0 for part in _MEASURED}
+    self._measuring: tuple[str, float] | None = None  # the block in progress, for a record
     self._measured_before_steps = 0.0  # of _measured, before the steps loop began
+    self._write_lock = threading.Lock()
+    self._records_started = False  # nothing is written for a start refused before it ran
+    self.accounted_until = started_at  # time.time() of the last record
     self.start_step = 0
     self.last_step = 0
     self.last_saved_step = 0
@@ -67,10 +96,36 @@ class StageClock:
   def measure(self, part: str) -> Iterator[None]:
     """Adds the time the block takes to `part` (one of the measured parts)."""
     begin = self._clock()
+    self._measuring = (part, begin)
     try:
       yield
     finally:
-      self._measured[part] += self._clock() - begin
+      seconds = self._clock() - begin
+      self._measuring = None  # first: a record in between counts the block once, not twice
+      self._measured[part] += seconds
+
+  def start_records(self) -> None:
+    """From now on `record` writes: the start goes ahead (its config was accepted)."""
+    self._records_started = True
+
+  @contextlib.contextmanager
+  def recording(self) -> Iterator[None]:
+    """Rewrites the record every RECORD_EVERY_SECONDS in a thread while the block runs, and
+    once more at its end."""
+    stop = threading.Event()
+
+    def rewrite():
+      while not stop.wait(RECORD_EVERY_SECONDS):
+        self.record()
+
+    thread = threading.Thread(target=rewrite, name='goodput_record', daemon=True)
+    thread.start()
+    try:
+      yield
+    finally:
+      stop.set()
+      thread.join()
+      self.record()
 
   def waited_for_input(self, seconds: float, device_busy: bool) -> None:
     """The loop waited `seconds` for a batch; `device_busy`: the previous step was still
@@ -92,26 +147,37 @@ class StageClock:
 
   def parts(self, now: float | None = None) -> dict[str, float]:
     """Seconds in each part of this start until `now` (default: now); lost_to_restarts is
-    found by `account`, from the start after it."""
+    found by `account`, from the start after it. start_up and productive are what the
+    measured parts leave of the time before and during the steps loop."""
     now = self._clock() if now is None else now
-    steps_started = self._steps_started if self._steps_started is not None else now
     parts = dict(self._measured)
-    in_steps = sum(self._measured.values()) - self._measured_before_steps
-    parts['start_up'] = max(0.0, steps_started - self._started - self._measured_before_steps)
-    parts['productive'] = max(0.0, now - steps_started - in_steps)
+    measuring = self._measuring
+    if measuring is not None:  # a record written while a block runs counts it so far
+      parts[measuring[0]] += max(0.0, now - measuring[1])
+    measured = sum(parts[part] for part in _MEASURED)
+    if self._steps_started is None:
+      parts['start_up'] = max(0.0, now - self._started - measured)
+      parts['productive'] = 0.0
+    else:
+      parts['start_up'] = max(0.0, self._steps_started - self._started
+                              - self._measured_before_steps)
+      parts['productive'] = max(0.0, now - self._steps_started
+                                - (measured - self._measured_before_steps))
     parts['lost_to_restarts'] = 0.0
     return parts
 
   def record(self) -> dict:
     """This start's line of goodput.jsonl, written now (process 0). Accounting never stops a
     run: a write that fails (a full disk, which the checkpoint reports) is a warning."""
-    entry = self._entry()
-    if self._write:
-      lines = [json.dumps(start) for start in self.previous] + [json.dumps(entry)]
-      try:
-        storage.write_text(self._file, '\n'.join(lines) + '\n')
-      except OSError as error:
-        logging.warning('Could not record the goodput in %s: %s', self._file, error)
+    with self._write_lock:
+      entry = self._entry()
+      self.accounted_until = self._started_at + entry['wall_seconds']
+      if self._write and self._records_started:
+        lines = [json.dumps(start) for start in self.previous] + [json.dumps(entry)]
+        try:
+          storage.write_text(self._file, '\n'.join(lines) + '\n')
+        except OSError as error:
+          logging.warning('Could not record the goodput in %s: %s', self._file, error)
     return entry
 
   def scalars(self) -> dict[str, float]:

@@ -63,12 +63,14 @@ class StageResult:
   eval_results: dict              # evaluator name -> scalars of its last run
   history: list                   # (step, metrics) of every log interval of this call
   preempted: bool = False         # stopped by a preemption notice (SIGTERM, SIGINT), after saving
+  accounted_until: float = 0.0    # time.time() where this start's goodput record ends
 
 
 # Each attention stack's kernel and padding (attention.plan_attention) is logged once per stage.
 @attention_lib.choices_logged_per_stage()
 def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | None = None,
-                initialize: Callable[[dict], dict] | None = None) -> StageResult:
+                initialize: Callable[[dict], dict] | None = None,
+                accounted_since: float | None = None) -> StageResult:
   """Trains one stage in `workdir`, resuming from its latest checkpoint if any.
 
   `config`: a stage config that config.validation accepts (stages.chain.run validates every
@@ -77,11 +79,25 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   `initialize` maps fresh parameters to the starting ones (e.g. an MAE encoder), replacing
   the subtrees it takes and returning the others as given; it is used only when the stage
   has no checkpoint of its own yet, and is given the parameters' shapes and shardings
-  (ShapeDtypeStructs), before the step compiles.
+  (ShapeDtypeStructs), before the step compiles. `accounted_since`: time.time() where the
+  the goodput accounting before this start ended (the process's start, or the previous
+  stage's end: stages.chain passes it); default now.
   """
   stage_dir = StageDir(workdir)
   clock = goodput.StageClock(stage_dir.file(goodput.GOODPUT_FILE),
-                             write=jax.process_index() == 0)
+                             write=jax.process_index() == 0, started_at=accounted_since)
+  with clock.recording():  # every second, and at the end however it ends
+    result = _train_stage(config, stage_dir, clock, devices=devices,
+                          stop_after_steps=stop_after_steps, initialize=initialize)
+  result.accounted_until = clock.accounted_until
+  return result
+
+
+def _train_stage(config, stage_dir: StageDir, clock: goodput.StageClock, *, devices,
+                 stop_after_steps: int | None,
+                 initialize: Callable[[dict], dict] | None) -> StageResult:
+  """train_stage's work, accounted by `clock`."""
+  workdir = stage_dir.path
   # --- Config: what the data decides filled in, compared with the one the checkpoints were
   # trained with before anything is written (it is recorded once the run goes ahead).
   checkpoint_steps = saved_steps(stage_dir.checkpoints)
@@ -90,6 +106,7 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   config = resume_identity.with_recorded_layout(config, layout_asked_auto, workdir,
                                                 checkpoint_steps)
   config_changes = resume_identity.check_resume(config, workdir, checkpoint_steps)
+  clock.start_records()  # the run goes ahead: a refused one above has written nothing
   requested_config = config  # recorded as asked for (model.remat='auto' before it is chosen)
   record_tokenizer(config.data, workdir)  # the text embeddings index its ids: keep it beside
 
@@ -137,7 +154,8 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     checkpointer = Checkpointer(stage_dir.checkpoints, config.checkpoint)
     open_resources.callback(checkpointer.close)
-    open_resources.callback(checkpointer.wait_until_finished)  # an asynchronous save completes
+    # An asynchronous save completes: the blocking part of the last save.
+    open_resources.callback(clock.measure('checkpoint_save')(checkpointer.wait_until_finished))
     # Initializing compiles the initializer; restoring reads the checkpoint.
     with clock.measure('checkpoint_restore' if checkpoint_steps else 'compile'):
       start_step, state = _restore_or_initialize(checkpointer, trainer, data_position,
@@ -167,7 +185,6 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
     clock.steps_begin(start_step)
     open_resources.callback(lambda: logging.info('%s: %s.', workdir, goodput.format_line(
         clock.table())))
-    open_resources.callback(clock.record)  # what this start accounted, however it ends
     with faults.PreemptionNotice() as preemption:
       try:
         stop = faults.StopPolicy(config.total_steps, start_step, stop_after_steps, preemption)
@@ -209,7 +226,7 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
             with clock.measure('checkpoint_save'):
               checkpointer.save(step, state, data_position, force=True)
             clock.saved(step)
-          if logging_now or saving:  # once a step, after its save
+          if logging_now or saving:  # once a step, after its save (and every second anyway)
             clock.record()
           if not end.preempted:  # a preempted run has seconds left: evaluations wait
             with clock.measure('evaluation'):
