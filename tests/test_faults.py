@@ -413,6 +413,31 @@ def test_a_digests_record_deleted_emptied_or_incomplete_is_damage_and_set_aside(
   assert_trees_equal(_params(resumed), uninterrupted_params)
 
 
+@pytest.mark.parametrize('damage', ['position edited', 'position digest deleted'])
+def test_a_data_position_edited_or_deleted_is_damage_and_set_aside(
+    tmp_path, caplog, uninterrupted_params, stopped_at_step_6, damage):
+  """The data position is one record for every process, with its digest: editing it (one
+  batch on) or deleting its digest makes the step damaged, never a resume at
+  another place in the data (a step without the record fails to restore, as any item)."""
+  tmp_path = _copy_of(stopped_at_step_6, tmp_path)
+  latest = tmp_path / 'checkpoints' / '6'
+  position_file = latest / 'data_position' / 'data_position.json'
+  if damage == 'position edited':
+    position = json.loads(position_file.read_text())
+    position['batches'] += 1
+    position_file.write_text(json.dumps(position))
+  else:
+    record_file = latest / 'digests' / 'digests.json'
+    record = json.loads(record_file.read_text())
+    del record['data_position']
+    record_file.write_text(json.dumps(record))
+  with caplog.at_level(logging.WARNING):
+    resumed = train_stage(_fault_config(), str(tmp_path), devices=one_device())
+  assert 'Checkpoint step 6' in caplog.text and 'cannot be read' in caplog.text
+  assert resumed.steps_run == 4  # from step 4
+  assert_trees_equal(_params(resumed), uninterrupted_params)
+
+
 def test_only_steps_written_before_digests_restore_with_one_warning(
     tmp_path, caplog, uninterrupted_params, stopped_at_step_6):
   """Checkpoints of a version before digests (none in the step, none named in its Orbax

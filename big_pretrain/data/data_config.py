@@ -33,14 +33,15 @@ DATA_KEYS = schema.Group(
         "image_size (0.875: ImageNet's \"resize 256, crop 224\")"),
     num_threads=schema.Key(
         None, schema.at_least(1, integer=True, or_none=True),
-        'Grain threads decoding and augmenting images; None: one per CPU core this process '
+        'threads decoding and augmenting images; None: one per CPU core this process '
         'may use, at most 16 (more threads than cores slow the step on a CPU)', type=int),
     max_consecutive_unreadable=schema.Key(
         corrupt_images.DEFAULT_MAX_CONSECUTIVE_UNREADABLE, schema.COUNT,
         'unreadable images are skipped; this many in a row (on one process) stop the run, '
         'naming some of them'),
     prefetch_buffer_size=schema.Key(64, schema.NON_NEGATIVE_COUNT,
-                                    'examples prepared ahead, per process'),
+                                    'examples prepared ahead, per process (training reads '
+                                    'at least a batch ahead)'),
     device_prefetch=schema.Key(2, schema.NON_NEGATIVE_COUNT,
                                'training batches copied to the devices ahead of the step, in '
                                'a background thread; 0: in the loop'),
