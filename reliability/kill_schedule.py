@@ -29,6 +29,7 @@ class Stage:
   save_every: int
   log_every: int
   has_evaluators: bool = False  # its final evaluations run after its final checkpoint
+  batch_size: int = 0       # global batch: the columns of its example keys
 
 
 def config_spec_path(spec: str) -> str:
@@ -44,12 +45,23 @@ def load_stages(spec: str, overrides: list[str]) -> list[Stage]:
   from absl import flags
   from ml_collections import config_flags
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, '', flag_values=values, lock_config=True)
-  values(['kill_resume', f'--config={spec}', *overrides])
+  argv = ['kill_resume', f'--config={spec}', *overrides]
+  # sys_argv: ml_collections reads the overrides from it (default: sys.argv, which holds
+  # them only when they are this script's own arguments).
+  config_flags.DEFINE_config_file('config', None, '', flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
   config = values['config'].value
   stage_configs = dict(config.stages.items()) if 'stages' in config else {'main': config}
   return [Stage(name, name if 'stages' in config else '', c.total_steps, c.checkpoint.every_steps,
-                c.log.every_steps, bool(c.evals)) for name, c in stage_configs.items()]
+                c.log.every_steps, bool(c.evals), c.batch_size)
+          for name, c in stage_configs.items()]
+
+
+def stage_override(stage: Stage, key: str, value) -> str:
+  """The command-line override of `key` in `stage`'s config: --config.stages.<name>.KEY=V in
+  a chain, --config.KEY=V for a single-stage config."""
+  return f'--config.{f"stages.{stage.name}." if stage.dir else ""}{key}={value}'
 
 
 # --- The workdir as the kills see it.
