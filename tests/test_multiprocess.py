@@ -1,8 +1,9 @@
 """Two real processes on 127.0.0.1 (jax.distributed, CPU collectives) against one.
 
-Each launch starts tests/multiprocess_worker.py twice with 2 CPU devices each;
-the reference runs in this process on 4 of its 8 devices, with the same
-(data=2, fsdp=2) mesh and global batch.
+Each launch starts tests/multiprocess_worker.py twice with 2 CPU devices each; what one
+process reads is read in this process on 4 of its 8 devices, with the same (data=2,
+fsdp=2) mesh and global batch. (Training on another process count, exactly:
+test_elastic_resume.py.)
 """
 
 import glob
@@ -10,12 +11,10 @@ import json
 import os
 
 import jax
-import numpy as np
 import pytest
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.data.train_input import InputPipeline
-from big_pretrain.train.loop import train_stage
 from helpers.batches import eval_split_batches
 from helpers.hashes import image_hashes
 from helpers.jax_workers import DEVICES_PER_PROCESS, NUM_PROCESSES, launch_workers
@@ -61,25 +60,17 @@ def two_process_run(tmp_path_factory):
   return workdir, stopped, resumed
 
 
-def test_two_processes_train_like_one_and_resume_exactly(two_process_run, tmp_path,
-                                                         four_devices):
-  workdir, stopped, resumed = two_process_run
+def test_two_processes_train_and_resume(two_process_run):
+  # That they train exactly as one process does, and resume on another count, is
+  # test_elastic_resume's; here the run the tests below read.
+  _, stopped, resumed = two_process_run
   assert [w['final_step'] for w in stopped] == [2, 2]
   assert [w['final_step'] for w in resumed] == [4, 4]
   # The metrics are global: both processes log the same losses.
   assert stopped[0]['losses'] == stopped[1]['losses']
   assert resumed[0]['losses'] == resumed[1]['losses']
-  two_process_losses = [loss for w in (stopped[0], resumed[0]) for loss in w['losses'].values()]
-
-  reference = train_stage(tiny_multiprocess_config(), str(tmp_path / 'one_process'),
-                          devices=four_devices)
-  one_process_losses = [metrics['loss'] for _, metrics in reference.history]
-  assert len(two_process_losses) == len(one_process_losses) == 4
-  # The reference sums across its 4 devices with XLA's in-process collectives, the workers
-  # with gloo: the same sums in another order, a float32 rounding apart (test_elastic_resume
-  # measures it; with gloo on both sides the runs agree bit for bit).
-  np.testing.assert_allclose(two_process_losses, one_process_losses, rtol=1e-5)
-  assert one_process_losses[0] != one_process_losses[-1]
+  losses = [loss for w in (stopped[0], resumed[0]) for loss in w['losses'].values()]
+  assert len(losses) == 4 and losses[0] != losses[-1]
 
 
 def test_a_rerun_runs_missing_final_evaluations_on_every_process_as_process_0_says(
