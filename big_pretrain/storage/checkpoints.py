@@ -1,8 +1,11 @@
-"""Orbax checkpoints of the train state and the Grain iterator, saved together.
+"""Orbax checkpoints of the train state and the data position, saved together.
 
-Saving the iterator position beside the model is what makes a resumed run see
+Saving the data position beside the model is what makes a resumed run see
 exactly the batches it would have seen (the rng needs no saving: it is folded
-from the step). Saves are asynchronous; a finished stage waits for them.
+from the step). The position is global (data/batch_columns.py: one record for every
+process, naming the topology that wrote it), so a step resumes on any number of processes
+and devices with the same global batch. Saves are asynchronous; a finished stage waits
+for them.
 
 Each step also holds the digests of its arrays and data position (storage/checksums.py),
 computed where the arrays are when the step is saved; a restore recomputes and compares
@@ -244,7 +247,7 @@ def topology_change(saved: dict | None, current: dict) -> str | None:
 
 
 class Checkpointer:
-  """The train state and data iterator of one stage, in `directory`."""
+  """The train state and data position of one stage, in `directory`."""
 
   def __init__(self, directory: str, checkpoint_config):
     self.directory = storage.absolute(directory)
