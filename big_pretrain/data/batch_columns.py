@@ -131,13 +131,11 @@ class BatchColumnReader:
   def __init__(self, dataset: grain.MapDataset, layout: ColumnLayout, *,
                to_row: Callable[[Any], dict[str, np.ndarray]], num_threads: int,
                elements_ahead: int, report: corrupt_images.SkipReport,
-               counter: corrupt_images.SkippedExampleCounter,
                example_keys_file: str | None = None):
     self._dataset = dataset
     self._layout = layout
     self._to_row = to_row
     self._report = report
-    self._counter = counter
     self._batches = 0
     self._images = np.zeros(layout.rows, np.int64)   # skipped per column of this process
     self._records = np.zeros(layout.rows, np.int64)
@@ -199,7 +197,18 @@ class BatchColumnReader:
         self._records[row] += 1
       else:
         self._images[row] += 1
-      self._report.skipped(element)  # raises after too many in a row
+      # Raises after too many in a row.
+      self._report.skipped(element, self.images_skipped, self.records_skipped)
+
+  @property
+  def images_skipped(self) -> int:
+    """Unreadable images skipped so far in this process's columns."""
+    return int(self._images.sum())
+
+  @property
+  def records_skipped(self) -> int:
+    """Damaged records skipped so far in this process's columns."""
+    return int(self._records.sum())
 
   def _drop_read_ahead(self) -> None:
     for ahead in self._ahead:
@@ -244,8 +253,6 @@ class BatchColumnReader:
       if first <= int(column) < first + rows:
         self._images[int(column) - first] = images
         self._records[int(column) - first] = records
-    self._counter.count = int(self._images.sum())
-    self._counter.records = int(self._records.sum())
     self._report.restart()
 
   def _from_per_process_state(self, state: dict[str, Any]) -> dict[str, Any]:

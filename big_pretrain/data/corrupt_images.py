@@ -10,8 +10,6 @@ resumed run reports the same ones.
 
 from __future__ import annotations
 
-import dataclasses
-
 from absl import logging
 import ml_collections
 
@@ -27,14 +25,6 @@ SKIPS_NAMED_ONE_BY_ONE = 10
 SKIP_SUMMARY_EVERY = 1000
 
 
-@dataclasses.dataclass
-class SkippedExampleCounter:
-  """How many examples one process's reader skipped: `count` images that do not decode,
-  `records` records damaged in their file."""
-  count: int = 0
-  records: int = 0
-
-
 def describe_source(data_config: ml_collections.ConfigDict) -> str:
   """Where a pipeline reads, for messages: "config.data.path='/data/train' (image_folder)"."""
   split = data_config.split
@@ -45,17 +35,17 @@ def describe_source(data_config: ml_collections.ConfigDict) -> str:
 
 
 class SkipReport:
-  """Counts, names in the log, and stops on, the examples one process's reader skips.
+  """Names in the log, and stops on, the examples one process's reader skips.
 
-  The reader (batch_columns.py) calls `skipped` for each example it drops, in the order it
-  reads them, and `read_one` for each it keeps: "in a row" means consecutive in this
+  The reader (batch_columns.py), which counts them, calls `skipped` for each example it
+  drops, in the order it reads them, with its totals so far, and `read_one` for each it
+  keeps: "in a row" means consecutive in this
   process's reads. The run of unreadable images is not part of the saved position (a
   resumed run starts a new one), so at most about twice the limit are read before the error.
   """
 
-  def __init__(self, counter: SkippedExampleCounter, max_consecutive: int,
-               source_description: str):
-    self._counter = counter
+  def __init__(self, max_consecutive: int, source_description: str):
+    self._images, self._records = 0, 0  # the reader's totals at the last skip
     self._max_consecutive = max_consecutive
     self._source_description = source_description
     self._skipped_in_a_row: list[transforms.SkippedExample] = []
@@ -68,12 +58,10 @@ class SkipReport:
     """A new run of unreadable images starts (after a restore)."""
     self._skipped_in_a_row.clear()
 
-  def skipped(self, element: transforms.SkippedExample) -> None:
-    """Counts and logs `element`; UnreadableDataError after max_consecutive in a row."""
-    if element.damaged_record:
-      self._counter.records += 1
-    else:
-      self._counter.count += 1
+  def skipped(self, element: transforms.SkippedExample, images: int, records: int) -> None:
+    """Logs `element` (the reader's `images` and `records` skipped so far include it);
+    UnreadableDataError after max_consecutive in a row."""
+    self._images, self._records = images, records
     self._skipped_by_this_report += 1
     self._log_skip(element)
     self._skipped_in_a_row.append(element)
@@ -87,22 +75,22 @@ class SkipReport:
                     if skipped == SKIPS_NAMED_ONE_BY_ONE else '')
       if element.damaged_record:
         logging.warning('Skipping damaged record at %s (%s). %d damaged records skipped so '
-                        'far.%s', element.path, element.reason, self._counter.records,
+                        'far.%s', element.path, element.reason, self._records,
                         last_named)
       else:
         logging.warning('Skipping unreadable image %s (%s). %d skipped so far.%s',
-                        element.path, element.reason, self._counter.count, last_named)
+                        element.path, element.reason, self._images, last_named)
     elif skipped % SKIP_SUMMARY_EVERY == 0:
       logging.warning('%d unreadable images skipped so far; the latest: %s (%s).',
-                      self._counter.count, element.path, element.reason)
+                      self._images, element.path, element.reason)
 
   def _no_readable_image_message(self) -> str:
     # Distinct files: a small folder repeats within the run.
     paths = list(dict.fromkeys(skipped.path for skipped in self._skipped_in_a_row))
     return (
         f'No readable image in the last {len(self._skipped_in_a_row)} read from '
-        f'{self._source_description}; {self._counter.count} unreadable images and '
-        f'{self._counter.records} damaged records in all, e.g. '
+        f'{self._source_description}; {self._images} unreadable images and '
+        f'{self._records} damaged records in all, e.g. '
         f'{", ".join(paths[:3])} (the last: {self._skipped_in_a_row[-1].reason}). Check that '
         'the source holds images (JPEG, PNG, ...) that are not damaged, or raise '
         f'config.data.max_consecutive_unreadable (now {self._max_consecutive}) to read past '

@@ -90,7 +90,6 @@ class InputPipeline:
     self._source = sources.build_source(data_config)
     self._label_vocabulary, self._text_tokenizer = batch_features.load_text_features(data_config)
     self._sharding = sharding_lib.batch_sharding(mesh)
-    self._skipped = corrupt_images.SkippedExampleCounter()
 
     dataset = grain.MapDataset.source(self._source)
     dataset = dataset.shuffle(seed=seeds.derive_seed(data_config.seed, seed, seeds.SHUFFLE_STREAM))
@@ -124,9 +123,9 @@ class InputPipeline:
         num_threads=process_share.num_reader_threads(data_config),
         elements_ahead=data_config.prefetch_buffer_size,
         report=corrupt_images.SkipReport(
-            self._skipped, max_consecutive=data_config.max_consecutive_unreadable,
+            max_consecutive=data_config.max_consecutive_unreadable,
             source_description=corrupt_images.describe_source(data_config)),
-        counter=self._skipped, example_keys_file=example_keys_file)
+        example_keys_file=example_keys_file)
 
   def _mixed_with(self, main: grain.MapDataset, second_source: SecondSource, data_seed: int,
                   seed: int) -> grain.MapDataset:
@@ -171,18 +170,18 @@ class InputPipeline:
   @property
   def corrupt_records_skipped(self) -> int:
     """Records skipped because their bytes failed their own hash (damaged in the file)."""
-    return self._skipped.records
+    return self._reader.records_skipped
 
   @property
   def corrupt_images_skipped(self) -> int:
     """Unreadable images skipped so far in this process's columns (a file counts once per
     epoch read)."""
-    return self._skipped.count
+    return self._reader.images_skipped
 
   def skipped_in_every_process(self) -> tuple[int, int]:
     """(unreadable images, damaged records) skipped so far by all processes together; a
     collective: every process calls it at the same step."""
-    counts = np.array([self._skipped.count, self._skipped.records], np.int32)
+    counts = np.array([self.corrupt_images_skipped, self.corrupt_records_skipped], np.int32)
     if jax.process_count() > 1:
       counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2).sum(0)
     return int(counts[0]), int(counts[1])

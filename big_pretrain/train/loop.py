@@ -79,7 +79,7 @@ def train_stage(config, workdir: str, *, devices=None, stop_after_steps: int | N
   `initialize` maps fresh parameters to the starting ones (e.g. an MAE encoder), replacing
   the subtrees it takes and returning the others as given; it is used only when the stage
   has no checkpoint of its own yet, and is given the parameters' shapes and shardings
-  (ShapeDtypeStructs), before the step compiles. `accounted_since`: time.time() where the
+  (ShapeDtypeStructs), before the step compiles. `accounted_since`: time.time() where
   the goodput accounting before this start ended (the process's start, or the previous
   stage's end: stages.chain passes it); default now.
   """
