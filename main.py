@@ -16,6 +16,7 @@ import jax
 from absl import app, flags, logging
 
 from big_pretrain import cli, distributed, tpu_slices
+from big_pretrain import sharding as sharding_lib
 from big_pretrain.config.validation import check_fits_devices
 from big_pretrain.errors import (EXIT_INTERRUPTED, EXIT_NO_BACKEND, EXIT_PREEMPTED, EXIT_USAGE,
                                  ConfigError, Preempted, UserFacingError, WorkdirError)
@@ -71,7 +72,8 @@ def _run(command, accounted_since: float | None) -> None:
   except (RuntimeError, AssertionError) as e:  # AssertionError: JAX's, for an absent plugin
     cli.exit_with(cli.backend_failure(e), EXIT_NO_BACKEND)
   try:
-    check_fits_devices(command.config, device_count, jax.process_count())
+    check_fits_devices(command.config, device_count, jax.process_count(),
+                       sharding_lib.count_slices(jax.devices()))
   except ValueError as e:  # ConfigError included
     cli.exit_usage(str(e))
 

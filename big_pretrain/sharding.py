@@ -54,8 +54,14 @@ SHARDING_RULES_KEY = schema.FreeForm(
     'replicates the model width)')
 
 
-def resolve_mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
-  """Sizes of ('data', 'fsdp', 'tensor'); one -1 means "all remaining devices"."""
+def resolve_mesh_shape(mesh_config, num_devices: int, num_slices: int = 1) -> tuple[int, ...]:
+  """Sizes of ('data', 'fsdp', 'tensor') over `num_devices` devices in `num_slices` slices.
+
+  `config.mesh` describes one slice: one -1 means "all the devices of a slice left", and
+  over K slices the data axis is K times the slice's (only the data axis crosses the
+  data-centre network). A mesh whose sizes already multiply to every slice's devices is
+  taken as the whole mesh, as it is written.
+  """
   sizes = [int(mesh_config[name]) for name in MESH_AXES]
   unknown = [name for name, size in zip(MESH_AXES, sizes) if size == -1]
   if len(unknown) > 1:
@@ -65,19 +71,44 @@ def resolve_mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
   for name, size in zip(MESH_AXES, sizes):
     if size == 0 or size < -1:
       raise ValueError(f'config.mesh.{name}={size}: sizes are positive or -1.')
+  if num_slices < 1 or num_devices % num_slices:
+    raise ValueError(f'{num_devices} devices do not split into {num_slices} equal slices.')
   known = math.prod(size for size in sizes if size != -1)
+  if num_slices > 1 and not unknown and known == num_devices:
+    if sizes[0] % num_slices:
+      raise ValueError(
+          f'config.mesh={dict(zip(MESH_AXES, sizes))} over {num_slices} slices: the data axis '
+          f'spans the slices, so data must be a multiple of {num_slices} (FSDP and tensor '
+          'parallelism stay inside a slice).')
+    return tuple(sizes)
+  per_slice = num_devices // num_slices
+  where = (f'the {per_slice} devices of a slice ({num_slices} slices)' if num_slices > 1
+           else f'the {num_devices} devices available')
   if unknown:
-    if num_devices % known:
+    if per_slice % known:
       raise ValueError(
           f'config.mesh={dict(zip(MESH_AXES, sizes))}: the fixed axes use '
-          f'{known} devices, which does not divide the {num_devices} devices '
-          'available.')
-    sizes[MESH_AXES.index(unknown[0])] = num_devices // known
-  elif known != num_devices:
+          f'{known} devices, which does not divide {where}.')
+    sizes[MESH_AXES.index(unknown[0])] = per_slice // known
+  elif known != per_slice:
     raise ValueError(
         f'config.mesh={dict(zip(MESH_AXES, sizes))} needs {known} devices but '
-        f'{num_devices} are available. Set one axis to -1 to use the rest.')
+        f'{where} are available. Set one axis to -1 to use the rest.')
+  sizes[0] *= num_slices
   return tuple(sizes)
+
+
+def cross_slice_axes(mesh: Mesh, num_slices: int | None = None) -> tuple[str, ...]:
+  """The mesh axes along which devices of different slices meet (traffic over the
+  data-centre network): ('data',) on a multi-slice mesh, () on one slice. Slices are the
+  devices' slice_index, or with `num_slices` (simulated, as make_mesh's) equal blocks of
+  the devices in their id order."""
+  devices = sorted(mesh.devices.flat, key=lambda device: device.id)
+  slice_of = {device: index for index, block in enumerate(_slices(devices, num_slices))
+              for device in block}
+  slices = np.vectorize(slice_of.get)(mesh.devices)
+  return tuple(axis for index, axis in enumerate(mesh.axis_names)
+               if (np.diff(slices, axis=index) != 0).any())
 
 
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None,
@@ -89,22 +120,22 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None,
   slower than the chips' own links: the data axis spans the slices, so only the gradients'
   all-reduce crosses it, while FSDP and tensor parallelism stay inside one slice. Each
   slice holds data / num_slices of the data axis, laid out on its chips as one slice's
-  mesh would be.
+  mesh would be; `config.mesh` is read as one slice's (resolve_mesh_shape).
   """
   devices = list(devices) if devices is not None else jax.devices()
-  shape = resolve_mesh_shape(mesh_config, len(devices))
   slices = _slices(devices, num_slices)
+  shape = resolve_mesh_shape(mesh_config, len(devices), len(slices))
   axis_types = (AxisType.Auto,) * len(MESH_AXES)
   if len(slices) == 1:
     return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
-  if shape[0] % len(slices):
-    raise ValueError(
-        f'config.mesh={dict(zip(MESH_AXES, shape))} over {len(slices)} slices: the data axis '
-        f'spans the slices, so data must be a multiple of {len(slices)} (FSDP and tensor '
-        'parallelism stay inside a slice).')
   per_slice = (shape[0] // len(slices), *shape[1:])
   blocks = [mesh_utils.create_device_mesh(per_slice, devices=block) for block in slices]
   return Mesh(np.concatenate(blocks, axis=0), MESH_AXES, axis_types=axis_types)
+
+
+def count_slices(devices: Sequence[jax.Device]) -> int:
+  """How many TPU slices `devices` come from (1 off TPU, or on one slice)."""
+  return len({getattr(device, 'slice_index', 0) for device in devices})
 
 
 def _slices(devices: list, num_slices: int | None) -> list[list]:

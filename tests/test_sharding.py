@@ -1,6 +1,7 @@
 """Sharding you can measure: per-device bytes from the compiled step, and the start-up table."""
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -61,3 +62,23 @@ def test_startup_table_shows_shardings_and_bytes_per_device(mesh_shape, sharded_
       sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(state.params))
       / 2**20, abs=0.05)
   assert 'Optimizer state' in table.splitlines()[-1]
+
+
+def test_over_several_slices_the_mesh_is_one_slices_and_only_data_crosses_them():
+  # MAWS 2B's mesh (FSDP over all of a slice's chips) over 2 simulated slices of 4 devices:
+  # -1 is resolved within one slice, and the data axis spans the two.
+  devices = jax.devices()
+  mesh_config = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  assert sharding_lib.resolve_mesh_shape(mesh_config, 8, num_slices=2) == (2, 4, 1)
+  mesh = sharding_lib.make_mesh(mesh_config, devices, num_slices=2)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 4, 'tensor': 1}
+  assert sharding_lib.cross_slice_axes(mesh, num_slices=2) == ('data',)
+  assert [{d.id // 4 for d in row.flat} for row in mesh.devices] == [{0}, {1}]
+  # A mesh written for every slice's devices is taken as it is; on one slice, -1 is all.
+  assert sharding_lib.resolve_mesh_shape(
+      ml_collections.ConfigDict(dict(data=4, fsdp=2, tensor=1)), 8, num_slices=2) == (4, 2, 1)
+  assert sharding_lib.resolve_mesh_shape(mesh_config, 8) == (1, 8, 1)
+  assert sharding_lib.cross_slice_axes(sharding_lib.make_mesh(mesh_config, devices)) == ()
+  with pytest.raises(ValueError, match=r'does not divide the 4 devices of a slice \(2 slices\)'):
+    sharding_lib.resolve_mesh_shape(
+        ml_collections.ConfigDict(dict(data=-1, fsdp=3, tensor=1)), 8, num_slices=2)

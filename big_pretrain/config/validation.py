@@ -187,8 +187,9 @@ def warn_if_suspicious(config, path: str) -> None:
     logging.warning('%s', warning)
 
 
-def check_fits_devices(config, num_devices: int, num_processes: int) -> None:
-  """Raises ConfigError when a stage's mesh or batch cannot be laid over the devices.
+def check_fits_devices(config, num_devices: int, num_processes: int, num_slices: int = 1) -> None:
+  """Raises ConfigError when a stage's mesh or batch cannot be laid over the devices (of
+  `num_slices` TPU slices: each stage's mesh is one slice's, sharding.resolve_mesh_shape).
 
   What the input pipeline would find only after the step has compiled.
   """
@@ -197,7 +198,8 @@ def check_fits_devices(config, num_devices: int, num_processes: int) -> None:
     path = f'config.stages.{name}' if name else 'config'
     try:
       shape = dict(zip(sharding_lib.MESH_AXES,
-                       sharding_lib.resolve_mesh_shape(stage.mesh, num_devices)))
+                       sharding_lib.resolve_mesh_shape(stage.mesh, num_devices,
+                                                         num_slices)))
     except ValueError as error:
       raise ConfigError(str(error).replace('config.mesh', f'{path}.mesh')) from None
     batch_shards = math.prod(shape[axis] for axis in sharding_lib.BATCH_AXES)
