@@ -36,20 +36,35 @@ class TpuGeneration:
   chip_config: str | None = None  # libtpu's chip_config_name for one device per chip
   min_chips: int = 1
   chips_per_host: int = 4
+  # What a chip moves per second, for the step's roofline (train/roofline.py): HBM bytes;
+  # bytes sent in a collective over the chips' links (ICI: a Pod's all-reduce bandwidth
+  # over its chips, half the bidirectional ICI bandwidth); bytes sent to other slices over
+  # the data-centre network (DCN), None where Cloud TPU publishes no figure.
+  hbm_bandwidth: float = 0.0
+  ici_bandwidth: float = 0.0
+  dcn_bandwidth: float | None = None
 
 
-# Cloud TPU's documentation (cloud.google.com/tpu/docs/<generation>): HBM per chip, and the
-# largest slice: v4's Pod of 4096 chips; v5e's and v6e's Pods of 256 chips (16x16); v5p's
+# Cloud TPU's documentation (cloud.google.com/tpu/docs/<generation>): HBM per chip and its
+# bandwidth; ICI: the Pod's all-reduce bandwidth over its chips (v4 1.1 PB/s over 4096, v5e
+# 51.2 TB/s over 256, v6e 102.4 TB/s over 256; v5p: half its 1200 GB/s bidirectional ICI,
+# the same ratio); DCN per chip (v5p: 50 Gbps; v5e and v6e: the Pod's 6.4 and 25.6 Tbps
+# over 256 chips; v4: none published). And the largest slice: v4's Pod of 4096 chips; v5e's and v6e's Pods of 256 chips (16x16); v5p's
 # largest shape 16x16x24, 6144 chips (of a Pod's 8960), so 4096 chips (v5p-8192) under the
 # power-of-two rule. The TPU compiler describes larger topologies, and aborts the process on
 # some of them (libtpu 0.0.42.1 on a v5e-512: 'Check failed: chip_bounds().y <= 16').
 GENERATIONS = {
     'v4': TpuGeneration('v4', ('TPU v4',), 32 * GIB, True, 3, 'v4', 4096, 'megacore',
-                        min_chips=4),
-    'v5e': TpuGeneration('v5e', ('TPU v5 lite', 'TPU v5e'), 16 * GIB, False, 2, 'v5e', 256),
+                        min_chips=4, hbm_bandwidth=1200e9, ici_bandwidth=1.1e15 / 4096),
+    'v5e': TpuGeneration('v5e', ('TPU v5 lite', 'TPU v5e'), 16 * GIB, False, 2, 'v5e', 256,
+                         hbm_bandwidth=819e9, ici_bandwidth=51.2e12 / 256,
+                         dcn_bandwidth=6.4e12 / 8 / 256),
     'v5p': TpuGeneration('v5p', ('TPU v5', 'TPU v5p'), 95 * GIB, True, 3, 'v5p', 6144,
-                         min_chips=4),
-    'v6e': TpuGeneration('v6e', ('TPU v6 lite', 'TPU v6e'), 32 * GIB, False, 2, 'v6e', 256),
+                         min_chips=4, hbm_bandwidth=2765e9, ici_bandwidth=1200e9 / 2,
+                         dcn_bandwidth=50e9 / 8),
+    'v6e': TpuGeneration('v6e', ('TPU v6 lite', 'TPU v6e'), 32 * GIB, False, 2, 'v6e', 256,
+                         hbm_bandwidth=1638e9, ici_bandwidth=102.4e12 / 256,
+                         dcn_bandwidth=25.6e12 / 8 / 256),
 }
 _NAME_ALIASES = {'v5litepod': 'v5e'}
 # Cloud TPU documents no limit on the slices of a Multislice; the TPU compiler of libtpu

@@ -30,10 +30,8 @@ pytest.importorskip('libtpu', reason='the TPU compiler: make install-tpu-compile
 def _no_persistent_cache():
   """Programs compiled for a topology cannot be read back from JAX's persistent cache (that
   needs a TPU client): this module's stay out of the one tests/conftest.py sets up."""
-  was_on = jax.config.jax_enable_compilation_cache
-  jax.config.update('jax_enable_compilation_cache', False)
-  yield
-  jax.config.update('jax_enable_compilation_cache', was_on)
+  with compile_check.persistent_cache_off():
+    yield
 
 
 def _tiny_mae(**overrides):

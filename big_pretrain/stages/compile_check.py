@@ -7,10 +7,13 @@ topology's devices, from the libtpu wheel: tpu_slices.py), the train step compil
 TPU compiler with model.remat='auto' (and scan='auto') chosen against the chip's HBM by the
 same code as on a real TPU (train/remat_choice.py), and the evaluators' device programs.
 Then one table: the model, its parameters, the global batch, the mesh, the remat and layout
-chosen, each chip's HBM (arguments, temporaries, the step's peak) against its capacity, the
-analytic model FLOPs beside the lowered program's (program_flops.py: its loops multiplied
-out), XLA's estimated step time and the MFU it implies, the compile time. The same goes to
-WORKDIR/compile_for/<slice>.json, unless WORKDIR holds a run: nothing of a run changes.
+chosen, each chip's HBM (arguments, temporaries, the compiler's peak and the sum of every
+buffer) against its capacity, the analytic model FLOPs beside the lowered program's
+(program_flops.py: its loops multiplied out), a lower bound on the step's time read from the
+compiled program (train/roofline.py) with the MFU it allows and the term it is made of, the
+compile time. Over several slices, the mesh of one slice and the axis that joins them, with
+the bytes each chip sends across per step. The same goes to WORKDIR/compile_for/<slice>.json,
+unless WORKDIR holds a run: nothing of a run changes.
 
 What the data would decide (a label vocabulary's size, a tokenizer's, the classes of a
 fine-tuning set, a teacher's pseudo-labels) is taken from the config's own files where
@@ -19,12 +22,14 @@ names: nothing is read from the datasets themselves.
 
 A stage that does not fit is tried with the cheapest changes, each compiled to be sure:
 more FSDP sharding (data parallel devices moved to the fsdp axis), then a smaller global
-batch. `check` raises DoesNotFitError, one line naming the first stage that does not fit,
+batch; one compile per change, none for a change the state's size and the last refusal
+already rule out (_cheapest_fix). `check` raises DoesNotFitError, one line naming the first stage that does not fit,
 what it needs per chip against what the chip has, and the change that fits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,6 +38,7 @@ import time
 
 from absl import logging
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain import tpu_slices
@@ -51,9 +57,11 @@ from big_pretrain.stages.chain_validation import validate_stage
 from big_pretrain.storage import files as storage
 from big_pretrain.train import mfu as mfu_lib
 from big_pretrain.train.optim import make_optimizer, make_schedule
+from big_pretrain.train import roofline as roofline_lib
 from big_pretrain.train.program_flops import program_flops
 from big_pretrain.train.remat_choice import (MEMORY_FRACTION, DoesNotFit, build_with_remat_choice,
-                                             compile_or_refusal, step_bytes_per_device)
+                                             compile_or_refusal, state_bytes_per_device,
+                                             step_bytes_per_device, summed_step_bytes)
 
 GIB = 2 ** 30
 # Stand-ins for what the data decides, where the config's files cannot be read here.
@@ -75,18 +83,26 @@ class StageReport:
   variant: str = ''
   parameters: int = 0
   batch_size: int = 0
-  mesh: dict = dataclasses.field(default_factory=dict)
+  mesh: dict = dataclasses.field(default_factory=dict)  # the whole mesh, over every slice
+  num_slices: int = 1
+  cross_slice_axes: list = dataclasses.field(default_factory=list)  # axes joining slices
   remat: str = ''
   layout: str = ''                   # 'scanned' or 'unrolled'
   argument_bytes: int | None = None  # None: not compiled (it did not fit)
   temporary_bytes: int | None = None
-  peak_bytes: int | None = None      # the step's (train/remat_choice.step_bytes_per_device)
+  peak_bytes: int | None = None      # the compiler's peak (remat_choice.step_bytes_per_device)
+  summed_bytes: int | None = None    # every buffer as if live at once (summed_step_bytes)
   capacity_bytes: int = 0
-  fits: bool = False
+  fits: bool = False                 # the compiler accepted it, peak <= MEMORY_FRACTION of HBM
+  refusals: dict = dataclasses.field(default_factory=dict)  # remat policy -> bytes or None
   analytic_flops: float = 0.0        # model FLOPs per step (train/mfu.py)
   program_flops: float = 0.0         # matmul FLOPs of the lowered step, loops multiplied out
-  estimated_seconds: float | None = None  # XLA's estimate for one step
-  estimated_mfu: float | None = None
+  # The roofline of the compiled program (train/roofline.py), per chip and step: a bound.
+  step_seconds_at_least: float | None = None
+  mfu_at_most: float | None = None
+  bound_by: str = ''                 # 'compute', 'HBM', 'ICI' or 'DCN'
+  roofline: dict = dataclasses.field(default_factory=dict)  # its terms, bytes and FLOPs
+  costliest_ops: list = dataclasses.field(default_factory=list)
   compile_seconds: float = 0.0
   evaluators: dict = dataclasses.field(default_factory=dict)  # program -> peak bytes
   stand_ins: list = dataclasses.field(default_factory=list)
@@ -108,24 +124,33 @@ def check(config, tpu_slice: tpu_slices.TpuSlice, workdir: str) -> list[StageRep
   check_report_folder(workdir)
   devices = tpu_slices.topology_devices(tpu_slice)
   reports = []
-  # Programs compiled for a topology cannot be loaded back from JAX's persistent cache
-  # (that needs a TPU client): keep them out of it.
-  cache_was_on = jax.config.jax_enable_compilation_cache
-  jax.config.update('jax_enable_compilation_cache', False)
-  try:
-    with tempfile.TemporaryDirectory(prefix='big_pretrain_stand_ins_') as stand_in_dir:
-      for name, stage in stage_configs(config).items():
-        path = f'config.stages.{name}' if 'stages' in config else 'config'
-        logging.info('Compiling stage %r for %s.', name, tpu_slice.describe())
-        reports.append(check_stage(name, stage, path, tpu_slice, devices, stand_in_dir))
-  finally:
-    jax.config.update('jax_enable_compilation_cache', cache_was_on)
+  with persistent_cache_off(), tempfile.TemporaryDirectory(
+      prefix='big_pretrain_stand_ins_') as stand_in_dir:
+    for name, stage in stage_configs(config).items():
+      path = f'config.stages.{name}' if 'stages' in config else 'config'
+      logging.info('Compiling stage %r for %s.', name, tpu_slice.describe())
+      reports.append(check_stage(name, stage, path, tpu_slice, devices, stand_in_dir))
   print(format_table(reports, tpu_slice))
   _write_report(reports, tpu_slice, workdir)
   for report in reports:
     if not report.fits and report.note == '':
       raise DoesNotFitError(_does_not_fit_line(report, tpu_slice))
   return reports
+
+
+@contextlib.contextmanager
+def persistent_cache_off():
+  """JAX's persistent compilation cache, off for what is compiled inside: a program compiled
+  for a topology cannot be loaded back from it (that needs a TPU client). JAX decides once
+  per process whether it uses the cache, so the decision is reset on the way in and out."""
+  was_on = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    jax.config.update('jax_enable_compilation_cache', was_on)
+    compilation_cache.reset_cache()
 
 
 def check_stage(name: str, stage_config, path: str, tpu_slice, devices, stand_in_dir: str, *,
@@ -136,7 +161,7 @@ def check_stage(name: str, stage_config, path: str, tpu_slice, devices, stand_in
     return StageReport(name, stage_config.job, note='a job: nothing of it is compiled here')
   config, stand_ins = with_stand_ins(stage_config, stand_in_dir)
   validate_stage(config, path)
-  check_fits_devices(config, len(devices), tpu_slice.hosts)
+  check_fits_devices(config, len(devices), tpu_slice.hosts, tpu_slice.num_slices)
   report = _compile(name, config, tpu_slice, devices, with_evaluators=with_evaluators)
   report.stand_ins = stand_ins
   if not report.fits and find_fix:
@@ -170,10 +195,13 @@ def _compile(name: str, config, tpu_slice, devices, with_evaluators: bool = True
       name, config.objective.name, config.model.variant,
       parameters=sum(leaf.size for leaf in jax.tree_util.tree_leaves(
           trainer.abstract_state.params)),
-      batch_size=config.batch_size, mesh=dict(mesh.shape), remat=config.model.remat,
+      batch_size=config.batch_size, mesh=dict(mesh.shape), num_slices=tpu_slice.num_slices,
+      cross_slice_axes=list(sharding_lib.cross_slice_axes(mesh)), remat=config.model.remat,
       layout='scanned' if config.model.scan else 'unrolled', capacity_bytes=capacity,
       analytic_flops=mfu_lib.model_flops_per_step(config))
-  if isinstance(compiled, DoesNotFit):
+  if isinstance(compiled, DoesNotFit):  # an honest row: what was measured, nothing invented
+    report.refusals = dict(built.step_bytes) or {report.remat: compiled.needed}
+    report.remat = 'none fits'
     report.peak_bytes = compiled.needed
     report.compile_seconds = time.perf_counter() - started
     return report
@@ -181,18 +209,11 @@ def _compile(name: str, config, tpu_slice, devices, with_evaluators: bool = True
   report.argument_bytes = memory.argument_size_in_bytes
   report.temporary_bytes = memory.temp_size_in_bytes
   report.peak_bytes = step_bytes_per_device(compiled)
-  report.fits = report.peak_bytes <= MEMORY_FRACTION * capacity
+  report.summed_bytes = summed_step_bytes(compiled)
+  report.fits = report.peak_bytes <= MEMORY_FRACTION * capacity  # and the compiler took it
   counted = program_flops(trainer.lower_step(batch_shapes).as_text())
   report.program_flops = counted.flops
-  report.estimated_seconds = _estimated_seconds(compiled, counted.flops, mesh.size)
-  peak = mfu_lib.peak_flops_per_device(devices[0], config.model.dtype)
-  if report.estimated_seconds and peak:
-    report.estimated_mfu = mfu_lib.mfu(report.analytic_flops, report.estimated_seconds,
-                                       mesh.size, peak)
-    if report.estimated_mfu > 1:  # faster than the chips' peak: the cost model is wrong here
-      logging.info("%s: XLA's step estimate (%s) is below what the model's FLOPs take at the "
-                   "chips' peak: shown as '?'.", name, describe_seconds(report.estimated_seconds))
-      report.estimated_seconds = report.estimated_mfu = None
+  _add_roofline(report, compiled, devices[0], config.model.dtype, mesh.size)
   if with_evaluators:
     evaluators = build_evaluators(config, built.objective, trainer, workdir=None)
     for evaluator in evaluators:
@@ -205,26 +226,46 @@ def _compile(name: str, config, tpu_slice, devices, with_evaluators: bool = True
   return report
 
 
-def _estimated_seconds(compiled, counted_flops: float, num_devices: int) -> float | None:
-  """XLA's estimate of one step ('optimal_seconds'). Its cost model, like its FLOPs count,
-  takes a while loop's body once: for a scanned stack it is scaled by the loops' share of
-  the program's FLOPs it left out (counted over the lowered program, loops multiplied out)."""
-  costs = compiled.cost_analysis() or {}
-  if isinstance(costs, list):  # older jax: one dict per program
-    costs = costs[0] if costs else {}
-  seconds, flops = costs.get('optimal_seconds'), costs.get('flops')
-  if not seconds or seconds <= 0:
-    return None
-  if flops and counted_flops > 1.05 * flops * num_devices:
-    seconds *= counted_flops / (flops * num_devices)
-  return float(seconds)
+def _add_roofline(report: StageReport, compiled, device, dtype: str, num_devices: int) -> None:
+  """The step's lower bound from the compiled program (train/roofline.py), on the chip's
+  peak and bandwidths (tpu_slices.GENERATIONS)."""
+  generation = tpu_slices.generation_of(device.device_kind)
+  peak = mfu_lib.peak_flops_per_device(device, dtype)
+  if generation is None or not peak:
+    return
+  chip = roofline_lib.Chip(peak, generation.hbm_bandwidth, generation.ici_bandwidth,
+                           generation.dcn_bandwidth)
+  started = time.perf_counter()
+  bound = roofline_lib.roofline(compiled.as_text(), chip, report.num_slices)
+  logging.info('%s: the roofline of the compiled step read in %.1f s.', report.stage,
+               time.perf_counter() - started)
+  report.step_seconds_at_least = bound.seconds(chip)
+  if report.step_seconds_at_least > 0:
+    report.mfu_at_most = mfu_lib.mfu(report.analytic_flops, report.step_seconds_at_least,
+                                     num_devices, peak)
+  report.bound_by = bound.dominant(chip)
+  report.roofline = {
+      'flops_per_chip': bound.flops, 'hbm_bytes_per_chip': bound.hbm_bytes,
+      'async_hbm_bytes_per_chip': bound.async_bytes, 'ici_bytes_per_chip': bound.ici_bytes,
+      'dcn_bytes_per_chip': bound.dcn_bytes,
+      'dcn_bytes_per_slice': bound.dcn_bytes * num_devices // report.num_slices,
+      'seconds_by_term': bound.term_seconds(chip),
+      'loops_counted_exactly': bound.exact,
+      'chip': dataclasses.asdict(chip)}
+  report.costliest_ops = [op.to_json() for op in bound.top(5)]
 
 
 def _cheapest_fix(name: str, config, path: str, tpu_slice, devices) -> str:
   """The first change that fits, compiled, as command-line overrides: remat 'auto' (if the
   config fixed a policy); more FSDP (data parallel devices moved to the fsdp axis, doubling,
-  up to one slice); then, with the most FSDP, half the global batch, and half again. A try
-  whose parameters and optimizer state alone overflow a chip costs no compile."""
+  up to one slice); then, with the most FSDP, half the global batch, and half again.
+
+  Each try compiles once, with remat 'full', the policy that needs the least memory: if it
+  does not fit, none does (the run's remat 'auto' then takes the least recompute that fits).
+  A try that what is known already rules out is not compiled: its parameters and optimizer
+  state are counted from their shardings, and the last refusal's need less its state is
+  what the activations took then, which more FSDP leaves as it is (the batch per chip stays)
+  and a halved batch halves."""
   per_slice = len(devices) // tpu_slice.num_slices
   fsdp = config.mesh.fsdp if config.mesh.fsdp != -1 else 1
   tensor = config.mesh.tensor if config.mesh.tensor != -1 else 1
@@ -237,25 +278,52 @@ def _cheapest_fix(name: str, config, path: str, tpu_slice, devices) -> str:
   while batch % 2 == 0 and batch // 2 >= len(devices):
     batch //= 2
     tries.append({**most_fsdp, 'batch_size': batch})
+  capacity = tpu_slices.hbm_per_device(devices[0].device_kind) or 0
+  budget = MEMORY_FRACTION * capacity
+  last = None  # (activation bytes the last refusal implies, its global batch)
   for overrides in tries:
     candidate = config.copy_and_resolve_references()
     for dotted, value in overrides.items():
       group, _, key = dotted.rpartition('.')
       (candidate[group] if group else candidate)[key] = value
     try:
-      check_fits_devices(candidate, len(devices), tpu_slice.hosts)
+      check_fits_devices(candidate, len(devices), tpu_slice.hosts, tpu_slice.num_slices)
     except ConfigError:
       continue
     changed = {key: value for key, value in overrides.items()
                if value != _value_at(config, key)}
-    logging.info('Stage %r does not fit: trying %s.', name, changed)
-    report = _compile(name, candidate, tpu_slice, devices, with_evaluators=False,
-                      may_unroll=False)
+    state = _state_bytes(candidate, devices)
+    activations = 0 if last is None else last[0] * candidate.batch_size / last[1]
+    if capacity and state + activations > budget:
+      logging.info('Stage %r does not fit: %s is ruled out without compiling (state %s + '
+                   'activations at least %s per chip).', name, changed, describe_bytes(state),
+                   describe_bytes(int(activations)))
+      continue
+    logging.info('Stage %r does not fit: trying %s (compiled with remat full).', name, changed)
+    trial = candidate.copy_and_resolve_references()
+    trial.model.remat = 'full'
+    report = _compile(name, trial, tpu_slice, devices, with_evaluators=False, may_unroll=False)
     if report.fits:
       flags = ' '.join(f'--{path}.{key}={value}' for key, value in changed.items())
-      return (f'{flags} fits (compiled: {describe_bytes(report.peak_bytes)} of '
-              f'{describe_bytes(report.capacity_bytes)} per chip, remat {report.remat!r})')
+      return (f'{flags} fits (compiled with remat \'full\': {describe_bytes(report.peak_bytes)} '
+              f'of {describe_bytes(report.capacity_bytes)} per chip)')
+    if report.peak_bytes:
+      last = (max(report.peak_bytes - state, 0), candidate.batch_size)
   return ''
+
+
+def _state_bytes(config, devices) -> int:
+  """The bytes a chip holds of the parameters and optimizer state under `config`'s mesh:
+  from the abstract state's shardings, nothing compiled."""
+  config = objective_class(config.objective.name).resolve_config(config)
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
+  fixed = config.copy_and_resolve_references()
+  fixed.model.remat = 'full'
+  built = build_with_remat_choice(fixed, mesh, sharding_lib.logical_axis_rules(fixed),
+                                  make_optimizer(fixed.optim, schedule), schedule,
+                                  global_batch_shapes(fixed.data, fixed.batch_size))
+  return state_bytes_per_device(built.trainer)
 
 
 def _value_at(config, dotted: str):
@@ -361,32 +429,74 @@ def describe_mesh(mesh: dict) -> str:
   return ' '.join(f'{axis}{size}' for axis, size in mesh.items() if size > 1) or 'one device'
 
 
+def slice_mesh(report: StageReport) -> dict:
+  """The mesh of one slice: the data axis spans the slices (sharding.make_mesh)."""
+  mesh = dict(report.mesh)
+  if report.num_slices > 1 and 'data' in mesh:
+    mesh['data'] //= report.num_slices
+  return mesh
+
+
+def describe_across_slices(report: StageReport) -> str:
+  """'data x2, 377 KiB DCN/chip': the axis joining the slices and what crosses per step."""
+  if report.num_slices <= 1:
+    return '-'
+  axes = '+'.join(report.cross_slice_axes) or '?'
+  dcn = report.roofline.get('dcn_bytes_per_chip')
+  crossing = f', {describe_bytes(int(dcn))} DCN/chip' if dcn is not None else ''
+  return f'{axes} x{report.num_slices}{crossing}'
+
+
+def describe_fits(report: StageReport) -> str:
+  if report.fits:
+    return 'yes'
+  if report.summed_bytes is not None:  # compiled, with a peak above the usable part
+    return f'NO (> {MEMORY_FRACTION:.0%})'
+  return 'NO (state)' if 'state alone' in report.refusals else 'NO (refused)'
+
+
+TABLE_NOTE = (
+    "'peak' is the compiler's own (XLA's buffer assignment); 'sum' adds every buffer as if all "
+    "were live at once. A step fits when the compiler accepts it for the chip and its peak is at "
+    "most {fraction:.0%} of the chip's HBM. 'step >=' is a lower bound computed from the "
+    "compiled program (per op: FLOPs at the chip's peak or bytes at its HBM bandwidth, "
+    "collectives at ICI and DCN bandwidth; loops times their trip counts), not a measurement; "
+    "'MFU <=' the model FLOPs over it; 'bound by' the term it is made of most.")
+
+
 def format_table(reports: list[StageReport], tpu_slice) -> str:
   """The table main.py prints."""
-  header = ('stage', 'model', 'params', 'batch', 'mesh', 'remat', 'layout', 'args',
-            'temps', 'peak/chip', 'of', 'margin', 'fits', 'model FLOP', 'program FLOP',
-            'est. step', 'est. MFU', 'compile')
+  header = ('stage', 'model', 'params', 'batch', 'mesh/slice', 'across slices', 'remat',
+            'layout', 'args', 'temps', 'peak/chip', 'sum', 'of', 'fits', 'model FLOP',
+            'program FLOP', 'step >=', 'MFU <=', 'bound by', 'compile')
   rows = []
   for r in reports:
     if r.note:
-      rows.append((r.stage, r.kind, *[''] * 10, r.note, *[''] * 5))
+      rows.append((r.stage, r.kind, *[''] * 11, r.note, *[''] * 6))
       continue
     rows.append((
         r.stage, f'{r.kind} {r.variant}', describe_count(r.parameters), f'{r.batch_size:,}',
-        describe_mesh(r.mesh), r.remat, r.layout, describe_bytes(r.argument_bytes),
-        describe_bytes(r.temporary_bytes),
-        describe_bytes(r.peak_bytes), describe_bytes(r.capacity_bytes),
-        describe_bytes(r.margin_bytes) if r.margin_bytes is not None else '?',
-        'yes' if r.fits else 'NO', describe_count(r.analytic_flops),
+        describe_mesh(slice_mesh(r)), describe_across_slices(r), r.remat, r.layout,
+        describe_bytes(r.argument_bytes), describe_bytes(r.temporary_bytes),
+        describe_bytes(r.peak_bytes), describe_bytes(r.summed_bytes),
+        describe_bytes(r.capacity_bytes), describe_fits(r), describe_count(r.analytic_flops),
         describe_count(r.program_flops) if r.program_flops else '?',
-        describe_seconds(r.estimated_seconds) if r.estimated_seconds else '?',
-        f'{r.estimated_mfu:.0%}' if r.estimated_mfu else '?', f'{r.compile_seconds:.0f} s'))
+        describe_seconds(r.step_seconds_at_least) if r.step_seconds_at_least else '?',
+        f'{r.mfu_at_most:.0%}' if r.mfu_at_most else '?', r.bound_by or '?',
+        f'{r.compile_seconds:.0f} s'))
   widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-  lines = [f'Compiled for {tpu_slice.describe()}; a step fits when its peak is at most '
-           f'{MEMORY_FRACTION:.0%} of a chip\'s HBM.',
+  lines = [f'Compiled for {tpu_slice.describe()}. ' + TABLE_NOTE.format(fraction=MEMORY_FRACTION),
            '  '.join(h.ljust(w) for h, w in zip(header, widths))]
   lines += ['  '.join(str(v).ljust(w) for v, w in zip(row, widths)) for row in rows]
   for r in reports:
+    if r.costliest_ops:
+      ops = '; '.join(f"{op['name']} x{op['count']} {describe_seconds(op['seconds'])} "
+                      f"({op['term']})" for op in r.costliest_ops)
+      lines.append(f'{r.stage}: costliest ops of the bound: {ops}.')
+    if r.refusals:
+      lines.append(f'{r.stage}: no remat policy fits: ' + ', '.join(
+          f'{policy} {describe_bytes(need) if need else "refused by the compiler"}'
+          for policy, need in r.refusals.items()) + '.')
     if r.stand_ins:
       lines.append(f'{r.stage}: stand-ins for what the data decides: {"; ".join(r.stand_ins)}.')
     if r.evaluators:
@@ -434,7 +544,8 @@ def _write_report(reports: list[StageReport], tpu_slice, workdir: str) -> None:
             'memory_fraction': MEMORY_FRACTION, 'jax': jax.__version__,
             'libtpu': _libtpu_version(), 'compiled_at': time.strftime('%Y-%m-%d %H:%M UTC',
                                                                       time.gmtime()),
-            'stages': [dataclasses.asdict(r) for r in reports]}
+            'stages': [{**dataclasses.asdict(r), 'mesh_per_slice': slice_mesh(r)}
+                       for r in reports]}
   storage.write_text(path, json.dumps(report, indent=2, default=str))
   logging.info('Compile report: %s', path)
 

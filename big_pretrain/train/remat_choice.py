@@ -8,11 +8,12 @@ forward). Which one a stage needs depends on the model, batch, mesh and
 device, and no rule of thumb predicts XLA's buffer assignment (on a CPU, remat
 of unrolled layers even uses more memory), so 'auto' measures: the train step
 is compiled for the real global batch shapes with each policy of CANDIDATES in
-turn, and the first whose per-device bytes fit in MEMORY_FRACTION of the
-device's memory is taken. A compiler that finds a program too large for the
-device refuses it (the TPU compiler's RESOURCE_EXHAUSTED): that policy does not
-fit, and the next is tried. The compiled step of the choice is kept on the
-trainer, so when 'none' fits choosing costs no compile at all.
+turn, and the first whose per-device bytes (the compiler's own peak,
+step_bytes_per_device) fit in MEMORY_FRACTION of the device's memory is taken.
+A compiler that finds a program too large for the device refuses it (the TPU
+compiler's RESOURCE_EXHAUSTED): that policy does not fit, and the next is tried.
+The compiled step of the choice is kept on the trainer, so when 'none' fits
+choosing costs no compile at all.
 
 The layers' layout is part of the choice when it may be: a stage that asked for
 model.scan='auto' and has no checkpoint yet takes the depth rule's layout
@@ -140,12 +141,13 @@ def build_with_remat_choice(config, mesh: Mesh, rules, tx: optax.GradientTransfo
         return dataclasses.replace(candidate, step_bytes=measured, memory_limit=limit)
       if least is None or measured[label] < least[1]:
         least = (candidate, measured[label])
+  need = (f'at least {_gib(least[1])} per device' if least else
+          'more than the device has: the compiler refused every policy')
   logging.warning(
-      "model.remat='auto': no remat policy fits. The train step needs %s (measured: %s), of "
-      'the %s per device it may use (%.0f%% of %s): it will likely run out of memory. Shard '
-      'the model over more devices (a larger config.mesh.fsdp) or lower config.batch_size.',
-      f'{_gib(least[1])} per device' if least else 'more than the device has',
-      _describe(measured), _gib(budget), 100 * MEMORY_FRACTION, _gib(limit))
+      "model.remat='auto': no remat policy fits the %s per device it may use (%.0f%% of %s). "
+      'The train step needs %s (measured: %s): it will likely run out of memory. Shard the '
+      'model over more devices (a larger config.mesh.fsdp) or lower config.batch_size.',
+      _gib(budget), 100 * MEMORY_FRACTION, _gib(limit), need, _describe(measured))
   if least is None:  # the compiler refused every policy: build the last, uncompiled
     least = (_build(_with_remat(layouts[-1], CANDIDATES[-1]), mesh, rules, tx, schedule), None)
   return dataclasses.replace(least[0], step_bytes=measured, memory_limit=limit, fits=False)
@@ -192,12 +194,28 @@ def state_bytes_per_device(trainer: ShardedTrainer) -> int:
 
 
 def step_bytes_per_device(compiled) -> int:
-  """Device bytes a compiled step needs on one device, from XLA's memory_analysis().
+  """Device bytes a compiled step needs on one device: on a TPU or GPU the compiler's own
+  peak (XLA's memory_analysis().peak_memory_in_bytes, from its buffer assignment: what the
+  compiler tests a program against the device's memory by); on a CPU, whose compiler tests
+  nothing and whose peak does not tell remat policies apart, the sum `summed_step_bytes`,
+  which is never below it."""
+  peak = getattr(compiled.memory_analysis(), 'peak_memory_in_bytes', 0) or 0
+  if peak > 0 and _platform(compiled) != 'cpu':
+    return int(peak)
+  return summed_step_bytes(compiled)
 
-  Arguments (the state and batch) + outputs + temporaries (activations kept for
-  the backward pass, gradients, ...) + the program's code, less the outputs
-  that reuse donated argument buffers (aliases), which would otherwise count twice.
-  """
+
+def _platform(compiled) -> str:
+  shardings = jax.tree_util.tree_leaves(compiled.input_shardings)
+  devices = shardings[0].device_set if shardings else ()
+  return next(iter(devices)).platform if devices else 'cpu'
+
+
+def summed_step_bytes(compiled) -> int:
+  """Arguments (the state and batch) + outputs + temporaries (activations kept for the
+  backward pass, gradients, ...) + the program's code, less the outputs that reuse donated
+  argument buffers (aliases): as if every buffer were live at once, so above the compiler's
+  peak (0.6-4.9 GiB above it for the paper-scale steps on v5p)."""
   memory = compiled.memory_analysis()
   return (memory.argument_size_in_bytes + memory.output_size_in_bytes
           - memory.alias_size_in_bytes + memory.temp_size_in_bytes
