@@ -13,8 +13,10 @@ compile. It needs the TPU compiler (`make install-tpu-compile`) and nothing else
 TPU, no data (stand-ins of typical size for what the data decides, as the table says).
 
 Prints one table: row, stage, model, global batch, the smallest slice that fits, its
-mesh, remat and layout chosen, peak HBM per chip against the chip's, the model FLOPs
-per step, XLA's estimated step time and the MFU it implies, and the compile time.
+mesh, remat and layout chosen, the compiler's peak HBM per chip and the sum of every buffer
+against the chip's, the model FLOPs per step, the lower bound on the step's time read from
+the compiled program (train/roofline.py) with the MFU it allows and the term it is made of
+most, and the compile time.
 
 Each compile's report is kept in --results (one JSON file per generation) as soon as it
 is done, so a run that is stopped goes on where it stopped, and a rerun only prints;
@@ -65,6 +67,10 @@ def parse_args():
                       help='the JSON file of compiles done (default: '
                            'benchmarks/smallest_tpu_slice_GENERATION.json)')
   parser.add_argument('--fresh', action='store_true', help='compile again what --results has')
+  parser.add_argument('--bound_only', action='store_true',
+                      help="compile again, with the remat and layout it chose, only the "
+                           'smallest slice each row fitted where its report predates the '
+                           "step's lower bound; search nothing")
   parser.add_argument('--print_only', action='store_true',
                       help='print the table of what --results holds; compile nothing (a row '
                            'not found in it reads "not compiled yet")')
@@ -91,7 +97,12 @@ class Results:
 
   def get(self, key: str):
     record = self.records.get(key)
-    return None if record is None else compile_check.StageReport(**record['report'])
+    if record is None:
+      return None
+    known = {field.name for field in dataclasses.fields(compile_check.StageReport)}
+    # A report from before a field was added, or with one since removed (XLA's estimate).
+    return compile_check.StageReport(**{key: value for key, value in record['report'].items()
+                                        if key in known})
 
   def put(self, key: str, report: compile_check.StageReport):
     import jax
@@ -146,13 +157,39 @@ def smallest_fit(row: str, stage: str, config, generation, stand_ins: str, resul
   return report, None
 
 
-def _estimate(report) -> tuple[str, str]:
-  """XLA's step estimate and the MFU it implies; '?' where it gave none, or one faster than
-  the chips' peak (its cost model is wrong there; reports kept from before this check)."""
-  if not report.estimated_seconds or not report.estimated_mfu or report.estimated_mfu > 1:
-    return '?', '?'
-  return (compile_check.describe_seconds(report.estimated_seconds),
-          f'{report.estimated_mfu:.0%}')
+def recompile_fit(row: str, stage: str, config, generation, stand_ins: str, results: Results):
+  """(the smallest fitting slice's report, with the bound; its name): that slice compiled
+  again with the remat and layout chosen then, if its report has no bound yet."""
+  for name in slices(generation):
+    key = f'{row}/{stage}/{name}'
+    report = results.get(key)
+    if report is None:
+      return None, None
+    if not report.fits:
+      continue
+    if not report.step_seconds_at_least:
+      fixed = config.copy_and_resolve_references()
+      with fixed.ignore_type():  # model.scan may be 'auto' (a string) in the config
+        fixed.model.remat, fixed.model.scan = report.remat, report.layout == 'scanned'
+      tpu_slice = tpu_slices.parse_slice(name)
+      report = compile_check.check_stage(stage, fixed, f'config.stages.{stage}', tpu_slice,
+                                         tpu_slices.topology_devices(tpu_slice), stand_ins,
+                                         find_fix=False, with_evaluators=False)
+      results.put(key, report)
+      print(f'{row}/{stage}: {name} compiled again: step >= '
+            f'{compile_check.describe_seconds(report.step_seconds_at_least)} '
+            f'({report.compile_seconds:.0f} s)', flush=True)
+    return report, name
+  return None, None
+
+
+def _bound(report) -> tuple[str, str, str]:
+  """The step's lower bound from the compiled program, the MFU it allows and its dominant
+  term; '?' for a report compiled before the bound existed (recompile with --fresh)."""
+  if not report.step_seconds_at_least:
+    return '?', '?', '?'
+  return (compile_check.describe_seconds(report.step_seconds_at_least),
+          f'{report.mfu_at_most:.0%}' if report.mfu_at_most else '?', report.bound_by or '?')
 
 
 def main():
@@ -173,11 +210,15 @@ def main():
       config = runpy.run_path(str(REPO / path))['get_config'](arg)
       for stage in stages:
         stage_config = config.stages[stage] if 'stages' in config else config
-        report, name = smallest_fit(row, stage, stage_config, generation, stand_ins, results,
-                                    args.print_only)
+        if args.bound_only:
+          report, name = recompile_fit(row, stage, stage_config, generation, stand_ins, results)
+        else:
+          report, name = smallest_fit(row, stage, stage_config, generation, stand_ins, results,
+                                      args.print_only)
         found.append((row, stage, report, name))
   header = ('row', 'stage', 'model', 'batch', 'smallest slice', 'mesh', 'remat', 'layout',
-            'peak/chip', 'of', 'model FLOP/step', 'est. step', 'est. MFU', 'compile')
+            'peak/chip', 'sum', 'of', 'model FLOP/step', 'step >=', 'MFU <=', 'bound by',
+            'compile')
   lines = [header]
   for row, stage, r, name in found:
     if r is None:
@@ -187,9 +228,10 @@ def main():
         row, r.stage, f'{r.kind} {r.variant}', f'{r.batch_size:,}', name or 'none',
         compile_check.describe_mesh(r.mesh) if name else '', r.remat if name else '',
         r.layout if name else '', compile_check.describe_bytes(r.peak_bytes),
+        compile_check.describe_bytes(r.summed_bytes),
         compile_check.describe_bytes(r.capacity_bytes),
         compile_check.describe_count(r.analytic_flops),
-        *_estimate(r), f'{r.compile_seconds:.0f} s'))
+        *_bound(r), f'{r.compile_seconds:.0f} s'))
   compile_seconds = sum(r['report']['compile_seconds'] for r in results.records.values())
   print(f'\nThe smallest {args.generation} slice each fits on ({compile_seconds:.0f} s of compiling '
         f'in all, {time.perf_counter() - started:.0f} s in this run; a fit: peak <= '

@@ -482,6 +482,7 @@ class _Reader:
       payload = _bytes(instruction, first_only=True)
       slices = max(self.num_slices, 2)
       ring = (2 if transfer and transfer.group(1) == 'ALL_REDUCE' else 1) * (slices - 1) / slices
+      cost.name = f"{(transfer.group(1) if transfer else 'send').lower()} across slices"
       cost.dcn_bytes = payload
       cost.seconds = ring * payload / chip.dcn_bandwidth if chip.dcn_bandwidth else 0.0
       cost.term = 'DCN'
