@@ -5,8 +5,6 @@ convolutions count only their real taps, and across two slices the bytes sent ov
 data-centre network are the gradient's."""
 
 import importlib.util
-import os
-import pathlib
 import warnings
 
 import jax
@@ -14,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from big_pretrain import sharding as sharding_lib
@@ -237,17 +236,27 @@ def test_a_tiny_train_step_compiled_for_a_tpu_reports_its_bound(no_persistent_ca
 
 @needs_tpu_compiler
 def test_compiling_for_a_slice_leaves_the_persistent_cache_alone(tmp_path):
-  # tests/conftest.py keeps a persistent cache for the CPU's programs; once JAX has used it,
-  # switching its flag off is not enough (JAX decides once per process).
-  cache = pathlib.Path(os.environ['JAX_COMPILATION_CACHE_DIR'])
-  jax.jit(lambda x: x * 3 + 1)(jnp.arange(7.0)).block_until_ready()
-  before = sorted(cache.iterdir())
-  assert before
-  config = tiny_mae_config()
-  config.evals = {}
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter('always')
-    compile_check.check(config, tpu_slices.parse_slice('v5e-4'), str(tmp_path / 'check'))
-  assert sorted(cache.iterdir()) == before
-  assert not [w for w in caught if 'compilation cache' in str(w.message)]
-  assert jax.config.jax_enable_compilation_cache  # and it is on again for what follows
+  # A persistent cache of this test's own (tests/conftest.py's is shared by the xdist
+  # workers), used by a CPU program first: once JAX has used it, switching its flag off is
+  # not enough (JAX decides once per process).
+  cache = tmp_path / 'cache'
+  was_dir = jax.config.jax_compilation_cache_dir
+  jax.config.update('jax_compilation_cache_dir', str(cache))
+  compilation_cache.reset_cache()
+  try:
+    jax.jit(lambda x: x * 3 + 1)(jnp.arange(7.0)).block_until_ready()
+    before = sorted(cache.iterdir())
+    assert before
+    config = tiny_mae_config()
+    config.evals = {}
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter('always')
+      compile_check.check(config, tpu_slices.parse_slice('v5e-4'), str(tmp_path / 'check'))
+    assert sorted(cache.iterdir()) == before
+    assert not [w for w in caught if 'compilation cache' in str(w.message)]
+    assert jax.config.jax_enable_compilation_cache  # and it is on again for what follows
+    jax.jit(lambda x: x * 5 + 2)(jnp.arange(7.0)).block_until_ready()
+    assert len(list(cache.iterdir())) == len(before) + 1
+  finally:
+    jax.config.update('jax_compilation_cache_dir', was_dir)
+    compilation_cache.reset_cache()
