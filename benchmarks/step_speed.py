@@ -60,9 +60,8 @@ from big_pretrain.train import mfu as mfu_lib  # noqa: E402
 from big_pretrain.train import remat_choice  # noqa: E402
 from big_pretrain.train.optim import make_optimizer, make_schedule  # noqa: E402
 # Beside this script (its folder is on sys.path): the profile, and the tables printed.
-from step_profile import (PROFILE_WITH_COMMAND_BUFFERS, DeviceTime,  # noqa: E402
-                          add_xla_flag, profile_steps)
-from step_tables import (describe_peaks, describe_remat, describe_scan,  # noqa: E402
+from step_profile import PROFILE_WITH_COMMAND_BUFFERS, add_xla_flag, profile_steps  # noqa: E402
+from step_tables import (Row, describe_peaks, describe_remat, describe_scan,  # noqa: E402
                          describe_setup, fmt_tflop, main_table, print_table, write_json)
 
 MIB = 2 ** 20
@@ -210,33 +209,6 @@ def stage_for(objective: str, args, workdir: str, applied: set | None = None,
 
 
 # --- One row -----------------------------------------------------------------
-
-@dataclasses.dataclass
-class Row:
-  objective: str
-  config: object
-  seconds: float
-  compile_seconds: float
-  memory_mib: float
-  flops: mfu_lib.StepFlops
-  peak: float
-  loss: float
-  attention: str  # the kernel each attention shape got (attention.AttentionPlan.summary)
-  profile: DeviceTime | None = None  # with --profile on a GPU or TPU
-
-  @property
-  def images_per_second(self) -> float:
-    return self.config.batch_size / self.seconds
-
-  @property
-  def tflops_per_device(self) -> float:
-    return mfu_lib.achieved_flops_per_device(
-        self.flops.train_step, self.seconds, self.config.mesh.data) / 1e12
-
-  @property
-  def mfu(self) -> float:
-    return mfu_lib.mfu(self.flops.train_step, self.seconds, self.config.mesh.data, self.peak)
-
 
 def measured_peak(device, dtype: str) -> float:
   """A dense matmul of this dtype on `device`, measured now (median of 5)."""

@@ -1,22 +1,50 @@
 """The tables benchmarks/step_speed.py prints, and its rows as JSON (gpu_goals.py reads them).
 
-Each describes rows measured by step_speed.run_rows_interleaved (`Row`).
+Each describes rows measured by step_speed.run_rows_interleaved: `Row`, defined here so the
+tables import nothing of the script that measures them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import TYPE_CHECKING
 
 import jax
 
 from big_pretrain.models import transformer as transformer_lib
 from big_pretrain.models import vit as vit_lib
 from big_pretrain.train import mfu as mfu_lib
+# Beside this script (its folder is on sys.path).
+from step_profile import DeviceTime
 
-if TYPE_CHECKING:
-  from step_speed import Row
+
+@dataclasses.dataclass
+class Row:
+  objective: str
+  config: object
+  seconds: float
+  compile_seconds: float
+  memory_mib: float
+  flops: mfu_lib.StepFlops
+  peak: float
+  loss: float
+  attention: str  # the kernel each attention shape got (attention.AttentionPlan.summary)
+  profile: DeviceTime | None = None  # with --profile on a GPU or TPU
+
+  @property
+  def images_per_second(self) -> float:
+    return self.config.batch_size / self.seconds
+
+  @property
+  def tflops_per_device(self) -> float:
+    return mfu_lib.achieved_flops_per_device(
+        self.flops.train_step, self.seconds, self.config.mesh.data) / 1e12
+
+  @property
+  def mfu(self) -> float:
+    return mfu_lib.mfu(self.flops.train_step, self.seconds, self.config.mesh.data, self.peak)
+
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:
   widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]

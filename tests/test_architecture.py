@@ -1,6 +1,6 @@
 """Every import points down: the rooms of the package in the order README.md's Architecture
-section lists them, each importing only rooms before it, and no two modules importing each
-other."""
+section lists them, each importing only rooms before it, no two modules importing each
+other, and no import circle in the package or among the benchmarks/ scripts."""
 
 import ast
 import pathlib
@@ -68,3 +68,54 @@ def test_no_two_modules_import_each_other():
   mutual = sorted(f'{a} <-> {b}' for a, targets in graph.items() for b in targets
                   if a < b and a in graph.get(b, ()))
   assert not mutual, mutual
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+  """One import circle of `graph` (module -> the modules it imports), or [] when none."""
+  state, path = {}, []
+
+  def visit(module):
+    state[module] = 'open'
+    path.append(module)
+    for imported in sorted(graph.get(module, ())):
+      if state.get(imported) == 'open':
+        return path[path.index(imported):] + [imported]
+      if imported not in state and (found := visit(imported)):
+        return found
+    state[module] = 'done'
+    path.pop()
+    return []
+
+  for module in sorted(graph):
+    if module not in state and (found := visit(module)):
+      return found
+  return []
+
+
+def _benchmark_imports() -> dict[str, set[str]]:
+  """benchmarks/ scripts -> the scripts beside them they import (their folder is on
+  sys.path: `import step_speed`, `from step_tables import Row`), anywhere in them."""
+  scripts = {path.stem: path for path in (ROOT / 'benchmarks').glob('*.py')}
+  graph = {}
+  for name, path in scripts.items():
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+      if isinstance(node, ast.ImportFrom) and node.module:
+        imported.add(node.module.split('.')[0])
+      elif isinstance(node, ast.Import):
+        imported |= {alias.name.split('.')[0] for alias in node.names}
+    graph[name] = imported & set(scripts)
+  return graph
+
+
+def test_no_import_circle_in_the_package_or_the_benchmarks():
+  modules = _modules()
+  package = {module: _imports(path, modules) for module, path in modules.items()}
+  # A package imports its __init__ on the way to any of its modules: not a circle of ours.
+  package = {module: {imported for imported in targets
+                      if not module.startswith(imported + '.')}
+             for module, targets in package.items()}
+  assert _cycle(package) == []
+  benchmarks = _benchmark_imports()
+  assert benchmarks['step_speed'] >= {'step_tables', 'step_profile'}  # the graph is read
+  assert _cycle(benchmarks) == []
