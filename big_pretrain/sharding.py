@@ -135,7 +135,7 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None,
 
 def count_slices(devices: Sequence[jax.Device]) -> int:
   """How many TPU slices `devices` come from (1 off TPU, or on one slice)."""
-  return len({getattr(device, 'slice_index', 0) for device in devices})
+  return len(_slices(list(devices), None))
 
 
 def _slices(devices: list, num_slices: int | None) -> list[list]:

@@ -49,9 +49,9 @@ class TpuGeneration:
 # bandwidth; ICI: the Pod's all-reduce bandwidth over its chips (v4 1.1 PB/s over 4096, v5e
 # 51.2 TB/s over 256, v6e 102.4 TB/s over 256; v5p: half its 1200 GB/s bidirectional ICI,
 # the same ratio); DCN per chip (v5p: 50 Gbps; v5e and v6e: the Pod's 6.4 and 25.6 Tbps
-# over 256 chips; v4: none published). And the largest slice: v4's Pod of 4096 chips; v5e's and v6e's Pods of 256 chips (16x16); v5p's
-# largest shape 16x16x24, 6144 chips (of a Pod's 8960), so 4096 chips (v5p-8192) under the
-# power-of-two rule. The TPU compiler describes larger topologies, and aborts the process on
+# over 256 chips; v4: none published). And the largest slice: v4's Pod of 4096 chips; v5e's
+# and v6e's Pods of 256 chips (16x16); v5p's largest shape 16x16x24, 6144 chips (of a Pod's
+# 8960), so 4096 chips (v5p-8192) under the power-of-two rule. The TPU compiler describes larger topologies, and aborts the process on
 # some of them (libtpu 0.0.42.1 on a v5e-512: 'Check failed: chip_bounds().y <= 16').
 GENERATIONS = {
     'v4': TpuGeneration('v4', ('TPU v4',), 32 * GIB, True, 3, 'v4', 4096, 'megacore',

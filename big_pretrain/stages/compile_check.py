@@ -23,8 +23,9 @@ names: nothing is read from the datasets themselves.
 A stage that does not fit is tried with the cheapest changes, each compiled to be sure:
 more FSDP sharding (data parallel devices moved to the fsdp axis), then a smaller global
 batch; one compile per change, none for a change the state's size and the last refusal
-already rule out (_cheapest_fix). `check` raises DoesNotFitError, one line naming the first stage that does not fit,
-what it needs per chip against what the chip has, and the change that fits.
+already rule out (_cheapest_fix). `check` raises DoesNotFitError, one line naming the first
+stage that does not fit, what it needs per chip against what the chip has, and the change
+that fits.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ from big_pretrain.train import mfu as mfu_lib
 from big_pretrain.train.optim import make_optimizer, make_schedule
 from big_pretrain.train import roofline as roofline_lib
 from big_pretrain.train.program_flops import program_flops
-from big_pretrain.train.remat_choice import (MEMORY_FRACTION, DoesNotFit, build_with_remat_choice,
-                                             compile_or_refusal, state_bytes_per_device,
+from big_pretrain.train.remat_choice import (MEMORY_FRACTION, STATE_ALONE, DoesNotFit,
+                                             build_with_remat_choice, compile_or_refusal,
+                                             state_bytes_per_device,
                                              step_bytes_per_device, summed_step_bytes)
 
 GIB = 2 ** 30
@@ -108,10 +110,6 @@ class StageReport:
   stand_ins: list = dataclasses.field(default_factory=list)
   note: str = ''
   fix: str = ''                      # a change that fits, compiled, when the stage does not
-
-  @property
-  def margin_bytes(self) -> int | None:
-    return None if self.peak_bytes is None else self.capacity_bytes - self.peak_bytes
 
 
 def stage_configs(config) -> dict:
@@ -172,15 +170,7 @@ def check_stage(name: str, stage_config, path: str, tpu_slice, devices, stand_in
 def _compile(name: str, config, tpu_slice, devices, with_evaluators: bool = True,
              may_unroll: bool = True) -> StageReport:
   started = time.perf_counter()
-  objective = objective_class(config.objective.name)
-  layout_asked_auto = config.model.scan == SCAN_AUTO and may_unroll
-  config = objective.resolve_config(config)
-  mesh = sharding_lib.make_mesh(config.mesh, devices)
-  rules = sharding_lib.logical_axis_rules(config)
-  schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
-  batch_shapes = global_batch_shapes(config.data, config.batch_size)
-  built = build_with_remat_choice(config, mesh, rules, make_optimizer(config.optim, schedule),
-                                  schedule, batch_shapes, may_unroll=layout_asked_auto)
+  mesh, rules, batch_shapes, built = _build(config, devices, may_unroll)
   config, trainer = built.config, built.trainer
   if trainer.compiled_step is not None:
     compiled = trainer.compiled_step
@@ -312,18 +302,27 @@ def _cheapest_fix(name: str, config, path: str, tpu_slice, devices) -> str:
   return ''
 
 
-def _state_bytes(config, devices) -> int:
-  """The bytes a chip holds of the parameters and optimizer state under `config`'s mesh:
-  from the abstract state's shardings, nothing compiled."""
+def _build(config, devices, may_unroll: bool = False):
+  """(mesh, logical-axis rules, global batch shapes, remat_choice.RematChoice) of a stage
+  as train_stage would build it over `devices`: remat chosen (compiled) if 'auto', else
+  nothing compiled."""
+  layout_asked_auto = config.model.scan == SCAN_AUTO and may_unroll
   config = objective_class(config.objective.name).resolve_config(config)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
+  rules = sharding_lib.logical_axis_rules(config)
   schedule = make_schedule(config.optim, config.batch_size, config.total_steps)
+  batch_shapes = global_batch_shapes(config.data, config.batch_size)
+  built = build_with_remat_choice(config, mesh, rules, make_optimizer(config.optim, schedule),
+                                  schedule, batch_shapes, may_unroll=layout_asked_auto)
+  return mesh, rules, batch_shapes, built
+
+
+def _state_bytes(config, devices) -> int:
+  """The bytes a chip holds of the parameters and optimizer state under `config`'s mesh:
+  from the abstract state's shardings, nothing compiled (a fixed remat policy)."""
   fixed = config.copy_and_resolve_references()
   fixed.model.remat = 'full'
-  built = build_with_remat_choice(fixed, mesh, sharding_lib.logical_axis_rules(fixed),
-                                  make_optimizer(fixed.optim, schedule), schedule,
-                                  global_batch_shapes(fixed.data, fixed.batch_size))
-  return state_bytes_per_device(built.trainer)
+  return state_bytes_per_device(_build(fixed, devices)[3].trainer)
 
 
 def _value_at(config, dotted: str):
@@ -452,7 +451,7 @@ def describe_fits(report: StageReport) -> str:
     return 'yes'
   if report.summed_bytes is not None:  # compiled, with a peak above the usable part
     return f'NO (> {MEMORY_FRACTION:.0%})'
-  return 'NO (state)' if 'state alone' in report.refusals else 'NO (refused)'
+  return 'NO (state)' if STATE_ALONE in report.refusals else 'NO (refused)'
 
 
 TABLE_NOTE = (

@@ -53,6 +53,8 @@ CANDIDATES = ('none', 'dots', 'full')
 # The step's compiled program does not count everything on the device: batches
 # prefetched ahead of the step, evaluators' programs, allocator fragmentation.
 MEMORY_FRACTION = 0.9
+# RematChoice.step_bytes's key when the parameters and optimizer state alone overflow.
+STATE_ALONE = 'state alone'
 
 GIB = 2 ** 30
 
@@ -113,7 +115,7 @@ def build_with_remat_choice(config, mesh: Mesh, rules, tx: optax.GradientTransfo
         'above the %s it may use (%.0f%% of %s): no remat policy can fit. Shard the model over '
         'more devices (a larger config.mesh.fsdp).', _gib(state), _gib(budget),
         100 * MEMORY_FRACTION, _gib(limit))
-    return dataclasses.replace(first, step_bytes={'state alone': state}, memory_limit=limit,
+    return dataclasses.replace(first, step_bytes={STATE_ALONE: state}, memory_limit=limit,
                                fits=False)
   layouts = [config]
   if may_unroll and config.model.scan is True:

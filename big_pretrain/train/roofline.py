@@ -111,18 +111,45 @@ class OpCost:
 
 @dataclasses.dataclass
 class Roofline:
-  """Per chip and per step (see the module doc)."""
-  flops: float = 0.0
-  hbm_bytes: float = 0.0         # the core's ops' own
-  async_bytes: float = 0.0       # beside the core: prefetches, SparseCore offloads
-  ici_bytes: float = 0.0
-  dcn_bytes: float = 0.0
-  compute_seconds: float = 0.0   # ops bound by their FLOPs, summed
-  memory_seconds: float = 0.0    # ops bound by their HBM bytes, summed
-  ici_seconds: float = 0.0
-  dcn_seconds: float = 0.0
-  exact: bool = True             # every loop's trip count known
+  """Per chip and per step (see the module doc): the ops' costs, and what runs beside them."""
   ops: list = dataclasses.field(default_factory=list)  # OpCost, costliest first
+  async_bytes: float = 0.0       # HBM bytes beside the core: prefetches, SparseCore offloads
+  exact: bool = True             # every loop's trip count known
+
+  def _total(self, field: str, term: str | None = None) -> float:
+    return sum(getattr(op, field) for op in self.ops if term is None or op.term == term)
+
+  @property
+  def flops(self) -> float:
+    return self._total('flops')
+
+  @property
+  def hbm_bytes(self) -> float:  # the core's ops' own
+    return self._total('hbm_bytes')
+
+  @property
+  def ici_bytes(self) -> float:
+    return self._total('ici_bytes')
+
+  @property
+  def dcn_bytes(self) -> float:
+    return self._total('dcn_bytes')
+
+  @property
+  def compute_seconds(self) -> float:  # ops bound by their FLOPs, summed
+    return self._total('seconds', 'compute')
+
+  @property
+  def memory_seconds(self) -> float:  # ops bound by their HBM bytes, summed
+    return self._total('seconds', 'HBM')
+
+  @property
+  def ici_seconds(self) -> float:
+    return self._total('seconds', 'ICI')
+
+  @property
+  def dcn_seconds(self) -> float:
+    return self._total('seconds', 'DCN')
 
   @property
   def core_seconds(self) -> float:
@@ -415,7 +442,7 @@ class _Reader:
         if len(arrays) >= 2 and arrays[0][2] != arrays[1][2]:
           roofline.async_bytes += times * _bytes(instruction, first_only=True)
         continue
-      self.charge(instruction, computation, times, costs, roofline)
+      self.charge(instruction, computation, times, costs)
 
   def walk_costliest_branch(self, instruction, times, costs, roofline, stack) -> None:
     match = _BRANCHES.search(instruction.attributes)
@@ -425,6 +452,7 @@ class _Reader:
     for branch in branches:
       trial_costs, trial = {}, Roofline()
       self.walk(branch, times, trial_costs, trial, stack)
+      trial.ops = list(trial_costs.values())
       seconds = max(trial.core_seconds, trial.ici_seconds, trial.dcn_seconds)
       if best is None or seconds > best[0]:
         best = (seconds, trial_costs, trial)
@@ -433,9 +461,7 @@ class _Reader:
     _, trial_costs, trial = best
     for key, cost in trial_costs.items():
       _merge(costs, key, cost)
-    for field in ('flops', 'hbm_bytes', 'async_bytes', 'ici_bytes', 'dcn_bytes',
-                  'compute_seconds', 'memory_seconds', 'ici_seconds', 'dcn_seconds'):
-      setattr(roofline, field, getattr(roofline, field) + getattr(trial, field))
+    roofline.async_bytes += trial.async_bytes
     roofline.exact = roofline.exact and trial.exact
 
   def trip_count(self, instruction: _Instruction, condition: str | None) -> int | None:
@@ -456,7 +482,7 @@ class _Reader:
     return None
 
   def charge(self, instruction: _Instruction, computation: _Computation, times: int,
-             costs: dict, roofline: Roofline) -> None:
+             costs: dict) -> None:
     opcode = instruction.opcode
     chip = self.chip
     cost = OpCost(_op_name(instruction), opcode)
@@ -492,23 +518,10 @@ class _Reader:
       compute, memory = flops / chip.peak_flops, hbm / chip.hbm_bandwidth
       cost.seconds = max(compute, memory)
       cost.term = 'compute' if compute >= memory and flops else 'HBM'
-    cost.count = 1
-    scaled = OpCost(cost.name, opcode, times, cost.flops * times, cost.hbm_bytes * times,
-                    cost.ici_bytes * times, cost.dcn_bytes * times, cost.seconds * times,
-                    cost.term)
-    _merge(costs, (cost.name, opcode, cost.term), scaled)
-    roofline.flops += scaled.flops
-    roofline.hbm_bytes += scaled.hbm_bytes
-    roofline.ici_bytes += scaled.ici_bytes
-    roofline.dcn_bytes += scaled.dcn_bytes
-    if cost.term == 'compute':
-      roofline.compute_seconds += scaled.seconds
-    elif cost.term == 'HBM':
-      roofline.memory_seconds += scaled.seconds
-    elif cost.term == 'ICI':
-      roofline.ici_seconds += scaled.seconds
-    else:
-      roofline.dcn_seconds += scaled.seconds
+    _merge(costs, (cost.name, opcode, cost.term),
+           OpCost(cost.name, opcode, times, cost.flops * times, cost.hbm_bytes * times,
+                  cost.ici_bytes * times, cost.dcn_bytes * times, cost.seconds * times,
+                  cost.term))
 
   def offloaded_bytes(self, name: str) -> float:
     computation = self.computations.get(name)
