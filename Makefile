@@ -1,5 +1,5 @@
-# The two commands: `make demo` and `make test`. Both create .venv when it is
-# missing and install the pinned requirements first.
+# The two commands: `make demo` and `make test` (`make test-fast`: its unit tier). Each creates
+# .venv when it is missing and installs the pinned requirements it needs first.
 PYTHON ?= python3
 VENV := .venv
 INSTALLED := $(VENV)/.installed
@@ -10,7 +10,7 @@ TEST_INSTALLED := $(VENV)/.test-installed
 BEAM_INSTALLED := $(VENV)/.beam-installed
 DEMO_WORKDIR ?= workdirs/demo
 
-.PHONY: demo test install install-gpu install-tf install-tpu-compile install-weights-test \
+.PHONY: demo test test-fast install install-gpu install-tf install-tpu-compile install-weights-test \
 	install-benchmarks install-test install-beam pre-pretraining-sweep clean-demo
 
 install: $(INSTALLED)
@@ -91,6 +91,13 @@ demo: $(INSTALLED)
 test: $(INSTALLED) $(TEST_INSTALLED) $(TPU_COMPILE_INSTALLED) $(WEIGHTS_TEST_INSTALLED) \
 	$(BENCHMARKS_INSTALLED) $(BEAM_INSTALLED)
 	$(VENV)/bin/python -m pytest -q -n 3 --dist loadfile tests
+
+# The unit tier alone (pytest.ini names the tiers): every test not marked integration,
+# multiprocess, interop (torch), tpu_compile (libtpu), beam or benchmarks (matplotlib), about
+# 1.5 min on 2 CPU cores. It installs only requirements.txt and requirements-test.txt; one tier
+# of the rest: `.venv/bin/python -m pytest -m interop tests` after its install-* target.
+test-fast: $(INSTALLED) $(TEST_INSTALLED)
+	$(VENV)/bin/python -m pytest -q -n 3 --dist loadfile -m unit tests
 
 clean-demo:
 	rm -rf $(DEMO_WORKDIR)

@@ -93,9 +93,9 @@ def _compile_for(command) -> None:
   """Compile every stage for the slice on this machine, report, and say whether it fits: the
   config's keys and values validated as for a run, no data read, no lock, no checkpoint."""
   jax.config.update('jax_platforms', 'cpu')  # the host runs nothing; it only compiles
-  from big_pretrain.stages import compile_check  # pylint: disable=import-outside-toplevel
+  from big_pretrain import compile_for  # pylint: disable=import-outside-toplevel
   try:
-    compile_check.check(command.config, command.compile_for, command.workdir)
+    compile_for.check(command.config, command.compile_for, command.workdir)
   except (ConfigError, RuntimeError) as e:  # RuntimeError: no TPU compiler here
     cli.exit_usage(str(e))
 

@@ -127,7 +127,7 @@ def memory(args) -> None:
   from big_pretrain import sharding as sharding_lib
   from big_pretrain import tpu_slices
   from big_pretrain.objectives import flip, sigmoid_loss
-  from big_pretrain.stages.compile_check import describe_bytes
+  from big_pretrain.compile_for import describe_bytes
 
   def loss_of(name):
     def loss(images, texts, t_prime, bias):

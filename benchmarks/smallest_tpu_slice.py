@@ -6,7 +6,7 @@
 Each row is a config of configs/ at the paper's size and global batch (MAWS's MAE and
 WSP stages at ViT-L/16, H/14, 2B/14 and 6.5B/14, FLIP's masked stage at L/16 and batch
 32k, AIM's 600M to 7B trunks). Its stages are compiled, with the code main.py
---compile_for runs (big_pretrain/stages/compile_check.py: model.remat and scan chosen by
+--compile_for runs (big_pretrain/compile_for.py: model.remat and scan chosen by
 the chip's memory), for the generation's slices from the smallest up, doubling, until
 one fits; a slice whose chips cannot hold the parameters and optimizer state costs no
 compile. It needs the TPU compiler (`make install-tpu-compile`) and nothing else: no
@@ -41,8 +41,8 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # this host compiles; it runs not
 
 from absl import logging  # noqa: E402
 
-from big_pretrain import tpu_slices  # noqa: E402
-from big_pretrain.stages import compile_check  # noqa: E402
+from big_pretrain import accelerators, tpu_slices  # noqa: E402
+from big_pretrain import compile_for  # noqa: E402
 
 # row -> (config file, its argument, the stages compiled)
 ROWS = {
@@ -62,7 +62,9 @@ MAX_CHIPS = 4096
 def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--only', default='', help=f'comma-separated rows of {list(ROWS)}')
-  parser.add_argument('--generation', default='v5p', choices=sorted(tpu_slices.GENERATIONS))
+  parser.add_argument('--generation', default='v5p',
+                      choices=sorted(generation.name for generation in
+                                     accelerators.tpu_generations()))
   parser.add_argument('--results', default='',
                       help='the JSON file of compiles done (default: '
                            'benchmarks/smallest_tpu_slice_GENERATION.json)')
@@ -99,12 +101,12 @@ class Results:
     record = self.records.get(key)
     if record is None:
       return None
-    known = {field.name for field in dataclasses.fields(compile_check.StageReport)}
+    known = {field.name for field in dataclasses.fields(compile_for.StageReport)}
     # A report from before a field was added, or with one since removed (XLA's estimate).
-    return compile_check.StageReport(**{key: value for key, value in record['report'].items()
+    return compile_for.StageReport(**{key: value for key, value in record['report'].items()
                                         if key in known})
 
-  def put(self, key: str, report: compile_check.StageReport):
+  def put(self, key: str, report: compile_for.StageReport):
     import jax
     import libtpu  # pylint: disable=import-outside-toplevel
     self.records[key] = {
@@ -118,21 +120,11 @@ class Results:
     os.replace(self.path + '.tmp', self.path)
 
 
-def slices(generation: tpu_slices.TpuGeneration):
-  """The generation's slice names, smallest first."""
-  chips = generation.min_chips
-  while chips <= min(MAX_CHIPS, generation.max_chips):
-    count = chips * 2 if generation.name_counts_cores else chips
-    prefix = 'v5litepod' if generation.name == 'v5e' else generation.name
-    yield f'{prefix}-{count}'
-    chips *= 2
-
-
 def smallest_fit(row: str, stage: str, config, generation, stand_ins: str, results: Results,
                  print_only: bool = False):
   """(the report of the smallest slice that fits, or of the last tried; the slices tried)."""
   tried, report = [], None
-  for name in slices(generation):
+  for name in tpu_slices.slice_names(generation, max_chips=MAX_CHIPS):
     tpu_slice = tpu_slices.parse_slice(name)
     key = f'{row}/{stage}/{name}'
     report = results.get(key)
@@ -141,7 +133,7 @@ def smallest_fit(row: str, stage: str, config, generation, stand_ins: str, resul
     if report is None:
       try:
         devices = tpu_slices.topology_devices(tpu_slice)
-        report = compile_check.check_stage(stage, config, f'config.stages.{stage}', tpu_slice,
+        report = compile_for.check_stage(stage, config, f'config.stages.{stage}', tpu_slice,
                                            devices, stand_ins, find_fix=False,
                                            with_evaluators=False)
       except ValueError as error:  # the batch no longer splits over the slice's chips
@@ -150,7 +142,7 @@ def smallest_fit(row: str, stage: str, config, generation, stand_ins: str, resul
       results.put(key, report)
     tried.append(name)
     print(f'{row}/{stage}: {name}: {"fits" if report.fits else "does not fit"} '
-          f'({compile_check.describe_bytes(report.peak_bytes)} per chip, '
+          f'({compile_for.describe_bytes(report.peak_bytes)} per chip, '
           f'{report.compile_seconds:.0f} s)', flush=True)
     if report.fits:
       return report, name
@@ -160,7 +152,7 @@ def smallest_fit(row: str, stage: str, config, generation, stand_ins: str, resul
 def recompile_fit(row: str, stage: str, config, generation, stand_ins: str, results: Results):
   """(the smallest fitting slice's report, with the bound; its name): that slice compiled
   again with the remat and layout chosen then, if its report has no bound yet."""
-  for name in slices(generation):
+  for name in tpu_slices.slice_names(generation, max_chips=MAX_CHIPS):
     key = f'{row}/{stage}/{name}'
     report = results.get(key)
     if report is None:
@@ -172,12 +164,12 @@ def recompile_fit(row: str, stage: str, config, generation, stand_ins: str, resu
       with fixed.ignore_type():  # model.scan may be 'auto' (a string) in the config
         fixed.model.remat, fixed.model.scan = report.remat, report.layout == 'scanned'
       tpu_slice = tpu_slices.parse_slice(name)
-      report = compile_check.check_stage(stage, fixed, f'config.stages.{stage}', tpu_slice,
+      report = compile_for.check_stage(stage, fixed, f'config.stages.{stage}', tpu_slice,
                                          tpu_slices.topology_devices(tpu_slice), stand_ins,
                                          find_fix=False, with_evaluators=False)
       results.put(key, report)
       print(f'{row}/{stage}: {name} compiled again: step >= '
-            f'{compile_check.describe_seconds(report.step_seconds_at_least)} '
+            f'{compile_for.describe_seconds(report.step_seconds_at_least)} '
             f'({report.compile_seconds:.0f} s)', flush=True)
     return report, name
   return None, None
@@ -188,14 +180,14 @@ def _bound(report) -> tuple[str, str, str]:
   term; '?' for a report compiled before the bound existed (recompile with --fresh)."""
   if not report.step_seconds_at_least:
     return '?', '?', '?'
-  return (compile_check.describe_seconds(report.step_seconds_at_least),
+  return (compile_for.describe_seconds(report.step_seconds_at_least),
           f'{report.mfu_at_most:.0%}' if report.mfu_at_most else '?', report.bound_by or '?')
 
 
 def main():
   args = parse_args()
   logging.set_verbosity(logging.INFO)  # which remat and slice each compile tries
-  generation = tpu_slices.GENERATIONS[args.generation]
+  generation = accelerators.ACCELERATORS[args.generation]
   rows = [r for r in args.only.split(',') if r] or list(ROWS)
   unknown = [r for r in rows if r not in ROWS]
   if unknown:
@@ -226,16 +218,16 @@ def main():
       continue
     lines.append((
         row, r.stage, f'{r.kind} {r.variant}', f'{r.batch_size:,}', name or 'none',
-        compile_check.describe_mesh(r.mesh) if name else '', r.remat if name else '',
-        r.layout if name else '', compile_check.describe_bytes(r.peak_bytes),
-        compile_check.describe_bytes(r.summed_bytes),
-        compile_check.describe_bytes(r.capacity_bytes),
-        compile_check.describe_count(r.analytic_flops),
+        compile_for.describe_mesh(r.mesh) if name else '', r.remat if name else '',
+        r.layout if name else '', compile_for.describe_bytes(r.peak_bytes),
+        compile_for.describe_bytes(r.summed_bytes),
+        compile_for.describe_bytes(r.capacity_bytes),
+        compile_for.describe_count(r.analytic_flops),
         *_bound(r), f'{r.compile_seconds:.0f} s'))
   compile_seconds = sum(r['report']['compile_seconds'] for r in results.records.values())
   print(f'\nThe smallest {args.generation} slice each fits on ({compile_seconds:.0f} s of compiling '
         f'in all, {time.perf_counter() - started:.0f} s in this run; a fit: peak <= '
-        f'{compile_check.MEMORY_FRACTION:.0%} of a chip):')
+        f'{compile_for.MEMORY_FRACTION:.0%} of a chip):')
   print('| ' + ' | '.join(str(v) for v in header) + ' |')
   print('|' + '|'.join('---' for _ in header) + '|')
   for line in lines[1:]:

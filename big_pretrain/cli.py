@@ -43,7 +43,7 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's index, 0-
 # Compile instead of run: is the config ready for a Cloud TPU slice, and does it fit?
 _COMPILE_FOR = flags.DEFINE_string(
     'compile_for', None,
-    'Compile every stage for this Cloud TPU slice (v4-N, v5p-N, v5litepod-N or v5e-N, v6e-N) '
+    f'Compile every stage for this Cloud TPU slice ({tpu_slices.slice_name_forms()}) '
     'on this machine, print whether each fits the chips, and exit: nothing is trained or '
     'read, and nothing of a run in --workdir changes. Needs `make install-tpu-compile`.')
 _NUM_SLICES = flags.DEFINE_integer(

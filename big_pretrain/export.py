@@ -5,17 +5,13 @@
       [--overwrite] [--verbose]
 
 Reads the stage's Orbax checkpoint (its latest readable step, or --step) and the config
-it recorded, and writes DIR/model.safetensors + DIR/config.json (+ preprocessor_config.json
-for hf), model.safetensors' metadata recording that big_pretrain wrote it, in which format:
-
-  timm   timm.create_model('local-dir:DIR', pretrained=True): a VisionTransformer with the
-         stage's patch size, width, depth, heads, cls token or not, pooling, position
-         embedding (the fixed sin-cos one stored as weights), LayerNorm eps 1e-6, image size
-         and ImageNet mean/std; with the stage's classifier head where it has one (fine-
-         tuning; WSP's hashtags as a multi-label head), else num_classes=0.
-  hf     MAE: ViTMAEForPreTraining (encoder and decoder: keep pretraining, or show
-         reconstructions); a classifier: ViTForImageClassification; any other encoder (FLIP's
-         and LiT's image tower, AIM's trunk, WSP with --encoder_only): ViTModel.
+it recorded, and writes DIR in the format --format names: any writable one of the weight
+formats' table (FORMATS, big_pretrain/weights/__init__.py), whose module says what it
+writes (timm: weights/timm_format.py, a VisionTransformer; hf: weights/hf_format.py,
+ViTMAEForPreTraining, ViTForImageClassification or ViTModel). Both write model.safetensors
+and config.json (+ preprocessor_config.json for hf), model.safetensors' metadata recording
+that big_pretrain wrote it, in which format. --encoder_only leaves the stage's classifier head
+and MAE decoder behind.
 
 DIR is written whole: a local one into a hidden folder beside it (.<name>.export-tmp-<pid>),
 renamed into place once every file is written, so a kill mid-export leaves the previous
@@ -33,13 +29,12 @@ its files and model.safetensors' metadata). --overwrite replaces a previous expo
 format, or a folder of only an export's file names, entirely.
 
 What a format cannot express faithfully is refused in one line naming the option (exit 2),
-never exported approximately. Needs numpy and safetensors only, not torch.
+never exported approximately. Needs numpy and safetensors only, not torch. This module is
+the command and the stage's and the folder's side of it; each format writes its own files.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -49,49 +44,31 @@ import numpy as np
 
 from big_pretrain import commands
 from big_pretrain.errors import EXIT_STOPPED, EXIT_USAGE, ExportRefusedError
-from big_pretrain.models.patches import IMAGENET_MEAN, IMAGENET_STD, sincos_2d_position_embedding
 from big_pretrain.models.vit import ENCODER, parse_variant, vit_from_config
 from big_pretrain.objectives import objective_class
-from big_pretrain.stages import stage_records, transfer
-from big_pretrain.stages.compile_check import REPORT_FOLDER
+from big_pretrain.stages import init_from as init_from_lib
+from big_pretrain.stages import trained_stage
+from big_pretrain.compile_for import REPORT_FOLDER
 from big_pretrain.storage import files as storage
 from big_pretrain.storage import stage_dir as stage_files
 from big_pretrain.storage.checkpoints import unreadable_reason
 from big_pretrain.storage.run_lock import LOCK_FILE
 from big_pretrain.storage.stage_dir import StageDir
-from big_pretrain.weights import hf_layout, safetensors_format, timm_layout, weight_files
+from big_pretrain.weights import FORMATS
+from big_pretrain.weights.weight_format import StageModel, WeightFormat
 
 PROGRAM = 'big_pretrain.export'  # every one-line message starts with it
-FORMATS = ('timm', 'hf')
-PREPROCESSOR_FILE = 'preprocessor_config.json'
-# The files an export of each format writes; nothing else is ever replaced or deleted.
-EXPORT_FILES = {
-    'timm': (weight_files.SAFETENSORS_FILE, weight_files.CONFIG_FILE),
-    'hf': (weight_files.SAFETENSORS_FILE, weight_files.CONFIG_FILE, PREPROCESSOR_FILE),
-}
-# model.safetensors' metadata key naming the format big_pretrain exported it in.
-EXPORT_MARK = 'big_pretrain_export'
-# timm builds the model from config.json's model_args over this registered architecture's
-# defaults; every argument that differs is in model_args.
-TIMM_ARCHITECTURE = 'vit_base_patch16_224'
 
 
-@dataclasses.dataclass(frozen=True)
-class StageModel:
-  """What an export needs to know of a stage: its ViT and what travels with it."""
-  width: int
-  depth: int
-  heads: int
-  patch_size: int
-  image_size: int
-  use_cls_token: bool
-  pool: str
-  posemb: str
-  head: str | None           # 'single_label' / 'multi_label' / None
-  decoder: dict | None       # MAE's decoder settings
+def writable_formats() -> dict[str, WeightFormat]:
+  """The formats --format takes, by name, in the table's order."""
+  return {weight_format.name: weight_format for weight_format in FORMATS
+          if weight_format.can_write}
 
 
 def stage_model(config, encoder_only: bool) -> StageModel:
+  """What an export writes of `config`'s stage (its head and MAE decoder, unless
+  `encoder_only`)."""
   size = parse_variant(config.model.variant)
   objective = objective_class(config.objective.name)
   return StageModel(
@@ -102,96 +79,12 @@ def stage_model(config, encoder_only: bool) -> StageModel:
       decoder=None if encoder_only else objective.exported_decoder(config))
 
 
-def patch_position_embedding(model: StageModel, encoder: dict) -> np.ndarray:
-  """The (L, D) table the encoder adds to its patches."""
-  if model.posemb == 'learned':
-    return np.asarray(encoder['pos_embedding'])[0]
-  grid = model.image_size // model.patch_size
-  return sincos_2d_position_embedding(model.width, grid, grid)
-
-
-def timm_files(model: StageModel, params: dict, labels: list[str] | None) -> tuple[dict, dict]:
-  """(state dict, config.json) for timm's VisionTransformer."""
-  if model.head and 'fc_norm' in params:
-    raise ExportRefusedError(
-        "timm's VisionTransformer normalizes either the tokens before pooling (norm) or the "
-        "pooled feature (fc_norm), and this stage's model.pool='gap' classifier does both: "
-        'export the encoder alone with --encoder_only (its features are exact), or fine-tune '
-        "with model.pool='cls'.")
-  state = timm_layout.encoder_to_torch(params[ENCODER],
-                                       patch_position_embedding(model, params[ENCODER]))
-  num_classes = 0
-  if model.head:
-    state.update(timm_layout.head_to_torch(params))
-    num_classes = int(np.asarray(params['head']['kernel']).shape[-1])
-  global_pool = 'token' if model.pool == 'cls' else 'avg'
-  model_args = {
-      'img_size': model.image_size, 'patch_size': model.patch_size, 'embed_dim': model.width,
-      'depth': model.depth, 'num_heads': model.heads, 'mlp_ratio': 4.0, 'qkv_bias': True,
-      'class_token': model.use_cls_token, 'no_embed_class': False,
-      'global_pool': global_pool, 'fc_norm': False, 'num_classes': num_classes,
-  }
-  pretrained_cfg = {
-      'input_size': [3, model.image_size, model.image_size], 'fixed_input_size': True,
-      'interpolation': 'bilinear', 'crop_pct': 1.0, 'crop_mode': 'center',
-      'mean': list(IMAGENET_MEAN), 'std': list(IMAGENET_STD), 'num_classes': num_classes,
-      'first_conv': 'patch_embed.proj', 'classifier': 'head',
-  }
-  config = {'architecture': TIMM_ARCHITECTURE, 'num_classes': num_classes,
-            'num_features': model.width, 'global_pool': global_pool,
-            'model_args': model_args, 'pretrained_cfg': pretrained_cfg}
-  if labels:
-    config['label_names'] = labels
-  if model.head:  # for people (timm reads no such field): softmax or one sigmoid per label
-    config['head_activation'] = 'sigmoid' if model.head == 'multi_label' else 'softmax'
-  return state, config
-
-
-def hf_files(model: StageModel, params: dict, labels: list[str] | None) -> tuple[dict, dict]:
-  """(state dict in the Hub's names, config.json) for transformers."""
-  if not model.use_cls_token:
-    raise ExportRefusedError(
-        "transformers' ViT always prepends a cls token, and this stage's encoder has none "
-        '(model.use_cls_token=False): its features would change. Use --format=timm.')
-  if model.head and model.pool != 'cls':
-    raise ExportRefusedError(
-        "transformers' ViTForImageClassification classifies the cls token, and this stage "
-        f"pools with model.pool={model.pool!r}: use --format=timm, or --encoder_only.")
-  encoder = params[ENCODER]
-  state = timm_layout.encoder_to_torch(encoder, patch_position_embedding(model, encoder))
-  sizes = dict(width=model.width, depth=model.depth, heads=model.heads,
-               patch_size=model.patch_size, image_size=model.image_size)
-  if model.decoder:
-    if model.decoder['encoder_on_all_tokens']:
-      raise ExportRefusedError(
-          'objective.encoder_on_all_tokens=True (the design MAE rejects) has a pixel-space '
-          "mask patch that ViTMAE cannot express: use --encoder_only.")
-    if model.posemb != 'sincos':
-      raise ExportRefusedError(
-          "ViTMAE's position embedding is the fixed sin-cos table, and this stage learned its "
-          "own (model.posemb='learned'): use --encoder_only for a ViTModel.")
-    grid = model.image_size // model.patch_size
-    state.update(timm_layout.decoder_to_torch(
-        params['decoder'], sincos_2d_position_embedding(model.decoder['width'], grid, grid),
-        model.use_cls_token))
-    config = hf_layout.vit_mae_config(
-        **sizes, decoder_width=model.decoder['width'], decoder_depth=model.decoder['depth'],
-        decoder_heads=model.decoder['heads'], mask_ratio=model.decoder['mask_ratio'],
-        norm_pix_loss=model.decoder['norm_pix_loss'])
-    return hf_layout.timm_to_hf(state), config
-  if model.head:
-    state.update(timm_layout.head_to_torch(params))
-    return hf_layout.timm_to_hf(state), hf_layout.vit_config(
-        **sizes, labels=labels, multi_label=model.head == 'multi_label')
-  return hf_layout.timm_to_hf(state, encoder_prefix=''), hf_layout.vit_config(**sizes)
-
-
 def read_params(stage_dir: str, wanted: list[str], step: int | None) -> tuple[str, dict]:
   """(step dir, {name: numpy subtree}) of the `wanted` params the checkpoint has: of `step`,
   or of the newest step whose arrays match their digests (a damaged one is skipped)."""
   source = step_folder(stage_dir, step)
-  saved = transfer.saved_param_names(transfer.resolve_checkpoint_dir(source))
-  return transfer.read_intact_subtrees(source, tuple(name for name in wanted if name in saved))
+  saved = init_from_lib.saved_param_names(init_from_lib.resolve_checkpoint_dir(source))
+  return init_from_lib.read_intact_subtrees(source, tuple(name for name in wanted if name in saved))
 
 
 def step_folder(stage_dir: str, step: int | None) -> str:
@@ -207,7 +100,7 @@ def step_folder(stage_dir: str, step: int | None) -> str:
 
 
 def read_stage_config(stage_dir: str):
-  return stage_records.read_stage_config(
+  return trained_stage.read_stage_config(
       stage_dir, if_damaged='It records the model the checkpoint holds: restore it from a '
       'copy of the stage folder.',
       if_missing='point at the folder of a trained stage (it holds config.json and '
@@ -229,32 +122,21 @@ def export(stage_dir: str, fmt: str, output: str, *, step: int | None = None,
            encoder_only: bool = False, overwrite: bool = False) -> dict:
   """Writes the stage's weights in `fmt` to the folder `output`, whole (the module doc);
   returns what was written."""
-  if fmt not in FORMATS:
-    raise ExportRefusedError(f'--format={fmt!r}: choose one of {", ".join(FORMATS)}.')
+  formats = writable_formats()
+  if fmt not in formats:
+    raise ExportRefusedError(f'--format={fmt!r}: choose one of {", ".join(formats)}.')
+  weight_format = formats[fmt]
   check_output(output, fmt, overwrite)  # before any checkpoint is read
   config = read_stage_config(stage_dir)
   model = stage_model(config, encoder_only)
-  wanted = [ENCODER] + (['fc_norm', 'head'] if model.head else []) + (
-      ['decoder'] if model.decoder and fmt == 'hf' else [])
-  step_dir, params = read_params(stage_dir, wanted, step)
+  step_dir, params = read_params(stage_dir, weight_format.params_written(model), step)
   labels = None
   if model.head:
-    labels = stage_records.class_names(config, int(np.asarray(params['head']['kernel']).shape[-1]))
-  writer = timm_files if fmt == 'timm' else hf_files
-  state, model_config = writer(model, params, labels)
-  state = {name: np.ascontiguousarray(value, np.float32) for name, value in state.items()}
-  contents = {
-      weight_files.CONFIG_FILE: json.dumps(model_config, indent=2).encode(),
-      weight_files.SAFETENSORS_FILE: weight_files.safetensors_bytes(state, {EXPORT_MARK: fmt}),
-  }
-  if fmt == 'hf':
-    contents[PREPROCESSOR_FILE] = json.dumps(
-        hf_layout.image_processor_config(model.image_size), indent=2).encode()
-  write_folder(output, contents)
-  what = (model_config['architectures'][0] if fmt == 'hf'
-          else f"VisionTransformer, num_classes={model_config['num_classes']}")
-  return {'step_dir': step_dir, 'output': output, 'format': fmt, 'model': what,
-          'arrays': len(state), 'parameters': int(sum(v.size for v in state.values()))}
+    labels = trained_stage.class_names(config, int(np.asarray(params['head']['kernel']).shape[-1]))
+  exported = weight_format.write(model, params, labels)
+  write_folder(output, exported.files)
+  return {'step_dir': step_dir, 'output': output, 'format': fmt, 'model': exported.model,
+          'arrays': exported.arrays, 'parameters': exported.parameters}
 
 
 # --- The output folder: never a run's, never what an export did not write, written whole.
@@ -275,7 +157,9 @@ def check_output(output: str, fmt: str, overwrite: bool) -> None:
   names = storage.list_dir(output)
   if not names:
     return
-  stray = [name for name in names if name not in EXPORT_FILES['hf']]
+  exported_names = {name for weight_format in writable_formats().values()
+                    for name in weight_format.export_files}
+  stray = [name for name in names if name not in exported_names]
   if stray:
     raise ExportRefusedError(
         f'--output={output} holds {stray[0]!r}, which no export writes, so even --overwrite '
@@ -293,12 +177,10 @@ def check_output(output: str, fmt: str, overwrite: bool) -> None:
 
 
 def previous_export_format(folder: str) -> str | None:
-  """The format of the export of ours that `folder` holds, recognised by its content (only
-  that format's files, and model.safetensors' metadata naming it), or None."""
-  names = set(storage.list_dir(folder))
-  recorded = safetensors_format.read_metadata(os.path.join(folder, weight_files.SAFETENSORS_FILE)).get(
-      EXPORT_MARK)
-  return recorded if recorded in FORMATS and names <= set(EXPORT_FILES[recorded]) else None
+  """The format of the export of ours that `folder` holds, recognised by its content (each
+  format's holds_export), or None."""
+  return next((name for name, weight_format in writable_formats().items()
+               if weight_format.holds_export(folder)), None)
 
 
 def _folder_and_ancestors(path: str):
@@ -403,7 +285,7 @@ def _beside(output: str, purpose: str) -> str:
 def parse_args(argv):
   parser = commands.CommandParser(PROGRAM, description=__doc__.split('\n\n')[0])
   parser.add_argument('stage_dir', help="a trained stage's folder, e.g. workdirs/demo/wsp")
-  parser.add_argument('--format', required=True, choices=FORMATS, dest='fmt')
+  parser.add_argument('--format', required=True, dest='fmt', choices=list(writable_formats()))
   parser.add_argument('--output', required=True,
                       help='the folder to write: a new or empty one, or a previous export')
   parser.add_argument(

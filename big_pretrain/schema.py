@@ -24,12 +24,20 @@ from typing import Any, Callable, Iterator
 
 import ml_collections
 
+from big_pretrain.registry import Registry
+
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  """`accepts(value)`, and what it accepts in words, for the error."""
+  """`accepts(value)`, and what it accepts in words, for the error: `words`, or a function
+  that gives them when asked, for choices registered after the rule is declared
+  (`registered_in`)."""
   accepts: Callable[[Any], bool]
-  allowed: str
+  words: str | Callable[[], str]
+
+  @property
+  def allowed(self) -> str:
+    return self.words() if callable(self.words) else self.words
 
   def refuses(self, value) -> bool:
     try:
@@ -127,6 +135,46 @@ class Group(collections.abc.Mapping):
     return Group(self.meaning if meaning is None else meaning, **{**self, **declared})
 
 
+class GatheredGroup(Group):
+  """A group whose keys are gathered each time it is read, from `gather()`: groups whose keys
+  it holds side by side (data sources' own keys of config.data, one group per registered
+  source). A source registered after the group is declared has its keys in every config
+  built, and validated, from then on. A key that two of the groups declare is refused."""
+
+  def __init__(self, meaning: str, gather: Callable[[], collections.abc.Iterable[Group]]):
+    super().__init__(meaning)
+    self._gather = gather
+
+  def _gathered(self) -> dict[str, Key | Group | FreeForm]:
+    declared, declared_by = {}, {}
+    for group in self._gather():
+      for name, value in group.items():
+        if name in declared:
+          raise ValueError(
+              f'Config key {name!r} of {self.meaning!r} is declared twice: by '
+              f'{declared_by[name]!r} and by {group.meaning!r}. Rename one of them.')
+        declared[name], declared_by[name] = value, group.meaning
+    return declared
+
+  def __getitem__(self, name: str):
+    return self._gathered()[name]
+
+  def __iter__(self):
+    return iter(self._gathered())
+
+  def __len__(self) -> int:
+    return len(self._gathered())
+
+  def items(self):  # gathered once, not once per key
+    return self._gathered().items()
+
+  def keys(self):
+    return self._gathered().keys()
+
+  def values(self):
+    return self._gathered().values()
+
+
 def value_error(path: str, value, key: Key) -> str:
   """'config.optim.b2=1.5: must lie in [0, 1) (Adam's second-moment decay).'"""
   return f'{path}={value!r}: {key.rule.allowed} ({key.meaning}).'
@@ -166,6 +214,13 @@ def within(low, high, *, low_open=False, high_open=False, or_none=False) -> Rule
 
 def one_of(*choices) -> Rule:
   return Rule(lambda v: v in choices, f'choose one of {choices}')
+
+
+def registered_in(registry: Registry) -> Rule:
+  """A name in `registry` when the value is checked, so an entry registered after the key is
+  declared (a test's, say) is accepted; the words list the names registered then."""
+  return Rule(lambda v: isinstance(v, str) and v in registry,
+              lambda: f'choose one of {tuple(registry.names())}')
 
 
 def text(*, or_none: bool = True) -> Rule:

@@ -8,9 +8,9 @@ topology's devices, from the libtpu wheel, on a host without a TPU: a program
 can then be compiled for them (`jax.jit(...).lower(...).compile()`), and its
 memory_analysis() says what one chip would hold. Nothing runs on them.
 
-`GENERATIONS` holds each generation's memory per device (HBM), which a device
-that does not report its memory (a topology's devices) is taken to have, and
-its largest slice, beyond which `parse_slice` refuses a name.
+The generations, their names' rules, memory per device (HBM, which a device that does not
+report its memory, a topology's, is taken to have) and largest slice, beyond which
+`parse_slice` refuses a name, are accelerators.ACCELERATORS' entries with slice rules.
 """
 
 from __future__ import annotations
@@ -20,53 +20,8 @@ import glob
 import os
 import re
 
-GIB = 2 ** 30
+from big_pretrain.accelerators import GIB, Accelerator, tpu_generations
 
-
-@dataclasses.dataclass(frozen=True)
-class TpuGeneration:
-  """One TPU generation, as JAX sees it: one device per chip (v4 and v5p: megacore)."""
-  name: str                    # 'v5p'
-  device_kinds: tuple[str, ...]  # jax.Device.device_kind of its devices
-  hbm_per_device: int          # bytes of HBM one device (chip) has
-  name_counts_cores: bool      # 'v5p-256' counts TensorCores (2 per chip), 'v6e-64' chips
-  torus_dims: int              # 3: a 3-D torus (v4, v5p); 2: a 2-D one (v5e, v6e)
-  topology_prefix: str         # the compiler's name: 'v5p:4x4x4', 'v5e:4x4'
-  max_chips: int               # the largest slice Cloud TPU offers, in chips
-  chip_config: str | None = None  # libtpu's chip_config_name for one device per chip
-  min_chips: int = 1
-  chips_per_host: int = 4
-  # What a chip moves per second, for the step's roofline (train/roofline.py): HBM bytes;
-  # bytes sent in a collective over the chips' links (ICI: a Pod's all-reduce bandwidth
-  # over its chips, half the bidirectional ICI bandwidth); bytes sent to other slices over
-  # the data-centre network (DCN), None where Cloud TPU publishes no figure.
-  hbm_bandwidth: float = 0.0
-  ici_bandwidth: float = 0.0
-  dcn_bandwidth: float | None = None
-
-
-# Cloud TPU's documentation (cloud.google.com/tpu/docs/<generation>): HBM per chip and its
-# bandwidth; ICI: the Pod's all-reduce bandwidth over its chips (v4 1.1 PB/s over 4096, v5e
-# 51.2 TB/s over 256, v6e 102.4 TB/s over 256; v5p: half its 1200 GB/s bidirectional ICI,
-# the same ratio); DCN per chip (v5p: 50 Gbps; v5e and v6e: the Pod's 6.4 and 25.6 Tbps
-# over 256 chips; v4: none published). And the largest slice: v4's Pod of 4096 chips; v5e's
-# and v6e's Pods of 256 chips (16x16); v5p's largest shape 16x16x24, 6144 chips (of a Pod's
-# 8960), so 4096 chips (v5p-8192) under the power-of-two rule. The TPU compiler describes larger topologies, and aborts the process on
-# some of them (libtpu 0.0.42.1 on a v5e-512: 'Check failed: chip_bounds().y <= 16').
-GENERATIONS = {
-    'v4': TpuGeneration('v4', ('TPU v4',), 32 * GIB, True, 3, 'v4', 4096, 'megacore',
-                        min_chips=4, hbm_bandwidth=1200e9, ici_bandwidth=1.1e15 / 4096),
-    'v5e': TpuGeneration('v5e', ('TPU v5 lite', 'TPU v5e'), 16 * GIB, False, 2, 'v5e', 256,
-                         hbm_bandwidth=819e9, ici_bandwidth=51.2e12 / 256,
-                         dcn_bandwidth=6.4e12 / 8 / 256),
-    'v5p': TpuGeneration('v5p', ('TPU v5', 'TPU v5p'), 95 * GIB, True, 3, 'v5p', 6144,
-                         min_chips=4, hbm_bandwidth=2765e9, ici_bandwidth=1200e9 / 2,
-                         dcn_bandwidth=50e9 / 8),
-    'v6e': TpuGeneration('v6e', ('TPU v6 lite', 'TPU v6e'), 32 * GIB, False, 2, 'v6e', 256,
-                         hbm_bandwidth=1638e9, ici_bandwidth=102.4e12 / 256,
-                         dcn_bandwidth=25.6e12 / 8 / 256),
-}
-_NAME_ALIASES = {'v5litepod': 'v5e'}
 # Cloud TPU documents no limit on the slices of a Multislice; the TPU compiler of libtpu
 # 0.0.42.1 aborts the process on 512 or more ('Check failed: NumSlices() < kMaxNumSlices').
 MAX_SLICES = 511
@@ -76,7 +31,7 @@ MAX_SLICES = 511
 class TpuSlice:
   """A slice (or `num_slices` identical slices, joined by the data-centre network)."""
   name: str                 # as asked for: 'v5p-256'
-  generation: TpuGeneration
+  generation: Accelerator   # an entry of accelerators.ACCELERATORS with slice rules
   chips: int                # per slice
   topology_shape: tuple[int, ...]
   num_slices: int = 1
@@ -84,7 +39,8 @@ class TpuSlice:
   @property
   def topology(self) -> str:
     """The name the TPU compiler takes: 'v5p:4x4x8'."""
-    return f'{self.generation.topology_prefix}:{"x".join(map(str, self.topology_shape))}'
+    return (f'{self.generation.slices.topology_prefix}:'
+            f'{"x".join(map(str, self.topology_shape))}')
 
   @property
   def num_devices(self) -> int:
@@ -92,7 +48,7 @@ class TpuSlice:
 
   @property
   def hosts(self) -> int:
-    return max(1, self.num_devices // self.generation.chips_per_host)
+    return self.num_slices * self.generation.slices.hosts(self.chips)
 
   def describe(self) -> str:
     slices = f'{self.num_slices} x ' if self.num_slices > 1 else ''
@@ -109,37 +65,67 @@ def describe_bytes(num_bytes: float) -> str:
 
 
 def slice_names_example() -> str:
-  return "'v4-32', 'v5p-256', 'v5litepod-16' (or 'v5e-16'), 'v6e-64'"
+  """"'v4-32', 'v5p-256', 'v5litepod-16' (or 'v5e-16'), 'v6e-64'": a slice of each generation."""
+  examples = []
+  for generation in tpu_generations():
+    rules = generation.slices
+    count = rules.example.rpartition('-')[2]
+    others = ' or '.join(f"'{prefix}-{count}'" for prefix in rules.prefixes[1:])
+    examples.append(f"'{rules.example}'" + (f' (or {others})' if others else ''))
+  return ', '.join(examples)
+
+
+def slice_name_forms() -> str:
+  """'v4-N, v5p-N, v5litepod-N or v5e-N, v6e-N': the names --compile_for takes."""
+  return ', '.join(' or '.join(f'{prefix}-N' for prefix in generation.slices.prefixes)
+                   for generation in tpu_generations())
+
+
+def _generation_named(prefix: str) -> Accelerator | None:
+  return next((generation for generation in tpu_generations()
+               if prefix in generation.slices.prefixes), None)
 
 
 def parse_slice(name: str, num_slices: int = 1) -> TpuSlice:
   """'v5p-256' -> its generation, chips and topology; ValueError naming what is wrong."""
-  match = re.fullmatch(r'(v4|v5p|v5e|v5litepod|v6e)-(\d+)', name.strip())
-  if not match:
+  match = re.fullmatch(r'([a-z0-9]+)-(\d+)', name.strip())
+  generation = _generation_named(match.group(1)) if match else None
+  if not generation:
     raise ValueError(f'{name!r} is not a Cloud TPU slice name: give one such as '
                      f'{slice_names_example()}.')
-  generation = GENERATIONS[_NAME_ALIASES.get(match.group(1), match.group(1))]
-  count = int(match.group(2))
-  chips = count // 2 if generation.name_counts_cores else count
-  unit = 'TensorCores (2 per chip)' if generation.name_counts_cores else 'chips'
-  if (generation.name_counts_cores and count % 2) or chips < generation.min_chips or (
+  rules, prefix, count = generation.slices, match.group(1), int(match.group(2))
+  chips = count // 2 if rules.name_counts_cores else count
+  unit = 'TensorCores (2 per chip)' if rules.name_counts_cores else 'chips'
+  if (rules.name_counts_cores and count % 2) or chips < rules.min_chips or (
       chips & (chips - 1)):
-    smallest = generation.min_chips * (2 if generation.name_counts_cores else 1)
+    smallest = rules.count_in_name(rules.min_chips)
     raise ValueError(
-        f'{name!r}: {match.group(1)} slices count {unit}, a power of two of at least '
-        f'{smallest}, e.g. {match.group(1)}-{smallest * 4}.')
-  if chips > generation.max_chips:
-    largest = _largest_power_of_two(generation.max_chips)
-    count = largest * 2 if generation.name_counts_cores else largest
+        f'{name!r}: {prefix} slices count {unit}, a power of two of at least '
+        f'{smallest}, e.g. {prefix}-{smallest * 4}.')
+  if chips > rules.max_chips:
+    largest = rules.count_in_name(_largest_power_of_two(rules.max_chips))
     raise ValueError(
         f'{name!r} is larger than any {generation.name} slice: Cloud TPU offers at most '
-        f'{generation.max_chips} chips, so {match.group(1)}-{count} at the most; for more, give '
+        f'{rules.max_chips} chips, so {prefix}-{largest} at the most; for more, give '
         f'--num_slices.')
   if not 1 <= num_slices <= MAX_SLICES:
     raise ValueError(f'num_slices={num_slices}: give 1 to {MAX_SLICES} slices (the most the '
                      'TPU compiler takes).')
-  return TpuSlice(name, generation, chips, torus_shape(chips, generation.torus_dims),
-                  num_slices)
+  return TpuSlice(name, generation, chips, torus_shape(chips, rules.torus_dims), num_slices)
+
+
+def slice_names(generation: Accelerator, prefix: str | None = None,
+                max_chips: int | None = None) -> list[str]:
+  """Every slice of `generation` Cloud TPU offers (of at most `max_chips` chips), smallest
+  first, named with `prefix` (default: Cloud TPU's own, 'v5litepod')."""
+  rules = generation.slices
+  prefix = prefix or rules.prefixes[0]
+  names, chips = [], rules.min_chips
+  while chips <= min(rules.max_chips, max_chips or rules.max_chips):
+    if chips != 2:  # past one chip, the smallest torus is 2x2 (torus_shape)
+      names.append(f'{prefix}-{rules.count_in_name(chips)}')
+    chips *= 2
+  return names
 
 
 def _largest_power_of_two(limit: int) -> int:
@@ -169,20 +155,6 @@ def _product(shape) -> int:
   return total
 
 
-def generation_of(device_kind: str) -> TpuGeneration | None:
-  """The generation of a jax device_kind ('TPU v5 lite' -> v5e), or None."""
-  for generation in GENERATIONS.values():
-    if device_kind in generation.device_kinds:
-      return generation
-  return None
-
-
-def hbm_per_device(device_kind: str) -> int | None:
-  """The HBM bytes of one device of this kind, from GENERATIONS; None if not a TPU we know."""
-  generation = generation_of(device_kind)
-  return generation.hbm_per_device if generation else None
-
-
 def has_tpu_here() -> bool:
   """Whether this host has TPU chips (a TPU VM exposes them as /dev/accel* or /dev/vfio)."""
   return bool(glob.glob('/dev/accel*')) or os.path.isdir('/dev/vfio')
@@ -209,8 +181,8 @@ def topology_devices(tpu_slice: TpuSlice) -> list:
   # pylint: disable-next=g-import-not-at-top
   from jax.experimental import topologies
   kwargs = {}
-  if tpu_slice.generation.chip_config:
-    kwargs['chip_config_name'] = tpu_slice.generation.chip_config
+  if tpu_slice.generation.slices.chip_config:
+    kwargs['chip_config_name'] = tpu_slice.generation.slices.chip_config
   if tpu_slice.num_slices > 1:
     kwargs['num_slices'] = tpu_slice.num_slices
   try:

@@ -18,6 +18,11 @@ from big_pretrain.evaluators import evaluator_config
 SIZES = ('600M', '1B', '3B', '7B')
 
 
+# The arguments get_config takes (--config=configs/aim.py:ARG; None: no argument), each
+# validated by tests/test_shipped_configs.py.
+VARIANTS = (None, *SIZES, 'demo')
+
+
 def get_config(arg: str | None = None):
   size = arg if arg in SIZES else '600M'
   config = stage_config('aim')

@@ -7,6 +7,11 @@ from big_pretrain.config.defaults import chain_config
 from configs import aim, wsp
 
 
+# The arguments get_config takes (--config=configs/aim_then_wsp.py:ARG; None: no argument), each
+# validated by tests/test_shipped_configs.py.
+VARIANTS = (None, 'demo')
+
+
 def get_config(arg: str | None = None):
   config = chain_config(aim=aim.get_config(arg), wsp=wsp.get_config(arg))
   # WSP's encoder must have AIM's shape: the same trunk, no cls token.

@@ -28,6 +28,11 @@ RECIPES = {
 MIN_LR = 1e-6
 
 
+# The arguments get_config takes (--config=configs/finetune.py:ARG; None: no argument), each
+# validated by tests/test_shipped_configs.py.
+VARIANTS = (None, *RECIPES, 'demo')
+
+
 def get_config(arg: str | None = None):
   size = 'B' if arg in (None, '', 'demo') else arg
   if size not in RECIPES:

@@ -79,6 +79,11 @@ def masked_stage(arg):
   return config
 
 
+# The arguments get_config takes (--config=configs/flip.py:ARG; None: no argument), each
+# validated by tests/test_shipped_configs.py.
+VARIANTS = (None, 'demo')
+
+
 def get_config(arg: str | None = None):
   pretrain = masked_stage(arg)
   return chain_config(pretrain=pretrain, unmasked=unmasked_stage_after(pretrain))

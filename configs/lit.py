@@ -21,6 +21,11 @@ from configs import flip
 TEXT_TOWER_KEYS = ('embed_dim', 'text_width', 'text_depth', 'text_heads', 'temperature_init')
 
 
+# The arguments get_config takes (--config=configs/lit.py:ARG; None: no argument), each
+# validated by tests/test_shipped_configs.py.
+VARIANTS = (None, 'demo')
+
+
 def get_config(arg: str | None = None):
   config = flip.masked_stage(arg)  # FLIP's text tower, image-text data and evaluators
   flip_objective = config.objective

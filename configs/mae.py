@@ -21,6 +21,11 @@ def steps_for_epochs(epochs: float, dataset_size: int, batch_size: int) -> int:
   return int(round(epochs * dataset_size / batch_size))
 
 
+# The arguments get_config takes (--config=configs/mae.py:ARG; None: no argument), each
+# validated by tests/test_shipped_configs.py.
+VARIANTS = (None, 'demo', 'imagenette')
+
+
 def get_config(arg: str | None = None):
   config = stage_config('mae')
   config.model.variant = 'L/16'

@@ -15,6 +15,11 @@ from big_pretrain.config.defaults import chain_config
 from configs import finetune, mae
 
 
+# The arguments get_config takes (--config=configs/mae_then_finetune.py:ARG; None: no argument), each
+# validated by tests/test_shipped_configs.py.
+VARIANTS = (None, 'demo')
+
+
 def get_config(arg: str | None = None):
   config = chain_config(mae=mae.get_config(arg), finetune=finetune.stage_after('mae', arg))
   if arg == 'demo':

@@ -18,6 +18,11 @@ from big_pretrain.evaluators import evaluator_config
 from configs import mae, wsp
 
 
+# The arguments get_config takes (--config=configs/mae_then_wsp.py:ARG; None: no argument), each
+# validated by tests/test_shipped_configs.py.
+VARIANTS = (None, 'demo')
+
+
 def get_config(arg: str | None = None):
   config = chain(arg)
   if arg == 'demo':

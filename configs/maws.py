@@ -25,6 +25,11 @@ from configs import finetune, mae_then_wsp
 SIZES = {'L': 'L/16', 'H': 'H/14', '2B': '2B/14', '6.5B': '6.5B/14'}
 
 
+# The arguments get_config takes (--config=configs/maws.py:ARG; None: no argument), each
+# validated by tests/test_shipped_configs.py.
+VARIANTS = (None, 'demo', *SIZES)
+
+
 def get_config(arg: str | None = None):
   if arg not in (None, '', 'demo', *SIZES):
     raise ValueError(f'configs/maws.py: unknown variant {arg!r}; use no argument (L), one of '

@@ -18,6 +18,11 @@ same command again to resume.
 from configs import lit, mae_then_wsp
 
 
+# The arguments get_config takes (--config=configs/maws_lit.py:ARG; None: no argument), each
+# validated by tests/test_shipped_configs.py.
+VARIANTS = (None, 'demo')
+
+
 def get_config(arg: str | None = None):
   config = mae_then_wsp.chain(arg)
   if arg == 'demo':

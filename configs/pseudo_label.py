@@ -12,8 +12,14 @@ Inside a chain, configs/self_training.py adds the same stage after its teacher.
 from big_pretrain.stages import pseudo_label_job
 
 
+# The arguments get_config takes (--config=configs/pseudo_label.py:ARG; None: no argument), each
+# validated by tests/test_shipped_configs.py.
+VARIANTS = (None,)
+
+
 def get_config(arg: str | None = None):
-  del arg
+  if arg:
+    raise ValueError(f'configs/pseudo_label.py: unknown variant {arg!r}; it takes no argument.')
   config = pseudo_label_job.default_config()
   config.teacher.workdir = None  # Required: the teacher stage's folder (config.json, checkpoints/)
   config.data.source = 'image_folder'

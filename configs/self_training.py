@@ -53,6 +53,11 @@ def parse_arg(arg: str | None) -> tuple[str, int]:
   return size, rounds
 
 
+# The arguments get_config takes (--config=configs/self_training.py:ARG; None: no argument), each
+# validated by tests/test_shipped_configs.py.
+VARIANTS = (None, 'B', 'L', 'demo', 'demo,rounds=2')
+
+
 def get_config(arg: str | None = None):
   size, rounds = parse_arg(arg)
   teacher = teacher_config(size)

@@ -21,6 +21,8 @@ train on a small slice. Choosing between it and FLIP's softmax: README.md, "SigL
 from big_pretrain.config.defaults import chain_config
 from configs import flip
 
+# The arguments get_config takes (--config=configs/siglip.py:ARG; None: no argument), each
+# validated by tests/test_shipped_configs.py.
 VARIANTS = (None, '', 'demo', 'masked', 'masked_demo')
 # The steps of configs/flip.py (6.4B examples seen), for a like-for-like comparison.
 EXAMPLES_SEEN = 6_400_000_000

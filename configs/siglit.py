@@ -14,6 +14,11 @@ of a chain, as configs/lit.py's does.
 from configs import lit, siglip
 
 
+# The arguments get_config takes (--config=configs/siglit.py:ARG; None: no argument), each
+# validated by tests/test_shipped_configs.py.
+VARIANTS = (None, 'demo')
+
+
 def get_config(arg: str | None = None):
   return siglip.with_sigmoid_loss(lit.get_config(arg))
 

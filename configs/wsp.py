@@ -13,6 +13,11 @@ from big_pretrain.data.text.labels import synthetic_vocabulary_path
 from big_pretrain.evaluators import evaluator_config
 
 
+# The arguments get_config takes (--config=configs/wsp.py:ARG; None: no argument), each
+# validated by tests/test_shipped_configs.py.
+VARIANTS = (None, 'demo')
+
+
 def get_config(arg: str | None = None):
   config = stage_config('wsp')
   config.model.variant = 'L/16'

@@ -190,7 +190,8 @@ LOCAL_PYTHON="${LOCAL_PYTHON:-$REPO_ROOT/.venv/bin/python}"
 [[ "$NUM_SLICES" =~ ^[1-9][0-9]*$ ]] || die "NUM_SLICES=$NUM_SLICES: give a number of slices, 1 or more"
 
 if [[ -z "$RUNTIME_VERSION" ]]; then
-  # https://cloud.google.com/tpu/docs/runtimes (JAX and PyTorch images).
+  # https://cloud.google.com/tpu/docs/runtimes (JAX and PyTorch images). As each generation's
+  # runtime_version in big_pretrain/accelerators.py (tests/test_tpu_pod_launch.py checks).
   case "$ACCELERATOR_TYPE" in
     v6e-*) RUNTIME_VERSION=v2-alpha-tpuv6e ;;
     v5litepod-* | v5e-*) RUNTIME_VERSION=v2-alpha-tpuv5-lite ;;
@@ -546,7 +547,8 @@ nodes() {  # every node id, for messages
 hosts_of_type() {
   # Workers (hosts) in one slice of type $1, when the TPU API cannot be asked (DRY_RUN):
   # v4 and v5p names count TensorCores (2 per chip), v5e and v6e chips; 4 chips per host, but
-  # v5e and v6e slices of up to 8 chips are one host.
+  # v5e and v6e slices of up to 8 chips are one host. As big_pretrain/accelerators.py's slice
+  # rules (tests/test_tpu_pod_launch.py checks).
   local family="${1%-*}" count="${1##*-}" chips
   [[ "$count" =~ ^[0-9]+$ ]] || die "ACCELERATOR_TYPE=$1: not a type such as v5p-64"
   case "$family" in

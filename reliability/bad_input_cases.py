@@ -20,9 +20,8 @@ from reliability.bad_input_checks import (
     truncate_config_json, truncate_largest, two_runs_at_once, unreadable_checkpoint)
 from reliability import fourth_ring_checks as checks
 from reliability.damaged_file_checks import (
-    ARRAY_RECORD, EXIT_REFUSED_LATE, backend_cannot_start, damaged_block_mid_shard,
-    damaged_config_history, damaged_eval_results, flip_a_bit_that_still_decodes,
-    refused_data_file, text_file, truncated_converter_metadata, truncated_shard)
+    DAMAGED_DATA_FILES, backend_cannot_start, damaged_block_mid_shard, damaged_config_history,
+    damaged_eval_results, flip_a_bit_that_still_decodes, refused_data_file)
 
 # The table of bad inputs and faults every run must answer clearly, as it was filed:
 # row id -> (the row's words; the case names that cover it).
@@ -53,9 +52,8 @@ TABLE_ROWS = {
                ('lr_negative', 'dtype_unknown', 'batch_size_0', 'warmup_beyond_total',
                 'lr_above_0.1')),
     'damaged': ('a damaged file the run reads from its workdir or a data path',
-                ('eval_results_truncated', 'config_history_truncated', 'shard_truncated',
-                 'converter_metadata_truncated', 'vocabulary_not_utf8',
-                 'vocabulary_duplicate_label', 'tokenizer_empty')),
+                ('eval_results_truncated', 'config_history_truncated',
+                 *(damaged.name for damaged in DAMAGED_DATA_FILES))),
     'start_signal': ('SIGTERM or Ctrl-C before the first step',
                      ('sigterm_at_start', 'sigterm_while_compiling', 'sigint_while_compiling')),
     'altered': ("bytes of a checkpoint's array data altered after it was written; a block "
@@ -137,12 +135,6 @@ def _carries_on_warning(name: str, override: str, evidence: str) -> Case:
                                    (EXIT_OK,), evidence))
 
 
-def _damaged_data_file(name: str, done: str, damage, evidence: str, *args: str,
-                       exit_codes=(EXIT_USAGE,)) -> Case:
-  return Case(name, 'damaged', done, lambda ctx: refused_data_file(
-      ctx, damage, *args, evidence=evidence, exit_codes=exit_codes))
-
-
 def _second_ring_cases() -> list[Case]:
   """Finished stages, every config value, damaged files and a signal before the first step."""
   return [
@@ -166,23 +158,9 @@ def _second_ring_cases() -> list[Case]:
            damaged_eval_results, needs='trained'),
       Case('config_history_truncated', 'damaged', 'config_history.jsonl of the 4-step workdir '
            'cut in half; resume to 6 steps', damaged_config_history, needs='trained'),
-      _damaged_data_file('shard_truncated', 'train on a converted folder whose ArrayRecord '
-                         'shard is cut in half', truncated_shard,
-                         'is not a whole ArrayRecord file', *ARRAY_RECORD,
-                         exit_codes=EXIT_REFUSED_LATE),
-      _damaged_data_file('converter_metadata_truncated', "the converted folder's metadata.json"
-                         ' cut in half', truncated_converter_metadata,
-                         r'metadata\.json cannot be read', *ARRAY_RECORD),
-      _damaged_data_file('vocabulary_not_utf8', '`--config.data.labels.vocabulary=` a binary '
-                         'file', text_file('vocab.txt', b'\xff\xfe\x00\x81',
-                                           'data.labels.vocabulary'), 'is not UTF-8'),
-      _damaged_data_file('vocabulary_duplicate_label', 'a label vocabulary with a label twice',
-                         text_file('vocab.txt', b'circle\nsquare\ncircle\n',
-                                   'data.labels.vocabulary'), 'already defined at line 1'),
-      _damaged_data_file('tokenizer_empty', '`--config.data.text.tokenizer=` an empty file (a '
-                         'copy that did not start)', text_file('tokenizer.txt', b'',
-                                                               'data.text.tokenizer'),
-                         'a word vocabulary starts with'),
+      *(Case(damaged.name, 'damaged', damaged.done,
+             lambda ctx, damaged=damaged: refused_data_file(ctx, damaged))
+        for damaged in DAMAGED_DATA_FILES),
       Case('sigterm_at_start', 'start_signal', 'SIGTERM once the run lock is taken',
            lambda ctx: signalled_at_start(ctx, signal.SIGTERM, (EXIT_PREEMPTED,),
                                           "SIGTERM before a stage's next step")),
@@ -325,8 +303,8 @@ def _third_ring_cases() -> list[Case]:
            needs='trained'),
       Case('shard_block_damaged', 'altered', 'train on a converted folder whose shard has bytes '
            'zeroed inside its records (it still opens)',
-           lambda ctx: Observed(ctx.main(ctx.tiny(), ctx.fresh(), *ARRAY_RECORD,
-                                         damaged_block_mid_shard(ctx.folder)),
+           lambda ctx: Observed(ctx.main(ctx.tiny(), ctx.fresh(),
+                                         *damaged_block_mid_shard(ctx.folder)),
                                 CARRY_ON, (EXIT_OK,), 'Skipping damaged record at')),
       Case('backend_cannot_start', 'altered', '`JAX_PLATFORMS=tpu` on this machine (no TPU)',
            backend_cannot_start),

@@ -8,12 +8,14 @@ run must change nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 from typing import Callable
 
+from big_pretrain.data.text.tokenizer import synthetic_tokenizer_path
 from big_pretrain.errors import EXIT_NO_BACKEND, EXIT_STOPPED, EXIT_USAGE
 from reliability.bad_input_checks import (
     BASE_TOTAL_STEPS, CARRY_ON, EXIT_OK, REFUSE, Context, Observed, changes_between,
@@ -59,15 +61,16 @@ def damaged_config_history(ctx: Context) -> Observed:
   return observed
 
 
-def refused_data_file(ctx: Context, damage: Callable[[str], str], *args: str, evidence: str,
-                      exit_codes=(EXIT_USAGE,)) -> Observed:
-  """A new run given a damaged data file (`damage(folder)` makes it in the case's folder and
-  returns the override that points at it): refused in one line, the file unchanged."""
-  override = damage(ctx.folder)
+def refused_data_file(ctx: Context, damaged: 'DamagedDataFile') -> Observed:
+  """A new run given a damaged data file (made in the case's folder): refused in one line, the
+  file unchanged."""
+  overrides = damaged.damage(ctx.folder)
   data = os.path.join(ctx.folder, 'data')
   before = fingerprint_tree(data)
-  run = ctx.main(ctx.tiny(), ctx.fresh(), *args, override)
-  return Observed(run, REFUSE, exit_codes, evidence,
+  run = ctx.main(ctx.tiny(), ctx.fresh(), *(f'--config.{key}={value}'
+                                            for key, value in overrides.items()))
+  exit_codes = (EXIT_STOPPED,) if damaged.found_when == READING else (EXIT_USAGE,)
+  return Observed(run, REFUSE, exit_codes, damaged.evidence,
                   lost=changes_between(before, fingerprint_tree(data)))
 
 
@@ -82,36 +85,89 @@ def fingerprint_tree(folder: str) -> dict[str, str]:
   return prints
 
 
-def converted_folder(folder: str, damage: Callable[[str], None]) -> str:
-  """A copy of the converted folder, one of its files damaged; the override that reads it."""
-  data = os.path.join(folder, 'data')
-  shutil.copytree(CONVERTED_FOLDER, data)
-  damage(data)
-  return f'--config.data.path={data}'
+# --- The damaged data files: one list, checked in process by tests/test_damaged_files.py and
+# end to end (main.py, exit code, files unchanged) by the bad-inputs table.
+
+VALIDATING = 'validating'  # refused by config validation, before anything compiles
+READING = 'reading'  # found when the stage reads its data, after compiling
 
 
-def truncated_shard(folder: str) -> str:
-  return converted_folder(folder, lambda data: cut_in_half(
-      os.path.join(data, 'train-00000-of-00001.array_record')))
+@dataclasses.dataclass(frozen=True)
+class DamagedDataFile:
+  """A file a user points a run at, damaged as a full disk, an unfinished copy or a hand edit
+  leaves it; `damage(folder)` writes it under folder/data and returns the config overrides
+  ({'a.b': value}) that read it; `evidence` is a regex of the one-line refusal."""
+  name: str
+  done: str
+  damage: Callable[[str], dict]
+  evidence: str
+  found_when: str = VALIDATING
 
 
-def truncated_converter_metadata(folder: str) -> str:
-  return converted_folder(folder, lambda data: cut_in_half(os.path.join(data, 'metadata.json')))
+def converted_folder(damage: Callable[[str], None]) -> Callable[[str], dict]:
+  """A copy of the converted folder with one of its files damaged, read as array_record."""
+  def make(folder: str) -> dict:
+    data = os.path.join(folder, 'data')
+    shutil.copytree(CONVERTED_FOLDER, data)
+    damage(data)
+    return {'data.source': 'array_record', 'data.path': data, 'batch_size': 8}
+  return make
 
 
-def text_file(name: str, content: bytes, key: str) -> Callable[[str], str]:
-  """A damage that writes `content` as data/`name`, given as config key `key`."""
-  def damage(folder: str) -> str:
+def text_file(name: str, content: bytes, key: str) -> Callable[[str], dict]:
+  """`content` written as data/`name`, given as config key `key`."""
+  def make(folder: str) -> dict:
     path = os.path.join(folder, 'data', name)
     os.makedirs(os.path.dirname(path))
     with open(path, 'wb') as f:
       f.write(content)
-    return f'--config.{key}={path}'
-  return damage
+    return {key: path}
+  return make
 
 
-ARRAY_RECORD = ('--config.data.source=array_record', '--config.batch_size=8')
-EXIT_REFUSED_LATE = (EXIT_STOPPED,)  # found once the stage reads its data, after compiling
+def _shipped_tokenizer_cut_short(folder: str) -> dict:
+  """The synthetic tokenizer cut in half (its last word cut too), as a copy that stopped."""
+  with open(synthetic_tokenizer_path(), 'rb') as f:
+    whole = f.read()
+  return text_file('tokenizer.txt', whole[:len(whole) // 2] + b'\n\n',
+                   'data.text.tokenizer')(folder)
+
+
+SHARD = 'train-00000-of-00001.array_record'
+DAMAGED_DATA_FILES = (
+    DamagedDataFile('shard_truncated', 'train on a converted folder whose ArrayRecord shard is '
+                    'cut in half',
+                    converted_folder(lambda data: cut_in_half(os.path.join(data, SHARD))),
+                    'is not a whole ArrayRecord file.*Copy it again from where it was converted',
+                    found_when=READING),
+    DamagedDataFile('converter_metadata_truncated', "the converted folder's metadata.json cut "
+                    'in half', converted_folder(
+                        lambda data: cut_in_half(os.path.join(data, 'metadata.json'))),
+                    r'metadata\.json cannot be read'),
+    DamagedDataFile('converter_metadata_not_utf8', "the converted folder's metadata.json a "
+                    'binary file', converted_folder(
+                        lambda data: _write(os.path.join(data, 'metadata.json'), b'\xff')),
+                    r'metadata\.json cannot be read'),
+    DamagedDataFile('vocabulary_empty', '`--config.data.labels.vocabulary=` an empty file',
+                    text_file('vocab.txt', b'', 'data.labels.vocabulary'), 'has no labels'),
+    DamagedDataFile('vocabulary_not_utf8', '`--config.data.labels.vocabulary=` a binary file',
+                    text_file('vocab.txt', b'\xff\xfe\x00\x81', 'data.labels.vocabulary'),
+                    'is not UTF-8'),
+    DamagedDataFile('vocabulary_duplicate_label', 'a label vocabulary with a label twice',
+                    text_file('vocab.txt', b'circle\nsquare\ncircle\n', 'data.labels.vocabulary'),
+                    'already defined at line 1'),
+    DamagedDataFile('tokenizer_empty', '`--config.data.text.tokenizer=` an empty file (a copy '
+                    'that did not start)', text_file('tokenizer.txt', b'', 'data.text.tokenizer'),
+                    'a word vocabulary starts with'),
+    DamagedDataFile('tokenizer_cut_short', '`--config.data.text.tokenizer=` the shipped '
+                    'tokenizer cut in half', _shipped_tokenizer_cut_short,
+                    '(?i)tokenizer file'),
+)
+
+
+def _write(path: str, content: bytes) -> None:
+  with open(path, 'wb') as f:
+    f.write(content)
 
 
 # --- The third ring: bytes altered in place, and a backend that does not start.
@@ -172,8 +228,10 @@ def _damage_a_block_of_records(data: str) -> None:
   raise RuntimeError(f'no damage of {shard} that still opens')
 
 
-def damaged_block_mid_shard(folder: str) -> str:
-  return converted_folder(folder, _damage_a_block_of_records)
+def damaged_block_mid_shard(folder: str) -> list[str]:
+  """The command-line overrides of a converted folder whose shard has a block damaged."""
+  return [f'--config.{key}={value}'
+          for key, value in converted_folder(_damage_a_block_of_records)(folder).items()]
 
 
 def backend_cannot_start(ctx: Context) -> Observed:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from big_pretrain.config.defaults import stage_config
+from big_pretrain.config.defaults import stage_config, tiny_stage_config
 from big_pretrain.models.vit import VisionTransformer
 from big_pretrain.objectives import build_objective
 from big_pretrain.objectives.aim import (next_patch_loss, prefix_causal_mask,
@@ -68,11 +68,9 @@ def test_perfect_prediction_gives_zero_and_prefix_targets_get_no_gradient():
   assert np.all(grad[1, :9] == 0) and np.all(grad[1, 9:15] != 0)
 
 
+@pytest.mark.integration
 def test_aim_objective_end_to_end():
-  config = stage_config('aim')
-  config.model.update(variant='mu/8', use_cls_token=False, pool='gap')
-  config.objective.update(head_width=32, head_depth=2)
-  config.data.image_size = 32
+  config = tiny_stage_config('aim', **{'objective.head_depth': 2})
   objective = build_objective(config)
   params = nn.meta.unbox(objective.init_params(jax.random.key(0)))
   assert 'cls_token' not in params['encoder'] and set(params) == {'encoder', 'head'}

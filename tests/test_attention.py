@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from big_pretrain.config.defaults import stage_config
+from big_pretrain.config.defaults import tiny_stage_config
 from big_pretrain.data.batch_features import random_batch
-from big_pretrain.data.text.labels import synthetic_vocabulary_path
-from big_pretrain.data.text.tokenizer import synthetic_tokenizer_path
 from big_pretrain.models import attention as attention_lib
 from big_pretrain.models.vit import VisionTransformer
-from big_pretrain.objectives import build_objective
+from big_pretrain.objectives import build_objective, objective_names
+from big_pretrain.compile_for import with_stand_ins
 from helpers.numerics import assert_close_in_scale, assert_trees_close_in_scale
 from helpers.tiny_config import tiny_mae_config
 
@@ -109,22 +108,9 @@ def test_padded_shapes_pass_the_checks_jax_runs_before_cudnn_attention():
 # ---------------------------------------------------------------- padding changes nothing
 
 
-def _tiny_stage(objective):
-  if objective == 'mae':
-    return tiny_mae_config()
-  config = stage_config(objective)
-  config.model.variant = 'mu/8'
-  config.data.update(source='synthetic', num_examples=64, source_image_size=32, image_size=32)
-  if objective == 'wsp':
-    config.data.labels.vocabulary = synthetic_vocabulary_path()
-  if objective == 'flip':
-    config.model.update(use_cls_token=False, pool='gap')
-    config.objective.update(embed_dim=16, text_width=32, text_depth=1, text_heads=4)
-    config.data.text.update(tokenizer=synthetic_tokenizer_path(), max_length=12)
-  if objective == 'aim':
-    config.model.update(use_cls_token=False, pool='gap')
-    config.objective.update(head_width=32, head_depth=1)
-  return config
+def _tiny_stage(objective, folder):
+  """The objective's tiny stage, pseudo-labels standing in for a student's."""
+  return with_stand_ins(tiny_stage_config(objective), str(folder))[0]
 
 
 def _loss_grads_and_features(objective, params, batch):
@@ -139,10 +125,11 @@ def _loss_grads_and_features(objective, params, batch):
   return loss_and_grads, features
 
 
-@pytest.mark.parametrize('objective_name', ['mae', 'wsp', 'flip', 'aim'])
+@pytest.mark.parametrize('objective_name', objective_names())
+@pytest.mark.integration
 def test_padded_attention_gives_the_same_loss_gradients_and_features(objective_name,
-                                                                     monkeypatch):
-  config = _tiny_stage(objective_name)
+                                                                     monkeypatch, tmp_path):
+  config = _tiny_stage(objective_name, tmp_path)
   objective = build_objective(config)
   params = nn.meta.unbox(jax.jit(objective.init_params)(jax.random.key(0)))
   batch = random_batch(config.data, 4, np.random.default_rng(0))
@@ -162,8 +149,9 @@ def test_padded_attention_gives_the_same_loss_gradients_and_features(objective_n
   padded = _loss_grads_and_features(objective, params, batch)
   assert plans and all(plan.padded for plan in plans)
   masks = {plan.mask for plan in plans}
-  assert masks == {'aim': {'mask', 'none'}, 'flip': {'none', 'lengths'}}.get(
-      objective_name, {'none'})  # AIM: training's prefix-causal mask, the probe's none
+  # AIM: training's prefix-causal mask, the probe's none; a text tower: its padding's lengths.
+  assert masks == ({'none'} | ({'mask'} if objective_name == 'aim' else set())
+                   | ({'lengths'} if config.data.text.tokenizer else set()))
   # Padding changes the softmax's and the gradients' reduction lengths, so their order.
   assert_trees_close_in_scale(padded, unpadded)
 

@@ -117,6 +117,7 @@ def tiny_mae_on_eight_devices():
       num_steps=20, probe_batch_size=64)
 
 
+@pytest.mark.integration
 def test_evaluator_runs_end_to_end_on_eight_devices(tiny_mae_on_eight_devices):
   config, objective, trainer = tiny_mae_on_eight_devices
   params = trainer.init_state(jax.random.key(config.seed)).params
@@ -130,6 +131,7 @@ def test_evaluator_runs_end_to_end_on_eight_devices(tiny_mae_on_eight_devices):
   assert features.test_features.shape == (64, 16, 64)
 
 
+@pytest.mark.integration
 def test_more_blocks_than_the_encoder_has_is_named(tiny_mae_on_eight_devices):
   config, objective, trainer = tiny_mae_on_eight_devices
   config = config.copy_and_resolve_references()

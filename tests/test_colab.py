@@ -187,6 +187,7 @@ def test_prepare_command_runs_tfds_with_the_given_python():
   assert "file_format=\"array_record\"" in command[2]
 
 
+@pytest.mark.integration
 def test_device_check_exits_3_off_the_expected_backend():
   for runtime, code in (('cpu', 0), ('tpu', 3)):
     result = subprocess.run(

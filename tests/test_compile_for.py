@@ -14,8 +14,9 @@ import pytest
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain import tpu_slices
+from big_pretrain.accelerators import ACCELERATORS
 from big_pretrain.data.batch_features import global_batch_shapes
-from big_pretrain.stages import compile_check
+from big_pretrain import compile_for
 from big_pretrain.train import mfu
 from big_pretrain.train.optim import make_optimizer, make_schedule
 from big_pretrain.train.remat_choice import (CANDIDATES, MEMORY_FRACTION, build_with_remat_choice,
@@ -24,13 +25,14 @@ from helpers.paths import REPO_ROOT, TINY_CONFIG_FILE
 from helpers.tiny_config import tiny_mae_config
 
 pytest.importorskip('libtpu', reason='the TPU compiler: make install-tpu-compile')
+pytestmark = pytest.mark.tpu_compile  # the test tiers: pytest.ini
 
 
 @pytest.fixture(autouse=True, scope='module')
 def _no_persistent_cache():
   """Programs compiled for a topology cannot be read back from JAX's persistent cache (that
   needs a TPU client): this module's stay out of the one tests/conftest.py sets up."""
-  with compile_check.persistent_cache_off():
+  with compile_for.persistent_cache_off():
     yield
 
 
@@ -72,6 +74,7 @@ def test_a_slice_larger_than_cloud_tpu_offers_is_refused_in_one_line():
     tpu_slices.parse_slice('v5e-4', num_slices=512)  # libtpu aborts on 512
 
 
+@pytest.mark.integration
 def test_main_py_refuses_a_slice_too_large_and_a_workdir_that_is_a_file_before_compiling(
     tmp_path):
   a_file = tmp_path / 'a_file'
@@ -99,6 +102,7 @@ def test_main_py_refuses_a_slice_too_large_and_a_workdir_that_is_a_file_before_c
   assert not (tmp_path / 'check').exists()
 
 
+@pytest.mark.integration
 def test_the_mesh_lies_on_the_topologys_chips_and_each_chip_is_reported():
   tpu_slice = tpu_slices.parse_slice('v5e-4')
   devices = tpu_slices.topology_devices(tpu_slice)
@@ -107,7 +111,7 @@ def test_the_mesh_lies_on_the_topologys_chips_and_each_chip_is_reported():
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   assert set(mesh.devices.flat) == set(devices) and dict(mesh.shape)['data'] == 4
 
-  report = compile_check.check_stage('mae', config, 'config', tpu_slice, devices, '/tmp')
+  report = compile_for.check_stage('mae', config, 'config', tpu_slice, devices, '/tmp')
   assert report.fits and report.mesh['data'] == 4
   assert report.capacity_bytes == 16 * 2 ** 30  # v5e's HBM per chip: the table's
   assert 0 < report.argument_bytes <= report.peak_bytes < report.capacity_bytes
@@ -116,6 +120,7 @@ def test_the_mesh_lies_on_the_topologys_chips_and_each_chip_is_reported():
   assert abs(report.program_flops / report.analytic_flops - 1) < 0.05
 
 
+@pytest.mark.integration
 def test_two_slices_keep_fsdp_inside_a_slice_and_split_the_data_axis_across_them():
   tpu_slice = tpu_slices.parse_slice('v5p-8', num_slices=2)
   devices = tpu_slices.topology_devices(tpu_slice)
@@ -126,10 +131,11 @@ def test_two_slices_keep_fsdp_inside_a_slice_and_split_the_data_axis_across_them
   for row, data_index in enumerate(range(4)):
     # The first half of the data axis is slice 0; each FSDP pair is within one slice.
     assert {d.slice_index for d in mesh.devices[data_index].flat} == {row // 2}
-  report = compile_check.check_stage('mae', config, 'config', tpu_slice, devices, '/tmp')
+  report = compile_for.check_stage('mae', config, 'config', tpu_slice, devices, '/tmp')
   assert report.fits and report.mesh == {'data': 4, 'fsdp': 2, 'tensor': 1}
 
 
+@pytest.mark.integration
 def test_remat_auto_takes_the_first_policy_that_fits_the_chips_memory():
   tpu_slice = tpu_slices.parse_slice('v5e-4')
   devices = tpu_slices.topology_devices(tpu_slice)
@@ -166,14 +172,13 @@ def test_remat_auto_takes_the_first_policy_that_fits_the_chips_memory():
   assert choice.step_bytes[expected] == needs[expected]
 
 
-def test_a_stage_that_does_not_fit_ends_in_one_line(monkeypatch, tmp_path, capsys):
+@pytest.mark.integration
+def test_a_stage_that_does_not_fit_ends_in_one_line(tmp_path, capsys):
   # A v5e of 256 KiB of HBM: the tiny MAE's parameters and Adam moments alone (1.5 MiB,
   # 0.4 MiB with FSDP over all 4 chips) overflow it, so no change can fit.
-  small = dataclasses.replace(tpu_slices.GENERATIONS['v5e'], hbm_per_device=256 * 2 ** 10)
-  monkeypatch.setitem(tpu_slices.GENERATIONS, 'v5e', small)
-  tpu_slice = tpu_slices.parse_slice('v5e-4')
-  with pytest.raises(compile_check.DoesNotFitError) as refusal:
-    compile_check.check(_tiny_mae(), tpu_slice, str(tmp_path / 'check'))
+  small = dataclasses.replace(ACCELERATORS['v5e'], hbm_per_device=256 * 2 ** 10)
+  with ACCELERATORS.replaced(small), pytest.raises(compile_for.DoesNotFitError) as refusal:
+    compile_for.check(_tiny_mae(), tpu_slices.parse_slice('v5e-4'), str(tmp_path / 'check'))
   line = str(refusal.value)
   assert '\n' not in line
   assert "Stage 'main' (mae mu/8, batch 16) does not fit v5e-4" in line
@@ -183,14 +188,15 @@ def test_a_stage_that_does_not_fit_ends_in_one_line(monkeypatch, tmp_path, capsy
   assert 'NO' in printed.splitlines()[2]
 
 
+@pytest.mark.integration
 def test_a_runs_folder_is_left_as_it_was(tmp_path):
   run = tmp_path / 'run'
   (run / 'checkpoints').mkdir(parents=True)
   (run / 'config.json').write_text('{}')
   before = {path: os.stat(path).st_mtime_ns for path in run.rglob('*')}
-  compile_check.check(_tiny_mae(), tpu_slices.parse_slice('v5e-4'), str(run))
+  compile_for.check(_tiny_mae(), tpu_slices.parse_slice('v5e-4'), str(run))
   assert {path: os.stat(path).st_mtime_ns for path in run.rglob('*')} == before
   fresh = tmp_path / 'fresh'
-  compile_check.check(_tiny_mae(), tpu_slices.parse_slice('v5e-4'), str(fresh))
+  compile_for.check(_tiny_mae(), tpu_slices.parse_slice('v5e-4'), str(fresh))
   assert (fresh / 'compile_for' / 'v5e-4.json').is_file()
   assert jax.devices()[0].platform == 'cpu'  # nothing left the CPU

@@ -24,10 +24,6 @@ from configs import mae as mae_config
 from configs import wsp as wsp_config
 
 
-def test_demo_config_is_valid():
-  validate_stage_config(mae_config.get_config('demo'))
-
-
 def test_paper_recipe_is_mae_l16_and_asks_for_data():
   config = mae_config.get_config()
   assert config.model.variant == 'L/16'

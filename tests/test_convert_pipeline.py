@@ -18,6 +18,7 @@ from PIL import Image
 import pytest
 
 pytest.importorskip('apache_beam')  # requirements-beam.txt: `make test` installs it
+pytestmark = pytest.mark.beam  # the test tiers: pytest.ini
 
 from big_pretrain.data import convert
 from big_pretrain.data import records as records_lib

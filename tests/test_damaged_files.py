@@ -8,15 +8,13 @@ in test_main.py.
 import json
 import logging
 import os
-import shutil
 
 import pytest
 
 from big_pretrain.config.defaults import chain_config
 from big_pretrain.data import records
 from big_pretrain.data.sources import pseudo_labelled
-from big_pretrain.data.sources.array_record import ArrayRecordSource
-from big_pretrain.data.text import labels as labels_lib
+from big_pretrain.data import sources
 from big_pretrain.data.text import tokenizer as tokenizer_lib
 from big_pretrain.data.text import tokenizer_files
 from big_pretrain.errors import ConfigError, DamagedFileError, UserFacingError
@@ -29,9 +27,8 @@ from big_pretrain.storage import resume_identity
 from big_pretrain.storage.stage_dir import StageDir
 from big_pretrain.train.loop import train_stage
 from helpers.tiny_config import one_device, tiny_mae_config
-
-HERE = os.path.dirname(__file__)
-SHARDS_FOLDER = os.path.join(HERE, 'data', 'shards_written_with_tensorflow')
+from reliability.damaged_file_checks import (DAMAGED_DATA_FILES, VALIDATING,
+                                             fingerprint_tree)
 
 
 def _cut_in_half(path) -> bytes:
@@ -72,6 +69,7 @@ def test_set_aside_keeps_every_damaged_copy(tmp_path):
   assert (tmp_path / 'eval_results.json.damaged.2').read_bytes() == b'second'
 
 
+@pytest.mark.integration
 def test_a_damaged_eval_results_json_is_set_aside_and_the_final_evaluations_run_again(
     tmp_path, caplog):
   config = tiny_mae_config(total_steps=2)
@@ -133,54 +131,32 @@ def test_damaged_pseudo_label_metadata_read_by_a_student_is_named(tmp_path, cont
     pseudo_labelled.read_metadata(str(tmp_path))
 
 
+@pytest.mark.parametrize('damaged', DAMAGED_DATA_FILES, ids=lambda damaged: damaged.name)
+def test_a_damaged_data_file_is_refused_in_one_line_and_left_as_it_was(tmp_path, damaged):
+  """The list the bad-inputs table also runs end to end (reliability/damaged_file_checks.py):
+  refused by validation before any compile, or (a shard's records) when the source opens."""
+  config = tiny_mae_config(**damaged.damage(str(tmp_path)))
+  before = fingerprint_tree(str(tmp_path / 'data'))
+  if damaged.found_when == VALIDATING:
+    with pytest.raises(ConfigError, match=damaged.evidence) as raised:
+      validate_config(config)
+  else:
+    validate_config(config)
+    with pytest.raises(DamagedFileError, match=damaged.evidence) as raised:
+      sources.build_source(config.data)
+  assert '\n' not in str(raised.value) and isinstance(raised.value, UserFacingError)
+  assert fingerprint_tree(str(tmp_path / 'data')) == before
+
+
 def test_a_truncated_array_record_shard_is_named_with_what_to_do(tmp_path):
-  folder = tmp_path / 'converted'
-  shutil.copytree(SHARDS_FOLDER, folder)
-  shard = next(folder.glob('*.array_record'))
-  _cut_in_half(shard)
+  config = tiny_mae_config(**DAMAGED_DATA_FILES[0].damage(str(tmp_path)))
+  shard = next((tmp_path / 'data').glob('*.array_record'))
   with pytest.raises(DamagedFileError) as raised:
-    ArrayRecordSource(str(folder))
+    sources.build_source(config.data)
   message = str(raised.value)
   assert message.startswith(f'ArrayRecord shard {shard} cannot be read: it is not a whole '
                             'ArrayRecord file')
   assert 'Copy it again from where it was converted, or convert again' in message
-
-
-@pytest.mark.parametrize('content', [b'{"format": "big_pretrain.array_record", "shar', b'\xff'])
-def test_a_damaged_converter_metadata_is_refused_before_any_compile(tmp_path, content):
-  folder = tmp_path / 'converted'
-  shutil.copytree(SHARDS_FOLDER, folder)
-  (folder / records.METADATA_FILE).write_bytes(content)
-  config = tiny_mae_config(**{'data.source': 'array_record', 'data.path': str(folder)})
-  with pytest.raises(ConfigError, match=r'config\.data\.path: .*metadata\.json cannot be read'):
-    validate_config(config)
-
-
-@pytest.mark.parametrize('content, problem', [
-    (b'', 'has no labels'),
-    (b'\xff\xfecircle\n', 'is not UTF-8'),
-    (b'circle\nsquare\ncircle\n', 'already defined at line 1'),
-])
-def test_a_damaged_label_vocabulary_is_refused_before_any_compile(tmp_path, content, problem):
-  path = tmp_path / 'vocab.txt'
-  path.write_bytes(content)
-  with pytest.raises(DamagedFileError, match=problem):
-    labels_lib.LabelVocabulary.from_file(str(path))
-  with pytest.raises(ConfigError, match=rf'config\.data\.labels\.vocabulary: .*{problem}'):
-    validate_config(tiny_mae_config(**{'data.labels.vocabulary': str(path)}))
-
-
-@pytest.mark.parametrize('cut', [0.0, 0.5])
-def test_a_damaged_tokenizer_is_refused_before_any_compile(tmp_path, cut):
-  with open(tokenizer_lib.synthetic_tokenizer_path(), 'rb') as f:
-    whole = f.read()
-  path = tmp_path / 'tokenizer.txt'
-  path.write_bytes(whole[:int(len(whole) * cut)] + b'\n\n')  # cut short, a blank line after
-  with pytest.raises(DamagedFileError, match='(?i)tokenizer file'):
-    tokenizer_files.load_tokenizer(str(path))
-  config = tiny_mae_config(**{'data.text.tokenizer': str(path)})
-  with pytest.raises(ConfigError, match=r'(?i)config\.data\.text\.tokenizer: .*tokenizer file'):
-    validate_config(config)
 
 
 def test_a_damaged_sentencepiece_model_is_named(tmp_path):

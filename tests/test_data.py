@@ -344,7 +344,7 @@ def test_image_folder_without_images_names_folder_and_extensions(tmp_path):
 def test_unknown_source_lists_valid_names():
   config = tiny_mae_config()
   config.data = small_data_config(source='imagenet')
-  with pytest.raises(ValueError, match="'synthetic', 'image_folder'"):
+  with pytest.raises(ValueError, match="'array_record', 'image_folder', 'synthetic', 'tfds'"):
     validate_stage_config(config)
 
 

@@ -163,6 +163,7 @@ def _example_keys(workdir) -> dict[int, list[str]]:
   return records
 
 
+@pytest.mark.integration
 def test_a_checkpoint_from_before_global_positions_resumes_on_its_process_count_only(
     tmp_path):
   config = tiny_mae_config(total_steps=4, **{'log.example_keys': True})
@@ -230,6 +231,7 @@ def _assert_same_states(expected: dict, got: dict) -> None:
   assert not different, f'{len(different)} arrays differ, e.g. {different[:3]}'
 
 
+@pytest.mark.multiprocess
 def test_a_run_resumed_on_another_process_count_and_back_trains_exactly_as_one_that_never_stopped(
     tmp_path):
   reference = _train(tmp_path / 'uninterrupted', tmp_path / 'reference', ONE_BY_FOUR,
@@ -247,6 +249,7 @@ def test_a_run_resumed_on_another_process_count_and_back_trains_exactly_as_one_t
       '1 process x 4 devices -> 2 processes x 2 devices']
 
 
+@pytest.mark.integration
 def test_a_run_resumed_on_a_mesh_twice_the_size_trains_on_the_same_examples(tmp_path):
   reference = _train(tmp_path / 'uninterrupted', tmp_path / 'reference', ONE_BY_TWO,
                      mesh=DATA_PARALLEL)

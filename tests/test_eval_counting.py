@@ -3,6 +3,7 @@ the last batch padded with masked rows, the same on 2 processes as on one."""
 
 import jax
 import numpy as np
+import pytest
 
 from big_pretrain import sharding as sharding_lib
 from helpers.eval_counting import ODD_EXAMPLES, held_out_images
@@ -26,6 +27,7 @@ def test_a_split_smaller_than_asked_is_scored_once_per_readable_image(image_fold
   assert len(few) <= 3 and set(image_hashes(few)) <= set(image_hashes(images))
 
 
+@pytest.mark.multiprocess
 def test_two_processes_score_an_odd_split_as_one_process(tmp_path):
   workers = launch_workers('eval_odd', str(tmp_path))
   config = tiny_multiprocess_config()

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from big_pretrain import export as export_lib
-from big_pretrain.stages import transfer
+from big_pretrain.stages import init_from as init_from_lib
 from big_pretrain.storage import files as storage_files
 from big_pretrain.train.loop import train_stage
 from helpers.tiny_config import one_device, tiny_wsp_config
@@ -43,11 +43,12 @@ def _exported_format(folder):
   return export_lib.previous_export_format(str(folder))
 
 
+@pytest.mark.integration
 def test_each_refusal_is_one_line_and_exit_2_before_any_checkpoint_is_read(
     stage, tmp_path, capsys, monkeypatch):
   def must_not_read(*args, **kwargs):
     raise AssertionError('a checkpoint was read')
-  monkeypatch.setattr(transfer, 'resolve_checkpoint_dir', must_not_read)
+  monkeypatch.setattr(init_from_lib, 'resolve_checkpoint_dir', must_not_read)
   a_file = tmp_path / 'a_file'
   a_file.write_text('not a folder')
   stray = tmp_path / 'stray'
@@ -88,6 +89,7 @@ def test_each_refusal_is_one_line_and_exit_2_before_any_checkpoint_is_read(
   assert not (tmp_path / 'out').exists() and not (workdir / 'exported').exists()
 
 
+@pytest.mark.integration
 def test_a_read_only_output_is_refused_even_for_root(stage, tmp_path, capsys, monkeypatch):
   # Root writes through mode bits, and a test cannot mount a read-only file system: the
   # write that check_writable_folder tries for real fails as on a read-only mount.
@@ -106,6 +108,7 @@ def test_a_read_only_output_is_refused_even_for_root(stage, tmp_path, capsys, mo
       'user: give a folder this user can write, for the export alone.\n')
 
 
+@pytest.mark.integration
 def test_an_export_replaces_an_export_of_its_format_and_others_only_with_overwrite(
     stage, tmp_path, capsys):
   out = tmp_path / 'out'
@@ -126,6 +129,7 @@ def test_an_export_replaces_an_export_of_its_format_and_others_only_with_overwri
   assert sorted(os.listdir(tmp_path)) == ['out']  # nothing left beside it
 
 
+@pytest.mark.integration
 def test_a_failure_while_writing_leaves_the_previous_export_and_nothing_beside_it(
     stage, tmp_path, capsys, monkeypatch):
   out = tmp_path / 'out'

@@ -73,6 +73,7 @@ def _copy_of(workdir, tmp_path):
   return copy
 
 
+@pytest.mark.integration
 def test_sigterm_saves_the_current_step_and_the_same_call_resumes_exactly(
     tmp_path, monkeypatch, uninterrupted_params):
   reached = faults.PreemptionNotice.reached
@@ -96,6 +97,7 @@ def test_sigterm_saves_the_current_step_and_the_same_call_resumes_exactly(
   assert_trees_equal(_params(resumed), uninterrupted_params)
 
 
+@pytest.mark.integration
 def test_a_preempted_step_saves_without_evaluating_and_the_rerun_runs_the_final_ones(
     tmp_path, monkeypatch):
   # A preempted host has seconds left: the checkpoint, not the evaluations, must make it.
@@ -156,6 +158,7 @@ def _poison_steps(monkeypatch, steps):
   monkeypatch.setattr(loop, 'InputPipeline', PoisonedPipeline)
 
 
+@pytest.mark.integration
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
   _poison_steps(monkeypatch, {5})
   config = _fault_config()
@@ -171,6 +174,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(_params(resumed)))
 
 
+@pytest.mark.integration
 def test_skip_nonfinite_updates_skips_a_bad_step_and_goes_on(tmp_path, monkeypatch):
   _poison_steps(monkeypatch, {3})
   config = _fault_config(**{'optim.skip_nonfinite_updates': 1})
@@ -180,6 +184,7 @@ def test_skip_nonfinite_updates_skips_a_bad_step_and_goes_on(tmp_path, monkeypat
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(_params(result)))
 
 
+@pytest.mark.integration
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(
     tmp_path, caplog, uninterrupted_params, stopped_at_step_6):
   config = _fault_config()
@@ -214,6 +219,7 @@ def test_a_second_ctrl_c_stops_at_once():
     signal.signal(signal.SIGINT, found)
 
 
+@pytest.mark.integration
 def test_ctrl_c_saves_and_main_exits_75_to_be_rerun(tmp_path):
   # The whole program, as a user runs it, with a real SIGINT once training has started.
   workdir = tmp_path / 'run'
@@ -241,6 +247,7 @@ def test_ctrl_c_saves_and_main_exits_75_to_be_rerun(tmp_path):
 # (here for ~1 s after it), or on a faster machine the first steps run. None: at once
 # when the run lock is taken, while starting up.
 @pytest.mark.parametrize('seconds_after_flops_line', [None, 0.0, 0.4, 0.8, 1.2])
+@pytest.mark.integration
 def test_sigterm_while_starting_up_exits_75_in_one_line_and_releases_the_workdir(
     tmp_path, seconds_after_flops_line):
   # Schedulers send SIGTERM whenever they preempt, also while a run starts or compiles
@@ -292,6 +299,7 @@ def test_a_sigterm_whose_exception_a_library_swallowed_still_stops_the_next_stag
     signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.integration
 def test_a_failed_save_stops_the_run_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch):
   save = ocp.CheckpointManager.save
 
@@ -327,6 +335,7 @@ def test_a_save_failure_raised_again_on_close_is_a_save_error(tmp_path, monkeypa
   assert '\n' not in str(error.value)
 
 
+@pytest.mark.integration
 def test_an_asynchronous_saves_failure_names_its_own_step(tmp_path, monkeypatch):
   # Orbax raises a background save's error when the next save starts: the message
   # names the step that was lost (2), not the one being started (4).
@@ -345,6 +354,7 @@ def test_an_asynchronous_saves_failure_names_its_own_step(tmp_path, monkeypatch)
     train_stage(_fault_config(), str(tmp_path), devices=one_device())
 
 
+@pytest.mark.integration
 def test_a_save_that_cannot_fit_is_refused_before_orbax_writes_anything(tmp_path, monkeypatch):
   # Orbax's writer threads print their own tracebacks when the disk fills mid-save: a save
   # bigger than the free space is refused first, in one message.
@@ -372,6 +382,7 @@ def test_a_save_that_cannot_fit_is_refused_before_orbax_writes_anything(tmp_path
 
 
 @pytest.mark.parametrize('damage', ['one flipped bit', 'overwritten bytes'])
+@pytest.mark.integration
 def test_altered_array_bytes_are_found_set_aside_and_the_previous_step_resumed_exactly(
     tmp_path, caplog, uninterrupted_params, stopped_at_step_6, damage):
   """Bytes of the latest checkpoint's array data changed after it was written (a disk or
@@ -395,6 +406,7 @@ _ALTERED = 'params/encoder/transformer/block_1/mlp/fc1/kernel'
 
 
 @pytest.mark.parametrize('record', checkpoint_damage.DIGESTS_DAMAGE)
+@pytest.mark.integration
 def test_a_digests_record_deleted_emptied_or_incomplete_is_damage_and_set_aside(
     tmp_path, caplog, uninterrupted_params, stopped_at_step_6, record):
   """Deleting or emptying the digests (or the record of one array) does not switch the check
@@ -419,6 +431,7 @@ def test_a_digests_record_deleted_emptied_or_incomplete_is_damage_and_set_aside(
   assert_trees_equal(_params(resumed), uninterrupted_params)
 
 
+@pytest.mark.integration
 def test_a_data_position_edited_or_its_digest_deleted_is_damage_and_set_aside(
     tmp_path, caplog, uninterrupted_params, stopped_at_step_6):
   """The data position is one record for every process, with its digest: editing it (one
@@ -443,6 +456,7 @@ def test_a_data_position_edited_or_its_digest_deleted_is_damage_and_set_aside(
   assert_trees_equal(_params(resumed), uninterrupted_params)
 
 
+@pytest.mark.integration
 def test_only_steps_written_before_digests_restore_with_one_warning(
     tmp_path, caplog, uninterrupted_params, stopped_at_step_6):
   """Checkpoints of a version before digests (none in the step, none named in its Orbax
@@ -462,6 +476,7 @@ def test_only_steps_written_before_digests_restore_with_one_warning(
   assert_trees_equal(_params(resumed), uninterrupted_params)
 
 
+@pytest.mark.integration
 def test_where_a_step_shows_its_digests_were_written(tmp_path, stopped_at_step_6):
   """The step's own Orbax metadata decides where it reads; else a step beside it with
   digests, or the stage's config.json of schema version 3 on."""
@@ -483,6 +498,7 @@ def test_where_a_step_shows_its_digests_were_written(tmp_path, stopped_at_step_6
   assert not checkpoint_lib.digests_written(str(steps / '6'))[0]
 
 
+@pytest.mark.integration
 def test_when_every_checkpoint_is_damaged_the_stage_stops_in_one_line(tmp_path):
   config = _fault_config(**{'checkpoint.keep': 1})
   train_stage(config, str(tmp_path), stop_after_steps=6, devices=one_device())
@@ -495,23 +511,24 @@ def test_when_every_checkpoint_is_damaged_the_stage_stops_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize('record', ('whole',) + checkpoint_damage.DIGESTS_DAMAGE)
+@pytest.mark.integration
 def test_init_from_and_export_skip_a_damaged_step_for_the_previous_intact_one(
     tmp_path, caplog, finished_at_step_8, record):
   """A reader of another stage's checkpoints (init_from, the export) checks every array it
   reads, against a record that must be whole; a damaged newest step is skipped, and left
   where it is."""
   from big_pretrain import export  # pylint: disable=import-outside-toplevel
-  from big_pretrain.stages import transfer  # pylint: disable=import-outside-toplevel
+  from big_pretrain.stages import init_from as init_from_lib  # pylint: disable=import-outside-toplevel
   tmp_path = _copy_of(finished_at_step_8, tmp_path)  # steps 4, 6, 8 kept
   checkpoints = tmp_path / 'checkpoints'
-  intact = transfer.read_subtrees(str(checkpoints / '6'), ('encoder',))
+  intact = init_from_lib.read_subtrees(str(checkpoints / '6'), ('encoder',))
   checkpoint_damage.alter_one_value(checkpoints / '8', _ALTERED)
   if record != 'whole':
     checkpoint_damage.damage_digests(checkpoints / '8', record, _ALTERED)
   with pytest.raises(CheckpointUnreadableError, match=re.escape(str(checkpoints / '8'))):
-    transfer.read_subtrees(str(checkpoints / '8'), ('encoder', 'decoder'))
+    init_from_lib.read_subtrees(str(checkpoints / '8'), ('encoder', 'decoder'))
   with caplog.at_level(logging.WARNING):
-    step_dir, subtrees = transfer.read_intact_subtrees(str(tmp_path), ('encoder', 'decoder'))
+    step_dir, subtrees = init_from_lib.read_intact_subtrees(str(tmp_path), ('encoder', 'decoder'))
     exported_from, params = export.read_params(str(tmp_path), ['encoder'], None)
   assert step_dir.endswith('/6') and exported_from.endswith('/6')
   assert f'Skipping checkpoint {checkpoints / "8"}' in caplog.text

@@ -18,7 +18,7 @@ from big_pretrain.objectives import build_objective
 from big_pretrain.objectives.finetune import (cutmix_box, mixup_or_cutmix, multi_hot_targets,
                                               smoothed_one_hot)
 from big_pretrain.stages import chain
-from big_pretrain.stages import transfer
+from big_pretrain.stages import init_from as init_from_lib
 from big_pretrain.stages.chain_validation import validate_config
 from big_pretrain.train import optim
 from big_pretrain.train.loop import train_stage
@@ -96,6 +96,7 @@ def test_each_trainable_choice_trains_exactly_its_parameters(trainable, trained)
     ('last_k_blocks', ('head/', 'fc_norm/', 'encoder/transformer/norm/',
                        'encoder/transformer/block_1/')),
 ])
+@pytest.mark.integration
 def test_frozen_parameters_do_not_change_and_hold_no_optimizer_moments(trainable, trained):
   config = tiny_finetune_config(**{'objective.trainable': trainable,
                                    'optim.ema_decay': 0.9, 'optim.layer_decay': 0.75})
@@ -131,6 +132,7 @@ def test_frozen_parameters_do_not_change_and_hold_no_optimizer_moments(trainable
       np.testing.assert_array_equal(ema_leaf, frozen)
 
 
+@pytest.mark.integration
 def test_frozen_encoder_is_not_differentiated():
   # stop_gradient on frozen parameters lets XLA drop their backward: far fewer FLOPs.
   shapes = {'image': jax.ShapeDtypeStruct((16, 32, 32, 3), np.uint8),
@@ -230,6 +232,7 @@ def mae_workdir(tmp_path_factory):
   return str(workdir)
 
 
+@pytest.mark.integration
 def test_a_stage_from_mae_takes_the_encoder_bit_exactly_and_resumes_bit_identically(
     mae_workdir, tmp_path):
   config = tiny_finetune_config(**{'init_from.checkpoint': mae_workdir,
@@ -242,7 +245,7 @@ def test_a_stage_from_mae_takes_the_encoder_bit_exactly_and_resumes_bit_identica
   fresh = one_device_trainer(config).init_state(jax.random.key(0)).params
   started = jax.device_get(initialize(fresh))
   assert set(started) == {'encoder', 'fc_norm', 'head'}
-  mae_encoder = transfer.read_subtrees(transfer.resolve_checkpoint_dir(mae_workdir),
+  mae_encoder = init_from_lib.read_subtrees(init_from_lib.resolve_checkpoint_dir(mae_workdir),
                                        ('encoder',))['encoder']
   assert_trees_equal(started['encoder'], mae_encoder)
 

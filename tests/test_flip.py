@@ -81,6 +81,7 @@ def test_loss_stays_finite_when_scaled_cosine_is_100():
   np.testing.assert_allclose(loss, math.log(8), atol=2e-5)
 
 
+@pytest.mark.integration
 def test_patches_are_dropped_in_training_only():
   from flax import linen as nn
   from big_pretrain.data.train_input import InputPipeline
@@ -103,6 +104,7 @@ def test_patches_are_dropped_in_training_only():
   assert jax.jit(objective.embed_images)(params, batch['image']).shape == (16, 32)
 
 
+@pytest.mark.integration
 def test_flip_loss_and_gradients_on_8_devices_equal_one_device():
   """The whole objective (towers, masking, global InfoNCE) under data + FSDP sharding."""
   from big_pretrain.data.train_input import InputPipeline

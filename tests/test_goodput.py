@@ -49,6 +49,7 @@ def test_account_moves_the_steps_a_crash_lost_out_of_productive():
   assert goodput.account([first, {**second, 'start_step': 12}])['lost_steps'] == 0
 
 
+@pytest.mark.integration
 def test_a_slow_input_and_slow_saves_are_badput_of_their_own(tmp_path, monkeypatch):
   real_getitem, real_save = synthetic.SyntheticShapes.__getitem__, Checkpointer.save
 
@@ -77,6 +78,7 @@ def test_a_slow_input_and_slow_saves_are_badput_of_their_own(tmp_path, monkeypat
   assert entry['start_step'] == 0 and entry['last_step'] == entry['last_saved_step'] == 6
 
 
+@pytest.mark.integration
 def test_steps_after_the_last_save_are_lost_to_the_crash_and_the_report_says_so(
     tmp_path, monkeypatch, capsys):
   config = tiny_mae_config(**{'checkpoint.every_steps': 3, 'log.every_steps': 1})

@@ -10,7 +10,7 @@ from big_pretrain.config.defaults import chain_config, stage_config
 from big_pretrain.data.batch_features import random_batch
 from big_pretrain.errors import ConfigError
 from big_pretrain.stages import chain
-from big_pretrain.stages import transfer
+from big_pretrain.stages import init_from as init_from_lib
 from big_pretrain.stages.chain_validation import validate_config
 from big_pretrain.train import mfu, optim
 from helpers.tiny_config import (one_device, one_device_trainer, tiny_flip_config, tiny_mae_config,
@@ -44,6 +44,7 @@ def chain_run(tmp_path_factory):
   return workdir, chain.run(config, str(workdir), devices=one_device())
 
 
+@pytest.mark.integration
 def test_a_mae_then_lit_chain_reports_zero_shot_accuracy_beside_chance(chain_run):
   _, results = chain_run
   zero_shot = results['lit']['zero_shot']
@@ -54,6 +55,7 @@ def test_a_mae_then_lit_chain_reports_zero_shot_accuracy_beside_chance(chain_run
   assert 'zero_shot' in table and 'chance' in table
 
 
+@pytest.mark.integration
 def test_the_image_tower_stays_bit_identical_and_holds_no_optimizer_state(chain_run, tmp_path):
   mae_workdir = str(chain_run[0] / 'mae')
   config = tiny_lit_config(**{'init_from.checkpoint': mae_workdir})
@@ -71,8 +73,8 @@ def test_the_image_tower_stays_bit_identical_and_holds_no_optimizer_state(chain_
   after = named_leaves(jax.device_get(state.params))
 
   # Every image-tower leaf is MAE's, bit for bit; everything else trained.
-  mae_encoder = named_leaves(transfer.read_subtrees(
-      transfer.resolve_checkpoint_dir(mae_workdir), ('encoder',)))
+  mae_encoder = named_leaves(init_from_lib.read_subtrees(
+      init_from_lib.resolve_checkpoint_dir(mae_workdir), ('encoder',)))
   image_tower = sorted(name for name in after if name.startswith('encoder/'))
   assert image_tower == sorted(mae_encoder)
   for name in image_tower:

@@ -155,6 +155,7 @@ def tiny_mae_on_eight_devices():
   return config, objective, trainer, params
 
 
+@pytest.mark.integration
 def test_evaluator_runs_end_to_end_and_repeats_its_draws(tiny_mae_on_eight_devices):
   config, objective, trainer, params = tiny_mae_on_eight_devices
   (evaluator,) = build_evaluators(config, objective, trainer, workdir='unused')
@@ -173,6 +174,7 @@ def test_evaluator_runs_end_to_end_and_repeats_its_draws(tiny_mae_on_eight_devic
   assert {**summarize_accuracies(accuracies), 'chance': data.chance} == scalars
 
 
+@pytest.mark.integration
 def test_evaluator_refuses_a_pool_too_small_for_its_shots(tiny_mae_on_eight_devices):
   config, objective, trainer, params = tiny_mae_on_eight_devices
   config = config.copy_and_resolve_references()

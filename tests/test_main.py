@@ -120,6 +120,7 @@ def _fail_if_training_starts(*args):
   raise AssertionError('validation let the run start')
 
 
+@pytest.mark.integration
 def test_main_py_answers_in_one_line_with_no_traceback_and_verbose_shows_it(tmp_path):
   # The whole program, as a user runs it: absl's app.run, exit code, stderr.
   cases = _bad_input_cases(tmp_path)
@@ -231,6 +232,7 @@ def test_an_empty_lock_file_is_refused_as_naming_no_run_and_one_being_written_is
     holder.wait()
 
 
+@pytest.mark.multiprocess
 def test_a_workdir_in_use_stops_every_process_of_a_two_process_run(tmp_path):
   # Only process 0 takes the lock; the others must stop with it, not go on to wait for it
   # in their first collective.
@@ -381,6 +383,7 @@ def test_a_damaged_config_json_is_refused_in_one_line_naming_it(tmp_path):
   assert len(recorded.read_text()) == 100  # nothing modified
 
 
+@pytest.mark.integration
 def test_a_backend_that_cannot_start_is_one_line_and_exit_3(tmp_path):
   """JAX_PLATFORMS=tpu on a machine without a TPU (libtpu present or not): the platform, the
   cause and the install command in one line, before anything starts."""

@@ -20,6 +20,8 @@ from helpers.hashes import image_hashes
 from helpers.jax_workers import DEVICES_PER_PROCESS, NUM_PROCESSES, launch_workers
 from helpers.tiny_config import tiny_multiprocess_config
 
+pytestmark = pytest.mark.multiprocess  # the test tiers: pytest.ini
+
 
 @pytest.fixture(scope='module')
 def four_devices():

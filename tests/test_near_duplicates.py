@@ -73,6 +73,7 @@ def _min_unrelated_distance(test_set) -> int:
 
 @requires_imagehash
 @pytest.mark.parametrize('kind', KINDS_ALWAYS_FOUND)
+@pytest.mark.beam
 def test_every_re_encoded_or_resized_copy_is_found(test_set, kind):
   indices, distances = nearest(test_set['variant_hashes'][kind], test_set['held_out_hashes'])
   np.testing.assert_array_equal(indices, np.arange(HELD_OUT_COUNT))
@@ -81,6 +82,7 @@ def test_every_re_encoded_or_resized_copy_is_found(test_set, kind):
 
 @requires_imagehash
 @pytest.mark.parametrize('kind', CROP_KINDS)
+@pytest.mark.beam
 def test_crops_are_nearest_their_original_and_mostly_found(test_set, kind):
   indices, distances = nearest(test_set['variant_hashes'][kind], test_set['held_out_hashes'])
   np.testing.assert_array_equal(indices, np.arange(HELD_OUT_COUNT))
@@ -88,6 +90,7 @@ def test_crops_are_nearest_their_original_and_mostly_found(test_set, kind):
 
 
 @requires_imagehash
+@pytest.mark.beam
 def test_no_unrelated_image_is_a_near_duplicate(test_set):
   assert _min_unrelated_distance(test_set) > DEFAULT_MAX_DISTANCE
   held_out = test_set['held_out_hashes']
@@ -97,6 +100,7 @@ def test_no_unrelated_image_is_a_near_duplicate(test_set):
 
 
 @requires_imagehash
+@pytest.mark.beam
 def test_threshold_has_a_margin_on_both_sides(test_set):
   """Prints the measured distances (pytest -s) that DEFAULT_MAX_DISTANCE is chosen from."""
   farthest = {kind: int(_distances_to_originals(test_set, kind).max())
@@ -211,6 +215,7 @@ def test_decodable_exactly_where_training_decodes(name, encoded, decodable):
 
 @requires_imagehash
 @pytest.mark.parametrize('size', [96, 512])
+@pytest.mark.beam
 def test_same_bytes_give_the_same_64_bit_hash(size):
   import imagehash  # pylint: disable=import-outside-toplevel
   for encoded in distinct_images(3, seed=4, size=size):
@@ -222,6 +227,7 @@ def test_same_bytes_give_the_same_64_bit_hash(size):
 
 
 @requires_imagehash
+@pytest.mark.beam
 def test_reduced_scale_decode_hashes_like_the_full_decode():
   import imagehash  # pylint: disable=import-outside-toplevel
   for encoded in distinct_images(5, seed=5, size=512):
@@ -232,6 +238,7 @@ def test_reduced_scale_decode_hashes_like_the_full_decode():
 
 
 @requires_imagehash
+@pytest.mark.beam
 def test_transparent_pixels_are_hashed_as_white():
   rng = np.random.default_rng(6)
   with Image.open(io.BytesIO(distinct_images(1, seed=6)[0])) as image:
@@ -248,6 +255,7 @@ def test_transparent_pixels_are_hashed_as_white():
 
 
 @requires_imagehash
+@pytest.mark.beam
 def test_exif_orientation_is_applied():
   original = distinct_images(1, seed=7)[0]
   with Image.open(io.BytesIO(original)) as image:

@@ -121,6 +121,7 @@ def _stage_config(**overrides):
   return config
 
 
+@pytest.mark.integration
 def test_held_out_folder_smaller_than_the_reconstruction_batch_shows_every_image(tmp_path):
   train = _image_folder(tmp_path / 'train', readable=8, unreadable=0)
   held_out = _image_folder(tmp_path / 'held_out', readable=7, unreadable=0, classes=('cats',))
@@ -145,6 +146,7 @@ def test_held_out_folder_smaller_than_the_reconstruction_batch_shows_every_image
   np.testing.assert_array_equal(image, grid)
 
 
+@pytest.mark.integration
 def test_evaluator_failing_at_the_final_step_keeps_the_checkpoint_and_a_rerun_finishes(
     tmp_path, monkeypatch):
   config = _stage_config()

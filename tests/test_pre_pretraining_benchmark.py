@@ -43,6 +43,8 @@ def _recorded_config(sweep, name):
     return json.load(f)
 
 
+@pytest.mark.benchmarks
+@pytest.mark.integration
 def test_the_small_mode_is_one_seed_and_one_mae_budget_beside_random_init(small_sweep):
   benchmark, sweep, results, lines = small_sweep
   # Its two units trained in child processes, each writing its own log.
@@ -60,6 +62,8 @@ def test_the_small_mode_is_one_seed_and_one_mae_budget_beside_random_init(small_
 
 @pytest.mark.parametrize('kind, length', [('wsp', 'short'), ('wsp', 'long'),
                                           ('finetune', 'long')])
+@pytest.mark.benchmarks
+@pytest.mark.integration
 def test_paired_runs_differ_only_in_the_encoder_they_start_from(small_sweep, kind, length):
   benchmark, sweep, _, _ = small_sweep
   random_name = benchmark.run_name(kind, 0, 0.0, length)
@@ -78,6 +82,8 @@ def test_paired_runs_differ_only_in_the_encoder_they_start_from(small_sweep, kin
           (random_source['checkpoint'], mae_source['checkpoint'])] == list(expected)
 
 
+@pytest.mark.benchmarks
+@pytest.mark.integration
 def test_paired_wsp_runs_read_the_same_batches(small_sweep):
   from big_pretrain.data.train_input import InputPipeline
   from big_pretrain import sharding as sharding_lib
@@ -101,6 +107,8 @@ def test_paired_wsp_runs_read_the_same_batches(small_sweep):
   assert not np.array_equal(other_batch['image'], batches[0][0]['image'])
 
 
+@pytest.mark.benchmarks
+@pytest.mark.integration
 def test_the_mae_arm_starts_from_the_mae_encoder_and_the_rest_as_random_init(small_sweep):
   from flax import linen as nn
   from big_pretrain.export import read_params
@@ -122,6 +130,8 @@ def test_the_mae_arm_starts_from_the_mae_encoder_and_the_rest_as_random_init(sma
     assert 0 in dict(curve['eval/linear_probe/accuracy'])
 
 
+@pytest.mark.benchmarks
+@pytest.mark.integration
 def test_tables_and_plots_come_out_and_a_rerun_trains_nothing(small_sweep, tmp_path):
   benchmark, sweep, results, lines = small_sweep
   rows = benchmark.summary_rows(sweep, results)

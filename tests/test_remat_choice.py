@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.config.defaults import stage_config
+from big_pretrain.config.defaults import tiny_stage_config
 from big_pretrain.data.batch_features import global_batch_shapes
 from big_pretrain.objectives import build_objective
 from big_pretrain.train import remat_choice
@@ -27,13 +27,8 @@ from helpers.trees import assert_trees_equal
 
 def _config():
   """A tiny AIM stage (it compiles faster than MAE) on one device."""
-  config = stage_config('aim')
-  config.model.update(variant='mu/8', use_cls_token=False, pool='gap', scan=True, remat='auto')
-  config.objective.update(head_width=32, head_depth=1)
-  config.data.image_size = 32
-  config.batch_size = 8
-  config.mesh.update(data=1, fsdp=1, tensor=1)
-  return config
+  return tiny_stage_config('aim', **{'model.scan': True, 'model.remat': 'auto', 'batch_size': 8,
+                                     'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.tensor': 1})
 
 
 def _choose(config):
@@ -103,6 +98,7 @@ def test_no_memory_limit_means_no_remat_and_no_compile(monkeypatch):
   assert config.model.remat == 'auto'  # the caller's config is left as it was
 
 
+@pytest.mark.integration
 def test_nothing_fits_takes_the_smallest_full_and_says_what_to_do(nothing_fits):
   choice, warnings = nothing_fits
   assert set(choice.step_bytes) == {'none', 'dots', 'full'}
@@ -111,6 +107,7 @@ def test_nothing_fits_takes_the_smallest_full_and_says_what_to_do(nothing_fits):
   assert any('mesh.fsdp' in w and 'batch_size' in w and 'GiB' in w for w in warnings), warnings
 
 
+@pytest.mark.integration
 def test_takes_the_least_remat_that_fits(monkeypatch, nothing_fits):
   measured = nothing_fits[0].step_bytes
   budget = (measured['none'] + measured['dots']) // 2  # 'none' does not fit, 'dots' does
@@ -133,6 +130,7 @@ def test_takes_the_least_remat_that_fits(monkeypatch, nothing_fits):
   assert np.isfinite(metrics['loss'])
 
 
+@pytest.mark.integration
 def test_loop_with_auto_remat_trains_as_without_remat(monkeypatch, tmp_path):
   # tests/test_faults.py's stage, on one device as there: the suite compiles its programs
   # once (conftest's cache).

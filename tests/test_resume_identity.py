@@ -11,7 +11,7 @@ from big_pretrain.config.defaults import SCHEMA_VERSION
 from big_pretrain.errors import CheckpointMismatchError
 from big_pretrain.errors import ConfigError, DamagedFileError
 from big_pretrain.stages import chain
-from big_pretrain.stages import transfer
+from big_pretrain.stages import init_from as init_from_lib
 from big_pretrain.storage import resume_identity
 from big_pretrain.storage.checkpoints import Checkpointer
 from big_pretrain.train.loop import train_stage
@@ -45,6 +45,7 @@ def workdir(finished_workdir, tmp_path):
     ({'objective.mask_ratio': 0.5}, 'objective.mask_ratio: 0.75 -> 0.5'),
     ({'model.variant': 'Ti/8'}, 'model.variant: "mu/8" -> "Ti/8"'),  # refused before the shapes
 ])
+@pytest.mark.integration
 def test_a_change_to_what_the_state_means_is_refused_and_config_json_kept(
     workdir, overrides, expected_line):
   recorded = (workdir / 'config.json').read_bytes()
@@ -64,6 +65,7 @@ _TIMM_CONFIG = {'architecture': 'vit_base_patch16_224', 'num_classes': 0,
 
 @pytest.mark.parametrize('damage', ['model', 'objective', 'seed', 'batch_size',
                                     'written over by an export'])
+@pytest.mark.integration
 def test_a_config_json_that_lost_keys_is_damage_refused_before_resuming_or_skipping(
     workdir, damage):
   """A record that lost its model, objective, seed or batch size would resume with any values
@@ -87,6 +89,7 @@ def test_a_config_json_that_lost_keys_is_damage_refused_before_resuming_or_skipp
   assert sorted(p.relative_to(workdir) for p in workdir.rglob('*')) == before
 
 
+@pytest.mark.integration
 def test_allowed_and_permitted_changes_resume_and_are_recorded(workdir, caplog):
   config = _config(total_steps=6, resume_with_changes=True,
                    **{'optim.lr_per_256': 2e-3, 'log.every_steps': 1})
@@ -117,6 +120,7 @@ def test_compare_configs_splits_allowed_from_identity_keys():
                                   'objective.mask_ratio', 'optim.clip_grad_norm'}
 
 
+@pytest.mark.integration
 def test_missing_metadata_or_arrays_fall_back_to_the_previous_readable_step(workdir, caplog):
   config = _config()
   trainer = one_device_trainer(config)
@@ -135,6 +139,7 @@ def test_missing_metadata_or_arrays_fall_back_to_the_previous_readable_step(work
       '2', '4']
 
 
+@pytest.mark.integration
 def test_a_readable_checkpoint_of_another_model_does_not_fit_and_nothing_moves(workdir):
   config = _config(**{'model.variant': 'Ti/8'})
   trainer = one_device_trainer(config)
@@ -145,17 +150,19 @@ def test_a_readable_checkpoint_of_another_model_does_not_fit_and_nothing_moves(w
   assert not (workdir / 'corrupt_checkpoints').exists()
 
 
+@pytest.mark.integration
 def test_a_stage_whose_final_checkpoint_is_unreadable_is_not_finished(workdir, caplog):
   assert chain._stage_finished(_config(), str(workdir))
   (workdir / 'checkpoints' / '4' / 'state' / '_METADATA').unlink()
   with caplog.at_level(logging.WARNING):
     assert not chain._stage_finished(_config(), str(workdir))
     # A later stage initialized from it takes the latest readable step.
-    assert transfer.resolve_checkpoint_dir(str(workdir)) == str(workdir / 'checkpoints' / '2')
+    assert init_from_lib.resolve_checkpoint_dir(str(workdir)) == str(workdir / 'checkpoints' / '2')
   assert 'final checkpoint cannot be read' in caplog.text
   assert 'Skipping checkpoint step 4' in caplog.text and '_METADATA is missing' in caplog.text
 
 
+@pytest.mark.integration
 def test_a_workdir_whose_checkpoints_are_gone_says_so_and_starts_at_step_0(workdir, caplog):
   shutil.rmtree(workdir / 'checkpoints')
   with caplog.at_level(logging.INFO):

@@ -17,7 +17,8 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from big_pretrain import sharding as sharding_lib
 from big_pretrain import tpu_slices
-from big_pretrain.stages import compile_check
+from big_pretrain.accelerators import ACCELERATORS
+from big_pretrain import compile_for
 from big_pretrain.train import roofline
 from big_pretrain.train.program_flops import program_flops
 from helpers.tiny_config import tiny_mae_config
@@ -143,17 +144,16 @@ needs_tpu_compiler = pytest.mark.skipif(not importlib.util.find_spec('libtpu'),
 @pytest.fixture(name='no_persistent_cache')
 def fixture_no_persistent_cache():
   """Programs compiled for a topology cannot be read back from JAX's persistent cache."""
-  with compile_check.persistent_cache_off():
+  with compile_for.persistent_cache_off():
     yield
 
 
 def _v5p_chip():
-  generation = tpu_slices.GENERATIONS['v5p']
-  return roofline.Chip(459e12, generation.hbm_bandwidth, generation.ici_bandwidth,
-                       generation.dcn_bandwidth)
+  return roofline.Chip.of(ACCELERATORS['v5p'])  # at its bf16 peak, 459 TFLOP/s
 
 
 @needs_tpu_compiler
+@pytest.mark.tpu_compile
 def test_a_matmul_is_bound_by_the_chips_peak_and_an_elementwise_op_by_its_hbm(
     no_persistent_cache):
   del no_persistent_cache
@@ -179,6 +179,7 @@ def test_a_matmul_is_bound_by_the_chips_peak_and_an_elementwise_op_by_its_hbm(
 
 
 @needs_tpu_compiler
+@pytest.mark.tpu_compile
 def test_two_slices_send_the_gradient_over_the_data_centre_network(no_persistent_cache):
   del no_persistent_cache
   tpu_slice = tpu_slices.parse_slice('v5p-8', num_slices=2)
@@ -208,16 +209,17 @@ def test_two_slices_send_the_gradient_over_the_data_centre_network(no_persistent
 
 
 @needs_tpu_compiler
+@pytest.mark.tpu_compile
 def test_a_tiny_train_step_compiled_for_a_tpu_reports_its_bound(no_persistent_cache, tmp_path):
   del no_persistent_cache
   tpu_slice = tpu_slices.parse_slice('v5e-4', num_slices=2)
   devices = tpu_slices.topology_devices(tpu_slice)
   config = tiny_mae_config(**{'mesh.data': 1, 'mesh.fsdp': -1})  # MAWS 2B's mesh: per slice
   config.evals = {}
-  report = compile_check.check_stage('main', config, 'config', tpu_slice, devices,
+  report = compile_for.check_stage('main', config, 'config', tpu_slice, devices,
                                      str(tmp_path))
   assert report.mesh == {'data': 2, 'fsdp': 4, 'tensor': 1}
-  assert compile_check.slice_mesh(report) == {'data': 1, 'fsdp': 4, 'tensor': 1}
+  assert compile_for.slice_mesh(report) == {'data': 1, 'fsdp': 4, 'tensor': 1}
   assert report.cross_slice_axes == ['data']
   # The compiled program's matmuls are the lowered program's, shared by the 8 chips.
   assert report.roofline['flops_per_chip'] * 8 == report.program_flops
@@ -226,7 +228,7 @@ def test_a_tiny_train_step_compiled_for_a_tpu_reports_its_bound(no_persistent_ca
   assert report.step_seconds_at_least >= max(report.roofline['seconds_by_term'].values())
   assert len(report.costliest_ops) == 5
   assert report.summed_bytes >= report.peak_bytes > 0
-  table = compile_check.format_table([report], tpu_slice)
+  table = compile_for.format_table([report], tpu_slice)
   row = table.splitlines()[2]
   assert 'fsdp4' in row and 'data x2' in row and 'DCN/chip' in row
   assert 'not a measurement' in table.splitlines()[0]
@@ -235,6 +237,7 @@ def test_a_tiny_train_step_compiled_for_a_tpu_reports_its_bound(no_persistent_ca
 
 
 @needs_tpu_compiler
+@pytest.mark.tpu_compile
 def test_compiling_for_a_slice_leaves_the_persistent_cache_alone(tmp_path):
   # A persistent cache of this test's own (tests/conftest.py's is shared by the xdist
   # workers), used by a CPU program first: once JAX has used it, switching its flag off is
@@ -251,7 +254,7 @@ def test_compiling_for_a_slice_leaves_the_persistent_cache_alone(tmp_path):
     config.evals = {}
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter('always')
-      compile_check.check(config, tpu_slices.parse_slice('v5e-4'), str(tmp_path / 'check'))
+      compile_for.check(config, tpu_slices.parse_slice('v5e-4'), str(tmp_path / 'check'))
     assert sorted(cache.iterdir()) == before
     assert not [w for w in caught if 'compilation cache' in str(w.message)]
     assert jax.config.jax_enable_compilation_cache  # and it is on again for what follows

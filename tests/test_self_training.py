@@ -60,6 +60,7 @@ def _records(folder):
   return [records_lib.decode_pseudo_label_record(data[i]) for i in range(len(data))]
 
 
+@pytest.mark.integration
 def test_soft_labels_cover_every_unlabelled_image_once_and_sum_to_one(pseudo_labels):
   records = _records(pseudo_labels)
   unlabelled = sources.build_source(tiny_pseudo_label_config().data)
@@ -75,6 +76,7 @@ def test_soft_labels_cover_every_unlabelled_image_once_and_sum_to_one(pseudo_lab
   assert metadata['num_classes'] == 10 and metadata['class_names'][0] == 'circle'
 
 
+@pytest.mark.integration
 def test_pseudo_labels_resume_after_a_kill_to_the_same_bytes(teacher_dir, pseudo_labels,
                                                               tmp_path):
   config = tiny_pseudo_label_config()
@@ -96,6 +98,7 @@ def test_pseudo_labels_resume_after_a_kill_to_the_same_bytes(teacher_dir, pseudo
     run_pseudo_label(config, folder, teacher_dir=teacher_dir)
 
 
+@pytest.mark.integration
 def test_a_teacher_whose_newest_step_is_damaged_labels_with_the_previous_intact_one(
     teacher_dir, tmp_path, caplog):
   """A bit flipped in the teacher's newest step, its digests deleted: the step is skipped
@@ -117,6 +120,7 @@ def test_a_teacher_whose_newest_step_is_damaged_labels_with_the_previous_intact_
   assert newest.exists()
 
 
+@pytest.mark.integration
 def test_damaged_job_files_are_rebuilt_or_named_and_nothing_is_deleted(teacher_dir,
                                                                        pseudo_labels, tmp_path):
   config = tiny_pseudo_label_config()
@@ -143,6 +147,7 @@ def test_damaged_job_files_are_rebuilt_or_named_and_nothing_is_deleted(teacher_d
     run_pseudo_label(config, str(folder), teacher_dir=teacher_dir)
 
 
+@pytest.mark.multiprocess
 def test_two_processes_write_the_same_pseudo_labels_as_one(teacher_dir, pseudo_labels,
                                                            tmp_path):
   shutil.copytree(teacher_dir, tmp_path / 'teacher')
@@ -155,6 +160,7 @@ def test_two_processes_write_the_same_pseudo_labels_as_one(teacher_dir, pseudo_l
                               name_prefix=records_lib.PSEUDO_LABEL_SHARD_PREFIX)
 
 
+@pytest.mark.integration
 def test_hard_labels_keep_only_images_at_or_above_the_threshold(teacher_dir, tmp_path):
   soft = run_pseudo_label(tiny_pseudo_label_config(**{'labels.top_k': 10}),
                           str(tmp_path / 'all'), teacher_dir=teacher_dir)
@@ -180,6 +186,7 @@ def _student_pipeline(pseudo_labels, **overrides):
 
 
 @pytest.mark.parametrize('fraction, batch_size', [(0.5, 16), (0.25, 16), (0.75, 8)])
+@pytest.mark.integration
 def test_every_batch_holds_exactly_the_configured_share_of_pseudo_labels(
     pseudo_labels, fraction, batch_size):
   config, data = _student_pipeline(pseudo_labels, **{'data.pseudo_labels.fraction': fraction,
@@ -195,6 +202,7 @@ def test_every_batch_holds_exactly_the_configured_share_of_pseudo_labels(
   assert len(labelled_keys) == 64
 
 
+@pytest.mark.integration
 def test_the_student_never_sees_the_unlabelled_images_true_labels(pseudo_labels, monkeypatch):
   """Poisoning every label, caption and hashtag of the unlabelled part changes no batch."""
   _, clean = _student_pipeline(pseudo_labels)
@@ -217,6 +225,7 @@ def test_the_student_never_sees_the_unlabelled_images_true_labels(pseudo_labels,
       np.testing.assert_array_equal(batch[name], clean_batch[name], err_msg=name)
 
 
+@pytest.mark.integration
 def test_the_loss_normalizes_each_part_separately_as_computed_by_hand(pseudo_labels):
   config = tiny_student_config(pseudo_labels, **{'objective.pseudo_label_weight': 2.0,
                                                  'objective.label_smoothing': 0.1})
@@ -249,6 +258,7 @@ def test_the_loss_normalizes_each_part_separately_as_computed_by_hand(pseudo_lab
   np.testing.assert_allclose(float(balanced), (2.0 + 2.0) / 2.0)
 
 
+@pytest.mark.integration
 def test_teacher_pseudo_labels_student_as_a_chain(teacher_dir, tmp_path):
   """The chain runs teacher -> pseudo-labels -> student; the student resumes exactly."""
   shutil.copytree(teacher_dir, tmp_path / 'chain' / 'teacher')

@@ -23,6 +23,7 @@ def _nbytes(tree) -> int:
   return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
 
 
+@pytest.mark.integration
 def test_fsdp_over_8_devices_holds_an_eighth_of_the_state_per_device():
   data_parallel, batch = _trainer(dict(data=8, fsdp=1, tensor=1))
   fsdp, _ = _trainer(dict(data=1, fsdp=8, tensor=1))

@@ -142,6 +142,7 @@ def test_logits_live_in_local_blocks_in_the_compiled_program():
 
 # --- FLIP and LiT with it -----------------------------------------------------------------
 
+@pytest.mark.integration
 def test_flip_with_sigmoid_loss_starts_at_the_closed_form_of_its_initialisation():
   config = _sigmoid_flip_config()
   validate_stage_config(config)
@@ -165,6 +166,7 @@ def test_flip_with_sigmoid_loss_starts_at_the_closed_form_of_its_initialisation(
   assert float(metrics['logit_bias']) == BIAS_INIT
 
 
+@pytest.mark.integration
 def test_flip_with_sigmoid_loss_on_8_devices_equals_one_device_with_patches_dropped():
   from big_pretrain.data.train_input import InputPipeline
   config = _sigmoid_flip_config()
@@ -186,6 +188,7 @@ def test_flip_with_sigmoid_loss_on_8_devices_equals_one_device_with_patches_drop
   assert 'logit_bias' in results['single'][2]
 
 
+@pytest.mark.integration
 def test_softmax_is_the_default_and_unchanged():
   """The default FLIP model has no bias, starts at 1/0.07, and its loss is InfoNCE of its
   embeddings, bit for bit."""
@@ -277,6 +280,7 @@ def test_zero_shot_and_retrieval_report_the_models_probabilities():
   assert softmax['pair_probability'] == pytest.approx(math.exp(10) / (math.exp(10) + 3))
 
 
+@pytest.mark.integration
 def test_a_sigmoid_flip_stage_trains_on_8_devices_and_its_evaluators_use_its_bias(tmp_path):
   from big_pretrain.evaluators import evaluator_config
   from big_pretrain.train.loop import train_stage

@@ -19,7 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from big_pretrain import tpu_slices
+from big_pretrain.accelerators import ACCELERATORS, tpu_generations
 from helpers.fake_gcloud import split_argv
+from helpers.fictional_accelerators import V9X
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'launch' / 'tpu_pod.sh'
@@ -176,6 +179,74 @@ def test_dry_run_of_one_slice_keeps_node_id_and_passes_the_new_settings(tmp_path
   assert dump[1]['worker'] == '0'
 
 
+# --- The script's rules per accelerator type, as big_pretrain/accelerators.py has them.
+# The script keeps its own case statements (it runs where the package is not installed):
+# here they are run, through bash, for every slice of every TPU generation of the table.
+
+
+def _script_lines(first: str, last: str) -> str:
+  """The script's lines from the one that reads `first` to the next that reads `last`."""
+  lines = SCRIPT.read_text().splitlines()
+  assert first in lines, f'launch/tpu_pod.sh has no line {first!r} any more: update this test'
+  start = lines.index(first)
+  return '\n'.join(lines[start:lines.index(last, start) + 1])
+
+
+def _script_says(definitions: str, function: str, accelerator_types) -> dict[str, str]:
+  """What `function ACCELERATOR_TYPE` prints, with the script's `definitions`, for each type."""
+  program = (f'die() {{ echo "died: $*"; exit 1; }}\n{definitions}\n'
+             f'for type in "$@"; do echo "$type $({function} "$type")"; done\n')
+  result = subprocess.run(['bash', '-c', program, 'tpu_pod.sh', *accelerator_types],
+                          capture_output=True, text=True, timeout=60, check=True)
+  return dict(line.split(' ', 1) for line in result.stdout.splitlines())
+
+
+def script_disagreements(generation) -> list[str]:
+  """Where launch/tpu_pod.sh boots `generation`'s slices with another runtime version, or
+  counts other hosts in one, than the table: one line each, saying what to add to it."""
+  rules = generation.slices
+  names = [name for prefix in rules.prefixes
+           for name in tpu_slices.slice_names(generation, prefix)]
+  runtime_block = _script_lines('if [[ -z "$RUNTIME_VERSION" ]]; then', 'fi')
+  runtimes = _script_says(
+      f'runtime_version_of() {{\n  ACCELERATOR_TYPE="$1" RUNTIME_VERSION=""\n{runtime_block}\n'
+      '  echo "$RUNTIME_VERSION"\n}', 'runtime_version_of', names)
+  hosts = _script_says(_script_lines('hosts_of_type() {', '}'), 'hosts_of_type', names)
+  table = f"ACCELERATORS['{generation.name}']"
+  naming = ('count TensorCores (2 per chip)' if rules.name_counts_cores else 'count chips')
+  wrong = []
+  for name in names:
+    prefix = name.rpartition('-')[0]
+    if runtimes[name] != rules.runtime_version:
+      wrong.append(f'launch/tpu_pod.sh boots {prefix}-N with {runtimes[name]!r}, {table} with '
+                   f'{rules.runtime_version!r}: its RUNTIME_VERSION case needs `{prefix}-*) '
+                   f'RUNTIME_VERSION={rules.runtime_version} ;;`.')
+    tpu_slice = tpu_slices.parse_slice(name)
+    if hosts[name] != str(tpu_slice.hosts):
+      wrong.append(f'hosts_of_type in launch/tpu_pod.sh counts {hosts[name]} hosts in {name}, '
+                   f'{table} {tpu_slice.hosts} ({tpu_slice.chips} chips): its case needs {prefix} '
+                   f'among the generations whose names {naming}, {rules.chips_per_host} per '
+                   f'host, one host up to {rules.single_host_max_chips} chips.')
+  return list(dict.fromkeys(wrong))
+
+
+@pytest.mark.parametrize('name', [generation.name for generation in tpu_generations()])
+def test_the_script_boots_each_generation_and_counts_its_hosts_as_the_table_does(name):
+  assert script_disagreements(ACCELERATORS[name]) == []
+
+
+def test_a_generation_the_script_lacks_is_named_with_what_to_add():
+  with ACCELERATORS.registered(V9X):
+    wrong = script_disagreements(V9X)
+  assert wrong[0] == ("launch/tpu_pod.sh boots v9x-N with 'tpu-ubuntu2204-base', "
+                      "ACCELERATORS['v9x'] with 'v2-alpha-tpuv9x': its RUNTIME_VERSION case "
+                      'needs `v9x-*) RUNTIME_VERSION=v2-alpha-tpuv9x ;;`.')
+  assert wrong[1] == ("hosts_of_type in launch/tpu_pod.sh counts 2 hosts in v9x-8, "
+                      "ACCELERATORS['v9x'] 1 (8 chips): its case needs v9x among the "
+                      'generations whose names count chips, 4 per host, one host up to 8 chips.')
+  assert len(wrong) == 2  # larger slices: 4 chips per host, as the script's default
+
+
 # --- Runs on a fake TPU.
 
 
@@ -269,6 +340,7 @@ def _workers(nodes):
   return [(node, worker) for node in nodes for worker in (0, 1)]
 
 
+@pytest.mark.multiprocess
 def test_a_dead_worker_stops_every_slice_and_names_itself(fake_tpu):
   nodes = ['pod-0', 'pod-1']
   tpu = fake_tpu(nodes, NUM_SLICES=2, FAKE_FAIL_WORKER='pod-1:1', FAKE_FAIL_AFTER=4,
@@ -310,6 +382,7 @@ def test_a_dead_worker_stops_every_slice_and_names_itself(fake_tpu):
   assert 'fake main.py on pod-0:0' in stdout  # `watch` prints LOG_WORKER's (0) log
 
 
+@pytest.mark.multiprocess
 def test_a_run_that_finishes_everywhere_exits_0(fake_tpu):
   nodes = ['pod-0', 'pod-1']
   tpu = fake_tpu(nodes, NUM_SLICES=2, FAKE_RUN_SECONDS=3, LOG_WORKER='1:1')
@@ -326,6 +399,7 @@ def test_a_run_that_finishes_everywhere_exits_0(fake_tpu):
   assert 'fake main.py on pod-1:1: finished' in stdout and 'pod-0:0' not in stdout
 
 
+@pytest.mark.multiprocess
 def test_run_refuses_while_training_runs_and_stop_ends_it(fake_tpu):
   tpu = fake_tpu(['pod'], FOLLOW=0)  # one slice of two workers
 

@@ -35,6 +35,7 @@ def _run_steps(config, devices, num_steps, num_slices=None):
   return losses, jax.device_get(state.params), trainer, state
 
 
+@pytest.mark.integration
 def test_eight_devices_data_fsdp_tensor_equal_one_device():
   assert jax.device_count() == 8, 'tests/conftest.py should give 8 fake CPU devices'
   config = tiny_mae_config()
@@ -54,6 +55,7 @@ def test_eight_devices_data_fsdp_tensor_equal_one_device():
       sharded_params, single_params)
 
 
+@pytest.mark.integration
 def test_two_slices_split_the_data_axis_keep_fsdp_inside_one_and_train_as_one_device():
   """Multi-slice (TPU slices joined by the data-centre network), simulated: the 8 devices as
   2 slices of 4. The data axis spans the slices; an FSDP group never crosses one."""
@@ -95,6 +97,7 @@ def test_parameters_and_optimizer_state_are_really_sharded():
   assert per_device < 0.2 * total
 
 
+@pytest.mark.integration
 def test_stopped_and_resumed_run_is_bit_identical(tmp_path):
   config = tiny_mae_config()
   config.mesh.update(data=2, fsdp=4, tensor=1)
@@ -116,6 +119,7 @@ def test_stopped_and_resumed_run_is_bit_identical(tmp_path):
   assert again.steps_run == 0 and again.finished
 
 
+@pytest.mark.integration
 def test_checkpoint_that_does_not_fit_names_the_parameter(tmp_path):
   config = tiny_mae_config(total_steps=1)
   train_stage(config, str(tmp_path), devices=one_device())
@@ -127,6 +131,7 @@ def test_checkpoint_that_does_not_fit_names_the_parameter(tmp_path):
   assert (tmp_path / 'checkpoints' / '1').exists()  # nothing lost
 
 
+@pytest.mark.integration
 def test_the_step_never_waits_for_the_host(tmp_path, monkeypatch):
   """The step as the loop builds it: no host callback or host transfer in its program, the
   state donated (updated in place), no transfer inside the call, and the loop reads no

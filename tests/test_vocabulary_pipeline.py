@@ -66,6 +66,7 @@ def _build(tmp_path, command, flags, name, *extra):
   return code, output.read_text(encoding='utf-8') if output.exists() else None
 
 
+@pytest.mark.beam
 def test_labels_on_two_beam_workers_are_the_vocabulary_counted_by_hand(image_folder, tmp_path,
                                                                       capsys):
   source = ['--source=image_folder', f'--path={image_folder}']
@@ -83,6 +84,7 @@ def test_labels_on_two_beam_workers_are_the_vocabulary_counted_by_hand(image_fol
   assert capsys.readouterr().out.replace('beam.txt', 'frequent.txt') == in_process
 
 
+@pytest.mark.beam
 def test_tokenizer_on_two_beam_workers_is_the_vocabulary_counted_by_hand(image_folder, tmp_path,
                                                                         capsys):
   source = ['--source=image_folder', f'--path={image_folder}']
@@ -101,6 +103,7 @@ def test_tokenizer_on_two_beam_workers_is_the_vocabulary_counted_by_hand(image_f
   assert '2 examples have no caption' in on_beam.err
 
 
+@pytest.mark.beam
 def test_caption_sample_is_the_same_in_process_and_on_one_or_two_beam_workers(image_folder,
                                                                              tmp_path, capsys):
   source = ['--source=image_folder', f'--path={image_folder}', '--sample_size=3']
@@ -132,6 +135,7 @@ def test_caption_sample_is_the_same_in_process_and_on_one_or_two_beam_workers(im
     (('--runner=DirectRunner', '--no_such_flag=1'), '--no_such_flag=1: neither this command'),
     (('--direct_num_workers=2',), 'unrecognized arguments: --direct_num_workers=2'),
 ])
+@pytest.mark.beam
 def test_a_bad_runner_or_beam_flag_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, extra,
                                                                         message):
   for command in ('labels', 'captions'):

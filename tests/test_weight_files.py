@@ -18,6 +18,7 @@ import pytest
 
 torch = pytest.importorskip('torch')
 safetensors_torch = pytest.importorskip('safetensors.torch')
+pytestmark = pytest.mark.interop  # the test tiers: pytest.ini
 
 from big_pretrain.errors import (CheckpointMismatchError, CheckpointUnreadableError,  # noqa: E402
                                  DamagedFileError, NonFiniteWeightsError)
@@ -355,3 +356,20 @@ def test_the_cheap_check_passes_every_readable_format(tmp_path):
   torch.save({'model': {'w': torch.ones(2)}}, legacy, _use_new_zipfile_serialization=False)
   public_checkpoints.check_public_checkpoint(legacy)
   assert sorted(weight_files.read_pytorch(legacy)) == ['w']
+
+
+def test_the_same_weights_and_metadata_give_the_same_safetensors_bytes_every_time():
+  """The safetensors writer keeps metadata in a hash map (another order at each call); the
+  file we write sorts it, so an export's bytes and digest do not change from run to run."""
+  tensors = {'b': np.arange(3, dtype=np.float32), 'a': np.ones((2, 2), np.float16)}
+  metadata = {'big_pretrain_export': '{"stage": "wsp", "note": "é"}', 'zeta': '1', 'alpha': '2'}
+  written = {weight_files.safetensors_bytes(tensors, metadata) for _ in range(20)}
+  assert len(written) == 1
+  (data,) = written
+  length = struct.unpack('<Q', data[:8])[0]
+  header = json.loads(data[8:8 + length])
+  assert list(header['__metadata__']) == ['alpha', 'big_pretrain_export', 'format', 'zeta']
+  assert header['__metadata__']['big_pretrain_export'] == metadata['big_pretrain_export']
+  from safetensors.numpy import load  # pylint: disable=import-outside-toplevel
+  loaded = load(data)
+  assert all(np.array_equal(loaded[name], value) for name, value in tensors.items())

@@ -26,6 +26,7 @@ import pytest
 torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
 transformers = pytest.importorskip('transformers')
+pytestmark = pytest.mark.interop  # the test tiers: pytest.ini
 
 from big_pretrain import export as export_lib  # noqa: E402
 from big_pretrain.errors import (CheckpointMismatchError, ConfigError,  # noqa: E402
@@ -35,11 +36,13 @@ from big_pretrain.models.patches import normalize_images, patchify  # noqa: E402
 from big_pretrain.models.masking import random_masking  # noqa: E402
 from big_pretrain.objectives import build_objective  # noqa: E402
 from big_pretrain.objectives.mae import masked_patch_loss, normalize_patches  # noqa: E402
-from big_pretrain.stages import transfer  # noqa: E402
+from big_pretrain.stages import init_from as init_from_lib  # noqa: E402
 from big_pretrain.stages.chain import initializer_from  # noqa: E402
 from big_pretrain.stages.chain_validation import validate_config  # noqa: E402
 from big_pretrain.train.loop import train_stage  # noqa: E402
-from big_pretrain.weights import public_checkpoints, timm_layout, weight_files  # noqa: E402
+from big_pretrain.weights import (FORMATS, public_checkpoints, timm_layout,  # noqa: E402
+                                   weight_files)
+from big_pretrain.weights.weight_format import patch_position_embedding  # noqa: E402
 from helpers.numerics import assert_close_in_scale  # noqa: E402
 from helpers.tiny_config import (one_device, tiny_finetune_config, tiny_flip_config,  # noqa: E402
                                  tiny_mae_config, tiny_trainer, tiny_wsp_config)
@@ -49,13 +52,8 @@ torch.set_num_threads(1)  # deterministic reductions, and the suite's workers sh
 
 
 def _aim_config():
-  from big_pretrain.config.defaults import stage_config  # pylint: disable=import-outside-toplevel
-  config = stage_config('aim')
-  config.model.update(variant='mu/8', use_cls_token=False, pool='gap')
-  config.objective.update(head_width=32, head_depth=1)
-  config.data.update(source='synthetic', num_examples=64, source_image_size=32, image_size=32)
-  config.batch_size = 8
-  return config
+  from big_pretrain.config.defaults import tiny_stage_config  # pylint: disable=import-outside-toplevel
+  return tiny_stage_config('aim', **{'data.num_examples': 64, 'batch_size': 8})
 
 
 CONFIGS = {
@@ -111,14 +109,11 @@ def _export(config, params, fmt, output, encoder_only=False):
   model = export_lib.stage_model(config, encoder_only)
   labels = ([f'label_{i}' for i in range(params['head']['kernel'].shape[-1])]
             if model.head else None)
-  writer = export_lib.timm_files if fmt == 'timm' else export_lib.hf_files
-  state, model_config = writer(model, params, labels)
-  import json  # pylint: disable=import-outside-toplevel
+  exported = FORMATS[fmt].write(model, params, labels)
   os.makedirs(output, exist_ok=True)
-  weight_files.write_safetensors(os.path.join(output, 'model.safetensors'),
-                                 {k: np.asarray(v, np.float32) for k, v in state.items()})
-  with open(os.path.join(output, 'config.json'), 'w') as f:
-    json.dump(model_config, f)
+  for name, data in exported.files.items():
+    with open(os.path.join(output, name), 'wb') as f:
+      f.write(data)
   return output
 
 
@@ -259,7 +254,7 @@ def test_a_learned_position_embedding_is_resampled_to_the_stage_grid(tmp_path):
   large.data.image_size = 64
   _, trainer = tiny_trainer(large, one_device())
   fresh = trainer.init_state(jax.random.key(1)).params
-  loaded = transfer.load_public_into(fresh, folder, ('encoder',))
+  loaded = init_from_lib.load_public_into(fresh, folder, ('encoder',))
   np.testing.assert_array_equal(
       np.asarray(loaded['encoder']['pos_embedding']),
       vit.resample_position_embedding(params['encoder']['pos_embedding'], 64))
@@ -270,7 +265,7 @@ def _mae_reference_pth(params, path, extra=None):
   config = tiny_mae_config()
   model = export_lib.stage_model(config, encoder_only=False)
   encoder = params['encoder']
-  state = timm_layout.encoder_to_torch(encoder, export_lib.patch_position_embedding(model, encoder))
+  state = timm_layout.encoder_to_torch(encoder, patch_position_embedding(model, encoder))
   from big_pretrain.models.patches import sincos_2d_position_embedding  # pylint: disable=import-outside-toplevel
   state.update(timm_layout.decoder_to_torch(params['decoder'],
                                             sincos_2d_position_embedding(32, 4, 4), True))
@@ -316,6 +311,7 @@ def test_a_mae_reference_pth_and_a_big_vision_npz_import_bit_exactly(tmp_path):
   assert_trees_equal(parts['head'], wsp_params['head'])
 
 
+@pytest.mark.integration
 def test_a_wsp_stage_starts_from_a_mae_reference_pth_and_trains(tmp_path):
   """The MAWS chain from public MAE weights: the WSP stage's starting encoder is the
   imported one, bit for bit, in its own (scanned) layout, and it trains."""
@@ -333,6 +329,7 @@ def test_a_wsp_stage_starts_from_a_mae_reference_pth_and_trains(tmp_path):
   assert result.finished and np.isfinite(result.last_metrics['loss'])
 
 
+@pytest.mark.integration
 def test_export_command_writes_a_folder_timm_loads(tmp_path):
   """`python -m big_pretrain.export STAGE --format=timm` on a trained stage folder (its
   output outside the run's workdir: an export into it is refused)."""
@@ -371,7 +368,7 @@ def test_bad_public_checkpoints_end_in_one_line(tmp_path):
   # Another depth and width: named with both sizes and the variant to choose.
   _, bigger = _random_params(tiny_wsp_config(variant='Ti/8'))
   cases = [
-      (lambda: transfer.load_public_into(bigger, folder, ('encoder',)), CheckpointMismatchError,
+      (lambda: init_from_lib.load_public_into(bigger, folder, ('encoder',)), CheckpointMismatchError,
        r"2 blocks of width 64; the model of this config has 12 blocks of width 192: set "
        r"model.variant to the checkpoint's size \('mu/8'\)"),
   ]
@@ -397,7 +394,7 @@ def test_bad_public_checkpoints_end_in_one_line(tmp_path):
   state['blocks.0.mlp.fc1.weight'] = state['blocks.0.mlp.fc1.weight'][:128]
   state['blocks.0.mlp.fc1.bias'] = state['blocks.0.mlp.fc1.bias'][:128]
   weight_files.write_safetensors(str(tmp_path / 'narrow.safetensors'), state)
-  cases.append((lambda: transfer.load_public_into(params, str(tmp_path / 'narrow.safetensors'),
+  cases.append((lambda: init_from_lib.load_public_into(params, str(tmp_path / 'narrow.safetensors'),
                                                   ('encoder',)),
                 CheckpointMismatchError,
                 r'encoder/transformer/block_0/mlp/fc1/bias is \(128,\) there and \(256,\) here'))

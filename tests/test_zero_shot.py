@@ -22,7 +22,8 @@ from big_pretrain.evaluators.retrieval import paired_ranks, retrieval_recalls
 from big_pretrain.evaluators.zero_shot import (
     DEFAULT_PROMPTS, class_prompts, class_text_embeddings, embed_token_rows,
     readable_class_name, zero_shot_predictions)
-from big_pretrain.objectives.objective import COSINE_SCORING, PairScoring
+from big_pretrain.objectives import build_objective
+from big_pretrain.objectives.objective import COSINE_SCORING, EMBEDS_IMAGES_AND_TEXTS, PairScoring
 from helpers.tiny_config import tiny_mae_config
 
 CLASS_NAMES = ('circle', 'square', 'star', 'ring')
@@ -36,6 +37,9 @@ def normalize(x):
 
 class LookupObjective:
   """FLIP's embedding interface over two lookup tables (the params)."""
+
+  name = 'lookup'
+  offers = frozenset({EMBEDS_IMAGES_AND_TEXTS})
 
   def __init__(self, config):
     self.config = config
@@ -76,8 +80,9 @@ def image_text_config(data_path, tokenizer_path, kind, devices, mesh_shape):
   config.data.update(source='image_folder', path=data_path, test_path=data_path,
                      image_size=IMAGE_SIZE)
   config.data.text.tokenizer = tokenizer_path
+  validate_stage_config(config)  # the MAE stage carries LookupObjective's evaluator, unvalidated:
+  # validation would refuse an image-text evaluator beside MAE, which embeds no text.
   config.evals[kind] = evaluator_config(kind, test_examples=16, batch_size=8)
-  validate_stage_config(config)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   trainer = types.SimpleNamespace(mesh=mesh, rules=sharding_lib.logical_axis_rules(config))
   return config, trainer
@@ -156,9 +161,10 @@ def test_zero_shot_config_errors_are_named(classification_data):
   with pytest.raises(ValueError, match=r'config\.data\.text\.tokenizer is not set'):
     build_evaluators(config, LookupObjective(config), trainer, workdir=None)
   config.data.text.tokenizer = tokenizer_path
-  with pytest.raises(ValueError, match=r'needs an image-text objective.*no embed_images or '
-                                       r'embed_texts'):
-    build_evaluators(config, object(), trainer, workdir=None)
+  with pytest.raises(ValueError, match=r"zero_shot: kind='zero_shot' needs an objective that "
+                                       r'embeds images and texts.*objective \'mae\' does not '
+                                       r"offer: use it with objective 'flip' or 'lit'"):
+    build_evaluators(config, build_objective(config), trainer, workdir=None)
 
 
 def test_class_prompts_are_class_major_and_names_readable():

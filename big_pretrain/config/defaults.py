@@ -96,6 +96,46 @@ def use_embedded_demo_data(config) -> None:
                      image_size=32)
 
 
+# What every objective's tiny stage starts from (tests, the benchmarks' small modes): the
+# 2-block, width-64 'mu/8' ViT on 256 synthetic 32x32 images, batch 16, 4 steps, a
+# checkpoint and a log line every 2; each objective's tiny_settings() shrink its own parts.
+TINY_STAGE = {
+    'model.variant': 'mu/8',
+    'data.source': 'synthetic',
+    'data.num_examples': 256,
+    'data.source_image_size': 32,
+    'data.image_size': 32,
+    'data.num_threads': 2,
+    'batch_size': 16,
+    'total_steps': 4,
+    'optim.lr_per_256': 1e-3,
+    'optim.warmup_steps': 1,
+    'checkpoint.every_steps': 2,
+    'log.every_steps': 2,
+}
+
+
+def tiny_stage_config(objective: str, **overrides) -> ml_collections.ConfigDict:
+  """`objective`'s stage at a CPU test size: TINY_STAGE, then the objective's own
+  tiny_settings(), then `overrides` ({'a.b': value}, as keyword arguments: pass a dict
+  with **)."""
+  config = stage_config(objective)
+  for settings in (TINY_STAGE, objective_class(objective).tiny_settings(), overrides):
+    with_overrides(config, settings)
+  return config
+
+
+def with_overrides(config, overrides: dict):
+  """`config` with {'a.b': value} set in place; returned."""
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split('.')
+    group = config
+    for parent in parents:
+      group = group[parent]
+    group[leaf] = value
+  return config
+
+
 def chain_config(**stages: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A config whose `stages` run in the order given (a plain ConfigDict iterates its keys
   sorted by name, which would run 'finetune' before 'mae')."""

@@ -25,6 +25,7 @@ from big_pretrain.data import sources
 from big_pretrain.data.data_config import DATA_KEYS
 from big_pretrain.errors import ConfigError
 from big_pretrain.evaluators import evaluator_class, evaluator_config, evaluator_names
+from big_pretrain.evaluators.evaluator import capability_refusal
 from big_pretrain.models import vit
 from big_pretrain.objectives import objective_class, objective_names
 
@@ -122,6 +123,9 @@ def validate_stage_config(config, path: str = 'config') -> None:
   objective_class(objective).check_config(config, path)
   for name, eval_config in config.get('evals', {}).items():
     _check_evaluator(eval_config, config.data, f'{path}.evals.{name}')
+    refusal = capability_refusal(evaluator_class(eval_config.kind), objective_class(objective))
+    if refusal:
+      raise ConfigError(f'{path}.evals.{name}: {refusal}')
   warn_if_suspicious(config, path)
 
 
@@ -155,7 +159,7 @@ def _check_evaluator(eval_config, stage_data, path: str) -> None:
     check_values(merged[key], DATA_KEYS, f'{path}.{key}')
     data = stage_data.copy_and_resolve_references()
     data.update(merged[key].to_dict())
-    if (data.source in sources.PATH_SOURCES and data.split == 'test'
+    if (sources.SOURCES[data.source].path_holds and data.split == 'test'
         and not data.test_path):
       raise ConfigError(
           f'{path} evaluates on a held-out split, but config.data.test_path is not set. '

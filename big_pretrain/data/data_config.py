@@ -1,11 +1,11 @@
 """config.data: every key (declared by the module that reads it), and the checks across them.
 
-`DATA_KEYS` gathers the declarations: the source and its own keys
-(sources/), the augmentation (augment.py), WSP's labels (text/labels.py), the
-captions' tokenizer (text/tokenizer_files.py), and the input pipeline's own,
-below. `check_config` runs the checks that span keys; `check_data_exists`
-looks at the files the keys name. Both run once, in config validation, before
-anything compiles: the input code trusts what they passed.
+`DATA_KEYS` gathers the declarations: the source and each registered source's
+own keys (sources/), the augmentation (augment.py), WSP's labels
+(text/labels.py), the captions' tokenizer (text/tokenizer_files.py), and the
+input pipeline's own, below. `check_config` runs the checks that span keys;
+`check_data_exists` looks at the files the keys name. Both run once, in config
+validation, before anything compiles: the input code trusts what they passed.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from big_pretrain.data.text import tokenizer_files
 from big_pretrain.errors import ConfigError
 from big_pretrain.storage.files import is_bucket
 
-DATA_KEYS = schema.Group(
-    "a stage's input: which images, how they are prepared, and what goes with them",
-    **sources.DATA_KEYS,
+# The input pipeline's own keys, and those of the modules it calls.
+_INPUT_KEYS = schema.Group(
+    'how the images are prepared, and what goes with them',
     seed=schema.Key(0, schema.NON_NEGATIVE_COUNT,
                     'the dataset seed: synthetic content, shuffle order, augmentation'),
     image_size=schema.Key(224, schema.COUNT, "the model's input size after crop and resize"),
@@ -48,6 +48,16 @@ DATA_KEYS = schema.Group(
     labels=labels.DATA_KEYS,
     text=tokenizer_files.DATA_KEYS,
 )
+
+
+def _keys_in_order() -> list[schema.Group]:
+  return [sources.DATA_KEYS, _INPUT_KEYS]
+
+
+# Gathered when read, as sources.DATA_KEYS is: a source registered later has its keys here.
+DATA_KEYS = schema.GatheredGroup(
+    "a stage's input: which images, how they are prepared, and what goes with them",
+    _keys_in_order)
 
 
 def default_data_config():

@@ -9,8 +9,6 @@ contract in evaluator.py (`Evaluator`), reads data only through
 
 from __future__ import annotations
 
-import types
-
 from big_pretrain.evaluators import attentive_probe
 from big_pretrain.evaluators import classification
 from big_pretrain.evaluators import knn
@@ -19,30 +17,32 @@ from big_pretrain.evaluators import low_shot
 from big_pretrain.evaluators import reconstruction
 from big_pretrain.evaluators import retrieval
 from big_pretrain.evaluators import zero_shot
+from big_pretrain.registry import Registry
 
-_REGISTRY = types.MappingProxyType({
-    'attentive_probe': attentive_probe.AttentiveProbeEvaluator,
-    'classification': classification.ClassificationEvaluator,
-    'knn': knn.KnnEvaluator,
-    'linear_probe': linear_probe.LinearProbeEvaluator,
-    'low_shot': low_shot.LowShotEvaluator,
-    'reconstruction': reconstruction.ReconstructionEvaluator,
-    'retrieval': retrieval.RetrievalEvaluator,
-    'zero_shot': zero_shot.ZeroShotEvaluator,
-})
+# An evaluator's name is its config's `kind` (its declared default).
+EVALUATORS = Registry('evaluator kind', [
+    attentive_probe.AttentiveProbeEvaluator,
+    classification.ClassificationEvaluator,
+    knn.KnnEvaluator,
+    linear_probe.LinearProbeEvaluator,
+    low_shot.LowShotEvaluator,
+    reconstruction.ReconstructionEvaluator,
+    retrieval.RetrievalEvaluator,
+    zero_shot.ZeroShotEvaluator,
+], name_of=lambda evaluator: evaluator.config_keys['kind'].default)
 
 
 def evaluator_names() -> list[str]:
-  return sorted(_REGISTRY)
+  return EVALUATORS.names()
 
 
 def evaluator_class(kind: str):
-  return _REGISTRY[kind]
+  return EVALUATORS[kind]
 
 
 def evaluator_keys(kind: str):
   """The declared keys of an evaluator of `kind` (its class's config_keys)."""
-  return _REGISTRY[kind].config_keys
+  return EVALUATORS[kind].config_keys
 
 
 def evaluator_config(kind: str, **overrides):
@@ -51,9 +51,7 @@ def evaluator_config(kind: str, **overrides):
   Config files use this so every key exists and can be overridden on the
   command line (--config.evals.knn.k=5).
   """
-  if kind not in _REGISTRY:
-    raise ValueError(f'Unknown evaluator kind {kind!r}; choose one of {evaluator_names()}.')
-  config = _REGISTRY[kind].config_keys.defaults()
+  config = EVALUATORS[kind].config_keys.defaults()
   config.update(overrides)
   return config
 
@@ -61,7 +59,7 @@ def evaluator_config(kind: str, **overrides):
 def build_evaluators(stage_config, objective, trainer, workdir):
   """One evaluator per entry of config.evals, in declaration order; missing keys take defaults."""
   return [
-      _REGISTRY[eval_config.kind](name, evaluator_config(**eval_config),
+      EVALUATORS[eval_config.kind](name, evaluator_config(**eval_config),
                                   stage_config, objective, trainer, workdir)
       for name, eval_config in stage_config.evals.items()
   ]

@@ -15,6 +15,7 @@ import numpy as np
 from big_pretrain.evaluators.eval_split import images_only
 from big_pretrain import schema
 from big_pretrain.evaluators.evaluator import EvalResult, Evaluator, held_out_keys
+from big_pretrain.objectives.objective import CLASSIFIES
 
 
 def top_k_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -31,13 +32,10 @@ class ClassificationEvaluator(Evaluator):
       also_ema=schema.Key(False, schema.BOOLEAN,
                           "also score config.optim.ema_decay's moving average (as ema_*)"))
 
+  needs = CLASSIFIES
+
   def __init__(self, *args):
     super().__init__(*args)
-    if not hasattr(self.objective, 'predict'):
-      raise ValueError(
-          f'{self.culprit()}: kind=classification scores class logits, which the '
-          f'{self.objective.name!r} objective does not give. Use it with objective '
-          "'finetune', or probe this encoder with kind='linear_probe'.")
     if self.eval_config.also_ema and self.stage_config.optim.ema_decay is None:
       raise ValueError(f'{self.culprit("also_ema")}=True, but config.optim.ema_decay is not '
                        'set: there is no moving average to score.')

@@ -14,6 +14,8 @@ from big_pretrain import schema
 from big_pretrain import sharding as sharding_lib
 from big_pretrain.evaluators.eval_split import (extract_outputs, round_up, split_data_config,
                                                 warn_about_missing_classes)
+from big_pretrain.objectives import objectives_offering
+from big_pretrain.objectives.objective import Capability
 
 
 @dataclasses.dataclass
@@ -60,6 +62,9 @@ class Evaluator(abc.ABC):
       Keys named `*_data` override config.data for a split it reads (`split_outputs`).
       The loop also reads two optional keys: `at_start` (score the stage's starting
       parameters too) and `also_ema` (score the moving average too, as ema_<key>).
+    needs (optional): the objective capability (objectives/objective.py, CAPABILITIES)
+      whose methods it scores, e.g. CLASSIFIES for 'classification'; config validation
+      refuses it beside an objective that does not offer it (`capability_refusal`).
     check_config(eval_config, path) (class method, optional): the checks across its keys
       (defaults filled in; a single key's range is its rule's), raising ConfigError that
       names `path.key`. Run before any compute by config validation.
@@ -91,8 +96,12 @@ class Evaluator(abc.ABC):
     self.trainer = trainer
     self.workdir = workdir
     self._jitted: dict[str, Callable] = {}
+    refusal = capability_refusal(type(self), type(objective))
+    if refusal:  # validation refuses it first; an evaluator built by hand is refused here
+      raise ValueError(f'{self.culprit()}: {refusal}')
 
   config_keys: schema.Group = schema.Group()
+  needs: Capability | None = None
 
   @classmethod
   def check_config(cls, eval_config, path: str) -> None:
@@ -191,3 +200,17 @@ class Evaluator(abc.ABC):
     if check_classes:
       warn_about_missing_classes(labels, class_names, data_config.split, self.culprit(data_key))
     return outputs, labels, class_names
+
+
+def capability_refusal(evaluator_class, objective_class) -> str | None:
+  """Why an evaluator cannot score a stage of `objective_class` (the capability it needs,
+  which the objective does not offer, and who offers it), or None when it can."""
+  needs = evaluator_class.needs
+  if needs is None or needs in objective_class.offers:
+    return None
+  kind = evaluator_class.config_keys['kind'].default
+  return (f'kind={kind!r} needs an objective that {needs.name.replace("_", " ")} '
+          f'({", ".join(needs.methods)}), which objective {objective_class.name!r} does not '
+          f'offer: use it with objective {" or ".join(map(repr, objectives_offering(needs)))}, '
+          'or remove this evaluator.')
+

@@ -21,6 +21,7 @@ from PIL import Image
 
 from big_pretrain import schema
 from big_pretrain.evaluators.evaluator import EvalResult, Evaluator, evaluator_keys, split_overrides
+from big_pretrain.objectives.objective import RECONSTRUCTS
 from big_pretrain.storage import files as storage
 from big_pretrain.storage.stage_dir import StageDir
 
@@ -32,12 +33,7 @@ class ReconstructionEvaluator(Evaluator):
       num_images=schema.Key(8, schema.COUNT, 'the images in the grid'),
       test_data=split_overrides('test', 'held-out'))
 
-  def __init__(self, *args):
-    super().__init__(*args)
-    if not hasattr(self.objective, 'visualize'):
-      raise ValueError(
-          f'{self.culprit()}: kind=reconstruction needs an objective that predicts '
-          f'pixels; {self.objective.name!r} does not.')
+  needs = RECONSTRUCTS
 
   def visualize(self, params, batch):
     """The objective's panels of the batch's images, the same masks at every run."""

@@ -42,7 +42,7 @@ from big_pretrain.evaluators.eval_split import images_only, round_up
 from big_pretrain import schema
 from big_pretrain.evaluators.evaluator import EvalResult, Evaluator, held_out_keys
 from big_pretrain.evaluators.knn import l2_normalize
-from big_pretrain.objectives.objective import COSINE_SCORING, PairScoring
+from big_pretrain.objectives.objective import EMBEDS_IMAGES_AND_TEXTS, PairScoring
 
 DEFAULT_PROMPTS = ('a photo of a {}.', 'a {}.', 'an image of a {}.')
 # Where a prompt takes the class name.
@@ -155,15 +155,10 @@ class ImageTextEvaluator(Evaluator):
   `embed_texts(params, int32 tokens) -> (B, E)`, both L2-normalized.
   """
 
+  needs = EMBEDS_IMAGES_AND_TEXTS
+
   def __init__(self, *args):
     super().__init__(*args)
-    missing = [method for method in ('embed_images', 'embed_texts')
-               if not callable(getattr(self.objective, method, None))]
-    if missing:
-      raise ValueError(
-          f'{self.culprit()}: kind {self.eval_config.kind!r} needs an image-text '
-          f'objective (FLIP); {type(self.objective).__name__} has no {" or ".join(missing)}. '
-          'Remove this evaluator, or train an image-text objective.')
     if not tokenizer_files.configured_tokenizer_path(self.stage_config.data):
       raise ValueError(
           f'{self.culprit()} embeds text, but config.data.text.tokenizer is not set. '
@@ -206,9 +201,8 @@ class ImageTextEvaluator(Evaluator):
     return self.jit('embed_texts', self._text_embeddings)
 
   def pair_scoring(self, params) -> PairScoring:
-    """The model's temperature and bias (cosine alone for a model without them)."""
-    scoring = getattr(self.objective, 'pair_scoring', None)
-    return scoring(params) if callable(scoring) else COSINE_SCORING
+    """The model's temperature and bias."""
+    return self.objective.pair_scoring(params)
 
   def device_programs(self):
     return {'embed_images': (self._image_embeddings, (self.image_batch(),)),

@@ -1,28 +1,34 @@
 """Objective registry: config.objective.name -> the class that implements it (objective.py
-has the contract)."""
+has the contract). A new objective is its module and one line in OBJECTIVES."""
 
 from __future__ import annotations
 
-import types
-
 from big_pretrain.objectives import aim, finetune, flip, lit, mae, self_training, wsp
+from big_pretrain.objectives.objective import CAPABILITIES, Capability
+from big_pretrain.registry import Registry
 
-# Read-only: a name maps to its Objective class.
-_REGISTRY = types.MappingProxyType({
-    objective.name: objective
-    for objective in (mae.MAE, wsp.WSP, flip.FLIP, lit.LiT, aim.AIM, finetune.Finetune,
-                      self_training.SelfTrainingStudent)
-})
+OBJECTIVES = Registry('objective', [
+    mae.MAE,
+    wsp.WSP,
+    flip.FLIP,
+    lit.LiT,
+    aim.AIM,
+    finetune.Finetune,
+    self_training.SelfTrainingStudent,
+])
 
 
 def objective_names() -> list[str]:
-  return sorted(_REGISTRY)
+  return OBJECTIVES.names()
 
 
 def objective_class(name: str):
-  if name not in _REGISTRY:
-    raise ValueError(f'Unknown objective {name!r}; choose one of {objective_names()}.')
-  return _REGISTRY[name]
+  return OBJECTIVES[name]
+
+
+def objectives_offering(capability: Capability) -> list[str]:
+  """The objectives that declare `capability` (objective.CAPABILITIES), by name."""
+  return [objective.name for objective in OBJECTIVES if capability in objective.offers]
 
 
 def objective_defaults(name: str):
@@ -32,4 +38,8 @@ def objective_defaults(name: str):
 
 def build_objective(config):
   """The Objective for a (validated) stage config."""
-  return _REGISTRY[config.objective.name](config)
+  return OBJECTIVES[config.objective.name](config)
+
+
+__all__ = ['CAPABILITIES', 'Capability', 'OBJECTIVES', 'build_objective', 'objective_class',
+           'objective_defaults', 'objective_names', 'objectives_offering']

@@ -87,6 +87,11 @@ class AIM(Objective):
   config_keys = CONFIG_KEYS
 
   @classmethod
+  def tiny_settings(cls):
+    return {'model.use_cls_token': False, 'model.pool': 'gap', 'objective.head_width': 32,
+            'objective.head_depth': 1}
+
+  @classmethod
   def check_config(cls, config, path):
     if config.model.use_cls_token:
       raise ConfigError(f'{path}.model.use_cls_token must be False for AIM: its trunk has no '

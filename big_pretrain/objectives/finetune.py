@@ -37,7 +37,7 @@ from big_pretrain.models.transformer import dense, dense_flops, layer_norm
 from big_pretrain.models.vit import (VisionTransformer, encoder_block_prefix,
                                      encoder_final_norm_prefix, parse_variant, scan_layers,
                                      vit_from_config)
-from big_pretrain.objectives.objective import Objective
+from big_pretrain.objectives.objective import CLASSIFIES, Objective
 
 TRAINABLE_CHOICES = ('all', 'last_k_blocks', 'last_block_mlp', 'head')
 
@@ -175,6 +175,11 @@ class ClassifierModel(nn.Module):
 class Finetune(Objective):
   name = 'finetune'
   config_keys = CONFIG_KEYS
+  offers = frozenset({CLASSIFIES})
+
+  @classmethod
+  def tiny_settings(cls):
+    return {'model.pool': 'gap'}
 
   @classmethod
   def exported_head(cls, config):

@@ -27,6 +27,7 @@ import optax
 from flax import linen as nn
 
 from big_pretrain import schema
+from big_pretrain.data.text.tokenizer import synthetic_tokenizer_path
 from big_pretrain.data.text.tokenizer_files import load_tokenizer
 from big_pretrain.errors import ConfigError
 from big_pretrain.models.masking import num_kept, random_masking
@@ -36,7 +37,7 @@ from big_pretrain.models.transformer import dense, dense_flops, transformer_forw
 from big_pretrain.models.vit import (VisionTransformer, compute_dtype, num_patches,
                                      parse_variant, vit_from_config)
 from big_pretrain.objectives import sigmoid_loss
-from big_pretrain.objectives.objective import Objective, PairScoring
+from big_pretrain.objectives.objective import EMBEDS_IMAGES_AND_TEXTS, Objective, PairScoring
 
 MAX_LOGIT_SCALE = 100.0
 SOFTMAX, SIGMOID = 'softmax', 'sigmoid'
@@ -146,6 +147,19 @@ class FLIPModel(nn.Module):
 class FLIP(Objective):
   name = 'flip'
   config_keys = CONFIG_KEYS
+  offers = frozenset({EMBEDS_IMAGES_AND_TEXTS})
+
+  @classmethod
+  def tiny_settings(cls):
+    return {'model.use_cls_token': False, 'model.pool': 'gap', 'objective.mask_ratio': 0.5,
+            **cls.tiny_text_tower()}
+
+  @classmethod
+  def tiny_text_tower(cls):
+    """A 1-block width-32 text tower on the synthetic captions' tokenizer."""
+    return {'objective.embed_dim': 32, 'objective.text_width': 32, 'objective.text_depth': 1,
+            'objective.text_heads': 4, 'data.text.tokenizer': synthetic_tokenizer_path(),
+            'data.text.max_length': 16}
   model_class = FLIPModel  # LiT (objectives/lit.py) swaps in its locked image tower.
 
   @classmethod

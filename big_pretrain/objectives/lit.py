@@ -50,6 +50,11 @@ class LiTModel(flip.FLIPModel):
 class LiT(flip.FLIP):
   name = 'lit'
   config_keys = CONFIG_KEYS
+
+  @classmethod
+  def tiny_settings(cls):
+    # The image tower keeps its cls token: it is locked as an earlier stage (MAE's) left it.
+    return cls.tiny_text_tower()
   model_class = LiTModel
   # The locked image tower runs one forward per batch: no backward (train/mfu.py).
   forward_only_parts = (f'{ENCODER}/',)

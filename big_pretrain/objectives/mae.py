@@ -21,7 +21,7 @@ from big_pretrain.models.patches import denormalize_images, normalize_images, pa
 from big_pretrain.models.transformer import dense_flops, transformer_forward_flops
 from big_pretrain.models.vit import (VisionTransformer, compute_dtype, num_patches,
                                      parse_variant, vit_from_config)
-from big_pretrain.objectives.objective import Objective
+from big_pretrain.objectives.objective import RECONSTRUCTS, Objective
 
 NORM_PIX_EPSILON = 1e-6
 
@@ -107,6 +107,12 @@ class MAEModel(nn.Module):
 class MAE(Objective):
   name = 'mae'
   config_keys = CONFIG_KEYS
+  offers = frozenset({RECONSTRUCTS})
+
+  @classmethod
+  def tiny_settings(cls):
+    return {'objective.decoder_width': 32, 'objective.decoder_depth': 1,
+            'objective.decoder_heads': 4}
   # Column order of the reconstruction grid (jit returns dict keys sorted).
   visualization_panels = ('input', 'masked', 'reconstruction', 'target_normalized',
                           'prediction_normalized')
@@ -180,7 +186,7 @@ class MAE(Objective):
   def init_params(self, rng):
     return self.model.init({'params': rng}, self.dummy_images(), rng, self.mask_ratio)['params']
 
-  def predict(self, params, images, rng):
+  def reconstruct(self, params, images, rng):
     """Normalized images -> (predictions (B, L, p*p*3), RandomMask, target patches)."""
     pred, masking = self.model.apply({'params': params}, images, rng, self.mask_ratio)
     target = patchify(images, self.patch_size)
@@ -190,7 +196,7 @@ class MAE(Objective):
 
   def loss(self, params, batch, rng, train=True):
     del train  # MAE masks at evaluation too: the loss is only defined with a mask.
-    pred, masking, target = self.predict(params, normalize_images(batch['image']), rng)
+    pred, masking, target = self.reconstruct(params, normalize_images(batch['image']), rng)
     loss = masked_patch_loss(pred, target, masking.mask)
     return loss, {'loss': loss}
 
@@ -202,7 +208,7 @@ class MAE(Objective):
     variance, so the normalized target and prediction are shown beside it.
     """
     images = normalize_images(images)
-    pred, masking, target = self.predict(params, images, rng)
+    pred, masking, target = self.reconstruct(params, images, rng)
     pred = pred.astype(jnp.float32)
     patches = patchify(images, self.patch_size)
     if self.norm_pix_loss:

@@ -48,6 +48,36 @@ class PairScoring:
 COSINE_SCORING = PairScoring(scale=1.0, bias=0.0, independent=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class Capability:
+  """Something an objective may offer beyond its loss: its name, the methods that bring it
+  (which the objective then defines) and who uses it."""
+  name: str
+  methods: tuple[str, ...]
+  meaning: str
+
+
+CLASSIFIES = Capability(
+    'classifies', ('predict', 'exported_head'),
+    'predict(params, uint8 images) -> (B, num_classes) logits, scored by the '
+    "'classification' evaluator, and which makes the stage a pseudo-label teacher; "
+    "exported_head(config): what params['head'] (after 'fc_norm', if any) is when the "
+    "weights leave for timm or Hugging Face ('single_label' or 'multi_label')")
+EMBEDS_IMAGES_AND_TEXTS = Capability(
+    'embeds_images_and_texts', ('embed_images', 'embed_texts', 'pair_scoring'),
+    'embed_images(params, uint8 images), embed_texts(params, int32 tokens) -> (B, E) unit '
+    "vectors, scored by the 'zero_shot' and 'retrieval' evaluators; "
+    'pair_scoring(params) -> PairScoring: how a pair\'s cosine becomes a logit (the learned '
+    'temperature and bias) and a probability')
+RECONSTRUCTS = Capability(
+    'reconstructs', ('visualize', 'exported_decoder'),
+    'visualize(params, uint8 images, rng) -> {panel: (B, H, W, 3) in [0, 1]} with '
+    "`visualization_panels` (their column order), drawn by the 'reconstruction' evaluator; "
+    "exported_decoder(config): the pixel decoder's settings, for transformers' "
+    'ViTMAEForPreTraining')
+CAPABILITIES = (CLASSIFIES, EMBEDS_IMAGES_AND_TEXTS, RECONSTRUCTS)
+
+
 def prefixed(prefix: str, parts: dict[str, float]) -> dict[str, float]:
   """FLOPs parts renamed '<prefix>/<part>'."""
   return {f'{prefix}/{name}': flops for name, flops in parts.items()}
@@ -97,31 +127,29 @@ class Objective(abc.ABC):
       logged under their names, averaged over each log interval, beside the 'loss',
       'grad_norm' and 'learning_rate' the step adds.
 
-  Optional, each used where present:
-    is_trainable(path): False freezes a parameter (no gradient, no optimizer state).
-    encode(params, images, num_last_blocks): frozen features for the probes (given
-      here for the shared encoder).
-    predict(params, uint8 images) -> (B, num_classes) logits: scored by the
-      'classification' evaluator, and makes the stage a pseudo-label teacher. (MAE's
-      predict(params, images, rng) is its reconstruction, not this hook.)
-    embed_images(params, images), embed_texts(params, tokens) -> (B, E) unit vectors:
-      scored by the 'zero_shot' and 'retrieval' evaluators.
-    pair_scoring(params) -> PairScoring: how the model turns a pair's cosine into a
-      logit (its learned temperature and bias) and a probability; the image-text
-      evaluators report the probabilities (default: COSINE_SCORING).
-    visualize(params, uint8 images, rng) -> {panel: (B, H, W, 3) in [0, 1]} and
-      `visualization_panels` (their column order): drawn by 'reconstruction'.
-    exported_head(config) (class method): what params' 'head' (after 'fc_norm', if any)
-      is when the weights leave for timm or Hugging Face (export.py):
-      'single_label' or 'multi_label' classification; None (the default): the encoder
-      leaves alone.
-    exported_decoder(config) (class method): the MAE decoder's settings, for
-      transformers' ViTMAEForPreTraining; None (the default): no decoder leaves.
+  Optional: `is_trainable(path)` (False freezes a parameter: no gradient, no optimizer
+  state) and `encode(params, images, num_last_blocks)` (frozen features for the probes;
+  given here for the shared encoder).
+
+  Capabilities: what an objective offers beyond its loss, declared in `offers` (a set of
+  the module's CAPABILITIES, each naming the methods it brings). Evaluators, jobs and export
+  read `offers`, never probe for a method: an objective that declares a capability must
+  define its methods (tests/test_extension_points.py checks both ways), and
+  objectives.objectives_offering(capability) lists who offers what. An evaluator states
+  the capability it needs (`Evaluator.needs`) and config validation refuses the pair
+  before any compute when the objective does not offer it.
+
+  Its tiny setting: `tiny_settings()` (class method) shrinks the objective's own parts
+  (decoder, heads, text tower) to a CPU test size on top of config.defaults.TINY_STAGE,
+  and names the small files its data needs (the synthetic vocabulary, tokenizer).
+  config.defaults.tiny_stage_config(name) builds it; every test and benchmark that needs
+  a tiny stage of an objective starts there.
   """
 
   name: str = ''
   config_keys: schema.Group = schema.Group()
   forward_only_parts: tuple[str, ...] = ()
+  offers: frozenset[Capability] = frozenset()
   # Whether `loss` reads the rows of a second source mixed into its batches
   # (config.data.pseudo_labels: data.sources.second_source), telling them apart from the
   # main source's rows; an objective that does not would read them as its own.
@@ -150,14 +178,22 @@ class Objective(abc.ABC):
     from the config."""
 
   @classmethod
+  def tiny_settings(cls) -> dict:
+    """{'a.b': value} shrinking this objective's own parts to a CPU test size (see the class
+    docstring); nothing when the common tiny stage already fits."""
+    return {}
+
+  @classmethod
   def exported_head(cls, config) -> str | None:
-    """'single_label' / 'multi_label' when params['head'] is a classifier worth exporting."""
+    """CLASSIFIES: 'single_label' / 'multi_label', what params['head'] is when it leaves
+    with the encoder; None (an objective without a head): the encoder leaves alone."""
     del config
     return None
 
   @classmethod
   def exported_decoder(cls, config) -> dict | None:
-    """The pixel decoder's settings when it exports with the encoder (MAE)."""
+    """RECONSTRUCTS: the pixel decoder's settings when it leaves with the encoder (MAE);
+    None: no decoder leaves."""
     del config
     return None
 

@@ -16,12 +16,12 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from big_pretrain import schema
-from big_pretrain.data.text.labels import LabelVocabulary
+from big_pretrain.data.text.labels import LabelVocabulary, synthetic_vocabulary_path
 from big_pretrain.errors import ConfigError
 from big_pretrain.models.patches import normalize_images
 from big_pretrain.models.transformer import dense, dense_flops
 from big_pretrain.models.vit import VisionTransformer, parse_variant, vit_from_config
-from big_pretrain.objectives.objective import Objective
+from big_pretrain.objectives.objective import CLASSIFIES, Objective
 
 # config.objective for WSP: no keys of its own; the head's size is the label vocabulary's
 # (config.data.labels.vocabulary).
@@ -68,6 +68,11 @@ def _build_vocabulary_command(output: str) -> str:
 class WSP(Objective):
   name = 'wsp'
   config_keys = CONFIG_KEYS
+  offers = frozenset({CLASSIFIES})
+
+  @classmethod
+  def tiny_settings(cls):
+    return {'data.labels.vocabulary': synthetic_vocabulary_path()}
 
   @classmethod
   def exported_head(cls, config):

@@ -24,8 +24,8 @@ from big_pretrain.errors import Preempted
 from big_pretrain.models.vit import SCAN_AUTO
 from big_pretrain.objectives import objective_class
 from big_pretrain.stages import jobs
-from big_pretrain.stages import stage_records
-from big_pretrain.stages import transfer
+from big_pretrain.stages import trained_stage
+from big_pretrain.stages import init_from as init_from_lib
 from big_pretrain.stages.chain_validation import stage_references, validate_config
 from big_pretrain.storage import resume_identity
 from big_pretrain.storage import files as storage
@@ -88,7 +88,7 @@ def initializer_from(init_from, workdir: str):
 
   def initialize(params):
     # Resolved only when the stage starts fresh: a resumed stage never reads it.
-    return transfer.load_from(params, source, take)
+    return init_from_lib.load_from(params, source, take)
 
   return initialize
 
@@ -113,7 +113,7 @@ def run_validated(config, workdir: str, *, devices=None,
   # Each stage's recorded config.json holds what its version wrote, before any stage starts.
   for name, stage_config in _stage_configs(config).items():
     if not jobs.is_job(stage_config):
-      stage_records.check_recorded_config(stage_dirs[name])
+      trained_stage.check_recorded_config(stage_dirs[name])
   for name, stage_config in _stage_configs(config).items():
     stage_dir = stage_dirs[name]
     stage_config = with_stage_folders(stage_config, stage_dirs)

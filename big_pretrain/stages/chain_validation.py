@@ -23,7 +23,7 @@ from big_pretrain.config.validation import (check_keys, check_schema_version, ch
 from big_pretrain.data import data_config
 from big_pretrain.errors import ConfigError, UserFacingError
 from big_pretrain.stages import jobs
-from big_pretrain.stages import transfer
+from big_pretrain.stages import init_from as init_from_lib
 from big_pretrain.weights import public_checkpoints
 from big_pretrain.weights.weight_files import PYTORCH_SUFFIXES
 
@@ -126,7 +126,7 @@ def check_init_from_exists(stage_config, path: str) -> None:
     if public_checkpoints.is_public_checkpoint(checkpoint):
       public_checkpoints.check_public_checkpoint(checkpoint)
     else:
-      transfer.readable_step_dirs(checkpoint)
+      init_from_lib.readable_step_dirs(checkpoint)
   except UserFacingError as error:  # it names the file
     raise ConfigError(f'{path}.init_from.checkpoint: {error}') from error
 

@@ -9,12 +9,11 @@ job so far labels unlabelled images for self-training (pseudo_label_job.py).
 
 from __future__ import annotations
 
-import types
-
+from big_pretrain.registry import Registry
 from big_pretrain.stages import pseudo_label_job
 
-# Read-only: config.job -> the job's module.
-_REGISTRY = types.MappingProxyType({pseudo_label_job.JOB: pseudo_label_job})
+# config.job -> the job's module.
+JOBS = Registry('job', [pseudo_label_job], name_of=lambda job: job.JOB)
 
 
 def is_job(stage_config) -> bool:
@@ -23,8 +22,8 @@ def is_job(stage_config) -> bool:
 
 
 def job_names() -> list[str]:
-  return sorted(_REGISTRY)
+  return JOBS.names()
 
 
 def job_module(name: str):
-  return _REGISTRY[name]
+  return JOBS[name]

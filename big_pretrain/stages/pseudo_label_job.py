@@ -46,7 +46,9 @@ from big_pretrain.data.eval_input import decode_key, ordered_batches
 from big_pretrain.data.sources import pseudo_labelled
 from big_pretrain.errors import ConfigError, UserFacingError
 from big_pretrain.objectives import build_objective, objective_class
-from big_pretrain.stages import stage_records, transfer
+from big_pretrain.objectives.objective import CLASSIFIES
+from big_pretrain.stages import init_from as init_from_lib
+from big_pretrain.stages import trained_stage
 from big_pretrain.storage import files as storage
 from big_pretrain.storage.stage_dir import StageDir
 from big_pretrain.train.step import abstract_params
@@ -115,7 +117,7 @@ def check_teacher(teacher_dir: str) -> ml_collections.ConfigDict:
   that scores classes: finetune, a self-training student, WSP); a one-line error otherwise."""
   teacher_config = read_teacher_config(teacher_dir)
   objective = objective_class(teacher_config.objective.name)
-  if objective.exported_head(teacher_config) is None:
+  if CLASSIFIES not in objective.offers:
     raise ConfigError(
         f'The teacher in {teacher_dir} trains objective {objective.name!r}, which has no '
         "classification head: use a 'finetune', 'self_training' or 'wsp' stage.")
@@ -146,7 +148,7 @@ class PseudoLabelResult:
 
 def read_teacher_config(teacher_dir: str) -> ml_collections.ConfigDict:
   """The stage config the teacher stage recorded, in today's schema."""
-  return stage_records.read_stage_config(
+  return trained_stage.read_stage_config(
       teacher_dir,
       if_damaged="It records the teacher's config, without which its checkpoint cannot be "
       'read: restore it from a copy of the teacher folder (or the config the teacher was '
@@ -160,7 +162,7 @@ def teacher_params(objective, checkpoint: str, mesh, rules) -> tuple[str, dict]:
   """(step dir, the teacher's parameters), sharded as its train state's are: from the step
   folder `checkpoint`, or the newest intact step of a stage folder (a damaged one skipped)."""
   abstract = abstract_params(objective, mesh, rules)
-  return transfer.load_intact_into(abstract, checkpoint, tuple(abstract))
+  return init_from_lib.load_intact_into(abstract, checkpoint, tuple(abstract))
 
 
 def job_settings(config, teacher_step_dir: str, num_examples: int) -> dict:
@@ -183,7 +185,7 @@ def run_pseudo_label(config, workdir: str, *, teacher_dir: str | None = None, de
   teacher_dir = teacher_dir or config.teacher.workdir
   teacher_config = check_teacher(teacher_dir)
   objective = build_objective(teacher_config)
-  step_dir = transfer.resolve_checkpoint_dir(teacher_dir)  # the newest whose metadata reads
+  step_dir = init_from_lib.resolve_checkpoint_dir(teacher_dir)  # the newest whose metadata reads
 
   data = config.data.copy_and_resolve_references()
   # The teacher sees images as it was evaluated: its size and centre crop.
@@ -261,7 +263,7 @@ def run_pseudo_label(config, workdir: str, *, teacher_dir: str | None = None, de
                  num_shards, counts.labelled, len(indices))
 
   metadata = _summary(workdir, num_shards, settings, num_classes,
-                      stage_records.class_names(teacher_config, num_classes))
+                      trained_stage.class_names(teacher_config, num_classes))
   if jax.process_index() == 0:
     storage.write_text(os.path.join(workdir, records_lib.METADATA_FILE),
                        json.dumps(metadata, indent=2))

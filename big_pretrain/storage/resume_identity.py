@@ -16,7 +16,7 @@ Keys only one of the two configs has (added to or removed from the schema by
 another version of the code) are not changes the user made: they are logged,
 not refused. That a record holds every key the version which wrote it had (the record's
 schema_version, or its history's, says which) is checked before a stage starts
-(stages/stage_records.py check_recorded_config): a record that lost its model or seed would
+(stages/trained_stage.py check_recorded_config): a record that lost its model or seed would
 otherwise resume with any.
 """
 

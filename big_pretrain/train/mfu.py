@@ -32,10 +32,11 @@ embeds only those and prepends the cls token when `model.use_cls_token`. (`model
 embeds every patch before dropping some: extra work the model does not need,
 not counted, as remat's.)
 
-Peaks: `peak_flops_per_device` knows the dense bf16 peaks of TPU v2-v6e and
-NVIDIA A100/H100/H200, and what a float32 matmul runs at under JAX's default
-precision. On a CPU (or an unknown device) measure instead, in the same run as
-the step it is compared to: `measure_matmul_peak_flops`.
+Peaks: `peak_flops_per_device` reads the dense bf16 peak of a device's entry in
+accelerators.ACCELERATORS (TPU v2-v6e, NVIDIA A100/H100/H200/L4/T4), and what a
+float32 matmul runs at under JAX's default precision. On a CPU (or an unknown
+device) measure instead, in the same run as the step it is compared to:
+`measure_matmul_peak_flops`.
 
 CPU caveat: fake CPU devices (JAX_NUM_CPU_DEVICES or
 --xla_force_host_platform_device_count) share the machine's cores. One device's
@@ -54,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_pretrain import accelerators
 from big_pretrain.models import vit
 from big_pretrain.objectives import objective_class
 
@@ -137,84 +139,6 @@ def model_flops_per_step(config, num_labels: int | None = None) -> float:
 
 # --- Peaks ---------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class DevicePeak:
-  """Dense (no sparsity) matmul peaks of ONE JAX device, in FLOP/s."""
-  name: str
-  bfloat16: float
-  # A float32 matmul at JAX's default precision: one bf16 pass on a TPU's MXU
-  # (so the bf16 peak), TF32 tensor cores on an A100/H100/H200.
-  float32_default_precision: float
-  source: str
-
-
-_TPU_PER_CHIP_NOTE = 'a JAX device is one TensorCore, half a chip'
-# TPUs: JAX's device_kind is 'TPU v4', 'TPU v5 lite' (v5e), 'TPU v5' or 'TPU v5p'
-# (v5p), 'TPU v6 lite' (v6e); v2/v3 chips have two TensorCores, each a device.
-_TPU_PEAKS = {
-    'v2': DevicePeak('TPU v2', 45e12 / 2, 45e12 / 2,
-                     f'cloud.google.com/tpu/docs/v2: 45 TFLOP/s per chip, {_TPU_PER_CHIP_NOTE}'),
-    'v3': DevicePeak('TPU v3', 123e12 / 2, 123e12 / 2,
-                     f'cloud.google.com/tpu/docs/v3: 123 TFLOP/s per chip, {_TPU_PER_CHIP_NOTE}'),
-    'v4': DevicePeak('TPU v4', 275e12, 275e12,
-                     'cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16 per chip (megacore)'),
-    'v5e': DevicePeak('TPU v5e', 197e12, 197e12,
-                      'cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16 per chip'),
-    'v5p': DevicePeak('TPU v5p', 459e12, 459e12,
-                      'cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16 per chip'),
-    'v6e': DevicePeak('TPU v6e (Trillium)', 918e12, 918e12,
-                      'cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16 per chip'),
-}
-_TPU_GENERATIONS = {
-    'v2': 'v2', 'v3': 'v3', 'v4': 'v4',
-    'v5 lite': 'v5e', 'v5e': 'v5e', 'v5litepod': 'v5e',
-    'v5': 'v5p', 'v5p': 'v5p',
-    'v6 lite': 'v6e', 'v6e': 'v6e', 'trillium': 'v6e',
-}
-# NVIDIA datasheets list tensor-core peaks "with sparsity": dense is half.
-# H100: nvidia.com/en-us/data-center/h100 (datasheet): SXM BF16 1979, TF32 989;
-#   PCIe 1513 / 756; NVL 1671 / 835 (sparse TFLOP/s).
-# H200: nvidia.com/en-us/data-center/h200 (datasheet): SXM 1979 / 989; NVL 1671 / 835.
-# A100: nvidia A100 datasheet: BF16 312, TF32 156 dense (SXM and PCIe, 40 and 80 GB).
-# L4 (a Colab GPU): nvidia L4 datasheet: BF16 242, TF32 120 (sparse).
-# T4 (Colab's free GPU): nvidia T4 datasheet: FP16 65 tensor-core TFLOP/s, FP32 8.1; it
-#   has no bf16 or TF32 tensor cores, so its 'bfloat16' entry is the FP16 peak, an upper bound.
-_GPU_PEAKS = {
-    'h100_sxm': DevicePeak('NVIDIA H100 SXM', 1979e12 / 2, 989e12 / 2, 'NVIDIA H100 datasheet'),
-    'h100_pcie': DevicePeak('NVIDIA H100 PCIe', 1513e12 / 2, 756e12 / 2, 'NVIDIA H100 datasheet'),
-    'h100_nvl': DevicePeak('NVIDIA H100 NVL', 1671e12 / 2, 835e12 / 2, 'NVIDIA H100 datasheet'),
-    'h200_sxm': DevicePeak('NVIDIA H200 SXM', 1979e12 / 2, 989e12 / 2, 'NVIDIA H200 datasheet'),
-    'h200_nvl': DevicePeak('NVIDIA H200 NVL', 1671e12 / 2, 835e12 / 2, 'NVIDIA H200 datasheet'),
-    'a100': DevicePeak('NVIDIA A100', 312e12, 156e12, 'NVIDIA A100 datasheet'),
-    'l4': DevicePeak('NVIDIA L4', 242e12 / 2, 120e12 / 2, 'NVIDIA L4 datasheet'),
-    't4': DevicePeak('NVIDIA T4', 65e12, 8.1e12, 'NVIDIA T4 datasheet (FP16 for bf16)'),
-}
-
-
-def known_peak(device_kind: str) -> DevicePeak | None:
-  """The peak entry for a `device.device_kind` string, or None if unknown (e.g. 'cpu').
-
-  'TPU v5 lite' -> v5e, 'TPU v5'/'TPU v5p' -> v5p, 'TPU v6 lite' -> v6e;
-  'NVIDIA H100 80GB HBM3' -> H100 SXM, 'NVIDIA H100 PCIe', 'NVIDIA H100 NVL',
-  'NVIDIA H200', 'NVIDIA A100-SXM4-80GB', ...
-  """
-  kind = ' '.join(device_kind.lower().split())
-  if kind.startswith('tpu'):
-    generation = _TPU_GENERATIONS.get(kind[len('tpu'):].strip())
-    return _TPU_PEAKS.get(generation) if generation else None
-  if 'h100' in kind:
-    return _GPU_PEAKS['h100_pcie' if 'pcie' in kind else 'h100_nvl' if 'nvl' in kind
-                      else 'h100_sxm']
-  if 'h200' in kind:
-    return _GPU_PEAKS['h200_nvl' if 'nvl' in kind else 'h200_sxm']
-  if 'a100' in kind:
-    return _GPU_PEAKS['a100']
-  for name in ('l4', 't4'):  # device_kind 'NVIDIA L4', 'Tesla T4'
-    if name in kind.split():
-      return _GPU_PEAKS[name]
-  return None
-
-
 def _dtype_name(dtype) -> str:
   name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
   return {'bf16': 'bfloat16', 'f32': 'float32', 'fp32': 'float32'}.get(name, name)
@@ -228,27 +152,28 @@ def peak_flops_per_device(device, dtype='bfloat16') -> float | None:
   set to anything else the peak is unknown: None). None for CPUs and unknown
   devices: measure with `measure_matmul_peak_flops` instead.
   """
-  peak = known_peak(getattr(device, 'device_kind', ''))
-  if peak is None:
+  accelerator = accelerators.of_device_kind(getattr(device, 'device_kind', ''))
+  if accelerator is None:
     return None
   name = _dtype_name(dtype)
   if name == 'bfloat16':
-    return peak.bfloat16
+    return accelerator.bf16_flops
   if name == 'float32':
     precision = jax.config.jax_default_matmul_precision
     if precision not in (None, 'default'):
       return None
-    return peak.float32_default_precision
+    return accelerator.f32_flops
   return None
 
 
 def describe_peak(device, dtype='bfloat16') -> str:
   """'NVIDIA H100 SXM bfloat16: 989.5 TFLOP/s (NVIDIA H100 datasheet)', or why there is none."""
-  peak = known_peak(getattr(device, 'device_kind', ''))
+  accelerator = accelerators.of_device_kind(getattr(device, 'device_kind', ''))
   flops = peak_flops_per_device(device, dtype)
-  if peak is None or flops is None:
+  if accelerator is None or flops is None:
     return f'no known peak for {getattr(device, "device_kind", device)!r} in {_dtype_name(dtype)}'
-  return f'{peak.name} {_dtype_name(dtype)}: {flops / 1e12:.1f} TFLOP/s ({peak.source})'
+  return (f'{accelerator.label} {_dtype_name(dtype)}: {flops / 1e12:.1f} TFLOP/s '
+          f'({accelerator.peak_source})')
 
 
 def measure_matmul_peak_flops(dtype='float32', size: int | None = None, repeats: int = 5,

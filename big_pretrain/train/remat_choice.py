@@ -24,7 +24,7 @@ policy again. The stage records the layout chosen; its checkpoints hold it.
 
 The same code path runs on a real device and for a topology's devices (main.py
 --compile_for), which report no memory: their capacity is their TPU
-generation's (tpu_slices.GENERATIONS). Devices that report none and are no TPU
+generation's (accelerators.ACCELERATORS). Devices that report none and are no TPU
 we know (a CPU) get 'none' without compiling.
 """
 
@@ -42,8 +42,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from big_pretrain import accelerators
 from big_pretrain import sharding as sharding_lib
-from big_pretrain import tpu_slices
 from big_pretrain.models.transformer import REMAT_AUTO
 from big_pretrain.objectives import build_objective
 from big_pretrain.train.step import ShardedTrainer, build_trainer
@@ -233,7 +233,7 @@ def device_memory_limit(device: jax.Device) -> int | None:
     stats = None
   if stats and stats.get('bytes_limit'):
     return stats['bytes_limit']
-  return tpu_slices.hbm_per_device(getattr(device, 'device_kind', ''))
+  return accelerators.hbm_per_device(getattr(device, 'device_kind', ''))
 
 
 def mesh_memory_limit(mesh: Mesh) -> int | None:

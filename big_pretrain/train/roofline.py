@@ -38,6 +38,8 @@ import functools
 import math
 import re
 
+from big_pretrain.accelerators import Accelerator
+
 # Bytes per element of XLA's primitive types ('token' and tuples carry none).
 _DTYPE_BYTES = {
     'pred': 1, 's2': 0.25, 'u2': 0.25, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1, 's16': 2,
@@ -90,6 +92,13 @@ class Chip:
   hbm_bandwidth: float
   ici_bandwidth: float
   dcn_bandwidth: float | None = None
+
+  @classmethod
+  def of(cls, accelerator: Accelerator, peak_flops: float | None = None) -> Chip:
+    """A chip of an accelerators.ACCELERATORS entry, at `peak_flops` (default: its bf16
+    peak)."""
+    return cls(accelerator.bf16_flops if peak_flops is None else peak_flops,
+               accelerator.hbm_bandwidth, accelerator.ici_bandwidth, accelerator.dcn_bandwidth)
 
 
 @dataclasses.dataclass

@@ -14,6 +14,7 @@ failure is one line naming the file.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import zipfile
@@ -122,13 +123,38 @@ def check_file(path: str) -> None:
     with epath.Path(path).open('rb') as stream:
       check_format(path, stream, expected)
       if expected == SAFETENSORS:
-        size = stream.seek(0, io.SEEK_END)
-        stream.seek(0)
-        safetensors_format.read_header(stream, size, path)
+        _safetensors_header(stream, path)
       elif expected == PYTORCH:
         _refuse_non_tensors(path, stream)
   except OSError as error:
     raise _unreadable(path, error) from error
+
+
+def safetensors_names(path: str) -> list[str]:
+  """The tensors' names of a .safetensors file, from its header (checked as check_file
+  does); no tensor data is read."""
+  try:
+    with epath.Path(path).open('rb') as stream:
+      check_format(path, stream, SAFETENSORS)
+      return [entry.name for entry in _safetensors_header(stream, path)]
+  except OSError as error:
+    raise _unreadable(path, error) from error
+
+
+def _safetensors_header(stream: BinaryIO, path: str) -> list[safetensors_format.Entry]:
+  size = stream.seek(0, io.SEEK_END)
+  stream.seek(0)
+  return safetensors_format.read_header(stream, size, path)[0]
+
+
+def read_weight_file(path: str) -> dict[str, np.ndarray]:
+  """{name: array} of a file, read as the format its name says (format_of_name)."""
+  readers = {SAFETENSORS: read_safetensors, PYTORCH: read_pytorch, NPZ: read_npz}
+  fmt = format_of_name(path)
+  if fmt is None:
+    raise ValueError(f'{path} is not named as a weight file read here (its name ends in none '
+                     f'of {", ".join(sum(FORMAT_SUFFIXES.values(), ()))}).')
+  return readers[fmt](path)
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -150,7 +176,25 @@ def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] |
   """A safetensors file of `tensors` (C-contiguous), its metadata 'format': 'pt' (which
   transformers asks for) and `metadata`."""
   arrays = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
-  return safetensors_numpy.save(arrays, metadata={'format': 'pt', **(metadata or {})})
+  return _metadata_sorted(
+      safetensors_numpy.save(arrays, metadata={'format': 'pt', **(metadata or {})}))
+
+
+def _metadata_sorted(data: bytes) -> bytes:
+  """`data` with its header's metadata keys in sorted order. The safetensors writer keeps
+  them in a hash map, whose order changes from call to call: the same weights and metadata
+  would give other bytes (and another file digest) at each export."""
+  length = int.from_bytes(data[:8], 'little')
+  header = data[8:8 + length].decode('utf-8')
+  prefix = '{"__metadata__":'  # where the writer puts it, first
+  if not header.startswith(prefix):
+    return data
+  metadata, end = json.JSONDecoder().raw_decode(header, len(prefix))
+  ordered = json.dumps(dict(sorted(metadata.items())), separators=(',', ':'), ensure_ascii=False)
+  if len(ordered) != end - len(prefix) or json.loads(ordered) != metadata:
+    return data  # escaped differently from the writer's JSON: left as written
+  header = prefix + ordered + header[end:]
+  return data[:8] + header.encode('utf-8') + data[8 + length:]
 
 
 def folder_weight_files(folder: str) -> list[str]:

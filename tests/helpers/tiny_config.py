@@ -1,4 +1,5 @@
-"""The tiny stage configs the tests train (2 layers, width 64, 32x32, patch 8), and their trainers.
+"""The tiny stage configs the tests train, and their trainers: each objective's own tiny stage
+(config.defaults.tiny_stage_config: 2 layers, width 64, 32x32, patch 8) with what a test needs.
 
 Also main.py's --config for the tiny MAE stage (helpers.paths.TINY_CONFIG_FILE): it imports
 nothing but big_pretrain, so that it loads as a file on its own.
@@ -7,10 +8,8 @@ nothing but big_pretrain, so that it loads as a file on its own.
 import jax
 
 from big_pretrain import sharding as sharding_lib
-from big_pretrain.config.defaults import stage_config
+from big_pretrain.config.defaults import stage_config, tiny_stage_config, with_overrides
 from big_pretrain.config.validation import validate_stage_config
-from big_pretrain.data.text.labels import synthetic_vocabulary_path
-from big_pretrain.data.text.tokenizer import synthetic_tokenizer_path
 from big_pretrain.evaluators import evaluator_config
 from big_pretrain.objectives import build_objective
 from big_pretrain.train.optim import make_optimizer, make_schedule
@@ -24,24 +23,9 @@ def one_device():
 
 
 def tiny_mae_config(**overrides):
-  """MAE on 256 synthetic 32x32 images, batch 16, 6 steps; then `overrides` ({'a.b': value})."""
-  config = stage_config('mae')
-  config.model.variant = 'mu/8'
-  config.objective.decoder_width = 32
-  config.objective.decoder_depth = 1
-  config.objective.decoder_heads = 4
-  config.batch_size = 16
-  config.total_steps = 6
-  config.optim.lr_per_256 = 1e-3
-  config.optim.warmup_steps = 2
-  config.data.source = 'synthetic'
-  config.data.num_examples = 256
-  config.data.source_image_size = 32
-  config.data.image_size = 32
-  config.data.num_threads = 2
-  config.checkpoint.every_steps = 2
-  config.log.every_steps = 2
-  return with_overrides(config, overrides)
+  """The tiny MAE stage (config.defaults.tiny_stage_config), 6 steps; then `overrides`
+  ({'a.b': value})."""
+  return tiny_stage_config('mae', **{'total_steps': 6, 'optim.warmup_steps': 2, **overrides})
 
 
 def get_config(arg=None):
@@ -52,16 +36,7 @@ def get_config(arg=None):
 
 def tiny_finetune_config(**overrides):
   """Fine-tuning the same tiny encoder (GAP) on the synthetic shapes' 10 classes."""
-  config = stage_config('finetune')
-  config.model.update(variant='mu/8', pool='gap')
-  config.data.update(source='synthetic', num_examples=256, source_image_size=32, image_size=32,
-                     num_threads=2)
-  config.batch_size = 16
-  config.total_steps = 4
-  config.optim.update(lr_per_256=1e-3, warmup_steps=1)
-  config.checkpoint.every_steps = 2
-  config.log.every_steps = 2
-  return with_overrides(config, overrides)
+  return tiny_stage_config('finetune', **overrides)
 
 
 def tiny_trainer(config, devices, num_slices=None):
@@ -78,17 +53,6 @@ def tiny_trainer(config, devices, num_slices=None):
 def one_device_trainer(config):
   """The trainer of a stage config on one_device()."""
   return tiny_trainer(config, one_device())[1]
-
-
-def with_overrides(config, overrides: dict):
-  """config with {'a.b': value} applied."""
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
 
 
 def tiny_multiprocess_config():
@@ -130,29 +94,14 @@ def tiny_student_config(pseudo_labels: str, **overrides):
 
 def tiny_flip_config():
   """FLIP with the tiny image tower (GAP, half the patches masked) and a 1-block text tower."""
-  config = stage_config('flip')
-  config.model.update(variant='mu/8', use_cls_token=False, pool='gap')
-  config.objective.update(mask_ratio=0.5, embed_dim=32, text_width=32, text_depth=1, text_heads=4)
-  config.data.update(source='synthetic', num_examples=256, source_image_size=32, image_size=32,
-                     num_threads=2)
-  config.data.text.tokenizer = synthetic_tokenizer_path()
-  config.data.text.max_length = 16
-  config.batch_size = 16
-  config.total_steps = 4
-  config.optim.update(lr_per_256=1e-3, warmup_steps=1)
-  return config
+  return tiny_stage_config('flip')
 
 
 def tiny_wsp_config(**model):
-  """WSP on the synthetic hashtags with the tiny encoder; `model` overrides config.model."""
-  config = stage_config('wsp')
-  config.model.variant = 'mu/8'
-  config.model.update(model)
-  config.data.update(source='synthetic', num_examples=256, source_image_size=32, image_size=32)
-  config.data.labels.vocabulary = synthetic_vocabulary_path()
-  config.batch_size = 16
-  config.total_steps = 2
-  return config
+  """WSP on the synthetic hashtags with the tiny encoder, 2 steps; `model` overrides
+  config.model."""
+  return tiny_stage_config('wsp', total_steps=2, **{f'model.{key}': value
+                                                   for key, value in model.items()})
 
 
 def tiny_mae_with_evaluator_on_eight_devices(kind: str, **settings):

@@ -1,51 +1,51 @@
-"""Random-access data sources for ``grain.MapDataset.source``: the registry.
+"""Random-access data sources for ``grain.MapDataset.source``: the registry, SOURCES.
 
-One module per source: synthetic.py (embedded shapes, no files),
-image_folder.py, array_record.py (the converter's shards), tfds_source.py,
-subset.py (a fixed part of another source) and pseudo_labelled.py (a teacher's
-labels joined to unlabelled images, mixed into a self-training student's
-batches); source_texts.py reads a source's texts for the vocabulary build
-command. source.py states the contract every source keeps.
+One module per source, each with a class that keeps the contract of source.py
+(`Source`: the examples; `RegisteredSource`: its name, its keys of config.data,
+its checks, how it is built from config.data): synthetic.py (embedded shapes,
+no files), image_folder.py, array_record.py (the converter's shards) and
+tfds_source.py. Adding a source is its module and one line in SOURCES below:
+`build_source`, `check_config`, `check_has_data` and config validation ask the
+table, and `DATA_KEYS` gathers each registered source's keys when a config is
+built or validated, so a source registered later (a test's) has its keys and
+its name accepted. Beside them, and not entries: subset.py (a fixed part of
+another source) and pseudo_labelled.py (a teacher's labels joined to unlabelled
+images, mixed into a self-training student's batches), each with its group of
+keys; source_texts.py reads a source's texts for the vocabulary build command.
 
-`build_source(config.data)` picks one by config.data.source; `second_source`
-gives what is mixed into the training batches beside it, if anything;
-`DATA_KEYS` declares the keys of config.data that choose and configure the
-source (each source's own keys in its module).
+A source's own keys sit flat in config.data ('num_examples', 'tfds_name', ...),
+not in a group per source (config.data.tfds.name): the shipped configs, the
+README's command lines and users' scripts set them so, and every workdir's
+recorded config.json holds them so, which a resume compares with the config it
+is given. Prefixing a new source's keys with its name keeps them apart; a name
+two sources declare is refused when the keys are gathered.
 
-A new source: a module here with a class that keeps the contract and its keys
-(`DATA_KEYS`), its name in SOURCE_NAMES, a branch in `build_source`, and its
-checks in `check_config`.
+`build_source(config.data)` builds the one config.data.source names;
+`second_source` gives what is mixed into the training batches beside it, if
+anything.
 """
 
 from __future__ import annotations
 
 from big_pretrain import schema
-from big_pretrain.data.sources import array_record
-from big_pretrain.data.sources import image_folder
 from big_pretrain.data.sources import pseudo_labelled
 from big_pretrain.data.sources import subset
-from big_pretrain.data.sources import synthetic
-from big_pretrain.data.sources import tfds_source
 from big_pretrain.data.sources.array_record import ArrayRecordSource
 from big_pretrain.data.sources.image_folder import ImageFolder
-from big_pretrain.data.sources.source import SPLITS, SecondSource, Source
+from big_pretrain.data.sources.source import SPLITS, RegisteredSource, SecondSource, Source
 from big_pretrain.data.sources.subset import SubsetSource
 from big_pretrain.data.sources.synthetic import SyntheticShapes
 from big_pretrain.data.sources.tfds_source import TfdsSource
-from big_pretrain.errors import ConfigError
+from big_pretrain.registry import Registry
 
-SOURCE_NAMES = ('synthetic', 'image_folder', 'array_record', 'tfds')
-# The sources read from config.data.path: what the path must hold, and the class.
-PATH_SOURCES = {
-    'image_folder': ('a folder of class subfolders', ImageFolder),
-    'array_record': ('a folder of ArrayRecord shards written by `python -m'
-                     ' big_pretrain.data.convert`', ArrayRecordSource),
-}
+# config.data.source -> its class.
+SOURCES: Registry[type[RegisteredSource]] = Registry(
+    'data source', [SyntheticShapes, ImageFolder, ArrayRecordSource, TfdsSource])
 
-# The keys of config.data that choose the images: the source, and each source's own keys.
-DATA_KEYS = schema.Group(
-    'which images a stage reads',
-    source=schema.Key('synthetic', schema.one_of(*SOURCE_NAMES), 'where the images come from'),
+# The keys of config.data every source shares: which source, and where its files are.
+_SHARED_KEYS = schema.Group(
+    'which source, and where its files are',
+    source=schema.Key('synthetic', schema.registered_in(SOURCES), 'where the images come from'),
     path=schema.Key(None, schema.OPTIONAL_TEXT,
                     'image_folder: a folder of class subfolders; array_record: a folder of '
                     'shards written by `python -m big_pretrain.data.convert` (or a glob of '
@@ -54,49 +54,40 @@ DATA_KEYS = schema.Group(
                          'held-out images for evaluators, as `path` (synthetic data draws a '
                          "disjoint 'test' stream; tfds reads tfds_test_split)", type=str),
     split=schema.Key('train', schema.one_of(*SPLITS), "which of the two a pipeline reads"),
-    **synthetic.DATA_KEYS,
-    **tfds_source.DATA_KEYS,
+)
+_PART_KEYS = schema.Group(
+    'which part of the images, and what is mixed in',
     subset=subset.DATA_KEYS,
     pseudo_labels=pseudo_labelled.DATA_KEYS,
 )
 
 
+def _keys_in_order() -> list[schema.Group]:
+  return [_SHARED_KEYS, *(source.data_keys for source in SOURCES), _PART_KEYS]
+
+
+# The keys of config.data that choose the images: the shared ones, each registered source's
+# own (gathered from SOURCES whenever they are read), the part and the second source.
+DATA_KEYS = schema.GatheredGroup('which images a stage reads', _keys_in_order)
+
+
 def check_config(data, path: str) -> None:
   """Raises ConfigError when config.data lacks what its source needs (beside each key's own
-  rule): an image folder's or an ArrayRecord folder's path, a TFDS dataset's name."""
-  if data.source == 'tfds':
-    tfds_source.check_config(data, path)
-  elif data.source == 'array_record' and not data.path:
-    raise ConfigError(
-        f"{path}.data.path is not set, and {path}.data.source='array_record' needs it. Point "
-        'it at a folder written by `python -m big_pretrain.data.convert --input=IMAGES_OR_TARS '
-        '--output=DIR`, e.g. --config.data.path=DIR.')
-  elif data.source in PATH_SOURCES and not data.path:
-    raise ConfigError(
-        f'{path}.data.path is not set, and {path}.data.source={data.source!r} needs it. '
-        'Point it at your data, e.g. --config.data.path=/data/imagenet/train (a folder '
-        'of class subfolders of JPEG/PNG images, optional .txt captions beside them), '
-        'or try the embedded synthetic data with the ":demo" config variant '
-        '(e.g. --config=configs/mae.py:demo).')
+  rule), e.g. an image folder's path or a TFDS dataset's name: the source's check_config."""
+  SOURCES[data.source].check_config(data, path)
 
 
 def check_has_data(source: str, path: str) -> None:
-  """Raises FileNotFoundError or ValueError, saying why, when a local `path` of an
-  'image_folder' or 'array_record' source holds no data; cheap, before any compile.
-
-  An image folder counts as holding data once one image is found in a class
-  subfolder; other sources pass.
-  """
-  if source == 'array_record':
-    array_record.array_record_shards(path)
-  elif source == 'image_folder':
-    image_folder.check_has_images(path)
+  """Raises FileNotFoundError or ValueError, saying why, when a local `path` of `source`
+  holds no data (an image folder: no image in a class subfolder; an ArrayRecord folder: no
+  whole set of shards); cheap, before any compile. Sources that read no path pass."""
+  SOURCES[source].check_has_data(path)
 
 
 def build_source(data_config) -> Source:
   """Builds the source named by ``data_config.source``; its training split limited to
   ``data_config.subset``'s part when that is set."""
-  source = _build_whole_source(data_config)
+  source = SOURCES[data_config.source].from_config(data_config, data_config.split)
   subset_config = data_config.subset
   if data_config.split == 'train' and (subset_config.fraction < 1.0 or subset_config.complement):
     source = SubsetSource(source, subset_config.fraction, complement=subset_config.complement,
@@ -120,29 +111,7 @@ def second_source(data_config) -> SecondSource | None:
   return None
 
 
-def _build_whole_source(data_config) -> Source:
-  split = data_config.split
-  if data_config.source == 'synthetic':
-    return SyntheticShapes(
-        num_examples=data_config.num_examples,
-        image_size=data_config.source_image_size,
-        seed=data_config.seed,
-        split=split,
-        label=data_config.synthetic_label)
-  if data_config.source in PATH_SOURCES:
-    _, source_class = PATH_SOURCES[data_config.source]
-    return source_class(data_config.test_path if split == 'test' else data_config.path)
-  split_key = 'tfds_test_split' if split == 'test' else 'tfds_train_split'
-  return TfdsSource(
-      data_config.tfds_name,
-      split=data_config[split_key],
-      data_dir=data_config.tfds_data_dir,
-      image_key=data_config.tfds_image_key,
-      label_key=data_config.tfds_label_key,
-      caption_key=data_config.tfds_caption_key,
-      split_key=split_key)
-
-
-__all__ = ['DATA_KEYS', 'PATH_SOURCES', 'SOURCE_NAMES', 'SPLITS', 'SecondSource', 'Source',
-           'build_source', 'check_config', 'check_has_data', 'second_source',
+__all__ = ['DATA_KEYS', 'SOURCES', 'SPLITS', 'ArrayRecordSource', 'ImageFolder',
+           'RegisteredSource', 'SecondSource', 'Source', 'SubsetSource', 'SyntheticShapes',
+           'TfdsSource', 'build_source', 'check_config', 'check_has_data', 'second_source',
            'second_source_key']

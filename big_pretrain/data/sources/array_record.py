@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from absl import logging
 
 from big_pretrain.data import records
+from big_pretrain.data.sources.source import PathSource
 from big_pretrain.data.transforms import DAMAGED_RECORD
 from big_pretrain.data.text import labels as labels_lib
 from big_pretrain.errors import DamagedFileError
@@ -98,7 +99,7 @@ def _converted_folder_shards(root: pathlib.Path) -> tuple[list[str], dict[str, A
   return shards, {**metadata, 'folder': str(root)}
 
 
-class ArrayRecordSource:
+class ArrayRecordSource(PathSource):
   """ArrayRecord shards of encoded images with caption and label, Grain's random-access format.
 
   ``path`` is a folder written by ``python -m big_pretrain.data.convert`` (its
@@ -108,6 +109,16 @@ class ArrayRecordSource:
   and the pipeline decodes them, skipping and counting corrupt images as it
   does image files.
   """
+
+  name = 'array_record'
+  path_holds = ('a folder of ArrayRecord shards written by `python -m'
+                ' big_pretrain.data.convert`')
+  path_hint = ('Point it at a folder written by `python -m big_pretrain.data.convert '
+               '--input=IMAGES_OR_TARS --output=DIR`, e.g. --config.data.path=DIR.')
+
+  @classmethod
+  def check_has_data(cls, location: str) -> None:
+    array_record_shards(location)
 
   def __init__(self, path: str | Sequence[str]):
     shards, metadata = array_record_shards(path)

@@ -8,18 +8,30 @@ from typing import Any, Sequence
 from absl import logging
 from etils import epath
 
+from big_pretrain.data.sources.source import PathSource
 from big_pretrain.data.text import labels as labels_lib
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
 
-class ImageFolder:
+class ImageFolder(PathSource):
   """A folder of class subfolders: ``path/<class_name>/**/<image>``.
 
   Class ids follow the sorted subfolder names. An optional caption is read from
   a ``.txt`` file with the same stem next to each image. Files are listed once,
   sorted, so the example order is deterministic. Images are not decoded here.
   """
+
+  name = 'image_folder'
+  path_holds = 'a folder of class subfolders'
+  path_hint = (
+      'Point it at your data, e.g. --config.data.path=/data/imagenet/train (a folder of class '
+      'subfolders of JPEG/PNG images, optional .txt captions beside them), or try the embedded '
+      'synthetic data with the ":demo" config variant (e.g. --config=configs/mae.py:demo).')
+
+  @classmethod
+  def check_has_data(cls, location: str) -> None:
+    check_has_images(location)
 
   def __init__(self, path: str, extensions: Sequence[str] = IMAGE_EXTENSIONS):
     root = pathlib.Path(path).expanduser()

@@ -1,5 +1,6 @@
-"""What every data source provides (the contract: `Source`), and what a second source mixed
-into the training batches provides (`SecondSource`).
+"""What every data source provides (the contract: `Source`), what a source that
+config.data.source names declares besides (`RegisteredSource`), and what a second source
+mixed into the training batches provides (`SecondSource`).
 
 The Source contract:
 
@@ -32,7 +33,11 @@ The Source contract:
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Callable, Protocol
+
+from big_pretrain import schema
+from big_pretrain.errors import ConfigError
 
 # config.data.split: what every source serves ('test' is the held-out split evaluators read).
 SPLITS = ('train', 'test')
@@ -49,6 +54,66 @@ class Source(Protocol):
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     ...
+
+
+class RegisteredSource(abc.ABC):
+  """A source that config.data.source names: the class of a module sources/<name>.py, listed
+  in SOURCES (sources/__init__.py), the only place that lists sources. Beside the Source
+  contract, it declares:
+
+    name: config.data.source's value for it, e.g. 'image_folder'.
+    data_keys: a schema.Group of its own keys of config.data, each with its default, rule and
+      meaning (an empty Group when it has none). They sit flat in config.data, beside the
+      keys every source shares (source, path, test_path, split), so their names carry the
+      source's ('tfds_name'); sources/__init__.py says why they are not a group of their own.
+    path_holds: what config.data.path (and test_path, the held-out split) must hold, for a
+      source that reads them; None for one that reads neither.
+    check_config(data, path) (class method, optional): the checks across config.data's keys
+      that the source needs beside each key's rule, before any compute; raise ConfigError
+      naming `{path}.data.<key>` and the fix.
+    check_has_data(location) (class method, optional): raise FileNotFoundError or ValueError,
+      saying why, when a local config.data.path or test_path holds no data. Cheap (stop at
+      the first image found): it runs in config validation, before any compile.
+    from_config(data, split) (class method): the source of config.data's `split` (SPLITS).
+
+  A source built from config.data.path alone subclasses PathSource, below: it gives
+  check_config (the path is set) and from_config.
+  """
+
+  name: str = ''
+  data_keys: schema.Group = schema.Group()
+  path_holds: str | None = None
+
+  @classmethod
+  def check_config(cls, data, path: str) -> None:
+    """The source's checks across config.data's keys (raise ConfigError)."""
+
+  @classmethod
+  def check_has_data(cls, location: str) -> None:
+    """Raises FileNotFoundError or ValueError when a local `location` holds no data."""
+
+  @classmethod
+  @abc.abstractmethod
+  def from_config(cls, data, split: str) -> Source:
+    """The source of config.data's `split`, 'train' or 'test'."""
+
+
+class PathSource(RegisteredSource):
+  """A source of the files at config.data.path (test_path for the held-out split), built from
+  that path alone: an image folder, the converter's shards. Declares `path_holds` and
+  `path_hint`, what the error says to do when config.data.path is unset."""
+
+  path_hint: str = ''
+
+  @classmethod
+  def check_config(cls, data, path: str) -> None:
+    if not data.path:
+      raise ConfigError(f'{path}.data.path is not set, and {path}.data.source={cls.name!r} '
+                        f'needs it. {cls.path_hint}')
+
+  @classmethod
+  def from_config(cls, data, split: str) -> Source:
+    return cls(data.test_path if split == 'test' else data.path)
 
 
 class SecondSource(Protocol):

@@ -26,7 +26,7 @@ _CHUNK = 65_536
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
   """The flags that pick the examples a build command reads."""
-  parser.add_argument('--source', required=True, choices=sources.SOURCE_NAMES)
+  parser.add_argument('--source', required=True, choices=sources.SOURCES.names())
   parser.add_argument('--path', help='image_folder: the folder of class subfolders (captions'
                       ' are .txt files beside the images). array_record: the folder written by'
                       ' `python -m big_pretrain.data.convert`, or a glob of its shards.')
@@ -57,8 +57,9 @@ class SourceFlags:
 
 def source_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SourceFlags:
   """The `add_source_arguments` flags, checked (a mistake: parser.error)."""
-  if args.source in sources.PATH_SOURCES and not args.path:
-    parser.error(f'--source={args.source} needs --path: {sources.PATH_SOURCES[args.source][0]}.')
+  path_holds = sources.SOURCES[args.source].path_holds
+  if path_holds and not args.path:
+    parser.error(f'--source={args.source} needs --path: {path_holds}.')
   if args.source == 'tfds' and not (args.tfds_name and args.tfds_caption_key):
     parser.error('--source=tfds needs --tfds_name (a dataset prepared in ArrayRecord format)'
                  ' and --tfds_caption_key (its text feature).')

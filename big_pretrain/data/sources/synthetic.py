@@ -12,6 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from big_pretrain import schema
+from big_pretrain.data.sources.source import RegisteredSource
 
 # Masks take coordinates normalized to the shape's half-extent (the shape's
 # bounding box is [-1, 1]^2) and return a boolean array.
@@ -125,7 +126,7 @@ DATA_KEYS = schema.Group(
 )
 
 
-class SyntheticShapes:
+class SyntheticShapes(RegisteredSource):
   """Coloured shapes on textured backgrounds, generated from the example index.
 
   Needs no files or network. The label is the shape (``index % num_classes``,
@@ -134,6 +135,14 @@ class SyntheticShapes:
   Example ``i`` is a pure function of ``(seed, split, i)``: the 'test' split
   draws from a separate random stream, so it never repeats a training image.
   """
+
+  name = 'synthetic'
+  data_keys = DATA_KEYS
+
+  @classmethod
+  def from_config(cls, data, split: str) -> SyntheticShapes:
+    return cls(num_examples=data.num_examples, image_size=data.source_image_size,
+               seed=data.seed, split=split, label=data.synthetic_label)
 
   def __init__(self, num_examples: int, image_size: int = 64, seed: int = 0,
                split: str = 'train', label: str = 'shape'):

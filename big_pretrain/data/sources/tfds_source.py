@@ -9,6 +9,7 @@ import numpy as np
 
 from big_pretrain import schema
 from big_pretrain.data import transforms
+from big_pretrain.data.sources.source import RegisteredSource
 from big_pretrain.data.text import labels as labels_lib
 from big_pretrain.errors import ConfigError
 
@@ -36,15 +37,6 @@ DATA_KEYS = schema.Group(
 )
 
 
-def check_config(data, path: str) -> None:
-  """What a 'tfds' source needs beside its keys' own rules."""
-  if not data.tfds_name:
-    raise ConfigError(
-        f"{path}.data.tfds_name is not set, and {path}.data.source='tfds' needs it: the name "
-        "of a TFDS dataset prepared with file_format='array_record' (`tfds build NAME "
-        '--file_format=array_record`), with --config.data.tfds_data_dir=ITS_DATA_DIR.')
-
-
 def _import_tfds():
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -55,7 +47,7 @@ def _import_tfds():
   return tfds
 
 
-class TfdsSource:
+class TfdsSource(RegisteredSource):
   """A TFDS dataset read with random access (`tfds.data_source`): ArrayRecord files only.
 
   The dataset must already be prepared in ``data_dir`` with
@@ -63,6 +55,24 @@ class TfdsSource:
   passed on undecoded ('image_bytes') so the pipeline decodes them and skips
   corrupt ones; image features that are plain arrays are passed as pixels.
   """
+
+  name = 'tfds'
+  data_keys = DATA_KEYS
+
+  @classmethod
+  def check_config(cls, data, path: str) -> None:
+    if not data.tfds_name:
+      raise ConfigError(
+          f"{path}.data.tfds_name is not set, and {path}.data.source='tfds' needs it: the "
+          "name of a TFDS dataset prepared with file_format='array_record' (`tfds build NAME "
+          '--file_format=array_record`), with --config.data.tfds_data_dir=ITS_DATA_DIR.')
+
+  @classmethod
+  def from_config(cls, data, split: str) -> TfdsSource:
+    split_key = 'tfds_test_split' if split == 'test' else 'tfds_train_split'
+    return cls(data.tfds_name, split=data[split_key], data_dir=data.tfds_data_dir,
+               image_key=data.tfds_image_key, label_key=data.tfds_label_key,
+               caption_key=data.tfds_caption_key, split_key=split_key)
 
   def __init__(self, name: str, split: str = 'train', data_dir: str | None = None, *,
                image_key: str = 'image', label_key: str | None = 'label',

@@ -168,6 +168,7 @@ def one_and_eight_devices():
           _evaluate_untrained_mae(jax.devices(), (2, 4)))
 
 
+@pytest.mark.integration
 def test_evaluators_run_end_to_end_and_sharded_equals_one_device(one_and_eight_devices):
   (single_scalars, single_features), (sharded_scalars, sharded_features) = one_and_eight_devices
   assert set(single_scalars['linear_probe']) == {'accuracy', 'train_accuracy', 'chance'}
@@ -184,6 +185,7 @@ def test_evaluators_run_end_to_end_and_sharded_equals_one_device(one_and_eight_d
   assert sharded_scalars == single_scalars
 
 
+@pytest.mark.integration
 def test_held_out_split_differs_from_train_split(one_and_eight_devices):
   (_, features), _ = one_and_eight_devices
   # Held-out images are new images: no test feature repeats a training feature.

@@ -1,4 +1,4 @@
-"""A big_vision ViT checkpoint (.npz, '/'-joined names) -> our encoder subtree.
+"""big_vision's ViT checkpoints (.npz, '/'-joined names), read (not written).
 
 big_vision's ViT is ours in flax with other module names, the same kernel shapes:
 
@@ -25,6 +25,38 @@ import numpy as np
 
 from big_pretrain.errors import CheckpointMismatchError
 from big_pretrain.models import transformer
+from big_pretrain.models.vit import ENCODER
+from big_pretrain.weights import weight_files
+from big_pretrain.weights.weight_format import (WeightFormat, WeightSource, check_cls_token,
+                                                check_size, depth_and_width,
+                                                place_position_embedding)
+
+
+class BigVisionFormat(WeightFormat):
+  name = 'big_vision'
+  title = 'big_vision'
+  suffixes = weight_files.FORMAT_SUFFIXES[weight_files.NPZ]
+
+  def recognises(self, source: WeightSource) -> bool:
+    return not source.is_folder and source.path.endswith(self.suffixes)
+
+  def read(self, source: WeightSource, target: dict) -> dict:
+    path, encoder_target = source.path, target[ENCODER]
+    parts, posemb = from_big_vision(source.arrays, path)
+    kernel = parts[ENCODER]['patch_embed']['kernel']  # (p, p, C, D)
+    check_size(depth_and_width(parts[ENCODER]), kernel.shape[0], encoder_target, path)
+    if posemb is None:  # big_vision's sincos2d, computed for the stage's own grid
+      if 'pos_embedding' not in encoder_target:
+        raise CheckpointMismatchError(
+            f"{path} uses big_vision's fixed sincos2d position embedding, which is not the "
+            "MAE sin-cos table this project computes: set model.posemb='learned' to start "
+            'from it (its table is computed for the patch grid and learned from there).')
+      rows, width = encoder_target['pos_embedding'].shape[1:]
+      posemb = sincos2d(width, int(round(np.sqrt(rows))))
+    check_cls_token(ENCODER in parts and 'cls_token' in parts[ENCODER],
+                    'cls_token' in encoder_target, path)
+    return place_position_embedding(parts, posemb, encoder_target, path)
+
 
 _BLOCK_RENAMES = {
     'LayerNorm_0': 'norm1', 'LayerNorm_1': 'norm2',

@@ -1,4 +1,13 @@
-"""timm's ViT names <-> Hugging Face transformers' ViT and ViTMAE names, and their configs.
+"""Hugging Face transformers' ViT and ViTMAE, read and written: their names, their configs.
+
+Read: a transformers model folder (config.json with "model_type", model.safetensors or its
+shards), or a .safetensors / .bin / .pth file (or a folder without config.json) whose arrays
+have transformers' names, renamed to timm's and read as those (timm_format.read_timm_state).
+
+Written, by what the stage is: MAE: ViTMAEForPreTraining (encoder and decoder: keep
+pretraining, or show reconstructions); a classifier: ViTForImageClassification; any other
+encoder (FLIP's and LiT's image tower, AIM's trunk, WSP with --encoder_only): ViTModel. With
+preprocessor_config.json: the ImageNet mean and std every stage trains with.
 
 The names written are the Hub's (transformers 4's: 'encoder.layer.3.attention.attention.
 query'), the layout of the ViT checkpoints published there: transformers 4 reads them as they
@@ -22,12 +31,89 @@ into HF's query, key and value (and joined back), rows unchanged.
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
 
-from big_pretrain.models.patches import IMAGENET_MEAN, IMAGENET_STD
+from big_pretrain.errors import ExportRefusedError
+from big_pretrain.models.patches import (IMAGENET_MEAN, IMAGENET_STD,
+                                         sincos_2d_position_embedding)
 from big_pretrain.models.transformer import LAYERNORM_EPSILON, MLP_RATIO
+from big_pretrain.models.vit import ENCODER
+from big_pretrain.weights import timm_layout
+from big_pretrain.weights.model_folder import ModelFolderFormat
+from big_pretrain.weights.timm_format import read_timm_state
+from big_pretrain.weights.weight_format import (Exported, StageModel, WeightSource,
+                                                patch_position_embedding)
+
+PREPROCESSOR_FILE = 'preprocessor_config.json'
+
+
+class HfFormat(ModelFolderFormat):
+  name = 'hf'
+  title = 'Hugging Face'
+  config_key = 'model_type'
+  export_files = ModelFolderFormat.export_files + (PREPROCESSOR_FILE,)
+  writes_decoder = True
+
+  def names_are_ours(self, names: list[str]) -> bool:
+    return any(_is_hf_name(name) for name in names)
+
+  def read(self, source: WeightSource, target: dict) -> dict:
+    return read_timm_state(hf_to_timm(source.arrays), source.path, target)
+
+  def write(self, model: StageModel, params: dict, labels: list[str] | None) -> Exported:
+    state, config = _state_and_config(model, params, labels)
+    preprocessor = json.dumps(image_processor_config(model.image_size), indent=2).encode()
+    return self.exported(state, config, config['architectures'][0],
+                         {PREPROCESSOR_FILE: preprocessor})
+
+
+def _state_and_config(model: StageModel, params: dict,
+                      labels: list[str] | None) -> tuple[dict, dict]:
+  """(state dict in the Hub's names, config.json) for transformers."""
+  if not model.use_cls_token:
+    raise ExportRefusedError(
+        "transformers' ViT always prepends a cls token, and this stage's encoder has none "
+        '(model.use_cls_token=False): its features would change. Use --format=timm.')
+  if model.head and model.pool != 'cls':
+    raise ExportRefusedError(
+        "transformers' ViTForImageClassification classifies the cls token, and this stage "
+        f"pools with model.pool={model.pool!r}: use --format=timm, or --encoder_only.")
+  encoder = params[ENCODER]
+  state = timm_layout.encoder_to_torch(encoder, patch_position_embedding(model, encoder))
+  sizes = dict(width=model.width, depth=model.depth, heads=model.heads,
+               patch_size=model.patch_size, image_size=model.image_size)
+  if model.decoder:
+    if model.decoder['encoder_on_all_tokens']:
+      raise ExportRefusedError(
+          'objective.encoder_on_all_tokens=True (the design MAE rejects) has a pixel-space '
+          "mask patch that ViTMAE cannot express: use --encoder_only.")
+    if model.posemb != 'sincos':
+      raise ExportRefusedError(
+          "ViTMAE's position embedding is the fixed sin-cos table, and this stage learned its "
+          "own (model.posemb='learned'): use --encoder_only for a ViTModel.")
+    grid = model.image_size // model.patch_size
+    state.update(timm_layout.decoder_to_torch(
+        params['decoder'], sincos_2d_position_embedding(model.decoder['width'], grid, grid),
+        model.use_cls_token))
+    config = vit_mae_config(
+        **sizes, decoder_width=model.decoder['width'], decoder_depth=model.decoder['depth'],
+        decoder_heads=model.decoder['heads'], mask_ratio=model.decoder['mask_ratio'],
+        norm_pix_loss=model.decoder['norm_pix_loss'])
+    return timm_to_hf(state), config
+  if model.head:
+    state.update(timm_layout.head_to_torch(params))
+    return timm_to_hf(state), vit_config(**sizes, labels=labels,
+                                         multi_label=model.head == 'multi_label')
+  return timm_to_hf(state, encoder_prefix=''), vit_config(**sizes)
+
+
+def _is_hf_name(key: str) -> bool:
+  key = key[len('vit.'):] if key.startswith('vit.') else key
+  return key.startswith(('embeddings.', 'encoder.layer.', 'layers.', 'decoder.decoder'))
+
 
 StateDict = dict[str, np.ndarray]
 

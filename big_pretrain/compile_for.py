@@ -41,6 +41,7 @@ from absl import logging
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
+from big_pretrain import accelerators
 from big_pretrain import sharding as sharding_lib
 from big_pretrain import tpu_slices
 from big_pretrain.config.validation import check_fits_devices
@@ -180,7 +181,7 @@ def _compile(name: str, config, tpu_slice, devices, with_evaluators: bool = True
                           'no remat policy fits')
   else:
     compiled = compile_or_refusal(trainer, batch_shapes)
-  capacity = built.memory_limit or tpu_slices.hbm_per_device(devices[0].device_kind)
+  capacity = built.memory_limit or accelerators.hbm_per_device(devices[0].device_kind)
   report = StageReport(
       name, config.objective.name, config.model.variant,
       parameters=sum(leaf.size for leaf in jax.tree_util.tree_leaves(
@@ -218,13 +219,12 @@ def _compile(name: str, config, tpu_slice, devices, with_evaluators: bool = True
 
 def _add_roofline(report: StageReport, compiled, device, dtype: str, num_devices: int) -> None:
   """The step's lower bound from the compiled program (train/roofline.py), on the chip's
-  peak and bandwidths (tpu_slices.GENERATIONS)."""
-  generation = tpu_slices.generation_of(device.device_kind)
+  peak and bandwidths (accelerators.ACCELERATORS)."""
+  accelerator = accelerators.of_device_kind(device.device_kind)
   peak = mfu_lib.peak_flops_per_device(device, dtype)
-  if generation is None or not peak:
+  if accelerator is None or not accelerator.hbm_bandwidth or not peak:
     return
-  chip = roofline_lib.Chip(peak, generation.hbm_bandwidth, generation.ici_bandwidth,
-                           generation.dcn_bandwidth)
+  chip = roofline_lib.Chip.of(accelerator, peak)
   started = time.perf_counter()
   bound = roofline_lib.roofline(compiled.as_text(), chip, report.num_slices)
   logging.info('%s: the roofline of the compiled step read in %.1f s.', report.stage,
@@ -268,7 +268,7 @@ def _cheapest_fix(name: str, config, path: str, tpu_slice, devices) -> str:
   while batch % 2 == 0 and batch // 2 >= len(devices):
     batch //= 2
     tries.append({**most_fsdp, 'batch_size': batch})
-  capacity = tpu_slices.hbm_per_device(devices[0].device_kind) or 0
+  capacity = accelerators.hbm_per_device(devices[0].device_kind) or 0
   budget = MEMORY_FRACTION * capacity
   last = None  # (activation bytes the last refusal implies, its global batch)
   for overrides in tries:

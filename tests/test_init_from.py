@@ -8,7 +8,7 @@ import pytest
 
 from big_pretrain.errors import CheckpointMismatchError, CheckpointUnreadableError
 from big_pretrain.models import transformer, vit
-from big_pretrain.stages import transfer
+from big_pretrain.stages import init_from as init_from_lib
 from big_pretrain.train import loop
 from big_pretrain.train.loop import train_stage
 from helpers.tiny_config import one_device, tiny_mae_config, tiny_trainer, tiny_wsp_config
@@ -31,12 +31,13 @@ def mae_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize('scan', [True, False])
+@pytest.mark.integration
 def test_mae_to_wsp_copies_every_encoder_tensor_bit_exactly(mae_run, scan, caplog):
   workdir, mae_params = mae_run
   config = tiny_wsp_config(scan=scan)
   fresh = _fresh_wsp_params(config)
   with caplog.at_level(logging.WARNING):
-    loaded = transfer.load_into(fresh, transfer.resolve_checkpoint_dir(workdir), ('encoder',))
+    loaded = init_from_lib.load_into(fresh, init_from_lib.resolve_checkpoint_dir(workdir), ('encoder',))
   # A normal chain prints no warning (Orbax once warned of missing step metadata).
   assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
   assert set(loaded) == {'encoder', 'head'}  # no decoder, no mask token
@@ -50,14 +51,16 @@ def test_mae_to_wsp_copies_every_encoder_tensor_bit_exactly(mae_run, scan, caplo
     assert new.sharding == old.sharding
 
 
+@pytest.mark.integration
 def test_a_shape_mismatch_names_the_parameter_and_both_shapes(mae_run):
   workdir, _ = mae_run
   fresh = _fresh_wsp_params(tiny_wsp_config(variant='mu/4'))  # patch 4 instead of 8
   with pytest.raises(CheckpointMismatchError,
                      match=r'patch_embed/kernel: checkpoint \(8, 8, 3, 64\) vs model \(4, 4, 3, 64\)'):
-    transfer.load_into(fresh, transfer.resolve_checkpoint_dir(workdir), ('encoder',))
+    init_from_lib.load_into(fresh, init_from_lib.resolve_checkpoint_dir(workdir), ('encoder',))
 
 
+@pytest.mark.integration
 def test_init_from_that_does_not_fit_is_named_before_anything_compiles(mae_run, monkeypatch,
                                                                        tmp_path):
   """The starting parameters are read and checked against the model's shapes before the step
@@ -71,20 +74,21 @@ def test_init_from_that_does_not_fit_is_named_before_anything_compiles(mae_run, 
   config = tiny_wsp_config(variant='mu/4')
   with pytest.raises(CheckpointMismatchError, match=r'patch_embed/kernel: checkpoint'):
     train_stage(config, str(tmp_path / 'wsp'), devices=one_device(),
-                initialize=lambda params: transfer.load_from(params, workdir, ('encoder',)))
+                initialize=lambda params: init_from_lib.load_from(params, workdir, ('encoder',)))
   assert not (tmp_path / 'wsp' / 'checkpoints').exists()
 
 
+@pytest.mark.integration
 def test_taking_a_subtree_the_checkpoint_lacks_is_named(mae_run):
   workdir, _ = mae_run
   fresh = _fresh_wsp_params(tiny_wsp_config())
   with pytest.raises(CheckpointMismatchError, match=r'params/head'):
-    transfer.load_into(fresh, transfer.resolve_checkpoint_dir(workdir), ('head',))
+    init_from_lib.load_into(fresh, init_from_lib.resolve_checkpoint_dir(workdir), ('head',))
 
 
 def test_missing_checkpoint_is_named(tmp_path):
   with pytest.raises(CheckpointUnreadableError, match=f'No checkpoint found at {tmp_path}'):
-    transfer.resolve_checkpoint_dir(str(tmp_path))
+    init_from_lib.resolve_checkpoint_dir(str(tmp_path))
 
 
 def test_position_embedding_resampling_keeps_a_constant_constant():
@@ -98,12 +102,13 @@ def test_position_embedding_resampling_keeps_a_constant_constant():
     vit.resample_position_embedding(constant, 60)
 
 
+@pytest.mark.integration
 def test_learned_position_embedding_is_resampled_on_load(tmp_path):
   mae = train_stage(tiny_mae_config(total_steps=1, **{'model.posemb': 'learned'}), str(tmp_path),
                     devices=one_device())
   wsp = tiny_wsp_config(posemb='learned')
   wsp.data.image_size = 64  # 8x8 patch grid instead of 4x4
-  loaded = transfer.load_into(_fresh_wsp_params(wsp), transfer.resolve_checkpoint_dir(str(tmp_path)),
+  loaded = init_from_lib.load_into(_fresh_wsp_params(wsp), init_from_lib.resolve_checkpoint_dir(str(tmp_path)),
                               ('encoder',))
   old = np.asarray(mae.state.params['encoder']['pos_embedding'])
   new = np.asarray(loaded['encoder']['pos_embedding'])
