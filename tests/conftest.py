@@ -48,8 +48,8 @@ def pytest_configure(config):
 # slowest first, so the workers finish together; the rest follow in name order.
 _SLOWEST_FILES_FIRST = (
     'test_multiprocess.py', 'test_finetune.py', 'test_self_training.py', 'test_faults.py', 'test_train.py',
-    'test_init_from.py', 'test_attention.py', 'test_pipeline.py', 'test_flip.py',
-    'test_remat_choice.py', 'test_sharding.py', 'test_config.py', 'test_evaluators.py',
+    'test_init_from.py', 'test_attention.py', 'test_chain.py', 'test_flip.py',
+    'test_remat_choice.py', 'test_sharding.py', 'test_config.py', 'test_linear_probe_and_knn.py',
     'test_aim.py', 'test_eval_counting.py')
 
 

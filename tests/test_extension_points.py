@@ -18,23 +18,23 @@ from big_pretrain import export as export_lib
 from big_pretrain import schema
 from big_pretrain import tpu_slices
 from big_pretrain.accelerators import ACCELERATORS, GIB, Accelerator
+from big_pretrain.compile_for import with_stand_ins
 from big_pretrain.config.defaults import stage_config, tiny_stage_config
+from big_pretrain.config.validation import validate_stage_config
 from big_pretrain.data import convert
 from big_pretrain.data import sources
-from big_pretrain.data.data_config import DATA_KEYS
-from big_pretrain.config.validation import validate_stage_config
 from big_pretrain.data.batch_features import random_batch
+from big_pretrain.data.data_config import DATA_KEYS
 from big_pretrain.errors import ConfigError
-from big_pretrain.evaluators import evaluator_class, evaluator_config, evaluator_names
+from big_pretrain.evaluators import EVALUATORS, evaluator_class, evaluator_config, evaluator_names
 from big_pretrain.models import transformer
 from big_pretrain.models.vit import ENCODER
-from big_pretrain.objectives import (CAPABILITIES, build_objective, objective_class,
+from big_pretrain.objectives import (CAPABILITIES, OBJECTIVES, build_objective, objective_class,
                                      objective_names, objectives_offering)
 from big_pretrain.objectives.objective import Objective
 from big_pretrain.stages import jobs
 from big_pretrain.stages.chain import initializer_from
 from big_pretrain.stages.chain_validation import validate_config
-from big_pretrain.compile_for import with_stand_ins
 from big_pretrain.train import mfu, remat_choice, roofline
 from big_pretrain.train.loop import train_stage
 from big_pretrain.weights import FORMATS, public_checkpoints
@@ -46,6 +46,24 @@ from helpers.toy_weight_format import PARAMS_FILE, JsonOfLists
 from helpers.trees import assert_trees_equal, named_leaves
 
 PACKAGE = pathlib.Path(__file__).parents[1] / 'big_pretrain'
+
+
+# Every table of the package (registry.Registry), each walked by parametrised tests below.
+TABLES = {'OBJECTIVES': OBJECTIVES, 'EVALUATORS': EVALUATORS, 'JOBS': jobs.JOBS,
+          'SOURCES': sources.SOURCES, 'FORMATS': FORMATS, 'ACCELERATORS': ACCELERATORS}
+
+
+def test_every_table_of_the_package_is_walked_here():
+  """A new extension point's table must join TABLES, with tests over its entries."""
+  found = set()
+  for path in PACKAGE.rglob('*.py'):
+    for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+      if (isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Call)
+          and getattr(node.value.func, 'id', None) == 'Registry'):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        found |= {target.id for target in targets}
+  assert found == set(TABLES)
+  assert all(len(table) >= 1 for table in TABLES.values())
 
 
 def _declared_keys(group: schema.Group):
