@@ -8,10 +8,12 @@ WEIGHTS_TEST_INSTALLED := $(VENV)/.weights-test-installed
 BENCHMARKS_INSTALLED := $(VENV)/.benchmarks-installed
 TEST_INSTALLED := $(VENV)/.test-installed
 BEAM_INSTALLED := $(VENV)/.beam-installed
+DOCS_INSTALLED := $(VENV)/.docs-installed
 DEMO_WORKDIR ?= workdirs/demo
 
-.PHONY: demo test test-fast install install-gpu install-tf install-tpu-compile install-weights-test \
-	install-benchmarks install-test install-beam pre-pretraining-sweep clean-demo
+.PHONY: demo test test-fast docs docs-serve install install-gpu install-tf install-tpu-compile \
+	install-weights-test install-benchmarks install-test install-beam install-docs \
+	pre-pretraining-sweep clean-demo
 
 install: $(INSTALLED)
 
@@ -68,6 +70,22 @@ $(BEAM_INSTALLED): $(INSTALLED) requirements-beam.txt
 	$(VENV)/bin/python -m pip install --quiet -r requirements-beam.txt
 	touch $(BEAM_INSTALLED)
 
+# mkdocs and its Material theme: the documentation site (docs/, mkdocs.yml). The tests build it
+# strictly (tests/test_docs.py); `make demo` does not need it.
+install-docs: $(DOCS_INSTALLED)
+
+$(DOCS_INSTALLED): $(INSTALLED) requirements-docs.txt
+	$(VENV)/bin/python -m pip install --quiet -r requirements-docs.txt
+	touch $(DOCS_INSTALLED)
+
+# The site, built into site/ (strict: a broken link or a page missing from mkdocs.yml's nav
+# stops it), or served with live reload at http://127.0.0.1:8000.
+docs: $(DOCS_INSTALLED)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/python -m mkdocs build --strict
+
+docs-serve: $(DOCS_INSTALLED)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/python -m mkdocs serve
+
 # pytest and pytest-xdist: the tests' runner, which `make demo` does not need.
 install-test: $(TEST_INSTALLED)
 
@@ -89,7 +107,7 @@ demo: $(INSTALLED)
 # 2 cores CI has, because the multi-process tests' parents wait on their children
 # and checkpoint saves wait on threads (8:52 vs 9:17 with two, 15:32 with none).
 test: $(INSTALLED) $(TEST_INSTALLED) $(TPU_COMPILE_INSTALLED) $(WEIGHTS_TEST_INSTALLED) \
-	$(BENCHMARKS_INSTALLED) $(BEAM_INSTALLED)
+	$(BENCHMARKS_INSTALLED) $(BEAM_INSTALLED) $(DOCS_INSTALLED)
 	$(VENV)/bin/python -m pytest -q -n 3 --dist loadfile tests
 
 # The unit tier alone (pytest.ini names the tiers): every test not marked integration,

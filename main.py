@@ -7,7 +7,7 @@
 Any config key can be overridden on the command line (--config.total_steps=20).
 """
 # The flags and their one-line errors are big_pretrain/cli.py's; each error's exit code is
-# big_pretrain/errors.py's (README, "Exit codes").
+# big_pretrain/errors.py's (docs/getting_started.md, "Exit codes").
 
 import functools
 import signal

@@ -71,7 +71,7 @@ def _parse(argv=None) -> tuple[Sweep, argparse.Namespace]:
   parser.add_argument('--probe_every', type=int, default=600)
   parser.add_argument('--workdir', default='workdirs/benchmarks/pre_pretraining')
   parser.add_argument('--plots', default=None,
-                      help='folder of the PNGs; default: benchmarks/ for the full sweep, '
+                      help='folder of the PNGs; default: docs/images/ for the full sweep, '
                       'WORKDIR/plots otherwise')
   parser.add_argument('--small', action='store_true',
                       help='one seed, one MAE budget (0.01 epoch), 4 and 8 WSP steps, tiny '
@@ -90,8 +90,10 @@ def _parse(argv=None) -> tuple[Sweep, argparse.Namespace]:
   short, long = (int(s) for s in args.wsp_steps.split(','))
   full = all(getattr(args, key) == parser.get_default(key) for key in
              ('seeds', 'mae_epochs', 'wsp_steps', 'finetune_steps', 'probe_every'))
-  plots = args.plots or (os.path.dirname(os.path.abspath(__file__)) if full
-                         else os.path.join(args.workdir, 'plots'))
+  # The full sweep's plots are the documentation's (docs/images/, shown on the MAWS page).
+  docs_images = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             'docs', 'images')
+  plots = args.plots or (docs_images if full else os.path.join(args.workdir, 'plots'))
   return Sweep(seeds=tuple(int(s) for s in args.seeds.split(',')),
                mae_epochs=tuple(float(e) for e in args.mae_epochs.split(',')),
                wsp_steps=(short, long), finetune_steps=args.finetune_steps,

@@ -1,5 +1,5 @@
 """Errors meant for people, in one place: each message names the culprit and the fix, and each
-class carries the exit code main.py ends with (README, "Exit codes")."""
+class carries the exit code main.py ends with (docs/getting_started.md, "Exit codes")."""
 
 # Exit codes, for people and for supervisors that rerun.
 EXIT_STOPPED = 1      # the run stopped on purpose, saying why (NaN loss, a checkpoint that

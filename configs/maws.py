@@ -9,7 +9,7 @@
   python main.py --config=configs/maws.py:demo --workdir=DIR   # CPU, embedded data
   python main.py --config=configs/maws.py:6.5B --workdir=DIR --compile_for=v5p-512
       The paper's other sizes (:H, :2B, :6.5B; no argument: L/16), here compiled for a
-      TPU slice to see whether each stage fits it (see README, "Before booking a TPU").
+      TPU slice to see whether each stage fits it (see docs/tpu_pods.md, "Before booking a TPU").
 
 configs/mae_then_wsp.py, then configs/finetune.py:L initialized from the WSP
 encoder (its hashtag head is dropped; a fresh class head is trained): how

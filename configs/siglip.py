@@ -15,7 +15,7 @@
 
 The loss is chunked over the devices (objectives/sigmoid_loss.py): a device holds
 local x local logits, never the global batch's rows, which is what lets batch 32k
-train on a small slice. Choosing between it and FLIP's softmax: README.md, "SigLIP".
+train on a small slice. Choosing between it and FLIP's softmax: docs/siglip.md.
 """
 
 from big_pretrain.config.defaults import chain_config

@@ -121,7 +121,7 @@ TRACEBACK_MARK = 'Traceback (most recent call last)'
 
 
 def verdict(observed: Observed) -> str:
-  """The worst thing that happened, in the words of the README's table."""
+  """The worst thing that happened, in the words of the table in docs/reliability.md."""
   if observed.not_run:
     return f'not run here: {observed.not_run}'
   run = observed.run

@@ -63,6 +63,7 @@ TIERS = {
     'tpu_compile': (('libtpu',), 'make install-tpu-compile'),
     'beam': (('apache_beam', 'imagehash'), 'make install-beam'),
     'benchmarks': (('matplotlib',), 'make install-benchmarks'),
+    'docs': (('mkdocs', 'material'), 'make install-docs'),
 }
 _MISSING = {tier: [module for module in modules if importlib.util.find_spec(module) is None]
             for tier, (modules, _) in TIERS.items()}

@@ -1,5 +1,5 @@
-"""Every import points down: the rooms of the package in the order README.md's Architecture
-section lists them, each importing only rooms before it, no two modules importing each
+"""Every import points down: the rooms of the package in the order docs/architecture.md
+lists them, each importing only rooms before it, no two modules importing each
 other, and no import circle in the package or among the benchmarks/ scripts."""
 
 import ast
@@ -11,9 +11,10 @@ PACKAGE = ROOT / 'big_pretrain'
 
 
 def _room_order() -> list[str]:
-  """The rooms, lowest first, as README.md's '### Import order' lists them ('a < b < ...')."""
-  readme = (ROOT / 'README.md').read_text(encoding='utf-8')
-  section = readme.split('### Import order', 1)[1]
+  """The rooms, lowest first, as docs/architecture.md's 'Import order' lists them
+  ('a < b < ...')."""
+  page = (ROOT / 'docs' / 'architecture.md').read_text(encoding='utf-8')
+  section = page.split('## Import order', 1)[1]
   order = re.search(r'```\n(.*?)```', section, re.S).group(1)  # the first block after it
   return [room.strip() for room in order.replace('\n', ' ').split('<')]
 
@@ -51,7 +52,7 @@ def test_every_import_points_down_the_readmes_order_of_rooms():
   order = _room_order()
   modules = _modules()
   rooms = {_room(module) for module in modules} - {'big_pretrain'}
-  assert rooms == set(order) - {'main.py'}, 'README.md lists other rooms than the package has'
+  assert rooms == set(order) - {'main.py'}, 'docs/architecture.md lists other rooms than the package has'
   upward = []
   for module, path in modules.items():
     for imported in _imports(path, modules):

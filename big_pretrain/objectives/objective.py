@@ -3,7 +3,7 @@
 An objective is one module: its config keys, its checks, its model, its loss
 `loss(params, batch, rng, train) -> (loss, metrics)` and its analytic FLOPs.
 The loop, the step, sharding, checkpoints, logging, config validation and the
-MFU count know nothing else about it. README.md, "Adding an objective", walks
+MFU count know nothing else about it. docs/extending.md, "Adding an objective", walks
 through writing one.
 """
 
