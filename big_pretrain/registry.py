@@ -32,8 +32,7 @@ class Registry(Generic[Entry]):
       self.register(entry)
 
   def register(self, entry: Entry) -> Entry:
-    """Adds `entry` under its name (refused if the name is taken); returns it, so it can
-    decorate a class."""
+    """Adds `entry` under its name (refused if the name is taken); returns it."""
     name = self._name_of(entry)
     if not name or not isinstance(name, str):
       raise ValueError(f'A {self.kind} needs a name; {entry!r} has {name!r}.')
@@ -71,9 +70,6 @@ class Registry(Generic[Entry]):
     if name not in self._entries:
       raise ValueError(f'Unknown {self.kind} {name!r}; choose one of {self.names()}.')
     return self._entries[name]
-
-  def get(self, name: str, default=None):
-    return self._entries.get(name, default)
 
   def __contains__(self, name: object) -> bool:
     return name in self._entries

@@ -96,7 +96,7 @@ def use_embedded_demo_data(config) -> None:
                      image_size=32)
 
 
-# What every objective's tiny stage starts from (tests, the benchmarks' small modes): the
+# What every objective's tiny stage starts from (the tests' tiny stages): the
 # 2-block, width-64 'mu/8' ViT on 256 synthetic 32x32 images, batch 16, 4 steps, a
 # checkpoint and a log line every 2; each objective's tiny_settings() shrink its own parts.
 TINY_STAGE = {
